@@ -1,0 +1,27 @@
+"""mha-twin: multi-head attention with twin backends (MLX and numpy) behind one interface.
+
+Public names::
+
+    mha.MultiHeadAttention       the layer (builds the numpy or MLX backend's layer)
+    mha.AttentionWeights         parameters in the canonical (out, in) layout; init/from_torch/from_mlx/save/load
+    mha.available_backends()     backends that run here
+    mha.default_backend()        what backend="auto" picks
+    mha.to_numpy(array)          numpy view of any backend's array
+    mha.reference                the reference algorithm, generic over the array namespace
+"""
+
+from . import _reference as reference
+from ._backends import available_backends, default_backend, to_numpy
+from ._layer import MultiHeadAttention
+from ._weights import AttentionWeights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionWeights",
+    "MultiHeadAttention",
+    "available_backends",
+    "default_backend",
+    "reference",
+    "to_numpy",
+]

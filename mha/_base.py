@@ -1,0 +1,231 @@
+"""What both backends' layers share: construction, argument checks, masks, and the call front end.
+
+A backend subclasses :class:`LayerBase` and supplies the array namespace and five small hooks; the
+arithmetic itself is :mod:`mha._reference` (readable path) or the backend's own fast path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import _masks, _validate
+from ._backends import to_numpy
+from ._reference import multi_head_attention
+from ._weights import AttentionWeights
+
+
+class LayerBase:
+    """Shared implementation of ``mha_cpu.MultiHeadAttention`` and ``mha_mlx.MultiHeadAttention``.
+
+    Subclasses set ``backend`` and ``_xp`` and implement ``_is_native``, ``_from_numpy``,
+    ``_set_params``, ``_native_params``, ``_dropout_multiplier`` and ``_fast_forward``.
+    """
+
+    backend: str = ""
+    _xp = None
+
+    def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
+                 scale=None, dropout=0.0, dtype="float32", weights=None, seed=None):
+        super().__init__()
+        cfg = _validate.layer_config(embed_dim, num_heads, num_kv_heads=num_kv_heads, kdim=kdim,
+                                     vdim=vdim, bias=bias, scale=scale, dropout=dropout, dtype=dtype,
+                                     backend=self.backend)
+        self._config = cfg
+        self._seed = _validate.seed_value(seed)
+        if weights is None:
+            weights = AttentionWeights.init(cfg.embed_dim, cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                                            kdim=cfg.kdim, vdim=cfg.vdim, bias=cfg.bias, seed=self._seed)
+        elif isinstance(weights, (str, os.PathLike)):
+            weights = AttentionWeights.load(weights)
+        self._check_weights(weights)
+        self._init_rng(self._seed)
+        self._set_params(weights)
+
+    # -- configuration ---------------------------------------------------------------------------
+    @property
+    def config(self) -> _validate.LayerConfig:
+        return self._config
+
+    embed_dim = property(lambda self: self._config.embed_dim, doc="E, the query and output width.")
+    num_heads = property(lambda self: self._config.num_heads, doc="H, the number of query heads.")
+    num_kv_heads = property(lambda self: self._config.num_kv_heads, doc="Hkv, key/value heads (GQA).")
+    head_dim = property(lambda self: self._config.head_dim, doc="D = E / H.")
+    kdim = property(lambda self: self._config.kdim, doc="Width of the key input.")
+    vdim = property(lambda self: self._config.vdim, doc="Width of the value input.")
+    scale = property(lambda self: self._config.effective_scale, doc="The logit scale in use.")
+    dropout = property(lambda self: self._config.dropout, doc="Dropout probability on the weights.")
+    dtype = property(lambda self: self._config.dtype, doc="Compute dtype name, e.g. 'float32'.")
+
+    def __repr__(self) -> str:
+        c = self._config
+        extra = "".join(
+            f", {k}={v!r}" for k, v in (("num_kv_heads", c.num_kv_heads), ("kdim", c.kdim), ("vdim", c.vdim))
+            if v != (c.num_heads if k == "num_kv_heads" else c.embed_dim)
+        )
+        return (f"{type(self).__module__.split('.')[0]}.MultiHeadAttention(embed_dim={c.embed_dim}, "
+                f"num_heads={c.num_heads}{extra}, bias={c.bias}, backend={self.backend!r}, dtype={c.dtype!r})")
+
+    def _check_weights(self, w) -> None:
+        if not isinstance(w, AttentionWeights):
+            raise TypeError(f"weights must be an mha.AttentionWeights or a path, got {type(w).__name__}")
+        c = self._config
+        wrong = [
+            f"{name}: layer {a}, weights {b}"
+            for name, a, b in (("embed_dim", c.embed_dim, w.embed_dim), ("num_heads", c.num_heads, w.num_heads),
+                               ("num_kv_heads", c.num_kv_heads, w.num_kv_heads), ("kdim", c.kdim, w.kdim),
+                               ("vdim", c.vdim, w.vdim), ("bias", c.bias, w.bias))
+            if a != b
+        ]
+        if wrong:
+            raise ValueError("weights do not match the layer (" + "; ".join(wrong) + "); build the layer with "
+                             "mha.MultiHeadAttention.from_weights(weights) to take its sizes")
+
+    # -- weights -----------------------------------------------------------------------------------
+    @property
+    def weights(self) -> AttentionWeights:
+        """The current parameters as :class:`mha.AttentionWeights` (numpy copies)."""
+        p = {k: None if v is None else to_numpy(v) for k, v in self._native_params().items()}
+        return AttentionWeights(**p, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
+
+    def set_weights(self, weights) -> None:
+        """Replace the parameters (an :class:`mha.AttentionWeights` or a file path) in place."""
+        if isinstance(weights, (str, os.PathLike)):
+            weights = AttentionWeights.load(weights)
+        self._check_weights(weights)
+        self._set_params(weights)
+
+    def to(self, backend, *, dtype=None):
+        """The same layer (weights, sizes, scale, dropout, seed) on another backend."""
+        from ._layer import MultiHeadAttention
+
+        kwargs = self._config.kwargs()
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        return MultiHeadAttention(self.embed_dim, self.num_heads, **kwargs, backend=backend,
+                                  weights=self.weights, seed=self._seed)
+
+    # -- the call ----------------------------------------------------------------------------------
+    def _convert(self, x, name):
+        if self._is_native(x):
+            return x
+        x = to_numpy(x)
+        if x.dtype.kind not in "biufc":
+            raise TypeError(f"{name} must be a numeric array, got dtype {x.dtype}")
+        return self._from_numpy(x)
+
+    def __call__(self, query, key=None, value=None, *, mask=None, key_mask=None, causal=False,
+                 head_mask=None, return_weights=False, training=False, check_finite=False):
+        """Attend from ``query`` to ``key``/``value``.
+
+        Args:
+            query: (B, T, E) or unbatched (T, E).
+            key: (B, S, kdim); defaults to ``query`` (self-attention).
+            value: (B, S, vdim); defaults to ``key``.
+            mask: bool (True = may attend), int 0/1, or float (added to the logits; -inf hides);
+                broadcastable to (B, H, T, S).
+            key_mask: (B, S) bool/int, False marks padding keys.
+            causal: query i sees keys j <= i + (S - T) (aligned at the end).
+            head_mask: (H,) or (B, H) multipliers on each head's context before the output projection.
+            return_weights: also return the per-head weights (B, H, T, S).
+            training: apply dropout to the weights (when the layer's dropout > 0).
+            check_finite: raise ValueError if query, key or value hold NaN or inf.
+
+        Returns:
+            output (B, T, E) as the backend's native array, or ``(output, weights)``.
+            A query with no visible key has zero weights and output equal to the output bias.
+        """
+        xp, c = self._xp, self._config
+        query = self._convert(query, "query")
+        _validate.feature_input("query", query, c.embed_dim, "E")
+        if key is None and value is not None:
+            raise TypeError("value was given without key; pass key too (value defaults to key)")
+        if key is None and c.kdim != c.embed_dim:
+            raise TypeError(f"key is required: kdim={c.kdim} differs from embed_dim={c.embed_dim}")
+        key = query if key is None else self._convert(key, "key")
+        _validate.feature_input("key", key, c.kdim, "kdim")
+        if value is None and c.vdim != c.kdim:
+            raise TypeError(f"value is required: vdim={c.vdim} differs from kdim={c.kdim}")
+        value = key if value is None else self._convert(value, "value")
+        _validate.feature_input("value", value, c.vdim, "vdim")
+        B, T, S, batched = _validate.qkv_shapes(query, key, value)
+        H = c.num_heads
+        if mask is not None:
+            mask = self._convert(mask, "mask")
+            _validate.mask_shape(mask, B, H, T, S, batched)
+        if key_mask is not None:
+            key_mask = self._convert(key_mask, "key_mask")
+            _validate.key_mask_shape(key_mask, B, S, batched)
+        if head_mask is not None:
+            head_mask = self._convert(head_mask, "head_mask")
+            _validate.head_mask_shape(head_mask, B, H, batched)
+        causal = _validate.boolean("causal", causal)
+        return_weights = _validate.boolean("return_weights", return_weights)
+        training = _validate.boolean("training", training)
+        if _validate.boolean("check_finite", check_finite):
+            for name, x in (("query", query), ("key", key), ("value", value)):
+                if x.dtype != bool and not bool(xp.all(xp.isfinite(x))):
+                    raise ValueError(f"{name} holds NaN or inf (check_finite=True)")
+
+        dt, acc = self._dtypes()
+        if not batched:
+            query, key, value = query[None], key[None], value[None]
+        query, key, value = query.astype(dt), key.astype(dt), value.astype(dt)
+        masks = _masks.prepare(xp, mask=mask, key_mask=key_mask, causal=causal, T=T, S=S, bias_dtype=acc)
+        if head_mask is not None:
+            head_mask = head_mask.astype(dt).reshape(-1, H, 1, 1)  # (B or 1, H, 1, 1)
+        dropout = None
+        if training and c.dropout > 0:
+            dropout = self._dropout_multiplier((B, H, T, S), c.dropout, acc)
+
+        if T == 0 or S == 0:
+            out, weights = self._empty(B, T, S, dt, acc)
+        elif return_weights or dropout is not None:
+            out, weights = multi_head_attention(
+                xp, query, key, value, self._native_params(), num_heads=H, num_kv_heads=c.num_kv_heads,
+                scale=c.effective_scale, masks=masks, head_mask=head_mask, dropout=dropout, acc_dtype=acc)
+            out = out.astype(dt)
+        else:
+            out, weights = self._fast_forward(query, key, value, masks, head_mask), None
+        if not batched:
+            out = out[0]
+            weights = None if weights is None else weights[0]
+        if return_weights:
+            return out, weights.astype(dt)
+        return out
+
+    def _empty(self, B, T, S, dt, acc):
+        """No queries or no keys: every query sees nothing, so output = output bias, weights (B, H, T, 0)."""
+        xp = self._xp
+        out = xp.zeros((B, T, self.embed_dim), dtype=dt)
+        o_bias = self._native_params()["o_bias"]
+        if o_bias is not None:
+            out = out + o_bias
+        return out.astype(dt), xp.zeros((B, self.num_heads, T, S), dtype=acc)
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def _dtypes(self):
+        """(compute dtype, accumulation dtype) as native dtype objects."""
+        raise NotImplementedError
+
+    def _init_rng(self, seed) -> None:
+        raise NotImplementedError
+
+    def _is_native(self, x) -> bool:
+        raise NotImplementedError
+
+    def _from_numpy(self, x: np.ndarray):
+        raise NotImplementedError
+
+    def _set_params(self, weights: AttentionWeights) -> None:
+        raise NotImplementedError
+
+    def _native_params(self) -> dict:
+        raise NotImplementedError
+
+    def _dropout_multiplier(self, shape, p: float, dtype):
+        raise NotImplementedError
+
+    def _fast_forward(self, query, key, value, masks, head_mask):
+        raise NotImplementedError

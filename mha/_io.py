@@ -1,0 +1,159 @@
+"""Reading and writing arrays: safetensors (written and read here, no dependency) and ``.npz``.
+
+Never pickle. Every malformed file raises ``ValueError`` naming the file and what is wrong. Writes go
+to a temporary file in the same folder, are flushed to disk and then renamed over the target, so an
+interrupted save leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_CODES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(fileobj)`` on a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write ``{name: numpy array}`` (and string metadata) as a safetensors file, atomically."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blobs = []
+    offset = 0
+    for name, array in tensors.items():
+        a = np.ascontiguousarray(array)
+        a = a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a
+        code = _CODES.get(a.dtype.newbyteorder("<") if a.dtype.itemsize > 1 else a.dtype)
+        if code is None:
+            raise TypeError(f"cannot save {name!r}: dtype {a.dtype} has no safetensors code")
+        data = a.tobytes()
+        header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # align the data to 8 bytes
+
+    def write(f):
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for data in blobs:
+            f.write(data)
+
+    atomic_write(path, write)
+
+
+def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def load_safetensors(path) -> tuple[dict, dict]:
+    """Read a safetensors file; returns ``(tensors, metadata)`` with numpy arrays (bf16 -> float32)."""
+    path = Path(path)
+    data = path.read_bytes()
+    where = f"{path}: not a valid safetensors file"
+    if len(data) < 8:
+        raise ValueError(f"{where} (only {len(data)} bytes; truncated?)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > min(len(data) - 8, _MAX_HEADER):
+        raise ValueError(f"{where} (header of {n} bytes announced, file has {len(data)}; truncated?)")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{where} (header is not JSON: {err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{where} (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    body = memoryview(data)[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        try:
+            code, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            shape = tuple(int(s) for s in shape)
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{where} (entry {name!r} lacks dtype, shape or data_offsets)") from None
+        if code == "BF16":
+            dtype = np.dtype("<u2")
+        elif code in _DTYPES:
+            dtype = _DTYPES[code]
+        else:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not (0 <= start <= end <= len(body)) or end - start != expected:
+            raise ValueError(
+                f"{where} (tensor {name!r} of shape {shape} and dtype {code} needs {expected} bytes at "
+                f"[{start}, {end}), the data section has {len(body)} bytes; truncated or corrupt)"
+            )
+        array = np.frombuffer(body[start:end], dtype=dtype).reshape(shape)
+        tensors[name] = _bf16_to_f32(array) if code == "BF16" else array.astype(dtype.newbyteorder("="))
+    return tensors, metadata
+
+
+def save_npz(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write an uncompressed ``.npz`` (metadata as 0-d string arrays under ``__metadata__.KEY``)."""
+    items = {k: np.asarray(v) for k, v in tensors.items()}
+    for k, v in (metadata or {}).items():
+        items[f"__metadata__.{k}"] = np.array(str(v))
+    atomic_write(path, lambda f: np.savez(f, **items))
+
+
+def load_npz(path) -> tuple[dict, dict]:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            items = {k: z[k] for k in z.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"{path}: not a valid .npz file ({err})") from None
+    metadata = {k.split(".", 1)[1]: str(v) for k, v in items.items() if k.startswith("__metadata__.")}
+    tensors = {k: v for k, v in items.items() if not k.startswith("__metadata__.")}
+    return tensors, metadata
+
+
+def load_arrays(path) -> tuple[dict, dict]:
+    """Read safetensors or npz (chosen by content, not only by suffix)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PK\x03\x04" or path.suffix == ".npz":
+        return load_npz(path)
+    return load_safetensors(path)
+
+
+def save_arrays(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Save as ``.npz`` when the path ends with it, otherwise as safetensors."""
+    if str(path).endswith(".npz"):
+        save_npz(path, tensors, metadata)
+    else:
+        save_safetensors(path, tensors, metadata)

@@ -1,0 +1,103 @@
+"""Masks, written once against an array namespace ``xp`` (numpy or mlx.core).
+
+Conventions (one for the whole project): a boolean mask means True = may attend; integer masks must
+hold only 0 and 1 and are read as booleans; a float mask is added to the logits, and its -inf entries
+are read as False (so an additive {0, -inf} mask and the boolean mask are the same mask); ``key_mask``
+is (B, S) with False at padding; ``causal`` lets query i see keys j <= i + (S - T) (aligned at the
+end). All of them combine by AND into one ``keep`` array broadcastable to (B, H, T, S).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._validate import array_kind
+
+
+def _all(xp, x) -> bool:
+    """``bool(xp.all(x))``, skipped (True) inside MLX function transformations (compile)."""
+    try:
+        return bool(xp.all(x))
+    except (RuntimeError, ValueError) as err:  # mx.compile forbids eval; the check is best-effort there
+        if "transformation" in str(err):
+            return True
+        raise
+
+
+def check_values(xp, name: str, x) -> None:
+    """Integer masks hold only 0/1; float masks hold no NaN and no +inf."""
+    kind = array_kind(x)
+    if kind in "iu":
+        if not _all(xp, xp.logical_or(x == 0, x == 1)):
+            raise ValueError(f"{name} is an integer mask and must hold only 0 and 1")
+    elif kind == "f":
+        if not _all(xp, xp.logical_not(xp.logical_or(xp.isnan(x), x == float("inf")))):
+            raise ValueError(
+                f"{name} is an additive float mask and must not hold NaN or +inf "
+                f"(use -inf or a bool mask with False to hide a key)"
+            )
+
+
+@dataclass
+class MaskSet:
+    """All masks of one call, normalised.
+
+    keep:   bool, broadcastable to (B, H, T, S), or None (every key visible); causal not included.
+    bias:   float, finite, broadcastable to (B, H, T, S), added to the logits; or None.
+    causal: whether the causal rule applies on top of ``keep``.
+    T, S:   query and key lengths (the causal offset is S - T).
+    """
+
+    keep: object
+    bias: object
+    causal: bool
+    T: int
+    S: int
+
+    @property
+    def any(self) -> bool:
+        return self.keep is not None or self.causal
+
+    def causal_keep(self, xp):
+        """(T, S) bool: key j visible from query i iff j <= i + (S - T)."""
+        rows = xp.arange(self.T)[:, None] + (self.S - self.T)
+        return xp.arange(self.S)[None, :] <= rows
+
+    def full_keep(self, xp):
+        """keep AND causal, broadcastable to (B, H, T, S); None when every key is visible."""
+        if not self.causal:
+            return self.keep
+        c = self.causal_keep(xp)
+        return c if self.keep is None else xp.logical_and(self.keep, c)
+
+
+def _to4d(xp, x):
+    return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
+
+
+def prepare(xp, *, mask, key_mask, causal: bool, T: int, S: int, bias_dtype) -> MaskSet:
+    """Combine the user's masks (already native arrays of checked shape) into a :class:`MaskSet`.
+
+    ``mask`` broadcasts to (B, H, T, S) (or (H, T, S) unbatched); ``key_mask`` is (B, S) or (S,).
+    """
+    keep = None
+    bias = None
+    if mask is not None:
+        check_values(xp, "mask", mask)
+        mask = _to4d(xp, mask)
+        kind = array_kind(mask)
+        if kind == "f":
+            bias = mask.astype(bias_dtype)
+            hidden = bias == float("-inf")
+            keep = xp.logical_not(hidden)
+            bias = xp.where(hidden, 0.0, bias).astype(bias_dtype)
+            if _all(xp, keep):
+                keep = None
+        else:
+            keep = mask != 0 if kind in "iu" else mask
+    if key_mask is not None:
+        check_values(xp, "key_mask", key_mask)
+        km = key_mask if array_kind(key_mask) == "b" else key_mask != 0
+        km = km.reshape(-1, 1, 1, S)  # (B, 1, 1, S)
+        keep = km if keep is None else xp.logical_and(keep, km)
+    return MaskSet(keep=keep, bias=bias, causal=bool(causal), T=T, S=S)

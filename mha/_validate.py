@@ -1,0 +1,252 @@
+"""Argument checks shared by the facade and both backends.
+
+Every check raises before any arithmetic, with a message that names the argument, what was received
+and what was expected. Shape letters: B batch, T query length, S key length, H heads, D head_dim,
+E embed_dim.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+BACKEND_DTYPES = {
+    "numpy": ("float32", "float64"),
+    "mlx": ("float32", "float16", "bfloat16"),
+}
+ALL_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` as an int > 0, else TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
+def optional_positive_int(name: str, value, default: int) -> int:
+    return default if value is None else positive_int(name, value)
+
+
+def real_number(name: str, value, *, allow_none: bool = False) -> float | None:
+    """A finite real number (bool rejected)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        expected = "a finite float or None" if allow_none else "a finite float"
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def boolean(name: str, value) -> bool:
+    import numpy as np
+
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def dtype_name(value, backend: str | None = None) -> str:
+    """Normalise a dtype given as a string, numpy dtype or mlx dtype to its name, e.g. "float32"."""
+    name = getattr(value, "name", None) if not isinstance(value, str) else value
+    if name is None:  # numpy scalar types (np.float32) and mlx dtypes (mx.float32)
+        text = str(value)
+        name = text.rsplit(".", 1)[-1].strip("'>")
+    if not isinstance(name, str) or name not in ALL_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(ALL_DTYPES)}, got {value!r}")
+    if backend is not None and name not in BACKEND_DTYPES[backend]:
+        allowed = ", ".join(BACKEND_DTYPES[backend])
+        hint = " (float16/bfloat16 need backend='mlx')" if backend == "numpy" else ""
+        raise ValueError(f"dtype={name!r} is not supported by the {backend} backend; use one of {allowed}{hint}")
+    return name
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """The hyper-parameters of one attention layer, validated."""
+
+    embed_dim: int
+    num_heads: int
+    num_kv_heads: int
+    kdim: int
+    vdim: int
+    bias: bool
+    scale: float | None
+    dropout: float
+    dtype: str
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def effective_scale(self) -> float:
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+    def kwargs(self) -> dict:
+        """Constructor keyword arguments that rebuild this configuration."""
+        return dict(
+            num_kv_heads=self.num_kv_heads, kdim=self.kdim, vdim=self.vdim, bias=self.bias,
+            scale=self.scale, dropout=self.dropout, dtype=self.dtype,
+        )
+
+
+def head_counts(embed_dim, num_heads, num_kv_heads) -> tuple[int, int, int]:
+    """Check E, H and Hkv: E = H * D and H a multiple of Hkv."""
+    embed_dim = positive_int("embed_dim", embed_dim)
+    num_heads = positive_int("num_heads", num_heads)
+    num_kv_heads = optional_positive_int("num_kv_heads", num_kv_heads, num_heads)
+    if embed_dim % num_heads:
+        raise ValueError(
+            f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}: "
+            f"embed_dim must equal num_heads * head_dim"
+        )
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}: "
+            f"each key/value head must serve a whole group of query heads"
+        )
+    return embed_dim, num_heads, num_kv_heads
+
+
+def layer_config(embed_dim, num_heads, *, num_kv_heads, kdim, vdim, bias, scale, dropout, dtype,
+                 backend: str) -> LayerConfig:
+    embed_dim, num_heads, num_kv_heads = head_counts(embed_dim, num_heads, num_kv_heads)
+    kdim = optional_positive_int("kdim", kdim, embed_dim)
+    vdim = optional_positive_int("vdim", vdim, embed_dim)
+    bias = boolean("bias", bias)
+    scale = real_number("scale", scale, allow_none=True)
+    dropout = real_number("dropout", dropout)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    dtype = dtype_name(dtype, backend)
+    return LayerConfig(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, scale, dropout, dtype)
+
+
+def seed_value(seed) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise TypeError(f"seed must be a non-negative int or None, got {seed!r}")
+    return int(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Call arguments
+
+
+def array_kind(x) -> str:
+    """numpy's dtype kind letter ('f', 'i', 'u', 'b', 'c', ...) for numpy or mlx arrays."""
+    dtype = x.dtype
+    kind = getattr(dtype, "kind", None)
+    if kind is not None:
+        return kind
+    name = str(dtype).rsplit(".", 1)[-1]
+    if name == "bool_" or name == "bool":
+        return "b"
+    if name.startswith("uint"):
+        return "u"
+    if name.startswith("int"):
+        return "i"
+    if name.startswith("complex"):
+        return "c"
+    if name.startswith("float") or name == "bfloat16":
+        return "f"
+    return "O"
+
+
+def feature_input(name: str, x, expected_dim: int, dim_name: str):
+    """Check one of query/key/value: real numbers, rank 2 (T, E) or 3 (B, T, E), last dim given."""
+    kind = array_kind(x)
+    if kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+    if x.ndim not in (2, 3):
+        raise ValueError(
+            f"{name} must have shape (B, L, {dim_name}) or unbatched (L, {dim_name}), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.shape[-1] != expected_dim:
+        raise ValueError(
+            f"{name} has last dimension {x.shape[-1]}, expected {dim_name}={expected_dim} "
+            f"(got shape {tuple(x.shape)})"
+        )
+
+
+def qkv_shapes(query, key, value) -> tuple[int, int, int, bool]:
+    """Consistency of ranks, batch and key/value length; returns (B, T, S, batched)."""
+    if not (query.ndim == key.ndim == value.ndim):
+        raise ValueError(
+            f"query, key and value must all be batched (3-D) or all unbatched (2-D), got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    batched = query.ndim == 3
+    if batched and not (query.shape[0] == key.shape[0] == value.shape[0]):
+        raise ValueError(
+            f"query, key and value must share the batch size B, got {query.shape[0]}, "
+            f"{key.shape[0]}, {value.shape[0]}"
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            f"key and value must have the same length S, got key shape {tuple(key.shape)} and "
+            f"value shape {tuple(value.shape)}"
+        )
+    B = query.shape[0] if batched else 1
+    return B, query.shape[-2], key.shape[-2], batched
+
+
+def mask_shape(x, B: int, H: int, T: int, S: int, batched: bool):
+    """``mask`` must broadcast to (B, H, T, S); rejects torch's (B*H, T, S) layout with a hint."""
+    kind = array_kind(x)
+    if kind not in "biuf":
+        raise TypeError(
+            f"mask must be bool (True = may attend), int 0/1 or float (added to the logits), "
+            f"got dtype {x.dtype}"
+        )
+    target = (B, H, T, S) if batched else (H, T, S)
+    shape = tuple(x.shape)
+    ok = len(shape) <= len(target) and all(
+        a in (1, b) for a, b in zip(reversed(shape), reversed(target))
+    )
+    if ok:
+        return
+    letters = "(B, H, T, S)" if batched else "(H, T, S) for unbatched input"
+    hint = ""
+    if batched and len(shape) == 3 and B > 1 and shape == (B * H, T, S):
+        hint = (
+            "; this looks like torch's (B*num_heads, T, S) layout: reshape it to "
+            f"({B}, {H}, {T}, {S})"
+        )
+    raise ValueError(
+        f"mask of shape {shape} does not broadcast to {letters} = {target}{hint}"
+    )
+
+
+def key_mask_shape(x, B: int, S: int, batched: bool):
+    kind = array_kind(x)
+    if kind not in "biu":
+        raise TypeError(
+            f"key_mask must be bool (True = real key, False = padding) or int 0/1, got dtype {x.dtype}"
+        )
+    expected = (B, S) if batched else (S,)
+    if tuple(x.shape) != expected and not (not batched and tuple(x.shape) == (1, S)):
+        raise ValueError(
+            f"key_mask must have shape {'(B, S)' if batched else '(S,)'} = {expected}, "
+            f"got {tuple(x.shape)}"
+        )
+
+
+def head_mask_shape(x, B: int, H: int, batched: bool):
+    kind = array_kind(x)
+    if kind not in "fiub":
+        raise TypeError(f"head_mask must hold real numbers, got dtype {x.dtype}")
+    shape = tuple(x.shape)
+    allowed = [(H,), (B, H)] if batched else [(H,), (1, H)]
+    if shape not in allowed:
+        expected = f"(H,) = ({H},) or (B, H) = ({B}, {H})" if batched else f"(H,) = ({H},)"
+        raise ValueError(f"head_mask must have shape {expected}, got {shape}")

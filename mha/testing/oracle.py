@@ -1,0 +1,110 @@
+"""An independent float64 oracle: multi-head attention as an explicit loop over batch, head and query.
+
+It shares no code with :mod:`mha._reference` or the backends: heads are cut out of the weight
+matrices by slicing, masks are read entry by entry, and the softmax runs over the visible keys of one
+row at a time. Slow and obvious on purpose; use it on small problems.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _f64(x):
+    return None if x is None else np.asarray(x, dtype=np.float64)
+
+
+def visible_keys(B, H, T, S, *, mask=None, key_mask=None, causal=False):
+    """(B, H, T, S) bool: which keys each query may see (mask AND key_mask AND causal).
+
+    A float ``mask`` hides exactly its -inf entries; bool/int masks hide their False/0 entries.
+    """
+    vis = np.ones((B, H, T, S), dtype=bool)
+    if mask is not None:
+        m = np.asarray(mask)
+        m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+        m = np.broadcast_to(m, (B, H, T, S))
+        vis &= (m != -np.inf) if m.dtype.kind == "f" else (m != 0)
+    if key_mask is not None:
+        km = np.asarray(key_mask).reshape(B, S)
+        for b in range(B):
+            vis[b, :, :, :] &= (km[b] != 0)[None, None, :]
+    if causal:
+        for i in range(T):
+            for j in range(S):
+                if j > i + (S - T):
+                    vis[:, :, i, j] = False
+    return vis
+
+
+def additive(B, H, T, S, mask=None):
+    """(B, H, T, S) float64 added to the logits: the float mask with -inf read as 0 (hidden anyway)."""
+    a = np.zeros((B, H, T, S))
+    if mask is not None and np.asarray(mask).dtype.kind == "f":
+        m = np.asarray(mask, dtype=np.float64)
+        m = np.broadcast_to(m.reshape((1,) * (4 - m.ndim) + m.shape), (B, H, T, S))
+        a = np.where(np.isneginf(m), 0.0, m)
+    return a
+
+
+def head_projections(weights, query, key, value):
+    """Per-head projections in float64, by slicing: lists q[h] (B, T, D), k[g], v[g] (B, S, D)."""
+    H, Hkv = weights.num_heads, weights.num_kv_heads
+    D = weights.embed_dim // H
+    w = {n: _f64(a) for n, a in weights.to_dict().items()}
+    xq, xk, xv = _f64(query), _f64(key), _f64(value)
+
+    def proj(x, W, b, head):
+        rows = slice(head * D, (head + 1) * D)
+        y = np.einsum("bli,oi->blo", x, W[rows])
+        return y if b is None else y + b[rows]
+
+    qs = [proj(xq, w["q_weight"], w["q_bias"], h) for h in range(H)]
+    ks = [proj(xk, w["k_weight"], w["k_bias"], g) for g in range(Hkv)]
+    vs = [proj(xv, w["v_weight"], w["v_bias"], g) for g in range(Hkv)]
+    return qs, ks, vs
+
+
+def attention(weights, query, key=None, value=None, *, mask=None, key_mask=None, causal=False,
+              head_mask=None, scale=None):
+    """Float64 multi-head attention on batched numpy inputs; returns ``(output, weights)``.
+
+    query (B, T, E); key (B, S, kdim); value (B, S, vdim) -> output (B, T, E), weights (B, H, T, S).
+    """
+    key = query if key is None else key
+    value = key if value is None else value
+    H, Hkv = weights.num_heads, weights.num_kv_heads
+    E = weights.embed_dim
+    D = E // H
+    group = H // Hkv
+    B, T, _ = np.shape(query)
+    S = np.shape(key)[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qs, ks, vs = head_projections(weights, query, key, value)
+    vis = visible_keys(B, H, T, S, mask=mask, key_mask=key_mask, causal=causal)
+    add = additive(B, H, T, S, mask)
+    Wo = _f64(weights.o_weight)
+    hm = None if head_mask is None else np.broadcast_to(np.asarray(head_mask, np.float64).reshape(-1, H), (B, H))
+    out = np.zeros((B, T, E))
+    P = np.zeros((B, H, T, S))
+    for b in range(B):
+        for h in range(H):
+            g = h // group  # the key/value head that query head h reads
+            ctx = np.zeros((T, D))
+            for i in range(T):
+                seen = np.flatnonzero(vis[b, h, i])
+                if seen.size == 0:
+                    continue  # no visible key: zero weights, zero context
+                z = np.array([scale * np.dot(qs[h][b, i], ks[g][b, j]) + add[b, h, i, j] for j in seen])
+                e = np.exp(z - z.max())
+                p = e / e.sum()
+                P[b, h, i, seen] = p
+                ctx[i] = p @ vs[g][b, seen]
+            if hm is not None:
+                ctx = ctx * hm[b, h]
+            out[b] += ctx @ Wo[:, h * D:(h + 1) * D].T
+    if weights.o_bias is not None:
+        out += _f64(weights.o_bias)
+    return out, P

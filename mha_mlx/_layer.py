@@ -1,0 +1,138 @@
+"""The MLX backend: Apple GPU (Metal), CUDA, or CPU. The layer is a trainable ``mlx.nn.Module``."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mha._base import LayerBase
+from mha._reference import linear, merge_heads, nonfinite_keys, split_heads
+
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+class _RNG:
+    """Holds the dropout key outside the module's parameter tree."""
+
+    def __init__(self, seed):
+        if seed is None:
+            seed = int(np.random.default_rng().integers(2**31))
+        self.key = mx.random.key(seed)
+
+    def next(self):
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+
+class MultiHeadAttention(LayerBase, nn.Module):
+    """Multi-head attention on MLX (float32, float16, bfloat16; softmax in float32).
+
+    Same constructor and call as :class:`mha.MultiHeadAttention` (without ``backend``). The projections
+    are ``mlx.nn.Linear`` children ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, so the layer trains
+    with ``mlx.optimizers`` and ``mx.grad``/``nn.value_and_grad``. Without weights requested (and no
+    dropout) it runs MLX's fused ``mx.fast.scaled_dot_product_attention``, with the empty-row and
+    non-finite rules of the reference enforced around it.
+    """
+
+    backend = "mlx"
+    _xp = mx
+
+    def _dtypes(self):
+        return _DTYPES[self._config.dtype], mx.float32
+
+    def _init_rng(self, seed) -> None:
+        self._rng = _RNG(seed if seed is None else seed + 1)
+
+    def _is_native(self, x) -> bool:
+        return isinstance(x, mx.array)
+
+    def _from_numpy(self, x):
+        if x.dtype == np.float64:
+            x = x.astype(np.float32)  # MLX GPUs have no float64
+        return mx.array(x)
+
+    def _set_params(self, weights) -> None:
+        c, dt = self._config, _DTYPES[self._config.dtype]
+        w = weights.to_dict()
+        dims = {"q": (c.embed_dim, c.embed_dim), "k": (c.kdim, c.num_kv_heads * c.head_dim),
+                "v": (c.vdim, c.num_kv_heads * c.head_dim), "o": (c.embed_dim, c.embed_dim)}
+        for p, attr in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
+            if attr not in self:
+                setattr(self, attr, nn.Linear(*dims[p], bias=c.bias))
+            layer = getattr(self, attr)
+            layer.weight = mx.array(w[f"{p}_weight"]).astype(dt)
+            if c.bias:
+                layer.bias = mx.array(w[f"{p}_bias"]).astype(dt)
+
+    def _native_params(self) -> dict:
+        out = {}
+        for p, attr in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
+            layer = self[attr]
+            out[f"{p}_weight"] = layer["weight"]
+            out[f"{p}_bias"] = layer.get("bias")
+        return out
+
+    def _dropout_multiplier(self, shape, p, dtype):
+        keep = mx.random.bernoulli(1.0 - p, shape, key=self._rng.next())
+        return keep.astype(dtype) / (1.0 - p)
+
+    def _fast_forward(self, query, key, value, masks, head_mask):
+        c, dt = self._config, query.dtype
+        H, Hkv = c.num_heads, c.num_kv_heads
+        p = self._native_params()
+        q = split_heads(linear(mx, query, p["q_weight"], p["q_bias"]), H)  # (B, H, T, D)
+        k = split_heads(linear(mx, key, p["k_weight"], p["k_bias"]), Hkv)  # (B, Hkv, S, D)
+        v = split_heads(linear(mx, value, p["v_weight"], p["v_bias"]), Hkv)
+        ctx = fused_attention(q, k, v, scale=c.effective_scale, masks=masks)  # (B, H, T, D)
+        if head_mask is not None:
+            ctx = ctx * head_mask
+        return linear(mx, merge_heads(ctx), p["o_weight"], p["o_bias"]).astype(dt)  # (B, T, E)
+
+
+def fused_attention(q, k, v, *, scale, masks):
+    """``mx.fast.scaled_dot_product_attention`` with the reference's rules on top.
+
+    The fused kernel alone returns mean(V) for a query with no visible key and lets a NaN at a hidden
+    key leak (0 * NaN); here keys holding non-finite numbers are zeroed before the kernel, and
+    afterwards rows with no visible key are set to 0 and rows that can see such a key to NaN.
+    q (B, H, T, D); k, v (B, Hkv, S, D) -> (B, H, T, D).
+    """
+    B, H, T, _ = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    dt = q.dtype
+    bad = nonfinite_keys(mx, k, v)  # (B, Hkv, S)
+    k = mx.where(bad[..., None], 0, k)
+    v = mx.where(bad[..., None], 0, v)
+    bad_h = mx.repeat(bad, H // Hkv, axis=1)[:, :, None, :]  # (B, H, 1, S)
+
+    keep = masks.keep
+    if keep is None and masks.bias is None:
+        arg = "causal" if masks.causal else None
+    else:
+        keep = masks.full_keep(mx)
+        if masks.bias is None:
+            arg = keep
+        elif keep is None:
+            arg = masks.bias.astype(dt)
+        else:
+            arg = mx.where(keep, masks.bias, mx.finfo(dt).min).astype(dt)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=arg)  # (B, H, T, D)
+
+    if keep is None and masks.causal:  # only the causal rule: work per row from indices, O(T + S)
+        last = mx.arange(T) + (S - T)  # (T,) last visible key of each query
+        visible = (last >= 0)[:, None]  # (T, 1)
+        seen = mx.cummax(bad_h.astype(mx.int8), axis=-1)  # (B, H, 1, S): a bad key at or before j
+        touched = mx.take(seen, mx.clip(last, 0, S - 1), axis=-1).swapaxes(-1, -2) > 0  # (B, H, T, 1)
+        touched = mx.logical_and(touched, visible)
+    elif keep is None:  # every key visible to every query
+        visible = None
+        touched = mx.any(bad_h, axis=-1, keepdims=True)  # (B, H, 1, 1)
+    else:
+        visible = mx.any(keep, axis=-1, keepdims=True)  # (b, h, T, 1)
+        counts = mx.matmul(keep.astype(dt), bad_h.astype(dt).swapaxes(-1, -2))  # (B, H, T, 1)
+        touched = counts > 0
+    out = mx.where(touched, mx.array(float("nan"), dt), out)
+    if visible is not None:
+        out = mx.where(visible, out, mx.array(0, dt))
+    return out
