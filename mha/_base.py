@@ -6,6 +6,7 @@ arithmetic itself is :mod:`mha._reference` (readable path) or the backend's own 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -112,7 +113,7 @@ class LayerBase:
             return x
         x = to_numpy(x)
         if x.dtype.kind not in "biufc":
-            raise TypeError(f"{name} must be a numeric array, got dtype {x.dtype}")
+            raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
         return self._from_numpy(x)
 
     def __call__(self, query, key=None, value=None, *, mask=None, key_mask=None, causal=False,
@@ -179,15 +180,16 @@ class LayerBase:
         if training and c.dropout > 0:
             dropout = self._dropout_multiplier((B, H, T, S), c.dropout, acc)
 
-        if T == 0 or S == 0:
-            out, weights = self._empty(B, T, S, dt, acc)
-        elif return_weights or dropout is not None:
-            out, weights = multi_head_attention(
-                xp, query, key, value, self._native_params(), num_heads=H, num_kv_heads=c.num_kv_heads,
-                scale=c.effective_scale, masks=masks, head_mask=head_mask, dropout=dropout, acc_dtype=acc)
-            out = out.astype(dt)
-        else:
-            out, weights = self._fast_forward(query, key, value, masks, head_mask), None
+        with self._errstate():  # non-finite inputs propagate as documented, without warnings
+            if T == 0 or S == 0:
+                out, weights = self._empty(B, T, S, dt, acc)
+            elif return_weights or dropout is not None:
+                out, weights = multi_head_attention(
+                    xp, query, key, value, self._native_params(), num_heads=H, num_kv_heads=c.num_kv_heads,
+                    scale=c.effective_scale, masks=masks, head_mask=head_mask, dropout=dropout, acc_dtype=acc)
+                out = out.astype(dt)
+            else:
+                out, weights = self._fast_forward(query, key, value, masks, head_mask), None
         if not batched:
             out = out[0]
             weights = None if weights is None else weights[0]
@@ -205,6 +207,9 @@ class LayerBase:
         return out.astype(dt), xp.zeros((B, self.num_heads, T, S), dtype=acc)
 
     # -- hooks -------------------------------------------------------------------------------------
+    def _errstate(self):
+        return contextlib.nullcontext()
+
     def _dtypes(self):
         """(compute dtype, accumulation dtype) as native dtype objects."""
         raise NotImplementedError

@@ -129,8 +129,11 @@ def save_npz(path, tensors: dict, metadata: dict | None = None) -> None:
 
 def load_npz(path) -> tuple[dict, dict]:
     path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise ValueError(f"{path}: not a valid .npz file (no zip signature)")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:  # we own the file handle
             items = {k: z[k] for k in z.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
         raise ValueError(f"{path}: not a valid .npz file ({err})") from None

@@ -141,6 +141,11 @@ def seed_value(seed) -> int | None:
 # Call arguments
 
 
+def _dt(x) -> str:
+    """A dtype's short name, the same for numpy and mlx arrays ("float32", "bool")."""
+    return str(x.dtype).replace("mlx.core.", "")
+
+
 def array_kind(x) -> str:
     """numpy's dtype kind letter ('f', 'i', 'u', 'b', 'c', ...) for numpy or mlx arrays."""
     dtype = x.dtype
@@ -165,7 +170,7 @@ def feature_input(name: str, x, expected_dim: int, dim_name: str):
     """Check one of query/key/value: real numbers, rank 2 (T, E) or 3 (B, T, E), last dim given."""
     kind = array_kind(x)
     if kind not in "fiu":
-        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+        raise TypeError(f"{name} must hold real numbers, got dtype {_dt(x)}")
     if x.ndim not in (2, 3):
         raise ValueError(
             f"{name} must have shape (B, L, {dim_name}) or unbatched (L, {dim_name}), "
@@ -206,7 +211,7 @@ def mask_shape(x, B: int, H: int, T: int, S: int, batched: bool):
     if kind not in "biuf":
         raise TypeError(
             f"mask must be bool (True = may attend), int 0/1 or float (added to the logits), "
-            f"got dtype {x.dtype}"
+            f"got dtype {_dt(x)}"
         )
     target = (B, H, T, S) if batched else (H, T, S)
     shape = tuple(x.shape)
@@ -231,7 +236,7 @@ def key_mask_shape(x, B: int, S: int, batched: bool):
     kind = array_kind(x)
     if kind not in "biu":
         raise TypeError(
-            f"key_mask must be bool (True = real key, False = padding) or int 0/1, got dtype {x.dtype}"
+            f"key_mask must be bool (True = real key, False = padding) or int 0/1, got dtype {_dt(x)}"
         )
     expected = (B, S) if batched else (S,)
     if tuple(x.shape) != expected and not (not batched and tuple(x.shape) == (1, S)):
@@ -244,7 +249,7 @@ def key_mask_shape(x, B: int, S: int, batched: bool):
 def head_mask_shape(x, B: int, H: int, batched: bool):
     kind = array_kind(x)
     if kind not in "fiub":
-        raise TypeError(f"head_mask must hold real numbers, got dtype {x.dtype}")
+        raise TypeError(f"head_mask must hold real numbers, got dtype {_dt(x)}")
     shape = tuple(x.shape)
     allowed = [(H,), (B, H)] if batched else [(H,), (1, H)]
     if shape not in allowed:

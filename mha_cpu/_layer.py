@@ -21,6 +21,9 @@ class MultiHeadAttention(LayerBase):
         dt = np.dtype(self._config.dtype)
         return dt, dt  # float32 accumulates in float32 (as BLAS does), float64 in float64
 
+    def _errstate(self):
+        return np.errstate(invalid="ignore", over="ignore", divide="ignore")
+
     def _init_rng(self, seed) -> None:
         # A stream of its own for dropout, so that dropout draws never shift the initialisation.
         self._rng = np.random.default_rng(None if seed is None else [seed, 1])

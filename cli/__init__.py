@@ -1,0 +1,1 @@
+"""mha_cli: the ``mha`` command (installed from the repository's cli/ folder)."""

@@ -1,0 +1,20 @@
+"""The registry of subcommands, each in a module of its own, imported when the group is built.
+
+Modules import only click at top level; numpy, MLX, torch and the models load inside the command.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+
+def _lazy(module: str, attr: str):
+    def load():
+        return getattr(importlib.import_module(f"mha_cli.{module}"), attr)
+
+    return load
+
+
+COMMANDS = {
+    "info": _lazy("info", "info"),
+}

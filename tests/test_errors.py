@@ -1,0 +1,124 @@
+"""Every argument error: the right exception type, a message naming the argument, what came and what
+was expected, raised before any arithmetic (the compute functions are replaced by tripwires)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mha
+import mha._base
+
+from .helpers import normal
+
+E, H = 12, 4
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(embed_dim=12.0), TypeError, r"embed_dim must be a positive int, got 12\.0 \(float\)"),
+    (dict(embed_dim=0), ValueError, r"embed_dim must be a positive int, got 0"),
+    (dict(embed_dim=True), TypeError, r"embed_dim must be a positive int, got True \(bool\)"),
+    (dict(num_heads=-2), ValueError, r"num_heads must be a positive int, got -2"),
+    (dict(embed_dim=10, num_heads=3), ValueError,
+     r"embed_dim=10 is not divisible by num_heads=3: embed_dim must equal num_heads \* head_dim"),
+    (dict(num_kv_heads=3), ValueError, r"num_heads=4 is not divisible by num_kv_heads=3"),
+    (dict(num_kv_heads=0), ValueError, r"num_kv_heads must be a positive int, got 0"),
+    (dict(kdim="7"), TypeError, r"kdim must be a positive int, got '7' \(str\)"),
+    (dict(vdim=0), ValueError, r"vdim must be a positive int, got 0"),
+    (dict(bias=1), TypeError, r"bias must be True or False, got 1 \(int\)"),
+    (dict(scale=float("nan")), ValueError, r"scale must be finite, got nan"),
+    (dict(scale="0.5"), TypeError, r"scale must be a finite float or None, got '0\.5' \(str\)"),
+    (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\), got 1\.0"),
+    (dict(dropout=-0.1), ValueError, r"dropout must be in \[0, 1\), got -0\.1"),
+    (dict(dtype="int8"), ValueError, r"dtype must be one of float32, float64, float16, bfloat16, got 'int8'"),
+    (dict(seed=-1), TypeError, r"seed must be a non-negative int or None, got -1"),
+    (dict(weights=np.zeros(3)), TypeError, r"weights must be an mha.AttentionWeights or a path, got ndarray"),
+])
+def test_constructor_errors(backend, kwargs, exc, msg):
+    args = dict(embed_dim=E, num_heads=H)
+    args.update(kwargs)
+    with pytest.raises(exc, match=msg):
+        mha.MultiHeadAttention(args.pop("embed_dim"), args.pop("num_heads"), backend=backend, **args)
+
+
+def test_dtype_not_supported_by_backend():
+    with pytest.raises(ValueError, match=r"dtype='float16' is not supported by the numpy backend; use one of "
+                                         r"float32, float64 \(float16/bfloat16 need backend='mlx'\)"):
+        mha.MultiHeadAttention(E, H, backend="numpy", dtype="float16")
+    pytest.importorskip("mlx.core")
+    with pytest.raises(ValueError, match=r"dtype='float64' is not supported by the mlx backend"):
+        mha.MultiHeadAttention(E, H, backend="mlx", dtype=np.float64)
+
+
+@pytest.fixture
+def tripwired(backend, monkeypatch):
+    """A layer whose every compute path raises AssertionError: validation must come first."""
+    layer = mha.MultiHeadAttention(E, H, num_kv_heads=2, kdim=7, vdim=5, backend=backend, seed=0)
+
+    def tripwire(*a, **k):
+        raise AssertionError("work started before validation")
+
+    monkeypatch.setattr(mha._base, "multi_head_attention", tripwire)
+    monkeypatch.setattr(layer, "_fast_forward", tripwire) if backend == "numpy" else \
+        monkeypatch.setattr(type(layer), "_fast_forward", tripwire)
+    return layer
+
+
+Q = normal((2, 3, E), 0)
+K = normal((2, 6, 7), 1)
+V = normal((2, 6, 5), 2)
+
+
+@pytest.mark.parametrize("args,kwargs,exc,msg", [
+    ((Q[0, 0], K, V), {}, ValueError, r"query must have shape \(B, L, E\) or unbatched \(L, E\), got shape \(12,\)"),
+    ((Q[..., :5], K, V), {}, ValueError, r"query has last dimension 5, expected E=12 \(got shape \(2, 3, 5\)\)"),
+    ((Q, K[..., :4], V), {}, ValueError, r"key has last dimension 4, expected kdim=7"),
+    ((Q, K, V[..., :2]), {}, ValueError, r"value has last dimension 2, expected vdim=5"),
+    ((Q > 0, K, V), {}, TypeError, r"query must hold real numbers, got dtype bool"),
+    ((Q.astype(np.complex64), K, V), {}, TypeError, r"query must hold real numbers, got dtype complex64"),
+    ((np.array([["a"]]), K, V), {}, TypeError, r"query must hold real numbers, got dtype <U1"),
+    ((Q, K[:1], V[:1]), {}, ValueError, r"query, key and value must share the batch size B, got 2, 1, 1"),
+    ((Q, K, V[:, :4]), {}, ValueError, r"key and value must have the same length S, got key shape \(2, 6, 7\) "
+                                       r"and value shape \(2, 4, 5\)"),
+    ((Q[0], K, V), {}, ValueError, r"query, key and value must all be batched \(3-D\) or all unbatched \(2-D\)"),
+    ((Q,), {}, TypeError, r"key is required: kdim=7 differs from embed_dim=12"),
+    ((Q, None, V), {}, TypeError, r"value was given without key"),
+    ((Q, K), {}, TypeError, r"value is required: vdim=5 differs from kdim=7"),
+    ((Q, K, V), dict(mask=np.ones((2, 4, 3, 5), bool)), ValueError,
+     r"mask of shape \(2, 4, 3, 5\) does not broadcast to \(B, H, T, S\) = \(2, 4, 3, 6\)"),
+    ((Q, K, V), dict(mask=np.ones((8, 3, 6), bool)), ValueError,
+     r"looks like torch's \(B\*num_heads, T, S\) layout: reshape it to \(2, 4, 3, 6\)"),
+    ((Q, K, V), dict(mask=np.ones((1, 2, 4, 3, 6), bool)), ValueError, r"mask of shape \(1, 2, 4, 3, 6\) does not"),
+    ((Q, K, V), dict(mask=np.ones((3, 6), np.complex64)), TypeError,
+     r"mask must be bool \(True = may attend\), int 0/1 or float \(added to the logits\), got dtype complex64"),
+    ((Q, K, V), dict(mask=np.full((3, 6), 2)), ValueError, r"mask is an integer mask and must hold only 0 and 1"),
+    ((Q, K, V), dict(mask=np.full((3, 6), np.nan)), ValueError,
+     r"mask is an additive float mask and must not hold NaN or \+inf"),
+    ((Q, K, V), dict(mask=np.full((3, 6), np.inf)), ValueError, r"must not hold NaN or \+inf"),
+    ((Q, K, V), dict(key_mask=np.ones((2, 5), bool)), ValueError,
+     r"key_mask must have shape \(B, S\) = \(2, 6\), got \(2, 5\)"),
+    ((Q, K, V), dict(key_mask=np.ones((2, 6), np.float32)), TypeError,
+     r"key_mask must be bool \(True = real key, False = padding\) or int 0/1, got dtype float32"),
+    ((Q, K, V), dict(key_mask=np.full((2, 6), 3)), ValueError, r"key_mask is an integer mask and must hold only 0 and 1"),
+    ((Q, K, V), dict(head_mask=np.ones(3)), ValueError,
+     r"head_mask must have shape \(H,\) = \(4,\) or \(B, H\) = \(2, 4\), got \(3,\)"),
+    ((Q, K, V), dict(causal="yes"), TypeError, r"causal must be True or False, got 'yes' \(str\)"),
+    ((Q, K, V), dict(return_weights=None), TypeError, r"return_weights must be True or False, got None"),
+    ((Q, K, V), dict(training=1), TypeError, r"training must be True or False, got 1"),
+])
+def test_call_errors_come_before_any_work(tripwired, args, kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        tripwired(*args, **kwargs)
+
+
+def test_check_finite(backend):
+    layer = mha.MultiHeadAttention(E, H, backend=backend)
+    x = normal((2, 3, E), 0)
+    x[1, 2, 3] = np.inf
+    with pytest.raises(ValueError, match=r"query holds NaN or inf \(check_finite=True\)"):
+        layer(x, check_finite=True)
+    kv = normal((2, 5, E), 1)
+    kv[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"key holds NaN or inf"):
+        layer(normal((2, 3, E), 0), kv, check_finite=True)
+    assert np.isnan(mha.to_numpy(layer(x))).any()  # default: propagate, no error

@@ -1,0 +1,22 @@
+"""Every script in examples/ runs to completion (they assert their own claims)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+NEEDS = {"from_torch.py": "torch"}
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+def test_example_runs(script, tmp_path):
+    if script.name in NEEDS:
+        pytest.importorskip(NEEDS[script.name])
+    env = {**os.environ, "MPLBACKEND": "Agg", "MHA_EXAMPLE_QUICK": "1"}
+    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "Traceback" not in res.stderr
