@@ -16,5 +16,6 @@ def _lazy(module: str, attr: str):
 
 
 COMMANDS = {
+    "check": _lazy("check", "check"),
     "info": _lazy("info", "info"),
 }

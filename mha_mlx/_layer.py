@@ -129,6 +129,7 @@ def fused_attention(q, k, v, *, scale, masks):
         visible = None
         touched = mx.any(bad_h, axis=-1, keepdims=True)  # (B, H, 1, 1)
     else:
+        keep = mx.broadcast_to(keep, tuple(keep.shape[:-2]) + (T, S))  # (b, h, T, S)
         visible = mx.any(keep, axis=-1, keepdims=True)  # (b, h, T, 1)
         counts = mx.matmul(keep.astype(dt), bad_h.astype(dt).swapaxes(-1, -2))  # (B, H, T, 1)
         touched = counts > 0

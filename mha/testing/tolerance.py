@@ -53,7 +53,10 @@ def magnitude(weights, query, key=None, value=None, *, y_ref=None, scale=None, m
     wo = float(np.abs(np.asarray(weights.o_weight, np.float64)).sum(axis=1).max(initial=0.0))
     if head_mask is not None:
         wo *= float(np.abs(np.asarray(head_mask, np.float64)).max(initial=0.0))
-    ymax = 0.0 if y_ref is None else float(np.abs(y_ref).max(initial=0.0))
+    ymax = 0.0
+    if y_ref is not None:  # NaN in a result under test must not turn the bound into NaN
+        y = np.abs(np.asarray(y_ref, np.float64))
+        ymax = float(y[np.isfinite(y)].max(initial=0.0))
     return ymax + wo * vmax * (1.0 + s * qn * kn + amax)
 
 

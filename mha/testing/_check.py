@@ -1,0 +1,109 @@
+"""Running the property suite against an implementation: :func:`check` and :func:`run_property`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .properties import PROPERTIES, Property
+
+
+@dataclass
+class Report:
+    """What :func:`check` found. ``results``: (property, "pass" | "fail" | "n/a", detail) in suite order."""
+
+    impl: str
+    results: list = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for name, status, _ in self.results if status == "fail"]
+
+    @property
+    def passed(self) -> list[str]:
+        return [name for name, status, _ in self.results if status == "pass"]
+
+    def as_dict(self) -> dict:
+        return {"impl": self.impl,
+                "results": [{"property": n, "status": s, "detail": d} for n, s, d in self.results]}
+
+    def __str__(self) -> str:
+        width = max((len(n) for n, _, _ in self.results), default=8)
+        lines = [f"{self.impl}: {len(self.passed)} pass, {len(self.failed)} fail, "
+                 f"{len(self.results) - len(self.passed) - len(self.failed)} n/a"]
+        for name, status, detail in self.results:
+            first = detail.splitlines()[0] if detail else ""
+            lines.append(f"  {name:<{width}}  {status.upper() if status == 'fail' else status:<4}  {first}")
+        return "\n".join(lines)
+
+
+def _settings(max_examples):
+    from hypothesis import HealthCheck, settings
+
+    kwargs = dict(deadline=None, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors,
+                                         HealthCheck.filter_too_much])
+    if max_examples is not None:
+        kwargs["max_examples"] = int(max_examples)
+    return settings(**kwargs)
+
+
+def run_property(impl, prop: Property | str, *, max_examples: int | None = None) -> None:
+    """Run one property against ``impl`` under Hypothesis; raises its (shrunk) failure.
+
+    The number of examples defaults to the loaded Hypothesis profile's (see mha.testing.profiles).
+    """
+    from hypothesis import given
+
+    prop = PROPERTIES[prop] if isinstance(prop, str) else prop
+    reason = prop.missing(impl.features)
+    if reason:
+        raise ValueError(f"{getattr(impl, 'name', impl)!s} cannot express {prop.name}: {reason}")
+
+    @_settings(max_examples)
+    @given(prop.strategy(frozenset(impl.features)))
+    def run(problem):
+        prop.check(impl, problem)
+
+    run.__name__ = run.__qualname__ = prop.name
+    run()
+
+
+def _describe(err: BaseException) -> str:
+    """The message and the falsifying example; for several distinct failures, each of them."""
+    group = getattr(err, "exceptions", None)  # an ExceptionGroup (the backport on Python 3.10)
+    if isinstance(group, (tuple, list)) and group:
+        return "\n".join(f"[{i + 1}/{len(group)}] {_describe(e)}" for i, e in enumerate(group))
+    head = f"{type(err).__name__}: {err}" if not isinstance(err, AssertionError) else str(err)
+    found = [re.search(r"Problem\(.*?\)(?=[,\s]*(#|\)\s*$))", " ".join(n.split()))
+             for n in getattr(err, "__notes__", []) if "Problem(" in n]
+    return "\n".join([head.strip()] + [f"falsifying example: {m.group(0)}" for m in found if m])
+
+
+def check(impl, *, properties=None, max_examples: int | None = None) -> Report:
+    """Run every property ``impl`` can express; returns a :class:`Report`.
+
+    ``impl`` follows the adapter protocol of :mod:`mha.testing.adapters`. Properties whose features
+    ``impl`` does not declare are reported "n/a" with the reason. ``properties`` restricts the run to
+    these names. A failure's detail holds the message and the minimal falsifying example.
+    """
+    names = list(PROPERTIES) if properties is None else list(properties)
+    unknown = [n for n in names if n not in PROPERTIES]
+    if unknown:
+        raise ValueError(f"unknown properties {unknown}; known: {', '.join(PROPERTIES)}")
+    report = Report(getattr(impl, "name", type(impl).__name__))
+    notes = getattr(impl, "notes", {}) or {}
+    for name in names:
+        prop = PROPERTIES[name]
+        reason = prop.missing(impl.features)
+        if reason:
+            why = [notes[f] for f in sorted(prop.requires | prop.requires_any) if f in notes]
+            report.results.append((name, "n/a", reason + (f" ({'; '.join(why)})" if why else "")))
+            continue
+        try:
+            run_property(impl, prop, max_examples=max_examples)
+        except Exception as err:  # a property failure or an implementation crash: both are findings
+            report.results.append((name, "fail", _describe(err)))
+        else:
+            report.results.append((name, "pass", ""))
+    return report

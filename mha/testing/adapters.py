@@ -1,0 +1,185 @@
+"""Adapters: how the suite calls an implementation.
+
+An adapter is any object with ``name`` (str), ``features`` (a set drawn from :data:`FEATURES`) and
+``build(weights)`` returning ``fn(query, key, value, *, mask=None, key_mask=None, causal=False,
+return_weights=False)`` on batch-first numpy arrays, in this project's semantics (bool masks True = may
+attend, int 0/1 masks, float masks added to the logits with -inf hiding, key_mask True = real key, causal
+aligned at the end). Only arguments of declared features are passed. With "scale" the suite also calls
+``build(weights, scale=s)``; with "head_mask", ``fn(..., head_mask=c)``.
+
+Shipped: :class:`BackendAdapter` (this project's numpy and MLX layers), :class:`TorchAdapter`
+(``torch.nn.MultiheadAttention``) and :class:`MlxNNAdapter` (``mlx.nn.MultiHeadAttention``); wrap
+your own function with :class:`Adapter`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+FEATURES = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "gqa", "weights",
+                      "head_mask", "scale"})
+
+
+@dataclass
+class Adapter:
+    """A user's implementation: ``Adapter("mine", {"mask", "causal"}, build)``."""
+
+    name: str
+    features: frozenset
+    build: Callable
+    notes: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.features = frozenset(self.features)
+        unknown = self.features - FEATURES
+        if unknown:
+            raise ValueError(f"unknown features {sorted(unknown)}; known: {sorted(FEATURES)}")
+
+
+class BackendAdapter:
+    """This project's layer on one backend (every feature)."""
+
+    features = FEATURES
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.name = backend
+
+    def build(self, weights, scale=None):
+        import mha
+
+        layer = mha.MultiHeadAttention.from_weights(weights, backend=self.backend, scale=scale)
+
+        def fn(query, key, value, **kwargs):
+            res = layer(query, key, value, **kwargs)
+            if kwargs.get("return_weights"):
+                return mha.to_numpy(res[0]), mha.to_numpy(res[1])
+            return mha.to_numpy(res)
+
+        return fn
+
+
+def _combined_keep(B, H, T, S, mask, key_mask, causal):
+    """(B, H, T, S) bool keep mask and (B, H, T, S) additive float part (or None) in our semantics."""
+    keep = np.ones((B, H, T, S), bool)
+    add = None
+    if mask is not None:
+        m = np.asarray(mask)
+        m = np.broadcast_to(m.reshape((1,) * (4 - m.ndim) + m.shape), (B, H, T, S))
+        if m.dtype.kind == "f":
+            keep &= m != -np.inf
+            add = np.where(np.isneginf(m), 0.0, m).astype(np.float32)
+        else:
+            keep &= m != 0
+    if key_mask is not None:
+        keep &= np.asarray(key_mask, bool)[:, None, None, :]
+    if causal:
+        keep &= np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
+    return keep, add
+
+
+class TorchAdapter:
+    """``torch.nn.MultiheadAttention`` (batch_first), masks translated to torch's convention
+    (True = blocked; key_padding_mask True = padding; a float attn_mask (B*H, T, S))."""
+
+    name = "torch"
+    features = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "weights"})
+    notes = {"gqa": "nn.MultiheadAttention has no grouped-query heads",
+             "head_mask": "no head_mask argument", "scale": "the scale is fixed at 1/sqrt(head_dim)"}
+
+    def build(self, weights):
+        import torch
+
+        E, H = weights.embed_dim, weights.num_heads
+        m = torch.nn.MultiheadAttention(E, H, bias=weights.bias, kdim=weights.kdim, vdim=weights.vdim,
+                                        batch_first=True)
+        t = {n: None if a is None else torch.from_numpy(np.ascontiguousarray(a, np.float32))
+             for n, a in weights.to_dict().items()}
+        with torch.no_grad():
+            if m._qkv_same_embed_dim:
+                m.in_proj_weight.copy_(torch.cat([t["q_weight"], t["k_weight"], t["v_weight"]]))
+            else:
+                m.q_proj_weight.copy_(t["q_weight"])
+                m.k_proj_weight.copy_(t["k_weight"])
+                m.v_proj_weight.copy_(t["v_weight"])
+            m.out_proj.weight.copy_(t["o_weight"])
+            if weights.bias:
+                m.in_proj_bias.copy_(torch.cat([t["q_bias"], t["k_bias"], t["v_bias"]]))
+                m.out_proj.bias.copy_(t["o_bias"])
+        m.eval()
+
+        def fn(query, key, value, *, mask=None, key_mask=None, causal=False, return_weights=False):
+            B, T, _ = query.shape
+            S = key.shape[1]
+            kwargs = {}
+            if mask is not None or causal:
+                keep, add = _combined_keep(B, H, T, S, mask, None, causal)
+                if add is None:
+                    kwargs["attn_mask"] = torch.from_numpy(~keep).reshape(B * H, T, S)
+                else:
+                    kwargs["attn_mask"] = torch.from_numpy(np.where(keep, add, -np.inf).astype(np.float32)
+                                                           ).reshape(B * H, T, S)
+            if key_mask is not None:
+                pad = ~np.asarray(key_mask, bool)
+                if "attn_mask" in kwargs and kwargs["attn_mask"].dtype != torch.bool:
+                    kwargs["key_padding_mask"] = torch.from_numpy(np.where(pad, -np.inf, 0.0).astype(np.float32))
+                else:
+                    kwargs["key_padding_mask"] = torch.from_numpy(pad)
+            q = torch.from_numpy(np.ascontiguousarray(query))
+            k = q if key is query else torch.from_numpy(np.ascontiguousarray(key))
+            v = k if value is key else torch.from_numpy(np.ascontiguousarray(value))
+            with torch.no_grad():
+                out, w = m(q, k, v, need_weights=return_weights, average_attn_weights=False, **kwargs)
+            if return_weights:
+                return out.numpy(), w.numpy()
+            return out.numpy()
+
+        return fn
+
+
+class MlxNNAdapter:
+    """``mlx.nn.MultiHeadAttention``: masks combined into one bool (or additive) mask, as it accepts."""
+
+    name = "mlx-nn"
+    features = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal"})
+    notes = {"weights": "it does not return attention weights", "gqa": "no grouped-query heads",
+             "head_mask": "no head_mask argument", "scale": "the scale is fixed at 1/sqrt(head_dim)"}
+
+    def build(self, weights):
+        import mlx.core as mx
+        import mlx.nn as nn
+
+        E, H = weights.embed_dim, weights.num_heads
+        m = nn.MultiHeadAttention(E, H, query_input_dims=E, key_input_dims=weights.kdim,
+                                  value_input_dims=weights.vdim, bias=weights.bias)
+        for proj, p in (("query_proj", "q"), ("key_proj", "k"), ("value_proj", "v"), ("out_proj", "o")):
+            layer = getattr(m, proj)
+            layer.weight = mx.array(np.asarray(getattr(weights, f"{p}_weight"), np.float32))
+            if weights.bias:
+                layer.bias = mx.array(np.asarray(getattr(weights, f"{p}_bias"), np.float32))
+
+        def fn(query, key, value, *, mask=None, key_mask=None, causal=False):
+            B, T, _ = query.shape
+            S = key.shape[1]
+            arg = None
+            if mask is not None or key_mask is not None or causal:
+                keep, add = _combined_keep(B, H, T, S, mask, key_mask, causal)
+                arg = mx.array(keep) if add is None else mx.array(np.where(keep, add, -np.inf).astype(np.float32))
+            out = m(mx.array(query), mx.array(key), mx.array(value), mask=arg)
+            return np.array(out)
+
+        return fn
+
+
+def builtin(name: str):
+    """An adapter by the name ``mha check --impl`` uses: numpy, mlx, torch, mlx-nn."""
+    if name in ("numpy", "mlx"):
+        return BackendAdapter(name)
+    if name == "torch":
+        return TorchAdapter()
+    if name == "mlx-nn":
+        return MlxNNAdapter()
+    raise ValueError(f"unknown implementation {name!r}; choose numpy, mlx, torch or mlx-nn")

@@ -1,0 +1,144 @@
+"""Shared machinery of the property modules: the registry, calling an implementation, bounds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+
+from ..._weights import AttentionWeights
+from .. import tolerance
+from ..strategies import Problem, problems
+
+PROPERTIES: dict = {}
+
+
+@dataclass(frozen=True)
+class Property:
+    """One property: what an implementation must satisfy, for which features, on which problems."""
+
+    name: str
+    requires: frozenset  # features the implementation must declare, all of them
+    requires_any: frozenset  # ... and at least one of these (if any are listed)
+    strategy: Callable  # features -> hypothesis strategy of examples
+    check: Callable  # (impl, example) -> None, raises AssertionError
+    theme: str
+
+    def missing(self, features) -> str | None:
+        """Why an implementation with ``features`` cannot express this property (None if it can)."""
+        lacking = sorted(self.requires - set(features))
+        if lacking:
+            return "needs " + ", ".join(lacking)
+        if self.requires_any and not self.requires_any & set(features):
+            return "needs one of " + ", ".join(sorted(self.requires_any))
+        return None
+
+    @property
+    def doc(self) -> str:
+        return (self.check.__doc__ or "").strip()
+
+    @property
+    def summary(self) -> str:
+        return self.doc.splitlines()[0] if self.doc else self.name
+
+
+def prop(name: str, *, requires=(), theme: str, **strategy_kwargs):
+    """Register ``fn(impl, problem)`` as a property drawn from ``problems(features, **strategy_kwargs)``.
+
+    ``requires`` lists the features the implementation must declare; ``requires_any`` (in
+    ``strategy_kwargs``) lists features of which at least one is needed.
+    """
+    any_of = frozenset(strategy_kwargs.pop("requires_any", ()))
+
+    def strategy(features):
+        return problems(features, **strategy_kwargs)
+
+    def deco(fn):
+        PROPERTIES[name] = Property(name, frozenset(requires), any_of, strategy, fn, theme)
+        return fn
+
+    return deco
+
+
+def call(impl, problem: Problem, *, weights: AttentionWeights | None = None, query=None, key=None, value=None,
+         masks: dict | None = None, return_weights=False, scale=None, head_mask=None):
+    """Run ``impl`` on ``problem`` (with optional overrides); returns (output, weights or None) as
+    float64 numpy arrays. Only arguments of declared features are passed."""
+    weights = problem.weights if weights is None else weights
+    fn = impl.build(weights, scale=scale) if scale is not None else impl.build(weights)
+    q = problem.query if query is None else query
+    k_default, v_default = problem.kv
+    k = k_default if key is None else key
+    v = v_default if value is None else value
+    kwargs = dict(problem.masks() if masks is None else masks)
+    kwargs = {n: a for n, a in kwargs.items() if a is not None and not (n == "causal" and not a)}
+    if return_weights:
+        kwargs["return_weights"] = True
+    if head_mask is not None:
+        kwargs["head_mask"] = head_mask
+    res = fn(q, k, v, **kwargs)
+    if return_weights:
+        y, P = res
+        return np.asarray(y, np.float64), np.asarray(P, np.float64)
+    return np.asarray(res, np.float64), None
+
+
+def magnitude(problem: Problem, y_ref=None, *, weights=None, query=None, key=None, value=None, **kw) -> float:
+    k, v = problem.kv
+    return tolerance.magnitude(problem.weights if weights is None else weights,
+                               problem.query if query is None else query,
+                               k if key is None else key, v if value is None else value,
+                               y_ref=y_ref, mask=problem.mask, **kw)
+
+
+def t1(M: float) -> float:
+    return tolerance.t1("float32", M)
+
+
+def t2(M: float) -> float:
+    return tolerance.t2("float32", "float32", M)
+
+
+def close(actual, expected, tol, what):
+    tolerance.assert_close(actual, expected, tol, what)
+
+
+def identical(actual, expected, what):
+    """Bitwise equality (NaN equal to NaN)."""
+    a, e = np.asarray(actual), np.asarray(expected)
+    if a.shape != e.shape or not np.array_equal(a, e, equal_nan=True):
+        if a.shape != e.shape:
+            raise AssertionError(f"{what}: shape {a.shape} != {e.shape}")
+        d = np.where(np.isnan(a) & np.isnan(e), 0.0, np.abs(a - e))
+        idx = np.unravel_index(np.nanargmax(np.where(np.isnan(d), np.inf, d)), d.shape)
+        raise AssertionError(f"{what}: not bitwise identical; first worst difference at "
+                             f"{tuple(int(i) for i in idx)}: {a[idx]!r} vs {e[idx]!r}")
+
+
+def rng_of(problem: Problem, salt: int) -> np.random.Generator:
+    return np.random.default_rng([problem.seed, salt])
+
+
+def full_mask(problem: Problem) -> np.ndarray | None:
+    """The problem's mask broadcast to (B, H, T, S) (a copy), or None."""
+    if problem.mask is None:
+        return None
+    c = problem.config
+    m = problem.mask.reshape((1,) * (4 - problem.mask.ndim) + problem.mask.shape)
+    return np.array(np.broadcast_to(m, (c.B, c.H, c.T, c.S)))
+
+
+def edit_weights(weights: AttentionWeights, **arrays) -> AttentionWeights:
+    d = weights.to_dict()
+    d.update(arrays)
+    return AttentionWeights(**d, num_heads=weights.num_heads, num_kv_heads=weights.num_kv_heads)
+
+
+def empty_rows(problem: Problem) -> np.ndarray:
+    """(B, H, T) bool: queries that see no key."""
+    return ~problem.visible().any(-1)
+
+
+__all__ = ["PROPERTIES", "Property", "prop", "call", "magnitude", "t1", "t2", "close", "identical", "rng_of",
+           "full_mask", "edit_weights", "empty_rows", "replace"]

@@ -1,0 +1,150 @@
+"""Masks: hidden keys are irrelevant (even NaN or inf), empty rows give the output bias, and masks that
+say the same thing give the same result."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._common import call, close, full_mask, identical, magnitude, prop, replace, rng_of, t2
+
+_HIDING = ("mask", "additive_mask", "key_mask")
+
+
+def _hide(impl, p, b: int, j: int):
+    """A copy of ``p`` in which key j of batch element b is hidden from every query."""
+    if "key_mask" in impl.features:
+        km = np.ones((p.config.B, p.config.S), bool) if p.key_mask is None else p.key_mask.copy()
+        km[b, j] = False
+        return replace(p, key_mask=km)
+    m = full_mask(p)
+    if m is None:
+        m = np.ones((p.config.B, p.config.H, p.config.T, p.config.S), bool)
+        if "mask" not in impl.features:
+            m = np.zeros(m.shape, np.float32)
+    if m.dtype.kind == "f":
+        m[b, :, :, j] = -np.inf
+    else:
+        m[b, :, :, j] = 0
+    return replace(p, mask=m)
+
+
+def _hidden_keys(p) -> np.ndarray:
+    """(B, S) bool: keys no query of the batch element can see."""
+    return ~p.visible().any(axis=(1, 2))
+
+
+def _perturbed(p, hidden, values):
+    """Inputs with every hidden key/value position replaced by ``values`` (a scalar or noise)."""
+    k, v = p.kv
+    k, v = k.copy(), v.copy()
+    k[hidden] = values if np.isscalar(values) else values[: k[hidden].size].reshape(k[hidden].shape)
+    v[hidden] = values if np.isscalar(values) else values[: v[hidden].size].reshape(v[hidden].shape)
+    return k, v
+
+
+def _compare_rows(p, hidden):
+    """Rows whose output must be unchanged: all of them for cross-attention; for self-attention a
+    perturbed token is also a query, so its own row is excluded."""
+    rows = np.ones((p.config.B, p.config.T), bool)
+    if p.config.self_attention:
+        rows &= ~hidden
+    return rows
+
+
+@prop("masked_keys_irrelevant", theme="masks", requires_any=_HIDING)
+def masked_keys_irrelevant(impl, p):
+    """Hidden keys are irrelevant: replacing the key and value inputs at positions no query may see by
+    N(0, 30^2) noise leaves every output bitwise unchanged (for self-attention, every row but those
+    tokens' own)."""
+    rng = rng_of(p, 3)
+    p = _hide(impl, p, int(rng.integers(p.config.B)), int(rng.integers(p.config.S)))
+    hidden = _hidden_keys(p)
+    y, _ = call(impl, p)
+    noise = 30.0 * rng.normal(size=p.config.S * p.config.B * max(p.config.kdim, p.config.vdim, p.config.E))
+    k2, v2 = _perturbed(p, hidden, noise.astype(np.float32))
+    q2 = k2 if p.config.self_attention else p.query
+    y2, _ = call(impl, p, query=q2, key=k2, value=v2 if not p.config.self_attention else k2)
+    rows = _compare_rows(p, hidden)
+    identical(y2[rows], y[rows], "output after changing hidden keys/values")
+
+
+@prop("nonfinite_hidden_isolation", theme="masks", requires_any=_HIDING, self_attention=False,
+      requires=("cross",))
+def nonfinite_hidden_isolation(impl, p):
+    """NaN and inf at hidden key/value positions never reach the output: with NaN, +inf or -inf written
+    into every hidden key and value vector, the output is finite and bitwise equal to the clean one."""
+    rng = rng_of(p, 4)
+    p = _hide(impl, p, int(rng.integers(p.config.B)), int(rng.integers(p.config.S)))
+    hidden = _hidden_keys(p)
+    y, _ = call(impl, p)
+    for bad in (np.nan, np.inf, -np.inf):
+        k2, v2 = _perturbed(p, hidden, bad)
+        y2, _ = call(impl, p, key=k2, value=v2)
+        identical(y2, y, f"output with {bad} at hidden keys/values")
+        if not np.isfinite(y2).all():
+            raise AssertionError(f"non-finite output with {bad} at hidden positions")
+
+
+@prop("empty_rows_output_bias", theme="masks", requires_any=_HIDING)
+def empty_rows_output_bias(impl, p):
+    """A query that may see no key has zero context: its output is exactly the output bias b_O (0 without
+    bias), never NaN, and (with "weights") its weights are all exactly 0."""
+    rng = rng_of(p, 5)
+    b, i = int(rng.integers(p.config.B)), int(rng.integers(p.config.T))
+    if "mask" in impl.features or "additive_mask" in impl.features:
+        m = full_mask(p)
+        if m is None:
+            m = np.ones((p.config.B, p.config.H, p.config.T, p.config.S), bool)
+            if "mask" not in impl.features:
+                m = np.zeros(m.shape, np.float32)
+        m[b, :, i, :] = -np.inf if m.dtype.kind == "f" else 0
+        p = replace(p, mask=m)
+    else:
+        km = np.ones((p.config.B, p.config.S), bool) if p.key_mask is None else p.key_mask.copy()
+        km[b] = False
+        p = replace(p, key_mask=km)
+    rw = "weights" in impl.features
+    y, P = call(impl, p, return_weights=rw)
+    empty = ~p.visible().any(-1).any(1)  # (B, T): rows empty in every head
+    bias = np.zeros(p.config.E) if p.weights.o_bias is None else p.weights.o_bias.astype(np.float64)
+    if not np.isfinite(y).all():
+        raise AssertionError("NaN or inf in the output with an empty row")
+    identical(y[empty], np.broadcast_to(bias, y[empty].shape), "outputs of queries that see no key")
+    if rw:
+        empty_h = ~p.visible().any(-1)  # (B, H, T)
+        identical(P[empty_h], np.zeros_like(P[empty_h]), "weights of queries that see no key")
+
+
+@prop("mask_algebra", theme="masks", requires_any=("mask", "key_mask", "additive_mask"))
+def mask_algebra(impl, p):
+    """Masks that say the same thing give the same result (T2): an all-True mask = no mask; key_mask
+    km = mask km[:, None, None, :]; an additive {0, -inf} mask = the bool mask; mask AND causal = the
+    combined bool mask; mask AND key_mask = their AND as one mask."""
+    f = impl.features
+    base = {"mask": None, "key_mask": None}
+    y0, _ = call(impl, p, masks=base)
+    M = magnitude(p, y0)
+    B, H, T, S = p.config.B, p.config.H, p.config.T, p.config.S
+    if "mask" in f:
+        y, _ = call(impl, p, masks={"mask": np.ones((T, S), bool)})
+        close(y, y0, t2(M), "all-True mask vs no mask")
+    km = p.key_mask if p.key_mask is not None else rng_of(p, 6).random((B, S)) < 0.7
+    keep = full_mask(p) if p.mask is not None and p.mask.dtype.kind != "f" else rng_of(p, 7).random((B, H, T, S)) < 0.7
+    keep = keep != 0
+    if "key_mask" in f:
+        ya, _ = call(impl, p, masks={"key_mask": km})
+        if "mask" in f:
+            yb, _ = call(impl, p, masks={"mask": km[:, None, None, :]})
+            close(ya, yb, t2(M), "key_mask vs the same mask")
+            yc, _ = call(impl, p, masks={"mask": keep, "key_mask": km})
+            yd, _ = call(impl, p, masks={"mask": keep & km[:, None, None, :]})
+            close(yc, yd, t2(M), "mask and key_mask vs their AND")
+    if "mask" in f and "additive_mask" in f:
+        ya, _ = call(impl, p, masks={"mask": keep})
+        yb, _ = call(impl, p, masks={"mask": np.where(keep, 0.0, -np.inf).astype(np.float32)})
+        close(ya, yb, t2(M), "bool mask vs additive {0, -inf}")
+    if "mask" in f and "causal" in f:
+        ya, _ = call(impl, p, masks={"mask": keep, "causal": True})
+        tri = np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
+        yb, _ = call(impl, p, masks={"mask": keep & tri})
+        close(ya, yb, t2(M), "mask with causal=True vs the combined bool mask")

@@ -1,0 +1,23 @@
+"""Property 1: the implementation equals the independent float64 oracle. It pins the scale, which
+almost every metamorphic property is blind to."""
+
+from __future__ import annotations
+
+from .. import oracle, tolerance
+from ._common import call, close, magnitude, prop, t1
+
+
+@prop("reference", theme="reference")
+def reference(impl, p):
+    """y = MHA_64(x) within T1: the output equals the float64 per-head loop oracle.
+
+    |y - y_64| <= 4 u M (M from tolerance.magnitude). With "weights" also |P - P_64| <= 2 S u + 4 u M.
+    """
+    rw = "weights" in impl.features
+    y, P = call(impl, p, return_weights=rw)
+    k, v = p.kv
+    y_ref, P_ref = oracle.attention(p.weights, p.query, k, v, **p.masks())
+    M = magnitude(p, y_ref)
+    close(y, y_ref, t1(M), "output vs float64 oracle")
+    if rw:
+        close(P, P_ref, 2 * p.config.S * tolerance.unit_roundoff("float32") + t1(M), "weights vs float64 oracle")

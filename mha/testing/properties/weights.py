@@ -1,0 +1,46 @@
+"""The attention weights returned: a probability distribution over the visible keys, and the very
+weights that made the output."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import tolerance
+from ..oracle import head_projections
+from ._common import call, close, identical, magnitude, prop, t2
+
+
+@prop("weights_contract", requires=("weights",), theme="weights")
+def weights_contract(impl, p):
+    """Weights are a distribution over the visible keys: shape (B, H, T, S); P >= 0; P = 0 exactly where
+    a key is hidden; each row sums to 1 within 2 S u, or is all 0 when the query sees no key."""
+    c = p.config
+    _, P = call(impl, p, return_weights=True)
+    if P.shape != (c.B, c.H, c.T, c.S):
+        raise AssertionError(f"weights shape {P.shape}, expected (B, H, T, S) = {(c.B, c.H, c.T, c.S)}")
+    vis = p.visible()
+    if np.isnan(P).any():
+        idx = tuple(int(i) for i in np.argwhere(np.isnan(P))[0])
+        raise AssertionError(f"NaN weight at {idx} (b, h, t, s); query sees {int(vis[idx[:3]].sum())} keys")
+    if not (P >= 0).all():
+        raise AssertionError(f"negative weight {P.min()}")
+    identical(P[~vis], np.zeros(int((~vis).sum())), "weights of hidden keys")
+    sums = P.sum(-1)
+    has = vis.any(-1)
+    close(sums[has], np.ones(int(has.sum())), 2 * c.S * tolerance.unit_roundoff("float32"), "row sums")
+    identical(sums[~has], np.zeros(int((~has).sum())), "row sums of queries that see no key")
+
+
+@prop("weights_match_output", requires=("weights",), theme="weights")
+def weights_match_output(impl, p):
+    """The weights returned made the output returned: y = concat_h(P_h V_{g(h)}) W_O^T + b_O with P from
+    the same call and V the projected values (float64). T2."""
+    y, P = call(impl, p, return_weights=True)
+    k, v = p.kv
+    _, _, vs = head_projections(p.weights, p.query, k, v)
+    G = p.config.H // p.config.Hkv
+    ctx = np.concatenate([P[:, h] @ vs[h // G] for h in range(p.config.H)], axis=-1)  # (B, T, H*D)
+    expected = ctx @ p.weights.o_weight.astype(np.float64).T
+    if p.weights.o_bias is not None:
+        expected = expected + p.weights.o_bias
+    close(y, expected, t2(magnitude(p, y)), "output vs concat(P V) W_O^T + b_O from the returned P")

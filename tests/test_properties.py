@@ -1,0 +1,25 @@
+"""The conformance suite (mha.testing) on both of this project's backends: every property must hold.
+
+The same properties run on third-party layers through `mha check` (see test_check_cli.py); here a
+failure is a bug in this project.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mha.testing import run_property
+from mha.testing.adapters import FEATURES, BackendAdapter
+from mha.testing.properties import PROPERTIES
+
+
+def test_suite_is_complete():
+    assert len(PROPERTIES) >= 25
+    for p in PROPERTIES.values():
+        assert p.doc, f"{p.name} states no property"
+        assert p.requires <= FEATURES and p.requires_any <= FEATURES
+
+
+@pytest.mark.parametrize("name", list(PROPERTIES))
+def test_property(backend, name):
+    run_property(BackendAdapter(backend), name)
