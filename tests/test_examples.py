@@ -20,3 +20,12 @@ def test_example_runs(script, tmp_path):
                          timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "Traceback" not in res.stderr
+
+
+def test_check_my_attention_finds_the_second_bug_when_the_first_is_fixed(tmp_path):
+    script = Path(__file__).parent.parent / "examples" / "check_my_attention.py"
+    env = {**os.environ, "MHA_EXAMPLE_FIXED": "1"}
+    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "the suite found: nonfinite_hidden_isolation" in res.stdout

@@ -62,9 +62,14 @@ def prop(name: str, *, requires=(), theme: str, **strategy_kwargs):
 
 
 def call(impl, problem: Problem, *, weights: AttentionWeights | None = None, query=None, key=None, value=None,
-         masks: dict | None = None, return_weights=False, scale=None, head_mask=None):
+         masks: dict | None = None, return_weights=False, scale=None, head_mask=None, same_call=False):
     """Run ``impl`` on ``problem`` (with optional overrides); returns (output, weights or None) as
-    float64 numpy arrays. Only arguments of declared features are passed."""
+    float64 numpy arrays. Only arguments of declared features are passed.
+
+    With ``return_weights`` the implementation runs twice: the output returned is the one of the plain
+    call (so every property exercises the fast path too) and the weights those of the call that asked
+    for them; ``same_call=True`` returns that call's output instead. That the two outputs agree is a
+    property of its own (weights_flag_invariance)."""
     weights = problem.weights if weights is None else weights
     fn = impl.build(weights, scale=scale) if scale is not None else impl.build(weights)
     q = problem.query if query is None else query
@@ -73,23 +78,23 @@ def call(impl, problem: Problem, *, weights: AttentionWeights | None = None, que
     v = v_default if value is None else value
     kwargs = dict(problem.masks() if masks is None else masks)
     kwargs = {n: a for n, a in kwargs.items() if a is not None and not (n == "causal" and not a)}
-    if return_weights:
-        kwargs["return_weights"] = True
     if head_mask is not None:
         kwargs["head_mask"] = head_mask
-    res = fn(q, k, v, **kwargs)
-    if return_weights:
-        y, P = res
-        return np.asarray(y, np.float64), np.asarray(P, np.float64)
-    return np.asarray(res, np.float64), None
+    if not return_weights or not same_call:
+        y = np.asarray(fn(q, k, v, **kwargs), np.float64)
+        if not return_weights:
+            return y, None
+    y_w, P = (np.asarray(a, np.float64) for a in fn(q, k, v, return_weights=True, **kwargs))
+    return (y_w if same_call else y), P
 
 
-def magnitude(problem: Problem, y_ref=None, *, weights=None, query=None, key=None, value=None, **kw) -> float:
+def magnitude(problem: Problem, y_ref=None, *, weights=None, query=None, key=None, value=None, mask=None,
+              **kw) -> float:
     k, v = problem.kv
     return tolerance.magnitude(problem.weights if weights is None else weights,
                                problem.query if query is None else query,
                                k if key is None else key, v if value is None else value,
-                               y_ref=y_ref, mask=problem.mask, **kw)
+                               y_ref=y_ref, mask=problem.mask if mask is None else mask, **kw)
 
 
 def t1(M: float) -> float:

@@ -118,8 +118,8 @@ def empty_rows_output_bias(impl, p):
 @prop("mask_algebra", theme="masks", requires_any=("mask", "key_mask", "additive_mask"))
 def mask_algebra(impl, p):
     """Masks that say the same thing give the same result (T2): an all-True mask = no mask; key_mask
-    km = mask km[:, None, None, :]; an additive {0, -inf} mask = the bool mask; mask AND causal = the
-    combined bool mask; mask AND key_mask = their AND as one mask."""
+    km = mask km[:, None, None, :]; an additive {0, -inf} mask = the bool mask, and so is {0, -1e4} on rows
+    that keep a key; mask AND causal = the combined bool mask; mask AND key_mask = their AND."""
     f = impl.features
     base = {"mask": None, "key_mask": None}
     y0, _ = call(impl, p, masks=base)
@@ -143,6 +143,12 @@ def mask_algebra(impl, p):
         ya, _ = call(impl, p, masks={"mask": keep})
         yb, _ = call(impl, p, masks={"mask": np.where(keep, 0.0, -np.inf).astype(np.float32)})
         close(ya, yb, t2(M), "bool mask vs additive {0, -inf}")
+        # A finite -1e4 hides as well as -inf (e^-1e4 = 0) wherever a row keeps a visible key.
+        keep1 = keep.copy()
+        keep1[..., 0] = True
+        ya, _ = call(impl, p, masks={"mask": keep1})
+        yb, _ = call(impl, p, masks={"mask": np.where(keep1, 0.0, -1e4).astype(np.float32)})
+        close(ya, yb, t2(magnitude(p, y0, mask=np.full((1,), 1e4))), "bool mask vs additive {0, -1e4}")
     if "mask" in f and "causal" in f:
         ya, _ = call(impl, p, masks={"mask": keep, "causal": True})
         tri = np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)

@@ -14,7 +14,7 @@ def reference(impl, p):
     |y - y_64| <= 4 u M (M from tolerance.magnitude). With "weights" also |P - P_64| <= 2 S u + 4 u M.
     """
     rw = "weights" in impl.features
-    y, P = call(impl, p, return_weights=rw)
+    y, P = call(impl, p, return_weights=rw)  # with weights, the plain call is checked against it too
     k, v = p.kv
     y_ref, P_ref = oracle.attention(p.weights, p.query, k, v, **p.masks())
     M = magnitude(p, y_ref)

@@ -35,7 +35,7 @@ def weights_contract(impl, p):
 def weights_match_output(impl, p):
     """The weights returned made the output returned: y = concat_h(P_h V_{g(h)}) W_O^T + b_O with P from
     the same call and V the projected values (float64). T2."""
-    y, P = call(impl, p, return_weights=True)
+    y, P = call(impl, p, return_weights=True, same_call=True)
     k, v = p.kv
     _, _, vs = head_projections(p.weights, p.query, k, v)
     G = p.config.H // p.config.Hkv
@@ -44,3 +44,12 @@ def weights_match_output(impl, p):
     if p.weights.o_bias is not None:
         expected = expected + p.weights.o_bias
     close(y, expected, t2(magnitude(p, y)), "output vs concat(P V) W_O^T + b_O from the returned P")
+
+
+@prop("weights_flag_invariance", requires=("weights",), theme="weights")
+def weights_flag_invariance(impl, p):
+    """Asking for the weights never changes the output: f(x, return_weights=True)[0] = f(x) (T2, NaN
+    where NaN). Implementations often take a different code path (a fused kernel) without weights."""
+    y, _ = call(impl, p)
+    y_w, _ = call(impl, p, return_weights=True, same_call=True)
+    close(y, y_w, t2(magnitude(p, y)), "output without weights vs with return_weights=True")

@@ -1,0 +1,80 @@
+"""Realistic attention bugs, each a one-place source edit, for measuring the property suite's teeth.
+
+Each mutant names the file, the exact text it replaces (which must occur once) and the bug it stands
+for. They cover the xp-generic reference (both backends run it), the mask handling, the MLX fused path
+and the numpy fast path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    bug: str
+
+
+R, M, V, X, C = "mha/_reference.py", "mha/_masks.py", "mha/_validate.py", "mha_mlx/_layer.py", "mha_cpu/_layer.py"
+
+MUTANTS = [
+    Mutant("scale-1/D", V, "1.0 / math.sqrt(self.head_dim)", "1.0 / self.head_dim",
+           "scale 1/D instead of 1/sqrt(D)"),
+    Mutant("scale-1/sqrtE", V, "1.0 / math.sqrt(self.head_dim)", "1.0 / math.sqrt(self.embed_dim)",
+           "scale from the model width, not the head width"),
+    Mutant("softmax-axis", R, "denom = xp.sum(e, axis=-1, keepdims=True)", "denom = xp.sum(e, axis=-2, keepdims=True)",
+           "softmax normalised over the query axis"),
+    Mutant("max-axis", R, "m = xp.max(logits, axis=-1, keepdims=True)", "m = xp.max(logits, axis=-2, keepdims=True)",
+           "max-subtraction over the wrong axis"),
+    Mutant("no-max-subtraction", R, "e = xp.exp(logits - m)", "e = xp.exp(logits)",
+           "softmax without max-subtraction (overflows on large logits)"),
+    Mutant("split-no-transpose", R, "return x.reshape(B, L, num_heads, HD // num_heads).transpose(0, 2, 1, 3)",
+           "return x.reshape(B, num_heads, L, HD // num_heads)", "head split by reshape without transpose"),
+    Mutant("merge-no-transpose", R, "return x.transpose(0, 2, 1, 3).reshape(B, L, H * D)",
+           "return x.reshape(B, L, H * D)", "head merge by reshape without transpose"),
+    Mutant("mask-polarity", M, 'keep = mask != 0 if kind in "iu" else mask',
+           'keep = mask != 0 if kind in "iu" else xp.logical_not(mask)', "bool mask read as True = blocked"),
+    Mutant("mask-after-softmax", R, "weights = masked_softmax(xp, logits, keep)  # (B, H, T, S)",
+           "weights = masked_softmax(xp, logits, None) * (1.0 if keep is None else keep)",
+           "mask applied after the softmax (rows no longer sum to 1)"),
+    Mutant("causal-off-by-one", M, "return xp.arange(self.S)[None, :] <= rows", "return xp.arange(self.S)[None, :] < rows",
+           "causal mask hides the diagonal"),
+    Mutant("causal-top-left", M, "rows = xp.arange(self.T)[:, None] + (self.S - self.T)", "rows = xp.arange(self.T)[:, None]",
+           "causal aligned top-left when T != S"),
+    Mutant("gqa-interleaved", X, "    ctx = fused_attention(q, k, v,",
+           "    k, v = mx.tile(k, (1, H // Hkv, 1, 1)), mx.tile(v, (1, H // Hkv, 1, 1))\n    ctx = fused_attention(q, k, v,",
+           "GQA heads repeated by tiling (head h reads kv head h % Hkv) in the MLX fused path"),
+    Mutant("gqa-grouping-ref", R, "return x.reshape((B, num_kv_heads, H // num_kv_heads) + tuple(x.shape[2:]))",
+           "return x.reshape((B, H // num_kv_heads, num_kv_heads) + tuple(x.shape[2:])).swapaxes(1, 2)",
+           "GQA grouping interleaved in the reference"),
+    Mutant("out-bias-dropped", R, 'out = linear(xp, merge_heads(ctx), params["o_weight"], params["o_bias"])',
+           'out = linear(xp, merge_heads(ctx), params["o_weight"], None)', "output bias dropped"),
+    Mutant("wo-transposed", R, 'out = linear(xp, merge_heads(ctx), params["o_weight"], params["o_bias"])',
+           'out = linear(xp, merge_heads(ctx), params["o_weight"].T, params["o_bias"])', "W_O applied transposed"),
+    Mutant("value-with-key-weights", R, 'v = split_heads(linear(xp, value, params["v_weight"], params["v_bias"])',
+           'v = split_heads(linear(xp, value, params["k_weight"], params["k_bias"])', "values projected with W_k"),
+    Mutant("empty-rows-mean", R, "logits = xp.where(keep, logits, NEG_INF)  # (B, H, T, S)",
+           "logits = xp.where(keep, logits, -1e30)  # (B, H, T, S)",
+           "finite fill instead of -inf: a query with no key gets mean(V)"),
+    Mutant("additive-ignored", M, "bias = xp.where(hidden, 0.0, bias).astype(bias_dtype)", "bias = None",
+           "additive float mask dropped (only its -inf entries kept)"),
+    Mutant("key-mask-ignored", M, "keep = km if keep is None else xp.logical_and(keep, km)",
+           "keep = km if keep is None else keep", "key_mask dropped when a mask is also given"),
+    Mutant("causal-or", M, "return c if self.keep is None else xp.logical_and(self.keep, c)",
+           "return c if self.keep is None else xp.logical_or(self.keep, c)", "mask and causal combined by OR"),
+    Mutant("fused-no-empty-fix", X, "out = mx.where(visible, out, mx.array(0, dt))", "out = out",
+           "MLX fused kernel's mean(V) for empty rows left in place"),
+    Mutant("fused-no-nan-clean", X, "v = mx.where(bad[..., None], 0, v)", "v = v",
+           "MLX fused path lets NaN at hidden values leak (0 * NaN)"),
+    Mutant("fused-bias-without-keep", X, "arg = mx.where(keep, masks.bias, mx.finfo(dt).min).astype(dt)",
+           "arg = masks.bias.astype(dt)", "MLX fused path drops the bool part when an additive mask is given"),
+    Mutant("fused-double-scale", X, "ctx = fused_attention(q, k, v, scale=c.effective_scale",
+           "ctx = fused_attention(q * c.effective_scale, k, v, scale=c.effective_scale",
+           "MLX fused path scales twice (queries pre-scaled and scale passed)"),
+    Mutant("head-mask-ignored", R, "        ctx = ctx * head_mask\n", "        ctx = ctx\n",
+           "head_mask ignored in the reference"),
+]
