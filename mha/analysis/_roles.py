@@ -1,0 +1,117 @@
+"""Labelling heads by what they attend to.
+
+For one sentence with weights P (L x L, rows = queries), each head gets a score per role, a mean over
+its query rows (and over sentences):
+
+============  ====================================================================================
+role          score
+============  ====================================================================================
+previous      P[i, i-1]                              mean over i >= 1
+next          P[i, i+1]                              mean over i <= L-2
+self          P[i, i]
+first         P[i, 0]                                ([CLS] for BERT)
+last          P[i, L-1]                              ([SEP] for BERT)
+punctuation   sum of P[i, j] over punctuation tokens j (sentences without any are skipped)
+broad         H(P[i]) / log(L), the normalised entropy (1 = uniform)
+content       sum of P[i, j] over the other tokens: not special, not punctuation, not i-1, i, i+1
+============  ====================================================================================
+
+All scores lie in [0, 1]. The role: the positional or special role (previous, next, self, first,
+last, punctuation) with the most mass if that mass is at least ``SHARP`` (0.5); otherwise "broad" if
+the normalised entropy is at least ``BROAD`` (0.7); otherwise whichever mass is largest, "content"
+included. (Entropy and mass are not on one scale, hence the rule rather than a plain argmax.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ROLES = ("previous", "next", "self", "first", "last", "punctuation", "broad", "content")
+POINTED = ("previous", "next", "self", "first", "last", "punctuation")
+SHARP, BROAD = 0.5, 0.7
+SPECIAL = {"[CLS]", "[SEP]", "[PAD]", "<s>", "</s>", "[MASK]"}
+
+
+def is_punctuation(token: str) -> bool:
+    t = token[2:] if token.startswith("##") else token
+    return bool(t) and token not in SPECIAL and all(not c.isalnum() for c in t)
+
+
+@dataclass
+class HeadRole:
+    """One head's label. ``layer`` and ``head`` are 0-based; ``scores`` holds every role's score."""
+
+    layer: int
+    head: int
+    role: str
+    score: float
+    scores: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"layer": self.layer, "head": self.head, "role": self.role, "score": round(self.score, 4),
+                "scores": {k: round(v, 4) for k, v in self.scores.items()}}
+
+
+def role_scores(P: np.ndarray, tokens) -> dict:
+    """Scores of every role for one head on one sentence; P is (L, L)."""
+    P = np.asarray(P, np.float64)
+    L = P.shape[-1]
+    if P.shape != (L, L) or len(tokens) != L:
+        raise ValueError(f"weights must be (L, L) with L = len(tokens) = {len(tokens)}, got {P.shape}")
+    idx = np.arange(L)
+    s = {"self": P[idx, idx].mean(), "first": P[:, 0].mean(), "last": P[:, L - 1].mean()}
+    s["previous"] = P[idx[1:], idx[1:] - 1].mean() if L > 1 else 0.0
+    s["next"] = P[idx[:-1], idx[:-1] + 1].mean() if L > 1 else 0.0
+    punct = np.array([is_punctuation(t) for t in tokens])
+    s["punctuation"] = P[:, punct].sum(-1).mean() if punct.any() else np.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.where(P > 0, P * np.log(P), 0.0).sum(-1)
+    s["broad"] = float((ent / np.log(L)).mean()) if L > 1 else 0.0
+    other = np.array([t not in SPECIAL for t in tokens]) & ~punct
+    near = np.abs(idx[:, None] - idx[None, :]) <= 1
+    s["content"] = (P * (other[None, :] & ~near)).sum(-1).mean()
+    return {k: float(s[k]) for k in ROLES}
+
+
+def pick_role(scores: dict) -> str:
+    """The rule of the module docstring."""
+    pointed = max(POINTED, key=lambda r: scores[r])
+    if scores[pointed] >= SHARP:
+        return pointed
+    if scores["broad"] >= BROAD:
+        return "broad"
+    return max(POINTED + ("content",), key=lambda r: scores[r])
+
+
+def head_roles(attentions, tokens) -> list[HeadRole]:
+    """Label every head.
+
+    Args:
+        attentions: (layers, heads, L, L) for one sentence, or a list of such arrays (several sentences).
+        tokens: the L tokens of the sentence, or a list of token lists (one per sentence).
+
+    Returns:
+        one :class:`HeadRole` per (layer, head), in order; scores averaged over the sentences.
+    """
+    many = isinstance(attentions, (list, tuple))
+    atts = list(attentions) if many else [attentions]
+    toks = list(tokens) if many else [tokens]
+    if len(atts) != len(toks) or not atts:
+        raise ValueError(f"need one token list per attention array, got {len(atts)} arrays and {len(toks)} lists")
+    atts = [np.asarray(a) for a in atts]
+    for a, t in zip(atts, toks):
+        if a.ndim != 4 or a.shape[-1] != a.shape[-2] or a.shape[-1] != len(t):
+            raise ValueError(f"attentions must be (layers, heads, L, L) with L = len(tokens) = {len(t)}, "
+                             f"got {a.shape}")
+    layers, heads = atts[0].shape[:2]
+    out = []
+    for layer in range(layers):
+        for head in range(heads):
+            per = [role_scores(a[layer, head], t) for a, t in zip(atts, toks)]
+            scores = {r: float(np.nanmean([p[r] for p in per])) if not all(np.isnan(p[r]) for p in per) else 0.0
+                      for r in ROLES}
+            role = pick_role(scores)
+            out.append(HeadRole(layer, head, role, scores[role], scores))
+    return out

@@ -1,0 +1,200 @@
+"""BERT-family encoders (BERT, MiniLM) with every attention layer an ``mha`` MultiHeadAttention.
+
+Post-LayerNorm encoder: absolute position and token-type embeddings, exact-erf GELU, LayerNorm. Weights
+are read from ``model.safetensors`` by this project's own reader (no pickle), tokenisation is the
+``tokenizers`` library. The numbers match Hugging Face transformers' eager BERT to ~1e-6.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import _io
+from .._backends import resolve, to_numpy
+from .._layer import MultiHeadAttention
+from .._reference import linear
+from .._weights import AttentionWeights
+from ._common import Encoding, check_text
+from ._ops import gelu, layer_norm
+
+OPTIONAL_PREFIXES = ("bert.", "model.")
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    hidden_act: str
+
+    @classmethod
+    def from_file(cls, path: Path) -> BertConfig:
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: cannot read the model config ({err})") from None
+        if raw.get("model_type", "bert") not in ("bert",):
+            raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not a BERT-family encoder")
+        if raw.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"{path}: only absolute position embeddings are supported")
+        if raw.get("hidden_act", "gelu") not in ("gelu",):
+            raise ValueError(f"{path}: hidden_act {raw.get('hidden_act')!r} is not supported (only 'gelu')")
+        try:
+            return cls(raw["vocab_size"], raw["hidden_size"], raw["num_hidden_layers"], raw["num_attention_heads"],
+                       raw["intermediate_size"], raw["max_position_embeddings"], raw.get("type_vocab_size", 2),
+                       float(raw.get("layer_norm_eps", 1e-12)), raw.get("hidden_act", "gelu"))
+        except KeyError as err:
+            raise ValueError(f"{path}: the config lacks {err.args[0]!r}") from None
+
+
+def _expected_shapes(c: BertConfig) -> dict:
+    E, F = c.hidden_size, c.intermediate_size
+    shapes = {
+        "embeddings.word_embeddings.weight": (c.vocab_size, E),
+        "embeddings.position_embeddings.weight": (c.max_position_embeddings, E),
+        "embeddings.token_type_embeddings.weight": (c.type_vocab_size, E),
+        "embeddings.LayerNorm.weight": (E,), "embeddings.LayerNorm.bias": (E,),
+    }
+    for i in range(c.num_hidden_layers):
+        p = f"encoder.layer.{i}."
+        for n in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+            shapes[p + n + ".weight"], shapes[p + n + ".bias"] = (E, E), (E,)
+        for n in ("attention.output.LayerNorm", "output.LayerNorm"):
+            shapes[p + n + ".weight"], shapes[p + n + ".bias"] = (E,), (E,)
+        shapes[p + "intermediate.dense.weight"], shapes[p + "intermediate.dense.bias"] = (F, E), (F,)
+        shapes[p + "output.dense.weight"], shapes[p + "output.dense.bias"] = (E, F), (E,)
+    return shapes
+
+
+def read_weights(path: Path, config: BertConfig) -> dict:
+    """The encoder's tensors from a safetensors file, prefix-stripped and checked key by key."""
+    tensors, _ = _io.load_arrays(path)
+    for prefix in OPTIONAL_PREFIXES:
+        if any(k.startswith(prefix + "embeddings.") for k in tensors):
+            tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    expected = _expected_shapes(config)
+    missing = sorted(set(expected) - set(tensors))
+    wrong = [f"{k}: expected {expected[k]}, got {tuple(tensors[k].shape)}"
+             for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    if missing or wrong:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ValueError(f"{path}: weights do not fit the config: "
+                         + "; ".join(([f"missing keys {missing[:5]}{more}"] if missing else []) + wrong))
+    return {k: np.asarray(tensors[k], np.float32) for k in expected}
+
+
+class BertModel:
+    """A BERT-family encoder running on this project's attention (numpy or MLX backend).
+
+    ``encode(text)`` -> :class:`Encoding` (tokens, last hidden states, per-head attentions);
+    ``embed(sentences)`` -> (n, E) mean-pooled, L2-normalised sentence embeddings.
+    """
+
+    def __init__(self, config: BertConfig, weights: dict, tokenizer, *, backend="auto", name: str = "bert",
+                 embed_max_length: int = 256):
+        self.config = config
+        self.name = name
+        self.backend = resolve(backend)
+        self.tokenizer = tokenizer
+        self.embed_max_length = embed_max_length
+        if self.backend == "mlx":
+            import mlx.core as mx
+
+            self._xp, native = mx, mx.array
+        else:
+            self._xp, native = np, (lambda a: a)
+        self._w = {k: native(v) for k, v in weights.items() if ".attention.self." not in k
+                   and ".attention.output.dense." not in k}
+        self.layers = []
+        H = config.num_attention_heads
+        for i in range(config.num_hidden_layers):
+            p = f"encoder.layer.{i}.attention."
+            aw = AttentionWeights(*(weights[p + n + ".weight"] for n in ("self.query", "self.key", "self.value",
+                                                                         "output.dense")),
+                                  *(weights[p + n + ".bias"] for n in ("self.query", "self.key", "self.value",
+                                                                       "output.dense")), num_heads=H)
+            self.layers.append(MultiHeadAttention.from_weights(aw, backend=self.backend))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def max_length(self) -> int:
+        return min(self.config.max_position_embeddings, self.tokenizer.max_length)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"BertModel({self.name!r}, layers={c.num_hidden_layers}, heads={c.num_attention_heads}, "
+                f"hidden={c.hidden_size}, backend={self.backend!r})")
+
+    def forward(self, ids, mask, *, return_attentions=False, head_mask=None):
+        """ids, mask (B, L) -> hidden states (B, L, E) native, and per-layer weights (B, H, L, L) if asked.
+
+        ``head_mask``: (layers, H) multipliers on each head's context (0 removes a head)."""
+        xp, w = self._xp, self._w
+        c = self.config
+        ids_n = xp.array(ids) if xp is not np else ids
+        mask_n = xp.array(mask) if xp is not np else mask
+        L = ids.shape[1]
+        x = (xp.take(w["embeddings.word_embeddings.weight"], ids_n, axis=0)
+             + w["embeddings.position_embeddings.weight"][:L]
+             + w["embeddings.token_type_embeddings.weight"][0])
+        x = layer_norm(xp, x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], c.layer_norm_eps)
+        attentions = []
+        for i, attn in enumerate(self.layers):
+            p = f"encoder.layer.{i}."
+            hm = None if head_mask is None else np.asarray(head_mask, np.float32)[i]
+            res = attn(x, key_mask=mask_n, head_mask=hm, return_weights=return_attentions)
+            a = res[0] if return_attentions else res
+            if return_attentions:
+                attentions.append(res[1])
+            x = layer_norm(xp, a + x, w[p + "attention.output.LayerNorm.weight"],
+                           w[p + "attention.output.LayerNorm.bias"], c.layer_norm_eps)
+            h = gelu(xp, linear(xp, x, w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"]))
+            h = linear(xp, h, w[p + "output.dense.weight"], w[p + "output.dense.bias"])
+            x = layer_norm(xp, h + x, w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"],
+                           c.layer_norm_eps)
+        return x, attentions
+
+    def encode(self, text: str, *, max_length: int | None = None, head_mask=None) -> Encoding:
+        """Tokens, last-layer hidden states (L, E) and attentions (layers, H, L, L) for one text.
+        Text longer than ``max_length`` (default: the model's limit) is truncated; ``.truncated`` says
+        by how many tokens."""
+        check_text(text)
+        tokens, ids, cut = self.tokenizer.encode(text, min(max_length or self.max_length, self.max_length))
+        hidden, atts = self.forward(ids[None], np.ones((1, len(ids)), bool), return_attentions=True,
+                                    head_mask=head_mask)
+        return Encoding(tokens, ids, to_numpy(hidden)[0], np.stack([to_numpy(a)[0] for a in atts]), cut,
+                        model=self.name)
+
+    def embed(self, sentences, *, batch_size: int = 32, max_length: int | None = None, head_mask=None) -> np.ndarray:
+        """(n, E) sentence embeddings: mean of the last hidden states over real tokens, L2-normalised
+        (the sentence-transformers recipe; sequences cut at 256 tokens like its max_seq_length)."""
+        if isinstance(sentences, str):
+            sentences = [sentences]
+        for i, s in enumerate(sentences):
+            check_text(s, f"sentences[{i}]")
+        limit = min(max_length or self.embed_max_length, self.max_length)
+        out = []
+        for start in range(0, len(sentences), batch_size):
+            ids, mask = self.tokenizer.encode_batch(sentences[start:start + batch_size], limit)
+            hidden, _ = self.forward(ids, mask, head_mask=head_mask)
+            h = to_numpy(hidden).astype(np.float64)
+            m = mask[..., None].astype(np.float64)
+            pooled = (h * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+            out.append(pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12))
+        return np.concatenate(out).astype(np.float32)
