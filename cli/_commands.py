@@ -16,6 +16,8 @@ def _lazy(module: str, attr: str):
 
 
 COMMANDS = {
+    "demo": _lazy("demo", "demo"),
+    "heads": _lazy("heads", "heads"),
     "check": _lazy("check", "check"),
     "info": _lazy("info", "info"),
 }

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 ROLES = ("previous", "next", "self", "first", "last", "punctuation", "broad", "content")
-POINTED = ("previous", "next", "self", "first", "last", "punctuation")
+POINTED = ("previous", "next", "self", "first", "punctuation", "last")  # ties go to the earlier
 SHARP, BROAD = 0.5, 0.7
 SPECIAL = {"[CLS]", "[SEP]", "[PAD]", "<s>", "</s>", "[MASK]"}
 

