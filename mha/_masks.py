@@ -98,6 +98,6 @@ def prepare(xp, *, mask, key_mask, causal: bool, T: int, S: int, bias_dtype) -> 
     if key_mask is not None:
         check_values(xp, "key_mask", key_mask)
         km = key_mask if array_kind(key_mask) == "b" else key_mask != 0
-        km = km.reshape(-1, 1, 1, S)  # (B, 1, 1, S)
+        km = km.reshape(km.shape[0] if km.ndim == 2 else 1, 1, 1, S)  # (B, 1, 1, S); B may be 0
         keep = km if keep is None else xp.logical_and(keep, km)
     return MaskSet(keep=keep, bias=bias, causal=bool(causal), T=T, S=S)

@@ -25,6 +25,18 @@ class _RNG:
         return sub
 
 
+def _linear() -> nn.Linear:
+    """An ``nn.Linear`` without its random initialisation (the weights are set right after).
+
+    ``nn.Linear(...)`` draws its initial weights from MLX's global key; left unevaluated, every such
+    draw lengthens the lazy chain of key splits, and after a few thousand layers a later ``mx.grad``
+    recursing through that chain overflows the stack (a segfault seen in this project's test suite).
+    """
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    return layer
+
+
 class MultiHeadAttention(LayerBase, nn.Module):
     """Multi-head attention on MLX (float32, float16, bfloat16; softmax in float32).
 
@@ -55,11 +67,9 @@ class MultiHeadAttention(LayerBase, nn.Module):
     def _set_params(self, weights) -> None:
         c, dt = self._config, _DTYPES[self._config.dtype]
         w = weights.to_dict()
-        dims = {"q": (c.embed_dim, c.embed_dim), "k": (c.kdim, c.num_kv_heads * c.head_dim),
-                "v": (c.vdim, c.num_kv_heads * c.head_dim), "o": (c.embed_dim, c.embed_dim)}
         for p, attr in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
             if attr not in self:
-                setattr(self, attr, nn.Linear(*dims[p], bias=c.bias))
+                setattr(self, attr, _linear())
             layer = getattr(self, attr)
             layer.weight = mx.array(w[f"{p}_weight"]).astype(dt)
             if c.bias:

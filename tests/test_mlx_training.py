@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -101,3 +104,19 @@ def test_trains_with_mlx_optimizers():
         first = float(loss) if first is None else first
     assert float(loss_fn(student)) < 0.1 * first
     assert len(student.trainable_parameters()) == 4  # q/k/v/out projections; the dropout key is not a parameter
+
+
+def test_many_layers_then_grad_does_not_crash():
+    """Regression: building layers used to leave MLX's global random key a long lazy chain (nn.Linear's
+    unevaluated random init); a later mx.grad recursed through it and overflowed the stack. Run in a
+    subprocess, so that a regression fails this test instead of killing the test run."""
+    code = (
+        "import mlx.core as mx, mlx.nn as nn, mha\n"
+        "for i in range(20000): mha.MultiHeadAttention(4, 2, backend='mlx', seed=i)\n"
+        "layer = mha.MultiHeadAttention(8, 2, backend='mlx', seed=0)\n"
+        "x = mx.random.normal((2, 3, 8))\n"
+        "loss, _ = nn.value_and_grad(layer, lambda m: (m(x, causal=True) ** 2).mean())(layer)\n"
+        "print(float(loss))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -155,6 +155,7 @@ class MlxNNAdapter:
         E, H = weights.embed_dim, weights.num_heads
         m = nn.MultiHeadAttention(E, H, query_input_dims=E, key_input_dims=weights.kdim,
                                   value_input_dims=weights.vdim, bias=weights.bias)
+        mx.eval(m.parameters())  # cut the lazy chain of global-key splits its random init leaves behind
         for proj, p in (("query_proj", "q"), ("key_proj", "k"), ("value_proj", "v"), ("out_proj", "o")):
             layer = getattr(m, proj)
             layer.weight = mx.array(np.asarray(getattr(weights, f"{p}_weight"), np.float32))
