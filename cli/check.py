@@ -10,8 +10,8 @@ import click
 
 from ._util import note, require
 
-IMPLS = ("numpy", "mlx", "torch", "mlx-nn")
-OURS = ("numpy", "mlx")
+IMPLS = ("numpy", "numpy-blocks", "mlx", "torch", "mlx-nn")
+OURS = ("numpy", "numpy-blocks", "mlx")
 NEEDS = {"mlx": "mlx.core", "mlx-nn": "mlx.nn", "torch": "torch"}
 
 
@@ -27,8 +27,9 @@ def check(impls, examples, props, as_json, list_props):
     """Run the attention property suite against implementations.
 
     Prints a table property x implementation: pass, FAIL (the minimal falsifying example is shown
-    below the table) or n/a (the implementation lacks the feature). Exits 1 when one of this
-    project's backends (numpy, mlx) fails a property; what third-party layers (torch, mlx-nn) violate is
+    below the table) or n/a (the implementation lacks the feature). numpy-blocks is the numpy backend
+    with tiny blocks, so that small problems run its online softmax. Exits 1 when one of this
+    project's backends (numpy, numpy-blocks, mlx) fails a property; what third-party layers (torch, mlx-nn) violate is
     reported as a finding, not an error.
     """
     require("hypothesis", "mha check")

@@ -117,7 +117,8 @@ class LayerBase:
         return self._from_numpy(x)
 
     def __call__(self, query, key=None, value=None, *, mask=None, key_mask=None, causal=False,
-                 head_mask=None, return_weights=False, training=False, check_finite=False):
+                 head_mask=None, return_weights=False, training=False, check_finite=False,
+                 return_lse=False):
         """Attend from ``query`` to ``key``/``value``.
 
         Args:
@@ -132,10 +133,13 @@ class LayerBase:
             return_weights: also return the per-head weights (B, H, T, S).
             training: apply dropout to the weights (when the layer's dropout > 0).
             check_finite: raise ValueError if query, key or value hold NaN or inf.
+            return_lse: also return (B, H, T), the log-sum-exp of each query's visible logits (-inf when
+                it sees none): any weight can be recomputed later as exp(logit - lse).
 
         Returns:
-            output (B, T, E) as the backend's native array, or ``(output, weights)``.
-            A query with no visible key has zero weights and output equal to the output bias.
+            output (B, T, E) as the backend's native array; ``(output, weights)``, ``(output, lse)`` or
+            ``(output, weights, lse)`` when asked. A query with no visible key has zero weights and
+            output equal to the output bias.
         """
         xp, c = self._xp, self._config
         query = self._convert(query, "query")
@@ -164,15 +168,21 @@ class LayerBase:
         causal = _validate.boolean("causal", causal)
         return_weights = _validate.boolean("return_weights", return_weights)
         training = _validate.boolean("training", training)
+        return_lse = _validate.boolean("return_lse", return_lse)
         if _validate.boolean("check_finite", check_finite):
             for name, x in (("query", query), ("key", key), ("value", value)):
                 if x.dtype != bool and not bool(xp.all(xp.isfinite(x))):
                     raise ValueError(f"{name} holds NaN or inf (check_finite=True)")
 
         dt, acc = self._dtypes()
+        # Cast without copying what already has the dtype, and keep self-attention's identity
+        # (key is query) so that a backend can fuse the projections.
+        same_k, same_v = key is query, value is key
         if not batched:
             query, key, value = query[None], key[None], value[None]
-        query, key, value = query.astype(dt), key.astype(dt), value.astype(dt)
+        query = query if query.dtype == dt else query.astype(dt)
+        key = query if same_k else key if key.dtype == dt else key.astype(dt)
+        value = key if same_v else value if value.dtype == dt else value.astype(dt)
         masks = _masks.prepare(xp, mask=mask, key_mask=key_mask, causal=causal, T=T, S=S, bias_dtype=acc)
         if head_mask is not None:
             head_mask = head_mask.astype(dt).reshape(-1, H, 1, 1)  # (B or 1, H, 1, 1)
@@ -182,20 +192,29 @@ class LayerBase:
 
         with self._errstate():  # non-finite inputs propagate as documented, without warnings
             if T == 0 or S == 0:
-                out, weights = self._empty(B, T, S, dt, acc)
-            elif return_weights or dropout is not None:
-                out, weights = multi_head_attention(
-                    xp, query, key, value, self._native_params(), num_heads=H, num_kv_heads=c.num_kv_heads,
-                    scale=c.effective_scale, masks=masks, head_mask=head_mask, dropout=dropout, acc_dtype=acc)
-                out = out.astype(dt)
+                out, weights, lse = self._empty(B, T, S, dt, acc)
+            elif dropout is not None:
+                out, weights, lse = self._reference(query, key, value, masks, head_mask, dropout)
             else:
-                out, weights = self._fast_forward(query, key, value, masks, head_mask), None
-        if not batched:
-            out = out[0]
-            weights = None if weights is None else weights[0]
+                out, weights, lse = self._fast_forward(query, key, value, masks, head_mask, return_weights,
+                                                       return_lse)
+        results = [out]
         if return_weights:
-            return out, weights.astype(dt)
-        return out
+            results.append(weights.astype(dt))
+        if return_lse:
+            results.append(lse.astype(acc))
+        if not batched:
+            results = [r[0] for r in results]
+        return results[0] if len(results) == 1 else tuple(results)
+
+    def _reference(self, query, key, value, masks, head_mask, dropout=None):
+        """The readable path (mha._reference) on this backend: (output, weights, lse)."""
+        c = self._config
+        out, weights, lse = multi_head_attention(
+            self._xp, query, key, value, self._native_params(), num_heads=c.num_heads,
+            num_kv_heads=c.num_kv_heads, scale=c.effective_scale, masks=masks, head_mask=head_mask,
+            dropout=dropout, acc_dtype=self._dtypes()[1])
+        return out.astype(query.dtype), weights, lse
 
     def _empty(self, B, T, S, dt, acc):
         """No queries or no keys: every query sees nothing, so output = output bias, weights (B, H, T, 0)."""
@@ -204,7 +223,8 @@ class LayerBase:
         o_bias = self._native_params()["o_bias"]
         if o_bias is not None:
             out = out + o_bias
-        return out.astype(dt), xp.zeros((B, self.num_heads, T, S), dtype=acc)
+        return (out.astype(dt), xp.zeros((B, self.num_heads, T, S), dtype=acc),
+                xp.full((B, self.num_heads, T), float("-inf"), dtype=acc))
 
     # -- hooks -------------------------------------------------------------------------------------
     def _errstate(self):
@@ -232,5 +252,6 @@ class LayerBase:
     def _dropout_multiplier(self, shape, p: float, dtype):
         raise NotImplementedError
 
-    def _fast_forward(self, query, key, value, masks, head_mask):
+    def _fast_forward(self, query, key, value, masks, head_mask, return_weights: bool, return_lse: bool):
+        """(output, weights or None, lse or None) without dropout, by the backend's fastest way."""
         raise NotImplementedError

@@ -53,6 +53,8 @@ def masked_softmax(xp, logits, keep):
 
     ``logits`` (B, H, T, S) in the accumulation dtype; ``keep`` bool broadcastable to it, or None.
     Max-subtracted. NaN logits at visible positions make their row NaN; hidden ones are ignored.
+    Returns ``(weights, lse)``: lse (B, H, T) is log sum_j exp(logits_ij) over the visible j (-inf for a
+    query that sees nothing), with which any weight can be recomputed later as exp(logit - lse).
     """
     if keep is not None:
         logits = xp.where(keep, logits, NEG_INF)  # (B, H, T, S)
@@ -60,7 +62,9 @@ def masked_softmax(xp, logits, keep):
     m = xp.where(m == NEG_INF, 0.0, m)  # empty rows: keep exp(-inf - m) = 0 well defined
     e = xp.exp(logits - m)  # hidden -> exactly 0
     denom = xp.sum(e, axis=-1, keepdims=True)
-    return e / xp.where(denom == 0, 1.0, denom)
+    safe = xp.where(denom == 0, 1.0, denom)
+    lse = xp.where(denom == 0, NEG_INF, xp.log(safe) + m)[..., 0]
+    return e / safe, lse
 
 
 def nonfinite_keys(xp, *arrays):
@@ -73,7 +77,7 @@ def nonfinite_keys(xp, *arrays):
 
 
 def attention(xp, q, k, v, *, scale: float, keep=None, bias=None, dropout=None, acc_dtype=None):
-    """Scaled dot-product attention over heads; returns ``(context, weights)``.
+    """Scaled dot-product attention over heads; returns ``(context, weights, lse)``.
 
     Args:
         q: (B, H, T, D) queries.
@@ -86,7 +90,8 @@ def attention(xp, q, k, v, *, scale: float, keep=None, bias=None, dropout=None, 
         acc_dtype: dtype of the logits and softmax (float32 or wider); default: that of ``q``.
 
     Returns:
-        context (B, H, T, D) in the dtype of ``v``; weights (B, H, T, S) in ``acc_dtype``.
+        context (B, H, T, D) in the dtype of ``v``; weights (B, H, T, S) in ``acc_dtype``; lse (B, H, T),
+        the log-sum-exp of each query's visible logits (-inf when it sees none).
     """
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -96,7 +101,7 @@ def attention(xp, q, k, v, *, scale: float, keep=None, bias=None, dropout=None, 
     logits = (xp.matmul(qg, kt) * scale).reshape(B, H, T, S)  # (B, H, T, S)
     if bias is not None:
         logits = logits + bias
-    weights = masked_softmax(xp, logits, keep)  # (B, H, T, S)
+    weights, lse = masked_softmax(xp, logits, keep)  # (B, H, T, S), (B, H, T)
     if dropout is not None:
         weights = weights * dropout
 
@@ -111,7 +116,7 @@ def attention(xp, q, k, v, *, scale: float, keep=None, bias=None, dropout=None, 
         sees_bad = xp.logical_and(sees_bad, keep)
     touched = xp.any(sees_bad, axis=-1, keepdims=True)  # (B, H, T or 1, 1)
     ctx = xp.where(touched, float("nan"), ctx)
-    return ctx.astype(v.dtype), weights
+    return ctx.astype(v.dtype), weights, lse
 
 
 def multi_head_attention(xp, query, key, value, params, *, num_heads: int, num_kv_heads: int,
@@ -126,7 +131,7 @@ def multi_head_attention(xp, query, key, value, params, *, num_heads: int, num_k
         head_mask: multipliers broadcastable to (B, H, 1, 1) on each head's context, or None.
 
     Returns:
-        output (B, T, E) and weights (B, H, T, S).
+        output (B, T, E), weights (B, H, T, S) and lse (B, H, T).
     """
     q = split_heads(linear(xp, query, params["q_weight"], params["q_bias"]), num_heads)  # (B, H, T, D)
     k = split_heads(linear(xp, key, params["k_weight"], params["k_bias"]), num_kv_heads)  # (B, Hkv, S, D)
@@ -134,9 +139,9 @@ def multi_head_attention(xp, query, key, value, params, *, num_heads: int, num_k
     keep = bias = None
     if masks is not None:
         keep, bias = masks.full_keep(xp), masks.bias
-    ctx, weights = attention(xp, q, k, v, scale=scale, keep=keep, bias=bias, dropout=dropout,
-                             acc_dtype=acc_dtype)  # (B, H, T, D), (B, H, T, S)
+    ctx, weights, lse = attention(xp, q, k, v, scale=scale, keep=keep, bias=bias, dropout=dropout,
+                                  acc_dtype=acc_dtype)  # (B, H, T, D), (B, H, T, S), (B, H, T)
     if head_mask is not None:
         ctx = ctx * head_mask
     out = linear(xp, merge_heads(ctx), params["o_weight"], params["o_bias"])  # (B, T, E)
-    return out, weights
+    return out, weights, lse

@@ -5,24 +5,29 @@ from __future__ import annotations
 import numpy as np
 
 from mha._base import LayerBase
-from mha._reference import multi_head_attention
+
+from . import _fast
 
 
 class MultiHeadAttention(LayerBase):
     """Multi-head attention on numpy (float32 or float64).
 
     Same constructor and call as :class:`mha.MultiHeadAttention` (without ``backend``); see there.
+    The fast path (mha_cpu._fast) fuses the Q/K/V projections of self-attention into one GEMM and
+    runs blockwise attention with an online softmax on a thread pool; with ``return_weights`` it writes
+    the weights in the same single pass. Dropout, and keys or values holding NaN/inf, take the
+    reference path.
     """
 
     backend = "numpy"
     _xp = np
 
+    def _errstate(self):
+        return np.errstate(invalid="ignore", over="ignore", divide="ignore")
+
     def _dtypes(self):
         dt = np.dtype(self._config.dtype)
         return dt, dt  # float32 accumulates in float32 (as BLAS does), float64 in float64
-
-    def _errstate(self):
-        return np.errstate(invalid="ignore", over="ignore", divide="ignore")
 
     def _init_rng(self, seed) -> None:
         # A stream of its own for dropout, so that dropout draws never shift the initialisation.
@@ -35,9 +40,20 @@ class MultiHeadAttention(LayerBase):
         return x
 
     def _set_params(self, weights) -> None:
-        dt = np.dtype(self._config.dtype)
-        self._params = {k: None if v is None else np.array(v, dtype=dt, copy=True)
-                        for k, v in weights.to_dict().items()}
+        c = self._config
+        dt = np.dtype(c.dtype)
+        p = {k: None if v is None else np.array(v, dtype=dt, copy=True) for k, v in weights.to_dict().items()}
+        self._params = p
+        # Fused projections for the fast path, the scale folded into the query rows.
+        s = dt.type(c.effective_scale)
+        zeros = {n: np.zeros(p[f"{n}_weight"].shape[0], dt) for n in "qkv"}
+        qb, kb, vb = ((p[f"{n}_bias"] if p[f"{n}_bias"] is not None else zeros[n]) for n in "qkv")
+        self._wq, self._bq = p["q_weight"] * s, qb * s
+        self._wk, self._bk, self._wv, self._bv = p["k_weight"], kb, p["v_weight"], vb
+        self._wqkv = np.concatenate([self._wq, self._wk, self._wv]) if c.kdim == c.vdim == c.embed_dim else None
+        self._bqkv = np.concatenate([self._bq, kb, vb])
+        self._wkv = np.concatenate([self._wk, self._wv]) if c.kdim == c.vdim else None
+        self._bkv = np.concatenate([kb, vb])
 
     def _native_params(self) -> dict:
         return self._params
@@ -46,9 +62,62 @@ class MultiHeadAttention(LayerBase):
         keep = self._rng.random(shape) >= p
         return keep.astype(dtype) / dtype.type(1.0 - p)
 
-    def _fast_forward(self, query, key, value, masks, head_mask):
+    def _project(self, query, key, value):
+        """(q, k, v) as (B, L, heads, D) views of one or two GEMM outputs; q pre-scaled."""
         c = self._config
-        out, _ = multi_head_attention(np, query, key, value, self._params, num_heads=c.num_heads,
-                                      num_kv_heads=c.num_kv_heads, scale=c.effective_scale, masks=masks,
-                                      head_mask=head_mask)
-        return out
+        B, T, _ = query.shape
+        S = key.shape[1]
+        H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
+        if key is query and value is query and self._wqkv is not None:  # self-attention: one GEMM
+            y = query @ self._wqkv.T
+            y += self._bqkv
+            q = y[..., :H * D]
+            k, v = y[..., H * D:(H + Hkv) * D], y[..., (H + Hkv) * D:]
+        else:
+            q = query @ self._wq.T
+            q += self._bq
+            if value is key and self._wkv is not None:
+                kv = key @ self._wkv.T
+                kv += self._bkv
+                k, v = kv[..., :Hkv * D], kv[..., Hkv * D:]
+            else:
+                k = key @ self._wk.T + self._bk
+                v = value @ self._wv.T + self._bv
+        return q.reshape(B, T, H, D), k.reshape(B, S, Hkv, D), v.reshape(B, S, Hkv, D)
+
+    def _fast_forward(self, query, key, value, masks, head_mask, return_weights, return_lse):
+        c = self._config
+        q, k, v = self._project(query, key, value)
+        bad_k, bad_v = None, None
+        if not (np.isfinite(k).all() and np.isfinite(v).all()):
+            # NaN/inf at a key or value: zero it, attend, then poison only the rows that can see it.
+            bad_k, bad_v = ~np.isfinite(k).all(-1), ~np.isfinite(v).all(-1)  # (B, S, Hkv)
+            k = np.where(bad_k[..., None], 0, k)
+            v = np.where(bad_v[..., None], 0, v)
+        B, T, H, D = q.shape
+        S = k.shape[1]
+        dt = q.dtype
+        ctx = np.empty((B, T, H, D), dt)
+        weights = np.empty((B, H, T, S), dt) if return_weights else None
+        lse = np.empty((B, H, T), dt) if return_lse else None
+        hm = None if head_mask is None else head_mask.reshape(-1, H)
+        _fast.attention(q, k, v, ctx, keep=masks.keep, bias=masks.bias, causal=masks.causal, head_mask=hm,
+                        weights=weights, lse=lse)
+        if bad_k is not None:
+            full = masks.full_keep(np)
+            full = np.ones((1, 1, 1, S), bool) if full is None else full.reshape((1,) * (4 - full.ndim) + full.shape)
+            G = H // c.num_kv_heads
+            for bad, is_key in ((bad_k, True), (bad_v, False)):
+                if not bad.any():
+                    continue
+                sees = np.repeat(bad.transpose(0, 2, 1), G, axis=1)[:, :, None, :]  # (B, H, 1, S)
+                touched = np.broadcast_to((sees & full).any(-1), (B, H, T))  # rows that see a bad key/value
+                ctx[touched.transpose(0, 2, 1)] = np.nan
+                if is_key and weights is not None:
+                    weights[touched] = np.nan  # a NaN logit makes its whole row NaN (as in the reference)
+                if is_key and lse is not None:
+                    lse[touched] = np.nan
+        out = ctx.reshape(B, T, H * D) @ self._params["o_weight"].T
+        if self._params["o_bias"] is not None:
+            out += self._params["o_bias"]
+        return out, weights, lse

@@ -87,7 +87,9 @@ class MultiHeadAttention(LayerBase, nn.Module):
         keep = mx.random.bernoulli(1.0 - p, shape, key=self._rng.next())
         return keep.astype(dtype) / (1.0 - p)
 
-    def _fast_forward(self, query, key, value, masks, head_mask):
+    def _fast_forward(self, query, key, value, masks, head_mask, return_weights, return_lse):
+        if return_weights or return_lse:  # the fused kernel gives neither
+            return self._reference(query, key, value, masks, head_mask)
         c, dt = self._config, query.dtype
         H, Hkv = c.num_heads, c.num_kv_heads
         p = self._native_params()
@@ -97,7 +99,7 @@ class MultiHeadAttention(LayerBase, nn.Module):
         ctx = fused_attention(q, k, v, scale=c.effective_scale, masks=masks)  # (B, H, T, D)
         if head_mask is not None:
             ctx = ctx * head_mask
-        return linear(mx, merge_heads(ctx), p["o_weight"], p["o_bias"]).astype(dt)  # (B, T, E)
+        return linear(mx, merge_heads(ctx), p["o_weight"], p["o_bias"]).astype(dt), None, None  # (B, T, E)
 
 
 def fused_attention(q, k, v, *, scale, masks):

@@ -18,7 +18,7 @@ def test_public_names():
     for name in ("MultiHeadAttention", "AttentionWeights", "available_backends", "default_backend",
                  "to_numpy"):
         assert name in mha.__all__ and hasattr(mha, name)
-    assert mha_cpu.__all__ == ["MultiHeadAttention"]
+    assert mha_cpu.__all__ == ["MultiHeadAttention", "options"]
 
 
 def test_backends_share_constructor_call_and_public_names():
@@ -43,8 +43,8 @@ def test_facade_signature_is_the_backends_plus_backend():
     assert names == ["embed_dim", "num_heads", "num_kv_heads", "kdim", "vdim", "bias", "scale", "dropout",
                      "backend", "dtype", "weights", "seed"]
     call = inspect.signature(mha_cpu.MultiHeadAttention.__call__).parameters
-    assert list(call)[:11] == ["self", "query", "key", "value", "mask", "key_mask", "causal", "head_mask",
-                               "return_weights", "training", "check_finite"]
+    assert list(call)[:12] == ["self", "query", "key", "value", "mask", "key_mask", "causal", "head_mask",
+                               "return_weights", "training", "check_finite", "return_lse"]
 
 
 def test_facade_builds_backend_layers(backend):

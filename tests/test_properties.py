@@ -23,3 +23,10 @@ def test_suite_is_complete():
 @pytest.mark.parametrize("name", list(PROPERTIES))
 def test_property(backend, name):
     run_property(BackendAdapter(backend), name)
+
+
+@pytest.mark.parametrize("name", list(PROPERTIES))
+def test_property_numpy_tiny_blocks(name):
+    """The numpy fast path with 2-query, 3-key blocks: every small problem crosses block edges and runs
+    the online softmax (running max and sum, causal block skipping)."""
+    run_property(BackendAdapter("numpy", blocks=(2, 3)), name)

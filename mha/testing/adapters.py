@@ -40,13 +40,19 @@ class Adapter:
 
 
 class BackendAdapter:
-    """This project's layer on one backend (every feature)."""
+    """This project's layer on one backend (every feature).
+
+    ``blocks=(block_q, block_k)`` runs the numpy fast path with those tiny blocks (and the online
+    softmax from more than ``block_k`` keys on), so that small problems exercise every branch of the
+    blockwise code; ``mha check --impl numpy-blocks`` does that.
+    """
 
     features = FEATURES
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, blocks: tuple[int, int] | None = None):
         self.backend = backend
-        self.name = backend
+        self.blocks = blocks
+        self.name = backend if blocks is None else f"{backend}-blocks"
 
     def build(self, weights, scale=None):
         import mha
@@ -54,12 +60,34 @@ class BackendAdapter:
         layer = mha.MultiHeadAttention.from_weights(weights, backend=self.backend, scale=scale)
 
         def fn(query, key, value, **kwargs):
-            res = layer(query, key, value, **kwargs)
+            with _blocks(self.blocks):
+                res = layer(query, key, value, **kwargs)
             if kwargs.get("return_weights"):
                 return mha.to_numpy(res[0]), mha.to_numpy(res[1])
             return mha.to_numpy(res)
 
         return fn
+
+
+class _blocks:
+    """Temporarily set the numpy fast path's block sizes (not thread-safe: for tests)."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def __enter__(self):
+        if self.blocks is not None:
+            from mha_cpu import options
+
+            self.saved = (options.block_q, options.block_k, options.single_pass_max)
+            options.block_q, options.block_k = self.blocks
+            options.single_pass_max = self.blocks[1]
+
+    def __exit__(self, *exc):
+        if self.blocks is not None:
+            from mha_cpu import options
+
+            options.block_q, options.block_k, options.single_pass_max = self.saved
 
 
 def _combined_keep(B, H, T, S, mask, key_mask, causal):
@@ -176,11 +204,13 @@ class MlxNNAdapter:
 
 
 def builtin(name: str):
-    """An adapter by the name ``mha check --impl`` uses: numpy, mlx, torch, mlx-nn."""
+    """An adapter by the name ``mha check --impl`` uses: numpy, numpy-blocks, mlx, torch, mlx-nn."""
     if name in ("numpy", "mlx"):
         return BackendAdapter(name)
+    if name == "numpy-blocks":
+        return BackendAdapter("numpy", blocks=(2, 3))
     if name == "torch":
         return TorchAdapter()
     if name == "mlx-nn":
         return MlxNNAdapter()
-    raise ValueError(f"unknown implementation {name!r}; choose numpy, mlx, torch or mlx-nn")
+    raise ValueError(f"unknown implementation {name!r}; choose numpy, numpy-blocks, mlx, torch or mlx-nn")

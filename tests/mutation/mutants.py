@@ -19,7 +19,8 @@ class Mutant:
     bug: str
 
 
-R, M, V, X, C = "mha/_reference.py", "mha/_masks.py", "mha/_validate.py", "mha_mlx/_layer.py", "mha_cpu/_layer.py"
+R, M, V, X = "mha/_reference.py", "mha/_masks.py", "mha/_validate.py", "mha_mlx/_layer.py"
+C, F = "mha_cpu/_layer.py", "mha_cpu/_fast.py"
 
 MUTANTS = [
     Mutant("scale-1/D", V, "1.0 / math.sqrt(self.head_dim)", "1.0 / self.head_dim",
@@ -38,8 +39,8 @@ MUTANTS = [
            "return x.reshape(B, L, H * D)", "head merge by reshape without transpose"),
     Mutant("mask-polarity", M, 'keep = mask != 0 if kind in "iu" else mask',
            'keep = mask != 0 if kind in "iu" else xp.logical_not(mask)', "bool mask read as True = blocked"),
-    Mutant("mask-after-softmax", R, "weights = masked_softmax(xp, logits, keep)  # (B, H, T, S)",
-           "weights = masked_softmax(xp, logits, None) * (1.0 if keep is None else keep)",
+    Mutant("mask-after-softmax", R, "weights, lse = masked_softmax(xp, logits, keep)  # (B, H, T, S), (B, H, T)",
+           "weights, lse = masked_softmax(xp, logits, None)\n    weights = weights * (1.0 if keep is None else keep)",
            "mask applied after the softmax (rows no longer sum to 1)"),
     Mutant("causal-off-by-one", M, "return xp.arange(self.S)[None, :] <= rows", "return xp.arange(self.S)[None, :] < rows",
            "causal mask hides the diagonal"),
@@ -75,6 +76,26 @@ MUTANTS = [
     Mutant("fused-double-scale", X, "ctx = fused_attention(q, k, v, scale=c.effective_scale",
            "ctx = fused_attention(q * c.effective_scale, k, v, scale=c.effective_scale",
            "MLX fused path scales twice (queries pre-scaled and scale passed)"),
+    Mutant("online-no-acc-rescale", F, "            acc *= alpha\n", "            acc *= 1\n",
+           "online softmax forgets to rescale the accumulated context when the running max grows"),
+    Mutant("online-no-sum-rescale", F, "            l_sum *= alpha\n", "            l_sum *= 1\n",
+           "online softmax forgets to rescale the running sum"),
+    Mutant("causal-skip-off-by-one", F, "end = S if not causal else min(S, i1 + off)",
+           "end = S if not causal else min(S, i1 + off - 1)", "causal block skipping drops the last visible key"),
+    Mutant("diagonal-mask-skipped", F, "if causal and j1 - 1 > i0 + off:", "if causal and j1 - 1 > i1 + off:",
+           "causal mask not applied inside some blocks that cross the diagonal"),
+    Mutant("fast-gqa-modulo", F, "        g = h // G\n", "        g = h % Hkv\n",
+           "numpy fast path: query head h reads kv head h % Hkv"),
+    Mutant("fast-weights-unnormalised", F, "            weights[b, h, i0:i1] /= denom\n", "            pass\n",
+           "numpy fast path returns exp(logit - max) as weights, never divided by the sum"),
+    Mutant("fast-scale-not-folded", C, "s = dt.type(c.effective_scale)", "s = dt.type(1.0)",
+           "numpy fast path forgets the scale when folding it into W_q"),
+    Mutant("fused-qkv-swapped", C, "k, v = y[..., H * D:(H + Hkv) * D], y[..., (H + Hkv) * D:]",
+           "v, k = y[..., H * D:(H + Hkv) * D], y[..., (H + Hkv) * D:]", "fused QKV output split with K and V swapped"),
+    Mutant("fast-nan-not-poisoned", C, "                ctx[touched.transpose(0, 2, 1)] = np.nan\n",
+           "                pass\n", "a non-finite key or value visible to a query silently zeroed, not propagated"),
     Mutant("head-mask-ignored", R, "        ctx = ctx * head_mask\n", "        ctx = ctx\n",
            "head_mask ignored in the reference"),
+    Mutant("fast-head-mask-ignored", F, "            ob *= head_mask[b if head_mask.shape[0] > 1 else 0, h]\n",
+           "            pass\n", "head_mask ignored in the numpy fast path"),
 ]

@@ -4,7 +4,8 @@
     python tests/mutation/run.py scale-1/D    # chosen mutants
     python tests/mutation/run.py --matrix     # every property on every mutant: which ones kill it
 
-A mutant is killed when any property fails on either backend (numpy, mlx) under the derandomized
+A mutant is killed when any property fails on either backend (numpy with automatic and with tiny
+blocks, mlx) under the derandomized
 "mutation" Hypothesis profile. Exit status 0 only when every mutant is killed.
 """
 
@@ -35,15 +36,15 @@ from mha.testing.properties import PROPERTIES
 load_profile("mutation")
 matrix = sys.argv[2] == "matrix"
 killers = []
-for backend in ("numpy", "mlx"):
+for backend, blocks in (("numpy", None), ("numpy", (2, 3)), ("mlx", None)):
     for name in PROPERTIES:
         if matrix and name in killers:
             continue
         try:
-            run_property(BackendAdapter(backend), name)
+            run_property(BackendAdapter(backend, blocks), name)
         except Exception as err:
             if not matrix:
-                print(json.dumps({"killed": True, "by": f"{backend}:{name}", "why": str(err).splitlines()[0][:160]}))
+                print(json.dumps({"killed": True, "by": f"{backend}{'-blocks' if blocks else ''}:{name}", "why": str(err).splitlines()[0][:160]}))
                 sys.exit(0)
             killers.append(name)
 print(json.dumps({"killed": bool(killers), "by": ",".join(killers), "killers": killers}))

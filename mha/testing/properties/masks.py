@@ -154,3 +154,23 @@ def mask_algebra(impl, p):
         tri = np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
         yb, _ = call(impl, p, masks={"mask": keep & tri})
         close(ya, yb, t2(M), "mask with causal=True vs the combined bool mask")
+
+
+@prop("nonfinite_visible_confined", theme="masks", requires=("cross",), self_attention=False)
+def nonfinite_visible_confined(impl, p):
+    """NaN or inf at a key/value vector that some queries may see spreads to exactly those queries'
+    outputs (all of their features, through W_O) and no further: every other row stays bitwise equal."""
+    rng = rng_of(p, 18)
+    b, j = int(rng.integers(p.config.B)), int(rng.integers(p.config.S))
+    y, _ = call(impl, p)
+    sees = p.visible()[b, :, :, j].any(0)  # (T,): queries of batch b that see key j in some head
+    for bad in (np.nan, np.inf):
+        k, v = p.kv
+        k2, v2 = k.copy(), v.copy()
+        (v2 if bad == np.inf else k2)[b, j, 0] = bad
+        y2, _ = call(impl, p, key=k2, value=v2)
+        rows = np.zeros(y.shape[:2], bool)
+        rows[b] = sees
+        identical(y2[~rows], y[~rows], f"rows that cannot see the {bad} at key {j}")
+        if np.isfinite(y2[rows]).any():
+            raise AssertionError(f"a row that sees the {bad} at key {j} stayed (partly) finite")
