@@ -49,7 +49,12 @@ def weights_match_output(impl, p):
 @prop("weights_flag_invariance", requires=("weights",), theme="weights")
 def weights_flag_invariance(impl, p):
     """Asking for the weights never changes the output: f(x, return_weights=True)[0] = f(x) (T2, NaN
-    where NaN). Implementations often take a different code path (a fused kernel) without weights."""
-    y, _ = call(impl, p)
-    y_w, _ = call(impl, p, return_weights=True, same_call=True)
-    close(y, y_w, t2(magnitude(p, y)), "output without weights vs with return_weights=True")
+    where NaN), with a random head_mask when supported. Implementations often take a different code
+    path (a fused kernel) without weights."""
+    hm = None
+    if "head_mask" in impl.features:  # both paths must honour head_mask the same way
+        hm = np.random.default_rng([p.seed, 19]).normal(size=p.config.H).astype(np.float32)
+    y, _ = call(impl, p, head_mask=hm)
+    y_w, _ = call(impl, p, return_weights=True, same_call=True, head_mask=hm)
+    M = magnitude(p, y, head_mask=hm)
+    close(y, y_w, t2(M), "output without weights vs with return_weights=True")
