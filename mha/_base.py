@@ -200,9 +200,9 @@ class LayerBase:
                                                        return_lse)
         results = [out]
         if return_weights:
-            results.append(weights.astype(dt))
+            results.append(weights if weights.dtype == dt else weights.astype(dt))
         if return_lse:
-            results.append(lse.astype(acc))
+            results.append(lse if lse.dtype == acc else lse.astype(acc))
         if not batched:
             results = [r[0] for r in results]
         return results[0] if len(results) == 1 else tuple(results)

@@ -36,6 +36,7 @@ class Options:
     block_k: int = 1024
     single_pass_max: int = 4096
     threads: int | None = None
+    min_parallel_flops: float = 4e6  # below this much work per call, threads cost more than they give
 
 
 options = Options()
@@ -63,8 +64,7 @@ def _executor(n: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _blas_one_thread():
-    """A context limiting BLAS to one thread (threadpoolctl), or None without threadpoolctl."""
+def _blas_controller():
     global _controller
     if _controller is None:
         try:
@@ -73,7 +73,66 @@ def _blas_one_thread():
             _controller = False
         else:
             _controller = ThreadpoolController()
-    return _controller.limit(limits=1, user_api="blas") if _controller else None
+    return _controller
+
+
+class Parallel:
+    """The workers of one call: ``with Parallel(flops) as par: par.map(fn, items)``.
+
+    With more than one worker, BLAS is held at one thread for the whole call and *every* GEMM and
+    attention task runs on this pool: OpenBLAS's own threads keep spinning for a while after each
+    multi-threaded GEMM, and would steal the cores from the attention tasks that follow. Without
+    threadpoolctl (or for small work) everything runs on the calling thread with BLAS as configured.
+    """
+
+    def __init__(self, flops: float):
+        n = _threads() if flops >= options.min_parallel_flops else 1
+        self.controller = _blas_controller() if n > 1 else None
+        self.n = n if self.controller else 1
+        self._limit = None
+
+    def __enter__(self):
+        if self.n > 1:
+            self._limit = self.controller.limit(limits=1, user_api="blas")
+        return self
+
+    def __exit__(self, *exc):
+        if self._limit is not None:
+            self._limit.restore_original_limits()
+
+    def map(self, fn, items) -> None:
+        """Run ``fn`` on every item, spread over the workers (every n-th item each)."""
+        items = list(items)
+        if self.n <= 1 or len(items) <= 1:
+            for it in items:
+                fn(it)
+            return
+        n = min(self.n, len(items))
+        chunks = [items[i::n] for i in range(n)]  # interleaved: causal blocks grow in cost with i0
+
+        def work(chunk):
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # thread-local state
+                for it in chunk:
+                    fn(it)
+
+        list(_executor(n).map(work, chunks))
+
+    def linear(self, x, weight, bias, out=None):
+        """``x @ weight.T + bias`` for x (..., in), rows split over the workers."""
+        x2 = x.reshape(-1, x.shape[-1])
+        if out is None:
+            out = np.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype)
+        rows = x2.shape[0]
+        step = max(1, -(-rows // self.n))
+
+        def part(r0):
+            o = out[r0:r0 + step]
+            np.matmul(x2[r0:r0 + step], weight.T, out=o)
+            if bias is not None:
+                o += bias
+
+        self.map(part, range(0, rows, step))
+        return out.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
 def _index(a, b, h, rows, cols):
@@ -82,7 +141,8 @@ def _index(a, b, h, rows, cols):
              rows if a.shape[2] > 1 else slice(0, 1), cols if a.shape[3] > 1 else slice(0, 1)]
 
 
-def attention(q, k, v, out, *, keep=None, bias=None, causal=False, head_mask=None, weights=None, lse=None):
+def attention(q, k, v, out, *, keep=None, bias=None, causal=False, head_mask=None, weights=None, lse=None,
+              par: Parallel | None = None, project=None, poison=None):
     """Blockwise attention of pre-scaled queries, written into ``out``.
 
     Args:
@@ -94,23 +154,39 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, head_mask=Non
         head_mask: (B?, H) multipliers on each head's context, or None.
         weights: (B, H, T, S) preallocated to receive the weights (forces single-pass), or None.
         lse: (B, H, T) preallocated to receive log-sum-exp of the visible logits (-inf if none), or None.
+        par: the call's workers (default: the calling thread only).
+        project: (W_O (E, H*D), b_O or None, final (B, T, E)): each task also writes its rows of
+            ``out @ W_O.T + b_O`` into ``final`` (the output projection, while the context is in cache).
+        poison: (rows, key_rows), (B, H, T) bools: contexts of ``rows`` are set to NaN (they see a
+            non-finite key or value, zeroed before the call), and for ``key_rows`` the weights and lse too.
     """
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
     single = weights is not None or S <= options.single_pass_max
-    bq = options.block_q or int(np.clip((1 << 20) // (4 * (S if single else options.block_k)), 32, 512))
+    par = par or Parallel(0)
+    bq = options.block_q
+    if bq is None:  # scores of one head fit ~1 MiB, and at least two tasks per worker
+        bq = int(np.clip((1 << 20) // (4 * (S if single else options.block_k)), 32, 512))
+        bq = max(16, min(bq, -(-T // max(1, -(-2 * par.n // max(B, 1))))))
     bq = min(bq, T)
-    tasks = [(b, h, i0, min(i0 + bq, T)) for b in range(B) for h in range(H) for i0 in range(0, T, bq)]
+    tasks = [(b, i0, min(i0 + bq, T)) for b in range(B) for i0 in range(0, T, bq)]
     dtype = q.dtype
     off = S - T
 
     def run(task):
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # thread-local: set per task
-            run_task(task)
+        """All heads of one block of queries, then (optionally) their rows of the output projection."""
+        b, i0, i1 = task
+        for h in range(H):
+            head_block(b, h, i0, i1)
+        if project is not None:
+            w_o, b_o, final = project
+            dst = final[b, i0:i1]
+            np.matmul(out[b, i0:i1].reshape(i1 - i0, H * D), w_o.T, out=dst)
+            if b_o is not None:
+                dst += b_o
 
-    def run_task(task):
-        b, h, i0, i1 = task
+    def head_block(b, h, i0, i1):
         g = h // G
         qb = q[b, i0:i1, h]  # (bq, D)
         rows = np.arange(i0, i1)
@@ -124,53 +200,68 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, head_mask=Non
             if lse is not None:
                 lse[b, h, i0:i1] = NEG_INF
             return
-        step = end if single else options.block_k
-        m = np.full((n, 1), NEG_INF, dtype)
-        l_sum = np.zeros((n, 1), dtype)
-        acc = np.zeros((n, D), dtype)
-        for j0 in range(0, end, step):
-            j1 = min(j0 + step, end)
+        hm = None if head_mask is None else head_mask[b if head_mask.shape[0] > 1 else 0, h]
+
+        def logits(j0, j1, buf=None):
+            """Masked, scaled logits of this task's queries against keys j0:j1, (bq, j1 - j0)."""
             cols = slice(j0, j1)
-            s = qb @ k[b, cols, g].T  # (bq, bk) logits
+            s = np.matmul(qb, k[b, cols, g].T, out=buf)
             if bias is not None:
                 s += _index(bias, b, h, slice(i0, i1), cols)
             if keep is not None:
                 np.copyto(s, NEG_INF, where=~_index(keep, b, h, slice(i0, i1), cols))
             if causal and j1 - 1 > i0 + off:  # the block crosses the diagonal
                 np.copyto(s, NEG_INF, where=np.arange(j0, j1)[None, :] > rows[:, None] + off)
-            m_new = np.maximum(m, s.max(axis=1, keepdims=True))
-            m_safe = np.where(m_new == NEG_INF, 0.0, m_new).astype(dtype)
-            s -= m_safe
+            return s
+
+        if single:  # all visible keys at once; with weights, computed in place in the output buffer
+            buf = None
+            if weights is not None:
+                weights[b, h, i0:i1, end:] = 0  # keys wholly in the causal future
+                buf = weights[b, h, i0:i1, :end]
+            s = logits(0, end, buf)
+            m = s.max(axis=1, keepdims=True)
+            m[m == NEG_INF] = 0.0  # a row that sees nothing: exp(-inf - 0) = 0
+            s -= m
             np.exp(s, out=s)  # hidden -> exactly 0
-            alpha = np.exp(m - m_safe)  # rescales what was accumulated under the old max
-            l_sum *= alpha
-            l_sum += s.sum(axis=1, keepdims=True)
-            acc *= alpha
-            acc += s @ v[b, cols, g]
-            m = m_new
-            if weights is not None:  # single pass: s holds exp(logit - max); normalised below
-                weights[b, h, i0:i1, :j1] = s
-                weights[b, h, i0:i1, j1:] = 0
-        denom = np.where(l_sum == 0, 1.0, l_sum).astype(dtype)
-        np.divide(acc, denom, out=ob)
-        if head_mask is not None:
-            ob *= head_mask[b if head_mask.shape[0] > 1 else 0, h]
-        if weights is not None:
-            weights[b, h, i0:i1] /= denom
+            l_sum = s.sum(axis=1, keepdims=True)
+            denom = np.where(l_sum == 0, 1.0, l_sum).astype(dtype)
+            if weights is not None:
+                s /= denom  # the weights are final here; the context is their product with V
+                np.matmul(s, v[b, :end, g], out=ob)
+            else:
+                np.matmul(s, v[b, :end, g], out=ob)
+                ob /= denom
+        else:  # FlashAttention's recurrence over key blocks
+            m = np.full((n, 1), NEG_INF, dtype)
+            l_sum = np.zeros((n, 1), dtype)
+            acc = np.zeros((n, D), dtype)
+            for j0 in range(0, end, options.block_k):
+                j1 = min(j0 + options.block_k, end)
+                s = logits(j0, j1)
+                m_new = np.maximum(m, s.max(axis=1, keepdims=True))
+                m_safe = np.where(m_new == NEG_INF, 0.0, m_new).astype(dtype)
+                s -= m_safe
+                np.exp(s, out=s)  # hidden -> exactly 0
+                alpha = np.exp(m - m_safe)  # rescales what was accumulated under the old max
+                l_sum *= alpha
+                l_sum += s.sum(axis=1, keepdims=True)
+                acc *= alpha
+                acc += s @ v[b, j0:j1, g]
+                m = m_new
+            denom = np.where(l_sum == 0, 1.0, l_sum).astype(dtype)
+            np.divide(acc, denom, out=ob)
+        if hm is not None:
+            ob *= hm
         if lse is not None:
             lse[b, h, i0:i1] = np.where(l_sum[:, 0] == 0, NEG_INF, m[:, 0] + np.log(denom[:, 0]))
+        if poison is not None:
+            rows_nan, key_nan = poison[0][b, h, i0:i1], poison[1][b, h, i0:i1]
+            ob[rows_nan] = np.nan
+            if weights is not None:
+                weights[b, h, i0:i1][key_nan] = np.nan  # a NaN logit makes its whole row NaN
+            if lse is not None:
+                lse[b, h, i0:i1][key_nan] = np.nan
 
-    n_threads = min(_threads(), len(tasks))
-    if n_threads <= 1:
-        for t in tasks:
-            run(t)
-        return out
-    chunks = [tasks[i::n_threads] for i in range(n_threads)]
-    limit = _blas_one_thread()
-    if limit is None:  # without threadpoolctl, BLAS threads and ours would oversubscribe: stay serial
-        for t in tasks:
-            run(t)
-        return out
-    with limit:
-        list(_executor(n_threads).map(lambda ch: [run(t) for t in ch], chunks))
+    par.map(run, tasks)
     return out

@@ -62,32 +62,37 @@ class MultiHeadAttention(LayerBase):
         keep = self._rng.random(shape) >= p
         return keep.astype(dtype) / dtype.type(1.0 - p)
 
-    def _project(self, query, key, value):
+    def _project(self, query, key, value, par):
         """(q, k, v) as (B, L, heads, D) views of one or two GEMM outputs; q pre-scaled."""
         c = self._config
         B, T, _ = query.shape
         S = key.shape[1]
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         if key is query and value is query and self._wqkv is not None:  # self-attention: one GEMM
-            y = query @ self._wqkv.T
-            y += self._bqkv
+            y = par.linear(query, self._wqkv, self._bqkv)
             q = y[..., :H * D]
             k, v = y[..., H * D:(H + Hkv) * D], y[..., (H + Hkv) * D:]
         else:
-            q = query @ self._wq.T
-            q += self._bq
+            q = par.linear(query, self._wq, self._bq)
             if value is key and self._wkv is not None:
-                kv = key @ self._wkv.T
-                kv += self._bkv
+                kv = par.linear(key, self._wkv, self._bkv)
                 k, v = kv[..., :Hkv * D], kv[..., Hkv * D:]
             else:
-                k = key @ self._wk.T + self._bk
-                v = value @ self._wv.T + self._bv
+                k, v = par.linear(key, self._wk, self._bk), par.linear(value, self._wv, self._bv)
         return q.reshape(B, T, H, D), k.reshape(B, S, Hkv, D), v.reshape(B, S, Hkv, D)
 
     def _fast_forward(self, query, key, value, masks, head_mask, return_weights, return_lse):
         c = self._config
-        q, k, v = self._project(query, key, value)
+        B, T, E = query.shape
+        S = key.shape[1]
+        H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
+        flops = 2.0 * B * (T * E * (E + E) + S * (c.kdim + c.vdim) * Hkv * D + 2 * T * S * H * D)
+        with _fast.Parallel(flops) as par:
+            return self._forward(par, query, key, value, masks, head_mask, return_weights, return_lse)
+
+    def _forward(self, par, query, key, value, masks, head_mask, return_weights, return_lse):
+        c = self._config
+        q, k, v = self._project(query, key, value, par)
         bad_k, bad_v = None, None
         if not (np.isfinite(k).all() and np.isfinite(v).all()):
             # NaN/inf at a key or value: zero it, attend, then poison only the rows that can see it.
@@ -101,23 +106,20 @@ class MultiHeadAttention(LayerBase):
         weights = np.empty((B, H, T, S), dt) if return_weights else None
         lse = np.empty((B, H, T), dt) if return_lse else None
         hm = None if head_mask is None else head_mask.reshape(-1, H)
-        _fast.attention(q, k, v, ctx, keep=masks.keep, bias=masks.bias, causal=masks.causal, head_mask=hm,
-                        weights=weights, lse=lse)
-        if bad_k is not None:
+        poison = None
+        if bad_k is not None:  # which rows see a non-finite key (row NaN, weights too) or value (row NaN)
             full = masks.full_keep(np)
             full = np.ones((1, 1, 1, S), bool) if full is None else full.reshape((1,) * (4 - full.ndim) + full.shape)
             G = H // c.num_kv_heads
-            for bad, is_key in ((bad_k, True), (bad_v, False)):
-                if not bad.any():
-                    continue
-                sees = np.repeat(bad.transpose(0, 2, 1), G, axis=1)[:, :, None, :]  # (B, H, 1, S)
-                touched = np.broadcast_to((sees & full).any(-1), (B, H, T))  # rows that see a bad key/value
-                ctx[touched.transpose(0, 2, 1)] = np.nan
-                if is_key and weights is not None:
-                    weights[touched] = np.nan  # a NaN logit makes its whole row NaN (as in the reference)
-                if is_key and lse is not None:
-                    lse[touched] = np.nan
-        out = ctx.reshape(B, T, H * D) @ self._params["o_weight"].T
-        if self._params["o_bias"] is not None:
-            out += self._params["o_bias"]
+
+            def sees(bad):
+                rep = np.repeat(bad.transpose(0, 2, 1), G, axis=1)[:, :, None, :]  # (B, H, 1, S)
+                return np.broadcast_to((rep & full).any(-1), (B, H, T))
+
+            by_key = sees(bad_k)
+            poison = (by_key | sees(bad_v), by_key)
+        out = np.empty((B, T, c.embed_dim), dt)
+        _fast.attention(q, k, v, ctx, keep=masks.keep, bias=masks.bias, causal=masks.causal, head_mask=hm,
+                        weights=weights, lse=lse, par=par, poison=poison,
+                        project=(self._params["o_weight"], self._params["o_bias"], out))
         return out, weights, lse

@@ -1,0 +1,77 @@
+"""The numpy fast path: any block sizes and thread counts give the reference's result (property 24),
+and the log-sum-exp it returns recomputes the weights exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mha
+import mha_cpu
+from mha.testing import strategies as mst, tolerance
+
+ALL = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "gqa"})
+
+
+class _options:
+    """Set mha_cpu.options for a block of code and restore them after."""
+
+    def __init__(self, **kw):
+        self.kw = kw
+
+    def __enter__(self):
+        self.saved = dataclasses.replace(mha_cpu.options)
+        for k, v in self.kw.items():
+            setattr(mha_cpu.options, k, v)
+
+    def __exit__(self, *exc):
+        for f in dataclasses.fields(self.saved):
+            setattr(mha_cpu.options, f.name, getattr(self.saved, f.name))
+
+
+@given(p=mst.problems(ALL), bq=st.integers(1, 9), bk=st.integers(1, 9), threads=st.sampled_from([1, 2, 3]),
+       rw=st.booleans())
+def test_any_blocks_and_threads_equal_the_reference(p, bq, bk, threads, rw):
+    from mha import _masks
+
+    layer = mha.MultiHeadAttention.from_weights(p.weights, backend="numpy")
+    k, v = p.kv
+    with _options(block_q=bq, block_k=bk, single_pass_max=bk, threads=threads, min_parallel_flops=0):
+        res = layer(p.query, k, v, return_weights=rw, return_lse=True, **p.masks())
+    y, lse = res[0], res[-1]
+    masks = _masks.prepare(np, mask=p.mask, key_mask=p.key_mask, causal=p.causal, T=p.config.T, S=p.config.S,
+                           bias_dtype=np.float32)
+    y_ref, P_ref, lse_ref = layer._reference(p.query, k, v, masks, None)
+    M = tolerance.magnitude(p.weights, p.query, k, v, y_ref=y_ref, mask=p.mask)
+    tol = tolerance.t2("float32", "float32", M)
+    tolerance.assert_close(y, y_ref, tol, f"blocks ({bq}, {bk}), {threads} threads")
+    if rw:
+        tolerance.assert_close(res[1], P_ref, tol + 2 * p.config.S * 2**-24, "weights")
+    finite = np.isfinite(lse_ref)
+    assert np.array_equal(np.isfinite(lse), finite) and np.all(lse[~finite] == -np.inf)
+    np.testing.assert_allclose(lse[finite], lse_ref[finite], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "mlx"])
+def test_lse_recomputes_the_weights(backend):
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    rng = np.random.default_rng(0)
+    layer = mha.MultiHeadAttention(12, 3, backend=backend, seed=1)
+    x = rng.normal(size=(2, 6, 12)).astype(np.float32)
+    km = np.ones((2, 6), bool)
+    km[1, 2:] = False
+    y, P, lse = (mha.to_numpy(a) for a in layer(x, key_mask=km, causal=True, return_weights=True, return_lse=True))
+    w = layer.weights
+    q = (x @ w.q_weight.T + w.q_bias).reshape(2, 6, 3, 4).transpose(0, 2, 1, 3)
+    kk = (x @ w.k_weight.T + w.k_bias).reshape(2, 6, 3, 4).transpose(0, 2, 1, 3)
+    logits = q @ kk.transpose(0, 1, 3, 2) * layer.scale
+    vis = np.tril(np.ones((6, 6), bool))[None, None] & km[:, None, None, :]
+    recomputed = np.where(vis, np.exp(logits - lse[..., None]), 0.0)
+    np.testing.assert_allclose(recomputed, P, atol=2e-6)
+    y2, lse2 = layer(x, key_mask=km, causal=True, return_lse=True)
+    np.testing.assert_allclose(mha.to_numpy(lse2), lse, atol=1e-5)
