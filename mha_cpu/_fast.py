@@ -135,15 +135,19 @@ class Parallel:
         return out.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
-def _index(a, b, h, rows, cols):
-    """Slice a mask/bias broadcastable to (B, H, T, S) for batch b, head h, query rows, key cols."""
-    return a[b if a.shape[0] > 1 else 0, h if a.shape[1] > 1 else 0,
-             rows if a.shape[2] > 1 else slice(0, 1), cols if a.shape[3] > 1 else slice(0, 1)]
+def _index(a, b, rows, cols):
+    """Slice a mask/bias broadcastable to (B, H, T, S) for batch b, all heads, query rows, key cols:
+    a (H or 1, rows or 1, cols or 1) view that broadcasts against the (H, rows, cols) logits."""
+    return a[b if a.shape[0] > 1 else 0, :, rows if a.shape[2] > 1 else slice(0, 1),
+             cols if a.shape[3] > 1 else slice(0, 1)]
 
 
 def attention(q, k, v, out, *, keep=None, bias=None, causal=False, head_mask=None, weights=None, lse=None,
               par: Parallel | None = None, project=None, poison=None):
     """Blockwise attention of pre-scaled queries, written into ``out``.
+
+    A task is one block of queries of one batch element, all heads at once: (H, bq, keys) logits from
+    one batched GEMM per key block (GQA groups share their key/value head without copies).
 
     Args:
         q: (B, T, H, D) queries already multiplied by the scale (any strides with unit last stride).
@@ -166,9 +170,9 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, head_mask=Non
     single = weights is not None or S <= options.single_pass_max
     par = par or Parallel(0)
     bq = options.block_q
-    if bq is None:  # scores of one head fit ~1 MiB, and at least two tasks per worker
-        bq = int(np.clip((1 << 20) // (4 * (S if single else options.block_k)), 32, 512))
-        bq = max(16, min(bq, -(-T // max(1, -(-2 * par.n // max(B, 1))))))
+    if bq is None:  # logits of a task up to ~16 MiB (bigger GEMMs win here), and a task for every worker
+        bq = int(np.clip((16 << 20) // (4 * H * (S if single else options.block_k)), 32, 256))
+        bq = max(16, min(bq, -(-T // max(1, -(-par.n // max(B, 1))))))
     bq = min(bq, T)
     tasks = [(b, i0, min(i0 + bq, T)) for b in range(B) for i0 in range(0, T, bq)]
     dtype = q.dtype
@@ -177,8 +181,7 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, head_mask=Non
     def run(task):
         """All heads of one block of queries, then (optionally) their rows of the output projection."""
         b, i0, i1 = task
-        for h in range(H):
-            head_block(b, h, i0, i1)
+        block(b, i0, i1)
         if project is not None:
             w_o, b_o, final = project
             dst = final[b, i0:i1]
@@ -186,82 +189,88 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, head_mask=Non
             if b_o is not None:
                 dst += b_o
 
-    def head_block(b, h, i0, i1):
-        g = h // G
-        qb = q[b, i0:i1, h]  # (bq, D)
+    def block(b, i0, i1):
+        n = i1 - i0
+        qb = q[b, i0:i1].reshape(n, Hkv, G, D).transpose(1, 2, 0, 3)  # (Hkv, G, bq, D) view
         rows = np.arange(i0, i1)
         end = S if not causal else min(S, i1 + off)  # keys beyond the block's last visible one are skipped
-        n = i1 - i0
-        ob = out[b, i0:i1, h]  # (bq, D) view into the output
+        ob = out[b, i0:i1]  # (bq, H, D) view into the output
         if end <= 0:
             ob[...] = 0
             if weights is not None:
-                weights[b, h, i0:i1] = 0
+                weights[b, :, i0:i1] = 0
             if lse is not None:
-                lse[b, h, i0:i1] = NEG_INF
+                lse[b, :, i0:i1] = NEG_INF
             return
-        hm = None if head_mask is None else head_mask[b if head_mask.shape[0] > 1 else 0, h]
 
         def logits(j0, j1, buf=None):
-            """Masked, scaled logits of this task's queries against keys j0:j1, (bq, j1 - j0)."""
+            """Masked, scaled logits of this task's queries against keys j0:j1: (H, bq, j1 - j0)."""
             cols = slice(j0, j1)
-            s = np.matmul(qb, k[b, cols, g].T, out=buf)
+            kt = k[b, cols].transpose(1, 2, 0)[:, None]  # (Hkv, 1, D, keys)
+            s4 = np.matmul(qb, kt, out=None if buf is None else buf.reshape(Hkv, G, n, j1 - j0))
+            s = s4.reshape(H, n, j1 - j0)
             if bias is not None:
-                s += _index(bias, b, h, slice(i0, i1), cols)
+                s += _index(bias, b, slice(i0, i1), cols)
             if keep is not None:
-                np.copyto(s, NEG_INF, where=~_index(keep, b, h, slice(i0, i1), cols))
+                np.copyto(s, NEG_INF, where=~_index(keep, b, slice(i0, i1), cols))
             if causal and j1 - 1 > i0 + off:  # the block crosses the diagonal
-                np.copyto(s, NEG_INF, where=np.arange(j0, j1)[None, :] > rows[:, None] + off)
+                np.copyto(s, NEG_INF, where=np.arange(j0, j1)[None, None, :] > rows[None, :, None] + off)
             return s
+
+        def times_v(p, j0, j1):
+            """(H, bq, keys) weights times the values of keys j0:j1: (H, bq, D)."""
+            vb = v[b, j0:j1].transpose(1, 0, 2)[:, None]  # (Hkv, 1, keys, D)
+            return np.matmul(p.reshape(Hkv, G, n, j1 - j0), vb).reshape(H, n, D)
 
         if single:  # all visible keys at once; with weights, computed in place in the output buffer
             buf = None
             if weights is not None:
-                weights[b, h, i0:i1, end:] = 0  # keys wholly in the causal future
-                buf = weights[b, h, i0:i1, :end]
+                weights[b, :, i0:i1, end:] = 0  # keys wholly in the causal future
+                buf = weights[b, :, i0:i1, :end]
             s = logits(0, end, buf)
-            m = s.max(axis=1, keepdims=True)
+            m = s.max(axis=2, keepdims=True)  # (H, bq, 1)
             m[m == NEG_INF] = 0.0  # a row that sees nothing: exp(-inf - 0) = 0
             s -= m
             np.exp(s, out=s)  # hidden -> exactly 0
-            l_sum = s.sum(axis=1, keepdims=True)
+            l_sum = s.sum(axis=2, keepdims=True)
             denom = np.where(l_sum == 0, 1.0, l_sum).astype(dtype)
             if weights is not None:
                 s /= denom  # the weights are final here; the context is their product with V
-                np.matmul(s, v[b, :end, g], out=ob)
+                ctx = times_v(s, 0, end)
             else:
-                np.matmul(s, v[b, :end, g], out=ob)
-                ob /= denom
+                ctx = times_v(s, 0, end)
+                ctx /= denom
         else:  # FlashAttention's recurrence over key blocks
-            m = np.full((n, 1), NEG_INF, dtype)
-            l_sum = np.zeros((n, 1), dtype)
-            acc = np.zeros((n, D), dtype)
+            m = np.full((H, n, 1), NEG_INF, dtype)
+            l_sum = np.zeros((H, n, 1), dtype)
+            ctx = np.zeros((H, n, D), dtype)
             for j0 in range(0, end, options.block_k):
                 j1 = min(j0 + options.block_k, end)
                 s = logits(j0, j1)
-                m_new = np.maximum(m, s.max(axis=1, keepdims=True))
+                m_new = np.maximum(m, s.max(axis=2, keepdims=True))
                 m_safe = np.where(m_new == NEG_INF, 0.0, m_new).astype(dtype)
                 s -= m_safe
                 np.exp(s, out=s)  # hidden -> exactly 0
                 alpha = np.exp(m - m_safe)  # rescales what was accumulated under the old max
                 l_sum *= alpha
-                l_sum += s.sum(axis=1, keepdims=True)
-                acc *= alpha
-                acc += s @ v[b, j0:j1, g]
+                l_sum += s.sum(axis=2, keepdims=True)
+                ctx *= alpha
+                ctx += times_v(s, j0, j1)
                 m = m_new
             denom = np.where(l_sum == 0, 1.0, l_sum).astype(dtype)
-            np.divide(acc, denom, out=ob)
-        if hm is not None:
-            ob *= hm
+            ctx /= denom
+        if head_mask is not None:
+            ctx *= head_mask[b if head_mask.shape[0] > 1 else 0][:, None, None]
         if lse is not None:
-            lse[b, h, i0:i1] = np.where(l_sum[:, 0] == 0, NEG_INF, m[:, 0] + np.log(denom[:, 0]))
+            lse[b, :, i0:i1] = np.where(l_sum[..., 0] == 0, NEG_INF, m[..., 0] + np.log(denom[..., 0]))
         if poison is not None:
-            rows_nan, key_nan = poison[0][b, h, i0:i1], poison[1][b, h, i0:i1]
-            ob[rows_nan] = np.nan
+            rows_nan, key_nan = poison[0][b, :, i0:i1], poison[1][b, :, i0:i1]  # (H, bq)
+            ctx[rows_nan] = np.nan
             if weights is not None:
-                weights[b, h, i0:i1][key_nan] = np.nan  # a NaN logit makes its whole row NaN
+                weights[b, :, i0:i1][key_nan] = np.nan  # a NaN logit makes its whole row NaN
             if lse is not None:
-                lse[b, h, i0:i1][key_nan] = np.nan
+                lse[b, :, i0:i1][key_nan] = np.nan
+        ob[...] = ctx.transpose(1, 0, 2)
 
     par.map(run, tasks)
     return out

@@ -1,0 +1,229 @@
+"""``mha bench``: timings and ratios against torch and mlx.nn, measured in one run.
+
+Every number is a median over repeats after warm-up; each implementation runs its repeats back to back
+after a pause, in two rounds (A B A B), so that neither another library's spinning threads nor drift of
+the machine favour one of them. Ratios are ours / theirs from the same run; the numpy sgemm rate of the same run is the machine's limit for the GFLOP/s column.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import click
+
+from ._util import note
+
+SHAPES = [(1, 512, 512, 8), (4, 1024, 768, 12), (1, 4096, 512, 8)]
+QUICK_SHAPES = [(1, 64, 64, 4), (2, 128, 128, 4)]
+LONG = (1, 16384, 512, 8)
+
+
+def flops(B, T, E, H, S=None) -> float:
+    """Multiply-adds x 2 of one self-attention layer: Q/K/V/O projections and the two attention GEMMs."""
+    S = T if S is None else S
+    return 2.0 * B * T * E * E * 2 + 2.0 * B * S * E * E * 2 + 4.0 * B * T * S * E
+
+
+def sgemm_rate(n: int) -> float:
+    """GFLOP/s of numpy's float32 matrix product (n x n x n), best of 3."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    a @ b
+    best = min(_time(lambda: a @ b) for _ in range(3))
+    return 2.0 * n**3 / best / 1e9
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _impls(B, T, E, H, want_mlx: bool):
+    """name -> zero-argument callable, for the implementations installed here."""
+    import numpy as np
+
+    import mha
+
+    x = np.random.default_rng(0).standard_normal((B, T, E), dtype=np.float32)
+    weights = mha.AttentionWeights.init(E, H, seed=0)
+    ours = mha.MultiHeadAttention.from_weights(weights, backend="numpy")
+    impls = {
+        "mha numpy": lambda: ours(x),
+        "mha numpy +weights": lambda: ours(x, return_weights=True),
+    }
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        torch.set_grad_enabled(False)
+        tm = torch.nn.MultiheadAttention(E, H, batch_first=True).eval()
+        xt = torch.from_numpy(x)
+        impls["torch"] = lambda: tm(xt, xt, xt, need_weights=False)
+        impls["torch +weights"] = lambda: tm(xt, xt, xt, need_weights=True, average_attn_weights=False)
+    if want_mlx:
+        import mlx.core as mx
+        import mlx.nn as nn
+
+        xm = mx.array(x)
+        ref = nn.MultiHeadAttention(E, H, bias=True)
+        mx.eval(ref.parameters())
+        mine = mha.MultiHeadAttention.from_weights(mha.AttentionWeights.from_mlx(ref), backend="mlx")
+        impls["mlx.nn"] = lambda: mx.eval(ref(xm, xm, xm))
+        impls["mha mlx"] = lambda: mx.eval(mine(xm))
+        impls["mha mlx +weights"] = lambda: mx.eval(*mine(xm, return_weights=True))
+    return impls
+
+
+def measure(shape, repeat: int, want_mlx: bool) -> dict:
+    import numpy as np
+
+    impls = _impls(*shape, want_mlx)
+    times = {name: [] for name in impls}
+    # Each implementation runs its repeats back to back, after a pause: torch's OpenMP workers spin for
+    # a while after each call and would slow whatever runs next on the same cores (measured: ours took
+    # 16 ms instead of 9 when interleaved call by call with torch at B=1, T=512). Two rounds (A B A B)
+    # so that slow drift of the machine reaches every implementation.
+    for _ in range(2):
+        for name, fn in impls.items():
+            time.sleep(0.3)
+            fn()  # warm-up: allocations, thread pools, kernels
+            for _ in range(max(1, repeat // 2)):
+                times[name].append(_time(fn))
+    med = {name: float(np.median(ts)) for name, ts in times.items()}
+    B, T, E, H = shape
+    F = flops(B, T, E, H)
+    rows = {}
+    for name, t in med.items():
+        base = {"mha numpy": "torch", "mha numpy +weights": "torch +weights", "mha mlx": "mlx.nn",
+                "mha mlx +weights": "mlx.nn"}.get(name)
+        rows[name] = {"ms": t * 1e3, "gflops": F / t / 1e9,
+                      "vs": base if base in med else None,
+                      "ratio": t / med[base] if base in med else None}
+    return {"shape": {"B": B, "T": T, "E": E, "H": H}, "gflop": F / 1e9, "results": rows}
+
+
+_LONG_CODE = r"""
+import json, sys, time, resource
+import numpy as np
+which, B, T, E, H, repeat = sys.argv[1], *map(int, sys.argv[2:])
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) * 1024
+x = np.random.default_rng(0).standard_normal((B, T, E), dtype=np.float32)
+if which == "mha":
+    import mha
+    layer = mha.MultiHeadAttention(E, H, backend="numpy", seed=0)
+    fn = lambda: layer(x)
+    layer(x[:, :256])
+else:
+    import torch
+    torch.set_grad_enabled(False)
+    m = torch.nn.MultiheadAttention(E, H, batch_first=True).eval()
+    xt = torch.from_numpy(x)
+    fn = lambda: m(xt, xt, xt, need_weights=False)
+    fn_small = m(xt[:, :256], xt[:, :256], xt[:, :256], need_weights=False)
+base = hwm()
+ts = []
+for _ in range(repeat):
+    t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
+print(json.dumps({"s": float(np.median(ts)), "peak_mib": (hwm() - base) / 2**20,
+                  "input_mib": x.nbytes / 2**20}))
+"""
+
+
+def measure_long(repeat: int) -> dict:
+    """T=16384 self-attention, each implementation in a fresh process so that its peak memory (the
+    high-water mark above the inputs) is its own."""
+    B, T, E, H = LONG
+    out = {"shape": {"B": B, "T": T, "E": E, "H": H}, "gflop": flops(B, T, E, H) / 1e9, "results": {}}
+    for which, name in (("mha", "mha numpy"), ("torch", "torch (SDPA path)")):
+        if which == "torch":
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                continue
+        res = subprocess.run([sys.executable, "-c", _LONG_CODE, which, str(B), str(T), str(E), str(H),
+                              str(repeat)], capture_output=True, text=True, timeout=3600)
+        if res.returncode != 0:
+            raise click.ClickException(f"long-sequence run of {name} failed: {res.stderr.strip().splitlines()[-1]}")
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        out["results"][name] = {"ms": r["s"] * 1e3, "gflops": out["gflop"] / r["s"], "peak_mib": r["peak_mib"]}
+    res = out["results"]
+    if "torch (SDPA path)" in res:
+        res["mha numpy"]["vs"] = "torch (SDPA path)"
+        res["mha numpy"]["ratio"] = res["mha numpy"]["ms"] / res["torch (SDPA path)"]["ms"]
+    return out
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="Tiny shapes, few repeats, no long sequence: a smoke run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--repeat", type=click.IntRange(1, 1000), default=None, help="Timed repeats per implementation.")
+@click.option("--long/--no-long", "long_", default=None,
+              help="Also time T=16384 (E=512, H=8) with peak memory (default: on unless --quick).")
+@click.option("--mlx/--no-mlx", "use_mlx", default=None,
+              help="Include MLX rows (default: when MLX is installed; on a CPU-only Linux MLX has no BLAS, so "
+                   "only shapes up to 1024 tokens are run there).")
+def bench(quick, as_json, repeat, long_, use_mlx):
+    """Time this project's layers against torch.nn.MultiheadAttention and mlx.nn.MultiHeadAttention.
+
+    Prints, per shape (B, T, E, H): median ms, GFLOP/s, and ours/theirs ratios measured in this run,
+    plus the numpy sgemm rate of this machine. Benchmarks are measurements, not tests: nothing is
+    asserted about the times.
+    """
+    import mha
+    from mha import _backends
+
+    repeat = repeat or (3 if quick else 15)
+    shapes = QUICK_SHAPES if quick else SHAPES
+    long_ = (not quick) if long_ is None else long_
+    has_mlx = "mlx" in mha.available_backends()
+    if use_mlx and not has_mlx:
+        raise click.ClickException(f"--mlx needs MLX: {_backends.MLX_INSTALL}")
+    use_mlx = has_mlx if use_mlx is None else use_mlx
+    mlx_gpu = _backends.mlx_on_gpu()
+    report = {"machine": {"platform": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(),
+                          "python": platform.python_version(), "mlx_device": _backends._mlx_status()[2]},
+              "sgemm_gflops": None, "shapes": [], "long": None}
+    steps = ["sgemm"] + [f"{s}" for s in shapes] + (["long"] if long_ else [])
+    with click.progressbar(steps, label="mha bench", file=sys.stderr) as bar:
+        for step in bar:
+            if step == "sgemm":
+                report["sgemm_gflops"] = sgemm_rate(1024 if quick else 4096)
+            elif step == "long":
+                report["long"] = measure_long(1 if quick else 3)
+            else:
+                shape = shapes[steps.index(step) - 1]
+                want = use_mlx and (mlx_gpu or shape[0] * shape[1] <= 1024)
+                report["shapes"].append(measure(shape, repeat, want))
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    _print(report, repeat)
+
+
+def _print(report: dict, repeat: int) -> None:
+    m = report["machine"]
+    click.echo(f"{m['platform']}, {m['cpus']} CPUs, Python {m['python']}, MLX device: {m['mlx_device']}; "
+               f"medians of {repeat} repeats")
+    click.echo(f"numpy sgemm (this run): {report['sgemm_gflops']:.0f} GFLOP/s")
+    blocks = report["shapes"] + ([report["long"]] if report["long"] else [])
+    for blk in blocks:
+        s = blk["shape"]
+        click.echo(f"\nB={s['B']} T={s['T']} E={s['E']} H={s['H']}  ({blk['gflop']:.2f} GFLOP per call)")
+        for name, r in blk["results"].items():
+            ratio = f"  {r['ratio']:.2f}x {r['vs']}" if r.get("ratio") else ""
+            mem = f"  peak {r['peak_mib']:.0f} MiB above inputs" if "peak_mib" in r else ""
+            util = f" ({100 * r['gflops'] / report['sgemm_gflops']:.0f}% of sgemm)" if name.startswith("mha numpy") \
+                else ""
+            click.echo(f"  {name:<20} {r['ms']:>10.2f} ms  {r['gflops']:>7.1f} GFLOP/s{util}{ratio}{mem}")
+    note("ratios < 1: ours is faster; every figure comes from this one run")
