@@ -54,10 +54,6 @@ class MaskSet:
     T: int
     S: int
 
-    @property
-    def any(self) -> bool:
-        return self.keep is not None or self.causal
-
     def causal_keep(self, xp):
         """(T, S) bool: key j visible from query i iff j <= i + (S - T)."""
         rows = xp.arange(self.T)[:, None] + (self.S - self.T)
