@@ -7,12 +7,14 @@ Public names::
     mha.available_backends()     backends that run here
     mha.default_backend()        what backend="auto" picks
     mha.to_numpy(array)          numpy view of any backend's array
+    mha.prune_heads(layer, heads)  a smaller layer without those heads (or a model: {layer: [heads]})
     mha.reference                the reference algorithm, generic over the array namespace
 """
 
 from . import _reference as reference
 from ._backends import available_backends, default_backend, to_numpy
 from ._layer import MultiHeadAttention
+from ._prune import prune_heads, prune_weights
 from ._weights import AttentionWeights
 
 __version__ = "0.1.0"
@@ -22,6 +24,8 @@ __all__ = [
     "MultiHeadAttention",
     "available_backends",
     "default_backend",
+    "prune_heads",
+    "prune_weights",
     "reference",
     "to_numpy",
 ]

@@ -28,16 +28,17 @@ class LayerBase:
     _xp = None
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
-                 scale=None, dropout=0.0, dtype="float32", weights=None, seed=None):
+                 scale=None, dropout=0.0, dtype="float32", weights=None, seed=None, head_dim=None):
         super().__init__()
         cfg = _validate.layer_config(embed_dim, num_heads, num_kv_heads=num_kv_heads, kdim=kdim,
-                                     vdim=vdim, bias=bias, scale=scale, dropout=dropout, dtype=dtype,
-                                     backend=self.backend)
+                                     vdim=vdim, head_dim=head_dim, bias=bias, scale=scale, dropout=dropout,
+                                     dtype=dtype, backend=self.backend)
         self._config = cfg
         self._seed = _validate.seed_value(seed)
         if weights is None:
             weights = AttentionWeights.init(cfg.embed_dim, cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                                            kdim=cfg.kdim, vdim=cfg.vdim, bias=cfg.bias, seed=self._seed)
+                                            kdim=cfg.kdim, vdim=cfg.vdim, head_dim=cfg.head_dim, bias=cfg.bias,
+                                            seed=self._seed)
         elif isinstance(weights, (str, os.PathLike)):
             weights = AttentionWeights.load(weights)
         self._check_weights(weights)
@@ -52,7 +53,7 @@ class LayerBase:
     embed_dim = property(lambda self: self._config.embed_dim, doc="E, the query and output width.")
     num_heads = property(lambda self: self._config.num_heads, doc="H, the number of query heads.")
     num_kv_heads = property(lambda self: self._config.num_kv_heads, doc="Hkv, key/value heads (GQA).")
-    head_dim = property(lambda self: self._config.head_dim, doc="D = E / H.")
+    head_dim = property(lambda self: self._config.head_dim, doc="D, the width of each head (E / H by default).")
     kdim = property(lambda self: self._config.kdim, doc="Width of the key input.")
     vdim = property(lambda self: self._config.vdim, doc="Width of the value input.")
     scale = property(lambda self: self._config.effective_scale, doc="The logit scale in use.")
@@ -62,8 +63,9 @@ class LayerBase:
     def __repr__(self) -> str:
         c = self._config
         extra = "".join(
-            f", {k}={v!r}" for k, v in (("num_kv_heads", c.num_kv_heads), ("kdim", c.kdim), ("vdim", c.vdim))
-            if v != (c.num_heads if k == "num_kv_heads" else c.embed_dim)
+            f", {k}={v!r}" for k, v in (("num_kv_heads", c.num_kv_heads), ("kdim", c.kdim), ("vdim", c.vdim),
+                                        ("head_dim", c.head_dim))
+            if v != {"num_kv_heads": c.num_heads, "head_dim": c.embed_dim // c.num_heads}.get(k, c.embed_dim)
         )
         return (f"{type(self).__module__.split('.')[0]}.MultiHeadAttention(embed_dim={c.embed_dim}, "
                 f"num_heads={c.num_heads}{extra}, bias={c.bias}, backend={self.backend!r}, dtype={c.dtype!r})")
@@ -75,8 +77,8 @@ class LayerBase:
         wrong = [
             f"{name}: layer {a}, weights {b}"
             for name, a, b in (("embed_dim", c.embed_dim, w.embed_dim), ("num_heads", c.num_heads, w.num_heads),
-                               ("num_kv_heads", c.num_kv_heads, w.num_kv_heads), ("kdim", c.kdim, w.kdim),
-                               ("vdim", c.vdim, w.vdim), ("bias", c.bias, w.bias))
+                               ("num_kv_heads", c.num_kv_heads, w.num_kv_heads), ("head_dim", c.head_dim, w.head_dim),
+                               ("kdim", c.kdim, w.kdim), ("vdim", c.vdim, w.vdim), ("bias", c.bias, w.bias))
             if a != b
         ]
         if wrong:

@@ -36,6 +36,8 @@ class MultiHeadAttention(abc.ABC):
         dtype: "float32" (default), "float64" (numpy), "float16"/"bfloat16" (MLX).
         weights: an :class:`AttentionWeights` or a path to a saved one; default: seeded Xavier init.
         seed: seeds the initialisation and the dropout stream.
+        head_dim: D, the width of each head (default E / H; another value lets H * D differ from E,
+            as in a layer whose heads were pruned).
 
     How it differs from other libraries: masks are True = may attend everywhere (torch's
     ``attn_mask``/``key_padding_mask`` use True = blocked); causal masks align at the end when T != S
@@ -45,20 +47,21 @@ class MultiHeadAttention(abc.ABC):
     """
 
     def __new__(cls, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
-                scale=None, dropout=0.0, backend="auto", dtype="float32", weights=None, seed=None):
+                scale=None, dropout=0.0, backend="auto", dtype="float32", weights=None, seed=None, head_dim=None):
         impl = layer_class(backend)
         return impl(embed_dim, num_heads, num_kv_heads=num_kv_heads, kdim=kdim, vdim=vdim, bias=bias,
-                    scale=scale, dropout=dropout, dtype=dtype, weights=weights, seed=seed)
+                    scale=scale, dropout=dropout, dtype=dtype, weights=weights, seed=seed, head_dim=head_dim)
 
     @staticmethod
     def from_weights(weights, *, scale=None, dropout=0.0, backend="auto", dtype="float32", seed=None):
-        """A layer whose sizes (E, H, Hkv, kdim, vdim, bias) are taken from ``weights``
+        """A layer whose sizes (E, H, Hkv, D, kdim, vdim, bias) are taken from ``weights``
         (an :class:`AttentionWeights` or a path)."""
         if not isinstance(weights, AttentionWeights):
             weights = AttentionWeights.load(weights)
         return MultiHeadAttention(weights.embed_dim, weights.num_heads, num_kv_heads=weights.num_kv_heads,
                                   kdim=weights.kdim, vdim=weights.vdim, bias=weights.bias, scale=scale,
-                                  dropout=dropout, backend=backend, dtype=dtype, weights=weights, seed=seed)
+                                  dropout=dropout, backend=backend, dtype=dtype, weights=weights, seed=seed,
+                                  head_dim=weights.head_dim)
 
 
 MultiHeadAttention.register(LayerBase)

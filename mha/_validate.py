@@ -80,10 +80,7 @@ class LayerConfig:
     scale: float | None
     dropout: float
     dtype: str
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
+    head_dim: int
 
     @property
     def effective_scale(self) -> float:
@@ -92,32 +89,33 @@ class LayerConfig:
     def kwargs(self) -> dict:
         """Constructor keyword arguments that rebuild this configuration."""
         return dict(
-            num_kv_heads=self.num_kv_heads, kdim=self.kdim, vdim=self.vdim, bias=self.bias,
-            scale=self.scale, dropout=self.dropout, dtype=self.dtype,
+            num_kv_heads=self.num_kv_heads, kdim=self.kdim, vdim=self.vdim, head_dim=self.head_dim,
+            bias=self.bias, scale=self.scale, dropout=self.dropout, dtype=self.dtype,
         )
 
 
-def head_counts(embed_dim, num_heads, num_kv_heads) -> tuple[int, int, int]:
-    """Check E, H and Hkv: E = H * D and H a multiple of Hkv."""
+def head_counts(embed_dim, num_heads, num_kv_heads, head_dim=None) -> tuple[int, int, int, int]:
+    """Check E, H, Hkv and D: H a multiple of Hkv; without an explicit head_dim, E = H * D."""
     embed_dim = positive_int("embed_dim", embed_dim)
     num_heads = positive_int("num_heads", num_heads)
     num_kv_heads = optional_positive_int("num_kv_heads", num_kv_heads, num_heads)
-    if embed_dim % num_heads:
+    if head_dim is None and embed_dim % num_heads:
         raise ValueError(
             f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}: "
-            f"embed_dim must equal num_heads * head_dim"
+            f"embed_dim must equal num_heads * head_dim (or pass head_dim=)"
         )
+    head_dim = embed_dim // num_heads if head_dim is None else positive_int("head_dim", head_dim)
     if num_heads % num_kv_heads:
         raise ValueError(
             f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}: "
             f"each key/value head must serve a whole group of query heads"
         )
-    return embed_dim, num_heads, num_kv_heads
+    return embed_dim, num_heads, num_kv_heads, head_dim
 
 
-def layer_config(embed_dim, num_heads, *, num_kv_heads, kdim, vdim, bias, scale, dropout, dtype,
+def layer_config(embed_dim, num_heads, *, num_kv_heads, kdim, vdim, head_dim=None, bias, scale, dropout, dtype,
                  backend: str) -> LayerConfig:
-    embed_dim, num_heads, num_kv_heads = head_counts(embed_dim, num_heads, num_kv_heads)
+    embed_dim, num_heads, num_kv_heads, head_dim = head_counts(embed_dim, num_heads, num_kv_heads, head_dim)
     kdim = optional_positive_int("kdim", kdim, embed_dim)
     vdim = optional_positive_int("vdim", vdim, embed_dim)
     bias = boolean("bias", bias)
@@ -126,7 +124,7 @@ def layer_config(embed_dim, num_heads, *, num_kv_heads, kdim, vdim, bias, scale,
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     dtype = dtype_name(dtype, backend)
-    return LayerConfig(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, scale, dropout, dtype)
+    return LayerConfig(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, scale, dropout, dtype, head_dim)
 
 
 def seed_value(seed) -> int | None:

@@ -41,6 +41,7 @@ class AttentionWeights:
 
     Attributes:
         q_weight: (H*D, E); k_weight: (Hkv*D, kdim); v_weight: (Hkv*D, vdim); o_weight: (E, H*D).
+        D is usually E / H, but need not be (a layer with pruned heads has H*D < E).
         q_bias: (H*D,); k_bias, v_bias: (Hkv*D,); o_bias: (E,). All four or none.
         num_heads: H; num_kv_heads: Hkv (H for plain MHA, 1 for MQA).
     """
@@ -57,8 +58,11 @@ class AttentionWeights:
                 raise ValueError(f"{name} must be 2-D (out_features, in_features), got shape {arrays[name].shape}")
         E = arrays["q_weight"].shape[1]
         num_heads = positive_int("num_heads", num_heads)
-        E, H, Hkv = head_counts(E, num_heads, num_kv_heads)
-        D = E // H
+        rows = arrays["q_weight"].shape[0]
+        if rows % num_heads:
+            raise ValueError(f"q_weight has {rows} rows, not a multiple of num_heads={num_heads} "
+                             f"(it must be (num_heads * head_dim, embed_dim))")
+        E, H, Hkv, D = head_counts(E, num_heads, num_kv_heads, max(1, rows // num_heads))
         kdim, vdim = arrays["k_weight"].shape[1], arrays["v_weight"].shape[1]
         expected = {
             "q_weight": (H * D, E), "k_weight": (Hkv * D, kdim), "v_weight": (Hkv * D, vdim),
@@ -93,7 +97,7 @@ class AttentionWeights:
 
     @property
     def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
+        return self.q_weight.shape[0] // self.num_heads
 
     @property
     def kdim(self) -> int:
@@ -133,23 +137,22 @@ class AttentionWeights:
 
     def __repr__(self) -> str:
         return (f"AttentionWeights(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
-                f"num_kv_heads={self.num_kv_heads}, kdim={self.kdim}, vdim={self.vdim}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, kdim={self.kdim}, vdim={self.vdim}, "
                 f"bias={self.bias}, dtype={self.dtype})")
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def init(cls, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
+    def init(cls, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, head_dim=None, bias=True,
              seed=None, dtype="float32") -> AttentionWeights:
         """Xavier-uniform projections and zero biases (torch's initialisation), seeded.
 
         Each projection ``W`` of shape (out, in) is drawn from U(-a, a), a = sqrt(6 / (in + out)).
         """
-        E, H, Hkv = head_counts(embed_dim, num_heads, num_kv_heads)
+        E, H, Hkv, D = head_counts(embed_dim, num_heads, num_kv_heads, head_dim)
         kdim = E if kdim is None else positive_int("kdim", kdim)
         vdim = E if vdim is None else positive_int("vdim", vdim)
         dt = np.dtype(dtype_name(dtype, "numpy"))
         rng = np.random.default_rng(seed_value(seed))
-        D = E // H
 
         def xavier(out, inp):
             a = math.sqrt(6.0 / (inp + out))

@@ -157,7 +157,7 @@ def test_weights_constructor_checks():
     w = random_weights(12, 4).to_dict()
     with pytest.raises(ValueError, match="biases must be given for all of q/k/v/o or none; missing o_bias"):
         mha.AttentionWeights(**{**w, "o_bias": None}, num_heads=4)
-    with pytest.raises(ValueError, match=r"embed_dim=12 is not divisible by num_heads=5"):
+    with pytest.raises(ValueError, match=r"q_weight has 12 rows, not a multiple of num_heads=5"):
         mha.AttentionWeights(**w, num_heads=5)
     with pytest.raises(ValueError, match=r"o_weight: expected \(12, 12\), got \(12, 8\)"):
         mha.AttentionWeights(**{**w, "o_weight": np.zeros((12, 8))}, num_heads=4)

@@ -18,7 +18,7 @@ from .._backends import resolve, to_numpy
 from .._layer import MultiHeadAttention
 from .._reference import linear
 from .._weights import AttentionWeights
-from ._common import Encoding, check_text
+from ._common import Encoding, PrunableHeads, check_text
 from ._ops import gelu, layer_norm
 
 OPTIONAL_PREFIXES = ("bert.", "model.")
@@ -92,7 +92,7 @@ def read_weights(path: Path, config: BertConfig) -> dict:
     return {k: np.asarray(tensors[k], np.float32) for k in expected}
 
 
-class BertModel:
+class BertModel(PrunableHeads):
     """A BERT-family encoder running on this project's attention (numpy or MLX backend).
 
     ``encode(text)`` -> :class:`Encoding` (tokens, last hidden states, per-head attentions);
@@ -123,6 +123,7 @@ class BertModel:
                                   *(weights[p + n + ".bias"] for n in ("self.query", "self.key", "self.value",
                                                                        "output.dense")), num_heads=H)
             self.layers.append(MultiHeadAttention.from_weights(aw, backend=self.backend))
+        self._init_heads()
 
     @property
     def num_layers(self) -> int:
@@ -138,13 +139,15 @@ class BertModel:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"BertModel({self.name!r}, layers={c.num_hidden_layers}, heads={c.num_attention_heads}, "
+        pruned = f", pruned={self.num_pruned}" if self.num_pruned else ""
+        return (f"BertModel({self.name!r}, layers={c.num_hidden_layers}, heads={c.num_attention_heads}{pruned}, "
                 f"hidden={c.hidden_size}, backend={self.backend!r})")
 
     def forward(self, ids, mask, *, return_attentions=False, head_mask=None):
         """ids, mask (B, L) -> hidden states (B, L, E) native, and per-layer weights (B, H, L, L) if asked.
 
-        ``head_mask``: (layers, H) multipliers on each head's context (0 removes a head)."""
+        ``head_mask``: (layers, H) multipliers on each head's context (0 removes a head); numpy, or an
+        mx.array on the MLX backend (then gradients flow to it: head importance by autodiff)."""
         xp, w = self._xp, self._w
         c = self.config
         ids_n = xp.array(ids) if xp is not np else ids
@@ -157,7 +160,7 @@ class BertModel:
         attentions = []
         for i, attn in enumerate(self.layers):
             p = f"encoder.layer.{i}."
-            hm = None if head_mask is None else np.asarray(head_mask, np.float32)[i]
+            hm = self._layer_head_mask(head_mask, i)
             res = attn(x, key_mask=mask_n, head_mask=hm, return_weights=return_attentions)
             a = res[0] if return_attentions else res
             if return_attentions:
@@ -178,8 +181,8 @@ class BertModel:
         tokens, ids, cut = self.tokenizer.encode(text, min(max_length or self.max_length, self.max_length))
         hidden, atts = self.forward(ids[None], np.ones((1, len(ids)), bool), return_attentions=True,
                                     head_mask=head_mask)
-        return Encoding(tokens, ids, to_numpy(hidden)[0], np.stack([to_numpy(a)[0] for a in atts]), cut,
-                        model=self.name)
+        return Encoding(tokens, ids, to_numpy(hidden)[0], self._full_attentions([to_numpy(a)[0] for a in atts]),
+                        cut, model=self.name)
 
     def embed(self, sentences, *, batch_size: int = 32, max_length: int | None = None, head_mask=None) -> np.ndarray:
         """(n, E) sentence embeddings: mean of the last hidden states over real tokens, L2-normalised

@@ -30,7 +30,7 @@ import numpy as np
 from .._backends import resolve, to_numpy
 from .._layer import MultiHeadAttention
 from .._weights import AttentionWeights
-from ._common import Encoding, check_text
+from ._common import Encoding, PrunableHeads, check_text
 
 ALPHA = 12.0
 MAX_LENGTH = 48  # positions, [CLS] and [SEP] included
@@ -90,7 +90,7 @@ def _weights() -> AttentionWeights:
     return AttentionWeights(Wq, Wk, Wv, Wo, num_heads=H)
 
 
-class BuiltinModel:
+class BuiltinModel(PrunableHeads):
     """The constructed demo model (see the module docstring). Same ``encode``/``embed`` as BertModel."""
 
     name = "builtin"
@@ -103,6 +103,7 @@ class BuiltinModel:
         self.backend = resolve(backend)
         self.layers = [MultiHeadAttention.from_weights(_weights(), scale=1.0, backend=self.backend)]
         self.head_labels = {(0, h): label for h, label in enumerate(LABELS)}
+        self._init_heads()
 
     def __repr__(self) -> str:
         return f"BuiltinModel(constructed demo, layers=1, heads={self.num_heads}, backend={self.backend!r})"
@@ -131,7 +132,7 @@ class BuiltinModel:
         y, w = self.layers[0](x, return_weights=True)
         ids = np.array([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=4).digest(), "little")
                         for t in tokens], dtype=np.int64)
-        return Encoding(tokens, ids, to_numpy(y), to_numpy(w)[None], cut, model=self.name,
+        return Encoding(tokens, ids, to_numpy(y), self._full_attentions([to_numpy(w)]), cut, model=self.name,
                         head_labels=dict(self.head_labels))
 
     def embed(self, sentences, **_) -> np.ndarray:

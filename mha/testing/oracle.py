@@ -52,7 +52,7 @@ def additive(B, H, T, S, mask=None):
 def head_projections(weights, query, key, value):
     """Per-head projections in float64, by slicing: lists q[h] (B, T, D), k[g], v[g] (B, S, D)."""
     H, Hkv = weights.num_heads, weights.num_kv_heads
-    D = weights.embed_dim // H
+    D = weights.head_dim
     w = {n: _f64(a) for n, a in weights.to_dict().items()}
     xq, xk, xv = _f64(query), _f64(key), _f64(value)
 
@@ -77,7 +77,7 @@ def attention(weights, query, key=None, value=None, *, mask=None, key_mask=None,
     value = key if value is None else value
     H, Hkv = weights.num_heads, weights.num_kv_heads
     E = weights.embed_dim
-    D = E // H
+    D = weights.head_dim
     group = H // Hkv
     B, T, _ = np.shape(query)
     S = np.shape(key)[1]

@@ -41,7 +41,7 @@ def magnitude(weights, query, key=None, value=None, *, y_ref=None, scale=None, m
     key = query if key is None else key
     value = key if value is None else value
     qs, ks, vs = head_projections(weights, query, key, value)
-    D = weights.embed_dim // weights.num_heads
+    D = weights.head_dim
     s = abs(1.0 / math.sqrt(D) if scale is None else float(scale))
     qn = max(float(np.linalg.norm(q, axis=-1).max(initial=0.0)) for q in qs)
     kn = max(float(np.linalg.norm(k, axis=-1).max(initial=0.0)) for k in ks)
