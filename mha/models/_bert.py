@@ -125,6 +125,22 @@ class BertModel(PrunableHeads):
             self.layers.append(MultiHeadAttention.from_weights(aw, backend=self.backend))
         self._init_heads()
 
+    def to(self, backend):
+        """The same model (pruning included) on another backend."""
+        import copy
+
+        new = copy.copy(self)
+        new.backend = resolve(backend)
+        if new.backend == "mlx":
+            import mlx.core as mx
+
+            new._xp, native = mx, mx.array
+        else:
+            new._xp, native = np, np.asarray
+        new._w = {k: native(to_numpy(v)) for k, v in self._w.items()}
+        new.layers = [layer.to(new.backend) for layer in self.layers]
+        return new
+
     @property
     def num_layers(self) -> int:
         return len(self.layers)

@@ -121,7 +121,7 @@ class BuiltinModel(PrunableHeads):
             x[i, _LAST] = float(i == len(tokens) - 1)
         return x
 
-    def encode(self, text: str, *, max_length: int | None = None) -> Encoding:
+    def encode(self, text: str, *, max_length: int | None = None, head_mask=None) -> Encoding:
         check_text(text)
         tokens = tokenize(text)
         limit = min(max_length or MAX_LENGTH, MAX_LENGTH)
@@ -129,17 +129,18 @@ class BuiltinModel(PrunableHeads):
         if cut:
             tokens = tokens[:limit - 1] + ["[SEP]"]
         x = self._embed(tokens)
-        y, w = self.layers[0](x, return_weights=True)
+        y, w = self.layers[0](x, head_mask=self._layer_head_mask(head_mask, 0), return_weights=True)
         ids = np.array([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=4).digest(), "little")
                         for t in tokens], dtype=np.int64)
         return Encoding(tokens, ids, to_numpy(y), self._full_attentions([to_numpy(w)]), cut, model=self.name,
                         head_labels=dict(self.head_labels))
 
-    def embed(self, sentences, **_) -> np.ndarray:
+    def embed(self, sentences, *, head_mask=None, **_) -> np.ndarray:
+        """(n, E): mean of the hidden states over tokens, L2-normalised."""
         if isinstance(sentences, str):
             sentences = [sentences]
         out = []
         for s in sentences:
-            h = self.encode(s).hidden_states.astype(np.float64).mean(0)
+            h = self.encode(s, head_mask=head_mask).hidden_states.astype(np.float64).mean(0)
             out.append(h / max(np.linalg.norm(h), 1e-12))
         return np.array(out, np.float32)

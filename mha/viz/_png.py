@@ -45,6 +45,12 @@ def save_png(data: dict, path, *, columns: int = 4, dpi: int = 110) -> Path:
     suptitle = f"{data['model']}" + (" (constructed demo weights)" if data.get("constructed") else "")
     fig.suptitle(suptitle + ": rows = queries, columns = keys", fontsize=10)
     fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def _save(fig, path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG atomically (temporary file, then rename) and close it."""
+    plt = _matplotlib()
     path = Path(path)
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent if str(path.parent) else ".")
     os.close(fd)

@@ -1,0 +1,107 @@
+"""``mha prune``: how much of a model's attention can go? Heads pruned by importance vs at random."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ._models import load
+from ._util import note, require
+
+
+@click.command()
+@click.option("--model", "model_name", default="minilm", show_default=True, metavar="NAME|PATH",
+              help="A sentence-embedding model (minilm, a folder, or builtin).")
+@click.option("--importance", type=click.Choice(["ablation", "gradient"]), default="ablation", show_default=True,
+              help="ablation: 1 - cosine to the full model with the head masked; gradient: E|dL/dgate| of an "
+                   "InfoNCE loss over paraphrase pairs (MLX autodiff).")
+@click.option("--random", "n_random", type=click.IntRange(0, 50), default=3, show_default=True,
+              help="Random pruning orders to average as the control.")
+@click.option("--fractions", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", show_default=True,
+              help="Comma-separated fractions of heads to prune.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random orders.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the curves as a PNG (needs the plot extra).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def prune(model_name, importance, n_random, fractions, seed, output, as_json):
+    """Prune a growing fraction of attention heads (weight surgery) and measure how the sentence
+    embeddings change: mean cosine to the full model's embedding of the same sentence, and the rank
+    agreement (Spearman) of all pairwise similarities over the 64 shipped sentences. Heads go in order
+    of importance (least important first) and, as the control, in random orders. Every layer keeps at
+    least one head."""
+    import numpy as np
+
+    import mha.analysis as ma
+
+    try:
+        fracs = [float(f) for f in fractions.split(",") if f.strip()]
+    except ValueError:
+        raise click.BadParameter(f"not a list of numbers: {fractions!r}", param_hint="--fractions") from None
+    if not fracs or not all(0 < f < 1 for f in fracs):
+        raise click.BadParameter("fractions must lie strictly between 0 and 1", param_hint="--fractions")
+    if importance == "gradient":
+        require("mlx.core", "--importance gradient")
+    model = load(model_name, "numpy")
+    heads = sum(len(ids) for ids in model.head_ids)
+    sents = ma.sentences()
+    steps = heads if importance == "ablation" else 2
+    with click.progressbar(length=steps + len(fracs) * (1 + n_random), label="mha prune", file=sys.stderr) as bar:
+        if importance == "ablation":
+            imp = ma.ablation_importance(model, sents, progress=bar.update)
+        else:
+            imp = ma.gradient_importance(model, progress=bar.update)
+        ordered = ma.pruning_curve(model, ma.order_by(imp), fracs, sents, progress=bar.update)
+        rng = np.random.default_rng(seed)
+        randoms = []
+        for _ in range(n_random):
+            order = [(layer, h) for layer in range(model.num_layers) for h in model.head_ids[layer]]
+            order = [order[i] for i in rng.permutation(len(order))]
+            randoms.append(ma.pruning_curve(model, order, fracs, sents, progress=bar.update))
+    result = {"model": model.name, "heads": heads, "importance": importance, "sentences": len(sents),
+              "importance_values": np.round(imp, 6).tolist(),
+              "by_importance": [s.as_dict() for s in ordered],
+              "random": [[s.as_dict() for s in r] for r in randoms]}
+    if output:
+        _plot(result, output)
+        note(f"wrote {output}")
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    click.echo(f"{model.name}: {heads} heads, importance by {importance}, {len(sents)} sentences, "
+               f"random control: mean of {n_random} orders")
+    click.echo(f"{'pruned':>7} {'heads':>5} | {'by importance':^26} | {'random':^17}")
+    click.echo(f"{'':>7} {'':>5} | {'cosine':>8} {'rank':>7} {'ms/sent':>8} | {'cosine':>8} {'rank':>7}")
+    for i, s in enumerate(ordered):
+        rc = np.mean([r[i].cosine for r in randoms]) if randoms else float("nan")
+        rr = np.mean([r[i].rank_agreement for r in randoms]) if randoms else float("nan")
+        click.echo(f"{100 * s.fraction:>6.0f}% {s.pruned:>5} | {s.cosine:>8.4f} {s.rank_agreement:>7.4f} "
+                   f"{s.ms_per_sentence:>8.2f} | {rc:>8.4f} {rr:>7.4f}")
+
+
+def _plot(result: dict, path) -> None:
+    from mha.viz._png import _matplotlib, _save
+
+    try:
+        plt = _matplotlib()
+    except ImportError as err:
+        raise click.ClickException(str(err)) from None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "cosine", "mean cosine to the full model"),
+                           (axes[1], "rank_agreement", "rank agreement of pairwise similarities")):
+        xs = [s["fraction"] * 100 for s in result["by_importance"]]
+        ax.plot(xs, [s[key] for s in result["by_importance"]], "o-", label=f"by {result['importance']} importance")
+        if result["random"]:
+            import numpy as np
+
+            vals = np.array([[s[key] for s in r] for r in result["random"]])
+            ax.plot(xs, vals.mean(0), "s--", label=f"random (mean of {len(vals)})")
+            ax.fill_between(xs, vals.min(0), vals.max(0), alpha=0.2)
+        ax.set_xlabel("heads pruned (%)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Pruning {result['model']}'s {result['heads']} attention heads ({result['sentences']} sentences)")
+    fig.tight_layout()
+    _save(fig, path)
