@@ -60,6 +60,25 @@ def magnitude(weights, query, key=None, value=None, *, y_ref=None, scale=None, m
     return ymax + wo * vmax * (1.0 + s * qn * kn + amax)
 
 
+def weights_magnitude(weights, query, key=None, *, scale=None, mask=None) -> float:
+    """The scale M_P of the error bound for attention weights: a logit's rounding error is at most
+    u (1 + s max||q|| max||k|| + max|A|), which moves a softmax probability by at most twice that
+    (relative, and the probabilities are <= 1), and normalising over S keys adds S u:
+    M_P = S + 2 (1 + s max||q|| max||k|| + max|A|)."""
+    from .oracle import head_projections
+
+    key = query if key is None else key
+    qs, ks, _ = head_projections(weights, query, key, np.zeros(np.shape(key)[:-1] + (weights.vdim,)))
+    s = abs(1.0 / math.sqrt(weights.head_dim) if scale is None else float(scale))
+    qn = max(float(np.linalg.norm(q, axis=-1).max(initial=0.0)) for q in qs)
+    kn = max(float(np.linalg.norm(k, axis=-1).max(initial=0.0)) for k in ks)
+    amax = 0.0
+    if mask is not None and np.asarray(mask).dtype.kind == "f":
+        m = np.asarray(mask, dtype=np.float64)
+        amax = float(np.abs(m[np.isfinite(m)]).max(initial=0.0))
+    return np.shape(key)[-2] + 2.0 * (1.0 + s * qn * kn + amax)
+
+
 def t1(dtype, M: float) -> float:
     """Bound for one evaluation in ``dtype`` against the exact result."""
     return C * unit_roundoff(dtype) * M

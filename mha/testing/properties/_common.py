@@ -97,6 +97,15 @@ def magnitude(problem: Problem, y_ref=None, *, weights=None, query=None, key=Non
                                y_ref=y_ref, mask=problem.mask if mask is None else mask, **kw)
 
 
+def weights_tol(problem: Problem, *, weights=None, query=None, key=None, evaluations: int = 2) -> float:
+    """Bound for attention weights (tolerance.weights_magnitude), for ``evaluations`` evaluations."""
+    k, _ = problem.kv
+    MP = tolerance.weights_magnitude(problem.weights if weights is None else weights,
+                                     problem.query if query is None else query, k if key is None else key,
+                                     mask=problem.mask)
+    return evaluations * tolerance.t1("float32", MP)
+
+
 def t1(M: float) -> float:
     return tolerance.t1("float32", M)
 
@@ -145,5 +154,5 @@ def empty_rows(problem: Problem) -> np.ndarray:
     return ~problem.visible().any(-1)
 
 
-__all__ = ["PROPERTIES", "Property", "prop", "call", "magnitude", "t1", "t2", "close", "identical", "rng_of",
+__all__ = ["PROPERTIES", "Property", "prop", "call", "magnitude", "t1", "t2", "weights_tol", "close", "identical", "rng_of",
            "full_mask", "edit_weights", "empty_rows", "replace"]

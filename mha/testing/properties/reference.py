@@ -3,8 +3,8 @@ almost every metamorphic property is blind to."""
 
 from __future__ import annotations
 
-from .. import oracle, tolerance
-from ._common import call, close, magnitude, prop, t1
+from .. import oracle
+from ._common import call, close, magnitude, prop, t1, weights_tol
 
 
 @prop("reference", theme="reference")
@@ -20,4 +20,4 @@ def reference(impl, p):
     M = magnitude(p, y_ref)
     close(y, y_ref, t1(M), "output vs float64 oracle")
     if rw:
-        close(P, P_ref, 2 * p.config.S * tolerance.unit_roundoff("float32") + t1(M), "weights vs float64 oracle")
+        close(P, P_ref, weights_tol(p, evaluations=1), "weights vs float64 oracle")
