@@ -5,10 +5,11 @@ One evaluation in a dtype with unit roundoff :math:`u` differs from the exact (f
 .. math::
 
     T_1 = C\,u\,M,\qquad
-    M = \max|y| + \lVert W_O\rVert_\infty\,\max|v|\,\big(1 + s\,\max_i\lVert q_i\rVert_2\,\max_j\lVert k_j\rVert_2
+    M = \max|y| + \max|b_O| + \lVert W_O\rVert_\infty\,\max|v|\,\big(1 + s\,\max_i\lVert q_i\rVert_2\,\max_j\lVert k_j\rVert_2
         + \max|A|\big)
 
-with :math:`q, k, v` the projected heads (float64), :math:`s` the scale, :math:`A` the additive mask and
+with :math:`q, k, v` the heads projected with absolute values, :math:`|x|\,|W|^\top + |b|` (which bound
+both the projections and their rounding, also when the products cancel), :math:`s` the scale, :math:`A` the additive mask and
 :math:`\lVert W_O\rVert_\infty` the largest absolute row sum of the output projection (times the largest
 head-mask multiplier). The Cauchy-Schwarz factor bounds the rounding of each logit
 :math:`\sum_d q_d k_d` by :math:`u\,s\,\lVert q\rVert\lVert k\rVert`; a logit error :math:`\delta` moves a
@@ -24,6 +25,8 @@ import math
 
 import numpy as np
 
+from .oracle import head_projections
+
 C = 4.0
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 
@@ -36,11 +39,9 @@ def unit_roundoff(dtype) -> float:
 def magnitude(weights, query, key=None, value=None, *, y_ref=None, scale=None, mask=None,
               head_mask=None) -> float:
     """The scale M of the error bound for one layer call (see the module docstring)."""
-    from .oracle import head_projections
-
     key = query if key is None else key
     value = key if value is None else value
-    qs, ks, vs = head_projections(weights, query, key, value)
+    qs, ks, vs = _abs_projections(weights, query, key, value)
     D = weights.head_dim
     s = abs(1.0 / math.sqrt(D) if scale is None else float(scale))
     qn = max(float(np.linalg.norm(q, axis=-1).max(initial=0.0)) for q in qs)
@@ -53,11 +54,23 @@ def magnitude(weights, query, key=None, value=None, *, y_ref=None, scale=None, m
     wo = float(np.abs(np.asarray(weights.o_weight, np.float64)).sum(axis=1).max(initial=0.0))
     if head_mask is not None:
         wo *= float(np.abs(np.asarray(head_mask, np.float64)).max(initial=0.0))
-    ymax = 0.0
+    ymax = 0.0 if weights.o_bias is None else float(np.abs(np.asarray(weights.o_bias, np.float64)).max())
     if y_ref is not None:  # NaN in a result under test must not turn the bound into NaN
         y = np.abs(np.asarray(y_ref, np.float64))
-        ymax = float(y[np.isfinite(y)].max(initial=0.0))
+        ymax += float(y[np.isfinite(y)].max(initial=0.0))
     return ymax + wo * vmax * (1.0 + s * qn * kn + amax)
+
+
+def _abs_projections(weights, query, key, value):
+    """Per-head projections of |x| by |W| (plus |b|): they bound |q|, |k|, |v| *and* the rounding of
+    each projection (u times these sums), which |q| alone misses when the products cancel."""
+    from .._weights import AttentionWeights
+
+    w = weights.to_dict()
+    absw = AttentionWeights(**{n: None if a is None else np.abs(np.asarray(a, np.float64)) for n, a in w.items()},
+                            num_heads=weights.num_heads, num_kv_heads=weights.num_kv_heads)
+    return head_projections(absw, np.abs(np.asarray(query, np.float64)), np.abs(np.asarray(key, np.float64)),
+                            np.abs(np.asarray(value, np.float64)))
 
 
 def weights_magnitude(weights, query, key=None, *, scale=None, mask=None) -> float:
@@ -65,10 +78,9 @@ def weights_magnitude(weights, query, key=None, *, scale=None, mask=None) -> flo
     u (1 + s max||q|| max||k|| + max|A|), which moves a softmax probability by at most twice that
     (relative, and the probabilities are <= 1), and normalising over S keys adds S u:
     M_P = S + 2 (1 + s max||q|| max||k|| + max|A|)."""
-    from .oracle import head_projections
 
     key = query if key is None else key
-    qs, ks, _ = head_projections(weights, query, key, np.zeros(np.shape(key)[:-1] + (weights.vdim,)))
+    qs, ks, _ = _abs_projections(weights, query, key, np.zeros(np.shape(key)[:-1] + (weights.vdim,)))
     s = abs(1.0 / math.sqrt(weights.head_dim) if scale is None else float(scale))
     qn = max(float(np.linalg.norm(q, axis=-1).max(initial=0.0)) for q in qs)
     kn = max(float(np.linalg.norm(k, axis=-1).max(initial=0.0)) for k in ks)
