@@ -8,20 +8,26 @@ Public names::
     mha.default_backend()        what backend="auto" picks
     mha.to_numpy(array)          numpy view of any backend's array
     mha.prune_heads(layer, heads)  a smaller layer without those heads (or a model: {layer: [heads]})
+    mha.RoPE                     rotary position embedding settings (the layer's ``rope=``)
+    mha.KVCache                  the decoding cache ``layer.init_cache(batch_size, max_length)`` returns
     mha.reference                the reference algorithm, generic over the array namespace
 """
 
 from . import _reference as reference
+from ._cache import KVCache
 from ._backends import available_backends, default_backend, to_numpy
 from ._layer import MultiHeadAttention
 from ._prune import prune_heads, prune_weights
+from ._rope import RoPE
 from ._weights import AttentionWeights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionWeights",
+    "KVCache",
     "MultiHeadAttention",
+    "RoPE",
     "available_backends",
     "default_backend",
     "prune_heads",

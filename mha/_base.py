@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import _masks, _validate
 from ._backends import to_numpy
+from ._cache import KVCache
 from ._reference import multi_head_attention
+from ._rope import apply_rope
 from ._weights import AttentionWeights
+
+
+@dataclass(frozen=True)
+class _Positions:
+    """Where a call's tokens sit: RoPE offsets of the first query and the first key, and the cache step."""
+
+    q_offset: int
+    k_offset: int
+    step: object = None
 
 
 class LayerBase:
@@ -28,11 +40,12 @@ class LayerBase:
     _xp = None
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
-                 scale=None, dropout=0.0, dtype="float32", weights=None, seed=None, head_dim=None):
+                 scale=None, dropout=0.0, dtype="float32", weights=None, seed=None, head_dim=None, rope=None,
+                 window=None):
         super().__init__()
         cfg = _validate.layer_config(embed_dim, num_heads, num_kv_heads=num_kv_heads, kdim=kdim,
                                      vdim=vdim, head_dim=head_dim, bias=bias, scale=scale, dropout=dropout,
-                                     dtype=dtype, backend=self.backend)
+                                     dtype=dtype, backend=self.backend, rope=rope, window=window)
         self._config = cfg
         self._seed = _validate.seed_value(seed)
         if weights is None:
@@ -59,6 +72,8 @@ class LayerBase:
     scale = property(lambda self: self._config.effective_scale, doc="The logit scale in use.")
     dropout = property(lambda self: self._config.dropout, doc="Dropout probability on the weights.")
     dtype = property(lambda self: self._config.dtype, doc="Compute dtype name, e.g. 'float32'.")
+    rope = property(lambda self: self._config.rope, doc="The rotary position embedding (mha.RoPE) or None.")
+    window = property(lambda self: self._config.window, doc="The sliding window W (None: no window).")
 
     def __repr__(self) -> str:
         c = self._config
@@ -66,7 +81,7 @@ class LayerBase:
             f", {k}={v!r}" for k, v in (("num_kv_heads", c.num_kv_heads), ("kdim", c.kdim), ("vdim", c.vdim),
                                         ("head_dim", c.head_dim))
             if v != {"num_kv_heads": c.num_heads, "head_dim": c.embed_dim // c.num_heads}.get(k, c.embed_dim)
-        )
+        ) + "".join(f", {k}={v!r}" for k, v in (("rope", c.rope), ("window", c.window)) if v is not None)
         return (f"{type(self).__module__.split('.')[0]}.MultiHeadAttention(embed_dim={c.embed_dim}, "
                 f"num_heads={c.num_heads}{extra}, bias={c.bias}, backend={self.backend!r}, dtype={c.dtype!r})")
 
@@ -109,6 +124,58 @@ class LayerBase:
         return MultiHeadAttention(self.embed_dim, self.num_heads, **kwargs, backend=backend,
                                   weights=self.weights, seed=self._seed)
 
+    # -- decoding ----------------------------------------------------------------------------------
+    def init_cache(self, batch_size, max_length=None) -> KVCache:
+        """An empty key/value cache for decoding with this layer: ``layer(x_new, cache=cache, causal=True)``.
+
+        Args:
+            batch_size: B of the calls that will use it (unbatched calls: 1).
+            max_length: the most positions it will hold in total, allocated at once; None grows it as
+                needed. A layer with a sliding ``window`` keeps only the last window - 1 positions
+                (memory O(window) however long the generation).
+
+        Returns:
+            an :class:`mha.KVCache` holding (B, num_kv_heads, positions, head_dim) keys and values
+            (after RoPE) in the layer's dtype, and which positions were padding.
+        """
+        c = self._config
+        batch_size = _validate.positive_int("batch_size", batch_size)
+        max_length = None if max_length is None else _validate.positive_int("max_length", max_length)
+        if c.kdim != c.embed_dim or c.vdim != c.embed_dim:
+            raise ValueError(f"init_cache needs a self-attention layer (kdim = vdim = embed_dim), this one has "
+                             f"embed_dim={c.embed_dim}, kdim={c.kdim}, vdim={c.vdim}")
+        return KVCache(self._xp, batch_size=batch_size, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                       dtype=self._dtypes()[0], max_length=max_length, window=c.window, owner=self._cache_owner())
+
+    def _cache_owner(self) -> tuple:
+        c = self._config
+        return (self.backend, c.num_kv_heads, c.head_dim, c.dtype, c.rope, c.window)
+
+    def _check_cache(self, cache, B: int) -> None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache from layer.init_cache(), got {type(cache).__name__}")
+        if cache._owner != self._cache_owner():
+            names = ("backend", "num_kv_heads", "head_dim", "dtype", "rope", "window")
+            diff = "; ".join(f"{n}: cache {a!r}, layer {b!r}" for n, a, b in zip(names, cache._owner,
+                                                                                self._cache_owner()) if a != b)
+            raise ValueError(f"cache was made for another kind of layer ({diff}); make it with this layer's "
+                             f"init_cache()")
+        if cache.batch_size != B:
+            raise ValueError(f"cache holds batch_size={cache.batch_size} but the query has batch size {B}")
+
+    def _rope(self, x, offset: int):
+        """RoPE on (B, H, L, D) heads (the reference's rotation; a backend may use a fused kernel)."""
+        return apply_rope(self._xp, x, self._config.rope, offset, self._dtypes()[1])
+
+    def _positions(self, q, k, v, pos: _Positions):
+        """RoPE and the cache on (B, H, T, D) queries and (B, Hkv, L, D) keys/values: what the fast
+        paths do between the projections and the attention (the reference does the same)."""
+        if self._config.rope is not None:
+            q, k = self._rope(q, pos.q_offset), self._rope(k, pos.k_offset)
+        if pos.step is not None:
+            k, v = pos.step.append(k, v)
+        return q, k, v
+
     # -- the call ----------------------------------------------------------------------------------
     def _convert(self, x, name):
         if self._is_native(x):
@@ -120,7 +187,7 @@ class LayerBase:
 
     def __call__(self, query, key=None, value=None, *, mask=None, key_mask=None, causal=False,
                  head_mask=None, return_weights=False, training=False, check_finite=False,
-                 return_lse=False):
+                 return_lse=False, cache=None):
         """Attend from ``query`` to ``key``/``value``.
 
         Args:
@@ -129,14 +196,19 @@ class LayerBase:
             value: (B, S, vdim); defaults to ``key``.
             mask: bool (True = may attend), int 0/1, or float (added to the logits; -inf hides);
                 broadcastable to (B, H, T, S).
-            key_mask: (B, S) bool/int, False marks padding keys.
-            causal: query i sees keys j <= i + (S - T) (aligned at the end).
+            key_mask: (B, S) bool/int, False marks padding keys; with ``cache``, (B, T): which of the new
+                tokens are padding (the cache remembers it for later calls).
+            causal: query i sees keys j <= i + (S - T) (aligned at the end). The layer's ``window`` W
+                adds |i + (S - T) - j| < W.
             head_mask: (H,) or (B, H) multipliers on each head's context before the output projection.
             return_weights: also return the per-head weights (B, H, T, S).
             training: apply dropout to the weights (when the layer's dropout > 0).
             check_finite: raise ValueError if query, key or value hold NaN or inf.
             return_lse: also return (B, H, T), the log-sum-exp of each query's visible logits (-inf when
                 it sees none): any weight can be recomputed later as exp(logit - lse).
+            cache: a :class:`mha.KVCache` from :meth:`init_cache` (self-attention; pass only the new
+                tokens as ``query``): their keys and values are appended to it and the queries attend
+                over all it keeps, S = kept + T keys, the new ones last; RoPE positions continue from it.
 
         Returns:
             output (B, T, E) as the backend's native array; ``(output, weights)``, ``(output, lse)`` or
@@ -146,6 +218,9 @@ class LayerBase:
         xp, c = self._xp, self._config
         query = self._convert(query, "query")
         _validate.feature_input("query", query, c.embed_dim, "E")
+        if cache is not None and (key is not None or value is not None):
+            raise TypeError("cache= is for self-attention: pass only the new tokens as query (key and value "
+                            "are projected from them and from the cache)")
         if key is None and value is not None:
             raise TypeError("value was given without key; pass key too (value defaults to key)")
         if key is None and c.kdim != c.embed_dim:
@@ -158,12 +233,25 @@ class LayerBase:
         _validate.feature_input("value", value, c.vdim, "vdim")
         B, T, S, batched = _validate.qkv_shapes(query, key, value)
         H = c.num_heads
+        step = None
+        if key_mask is not None:
+            key_mask = self._convert(key_mask, "key_mask")
+            if cache is not None:
+                _validate.key_mask_shape(key_mask, B, T, batched, name="key_mask (of the new tokens, with cache=)")
+            else:
+                _validate.key_mask_shape(key_mask, B, S, batched)
+        if cache is not None:
+            self._check_cache(cache, B)
+            if key_mask is not None:
+                _masks.check_values(xp, "key_mask", key_mask)
+                key_mask = (key_mask if _validate.array_kind(key_mask) == "b" else key_mask != 0).reshape(B, T)
+            step = cache._plan(T, key_mask)  # raises if full; changes nothing yet
+            S, key_mask = step.S, step.key_mask
+            if not batched and key_mask is not None:
+                key_mask = key_mask[0]
         if mask is not None:
             mask = self._convert(mask, "mask")
             _validate.mask_shape(mask, B, H, T, S, batched)
-        if key_mask is not None:
-            key_mask = self._convert(key_mask, "key_mask")
-            _validate.key_mask_shape(key_mask, B, S, batched)
         if head_mask is not None:
             head_mask = self._convert(head_mask, "head_mask")
             _validate.head_mask_shape(head_mask, B, H, batched)
@@ -185,7 +273,9 @@ class LayerBase:
         query = query if query.dtype == dt else query.astype(dt)
         key = query if same_k else key if key.dtype == dt else key.astype(dt)
         value = key if same_v else value if value.dtype == dt else value.astype(dt)
-        masks = _masks.prepare(xp, mask=mask, key_mask=key_mask, causal=causal, T=T, S=S, bias_dtype=acc)
+        masks = _masks.prepare(xp, mask=mask, key_mask=key_mask, causal=causal, T=T, S=S, bias_dtype=acc,
+                               window=c.window)
+        pos = _Positions(step.offset if step else S - T, step.offset if step else 0, step)
         if head_mask is not None:
             head_mask = head_mask.astype(dt).reshape(-1, H, 1, 1)  # (B or 1, H, 1, 1)
         dropout = None
@@ -196,9 +286,9 @@ class LayerBase:
             if T == 0 or S == 0:
                 out, weights, lse = self._empty(B, T, S, dt, acc)
             elif dropout is not None:
-                out, weights, lse = self._reference(query, key, value, masks, head_mask, dropout)
+                out, weights, lse = self._reference(query, key, value, masks, head_mask, pos, dropout)
             else:
-                out, weights, lse = self._fast_forward(query, key, value, masks, head_mask, return_weights,
+                out, weights, lse = self._fast_forward(query, key, value, masks, head_mask, pos, return_weights,
                                                        return_lse)
         results = [out]
         if return_weights:
@@ -209,13 +299,15 @@ class LayerBase:
             results = [r[0] for r in results]
         return results[0] if len(results) == 1 else tuple(results)
 
-    def _reference(self, query, key, value, masks, head_mask, dropout=None):
+    def _reference(self, query, key, value, masks, head_mask, pos=None, dropout=None):
         """The readable path (mha._reference) on this backend: (output, weights, lse)."""
         c = self._config
+        pos = pos or _Positions(masks.S - masks.T, 0)
         out, weights, lse = multi_head_attention(
             self._xp, query, key, value, self._native_params(), num_heads=c.num_heads,
             num_kv_heads=c.num_kv_heads, scale=c.effective_scale, masks=masks, head_mask=head_mask,
-            dropout=dropout, acc_dtype=self._dtypes()[1])
+            dropout=dropout, acc_dtype=self._dtypes()[1], rope=c.rope, q_offset=pos.q_offset,
+            k_offset=pos.k_offset, kv_step=pos.step)
         return out.astype(query.dtype), weights, lse
 
     def _empty(self, B, T, S, dt, acc):
@@ -254,6 +346,6 @@ class LayerBase:
     def _dropout_multiplier(self, shape, p: float, dtype):
         raise NotImplementedError
 
-    def _fast_forward(self, query, key, value, masks, head_mask, return_weights: bool, return_lse: bool):
+    def _fast_forward(self, query, key, value, masks, head_mask, pos, return_weights: bool, return_lse: bool):
         """(output, weights or None, lse or None) without dropout, by the backend's fastest way."""
         raise NotImplementedError

@@ -38,6 +38,15 @@ class MultiHeadAttention(abc.ABC):
         seed: seeds the initialisation and the dropout stream.
         head_dim: D, the width of each head (default E / H; another value lets H * D differ from E,
             as in a layer whose heads were pruned).
+        rope: rotary position embeddings on queries and keys: None (off), True (RoFormer's defaults),
+            an :class:`mha.RoPE` (base, fraction of each head rotated, traditional or split-half
+            layout, position scale) or a dict of its settings.
+        window: sliding-window attention: query i sees only keys j with |i + (S - T) - j| < window
+            (with ``causal=True``: the last ``window`` keys, itself included); its cache keeps only
+            those. None: no window.
+
+    Decoding: ``cache = layer.init_cache(batch_size, max_length)`` and then ``layer(x_new, cache=cache,
+    causal=True)`` for each new chunk of tokens (see :class:`mha.KVCache`).
 
     How it differs from other libraries: masks are True = may attend everywhere (torch's
     ``attn_mask``/``key_padding_mask`` use True = blocked); causal masks align at the end when T != S
@@ -47,13 +56,16 @@ class MultiHeadAttention(abc.ABC):
     """
 
     def __new__(cls, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
-                scale=None, dropout=0.0, backend="auto", dtype="float32", weights=None, seed=None, head_dim=None):
+                scale=None, dropout=0.0, backend="auto", dtype="float32", weights=None, seed=None, head_dim=None,
+                rope=None, window=None):
         impl = layer_class(backend)
         return impl(embed_dim, num_heads, num_kv_heads=num_kv_heads, kdim=kdim, vdim=vdim, bias=bias,
-                    scale=scale, dropout=dropout, dtype=dtype, weights=weights, seed=seed, head_dim=head_dim)
+                    scale=scale, dropout=dropout, dtype=dtype, weights=weights, seed=seed, head_dim=head_dim,
+                    rope=rope, window=window)
 
     @staticmethod
-    def from_weights(weights, *, scale=None, dropout=0.0, backend="auto", dtype="float32", seed=None):
+    def from_weights(weights, *, scale=None, dropout=0.0, backend="auto", dtype="float32", seed=None, rope=None,
+                     window=None):
         """A layer whose sizes (E, H, Hkv, D, kdim, vdim, bias) are taken from ``weights``
         (an :class:`AttentionWeights` or a path)."""
         if not isinstance(weights, AttentionWeights):
@@ -61,7 +73,7 @@ class MultiHeadAttention(abc.ABC):
         return MultiHeadAttention(weights.embed_dim, weights.num_heads, num_kv_heads=weights.num_kv_heads,
                                   kdim=weights.kdim, vdim=weights.vdim, bias=weights.bias, scale=scale,
                                   dropout=dropout, backend=backend, dtype=dtype, weights=weights, seed=seed,
-                                  head_dim=weights.head_dim)
+                                  head_dim=weights.head_dim, rope=rope, window=window)
 
 
 MultiHeadAttention.register(LayerBase)

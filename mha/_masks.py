@@ -4,7 +4,8 @@ Conventions (one for the whole project): a boolean mask means True = may attend;
 hold only 0 and 1 and are read as booleans; a float mask is added to the logits, and its -inf entries
 are read as False (so an additive {0, -inf} mask and the boolean mask are the same mask); ``key_mask``
 is (B, S) with False at padding; ``causal`` lets query i see keys j <= i + (S - T) (aligned at the
-end). All of them combine by AND into one ``keep`` array broadcastable to (B, H, T, S).
+end); a sliding ``window`` W lets query i see keys j with |i + (S - T) - j| < W (with causal: the last W
+keys, itself included). All of them combine by AND into one ``keep`` array broadcastable to (B, H, T, S).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class MaskSet:
     bias:   float, finite, broadcastable to (B, H, T, S), added to the logits; or None.
     causal: whether the causal rule applies on top of ``keep``.
     T, S:   query and key lengths (the causal offset is S - T).
+    window: the sliding window W (None: no window, also when W >= max(T, S) hides nothing).
     """
 
     keep: object
@@ -53,15 +55,30 @@ class MaskSet:
     causal: bool
     T: int
     S: int
+    window: int | None = None
+
+    def __post_init__(self):
+        if self.window is not None and self.window >= max(self.T, self.S):
+            self.window = None  # |i + (S - T) - j| <= max(T, S) - 1 < W for every pair
+
+    @property
+    def positional(self) -> bool:
+        """Whether a rule computed from positions (causal, window) applies."""
+        return self.causal or self.window is not None
 
     def causal_keep(self, xp):
-        """(T, S) bool: key j visible from query i iff j <= i + (S - T)."""
-        rows = xp.arange(self.T)[:, None] + (self.S - self.T)
-        return xp.arange(self.S)[None, :] <= rows
+        """(T, S) bool: the positional rules; key j visible from query i iff j <= i + (S - T) (causal)
+        and |i + (S - T) - j| < W (window)."""
+        dist = xp.arange(self.T)[:, None] + (self.S - self.T) - xp.arange(self.S)[None, :]  # (T, S) i' - j
+        keep = dist >= 0 if self.causal else None
+        if self.window is not None:
+            w = xp.abs(dist) < self.window
+            keep = w if keep is None else xp.logical_and(keep, w)
+        return keep
 
     def full_keep(self, xp):
-        """keep AND causal, broadcastable to (B, H, T, S); None when every key is visible."""
-        if not self.causal:
+        """keep AND the positional rules, broadcastable to (B, H, T, S); None when every key is visible."""
+        if not self.positional:
             return self.keep
         c = self.causal_keep(xp)
         return c if self.keep is None else xp.logical_and(self.keep, c)
@@ -71,7 +88,7 @@ def _to4d(xp, x):
     return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
 
 
-def prepare(xp, *, mask, key_mask, causal: bool, T: int, S: int, bias_dtype) -> MaskSet:
+def prepare(xp, *, mask, key_mask, causal: bool, T: int, S: int, bias_dtype, window=None) -> MaskSet:
     """Combine the user's masks (already native arrays of checked shape) into a :class:`MaskSet`.
 
     ``mask`` broadcasts to (B, H, T, S) (or (H, T, S) unbatched); ``key_mask`` is (B, S) or (S,).
@@ -96,4 +113,4 @@ def prepare(xp, *, mask, key_mask, causal: bool, T: int, S: int, bias_dtype) -> 
         km = key_mask if array_kind(key_mask) == "b" else key_mask != 0
         km = km.reshape(km.shape[0] if km.ndim == 2 else 1, 1, 1, S)  # (B, 1, 1, S); B may be 0
         keep = km if keep is None else xp.logical_and(keep, km)
-    return MaskSet(keep=keep, bias=bias, causal=bool(causal), T=T, S=S)
+    return MaskSet(keep=keep, bias=bias, causal=bool(causal), T=T, S=S, window=window)

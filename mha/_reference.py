@@ -21,6 +21,8 @@ query's output; one that it may see makes its context non-finite (NaN).
 
 from __future__ import annotations
 
+from ._rope import apply_rope
+
 NEG_INF = float("-inf")
 
 
@@ -120,8 +122,9 @@ def attention(xp, q, k, v, *, scale: float, keep=None, bias=None, dropout=None, 
 
 
 def multi_head_attention(xp, query, key, value, params, *, num_heads: int, num_kv_heads: int,
-                         scale: float, masks=None, head_mask=None, dropout=None, acc_dtype=None):
-    """The whole layer: projections, heads, attention, concatenation, output projection.
+                         scale: float, masks=None, head_mask=None, dropout=None, acc_dtype=None, rope=None,
+                         q_offset: int = 0, k_offset: int = 0, kv_step=None):
+    """The whole layer: projections, heads, RoPE, the cache, attention, concatenation, output projection.
 
     Args:
         query: (B, T, E); key: (B, S, kdim); value: (B, S, vdim).
@@ -129,6 +132,10 @@ def multi_head_attention(xp, query, key, value, params, *, num_heads: int, num_k
             (Hkv*D, vdim), ``o_weight`` (E, H*D) and the matching ``*_bias`` (or None).
         masks: a :class:`mha._masks.MaskSet` or None.
         head_mask: multipliers broadcastable to (B, H, 1, 1) on each head's context, or None.
+        rope: an :class:`mha.RoPE` rotating queries from position ``q_offset`` on and keys from
+            ``k_offset`` on (mha._rope), or None.
+        kv_step: a cache's step (mha._cache): the new keys and values are appended to the cache and
+            the attention runs over all it keeps; or None.
 
     Returns:
         output (B, T, E), weights (B, H, T, S) and lse (B, H, T).
@@ -136,6 +143,11 @@ def multi_head_attention(xp, query, key, value, params, *, num_heads: int, num_k
     q = split_heads(linear(xp, query, params["q_weight"], params["q_bias"]), num_heads)  # (B, H, T, D)
     k = split_heads(linear(xp, key, params["k_weight"], params["k_bias"]), num_kv_heads)  # (B, Hkv, S, D)
     v = split_heads(linear(xp, value, params["v_weight"], params["v_bias"]), num_kv_heads)
+    if rope is not None:
+        q = apply_rope(xp, q, rope, q_offset, acc_dtype)
+        k = apply_rope(xp, k, rope, k_offset, acc_dtype)
+    if kv_step is not None:
+        k, v = kv_step.append(k, v)  # (B, Hkv, S, D): the kept positions, the new ones last
     keep = bias = None
     if masks is not None:
         keep, bias = masks.full_keep(xp), masks.bias

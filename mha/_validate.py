@@ -81,6 +81,8 @@ class LayerConfig:
     dropout: float
     dtype: str
     head_dim: int
+    rope: object = None  # mha.RoPE or None
+    window: int | None = None
 
     @property
     def effective_scale(self) -> float:
@@ -90,7 +92,8 @@ class LayerConfig:
         """Constructor keyword arguments that rebuild this configuration."""
         return dict(
             num_kv_heads=self.num_kv_heads, kdim=self.kdim, vdim=self.vdim, head_dim=self.head_dim,
-            bias=self.bias, scale=self.scale, dropout=self.dropout, dtype=self.dtype,
+            bias=self.bias, scale=self.scale, dropout=self.dropout, dtype=self.dtype, rope=self.rope,
+            window=self.window,
         )
 
 
@@ -114,7 +117,7 @@ def head_counts(embed_dim, num_heads, num_kv_heads, head_dim=None) -> tuple[int,
 
 
 def layer_config(embed_dim, num_heads, *, num_kv_heads, kdim, vdim, head_dim=None, bias, scale, dropout, dtype,
-                 backend: str) -> LayerConfig:
+                 backend: str, rope=None, window=None) -> LayerConfig:
     embed_dim, num_heads, num_kv_heads, head_dim = head_counts(embed_dim, num_heads, num_kv_heads, head_dim)
     kdim = optional_positive_int("kdim", kdim, embed_dim)
     vdim = optional_positive_int("vdim", vdim, embed_dim)
@@ -124,7 +127,14 @@ def layer_config(embed_dim, num_heads, *, num_kv_heads, kdim, vdim, head_dim=Non
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     dtype = dtype_name(dtype, backend)
-    return LayerConfig(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, scale, dropout, dtype, head_dim)
+    from ._rope import as_rope
+
+    rope = as_rope(rope)
+    if rope is not None:
+        rope.rotated_dims(head_dim)  # raises if the head is too narrow for it
+    window = None if window is None else positive_int("window", window)
+    return LayerConfig(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, scale, dropout, dtype, head_dim,
+                       rope, window)
 
 
 def seed_value(seed) -> int | None:
@@ -230,16 +240,17 @@ def mask_shape(x, B: int, H: int, T: int, S: int, batched: bool):
     )
 
 
-def key_mask_shape(x, B: int, S: int, batched: bool):
+def key_mask_shape(x, B: int, S: int, batched: bool, name: str = "key_mask"):
     kind = array_kind(x)
     if kind not in "biu":
         raise TypeError(
-            f"key_mask must be bool (True = real key, False = padding) or int 0/1, got dtype {_dt(x)}"
+            f"{name} must be bool (True = real key, False = padding) or int 0/1, got dtype {_dt(x)}"
         )
     expected = (B, S) if batched else (S,)
+    L = "T" if "new tokens" in name else "S"
     if tuple(x.shape) != expected and not (not batched and tuple(x.shape) == (1, S)):
         raise ValueError(
-            f"key_mask must have shape {'(B, S)' if batched else '(S,)'} = {expected}, "
+            f"{name} must have shape {f'(B, {L})' if batched else f'({L},)'} = {expected}, "
             f"got {tuple(x.shape)}"
         )
 

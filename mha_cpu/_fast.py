@@ -4,7 +4,7 @@ Work is split into tasks (batch, head, block of queries). A task computes its lo
 over the keys with FlashAttention's recurrence (running max m, running sum l, unnormalised context)
 when the keys are many, or in one block when they fit, so memory stays O(T * block) unless weights
 are asked for (then the weights *are* the output and are written in the same single pass). Causal
-tasks skip key blocks that lie wholly in their future. Numpy's elementwise ops are single-threaded
+tasks skip key blocks that lie wholly in their future, windowed ones those wholly outside the window. Numpy's elementwise ops are single-threaded
 but release the GIL, so tasks run on threads; BLAS is limited to one thread per task meanwhile
 (threadpoolctl, the ``fast`` extra) so that the two levels of threading do not fight.
 
@@ -143,8 +143,8 @@ def _index(a, b, rows, cols):
              cols if a.shape[3] > 1 else slice(0, 1)]
 
 
-def attention(q, k, v, out, *, keep=None, bias=None, causal=False, head_mask=None, weights=None, lse=None,
-              par: Parallel | None = None, project=None, poison=None):
+def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, head_mask=None, weights=None,
+              lse=None, par: Parallel | None = None, project=None, poison=None):
     """Blockwise attention of pre-scaled queries, written into ``out``.
 
     A task is one block of queries of one batch element, all heads at once: (H, bq, keys) logits from
@@ -156,6 +156,8 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, head_mask=Non
         out: (B, T, H, D) preallocated output (context per head), written in place.
         keep: bool (B?, H?, T?, S?) 4-D, or None; bias: float, the same shapes, finite.
         causal: query i sees keys j <= i + (S - T).
+        window: query i sees keys j with |i + (S - T) - j| < window (None: all); key blocks wholly outside
+            every query's window are skipped.
         head_mask: (B?, H) multipliers on each head's context, or None.
         weights: (B, H, T, S) preallocated to receive the weights (forces single-pass), or None.
         lse: (B, H, T) preallocated to receive log-sum-exp of the visible logits (-inf if none), or None.
@@ -194,9 +196,14 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, head_mask=Non
         n = i1 - i0
         qb = q[b, i0:i1].reshape(n, Hkv, G, D).transpose(1, 2, 0, 3)  # (Hkv, G, bq, D) view
         rows = np.arange(i0, i1)
-        end = S if not causal else min(S, i1 + off)  # keys beyond the block's last visible one are skipped
+        # keys outside [start, end) are hidden from every query of the block (causal future, window)
+        end = S if not causal else min(S, i1 + off)
+        start = 0
+        if window is not None:
+            start = max(0, i0 + off - window + 1)
+            end = min(end, i1 - 1 + off + window)
         ob = out[b, i0:i1]  # (bq, H, D) view into the output
-        if end <= 0:
+        if end <= start:
             ob[...] = 0
             if weights is not None:
                 weights[b, :, i0:i1] = 0
@@ -216,6 +223,9 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, head_mask=Non
                 np.copyto(s, NEG_INF, where=~_index(keep, b, slice(i0, i1), cols))
             if causal and j1 - 1 > i0 + off:  # the block crosses the diagonal
                 np.copyto(s, NEG_INF, where=np.arange(j0, j1)[None, None, :] > rows[None, :, None] + off)
+            if window is not None and (j0 <= i1 - 1 + off - window or j1 - 1 >= i0 + off + window):
+                dist = np.abs(rows[:, None] + off - np.arange(j0, j1)[None, :])  # (bq, keys)
+                np.copyto(s, NEG_INF, where=(dist >= window)[None])
             return s
 
         def times_v(p, j0, j1):
@@ -228,16 +238,17 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, head_mask=Non
         # logit of the block stays within SHIFT of m (no overflow, no underflow of the row's largest
         # terms), which saves a full pass over the logits; a row whose block maximum leaves that band
         # is re-centred on it (subtract, and rescale what it accumulated). Rows that see nothing stay 0.
-        step = end if single else options.block_k
+        step = end - start if single else options.block_k
         m = np.zeros((H, n, 1), dtype)
         l_sum = np.zeros((H, n, 1), dtype)
         ctx = None
-        for j0 in range(0, end, step):
+        for j0 in range(start, end, step):
             j1 = min(j0 + step, end)
             buf = None
             if weights is not None:  # single block: computed in place in the output buffer
-                weights[b, :, i0:i1, end:] = 0  # keys wholly in the causal future
-                buf = weights[b, :, i0:i1, :end]
+                weights[b, :, i0:i1, end:] = 0  # keys wholly in the causal future or past the window
+                weights[b, :, i0:i1, :start] = 0
+                buf = weights[b, :, i0:i1, start:end]
             s = logits(j0, j1, buf)
             top = s.max(axis=2, keepdims=True)  # (H, bq, 1)
             # up: a term would exceed e^SHIFT; down: only while nothing is accumulated yet (the row's

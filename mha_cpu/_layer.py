@@ -81,18 +81,21 @@ class MultiHeadAttention(LayerBase):
                 k, v = par.linear(key, self._wk, self._bk), par.linear(value, self._wv, self._bv)
         return q.reshape(B, T, H, D), k.reshape(B, S, Hkv, D), v.reshape(B, S, Hkv, D)
 
-    def _fast_forward(self, query, key, value, masks, head_mask, return_weights, return_lse):
+    def _fast_forward(self, query, key, value, masks, head_mask, pos, return_weights, return_lse):
         c = self._config
         B, T, E = query.shape
-        S = key.shape[1]
+        S = masks.S
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         flops = 2.0 * B * (T * E * (E + E) + S * (c.kdim + c.vdim) * Hkv * D + 2 * T * S * H * D)
         with _fast.Parallel(flops) as par:
-            return self._forward(par, query, key, value, masks, head_mask, return_weights, return_lse)
+            return self._forward(par, query, key, value, masks, head_mask, pos, return_weights, return_lse)
 
-    def _forward(self, par, query, key, value, masks, head_mask, return_weights, return_lse):
+    def _forward(self, par, query, key, value, masks, head_mask, pos, return_weights, return_lse):
         c = self._config
         q, k, v = self._project(query, key, value, par)
+        if c.rope is not None or pos.step is not None:  # in (B, heads, L, D) layout, and back (views)
+            heads = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+            q, k, v = (a.transpose(0, 2, 1, 3) for a in self._positions(*heads, pos))
         bad_k, bad_v = None, None
         if not (np.isfinite(k).all() and np.isfinite(v).all()):
             # NaN/inf at a key or value: zero it, attend, then poison only the rows that can see it.
@@ -119,7 +122,8 @@ class MultiHeadAttention(LayerBase):
             by_key = sees(bad_k)
             poison = (by_key | sees(bad_v), by_key)
         out = np.empty((B, T, c.embed_dim), dt)
-        _fast.attention(q, k, v, ctx, keep=masks.keep, bias=masks.bias, causal=masks.causal, head_mask=hm,
+        _fast.attention(q, k, v, ctx, keep=masks.keep, bias=masks.bias, causal=masks.causal, window=masks.window,
+                        head_mask=hm,
                         weights=weights, lse=lse, par=par, poison=poison,
                         project=(self._params["o_weight"], self._params["o_bias"], out))
         return out, weights, lse

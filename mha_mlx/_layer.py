@@ -88,15 +88,22 @@ class MultiHeadAttention(LayerBase, nn.Module):
         keep = mx.random.bernoulli(1.0 - p, shape, key=self._rng.next())
         return keep.astype(dtype) / (1.0 - p)
 
-    def _fast_forward(self, query, key, value, masks, head_mask, return_weights, return_lse):
+    def _rope(self, x, offset: int):
+        """RoPE by MLX's fused kernel ``mx.fast.rope`` (half precision stays half)."""
+        r = self._config.rope
+        return mx.fast.rope(x, r.rotated_dims(x.shape[-1]), traditional=r.traditional, base=r.base, scale=r.scale,
+                            offset=offset)
+
+    def _fast_forward(self, query, key, value, masks, head_mask, pos, return_weights, return_lse):
         if return_weights or return_lse:  # the fused kernel gives neither
-            return self._reference(query, key, value, masks, head_mask)
+            return self._reference(query, key, value, masks, head_mask, pos)
         c, dt = self._config, query.dtype
         H, Hkv = c.num_heads, c.num_kv_heads
         p = self._native_params()
         q = split_heads(linear(mx, query, p["q_weight"], p["q_bias"]), H)  # (B, H, T, D)
         k = split_heads(linear(mx, key, p["k_weight"], p["k_bias"]), Hkv)  # (B, Hkv, S, D)
         v = split_heads(linear(mx, value, p["v_weight"], p["v_bias"]), Hkv)
+        q, k, v = self._positions(q, k, v, pos)  # RoPE, the cache
         ctx = fused_attention(q, k, v, scale=c.effective_scale, masks=masks)  # (B, H, T, D)
         if head_mask is not None:
             ctx = ctx * head_mask
@@ -120,14 +127,14 @@ def fused_attention(q, k, v, *, scale, masks):
     """
     has_keep, has_bias = masks.keep is not None, masks.bias is not None
     args = [q, k, v] + ([masks.keep] if has_keep else []) + ([masks.bias] if has_bias else [])
-    key = (has_keep, has_bias, masks.causal, float(scale))
+    key = (has_keep, has_bias, masks.causal, masks.window, float(scale))
     fn = _compiled.get(key)
     if fn is None:
         def fn(q, k, v, *rest):
             it = iter(rest)
             keep = next(it) if has_keep else None
             bias = next(it) if has_bias else None
-            return _fused(q, k, v, keep, bias, masks.causal, float(scale))
+            return _fused(q, k, v, keep, bias, masks.causal, masks.window, float(scale))
 
         if COMPILE:
             fn = mx.compile(fn)
@@ -135,7 +142,7 @@ def fused_attention(q, k, v, *, scale, masks):
     return fn(*args)
 
 
-def _fused(q, k, v, keep, bias, causal: bool, scale: float):
+def _fused(q, k, v, keep, bias, causal: bool, window, scale: float):
     B, H, T, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     dt = q.dtype
@@ -144,10 +151,10 @@ def _fused(q, k, v, keep, bias, causal: bool, scale: float):
     v = mx.where(bad[..., None], 0, v)
     bad_h = mx.repeat(bad, H // Hkv, axis=1)[:, :, None, :]  # (B, H, 1, S)
 
-    if keep is None and bias is None:
+    if keep is None and bias is None and window is None:
         arg = "causal" if causal else None
     else:
-        keep = MaskSet(keep, bias, causal, T, S).full_keep(mx)
+        keep = MaskSet(keep, bias, causal, T, S, window).full_keep(mx)
         if bias is None:
             arg = keep
         elif keep is None:

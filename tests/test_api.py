@@ -41,7 +41,7 @@ def test_facade_signature_is_the_backends_plus_backend():
     assert [p for p in facade if p.name != "backend"] == backend_params
     names = [p.name for p in facade]
     assert names == ["embed_dim", "num_heads", "num_kv_heads", "kdim", "vdim", "bias", "scale", "dropout",
-                     "backend", "dtype", "weights", "seed", "head_dim"]
+                     "backend", "dtype", "weights", "seed", "head_dim", "rope", "window"]
     call = inspect.signature(mha_cpu.MultiHeadAttention.__call__).parameters
     assert list(call)[:12] == ["self", "query", "key", "value", "mask", "key_mask", "causal", "head_mask",
                                "return_weights", "training", "check_finite", "return_lse"]
