@@ -5,7 +5,12 @@ An adapter is any object with ``name`` (str), ``features`` (a set drawn from :da
 return_weights=False)`` on batch-first numpy arrays, in this project's semantics (bool masks True = may
 attend, int 0/1 masks, float masks added to the logits with -inf hiding, key_mask True = real key, causal
 aligned at the end). Only arguments of declared features are passed. With "scale" the suite also calls
-``build(weights, scale=s)``; with "head_mask", ``fn(..., head_mask=c)``.
+``build(weights, scale=s)``; with "head_mask", ``fn(..., head_mask=c)``; with "rope",
+``build(weights, rope=mha.RoPE(...))`` (query i at position S - T + i, key j at j); with "window",
+``build(weights, window=W)`` (query i sees keys j with |i + S - T - j| < W). With "cache" the function
+also has ``fn.init_cache(batch_size, max_length)`` and takes ``fn(x_new, None, None, cache=c,
+causal=True, key_mask=m_new)``: self-attention over everything appended so far (key_mask marks which new
+tokens are padding).
 
 Shipped: :class:`BackendAdapter` (this project's numpy and MLX layers), :class:`TorchAdapter`
 (``torch.nn.MultiheadAttention``) and :class:`MlxNNAdapter` (``mlx.nn.MultiHeadAttention``); wrap
@@ -20,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 FEATURES = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "gqa", "weights",
-                      "head_mask", "scale"})
+                      "head_mask", "scale", "rope", "window", "cache"})
 
 
 @dataclass
@@ -54,10 +59,11 @@ class BackendAdapter:
         self.blocks = blocks
         self.name = backend if blocks is None else f"{backend}-blocks"
 
-    def build(self, weights, scale=None):
+    def build(self, weights, scale=None, rope=None, window=None):
         import mha
 
-        layer = mha.MultiHeadAttention.from_weights(weights, backend=self.backend, scale=scale)
+        layer = mha.MultiHeadAttention.from_weights(weights, backend=self.backend, scale=scale, rope=rope,
+                                                    window=window)
 
         def fn(query, key, value, **kwargs):
             with _blocks(self.blocks):
@@ -66,6 +72,7 @@ class BackendAdapter:
                 return mha.to_numpy(res[0]), mha.to_numpy(res[1])
             return mha.to_numpy(res)
 
+        fn.init_cache = layer.init_cache
         return fn
 
 

@@ -16,8 +16,8 @@ def _f64(x):
     return None if x is None else np.asarray(x, dtype=np.float64)
 
 
-def visible_keys(B, H, T, S, *, mask=None, key_mask=None, causal=False):
-    """(B, H, T, S) bool: which keys each query may see (mask AND key_mask AND causal).
+def visible_keys(B, H, T, S, *, mask=None, key_mask=None, causal=False, window=None):
+    """(B, H, T, S) bool: which keys each query may see (mask AND key_mask AND causal AND window).
 
     A float ``mask`` hides exactly its -inf entries; bool/int masks hide their False/0 entries.
     """
@@ -36,7 +36,32 @@ def visible_keys(B, H, T, S, *, mask=None, key_mask=None, causal=False):
             for j in range(S):
                 if j > i + (S - T):
                     vis[:, :, i, j] = False
+    if window is not None:
+        for i in range(T):
+            for j in range(S):
+                if abs(i + (S - T) - j) >= window:
+                    vis[:, :, i, j] = False
     return vis
+
+
+def rotate(x, rope, first_position: int):
+    """RoPE as complex multiplication, float64: (B, L, D) rows at positions first_position + l.
+
+    Pair p of the rotated d coordinates is the complex number z_p = x_a + i x_b, with (a, b) = (p, p + d/2)
+    (split-half) or (2p, 2p + 1) (traditional); it becomes z_p exp(i (first_position + l) scale base^(-2p/d)).
+    """
+    x = np.array(x, dtype=np.float64)
+    D = x.shape[-1]
+    d = rope.rotated_dims(D)
+    a = np.arange(d // 2) * 2 if rope.traditional else np.arange(d // 2)
+    b = a + 1 if rope.traditional else a + d // 2
+    z = x[..., a] + 1j * x[..., b]
+    for l in range(x.shape[-2]):
+        for p in range(d // 2):
+            theta = (first_position + l) * rope.scale * rope.base ** (-2.0 * p / d)
+            z[..., l, p] *= complex(math.cos(theta), math.sin(theta))
+    x[..., a], x[..., b] = z.real, z.imag
+    return x
 
 
 def additive(B, H, T, S, mask=None):
@@ -68,8 +93,11 @@ def head_projections(weights, query, key, value):
 
 
 def attention(weights, query, key=None, value=None, *, mask=None, key_mask=None, causal=False,
-              head_mask=None, scale=None):
+              head_mask=None, scale=None, rope=None, window=None):
     """Float64 multi-head attention on batched numpy inputs; returns ``(output, weights)``.
+
+    ``rope`` (an mha.RoPE) rotates query i at position (S - T) + i and key j at j; ``window`` W hides
+    keys with |i + (S - T) - j| >= W.
 
     query (B, T, E); key (B, S, kdim); value (B, S, vdim) -> output (B, T, E), weights (B, H, T, S).
     """
@@ -83,7 +111,10 @@ def attention(weights, query, key=None, value=None, *, mask=None, key_mask=None,
     S = np.shape(key)[1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     qs, ks, vs = head_projections(weights, query, key, value)
-    vis = visible_keys(B, H, T, S, mask=mask, key_mask=key_mask, causal=causal)
+    if rope is not None:
+        qs = [rotate(q, rope, S - T) for q in qs]
+        ks = [rotate(k, rope, 0) for k in ks]
+    vis = visible_keys(B, H, T, S, mask=mask, key_mask=key_mask, causal=causal, window=window)
     add = additive(B, H, T, S, mask)
     Wo = _f64(weights.o_weight)
     hm = None if head_mask is None else np.broadcast_to(np.asarray(head_mask, np.float64).reshape(-1, H), (B, H))

@@ -72,6 +72,18 @@ class Problem:
     seed: int = 0
     mode: str = "normal"
     extra: dict = field(default_factory=dict)
+    rope: object = None  # layer option: an mha.RoPE, or None
+    window: int | None = None  # layer option: the sliding window, or None
+
+    def layer_options(self) -> dict:
+        """The layer options that are set (``rope``, ``window``): build the implementation with them."""
+        return {n: a for n, a in (("rope", self.rope), ("window", self.window)) if a is not None}
+
+    def max_angle(self) -> float:
+        """The largest RoPE angle of this problem's positions (0 without RoPE)."""
+        if self.rope is None:
+            return 0.0
+        return max(self.config.S - 1, 0) * self.rope.scale
 
     @property
     def kv(self) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +106,8 @@ class Problem:
         from .oracle import visible_keys
 
         c = self.config
-        return visible_keys(c.B, c.H, c.T, c.S, mask=self.mask, key_mask=self.key_mask, causal=self.causal)
+        return visible_keys(c.B, c.H, c.T, c.S, mask=self.mask, key_mask=self.key_mask, causal=self.causal,
+                            window=self.window)
 
     def _repr_pretty_(self, printer, cycle):  # Hypothesis prints falsifying examples with this
         printer.text(repr(self))
@@ -112,6 +125,11 @@ class Problem:
             parts.append(f"key_mask={self.key_mask.astype(int).tolist()}")
         if self.causal:
             parts.append("causal=True")
+        if self.rope is not None:
+            r = self.rope
+            parts.append(f"rope=RoPE(fraction={r.fraction}, base={r.base}, traditional={r.traditional}, scale={r.scale})")
+        if self.window is not None:
+            parts.append(f"window={self.window}")
         return "Problem(" + ", ".join(parts) + ")"
 
 
@@ -227,12 +245,25 @@ def key_masks(draw, cfg: Config) -> np.ndarray:
 
 
 @st.composite
+def ropes(draw, head_dim: int):
+    """RoPE settings for heads of width ``head_dim`` (>= 2): both layouts, partial rotation, bases from
+    RoFormer's 10000 down to 2.5 (fast-turning angles), position scales 1, 0.5 and 3."""
+    from .._rope import RoPE
+
+    fractions = [f for f in (1.0, 0.5) if int(head_dim * f) // 2 * 2 >= 2]
+    return RoPE(fraction=draw(st.sampled_from(fractions)), base=draw(st.sampled_from([10000.0, 100.0, 2.5])),
+                traditional=draw(st.booleans()), scale=draw(st.sampled_from([1.0, 0.5, 3.0])))
+
+
+@st.composite
 def problems(draw, features=frozenset(), *, masks=True, self_attention=None, min_heads=1, min_len=1,
              min_head_dim=1, max_len=7, max_batch=3, gqa=None, causal=None, modes=MODES,
-             num_heads=None) -> Problem:
+             num_heads=None, positional=False, rope=None, window=None) -> Problem:
     """A whole problem (sizes, weights, inputs, masks) an implementation with ``features`` can run.
 
     ``masks=False`` draws no masks; ``causal`` forces (True) or forbids (False) the causal rule.
+    ``positional=True`` also draws the layer options ``rope`` and ``window`` (when the features have
+    them); ``rope=True``/``window=True`` force them.
     """
     features = frozenset(features)
     cfg = draw(configs(features, self_attention=self_attention, min_heads=min_heads, min_len=min_len,
@@ -258,6 +289,10 @@ def problems(draw, features=frozenset(), *, masks=True, self_attention=None, min
         p.causal = causal
     elif masks and "causal" in features:
         p.causal = draw(st.booleans())
+    if cfg.D >= 2 and (rope or (positional and "rope" in features and draw(st.booleans()))):
+        p.rope = draw(ropes(cfg.D))
+    if window or (positional and "window" in features and draw(st.booleans())):
+        p.window = draw(st.integers(1, max(cfg.T, cfg.S) + 1))
     return p
 
 

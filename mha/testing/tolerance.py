@@ -17,6 +17,10 @@ softmax-weighted mean of values by at most :math:`2\delta\max|v|`. Measured on t
 the worst ratio error/(u M) was 0.69 over numpy/MLX float32, float16 and bfloat16, so :math:`C = 4`.
 Two evaluations compared with each other get :math:`T_2 = T_1(a) + T_1(b)` (triangle inequality through
 the exact value).
+
+With RoPE the logit term grows by a factor :math:`1 + 2(\theta_{max} + 2)`: a rotation by an angle
+computed as :math:`\theta(1 + \delta)`, :math:`|\delta| \le u`, with cosine and sine each rounded,
+moves a pair by at most :math:`u(|\theta| + 2)` times its norm, in the query and in the key.
 """
 
 from __future__ import annotations
@@ -36,8 +40,13 @@ def unit_roundoff(dtype) -> float:
     return UNIT_ROUNDOFF[name]
 
 
+def rope_factor(max_angle: float) -> float:
+    """The growth of the logit term under RoPE with angles up to ``max_angle`` (module docstring)."""
+    return 1.0 if not max_angle else 1.0 + 2.0 * (abs(float(max_angle)) + 2.0)
+
+
 def magnitude(weights, query, key=None, value=None, *, y_ref=None, scale=None, mask=None,
-              head_mask=None) -> float:
+              head_mask=None, max_angle: float = 0.0) -> float:
     """The scale M of the error bound for one layer call (see the module docstring)."""
     key = query if key is None else key
     value = key if value is None else value
@@ -58,7 +67,7 @@ def magnitude(weights, query, key=None, value=None, *, y_ref=None, scale=None, m
     if y_ref is not None:  # NaN in a result under test must not turn the bound into NaN
         y = np.abs(np.asarray(y_ref, np.float64))
         ymax += float(y[np.isfinite(y)].max(initial=0.0))
-    return ymax + wo * vmax * (1.0 + s * qn * kn + amax)
+    return ymax + wo * vmax * (1.0 + s * qn * kn * rope_factor(max_angle) + amax)
 
 
 def _abs_projections(weights, query, key, value):
@@ -73,7 +82,7 @@ def _abs_projections(weights, query, key, value):
                             np.abs(np.asarray(value, np.float64)))
 
 
-def weights_magnitude(weights, query, key=None, *, scale=None, mask=None) -> float:
+def weights_magnitude(weights, query, key=None, *, scale=None, mask=None, max_angle: float = 0.0) -> float:
     """The scale M_P of the error bound for attention weights: a logit's rounding error is at most
     u (1 + s max||q|| max||k|| + max|A|), which moves a softmax probability by at most twice that
     (relative, and the probabilities are <= 1), and normalising over S keys adds S u:
@@ -88,7 +97,7 @@ def weights_magnitude(weights, query, key=None, *, scale=None, mask=None) -> flo
     if mask is not None and np.asarray(mask).dtype.kind == "f":
         m = np.asarray(mask, dtype=np.float64)
         amax = float(np.abs(m[np.isfinite(m)]).max(initial=0.0))
-    return np.shape(key)[-2] + 2.0 * (1.0 + s * qn * kn + amax)
+    return np.shape(key)[-2] + 2.0 * (1.0 + s * qn * kn * rope_factor(max_angle) + amax)
 
 
 def t1(dtype, M: float) -> float:

@@ -71,7 +71,7 @@ def call(impl, problem: Problem, *, weights: AttentionWeights | None = None, que
     for them; ``same_call=True`` returns that call's output instead. That the two outputs agree is a
     property of its own (weights_flag_invariance)."""
     weights = problem.weights if weights is None else weights
-    fn = impl.build(weights, scale=scale) if scale is not None else impl.build(weights)
+    fn = build(impl, problem, weights, scale=scale)
     q = problem.query if query is None else query
     k_default, v_default = problem.kv
     k = k_default if key is None else key
@@ -88,9 +88,18 @@ def call(impl, problem: Problem, *, weights: AttentionWeights | None = None, que
     return (y_w if same_call else y), P
 
 
+def build(impl, problem: Problem, weights=None, *, scale=None, **options):
+    """``impl.build`` with the problem's layer options (rope, window), ``scale`` and ``options``."""
+    kwargs = {**problem.layer_options(), **options}
+    if scale is not None:
+        kwargs["scale"] = scale
+    return impl.build(problem.weights if weights is None else weights, **kwargs)
+
+
 def magnitude(problem: Problem, y_ref=None, *, weights=None, query=None, key=None, value=None, mask=None,
               **kw) -> float:
     k, v = problem.kv
+    kw.setdefault("max_angle", problem.max_angle())
     return tolerance.magnitude(problem.weights if weights is None else weights,
                                problem.query if query is None else query,
                                k if key is None else key, v if value is None else value,
@@ -102,7 +111,7 @@ def weights_tol(problem: Problem, *, weights=None, query=None, key=None, evaluat
     k, _ = problem.kv
     MP = tolerance.weights_magnitude(problem.weights if weights is None else weights,
                                      problem.query if query is None else query, k if key is None else key,
-                                     mask=problem.mask)
+                                     mask=problem.mask, max_angle=problem.max_angle())
     return evaluations * tolerance.t1("float32", MP)
 
 
@@ -154,5 +163,5 @@ def empty_rows(problem: Problem) -> np.ndarray:
     return ~problem.visible().any(-1)
 
 
-__all__ = ["PROPERTIES", "Property", "prop", "call", "magnitude", "t1", "t2", "weights_tol", "close", "identical", "rng_of",
+__all__ = ["PROPERTIES", "Property", "prop", "build", "call", "magnitude", "t1", "t2", "weights_tol", "close", "identical", "rng_of",
            "full_mask", "edit_weights", "empty_rows", "replace"]

@@ -18,7 +18,8 @@ def _slice_masks(p, t: int) -> dict:
     return masks
 
 
-@prop("causal_prefix", requires=("causal",), theme="causal", self_attention=True, min_len=2, causal=True)
+@prop("causal_prefix", requires=("causal",), theme="causal", self_attention=True, min_len=2, causal=True,
+      positional=True)
 def causal_prefix(impl, p):
     """The output at position t does not depend on inputs after t: replacing x[:, t:] by other values
     leaves y[:, :t] bitwise unchanged (self-attention, causal=True)."""
@@ -31,7 +32,8 @@ def causal_prefix(impl, p):
     identical(y2[:, :t], y[:, :t], f"outputs before position {t} after changing inputs from {t} on")
 
 
-@prop("causal_append", requires=("causal",), theme="causal", self_attention=True, min_len=2, causal=True)
+@prop("causal_append", requires=("causal",), theme="causal", self_attention=True, min_len=2, causal=True,
+      positional=True)
 def causal_append(impl, p):
     """Appending tokens leaves earlier outputs unchanged: f(x[:, :t])[:, :t] = f(x)[:, :t] (causal; masks
     cut to the first t tokens). T2."""
@@ -58,7 +60,7 @@ def causal_first_token(impl, p):
 
 
 @prop("causal_decoding", requires=("causal", "cross"), theme="causal", self_attention=True, causal=True,
-      masks=False, min_len=1)
+      masks=False, min_len=1, positional=True)
 def causal_decoding(impl, p):
     """Bottom-right alignment is decoding with a cache: for a context c of C tokens,
     f(x, [c; x], causal) = f([c; x], [c; x], causal)[:, C:] (queries are the last T of S = C + T). T2."""

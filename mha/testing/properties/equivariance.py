@@ -65,7 +65,7 @@ def kv_permutation_invariance(impl, p):
         close(P2, P[..., sigma], weights_tol(p), "weights after permuting keys and values")
 
 
-@prop("batch_independence", theme="equivariance", max_batch=4)
+@prop("batch_independence", theme="equivariance", max_batch=4, positional=True)
 def batch_independence(impl, p):
     """Batch elements do not interact: f(x)[b] = f(x[b:b+1]; M[b:b+1], km[b:b+1]) for every b. T2."""
     y, _ = call(impl, p)

@@ -38,7 +38,7 @@ def _rows(a, order, D):
     return None if a is None else np.concatenate([a[i * D:(i + 1) * D] for i in order], axis=0)
 
 
-@prop("head_permutation", theme="heads", min_heads=2)
+@prop("head_permutation", theme="heads", min_heads=2, positional=True)
 def head_permutation(impl, p):
     """Heads are ordered only by W_O: permuting the head blocks of W_q (and the key/value heads of W_k,
     W_v, groups kept together) with the matching column blocks of W_O (and a per-head mask's head axis)
@@ -106,7 +106,7 @@ def single_head(impl, p):
     close(y, expected, t1(magnitude(p, y)), "single head vs whole-matrix attention")
 
 
-@prop("gqa_equals_repeated_kv", requires=("gqa",), theme="heads", min_heads=2, gqa=True)
+@prop("gqa_equals_repeated_kv", requires=("gqa",), theme="heads", min_heads=2, gqa=True, positional=True)
 def gqa_equals_repeated_kv(impl, p):
     """Grouped-query attention is MHA with key/value heads repeated group-wise: query head h reads
     key/value head h // (H / Hkv). Repeating W_k, W_v (and biases) row blocks that way gives an MHA

@@ -51,7 +51,7 @@ def _compare_rows(p, hidden):
     return rows
 
 
-@prop("masked_keys_irrelevant", theme="masks", requires_any=_HIDING)
+@prop("masked_keys_irrelevant", theme="masks", requires_any=_HIDING, positional=True)
 def masked_keys_irrelevant(impl, p):
     """Hidden keys are irrelevant: replacing the key and value inputs at positions no query may see by
     N(0, 30^2) noise leaves every output bitwise unchanged (for self-attention, every row but those
@@ -85,7 +85,7 @@ def nonfinite_hidden_isolation(impl, p):
             raise AssertionError(f"non-finite output with {bad} at hidden positions")
 
 
-@prop("empty_rows_output_bias", theme="masks", requires_any=_HIDING)
+@prop("empty_rows_output_bias", theme="masks", requires_any=_HIDING, positional=True)
 def empty_rows_output_bias(impl, p):
     """A query that may see no key has zero context: its output is exactly the output bias b_O (0 without
     bias), never NaN, and (with "weights") its weights are all exactly 0."""

@@ -7,16 +7,17 @@ from .. import oracle
 from ._common import call, close, magnitude, prop, t1, weights_tol
 
 
-@prop("reference", theme="reference")
+@prop("reference", theme="reference", positional=True)
 def reference(impl, p):
-    """y = MHA_64(x) within T1: the output equals the float64 per-head loop oracle.
+    """y = MHA_64(x) within T1: the output equals the float64 per-head loop oracle (with the layer's RoPE,
+    as complex rotations, and sliding window when the implementation has them).
 
     |y - y_64| <= 4 u M (M from tolerance.magnitude). With "weights" also |P - P_64| <= 2 S u + 4 u M.
     """
     rw = "weights" in impl.features
     y, P = call(impl, p, return_weights=rw)  # with weights, the plain call is checked against it too
     k, v = p.kv
-    y_ref, P_ref = oracle.attention(p.weights, p.query, k, v, **p.masks())
+    y_ref, P_ref = oracle.attention(p.weights, p.query, k, v, **p.masks(), **p.layer_options())
     M = magnitude(p, y_ref)
     close(y, y_ref, t1(M), "output vs float64 oracle")
     if rw:

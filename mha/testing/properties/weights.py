@@ -10,7 +10,7 @@ from ..oracle import head_projections
 from ._common import call, close, identical, magnitude, prop, t2
 
 
-@prop("weights_contract", requires=("weights",), theme="weights")
+@prop("weights_contract", requires=("weights",), theme="weights", positional=True)
 def weights_contract(impl, p):
     """Weights are a distribution over the visible keys: shape (B, H, T, S); P >= 0; P = 0 exactly where
     a key is hidden; each row sums to 1 within 2 S u, or is all 0 when the query sees no key."""
@@ -31,7 +31,7 @@ def weights_contract(impl, p):
     identical(sums[~has], np.zeros(int((~has).sum())), "row sums of queries that see no key")
 
 
-@prop("weights_match_output", requires=("weights",), theme="weights")
+@prop("weights_match_output", requires=("weights",), theme="weights", positional=True)
 def weights_match_output(impl, p):
     """The weights returned made the output returned: y = concat_h(P_h V_{g(h)}) W_O^T + b_O with P from
     the same call and V the projected values (float64). T2."""
@@ -46,7 +46,7 @@ def weights_match_output(impl, p):
     close(y, expected, t2(magnitude(p, y)), "output vs concat(P V) W_O^T + b_O from the returned P")
 
 
-@prop("weights_flag_invariance", requires=("weights",), theme="weights")
+@prop("weights_flag_invariance", requires=("weights",), theme="weights", positional=True)
 def weights_flag_invariance(impl, p):
     """Asking for the weights never changes the output: f(x, return_weights=True)[0] = f(x) (T2, NaN
     where NaN), with a random head_mask when supported. Implementations often take a different code
