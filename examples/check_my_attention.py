@@ -59,7 +59,7 @@ def build(weights):
 
 
 # Features: a bool mask, cross-attention (key != query). No biases, no GQA, no returned weights.
-report = check(Adapter("my_attention", {"mask", "cross"}, build), max_examples=25)
+report = check(Adapter("my_attention", {"mask", "cross"}, build), max_examples=60)
 print(report)
 if FIXED:
     assert report.failed == ["nonfinite_hidden_isolation", "nonfinite_visible_confined"], report.failed

@@ -75,4 +75,4 @@ def prune_heads(layer_or_model, heads):
     layer = layer_or_model
     pruned = prune_weights(layer.weights, heads)
     return MultiHeadAttention.from_weights(pruned, scale=layer.scale, dropout=layer.dropout, backend=layer.backend,
-                                           dtype=layer.dtype)
+                                           dtype=layer.dtype, rope=layer.rope, window=layer.window)

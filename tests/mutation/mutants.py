@@ -21,6 +21,7 @@ class Mutant:
 
 R, M, V, X = "mha/_reference.py", "mha/_masks.py", "mha/_validate.py", "mha_mlx/_layer.py"
 C, F = "mha_cpu/_layer.py", "mha_cpu/_fast.py"
+P, K, B = "mha/_rope.py", "mha/_cache.py", "mha/_base.py"
 
 MUTANTS = [
     Mutant("scale-1/D", V, "1.0 / math.sqrt(self.head_dim)", "1.0 / self.head_dim",
@@ -107,4 +108,28 @@ MUTANTS = [
            "head_mask ignored in the reference"),
     Mutant("fast-head-mask-ignored", F, "            ctx *= head_mask[b if head_mask.shape[0] > 1 else 0][:, None, None]\n",
            "            pass\n", "head_mask ignored in the numpy fast path"),
+    # decoding: RoPE, the cache, sliding windows
+    Mutant("rope-cache-offset-zero", B, "pos = _Positions(step.offset if step else S - T, step.offset if step else 0, step)",
+           "pos = _Positions(0 if step else S - T, 0, step)", "RoPE restarts at position 0 in every cached call"),
+    Mutant("rope-query-top-left", B, "pos = _Positions(step.offset if step else S - T,",
+           "pos = _Positions(step.offset if step else 0,", "queries rotated from position 0 when T != S"),
+    Mutant("rope-mlx-layout-flipped", X, "traditional=r.traditional, base=r.base",
+           "traditional=not r.traditional, base=r.base", "MLX's fused RoPE with the other pair layout"),
+    Mutant("rope-sin-sign", P, "rot = xp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)",
+           "rot = xp.concatenate([a * cos + b * sin, a * sin + b * cos], axis=-1)", "split-half rotation with a wrong sign"),
+    Mutant("rope-freq-index", P, "inv_freq = self.base ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)",
+           "inv_freq = self.base ** (-np.arange(1, dims + 1, 2, dtype=np.float64) / dims)", "frequencies off by one index"),
+    Mutant("cache-window-keeps-too-few", K, "keep_old = self.kept if self.window is None else min(self.kept, self.window - 1)",
+           "keep_old = self.kept if self.window is None else min(self.kept, max(self.window - 2, 0))",
+           "a rotating cache that drops one key too early"),
+    Mutant("cache-forgets-padding", K, "self.valid[:, a:end] = True if step.valid_new is None else step.valid_new",
+           "self.valid[:, a:end] = True", "left padding forgotten once cached"),
+    Mutant("cache-compaction-keys-only", K, "            self.values[:, :, :n] = self.values[:, :, start:start + n] + 0\n",
+           "            pass\n", "compacting a rotating cache moves the keys but not the values"),
+    Mutant("fast-window-skip-off-by-one", F, "start = max(0, i0 + off - window + 1)", "start = max(0, i0 + off - window + 2)",
+           "the numpy fast path skips the oldest key of the window"),
+    Mutant("fast-window-one-sided", F, "dist = np.abs(rows[:, None] + off - np.arange(j0, j1)[None, :])",
+           "dist = rows[:, None] + off - np.arange(j0, j1)[None, :]", "window inside a block hides only the past"),
+    Mutant("mlx-window-ignored", X, "return _fused(q, k, v, keep, bias, masks.causal, masks.window, float(scale))",
+           "return _fused(q, k, v, keep, bias, masks.causal, None, float(scale))", "MLX fused path ignores the window"),
 ]

@@ -28,7 +28,7 @@ def _left_padding(rng, B: int, T: int) -> np.ndarray:
 
 
 @prop("cached_decoding", requires=("cache", "causal"), theme="decoding", self_attention=True, causal=True,
-      masks=False, min_len=2, max_len=9, positional=True)
+      masks=False, min_len=2, max_len=12, positional=True)
 def cached_decoding(impl, p):
     """Decoding with a cache equals one causal pass: feeding x in chunks (a prefill, then mostly one
     token at a time) through ``fn(x[:, a:b], cache=c, causal=True)`` gives f(x, causal=True) row for
