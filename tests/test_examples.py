@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
-NEEDS = {"from_torch.py": "torch", "train_specialisation.py": "mlx.core"}
+NEEDS = {"from_torch.py": "torch", "train_specialisation.py": "mlx.core", "generate.py": "mlx.core"}
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
