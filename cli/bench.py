@@ -21,6 +21,9 @@ from ._util import note
 SHAPES = [(1, 512, 512, 8), (4, 1024, 768, 12), (1, 4096, 512, 8)]
 QUICK_SHAPES = [(1, 64, 64, 4), (2, 128, 128, 4)]
 LONG = (1, 16384, 512, 8)
+DECODE = (512, 8, 8)  # E, H, num_kv_heads of the decode-step rows
+DECODE_CONTEXTS = [128, 1024, 4096]
+QUICK_DECODE_CONTEXTS = [16, 64]
 
 
 def flops(B, T, E, H, S=None) -> float:
@@ -186,6 +189,93 @@ def measure_long(repeat: int) -> dict:
     return out
 
 
+def _decode_impls(context: int, want_mlx: bool, steps: int):
+    """name -> a callable that decodes one more token (the cache prefilled with ``context`` tokens)."""
+    import numpy as np
+
+    import mha
+
+    E, H, Hkv = DECODE
+    rng = np.random.default_rng(0)
+    prompt = rng.standard_normal((1, context, E), dtype=np.float32)
+    token = rng.standard_normal((1, 1, E), dtype=np.float32)
+    weights = mha.AttentionWeights.init(E, H, num_kv_heads=Hkv, seed=0)
+    impls = {}
+    layer = mha.MultiHeadAttention.from_weights(weights, backend="numpy")
+    cache = layer.init_cache(1, context + steps)
+    layer(prompt, cache=cache, causal=True)
+    impls["mha numpy"] = lambda: layer(token, cache=cache, causal=True)
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        torch = None
+    if torch is not None:  # what a torch user writes: preallocated K/V buffers and SDPA over the filled part
+        torch.set_grad_enabled(False)
+        D = E // H
+        qkv, out = torch.nn.Linear(E, 3 * E), torch.nn.Linear(E, E)
+        kbuf, vbuf = torch.zeros(1, H, context + steps, D), torch.zeros(1, H, context + steps, D)
+        q, k, v = qkv(torch.from_numpy(prompt)).view(1, -1, 3, H, D).permute(2, 0, 3, 1, 4)
+        kbuf[:, :, :context], vbuf[:, :, :context] = k, v
+        n = [context]
+        xt = torch.from_numpy(token)
+
+        def torch_step():
+            q, k, v = qkv(xt).view(1, 1, 3, H, D).permute(2, 0, 3, 1, 4)
+            i = n[0]
+            kbuf[:, :, i:i + 1], vbuf[:, :, i:i + 1] = k, v
+            n[0] += 1
+            return out(F.scaled_dot_product_attention(q, kbuf[:, :, :i + 1], vbuf[:, :, :i + 1]).reshape(1, 1, E))
+
+        impls["torch SDPA + cache"] = torch_step
+    if want_mlx:
+        import mlx.core as mx
+
+        ml = layer.to("mlx")
+        mcache = ml.init_cache(1, context + steps)
+        mx.eval(ml(mx.array(prompt), cache=mcache, causal=True))
+        mtoken = mx.array(token)
+        impls["mha mlx"] = lambda: mx.eval(ml(mtoken, cache=mcache, causal=True))
+    return impls
+
+
+def time_decode(context: int, name: str, repeat: int, want_mlx: bool) -> list[float]:
+    """Seconds per decoded token: 3 warm-up steps, then ``repeat`` steps (the context grows by one each)."""
+    fn = _decode_impls(context, want_mlx, repeat + 3)[name]
+    for _ in range(3):
+        fn()
+    return [_time(fn) for _ in range(repeat)]
+
+
+def measure_decode(context: int, repeat: int, want_mlx: bool, isolate: bool = True) -> dict:
+    """Time per token of one decode step (a single new token against a cache of ``context`` tokens)."""
+    import numpy as np
+
+    names = list(_decode_impls(1, want_mlx, 1))
+    med = {}
+    for name in names:
+        if not isolate:
+            ts = time_decode(context, name, repeat, want_mlx)
+        else:
+            code = ("import json, sys; from mha_cli.bench import time_decode; "
+                    "print(json.dumps(time_decode(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), "
+                    "sys.argv[4] == '1')))")
+            res = subprocess.run([sys.executable, "-c", code, str(context), name, str(repeat),
+                                  "1" if want_mlx else "0"], capture_output=True, text=True, timeout=3600)
+            if res.returncode != 0:
+                raise click.ClickException(f"decode timing of {name} at {context} failed: "
+                                           f"{res.stderr.strip().splitlines()[-1]}")
+            ts = json.loads(res.stdout.strip().splitlines()[-1])
+        med[name] = float(np.median(ts))
+    rows = {}
+    for name, t in med.items():
+        base = "torch SDPA + cache" if name == "mha numpy" and "torch SDPA + cache" in med else None
+        rows[name] = {"ms": t * 1e3, "tokens_per_s": 1.0 / t, "vs": base,
+                      "ratio": t / med[base] if base else None}
+    E, H, Hkv = DECODE
+    return {"context": context, "E": E, "H": H, "num_kv_heads": Hkv, "results": rows}
+
+
 @click.command()
 @click.option("--quick", is_flag=True, help="Tiny shapes, few repeats, no long sequence: a smoke run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
@@ -215,14 +305,19 @@ def bench(quick, as_json, repeat, long_, use_mlx):
     mlx_gpu = _backends.mlx_on_gpu()
     report = {"machine": {"platform": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(),
                           "python": platform.python_version(), "mlx_device": _backends._mlx_status()[2]},
-              "sgemm_gflops": None, "shapes": [], "long": None}
-    steps = ["sgemm"] + [f"{s}" for s in shapes] + (["long"] if long_ else [])
+              "sgemm_gflops": None, "shapes": [], "long": None, "decode": []}
+    contexts = QUICK_DECODE_CONTEXTS if quick else DECODE_CONTEXTS
+    steps = (["sgemm"] + [f"{s}" for s in shapes] + [f"decode {c}" for c in contexts]
+             + (["long"] if long_ else []))
     with click.progressbar(steps, label="mha bench", file=sys.stderr) as bar:
         for step in bar:
             if step == "sgemm":
                 report["sgemm_gflops"] = sgemm_rate(1024 if quick else 4096)
             elif step == "long":
                 report["long"] = measure_long(1 if quick else 3)
+            elif step.startswith("decode"):
+                report["decode"].append(measure_decode(int(step.split()[1]), 10 if quick else 50, use_mlx,
+                                                       isolate=not quick))
             else:
                 shape = shapes[steps.index(step) - 1]
                 want = use_mlx and (mlx_gpu or shape[0] * shape[1] <= 1024)
@@ -248,4 +343,13 @@ def _print(report: dict, repeat: int) -> None:
             util = f" ({100 * r['gflops'] / report['sgemm_gflops']:.0f}% of sgemm)" if name.startswith("mha numpy") \
                 else ""
             click.echo(f"  {name:<20} {r['ms']:>10.2f} ms  {r['gflops']:>7.1f} GFLOP/s{util}{ratio}{mem}")
+    if report["decode"]:
+        d = report["decode"][0]
+        click.echo(f"\ndecode step: one new token against a KV cache (B=1, E={d['E']}, H={d['H']}, "
+                   f"num_kv_heads={d['num_kv_heads']}), time per token")
+        for blk in report["decode"]:
+            for name, r in blk["results"].items():
+                ratio = f"  {r['ratio']:.2f}x {r['vs']}" if r.get("ratio") else ""
+                click.echo(f"  context {blk['context']:>5}  {name:<20} {r['ms']:>8.3f} ms  "
+                           f"{r['tokens_per_s']:>8.0f} tokens/s{ratio}")
     note("ratios < 1: ours is faster; every figure comes from this one run")

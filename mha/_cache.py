@@ -70,6 +70,7 @@ class KVCache:
         self.offset = 0
         self._start = self._end = 0  # buffer[start:end] are the kept positions, oldest first
         self._padded = False  # any position stored as padding
+        self._nonfinite = False  # any key/value stored with NaN/inf (a backend may track it to skip checks)
         if window is not None:
             capacity = 2 * window
         elif max_length is not None:
@@ -96,7 +97,7 @@ class KVCache:
     def reset(self) -> None:
         """Forget every position (the buffers stay allocated)."""
         self.offset = self._start = self._end = 0
-        self._padded = False
+        self._padded = self._nonfinite = False
 
     def __repr__(self) -> str:
         return (f"KVCache(batch_size={self.batch_size}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "

@@ -30,14 +30,18 @@ class Options:
     """Tuning of the numpy fast path; None = chosen automatically per call.
 
     block_q: queries per task; block_k: keys per online-softmax step; single_pass_max: up to this
-    many keys a task handles all keys in one block; threads: worker threads (1 = no pool).
+    many keys a task handles all keys in one block; single_pass_floats: ... and also when the logits of
+    the whole call (T x H x S per batch element) fit in this many floats (decoding: a few queries against
+    a long cache); threads: worker threads (1 = no pool).
     """
 
     block_q: int | None = None
     block_k: int = 512
     single_pass_max: int = 4096
+    single_pass_floats: int = 1 << 21
     threads: int | None = None
     min_parallel_flops: float = 4e6  # below this much work per call, threads cost more than they give
+    min_split_work: int = 1 << 16  # split heads over idle workers only from this many logits (T * S * H) on
 
 
 options = Options()
@@ -170,7 +174,7 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
-    single = weights is not None or S <= options.single_pass_max
+    single = weights is not None or S <= options.single_pass_max or T * H * S <= options.single_pass_floats
     par = par or Parallel(0)
     bq = options.block_q
     if bq is None:  # logits of a task up to ~16 MiB (bigger GEMMs win here), and a task for every worker
@@ -178,23 +182,31 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
         bq = max(16, min(bq, -(-T // max(1, -(-par.n // max(B, 1))))))
     bq = min(bq, T)
     tasks = [(b, i0, min(i0 + bq, T)) for b in range(B) for i0 in range(0, T, bq)]
+    # Fewer tasks than workers (decoding: one query against a long cache): split the key/value heads too
+    splits = min(Hkv, par.n // len(tasks)) if len(tasks) < par.n and T * S * H >= options.min_split_work else 1
+    groups = [(g * Hkv // splits, (g + 1) * Hkv // splits) for g in range(splits)]
     dtype = q.dtype
     off = S - T
+
+    def project_rows(b, i0, i1):
+        w_o, b_o, final = project
+        dst = final[b, i0:i1]
+        np.matmul(out[b, i0:i1].reshape(i1 - i0, H * D), w_o.T, out=dst)
+        if b_o is not None:
+            dst += b_o
 
     def run(task):
         """All heads of one block of queries, then (optionally) their rows of the output projection."""
         b, i0, i1 = task
-        block(b, i0, i1)
+        block(b, i0, i1, 0, Hkv)
         if project is not None:
-            w_o, b_o, final = project
-            dst = final[b, i0:i1]
-            np.matmul(out[b, i0:i1].reshape(i1 - i0, H * D), w_o.T, out=dst)
-            if b_o is not None:
-                dst += b_o
+            project_rows(b, i0, i1)
 
-    def block(b, i0, i1):
+    def block(b, i0, i1, g0, g1):
         n = i1 - i0
-        qb = q[b, i0:i1].reshape(n, Hkv, G, D).transpose(1, 2, 0, 3)  # (Hkv, G, bq, D) view
+        Hkv_, H_ = g1 - g0, (g1 - g0) * G
+        hs = slice(g0 * G, g1 * G)  # the query heads of this task
+        qb = q[b, i0:i1, hs].reshape(n, Hkv_, G, D).transpose(1, 2, 0, 3)  # (Hkv_, G, bq, D) view
         rows = np.arange(i0, i1)
         # keys outside [start, end) are hidden from every query of the block (causal future, window)
         end = S if not causal else min(S, i1 + off)
@@ -202,25 +214,26 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
         if window is not None:
             start = max(0, i0 + off - window + 1)
             end = min(end, i1 - 1 + off + window)
-        ob = out[b, i0:i1]  # (bq, H, D) view into the output
+        ob = out[b, i0:i1, hs]  # (bq, H_, D) view into the output
         if end <= start:
             ob[...] = 0
             if weights is not None:
-                weights[b, :, i0:i1] = 0
+                weights[b, hs, i0:i1] = 0
             if lse is not None:
-                lse[b, :, i0:i1] = NEG_INF
+                lse[b, hs, i0:i1] = NEG_INF
             return
 
         def logits(j0, j1, buf=None):
-            """Masked, scaled logits of this task's queries against keys j0:j1: (H, bq, j1 - j0)."""
+            """Masked, scaled logits of this task's queries against keys j0:j1: (H_, bq, j1 - j0)."""
             cols = slice(j0, j1)
-            kt = k[b, cols].transpose(1, 2, 0)[:, None]  # (Hkv, 1, D, keys)
-            s4 = np.matmul(qb, kt, out=None if buf is None else buf.reshape(Hkv, G, n, j1 - j0))
-            s = s4.reshape(H, n, j1 - j0)
+            kt = k[b, cols, g0:g1].transpose(1, 2, 0)[:, None]  # (Hkv_, 1, D, keys)
+            s4 = np.matmul(qb, kt, out=None if buf is None else buf.reshape(Hkv_, G, n, j1 - j0))
+            s = s4.reshape(H_, n, j1 - j0)
             if bias is not None:
-                s += _index(bias, b, slice(i0, i1), cols)
+                s += _index(bias, b, slice(i0, i1), cols)[hs if bias.shape[1] > 1 else slice(None)]
             if keep is not None:
-                np.copyto(s, NEG_INF, where=~_index(keep, b, slice(i0, i1), cols))
+                np.copyto(s, NEG_INF, where=~_index(keep, b, slice(i0, i1), cols)[hs if keep.shape[1] > 1
+                                                                                  else slice(None)])
             if causal and j1 - 1 > i0 + off:  # the block crosses the diagonal
                 np.copyto(s, NEG_INF, where=np.arange(j0, j1)[None, None, :] > rows[None, :, None] + off)
             if window is not None and (j0 <= i1 - 1 + off - window or j1 - 1 >= i0 + off + window):
@@ -229,9 +242,9 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
             return s
 
         def times_v(p, j0, j1):
-            """(H, bq, keys) weights times the values of keys j0:j1: (H, bq, D)."""
-            vb = v[b, j0:j1].transpose(1, 0, 2)[:, None]  # (Hkv, 1, keys, D)
-            return np.matmul(p.reshape(Hkv, G, n, j1 - j0), vb).reshape(H, n, D)
+            """(H_, bq, keys) weights times the values of keys j0:j1: (H_, bq, D)."""
+            vb = v[b, j0:j1, g0:g1].transpose(1, 0, 2)[:, None]  # (Hkv_, 1, keys, D)
+            return np.matmul(p.reshape(Hkv_, G, n, j1 - j0), vb).reshape(H_, n, D)
 
         # FlashAttention's recurrence over key blocks (one block when the keys fit), with a per-row
         # offset m instead of the exact running max: exp(s - m) is taken directly while every visible
@@ -239,16 +252,16 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
         # terms), which saves a full pass over the logits; a row whose block maximum leaves that band
         # is re-centred on it (subtract, and rescale what it accumulated). Rows that see nothing stay 0.
         step = end - start if single else options.block_k
-        m = np.zeros((H, n, 1), dtype)
-        l_sum = np.zeros((H, n, 1), dtype)
+        m = np.zeros((H_, n, 1), dtype)
+        l_sum = np.zeros((H_, n, 1), dtype)
         ctx = None
         for j0 in range(start, end, step):
             j1 = min(j0 + step, end)
             buf = None
             if weights is not None:  # single block: computed in place in the output buffer
-                weights[b, :, i0:i1, end:] = 0  # keys wholly in the causal future or past the window
-                weights[b, :, i0:i1, :start] = 0
-                buf = weights[b, :, i0:i1, start:end]
+                weights[b, hs, i0:i1, end:] = 0  # keys wholly in the causal future or past the window
+                weights[b, hs, i0:i1, :start] = 0
+                buf = weights[b, hs, i0:i1, start:end]
             s = logits(j0, j1, buf)
             top = s.max(axis=2, keepdims=True)  # (H, bq, 1)
             # up: a term would exceed e^SHIFT; down: only while nothing is accumulated yet (the row's
@@ -278,17 +291,23 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
         if weights is None:
             ctx /= denom
         if head_mask is not None:
-            ctx *= head_mask[b if head_mask.shape[0] > 1 else 0][:, None, None]
+            ctx *= head_mask[b if head_mask.shape[0] > 1 else 0][hs, None, None]
         if lse is not None:
-            lse[b, :, i0:i1] = np.where(l_sum[..., 0] == 0, NEG_INF, m[..., 0] + np.log(denom[..., 0]))
+            lse[b, hs, i0:i1] = np.where(l_sum[..., 0] == 0, NEG_INF, m[..., 0] + np.log(denom[..., 0]))
         if poison is not None:
-            rows_nan, key_nan = poison[0][b, :, i0:i1], poison[1][b, :, i0:i1]  # (H, bq)
+            rows_nan, key_nan = poison[0][b, hs, i0:i1], poison[1][b, hs, i0:i1]  # (H_, bq)
             ctx[rows_nan] = np.nan
             if weights is not None:
-                weights[b, :, i0:i1][key_nan] = np.nan  # a NaN logit makes its whole row NaN
+                weights[b, hs, i0:i1][key_nan] = np.nan  # a NaN logit makes its whole row NaN
             if lse is not None:
-                lse[b, :, i0:i1][key_nan] = np.nan
+                lse[b, hs, i0:i1][key_nan] = np.nan
         ob[...] = ctx.transpose(1, 0, 2)
 
-    par.map(run, tasks)
+    if splits == 1:
+        par.map(run, tasks)
+    else:  # every (task, head group) on the pool, then the output projection of all rows
+        par.map(lambda t: block(*t), [(b, i0, i1, g0, g1) for b, i0, i1 in tasks for g0, g1 in groups])
+        if project is not None:
+            for b, i0, i1 in tasks:
+                project_rows(b, i0, i1)
     return out

@@ -84,20 +84,26 @@ class MultiHeadAttention(LayerBase):
     def _fast_forward(self, query, key, value, masks, head_mask, pos, return_weights, return_lse):
         c = self._config
         B, T, E = query.shape
-        S = masks.S
+        L, S = key.shape[1], masks.S  # keys projected (with a cache: the new ones), keys attended
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
-        flops = 2.0 * B * (T * E * (E + E) + S * (c.kdim + c.vdim) * Hkv * D + 2 * T * S * H * D)
+        flops = 2.0 * B * (T * E * (E + E) + L * (c.kdim + c.vdim) * Hkv * D + 2 * T * S * H * D)
         with _fast.Parallel(flops) as par:
             return self._forward(par, query, key, value, masks, head_mask, pos, return_weights, return_lse)
 
     def _forward(self, par, query, key, value, masks, head_mask, pos, return_weights, return_lse):
         c = self._config
         q, k, v = self._project(query, key, value, par)
-        if c.rope is not None or pos.step is not None:  # in (B, heads, L, D) layout, and back (views)
-            heads = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-            q, k, v = (a.transpose(0, 2, 1, 3) for a in self._positions(*heads, pos))
+        if c.rope is not None:  # in (B, heads, L, D) layout, and back (views)
+            q, k = (self._rope(a.transpose(0, 2, 1, 3), o).transpose(0, 2, 1, 3)
+                    for a, o in ((q, pos.q_offset), (k, pos.k_offset)))
+        finite = bool(np.isfinite(k).all() and np.isfinite(v).all())  # with a cache: the new tokens only
+        if pos.step is not None:
+            cache = pos.step.cache
+            k, v = (a.transpose(0, 2, 1, 3) for a in pos.step.append(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)))
+            cache._nonfinite = cache._nonfinite or not finite  # sticky: a NaN stays in the cache
+            finite = not cache._nonfinite
         bad_k, bad_v = None, None
-        if not (np.isfinite(k).all() and np.isfinite(v).all()):
+        if not finite:
             # NaN/inf at a key or value: zero it, attend, then poison only the rows that can see it.
             bad_k, bad_v = ~np.isfinite(k).all(-1), ~np.isfinite(v).all(-1)  # (B, S, Hkv)
             k = np.where(bad_k[..., None], 0, k)

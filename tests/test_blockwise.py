@@ -40,7 +40,8 @@ def test_any_blocks_and_threads_equal_the_reference(p, bq, bk, threads, rw):
 
     layer = mha.MultiHeadAttention.from_weights(p.weights, backend="numpy")
     k, v = p.kv
-    with _options(block_q=bq, block_k=bk, single_pass_max=bk, threads=threads, min_parallel_flops=0):
+    with _options(block_q=bq, block_k=bk, single_pass_max=bk, single_pass_floats=0, threads=threads, min_parallel_flops=0,
+                  min_split_work=0):
         res = layer(p.query, k, v, return_weights=rw, return_lse=True, **p.masks())
     y, lse = res[0], res[-1]
     masks = _masks.prepare(np, mask=p.mask, key_mask=p.key_mask, causal=p.causal, T=p.config.T, S=p.config.S,

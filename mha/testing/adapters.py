@@ -77,7 +77,12 @@ class BackendAdapter:
 
 
 class _blocks:
-    """Temporarily set the numpy fast path's block sizes (not thread-safe: for tests)."""
+    """Temporarily set the numpy fast path's block sizes (not thread-safe: for tests): tiny blocks, the
+    online softmax from ``block_k`` keys on, and three workers even for tiny problems, so that the
+    thread pool and the split of key/value heads over idle workers run too."""
+
+    FIELDS = ("block_q", "block_k", "single_pass_max", "single_pass_floats", "threads", "min_parallel_flops",
+              "min_split_work")
 
     def __init__(self, blocks):
         self.blocks = blocks
@@ -86,15 +91,17 @@ class _blocks:
         if self.blocks is not None:
             from mha_cpu import options
 
-            self.saved = (options.block_q, options.block_k, options.single_pass_max)
-            options.block_q, options.block_k = self.blocks
-            options.single_pass_max = self.blocks[1]
+            self.saved = {f: getattr(options, f) for f in self.FIELDS}
+            bq, bk = self.blocks
+            for f, val in zip(self.FIELDS, (bq, bk, bk, 0, 3, 0, 0)):
+                setattr(options, f, val)
 
     def __exit__(self, *exc):
         if self.blocks is not None:
             from mha_cpu import options
 
-            options.block_q, options.block_k, options.single_pass_max = self.saved
+            for f, val in self.saved.items():
+                setattr(options, f, val)
 
 
 def _combined_keep(B, H, T, S, mask, key_mask, causal):
