@@ -130,7 +130,8 @@ class TorchAdapter:
     name = "torch"
     features = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "weights"})
     notes = {"gqa": "nn.MultiheadAttention has no grouped-query heads",
-             "head_mask": "no head_mask argument", "scale": "the scale is fixed at 1/sqrt(head_dim)"}
+             "head_mask": "no head_mask argument", "scale": "the scale is fixed at 1/sqrt(head_dim)",
+             "rope": "no rotary position embeddings", "window": "no sliding window", "cache": "no key/value cache"}
 
     def build(self, weights):
         import torch
@@ -188,7 +189,8 @@ class MlxNNAdapter:
     name = "mlx-nn"
     features = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal"})
     notes = {"weights": "it does not return attention weights", "gqa": "no grouped-query heads",
-             "head_mask": "no head_mask argument", "scale": "the scale is fixed at 1/sqrt(head_dim)"}
+             "head_mask": "no head_mask argument", "scale": "the scale is fixed at 1/sqrt(head_dim)",
+             "rope": "RoPE is a separate nn.RoPE", "window": "no sliding window", "cache": "no key/value cache"}
 
     def build(self, weights):
         import mlx.core as mx
