@@ -42,6 +42,7 @@ class Options:
     threads: int | None = None
     min_parallel_flops: float = 4e6  # below this much work per call, threads cost more than they give
     min_split_work: int = 1 << 16  # split heads over idle workers only from this many logits (T * S * H) on
+    augment: bool = True  # the augmented form of attention() (offset and row sums ride in the GEMMs)
 
 
 options = Options()
@@ -157,6 +158,11 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
     Args:
         q: (B, T, H, D) queries already multiplied by the scale (any strides with unit last stride).
         k, v: (B, S, Hkv, D).
+            Augmented form (q, k and v of width D + 1 while ``out`` has width D): k and v carry a last
+            column of ones and q's last column is free to overwrite. The running offset m then rides in
+            q's last column (q' k' = q k - m, so no pass over the logits subtracts it) and the row sums
+            in the context's (P [V, 1] = [P V, sum P], so no pass sums them): two passes of the four
+            elementwise ones saved for one more column in each GEMM.
         out: (B, T, H, D) preallocated output (context per head), written in place.
         keep: bool (B?, H?, T?, S?) 4-D, or None; bias: float, the same shapes, finite.
         causal: query i sees keys j <= i + (S - T).
@@ -171,8 +177,10 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
         poison: (rows, key_rows), (B, H, T) bools: contexts of ``rows`` are set to NaN (they see a
             non-finite key or value, zeroed before the call), and for ``key_rows`` the weights and lse too.
     """
-    B, T, H, D = q.shape
+    B, T, H, Dq = q.shape
     S, Hkv = k.shape[1], k.shape[2]
+    D = out.shape[-1]
+    aug = Dq == D + 1  # the augmented form (see above)
     G = H // Hkv
     single = weights is not None or S <= options.single_pass_max or T * H * S <= options.single_pass_floats
     par = par or Parallel(0)
@@ -206,7 +214,7 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
         n = i1 - i0
         Hkv_, H_ = g1 - g0, (g1 - g0) * G
         hs = slice(g0 * G, g1 * G)  # the query heads of this task
-        qb = q[b, i0:i1, hs].reshape(n, Hkv_, G, D).transpose(1, 2, 0, 3)  # (Hkv_, G, bq, D) view
+        qb = q[b, i0:i1, hs].reshape(n, Hkv_, G, Dq).transpose(1, 2, 0, 3)  # (Hkv_, G, bq, Dq) view
         rows = np.arange(i0, i1)
         # keys outside [start, end) are hidden from every query of the block (causal future, window)
         end = S if not causal else min(S, i1 + off)
@@ -243,8 +251,8 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
 
         def times_v(p, j0, j1):
             """(H_, bq, keys) weights times the values of keys j0:j1: (H_, bq, D)."""
-            vb = v[b, j0:j1, g0:g1].transpose(1, 0, 2)[:, None]  # (Hkv_, 1, keys, D)
-            return np.matmul(p.reshape(Hkv_, G, n, j1 - j0), vb).reshape(H_, n, D)
+            vb = v[b, j0:j1, g0:g1].transpose(1, 0, 2)[:, None]  # (Hkv_, 1, keys, Dq)
+            return np.matmul(p.reshape(Hkv_, G, n, j1 - j0), vb).reshape(H_, n, Dq)
 
         # FlashAttention's recurrence over key blocks (one block when the keys fit), with a per-row
         # offset m instead of the exact running max: exp(s - m) is taken directly while every visible
@@ -255,6 +263,10 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
         m = np.zeros((H_, n, 1), dtype)
         l_sum = np.zeros((H_, n, 1), dtype)
         ctx = None
+        sums = not aug or weights is not None  # row sums by a pass over the logits (else: in ctx's last column)
+        if aug:
+            q_m = q[b, i0:i1, hs, D].T[:, :, None]  # (H_, bq, 1) view of q's free column: holds -m
+            q_m[...] = 0
         for j0 in range(start, end, step):
             j1 = min(j0 + step, end)
             buf = None
@@ -264,22 +276,26 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
                 buf = weights[b, hs, i0:i1, start:end]
             s = logits(j0, j1, buf)
             top = s.max(axis=2, keepdims=True)  # (H, bq, 1)
+            rel = top if aug else top - m  # the block's maximum relative to the offset
             # up: a term would exceed e^SHIFT; down: only while nothing is accumulated yet (the row's
             # largest terms would underflow); once terms are accumulated, far smaller ones are negligible
-            empty = l_sum == 0
-            move = np.isfinite(top) & ((top - m > SHIFT) | (empty & (m - top > SHIFT)))
+            empty = (l_sum == 0) if sums or ctx is None else (ctx[..., D:] == 0)
+            move = np.isfinite(top) & ((rel > SHIFT) | (empty & (-rel > SHIFT)))
             if move.any():
-                m_new = np.where(move, top, m)
-                s -= m_new
+                delta = np.where(move, rel, 0.0).astype(dtype)
+                s -= delta if aug else m + delta
                 if ctx is not None:
-                    alpha = np.where(empty, 1.0, np.exp(m - m_new)).astype(dtype)  # <= e^-SHIFT where used
+                    alpha = np.where(empty, 1.0, np.exp(-delta)).astype(dtype)  # <= e^-SHIFT where used
                     l_sum *= alpha
                     ctx *= alpha
-                m = m_new
-            elif m.any():
+                m = m + delta
+                if aug:
+                    q_m[...] = -m
+            elif not aug and m.any():
                 s -= m
             np.exp(s, out=s)  # hidden -> exactly 0
-            l_sum += s.sum(axis=2, keepdims=True)
+            if sums:
+                l_sum += s.sum(axis=2, keepdims=True)
             if weights is not None:
                 s /= np.where(l_sum == 0, 1.0, l_sum).astype(dtype)  # final weights; ctx = P V
             part = times_v(s, j0, j1)
@@ -287,6 +303,10 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
                 ctx = part
             else:
                 ctx += part
+        if not sums:
+            l_sum = ctx[..., D:].copy()
+        if aug:
+            ctx = ctx[..., :D]
         denom = np.where(l_sum == 0, 1.0, l_sum).astype(dtype)
         if weights is None:
             ctx /= denom

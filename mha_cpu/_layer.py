@@ -44,16 +44,28 @@ class MultiHeadAttention(LayerBase):
         dt = np.dtype(c.dtype)
         p = {k: None if v is None else np.array(v, dtype=dt, copy=True) for k, v in weights.to_dict().items()}
         self._params = p
-        # Fused projections for the fast path, the scale folded into the query rows.
+        # Fused projections for the fast path, the scale folded into the query rows; and the same with
+        # one more output per head (q: 0, k and v: bias 1), the fast path's augmented form (_fast.attention)
         s = dt.type(c.effective_scale)
         zeros = {n: np.zeros(p[f"{n}_weight"].shape[0], dt) for n in "qkv"}
         qb, kb, vb = ((p[f"{n}_bias"] if p[f"{n}_bias"] is not None else zeros[n]) for n in "qkv")
-        self._wq, self._bq = p["q_weight"] * s, qb * s
-        self._wk, self._bk, self._wv, self._bv = p["k_weight"], kb, p["v_weight"], vb
-        self._wqkv = np.concatenate([self._wq, self._wk, self._wv]) if c.kdim == c.vdim == c.embed_dim else None
-        self._bqkv = np.concatenate([self._bq, kb, vb])
-        self._wkv = np.concatenate([self._wk, self._wv]) if c.kdim == c.vdim else None
-        self._bkv = np.concatenate([kb, vb])
+        plain = {"q": (p["q_weight"] * s, qb * s), "k": (p["k_weight"], kb), "v": (p["v_weight"], vb)}
+        heads = {"q": c.num_heads, "k": c.num_kv_heads, "v": c.num_kv_heads}
+
+        def augment(n):
+            w, b = plain[n]
+            h = heads[n]
+            w = np.concatenate([w.reshape(h, -1, w.shape[-1]), np.zeros((h, 1, w.shape[-1]), dt)], axis=1)
+            b = np.concatenate([b.reshape(h, -1), np.full((h, 1), 0 if n == "q" else 1, dt)], axis=1)
+            return w.reshape(-1, w.shape[-1]), b.reshape(-1)
+
+        self._proj = {False: plain, True: {n: augment(n) for n in "qkv"}}
+        for mode in (False, True):
+            pr = self._proj[mode]
+            if c.kdim == c.vdim == c.embed_dim:
+                pr["qkv"] = tuple(np.concatenate([pr[n][i] for n in "qkv"]) for i in (0, 1))
+            if c.kdim == c.vdim:
+                pr["kv"] = tuple(np.concatenate([pr[n][i] for n in "kv"]) for i in (0, 1))
 
     def _native_params(self) -> dict:
         return self._params
@@ -62,23 +74,25 @@ class MultiHeadAttention(LayerBase):
         keep = self._rng.random(shape) >= p
         return keep.astype(dtype) / dtype.type(1.0 - p)
 
-    def _project(self, query, key, value, par):
-        """(q, k, v) as (B, L, heads, D) views of one or two GEMM outputs; q pre-scaled."""
+    def _project(self, query, key, value, par, aug=False):
+        """(q, k, v) as (B, L, heads, D) views of one or two GEMM outputs; q pre-scaled. With ``aug``,
+        (B, L, heads, D + 1): k and v with a last column of ones, q with a free one (_fast.attention)."""
         c = self._config
+        pr = self._proj[aug]
         B, T, _ = query.shape
         S = key.shape[1]
-        H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
-        if key is query and value is query and self._wqkv is not None:  # self-attention: one GEMM
-            y = par.linear(query, self._wqkv, self._bqkv)
+        H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim + aug
+        if key is query and value is query and "qkv" in pr:  # self-attention: one GEMM
+            y = par.linear(query, *pr["qkv"])
             q = y[..., :H * D]
             k, v = y[..., H * D:(H + Hkv) * D], y[..., (H + Hkv) * D:]
         else:
-            q = par.linear(query, self._wq, self._bq)
-            if value is key and self._wkv is not None:
-                kv = par.linear(key, self._wkv, self._bkv)
+            q = par.linear(query, *pr["q"])
+            if value is key and "kv" in pr:
+                kv = par.linear(key, *pr["kv"])
                 k, v = kv[..., :Hkv * D], kv[..., Hkv * D:]
             else:
-                k, v = par.linear(key, self._wk, self._bk), par.linear(value, self._wv, self._bv)
+                k, v = par.linear(key, *pr["k"]), par.linear(value, *pr["v"])
         return q.reshape(B, T, H, D), k.reshape(B, S, Hkv, D), v.reshape(B, S, Hkv, D)
 
     def _fast_forward(self, query, key, value, masks, head_mask, pos, return_weights, return_lse):
@@ -92,7 +106,8 @@ class MultiHeadAttention(LayerBase):
 
     def _forward(self, par, query, key, value, masks, head_mask, pos, return_weights, return_lse):
         c = self._config
-        q, k, v = self._project(query, key, value, par)
+        aug = _fast.options.augment and c.rope is None and pos.step is None  # RoPE, cache: plain heads
+        q, k, v = self._project(query, key, value, par, aug)
         if c.rope is not None:  # in (B, heads, L, D) layout, and back (views)
             q, k = (self._rope(a.transpose(0, 2, 1, 3), o).transpose(0, 2, 1, 3)
                     for a, o in ((q, pos.q_offset), (k, pos.k_offset)))
@@ -108,7 +123,10 @@ class MultiHeadAttention(LayerBase):
             bad_k, bad_v = ~np.isfinite(k).all(-1), ~np.isfinite(v).all(-1)  # (B, S, Hkv)
             k = np.where(bad_k[..., None], 0, k)
             v = np.where(bad_v[..., None], 0, v)
-        B, T, H, D = q.shape
+            if aug:
+                k[..., -1] = v[..., -1] = 1
+        B, T, H = q.shape[:3]
+        D = c.head_dim
         S = k.shape[1]
         dt = q.dtype
         ctx = np.empty((B, T, H, D), dt)
