@@ -121,6 +121,9 @@ class KVCache:
     def _append(self, step: _Step, k, v):
         T, keep_old = step.T, step.keep_old
         start = self._end - keep_old
+        if self.window is not None and self.capacity > 2 * self.window and keep_old + T <= 2 * self.window:
+            self._resize(2 * self.window, start, keep_old)  # back to 2W after a long prefill
+            start = 0
         if self._end + T > self.capacity:
             if keep_old + T > self.capacity:  # grow: an unbounded cache filling up, or a long chunk
                 need = keep_old + T

@@ -140,6 +140,16 @@ def test_rotating_cache_memory_stays_bounded(backend):
     assert cache.capacity == 16 and cache.kept == 8 and cache.offset == T
 
 
+def test_rotating_cache_shrinks_back_after_a_long_prefill(backend):
+    layer = _layer(backend, window=8)
+    x = normal((1, 105, 24), 14)
+    cache = layer.init_cache(1)
+    y = _decode(layer, x, [(0, 100)] + [(t, t + 1) for t in range(100, 105)], cache)
+    assert cache.capacity == 16 and cache.kept == 8
+    full = mha.to_numpy(layer(x, causal=True)).astype(np.float64)
+    np.testing.assert_allclose(y, full, rtol=0, atol=_tol(layer, x, full))
+
+
 def test_growing_cache_grows_in_steps(backend):
     layer = _layer(backend)
     x = normal((2, 300, 24), 6)
