@@ -137,6 +137,8 @@ MUTANTS = [
            "augmented form: the moved offset never reaches the query's free column (exp overflows)"),
     Mutant("aug-row-sums-ignored", F, "            l_sum = ctx[..., D:].copy()", "            l_sum = np.ones_like(ctx[..., D:])",
            "augmented form: the row sums carried in the context's last column are not used"),
+    Mutant("no-after-the-fact-check", F, "if not (part[..., D:] <= LIMIT).all():  # NaN and inf fail too",
+           "if False:", "exp without the max pass, and no check that the terms stayed in the band"),
     Mutant("mlx-window-ignored", X, "return _fused(q, k, v, keep, bias, masks.causal, masks.window, float(scale))",
            "return _fused(q, k, v, keep, bias, masks.causal, None, float(scale))", "MLX fused path ignores the window"),
 ]
