@@ -276,16 +276,33 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
                 weights[b, hs, i0:i1, :start] = 0
                 buf = weights[b, hs, i0:i1, start:end]
             s = logits(j0, j1, buf)
-            part = None
-            if not sums and ctx is not None and not (ctx[..., D:] == 0).any():
-                # Every row holds terms already: exp at once, and check after the fact, from the row sums
-                # that the PV GEMM returns, that no term left the band (sum <= LIMIT); if one did (or
-                # overflowed), the block is done again the careful way. Saves the pass for the max.
-                np.exp(s, out=s)
+            if not sums and ctx is not None:
+                # Rows holding terms already take the exp at once; the row sums that the PV GEMM returns
+                # tell after the fact whether a term left the band (sum > LIMIT, or inf/NaN), and only
+                # those rows are done again, centred. Rows still without terms get the band rule first.
+                # Every row's arithmetic depends on its own numbers only. Saves the pass for the max.
+                emp = ctx[..., D:] == 0  # (H, bq, 1)
+                if emp.any():
+                    top = s.max(axis=2, keepdims=True)
+                    move = emp & np.isfinite(top) & (np.abs(top) > SHIFT)
+                    if move.any():
+                        delta = np.where(move, top, 0.0).astype(dtype)
+                        s -= delta
+                        m = m + delta
+                        q_m[...] = -m
+                np.exp(s, out=s)  # hidden -> exactly 0
                 part = times_v(s, j0, j1)
-                if not (part[..., D:] <= LIMIT).all():  # NaN and inf fail too
-                    part, s = None, logits(j0, j1)
-            if part is not None:
+                bad = ~(part[..., D:] <= LIMIT)  # NaN and inf fail too
+                if bad.any():
+                    s = logits(j0, j1)
+                    top = s.max(axis=2, keepdims=True)
+                    delta = np.where(bad & np.isfinite(top) & (top > SHIFT), top, 0.0).astype(dtype)
+                    s -= delta
+                    ctx *= np.exp(-delta).astype(dtype)
+                    m = m + delta
+                    q_m[...] = -m
+                    np.exp(s, out=s)
+                    part = np.where(bad, times_v(s, j0, j1), part)
                 ctx += part
                 continue
             top = s.max(axis=2, keepdims=True)  # (H, bq, 1)
