@@ -7,6 +7,7 @@ ours / theirs from the same run; the numpy sgemm rate of the same run is the mac
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -251,7 +252,9 @@ def measure_decode(context: int, repeat: int, want_mlx: bool, isolate: bool = Tr
     """Time per token of one decode step (a single new token against a cache of ``context`` tokens)."""
     import numpy as np
 
-    names = list(_decode_impls(1, want_mlx, 1))
+    # the names without building anything here: this process's library threads would share the cores
+    names = ["mha numpy"] + (["torch SDPA + cache"] if importlib.util.find_spec("torch") else []) + \
+        (["mha mlx"] if want_mlx else [])
     med = {}
     for name in names:
         if not isolate:

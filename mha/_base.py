@@ -168,8 +168,9 @@ class LayerBase:
         return apply_rope(self._xp, x, self._config.rope, offset, self._dtypes()[1])
 
     def _positions(self, q, k, v, pos: _Positions):
-        """RoPE and the cache on (B, H, T, D) queries and (B, Hkv, L, D) keys/values: what the fast
-        paths do between the projections and the attention (the reference does the same)."""
+        """RoPE and the cache on (B, H, T, D) queries and (B, Hkv, L, D) keys/values: what a fast path
+        does between the projections and the attention (the reference does the same; the numpy
+        backend inlines it to check the new keys for NaN/inf before they enter the cache)."""
         if self._config.rope is not None:
             q, k = self._rope(q, pos.q_offset), self._rope(k, pos.k_offset)
         if pos.step is not None:

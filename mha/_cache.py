@@ -122,15 +122,15 @@ class KVCache:
         T, keep_old = step.T, step.keep_old
         start = self._end - keep_old
         if self.window is not None and self.capacity > 2 * self.window and keep_old + T <= 2 * self.window:
-            self._resize(2 * self.window, start, keep_old)  # back to 2W after a long prefill
+            self._relocate(start, keep_old, 2 * self.window)  # back to 2W after a long prefill
             start = 0
         if self._end + T > self.capacity:
             if keep_old + T > self.capacity:  # grow: an unbounded cache filling up, or a long chunk
                 need = keep_old + T
-                self._resize(max(need, 2 * self.window) if self.window is not None else -(-need // GROW) * GROW,
-                             start, keep_old)
+                self._relocate(start, keep_old, max(need, 2 * self.window) if self.window is not None
+                               else -(-need // GROW) * GROW)
             else:  # a rotating cache: move the kept positions to the front
-                self._move(start, keep_old)
+                self._relocate(start, keep_old)
             start = 0
         end = start + keep_old + T
         a = start + keep_old
@@ -143,18 +143,14 @@ class KVCache:
         self.offset += T
         return self.keys[:, :, start:end], self.values[:, :, start:end]
 
-    def _move(self, start: int, n: int) -> None:
-        if n and start:
-            self.keys[:, :, :n] = self.keys[:, :, start:start + n] + 0  # "+ 0": a copy, safe when they overlap
-            self.values[:, :, :n] = self.values[:, :, start:start + n] + 0
-            self.valid[:, :n] = self.valid[:, start:start + n] & True
-        self._start, self._end = 0, n
-
-    def _resize(self, capacity: int, start: int, n: int) -> None:
-        keys, values, valid = self.keys, self.values, self.valid
-        self._alloc(capacity)
-        if n:
-            self.keys[:, :, :n] = keys[:, :, start:start + n]
-            self.values[:, :, :n] = values[:, :, start:start + n]
-            self.valid[:, :n] = valid[:, start:start + n]
+    def _relocate(self, start: int, n: int, capacity: int | None = None) -> None:
+        """Move the n kept positions from ``start`` to the front, into new buffers of ``capacity`` if given
+        (overlapping moves are safe: numpy copies through a temporary, MLX arrays are values)."""
+        src = (self.keys, self.values, self.valid)
+        if capacity is not None:
+            self._alloc(capacity)
+        if n and (capacity is not None or start):
+            self.keys[:, :, :n] = src[0][:, :, start:start + n]
+            self.values[:, :, :n] = src[1][:, :, start:start + n]
+            self.valid[:, :n] = src[2][:, start:start + n]
         self._start, self._end = 0, n

@@ -305,15 +305,17 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
                     part = np.where(bad, times_v(s, j0, j1), part)
                 ctx += part
                 continue
+            # The careful way: every block of the plain form, the first block of the augmented one
+            # (where m = 0 still, so the logits need no shift).
             top = s.max(axis=2, keepdims=True)  # (H, bq, 1)
-            rel = top if aug else top - m  # the block's maximum relative to the offset
+            rel = top - m  # the block's maximum relative to the offset
             # up: a term would exceed e^SHIFT; down: only while nothing is accumulated yet (the row's
             # largest terms would underflow); once terms are accumulated, far smaller ones are negligible
-            empty = (l_sum == 0) if sums or ctx is None else (ctx[..., D:] == 0)
+            empty = l_sum == 0
             move = np.isfinite(top) & ((rel > SHIFT) | (empty & (-rel > SHIFT)))
             if move.any():
                 delta = np.where(move, rel, 0.0).astype(dtype)
-                s -= delta if aug else m + delta
+                s -= m + delta
                 if ctx is not None:
                     alpha = np.where(empty, 1.0, np.exp(-delta)).astype(dtype)  # <= e^-SHIFT where used
                     l_sum *= alpha
@@ -321,7 +323,7 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
                 m = m + delta
                 if aug:
                     q_m[...] = -m
-            elif not aug and m.any():
+            elif m.any():
                 s -= m
             np.exp(s, out=s)  # hidden -> exactly 0
             if sums:

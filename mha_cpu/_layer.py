@@ -15,8 +15,8 @@ class MultiHeadAttention(LayerBase):
     Same constructor and call as :class:`mha.MultiHeadAttention` (without ``backend``); see there.
     The fast path (mha_cpu._fast) fuses the Q/K/V projections of self-attention into one GEMM and
     runs blockwise attention with an online softmax on a thread pool; with ``return_weights`` it writes
-    the weights in the same single pass. Dropout, and keys or values holding NaN/inf, take the
-    reference path.
+    the weights in the same single pass; keys or values holding NaN/inf are zeroed and the rows that see
+    them poisoned afterwards. Dropout takes the reference path.
     """
 
     backend = "numpy"
@@ -108,6 +108,7 @@ class MultiHeadAttention(LayerBase):
         c = self._config
         aug = _fast.options.augment and c.rope is None and pos.step is None  # RoPE, cache: plain heads
         q, k, v = self._project(query, key, value, par, aug)
+        # LayerBase._positions, inlined: the finiteness check must see the new keys before the cache
         if c.rope is not None:  # in (B, heads, L, D) layout, and back (views)
             q, k = (self._rope(a.transpose(0, 2, 1, 3), o).transpose(0, 2, 1, 3)
                     for a, o in ((q, pos.q_offset), (k, pos.k_offset)))

@@ -124,7 +124,7 @@ MUTANTS = [
            "a rotating cache that drops one key too early"),
     Mutant("cache-forgets-padding", K, "self.valid[:, a:end] = True if step.valid_new is None else step.valid_new",
            "self.valid[:, a:end] = True", "left padding forgotten once cached"),
-    Mutant("cache-compaction-keys-only", K, "            self.values[:, :, :n] = self.values[:, :, start:start + n] + 0\n",
+    Mutant("cache-compaction-keys-only", K, "            self.values[:, :, :n] = src[1][:, :, start:start + n]\n",
            "            pass\n", "compacting a rotating cache moves the keys but not the values"),
     Mutant("fast-window-skip-off-by-one", F, "start = max(0, i0 + off - window + 1)", "start = max(0, i0 + off - window + 2)",
            "the numpy fast path skips the oldest key of the window"),
