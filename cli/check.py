@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -31,7 +32,15 @@ def check(impls, examples, props, as_json, list_props):
     with tiny blocks, so that small problems run its online softmax. Exits 1 when one of this
     project's backends (numpy, numpy-blocks, mlx) fails a property; what third-party layers (torch, mlx-nn) violate is
     reported as a finding, not an error.
+
+    The tolerances are derived for float32 arithmetic, so MLX's float32 matrix products are kept in
+    full float32 here (MLX_ENABLE_TF32=0, unless set otherwise): by default MLX runs them in TF32 on
+    GPUs that have it (NVIDIA since Ampere, Apple M5), about 1e-3 relative error per product.
     """
+    os.environ.setdefault("MLX_ENABLE_TF32", "0")  # read by MLX at its first matrix product
+    if os.environ["MLX_ENABLE_TF32"] != "0":
+        note(f"MLX_ENABLE_TF32={os.environ['MLX_ENABLE_TF32']}: on a GPU with TF32, MLX's float32 products lose "
+             f"precision and float32 properties may fail")
     require("hypothesis", "mha check")
     from mha.testing import check as run_check
     from mha.testing.adapters import builtin

@@ -66,6 +66,11 @@ class MaskSet:
         """Whether a rule computed from positions (causal, window) applies."""
         return self.causal or self.window is not None
 
+    @property
+    def every_key_visible(self) -> bool:
+        """Whether no rule hides any key (a ``bias`` is finite: it weights keys but hides none)."""
+        return self.keep is None and not self.positional
+
     def causal_keep(self, xp):
         """(T, S) bool: the positional rules; key j visible from query i iff j <= i + (S - T) (causal)
         and |i + (S - T) - j| < W (window)."""

@@ -8,7 +8,7 @@ import numpy as np
 
 from mha._base import LayerBase
 from mha._masks import MaskSet
-from mha._reference import linear, merge_heads, nonfinite_keys, split_heads
+from mha._reference import merge_heads, nonfinite_keys, split_heads
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -100,15 +100,82 @@ class MultiHeadAttention(LayerBase, nn.Module):
         c, dt = self._config, query.dtype
         H, Hkv = c.num_heads, c.num_kv_heads
         p = self._native_params()
-        q = split_heads(linear(mx, query, p["q_weight"], p["q_bias"]), H)  # (B, H, T, D)
-        k = split_heads(linear(mx, key, p["k_weight"], p["k_bias"]), Hkv)  # (B, Hkv, S, D)
-        v = split_heads(linear(mx, value, p["v_weight"], p["v_bias"]), Hkv)
-        q, k, v = self._positions(q, k, v, pos)  # RoPE, the cache
+        q = _affine(query, p["q_weight"], p["q_bias"])  # (B, T, H*D)
+        k = _affine(key, p["k_weight"], p["k_bias"])  # (B, S, Hkv*D)
+        v = _affine(value, p["v_weight"], p["v_bias"])
+        # Which keys hold NaN/inf, found on the projections while they are contiguous. RoPE keeps finite
+        # numbers finite except in float16 near its largest values: there the check waits for RoPE.
+        early = pos.step is None and (c.rope is None or dt != mx.float16)
+        if early and masks.every_key_visible:
+            # every query sees every key, so one bad key or value makes all rows of its head NaN, and through
+            # the output projection all of the batch element's outputs: one flag per batch element is the
+            # whole rule, applied to the output (the fewest extra GPU kernels: MLX-CUDA pays tens of us each)
+            bad_b = batch_has_nonfinite(k, v)  # (B, 1, 1)
+            q, k, v = self._positions(split_heads(q, H), split_heads(k, Hkv), split_heads(v, Hkv), pos)
+            bias = None if masks.bias is None else masks.bias.astype(dt)  # finite: it hides no key
+            ctx = mx.fast.scaled_dot_product_attention(q, k, v, scale=c.effective_scale, mask=bias).swapaxes(1, 2)
+            out = self._out(ctx, head_mask, p)
+            return mx.where(bad_b, mx.array(float("nan"), out.dtype), out).astype(dt), None, None
+        bad = bad_keys(k, v, Hkv) if early else None  # (B, Hkv, S)
+        q, k, v = self._positions(split_heads(q, H), split_heads(k, Hkv), split_heads(v, Hkv), pos)
         # decoding with a cache changes S at every step: a compiled graph would be traced anew each time
-        ctx = fused_attention(q, k, v, scale=c.effective_scale, masks=masks, compile=pos.step is None)  # (B, H, T, D)
+        ctx = _attend(q, k, v, c.effective_scale, masks, pos.step is None, bad, merged=True)  # (B, T, H, D)
+        return self._out(ctx, head_mask, p).astype(dt), None, None
+
+    @staticmethod
+    def _out(ctx, head_mask, p):
+        """(B, T, H, D) contexts -> (B, T, E): head_mask, heads concatenated, the output projection."""
         if head_mask is not None:
-            ctx = ctx * head_mask
-        return linear(mx, merge_heads(ctx), p["o_weight"], p["o_bias"]).astype(dt), None, None  # (B, T, E)
+            ctx = ctx * head_mask.swapaxes(1, 2)  # (B or 1, 1, H, 1)
+        B, T, H, D = ctx.shape
+        return _affine(ctx.reshape(B, T, H * D), p["o_weight"], p["o_bias"])  # (B, T, E)
+
+
+def _affine(x, weight, bias):
+    """``x @ weight.T + bias`` as one ``mx.addmm`` (the bias added in the GEMM's epilogue)."""
+    return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
+
+
+def _batch_has_nonfinite(k, v):
+    # 0 where finite, NaN where not (inf * 0 = NaN); summed per position first: one reduction over a
+    # whole batch element is a single long row, which MLX-CUDA reduces on few threads (measured on an
+    # H100 at B=1, T=16384, E=2048, bf16: the layer took 6.1 ms instead of 4.9)
+    per_position = (k * 0 + v * 0).sum(axis=-1)  # (B, S)
+    return mx.any(mx.isnan(per_position), axis=-1)[:, None, None]
+
+
+def _bad_keys(k, v, num_kv_heads):
+    B, S, HD = k.shape
+    z = (k * 0 + v * 0).reshape(B, S, num_kv_heads, HD // num_kv_heads)
+    return mx.isnan(z.sum(axis=-1)).swapaxes(1, 2)
+
+
+_checks: dict = {}
+
+
+def _compiled_check(key, fn, *args):
+    if not COMPILE:
+        return fn(*args)
+    if key not in _checks:
+        _checks[key] = mx.compile(fn)
+    return _checks[key](*args)
+
+
+def batch_has_nonfinite(k, v):
+    """(B, 1, 1) bool: whether the (B, S, Hkv*D) key or value projections of a batch element hold NaN/inf.
+
+    One fused elementwise step (x * 0 is 0, or NaN for NaN/inf) and two reductions, over each position's
+    contiguous numbers, then over the positions. (Measured on an H100 with MLX-CUDA at B=4, T=4096, E=1024, bf16: the
+    same question asked per key over the (B, Hkv, S, D) head views took 0.74-1.4 ms, more than the
+    attention kernel's 0.63 ms; every extra kernel there costs tens of microseconds.)
+    """
+    return _compiled_check("batch", _batch_has_nonfinite, k, v)
+
+
+def bad_keys(k, v, num_kv_heads: int):
+    """(B, Hkv, S) bool: True where key or value s of a kv head holds NaN/inf; k, v are the (B, S, Hkv*D)
+    projections (heads not split yet, so each key's D numbers are contiguous)."""
+    return _compiled_check(("keys", num_kv_heads), lambda k, v: _bad_keys(k, v, num_kv_heads), k, v)
 
 
 COMPILE = True  # set mha_mlx._layer.COMPILE = False to run the fused path op by op (debugging)
@@ -119,25 +186,33 @@ def fused_attention(q, k, v, *, scale, masks, compile=True):
     """``mx.fast.scaled_dot_product_attention`` with the reference's rules on top.
 
     The fused kernel alone returns mean(V) for a query with no visible key and lets a NaN at a hidden
-    key leak (0 * NaN); here keys holding non-finite numbers are zeroed before the kernel, and
-    afterwards rows with no visible key are set to 0 and rows that can see such a key to NaN. The
-    whole of it is ``mx.compile``d (one graph per kind of mask, scale and shape), which fuses these
-    few elementwise steps around the kernel (measured on the CPU at B=1, H=4, T=16, D=16: 81 us op by op,
-    49 us compiled, against 34 us for the bare kernel). ``compile=False`` runs it op by op: decoding
-    with a cache, where S grows at every step and each new shape would be traced anew (measured on the
-    CPU, E=512, H=8, one token against 1024 cached: 5.4 ms per step compiled, 4.0 ms op by op).
-    q (B, H, T, D); k, v (B, Hkv, S, D) -> (B, H, T, D).
+    key leak (0 * NaN); here, when some keys are hidden, non-finite numbers in k and v are zeroed before
+    the kernel, and afterwards rows with no visible key are set to 0 and rows that can see a key holding
+    NaN/inf to NaN. The whole of it is ``mx.compile``d (one graph per kind of mask, scale and shape),
+    which fuses these few elementwise steps around the kernel (measured on the CPU at B=1, H=4, T=16,
+    D=16: 81 us op by op, 49 us compiled, against 34 us for the bare kernel). ``compile=False`` runs it
+    op by op: decoding with a cache, where S grows at every step and each new shape would be traced anew
+    (measured on the CPU, E=512, H=8, one token against 1024 cached: 5.4 ms per step compiled, 4.0 ms op
+    by op). q (B, H, T, D); k, v (B, Hkv, S, D) -> (B, H, T, D).
     """
-    has_keep, has_bias = masks.keep is not None, masks.bias is not None
-    args = [q, k, v] + ([masks.keep] if has_keep else []) + ([masks.bias] if has_bias else [])
-    key = (has_keep, has_bias, masks.causal, masks.window, float(scale))
+    return _attend(q, k, v, scale, masks, compile, None, merged=False)
+
+
+def _attend(q, k, v, scale, masks, compile: bool, bad, merged: bool):
+    """:func:`fused_attention`, with ``bad`` from :func:`bad_keys` when known (None: found from k, v
+    here); ``merged`` returns (B, T, H, D), the kernel's own output layout, so no copy is made before the
+    output projection."""
+    has_keep, has_bias, has_bad = masks.keep is not None, masks.bias is not None, bad is not None
+    args = [q, k, v] + [a for a in (masks.keep, masks.bias, bad) if a is not None]
+    key = (has_keep, has_bias, has_bad, masks.causal, masks.window, float(scale), merged)
     fn = _compiled.get(key) if compile else None
     if fn is None:
         def fn(q, k, v, *rest):
             it = iter(rest)
             keep = next(it) if has_keep else None
             bias = next(it) if has_bias else None
-            return _fused(q, k, v, keep, bias, masks.causal, masks.window, float(scale))
+            bad = next(it) if has_bad else None
+            return _fused(q, k, v, keep, bias, masks.causal, masks.window, float(scale), bad, merged)
 
         if COMPILE and compile:
             fn = mx.compile(fn)
@@ -145,14 +220,18 @@ def fused_attention(q, k, v, *, scale, masks, compile=True):
     return fn(*args)
 
 
-def _fused(q, k, v, keep, bias, causal: bool, window, scale: float):
+def _fused(q, k, v, keep, bias, causal: bool, window, scale: float, bad, merged: bool):
     B, H, T, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     dt = q.dtype
-    bad = nonfinite_keys(mx, k, v)  # (B, Hkv, S)
-    k = mx.where(bad[..., None], 0, k)
-    v = mx.where(bad[..., None], 0, v)
-    bad_h = mx.repeat(bad, H // Hkv, axis=1)[:, :, None, :]  # (B, H, 1, S)
+    every_key_visible = MaskSet(keep, bias, causal, T, S, window).every_key_visible
+    if bad is None:
+        bad = nonfinite_keys(mx, k, v)  # (B, Hkv, S)
+    if not every_key_visible:
+        # a NaN/inf at a hidden key must not leak into the kernel's sums (0 * NaN); the rows that see one
+        # are set to NaN below, so zeroing the non-finite numbers alone (not whole keys) is enough
+        k = mx.where(mx.isfinite(k), k, 0)
+        v = mx.where(mx.isfinite(v), v, 0)
 
     if keep is None and bias is None and window is None:
         arg = "causal" if causal else None
@@ -166,21 +245,30 @@ def _fused(q, k, v, keep, bias, causal: bool, window, scale: float):
             arg = mx.where(keep, bias, mx.finfo(dt).min).astype(dt)
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=arg)  # (B, H, T, D)
 
-    if keep is None and causal:  # only the causal rule: work per row from indices, O(T + S)
+    bad_h = mx.repeat(bad, H // Hkv, axis=1)[:, :, None, :]  # (B, H, 1, S) or (B, H, 1, 1)
+    if every_key_visible:  # a (batch, head) that has a bad key is NaN throughout
+        visible = None
+        touched = mx.any(bad_h, axis=-1, keepdims=True)  # (B, H, 1, 1)
+    elif keep is None and causal:  # only the causal rule: work per row from indices, O(T + S)
         last = mx.arange(T) + (S - T)  # (T,) last visible key of each query
         visible = (last >= 0)[:, None]  # (T, 1)
         seen = mx.cummax(bad_h.astype(mx.int8), axis=-1)  # (B, H, 1, S): a bad key at or before j
         touched = mx.take(seen, mx.clip(last, 0, S - 1), axis=-1).swapaxes(-1, -2) > 0  # (B, H, T, 1)
         touched = mx.logical_and(touched, visible)
-    elif keep is None:  # every key visible to every query
-        visible = None
-        touched = mx.any(bad_h, axis=-1, keepdims=True)  # (B, H, 1, 1)
     else:
         keep = mx.broadcast_to(keep, tuple(keep.shape[:-2]) + (T, S))  # (b, h, T, S)
         visible = mx.any(keep, axis=-1, keepdims=True)  # (b, h, T, 1)
         counts = mx.matmul(keep.astype(dt), bad_h.astype(dt).swapaxes(-1, -2))  # (B, H, T, 1)
         touched = counts > 0
+    if merged:  # the kernel writes (B, H, T, D) in q's layout, which is (B, T, H, D) in memory
+        out, touched = out.swapaxes(1, 2), _to_btH(touched)
+        visible = None if visible is None else _to_btH(visible)
     out = mx.where(touched, mx.array(float("nan"), dt), out)
     if visible is not None:
         out = mx.where(visible, out, mx.array(0, dt))
     return out
+
+
+def _to_btH(flags):
+    """(b, h, t, 1) flags, any of them broadcast (1), to (b, t, h, 1)."""
+    return flags.reshape((1,) * (4 - flags.ndim) + tuple(flags.shape)).swapaxes(1, 2)

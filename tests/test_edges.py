@@ -162,3 +162,27 @@ def test_half_precision_mlx(dtype):
     sums = mha.to_numpy(P).sum(-1)
     visible = sums > 0
     np.testing.assert_allclose(sums[visible], 1.0, atol=S * tolerance.unit_roundoff(dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_mlx_nonfinite_flags_per_kv_head_and_batch(dtype):
+    """The MLX fast path finds NaN/inf keys on the projections before the heads are split: each flag must
+    land on its own (batch, kv head, key), and the largest finite numbers must not count as bad."""
+    mx = pytest.importorskip("mlx.core")
+    from mha_mlx._layer import bad_keys, batch_has_nonfinite
+
+    B, S, Hkv, D = 4, 7, 3, 5
+    rng = np.random.default_rng(0)
+    k, v = (rng.standard_normal((B, S, Hkv * D)).astype(np.float32) for _ in range(2))
+    k[3] = v[3] = float(np.finfo(np.float16).max)  # finite, and sums of them overflow: still not bad
+    want = np.zeros((B, Hkv, S), bool)
+    for arr, b, s, h, d, bad in ((k, 0, 2, 1, 3, np.nan), (v, 2, 6, 0, 0, np.inf), (k, 2, 0, 2, D - 1, -np.inf)):
+        arr[b, s, h * D + d] = bad
+        want[b, h, s] = True
+    dt = getattr(mx, dtype)
+    km, vm = mx.array(k).astype(dt), mx.array(v).astype(dt)
+    np.testing.assert_array_equal(np.array(bad_keys(km, vm, Hkv)), want)
+    np.testing.assert_array_equal(np.array(batch_has_nonfinite(km, vm)).reshape(B), want.any(axis=(1, 2)))
+    empty = mx.zeros((0, S, Hkv * D), dtype=dt)
+    assert bad_keys(empty, empty, Hkv).shape == (0, Hkv, S)
+    assert batch_has_nonfinite(empty, empty).shape == (0, 1, 1)

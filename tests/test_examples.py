@@ -29,3 +29,21 @@ def test_check_my_attention_finds_the_second_bug_when_the_first_is_fixed(tmp_pat
                          timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "the suite found: nonfinite_hidden_isolation, nonfinite_visible_confined" in res.stdout
+
+
+def test_gpu_benchmark_script_runs_on_the_cpu(tmp_path):
+    """benchmarks/mlx_gpu.py is run by hand on a GPU machine; a smoke run here keeps it from rotting
+    (tiny shapes, every section, the JSON written)."""
+    pytest.importorskip("mlx.core")
+    script = Path(__file__).parent.parent / "benchmarks" / "mlx_gpu.py"
+    out = tmp_path / "r.json"
+    res = subprocess.run([sys.executable, str(script), "--quick", "--only", "accuracy,speed,long,decode,parts",
+                          "--repeat", "1", "--json", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    import json
+
+    report = json.loads(out.read_text())
+    assert set(report) >= {"info", "accuracy", "speed", "long", "decode", "parts"}
+    for row in report["speed"]:
+        assert {"mha mlx", "mlx.nn", "mha mlx +weights", "mlx naive"} <= set(row["ms"]), row

@@ -164,10 +164,12 @@ def nonfinite_visible_confined(impl, p):
     b, j = int(rng.integers(p.config.B)), int(rng.integers(p.config.S))
     y, _ = call(impl, p)
     sees = p.visible()[b, :, :, j].any(0)  # (T,): queries of batch b that see key j in some head
-    for bad in (np.nan, np.inf):
+    # NaN in a key; inf in a value; -inf in a key, which can make a logit -inf (exp 0: a kernel left alone
+    # just drops that key, and the row stays finite)
+    for where, bad in (("key", np.nan), ("value", np.inf), ("key", -np.inf)):
         k, v = p.kv
         k2, v2 = k.copy(), v.copy()
-        (v2 if bad == np.inf else k2)[b, j, 0] = bad
+        (k2 if where == "key" else v2)[b, j, 0] = bad
         y2, _ = call(impl, p, key=k2, value=v2)
         rows = np.zeros(y.shape[:2], bool)
         rows[b] = sees
