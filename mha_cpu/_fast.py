@@ -24,6 +24,7 @@ import numpy as np
 NEG_INF = -np.inf
 SHIFT = 20.0  # |logit - offset| <= 20: exp stays within 2e-9 .. 5e8, far from float32's under/overflow
 LIMIT = float(np.exp(SHIFT + 10.0))  # a block's row sum above this (terms up to e^30) is done again, centred
+FLOOR = float(np.exp(-60.0))  # a first block's row sum below this is done again, centred (see attention)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Options:
     min_parallel_flops: float = 4e6  # below this much work per call, threads cost more than they give
     min_split_work: int = 1 << 16  # split heads over idle workers only from this many logits (T * S * H) on
     augment: bool = True  # the augmented form of attention() (offset and row sums ride in the GEMMs)
+    first_block_unchecked: bool = True  # augmented form: no max pass on a row's first block either
 
 
 options = Options()
@@ -276,6 +278,25 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
                 weights[b, hs, i0:i1, :start] = 0
                 buf = weights[b, hs, i0:i1, start:end]
             s = logits(j0, j1, buf)
+            if not sums and ctx is None and options.first_block_unchecked:
+                # A row's first block, augmented form, offset 0: the exp runs at once too, and the row sums
+                # decide after the fact. A sum in [FLOOR, LIMIT] means no term overflowed and the largest
+                # (>= sum / keys, a normal float for up to e^27 keys) is as precise as after centring; any other sum
+                # (0: no visible key, NaN, inf, tiny, huge) redoes that row's block the careful way.
+                np.exp(s, out=s)
+                part = times_v(s, j0, j1)
+                bad = ~((part[..., D:] <= LIMIT) & (part[..., D:] >= FLOOR))
+                if bad.any():
+                    s = logits(j0, j1)
+                    top = s.max(axis=2, keepdims=True)
+                    delta = np.where(bad & np.isfinite(top) & (np.abs(top) > SHIFT), top, 0.0).astype(dtype)
+                    s -= delta
+                    m = m + delta
+                    q_m[...] = -m
+                    np.exp(s, out=s)
+                    part = np.where(bad, times_v(s, j0, j1), part)
+                ctx = part
+                continue
             if not sums and ctx is not None:
                 # Rows holding terms already take the exp at once; the row sums that the PV GEMM returns
                 # tell after the fact whether a term left the band (sum > LIMIT, or inf/NaN), and only
