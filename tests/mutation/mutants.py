@@ -76,7 +76,7 @@ MUTANTS = [
            "return c if self.keep is None else xp.logical_or(self.keep, c)", "mask and causal combined by OR"),
     Mutant("fused-no-empty-fix", X, "out = mx.where(visible, out, mx.array(0, dt))", "out = out",
            "MLX fused kernel's mean(V) for empty rows left in place"),
-    Mutant("fused-no-nan-clean", X, "v = mx.where(mx.isfinite(v), v, 0)", "v = v",
+    Mutant("fused-no-nan-clean", X, "v = mx.where(bad[..., None], 0, v)", "v = v",
            "MLX fused path lets NaN at hidden values leak (0 * NaN)"),
     Mutant("fused-bias-without-keep", X, "arg = mx.where(keep, bias, mx.finfo(dt).min).astype(dt)",
            "arg = bias.astype(dt)", "MLX fused path drops the bool part when an additive mask is given"),
