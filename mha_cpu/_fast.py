@@ -124,7 +124,14 @@ class Parallel:
                 for it in chunk:
                     fn(it)
 
-        list(_executor(n).map(work, chunks))
+        # the calling thread takes the first chunk itself instead of waiting idle: one hand-off fewer
+        # (an empty map over 2 workers took 66 us when every chunk went to the pool)
+        pending = [_executor(n - 1).submit(work, chunk) for chunk in chunks[1:]]
+        try:
+            work(chunks[0])
+        finally:  # never return (or raise) while workers still write into the caller's buffers
+            for f in pending:
+                f.result()
 
     def linear(self, x, weight, bias, out=None):
         """``x @ weight.T + bias`` for x (..., in), rows split over the workers."""
