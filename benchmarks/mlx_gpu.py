@@ -56,10 +56,6 @@ def flops(B, T, E, H) -> float:
     return 8.0 * B * T * E * E + 4.0 * B * T * T * E
 
 
-def attn_flops(B, T, E) -> float:
-    return 4.0 * B * T * T * E
-
-
 def median_time(fn, repeat: int, warm: int = 3) -> float:
     for _ in range(warm):
         fn()

@@ -285,53 +285,43 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
                 weights[b, hs, i0:i1, :start] = 0
                 buf = weights[b, hs, i0:i1, start:end]
             s = logits(j0, j1, buf)
-            if not sums and ctx is None and options.first_block_unchecked:
-                # A row's first block, augmented form, offset 0: the exp runs at once too, and the row sums
-                # decide after the fact. A sum in [FLOOR, LIMIT] means no term overflowed and the largest
-                # (>= sum / keys, a normal float for up to e^27 keys) is as precise as after centring; any other sum
-                # (0: no visible key, NaN, inf, tiny, huge) redoes that row's block the careful way.
-                np.exp(s, out=s)
+            if not sums and (ctx is not None or options.first_block_unchecked):
+                # The exp runs at once, without a pass for the max: the row sums that the PV GEMM returns
+                # (the values' ones column) tell after the fact whether a term left the band — a sum above
+                # LIMIT, inf or NaN, and on a row's first block also a sum below FLOOR (0: no visible key;
+                # above it the largest term, >= sum / keys, is a normal float for up to e^27 keys) — and
+                # only those rows are done again, centred. After the first block, rows still without terms
+                # get the band rule first. Every row's arithmetic depends on its own numbers only.
+                first = ctx is None
+                if not first:
+                    emp = ctx[..., D:] == 0  # (H, bq, 1)
+                    if emp.any():
+                        top = s.max(axis=2, keepdims=True)
+                        move = emp & np.isfinite(top) & (np.abs(top) > SHIFT)
+                        if move.any():
+                            delta = np.where(move, top, 0.0).astype(dtype)
+                            s -= delta
+                            m = m + delta
+                            q_m[...] = -m
+                np.exp(s, out=s)  # hidden -> exactly 0
                 part = times_v(s, j0, j1)
-                bad = ~((part[..., D:] <= LIMIT) & (part[..., D:] >= FLOOR))
+                row = part[..., D:]
+                bad = ~((row <= LIMIT) & (row >= FLOOR)) if first else ~(row <= LIMIT)  # NaN and inf fail too
                 if bad.any():
                     s = logits(j0, j1)
                     top = s.max(axis=2, keepdims=True)
                     delta = np.where(bad & np.isfinite(top) & (np.abs(top) > SHIFT), top, 0.0).astype(dtype)
                     s -= delta
+                    if not first:
+                        ctx *= np.exp(-delta).astype(dtype)
                     m = m + delta
                     q_m[...] = -m
                     np.exp(s, out=s)
                     part = np.where(bad, times_v(s, j0, j1), part)
-                ctx = part
-                continue
-            if not sums and ctx is not None:
-                # Rows holding terms already take the exp at once; the row sums that the PV GEMM returns
-                # tell after the fact whether a term left the band (sum > LIMIT, or inf/NaN), and only
-                # those rows are done again, centred. Rows still without terms get the band rule first.
-                # Every row's arithmetic depends on its own numbers only. Saves the pass for the max.
-                emp = ctx[..., D:] == 0  # (H, bq, 1)
-                if emp.any():
-                    top = s.max(axis=2, keepdims=True)
-                    move = emp & np.isfinite(top) & (np.abs(top) > SHIFT)
-                    if move.any():
-                        delta = np.where(move, top, 0.0).astype(dtype)
-                        s -= delta
-                        m = m + delta
-                        q_m[...] = -m
-                np.exp(s, out=s)  # hidden -> exactly 0
-                part = times_v(s, j0, j1)
-                bad = ~(part[..., D:] <= LIMIT)  # NaN and inf fail too
-                if bad.any():
-                    s = logits(j0, j1)
-                    top = s.max(axis=2, keepdims=True)
-                    delta = np.where(bad & np.isfinite(top) & (top > SHIFT), top, 0.0).astype(dtype)
-                    s -= delta
-                    ctx *= np.exp(-delta).astype(dtype)
-                    m = m + delta
-                    q_m[...] = -m
-                    np.exp(s, out=s)
-                    part = np.where(bad, times_v(s, j0, j1), part)
-                ctx += part
+                if first:
+                    ctx = part
+                else:
+                    ctx += part
                 continue
             # The careful way: every block of the plain form, the first block of the augmented one
             # (where m = 0 still, so the logits need no shift).

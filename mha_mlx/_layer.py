@@ -150,15 +150,14 @@ def _bad_keys(k, v, num_kv_heads):
     return mx.isnan(z.sum(axis=-1)).swapaxes(1, 2)
 
 
-_checks: dict = {}
-
-
-def _compiled_check(key, fn, *args):
+def _compiled(key, fn):
+    """``mx.compile(fn)``, made once per ``key`` (kind of call, scale, layout); ``fn`` itself when
+    ``COMPILE`` is off. MLX traces the compiled function anew for each new shape or dtype."""
     if not COMPILE:
-        return fn(*args)
-    if key not in _checks:
-        _checks[key] = mx.compile(fn)
-    return _checks[key](*args)
+        return fn
+    if key not in _graphs:
+        _graphs[key] = mx.compile(fn)
+    return _graphs[key]
 
 
 def batch_has_nonfinite(k, v):
@@ -169,17 +168,17 @@ def batch_has_nonfinite(k, v):
     same question asked per key over the (B, Hkv, S, D) head views took 0.74-1.4 ms, more than the
     attention kernel's 0.63 ms; every extra kernel there costs tens of microseconds.)
     """
-    return _compiled_check("batch", _batch_has_nonfinite, k, v)
+    return _compiled("batch", _batch_has_nonfinite)(k, v)
 
 
 def bad_keys(k, v, num_kv_heads: int):
     """(B, Hkv, S) bool: True where key or value s of a kv head holds NaN/inf; k, v are the (B, S, Hkv*D)
     projections (heads not split yet, so each key's D numbers are contiguous)."""
-    return _compiled_check(("keys", num_kv_heads), lambda k, v: _bad_keys(k, v, num_kv_heads), k, v)
+    return _compiled(("keys", num_kv_heads), lambda k, v: _bad_keys(k, v, num_kv_heads))(k, v)
 
 
 COMPILE = True  # set mha_mlx._layer.COMPILE = False to run the fused path op by op (debugging)
-_compiled: dict = {}
+_graphs: dict = {}
 
 
 def fused_attention(q, k, v, *, scale, masks, compile=True):
@@ -204,19 +203,17 @@ def _attend(q, k, v, scale, masks, compile: bool, bad, merged: bool):
     output projection."""
     has_keep, has_bias, has_bad = masks.keep is not None, masks.bias is not None, bad is not None
     args = [q, k, v] + [a for a in (masks.keep, masks.bias, bad) if a is not None]
-    key = (has_keep, has_bias, has_bad, masks.causal, masks.window, float(scale), merged)
-    fn = _compiled.get(key) if compile else None
-    if fn is None:
-        def fn(q, k, v, *rest):
-            it = iter(rest)
-            keep = next(it) if has_keep else None
-            bias = next(it) if has_bias else None
-            bad = next(it) if has_bad else None
-            return _fused(q, k, v, keep, bias, masks.causal, masks.window, float(scale), bad, merged)
+    causal, window = masks.causal, masks.window
 
-        if COMPILE and compile:
-            fn = mx.compile(fn)
-            _compiled[key] = fn
+    def fn(q, k, v, *rest):
+        it = iter(rest)
+        keep = next(it) if has_keep else None
+        bias = next(it) if has_bias else None
+        bad = next(it) if has_bad else None
+        return _fused(q, k, v, keep, bias, causal, window, float(scale), bad, merged)
+
+    if compile:
+        fn = _compiled(("attend", has_keep, has_bias, has_bad, causal, window, float(scale), merged), fn)
     return fn(*args)
 
 
@@ -224,7 +221,8 @@ def _fused(q, k, v, keep, bias, causal: bool, window, scale: float, bad, merged:
     B, H, T, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     dt = q.dtype
-    every_key_visible = MaskSet(keep, bias, causal, T, S, window).every_key_visible
+    rules = MaskSet(keep, bias, causal, T, S, window)
+    every_key_visible = rules.every_key_visible
     if bad is None:
         bad = nonfinite_keys(mx, k, v)  # (B, Hkv, S)
     if not every_key_visible:
@@ -237,7 +235,7 @@ def _fused(q, k, v, keep, bias, causal: bool, window, scale: float, bad, merged:
     if keep is None and bias is None and window is None:
         arg = "causal" if causal else None
     else:
-        keep = MaskSet(keep, bias, causal, T, S, window).full_keep(mx)
+        keep = rules.full_keep(mx)
         if bias is None:
             arg = keep
         elif keep is None:
