@@ -273,7 +273,9 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
         m = np.zeros((H_, n, 1), dtype)
         l_sum = np.zeros((H_, n, 1), dtype)
         ctx = None
-        sums = not aug or weights is not None  # row sums by a pass over the logits (else: in ctx's last column)
+        sums = not aug  # row sums by a pass over the logits (else: in ctx's last column)
+        # the careful path with weights normalises them before the PV GEMM; the unchecked one after it
+        normalised = weights is not None and (sums or not options.first_block_unchecked)
         if aug:
             q_m = q[b, i0:i1, hs, D].T[:, :, None]  # (H_, bq, 1) view of q's free column: holds -m
             q_m[...] = 0
@@ -318,6 +320,8 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
                     q_m[...] = -m
                     np.exp(s, out=s)
                     part = np.where(bad, times_v(s, j0, j1), part)
+                    if buf is not None:  # the redone rows' terms into the weights
+                        np.copyto(buf, s, where=bad)
                 if first:
                     ctx = part
                 else:
@@ -346,7 +350,7 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
             np.exp(s, out=s)  # hidden -> exactly 0
             if sums:
                 l_sum += s.sum(axis=2, keepdims=True)
-            if weights is not None:
+            if normalised:
                 s /= np.where(l_sum == 0, 1.0, l_sum).astype(dtype)  # final weights; ctx = P V
             part = times_v(s, j0, j1)
             if ctx is None:
@@ -358,8 +362,10 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
         if aug:
             ctx = ctx[..., :D]
         denom = np.where(l_sum == 0, 1.0, l_sum).astype(dtype)
-        if weights is None:
+        if not normalised:
             ctx /= denom
+            if weights is not None:  # the unchecked path: the exp terms are in the weights, unnormalised
+                weights[b, hs, i0:i1, start:end] /= denom
         if head_mask is not None:
             ctx *= head_mask[b if head_mask.shape[0] > 1 else 0][hs, None, None]
         if lse is not None:
