@@ -9,9 +9,9 @@ It has two classic bugs, and the suite finds both:
 1. masked logits are filled with -1e9 instead of -inf, so a query whose keys are all masked gets the
    mean of the values (empty_rows_output_bias, masked_keys_irrelevant, ... fail);
 2. with that fixed (MHA_EXAMPLE_FIXED=1), a NaN sitting in a masked value still leaks into the output,
-   because the weights are zero there but 0 * NaN = NaN (nonfinite_hidden_isolation and
-   nonfinite_visible_confined fail). mha's own layers zero non-finite keys/values before the product and
-   mark only the rows that can see them.
+   because the weights are zero there but 0 * NaN = NaN (nonfinite_hidden_isolation,
+   nonfinite_visible_confined and nonfinite_self_attention fail). mha's own layers zero non-finite
+   keys/values before the product and mark only the rows that can see them.
 """
 
 import os
@@ -62,7 +62,8 @@ def build(weights):
 report = check(Adapter("my_attention", {"mask", "cross"}, build), max_examples=60)
 print(report)
 if FIXED:
-    assert report.failed == ["nonfinite_hidden_isolation", "nonfinite_visible_confined"], report.failed
+    assert report.failed == ["nonfinite_hidden_isolation", "nonfinite_visible_confined", "nonfinite_self_attention"], \
+        report.failed
 else:
     assert "empty_rows_output_bias" in report.failed, "the suite should catch the mean-of-values bug"
     assert "permutation_equivariance" in report.passed

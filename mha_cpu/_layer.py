@@ -9,6 +9,32 @@ from mha._base import LayerBase
 from . import _fast
 
 
+def _zero_nonfinite(k, v, aug: bool):
+    """(k, v, bad_k, bad_v): copies of (B, S, Hkv, D) keys and values with every vector that holds NaN/inf
+    zeroed (the augmented form's ones column kept), and which were: (B, S, Hkv) bools."""
+    bad_k, bad_v = ~np.isfinite(k).all(-1), ~np.isfinite(v).all(-1)
+    k = np.where(bad_k[..., None], 0, k)
+    v = np.where(bad_v[..., None], 0, v)
+    if aug:
+        k[..., -1] = v[..., -1] = 1
+    return k, v, bad_k, bad_v
+
+
+def _poison(bad_k, bad_v, full, G: int, T: int):
+    """(rows, key_rows), (B, H, T) bools: the queries that see a non-finite key or value (their output is
+    NaN) and those that see a non-finite key (their weights and lse too), from bad_k, bad_v (B, S, Hkv)
+    and the combined keep mask ``full`` (4-D, broadcastable to (B, H, T, S); None: every key visible)."""
+    B, S, Hkv = bad_k.shape
+    full = np.ones((1, 1, 1, S), bool) if full is None else full.reshape((1,) * (4 - full.ndim) + full.shape)
+
+    def sees(bad):
+        rep = np.repeat(bad.transpose(0, 2, 1), G, axis=1)[:, :, None, :]  # (B, H, 1, S)
+        return np.broadcast_to((rep & full).any(-1), (B, Hkv * G, T))
+
+    by_key = sees(bad_k)
+    return by_key | sees(bad_v), by_key
+
+
 class MultiHeadAttention(LayerBase):
     """Multi-head attention on numpy (float32 or float64).
 
@@ -16,7 +42,10 @@ class MultiHeadAttention(LayerBase):
     The fast path (mha_cpu._fast) fuses the Q/K/V projections of self-attention into one GEMM and
     runs blockwise attention with an online softmax on a thread pool; with ``return_weights`` it writes
     the weights in the same single pass; keys or values holding NaN/inf are zeroed and the rows that see
-    them poisoned afterwards. Dropout takes the reference path.
+    them poisoned afterwards. Self-attention whose (batch element, group of key/value heads) tasks share
+    the workers out evenly runs each task start to finish on one worker (``_forward_groups``); the rest
+    projects all rows first and splits the attention by blocks of queries. Dropout takes the reference
+    path.
     """
 
     backend = "numpy"
@@ -60,6 +89,7 @@ class MultiHeadAttention(LayerBase):
             return w.reshape(-1, w.shape[-1]), b.reshape(-1)
 
         self._proj = {False: plain, True: {n: augment(n) for n in "qkv"}}
+        self._groups = {}  # (aug, groups) -> per group: its rows of the fused projection, its columns of W_O
         for mode in (False, True):
             pr = self._proj[mode]
             if c.kdim == c.vdim == c.embed_dim:
@@ -106,6 +136,17 @@ class MultiHeadAttention(LayerBase):
 
     def _forward(self, par, query, key, value, masks, head_mask, pos, return_weights, return_lse):
         c = self._config
+        split = _fast.options.split
+        if split not in ("auto", "rows", "groups"):
+            raise ValueError(f"mha_cpu.options.split must be 'auto', 'rows' or 'groups', got {split!r}")
+        if (split != "rows" and key is query and value is query and pos.step is None and c.rope is None
+                and "qkv" in self._proj[False]):
+            B, Hkv = query.shape[0], c.num_kv_heads
+            g = _fast.head_groups(B, Hkv, par.n) if par.n > 1 else None
+            if split == "groups" and g is None:  # forced: as many groups as fill the workers, at most
+                g = max(d for d in range(1, Hkv + 1) if Hkv % d == 0 and d <= max(1, -(-par.n // B)))
+            if g is not None:
+                return self._forward_groups(par, query, masks, head_mask, return_weights, return_lse, g)
         aug = _fast.options.augment and c.rope is None and pos.step is None  # RoPE, cache: plain heads
         q, k, v = self._project(query, key, value, par, aug)
         # LayerBase._positions, inlined: the finiteness check must see the new keys before the cache
@@ -119,13 +160,8 @@ class MultiHeadAttention(LayerBase):
             cache._nonfinite = cache._nonfinite or not finite  # sticky: a NaN stays in the cache
             finite = not cache._nonfinite
         bad_k, bad_v = None, None
-        if not finite:
-            # NaN/inf at a key or value: zero it, attend, then poison only the rows that can see it.
-            bad_k, bad_v = ~np.isfinite(k).all(-1), ~np.isfinite(v).all(-1)  # (B, S, Hkv)
-            k = np.where(bad_k[..., None], 0, k)
-            v = np.where(bad_v[..., None], 0, v)
-            if aug:
-                k[..., -1] = v[..., -1] = 1
+        if not finite:  # NaN/inf at a key or value: zeroed here, and the rows that see it poisoned after
+            k, v, bad_k, bad_v = _zero_nonfinite(k, v, aug)
         B, T, H = q.shape[:3]
         D = c.head_dim
         S = k.shape[1]
@@ -134,21 +170,88 @@ class MultiHeadAttention(LayerBase):
         weights = np.empty((B, H, T, S), dt) if return_weights else None
         lse = np.empty((B, H, T), dt) if return_lse else None
         hm = None if head_mask is None else head_mask.reshape(-1, H)
-        poison = None
-        if bad_k is not None:  # which rows see a non-finite key (row NaN, weights too) or value (row NaN)
-            full = masks.full_keep(np)
-            full = np.ones((1, 1, 1, S), bool) if full is None else full.reshape((1,) * (4 - full.ndim) + full.shape)
-            G = H // c.num_kv_heads
-
-            def sees(bad):
-                rep = np.repeat(bad.transpose(0, 2, 1), G, axis=1)[:, :, None, :]  # (B, H, 1, S)
-                return np.broadcast_to((rep & full).any(-1), (B, H, T))
-
-            by_key = sees(bad_k)
-            poison = (by_key | sees(bad_v), by_key)
+        poison = None if bad_k is None else _poison(bad_k, bad_v, masks.full_keep(np), H // c.num_kv_heads, T)
         out = np.empty((B, T, c.embed_dim), dt)
         _fast.attention(q, k, v, ctx, keep=masks.keep, bias=masks.bias, causal=masks.causal, window=masks.window,
                         head_mask=hm,
                         weights=weights, lse=lse, par=par, poison=poison,
                         project=(self._params["o_weight"], self._params["o_bias"], out))
+        return out, weights, lse
+
+    def _group_params(self, aug: bool, g: int) -> list:
+        """Per group of key/value heads (g groups): (first, end) kv head, its rows of the fused Q/K/V
+        projection (weight, bias) and its columns of W_O, contiguous. Cached per (aug, g)."""
+        found = self._groups.get((aug, g))
+        if found is not None:
+            return found
+        c = self._config
+        H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
+        G, Dq = H // Hkv, D + aug
+        w, b = self._proj[aug]["qkv"]
+        found = []
+        for i in range(g):
+            g0, g1 = i * Hkv // g, (i + 1) * Hkv // g
+            rows = np.concatenate([np.arange(g0 * G * Dq, g1 * G * Dq), H * Dq + np.arange(g0 * Dq, g1 * Dq),
+                                   (H + Hkv) * Dq + np.arange(g0 * Dq, g1 * Dq)])
+            found.append((g0, g1, np.ascontiguousarray(w[rows]), b[rows],
+                          np.ascontiguousarray(self._params["o_weight"][:, g0 * G * D:g1 * G * D])))
+        self._groups[(aug, g)] = found
+        return found
+
+    def _forward_groups(self, par, query, masks, head_mask, return_weights, return_lse, g):
+        """Self-attention with one task per (batch element, group of key/value heads), each start to
+        finish on one worker: its rows of the fused projection, the attention of its heads, and their
+        share of the output projection (summed over groups at the end). No barrier between projection
+        and attention, and a worker's keys and values never leave its cache. (output, weights, lse)."""
+        c = self._config
+        aug = _fast.options.augment
+        B, T, E = query.shape
+        H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
+        G, Dq = H // Hkv, D + aug
+        dt = query.dtype
+        params = self._group_params(aug, g)
+        weights = np.empty((B, H, T, T), dt) if return_weights else None
+        lse = np.empty((B, H, T), dt) if return_lse else None
+        parts = np.empty((g, B, T, E), dt)  # each group's share of the output projection
+        hm = None if head_mask is None else head_mask.reshape(-1, H)
+        o_bias = self._params["o_bias"]
+        serial = _fast.Parallel(0, threads=1)
+
+        def pick(a, b, h0, h1):
+            """a (B?, H?, ...) for batch element b and heads h0:h1 (broadcast axes kept)."""
+            if a is None:
+                return None
+            a = a[b:b + 1] if a.shape[0] > 1 else a
+            return a[:, h0:h1] if a.shape[1] > 1 else a
+
+        def full_keep():
+            full = masks.full_keep(np)
+            return None if full is None else full.reshape((1,) * (4 - full.ndim) + full.shape)
+
+        def task(i):
+            b, gi = divmod(i, g)
+            g0, g1, w, bias, w_o = params[gi]
+            h0, h1 = g0 * G, g1 * G
+            nq, nk = (h1 - h0) * Dq, (g1 - g0) * Dq
+            y = np.matmul(query[b], w.T)
+            y += bias
+            q = y[:, :nq].reshape(1, T, h1 - h0, Dq)
+            k = y[:, nq:nq + nk].reshape(1, T, g1 - g0, Dq)
+            v = y[:, nq + nk:].reshape(1, T, g1 - g0, Dq)
+            poison = None
+            if not np.isfinite(y[:, nq:]).all():  # as in _forward: zero, attend, poison who sees it
+                k, v, bad_k, bad_v = _zero_nonfinite(k, v, aug)
+                poison = _poison(bad_k, bad_v, pick(full_keep(), b, h0, h1), G, T)
+            ctx = np.empty((1, T, h1 - h0, D), dt)
+            _fast.attention(q, k, v, ctx, keep=pick(masks.keep, b, h0, h1), bias=pick(masks.bias, b, h0, h1),
+                            causal=masks.causal, window=masks.window, head_mask=pick(hm, b, h0, h1),
+                            weights=None if weights is None else weights[b:b + 1, h0:h1],
+                            lse=None if lse is None else lse[b:b + 1, h0:h1],
+                            project=(w_o, o_bias if gi == 0 else None, parts[gi, b:b + 1]),
+                            poison=poison, par=serial)  # already on a worker: never wait on the pool
+
+        par.map(task, range(B * g))
+        out = parts[0]
+        for gi in range(1, g):
+            out += parts[gi]
         return out, weights, lse

@@ -34,14 +34,14 @@ class _options:
 
 
 @given(p=mst.problems(ALL), bq=st.integers(1, 9), bk=st.integers(1, 9), threads=st.sampled_from([1, 2, 3]),
-       rw=st.booleans())
-def test_any_blocks_and_threads_equal_the_reference(p, bq, bk, threads, rw):
+       rw=st.booleans(), split=st.sampled_from(["rows", "groups", "auto"]))
+def test_any_blocks_and_threads_equal_the_reference(p, bq, bk, threads, rw, split):
     from mha import _masks
 
     layer = mha.MultiHeadAttention.from_weights(p.weights, backend="numpy")
     k, v = p.kv
     with _options(block_q=bq, block_k=bk, single_pass_max=bk, single_pass_floats=0, threads=threads, min_parallel_flops=0,
-                  min_split_work=0):
+                  min_split_work=0, split=split):
         res = layer(p.query, k, v, return_weights=rw, return_lse=True, **p.masks())
     y, lse = res[0], res[-1]
     masks = _masks.prepare(np, mask=p.mask, key_mask=p.key_mask, causal=p.causal, T=p.config.T, S=p.config.S,
@@ -49,7 +49,7 @@ def test_any_blocks_and_threads_equal_the_reference(p, bq, bk, threads, rw):
     y_ref, P_ref, lse_ref = layer._reference(p.query, k, v, masks, None)
     M = tolerance.magnitude(p.weights, p.query, k, v, y_ref=y_ref, mask=p.mask)
     tol = tolerance.t2("float32", "float32", M)
-    tolerance.assert_close(y, y_ref, tol, f"blocks ({bq}, {bk}), {threads} threads")
+    tolerance.assert_close(y, y_ref, tol, f"blocks ({bq}, {bk}), {threads} threads, split {split}")
     if rw:
         tol_p = 2 * tolerance.t1("float32", tolerance.weights_magnitude(p.weights, p.query, k, mask=p.mask))
         tolerance.assert_close(res[1], P_ref, tol_p, "weights")

@@ -176,3 +176,11 @@ def test_bench_quick_smoke():
     data = json.loads(res.stdout)
     assert data["sgemm_gflops"] > 0 and len(data["shapes"]) == 2
     assert all(r["ms"] > 0 for s in data["shapes"] for r in s["results"].values())
+    assert all(s["floor_ms"] > 0 for s in data["shapes"])
+
+
+def test_bench_quick_text_names_the_floor():
+    res = run("bench", "--quick", "--no-long", "--no-mlx", "--repeat", "1")
+    assert res.exit_code == 0, res.output
+    assert "numpy sgemm (this run):" in res.stdout
+    assert res.stdout.count("at the sgemm rate") == 2 and "mha numpy" in res.stdout

@@ -28,7 +28,7 @@ def test_check_my_attention_finds_the_second_bug_when_the_first_is_fixed(tmp_pat
     res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "the suite found: nonfinite_hidden_isolation, nonfinite_visible_confined" in res.stdout
+    assert "the suite found: nonfinite_hidden_isolation, nonfinite_visible_confined, nonfinite_self_attention" in res.stdout
 
 
 def test_gpu_benchmark_script_runs_on_the_cpu(tmp_path):

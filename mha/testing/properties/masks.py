@@ -176,3 +176,30 @@ def nonfinite_visible_confined(impl, p):
         identical(y2[~rows], y[~rows], f"rows that cannot see the {bad} at key {j}")
         if np.isfinite(y2[rows]).any():
             raise AssertionError(f"a row that sees the {bad} at key {j} stayed (partly) finite")
+
+
+@prop("nonfinite_self_attention", theme="masks", self_attention=True, positional=True)
+def nonfinite_self_attention(impl, p):
+    """Self-attention with NaN, +inf or -inf in one feature of one token: that token's key and value are
+    not finite, so every row that may see it becomes NaN (all features, through W_O), and every row that
+    cannot (the token's own row aside) stays bitwise equal to the clean output and finite."""
+    rng = rng_of(p, 19)
+    b, j = int(rng.integers(p.config.B)), int(rng.integers(p.config.T))
+    feature = int(rng.integers(p.config.E))
+    y, _ = call(impl, p)
+    sees = p.visible()[b, :, :, j].any(0)  # (T,): queries of batch b that see token j in some head
+    others = np.ones(y.shape[:2], bool)
+    others[b] = ~sees
+    others[b, j] = False  # its own query is not finite either
+    seeing = np.zeros(y.shape[:2], bool)
+    seeing[b] = sees
+    seeing[b, j] = False
+    for bad in (np.nan, np.inf, -np.inf):
+        x = p.query.copy()
+        x[b, j, feature] = bad
+        y2, _ = call(impl, p, query=x, key=x, value=x)
+        identical(y2[others], y[others], f"rows that cannot see token {j} with {bad} in its input")
+        if not np.isfinite(y2[others]).all():
+            raise AssertionError(f"a row that cannot see token {j} ({bad} in its input) is not finite")
+        if np.isfinite(y2[seeing]).any():
+            raise AssertionError(f"a row that sees token {j} ({bad} in its input) stayed (partly) finite")
