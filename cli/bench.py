@@ -95,30 +95,38 @@ def time_one(shape, name: str, repeat: int, want_mlx: bool) -> list[float]:
     return [_time(fn) for _ in range(repeat)]
 
 
-def measure(shape, repeat: int, want_mlx: bool, isolate: bool = True) -> dict:
-    """Median time of every implementation at ``shape``.
+def _times_of(shape, name: str, repeat: int, want_mlx: bool, isolate: bool) -> list[float]:
+    """time_one, in a process of its own with ``isolate``."""
+    if not isolate:
+        return time_one(shape, name, repeat, want_mlx)
+    code = ("import json, sys; from mha_cli.bench import time_one; "
+            "print(json.dumps(time_one(tuple(json.loads(sys.argv[1])), sys.argv[2], int(sys.argv[3]), "
+            "sys.argv[4] == '1')))")
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(list(shape)), name, str(repeat),
+                          "1" if want_mlx else "0"], capture_output=True, text=True, timeout=3600)
+    if res.returncode != 0:
+        raise click.ClickException(f"timing {name} at {shape} failed: {res.stderr.strip().splitlines()[-1]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def measure(shape, repeat: int, want_mlx: bool, isolate: bool = True, rounds: int = 1) -> dict:
+    """Median time of every implementation at ``shape``, over ``rounds`` x ``repeat`` calls.
 
     With ``isolate`` each implementation runs in a fresh process: libraries leave worker threads
     spinning after a call (torch's OpenMP, OpenBLAS, MLX's CPU pool), which slows whatever runs next on
     the same cores (measured: ours took 16 ms instead of 9 at B=1, T=512 when interleaved call by call
-    with torch). ``--quick`` measures in this process.
+    with torch). ``--quick`` measures in this process. With ``rounds`` > 1 the implementations take
+    turns (a process each per round), so that a machine whose speed drifts over seconds (seen on shared
+    virtual machines: the same call 10 ms for a while, then 15) slows them alike rather than whichever
+    ran during the slow spell.
     """
     import numpy as np
 
     names = list(_impls(*(1, 4, 8, 2), want_mlx))  # the names only (a tiny instance)
-    times = {}
-    for name in names:
-        if not isolate:
-            times[name] = time_one(shape, name, repeat, want_mlx)
-            continue
-        code = ("import json, sys; from mha_cli.bench import time_one; "
-                "print(json.dumps(time_one(tuple(json.loads(sys.argv[1])), sys.argv[2], int(sys.argv[3]), "
-                "sys.argv[4] == '1')))")
-        res = subprocess.run([sys.executable, "-c", code, json.dumps(list(shape)), name, str(repeat),
-                              "1" if want_mlx else "0"], capture_output=True, text=True, timeout=3600)
-        if res.returncode != 0:
-            raise click.ClickException(f"timing {name} at {shape} failed: {res.stderr.strip().splitlines()[-1]}")
-        times[name] = json.loads(res.stdout.strip().splitlines()[-1])
+    times = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            times[name] += _times_of(shape, name, repeat, want_mlx, isolate)
     med = {name: float(np.median(ts)) for name, ts in times.items()}
     B, T, E, H = shape
     F = flops(B, T, E, H)
@@ -283,12 +291,15 @@ def measure_decode(context: int, repeat: int, want_mlx: bool, isolate: bool = Tr
 @click.option("--quick", is_flag=True, help="Tiny shapes, few repeats, no long sequence: a smoke run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--repeat", type=click.IntRange(1, 1000), default=None, help="Timed repeats per implementation.")
+@click.option("--rounds", type=click.IntRange(1, 100), default=None,
+              help="Turns each implementation takes at every shape, a fresh process each (default 3, 1 with --quick); "
+                   "the median is over all of them.")
 @click.option("--long/--no-long", "long_", default=None,
               help="Also time T=16384 (E=512, H=8) with peak memory (default: on unless --quick).")
 @click.option("--mlx/--no-mlx", "use_mlx", default=None,
               help="Include MLX rows (default: when MLX is installed; on a CPU-only Linux MLX has no BLAS, so "
                    "only shapes up to 1024 tokens are run there).")
-def bench(quick, as_json, repeat, long_, use_mlx):
+def bench(quick, as_json, repeat, rounds, long_, use_mlx):
     """Time this project's layers against torch.nn.MultiheadAttention and mlx.nn.MultiHeadAttention.
 
     Prints, per shape (B, T, E, H): median ms, GFLOP/s, and ours/theirs ratios measured in this run,
@@ -299,6 +310,7 @@ def bench(quick, as_json, repeat, long_, use_mlx):
     from mha import _backends
 
     repeat = repeat or (3 if quick else 15)
+    rounds = rounds or (1 if quick else 3)
     shapes = QUICK_SHAPES if quick else SHAPES
     long_ = (not quick) if long_ is None else long_
     has_mlx = "mlx" in mha.available_backends()
@@ -308,7 +320,7 @@ def bench(quick, as_json, repeat, long_, use_mlx):
     mlx_gpu = _backends.mlx_on_gpu()
     report = {"machine": {"platform": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(),
                           "python": platform.python_version(), "mlx_device": _backends._mlx_status()[2]},
-              "sgemm_gflops": None, "shapes": [], "long": None, "decode": []}
+              "repeat": repeat, "rounds": rounds, "sgemm_gflops": None, "shapes": [], "long": None, "decode": []}
     contexts = QUICK_DECODE_CONTEXTS if quick else DECODE_CONTEXTS
     steps = (["sgemm"] + [f"{s}" for s in shapes] + [f"decode {c}" for c in contexts]
              + (["long"] if long_ else []))
@@ -324,20 +336,20 @@ def bench(quick, as_json, repeat, long_, use_mlx):
             else:
                 shape = shapes[steps.index(step) - 1]
                 want = use_mlx and (mlx_gpu or shape[0] * shape[1] <= 1024)
-                report["shapes"].append(measure(shape, repeat, want, isolate=not quick))
+                report["shapes"].append(measure(shape, repeat, want, isolate=not quick, rounds=rounds))
     # every FLOP at this run's sgemm rate: the time no implementation built on this BLAS goes below
     for blk in report["shapes"] + ([report["long"]] if report["long"] else []):
         blk["floor_ms"] = blk["gflop"] / report["sgemm_gflops"] * 1e3
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
-    _print(report, repeat)
+    _print(report, repeat, rounds)
 
 
-def _print(report: dict, repeat: int) -> None:
+def _print(report: dict, repeat: int, rounds: int) -> None:
     m = report["machine"]
     click.echo(f"{m['platform']}, {m['cpus']} CPUs, Python {m['python']}, MLX device: {m['mlx_device']}; "
-               f"medians of {repeat} repeats")
+               f"medians of {rounds} x {repeat} repeats (rounds x calls)")
     click.echo(f"numpy sgemm (this run): {report['sgemm_gflops']:.0f} GFLOP/s")
     blocks = report["shapes"] + ([report["long"]] if report["long"] else [])
     for blk in blocks:

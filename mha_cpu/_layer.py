@@ -144,7 +144,7 @@ class MultiHeadAttention(LayerBase):
             B, Hkv = query.shape[0], c.num_kv_heads
             g = _fast.head_groups(B, Hkv, par.n) if par.n > 1 else None
             if split == "groups" and g is None:  # forced: as many groups as fill the workers, at most
-                g = max(d for d in range(1, Hkv + 1) if Hkv % d == 0 and d <= max(1, -(-par.n // B)))
+                g = max(d for d in range(1, Hkv + 1) if Hkv % d == 0 and d <= max(1, -(-par.n // max(B, 1))))
             if g is not None:
                 return self._forward_groups(par, query, masks, head_mask, return_weights, return_lse, g)
         aug = _fast.options.augment and c.rope is None and pos.step is None  # RoPE, cache: plain heads

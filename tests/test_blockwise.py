@@ -77,3 +77,40 @@ def test_lse_recomputes_the_weights(backend):
     np.testing.assert_allclose(recomputed, P, atol=2e-6)
     y2, lse2 = layer(x, key_mask=km, causal=True, return_lse=True)
     np.testing.assert_allclose(mha.to_numpy(lse2), lse, atol=1e-5)
+
+
+@pytest.mark.parametrize("split", ["rows", "groups", "auto"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_split_handles_an_empty_batch(split, threads):
+    layer = mha.MultiHeadAttention(8, 2, backend="numpy", seed=0)
+    with _options(split=split, threads=threads, min_parallel_flops=0):
+        y, w = layer(np.zeros((0, 3, 8), np.float32), return_weights=True)
+    assert y.shape == (0, 3, 8) and w.shape == (0, 2, 3, 3)
+
+
+def test_split_option_is_checked():
+    layer = mha.MultiHeadAttention(8, 2, backend="numpy", seed=0)
+    with _options(split="heads"), pytest.raises(ValueError, match="options.split must be 'auto', 'rows' or 'groups'"):
+        layer(np.ones((1, 3, 8), np.float32))
+
+
+def test_groups_split_runs_when_the_tasks_divide_evenly():
+    """B=1, 8 kv heads, 2 workers: two groups of 4 heads; B=3 with 2 workers: groups of 4 again (6 tasks);
+    one kv head and B=1: no even split, so the rows path."""
+    from mha_cpu import _fast
+
+    assert _fast.head_groups(1, 8, 2) == 2 and _fast.head_groups(3, 8, 2) == 2
+    assert _fast.head_groups(4, 8, 2) == 1 and _fast.head_groups(1, 1, 2) is None
+    assert _fast.head_groups(1, 3, 2) is None and _fast.head_groups(2, 3, 4) is None
+    layer = mha.MultiHeadAttention(16, 4, backend="numpy", seed=0)
+    calls = []
+    original = layer._forward_groups
+    layer._forward_groups = lambda *a: calls.append(a[-1]) or original(*a)
+    x = np.random.default_rng(0).normal(size=(1, 6, 16)).astype(np.float32)
+    with _options(threads=2, min_parallel_flops=0):
+        y = layer(x)
+        layer(x, x[:, :5])  # cross-attention: the rows path
+    with _options(split="rows"):
+        y_rows = layer(x)
+    assert calls == [2]
+    np.testing.assert_allclose(y, y_rows, atol=1e-6)

@@ -31,6 +31,17 @@ def test_check_my_attention_finds_the_second_bug_when_the_first_is_fixed(tmp_pat
     assert "the suite found: nonfinite_hidden_isolation, nonfinite_visible_confined, nonfinite_self_attention" in res.stdout
 
 
+def test_rounds_benchmark_script_runs(tmp_path):
+    pytest.importorskip("torch")
+    script = Path(__file__).parent.parent / "benchmarks" / "rounds.py"
+    res = subprocess.run([sys.executable, str(script), "--shape", "1,8,8,2", "--rounds", "2", "--repeat", "1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert res.stdout.count("round ") == 2 and "medians over rounds: ratio" in res.stdout
+    bad = subprocess.run([sys.executable, str(script), "--shape", "1,8,8"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--shape must be four positive integers" in bad.stderr
+
+
 def test_gpu_benchmark_script_runs_on_the_cpu(tmp_path):
     """benchmarks/mlx_gpu.py is run by hand on a GPU machine; a smoke run here keeps it from rotting
     (tiny shapes, every section, the JSON written)."""
