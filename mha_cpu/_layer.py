@@ -112,17 +112,19 @@ class MultiHeadAttention(LayerBase):
         B, T, _ = query.shape
         S = key.shape[1]
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim + aug
+        # into this thread's scratch buffers (_fast.scratch): the projections never outlive the call (a
+        # cache copies what it keeps; RoPE and the NaN clean-up make new arrays)
         if key is query and value is query and "qkv" in pr:  # self-attention: one GEMM
-            y = par.linear(query, *pr["qkv"])
+            y = par.linear(query, *pr["qkv"], slot="qkv")
             q = y[..., :H * D]
             k, v = y[..., H * D:(H + Hkv) * D], y[..., (H + Hkv) * D:]
         else:
-            q = par.linear(query, *pr["q"])
+            q = par.linear(query, *pr["q"], slot="q")
             if value is key and "kv" in pr:
-                kv = par.linear(key, *pr["kv"])
+                kv = par.linear(key, *pr["kv"], slot="kv")
                 k, v = kv[..., :Hkv * D], kv[..., Hkv * D:]
             else:
-                k, v = par.linear(key, *pr["k"]), par.linear(value, *pr["v"])
+                k, v = par.linear(key, *pr["k"], slot="k"), par.linear(value, *pr["v"], slot="v")
         return q.reshape(B, T, H, D), k.reshape(B, S, Hkv, D), v.reshape(B, S, Hkv, D)
 
     def _fast_forward(self, query, key, value, masks, head_mask, pos, return_weights, return_lse):
@@ -166,7 +168,7 @@ class MultiHeadAttention(LayerBase):
         D = c.head_dim
         S = k.shape[1]
         dt = q.dtype
-        ctx = np.empty((B, T, H, D), dt)
+        ctx = _fast.scratch("ctx", (B, T, H, D), dt)
         weights = np.empty((B, H, T, S), dt) if return_weights else None
         lse = np.empty((B, H, T), dt) if return_lse else None
         hm = None if head_mask is None else head_mask.reshape(-1, H)
@@ -212,7 +214,8 @@ class MultiHeadAttention(LayerBase):
         params = self._group_params(aug, g)
         weights = np.empty((B, H, T, T), dt) if return_weights else None
         lse = np.empty((B, H, T), dt) if return_lse else None
-        parts = np.empty((g, B, T, E), dt)  # each group's share of the output projection
+        out = np.empty((B, T, E), dt)  # group 0's share of the output projection, then the sum
+        rest = _fast.scratch("groups", (g - 1, B, T, E), dt)  # the other groups' shares
         hm = None if head_mask is None else head_mask.reshape(-1, H)
         o_bias = self._params["o_bias"]
         serial = _fast.Parallel(0, threads=1)
@@ -233,7 +236,7 @@ class MultiHeadAttention(LayerBase):
             g0, g1, w, bias, w_o = params[gi]
             h0, h1 = g0 * G, g1 * G
             nq, nk = (h1 - h0) * Dq, (g1 - g0) * Dq
-            y = np.matmul(query[b], w.T)
+            y = np.matmul(query[b], w.T, out=_fast.scratch("group_qkv", (T, w.shape[0]), dt))
             y += bias
             q = y[:, :nq].reshape(1, T, h1 - h0, Dq)
             k = y[:, nq:nq + nk].reshape(1, T, g1 - g0, Dq)
@@ -242,16 +245,16 @@ class MultiHeadAttention(LayerBase):
             if not np.isfinite(y[:, nq:]).all():  # as in _forward: zero, attend, poison who sees it
                 k, v, bad_k, bad_v = _zero_nonfinite(k, v, aug)
                 poison = _poison(bad_k, bad_v, pick(full_keep(), b, h0, h1), G, T)
-            ctx = np.empty((1, T, h1 - h0, D), dt)
+            ctx = _fast.scratch("group_ctx", (1, T, h1 - h0, D), dt)
             _fast.attention(q, k, v, ctx, keep=pick(masks.keep, b, h0, h1), bias=pick(masks.bias, b, h0, h1),
                             causal=masks.causal, window=masks.window, head_mask=pick(hm, b, h0, h1),
                             weights=None if weights is None else weights[b:b + 1, h0:h1],
                             lse=None if lse is None else lse[b:b + 1, h0:h1],
-                            project=(w_o, o_bias if gi == 0 else None, parts[gi, b:b + 1]),
+                            project=(w_o, o_bias if gi == 0 else None,
+                                     out[b:b + 1] if gi == 0 else rest[gi - 1, b:b + 1]),
                             poison=poison, par=serial)  # already on a worker: never wait on the pool
 
         par.map(task, range(B * g))
-        out = parts[0]
-        for gi in range(1, g):
-            out += parts[gi]
+        for share in rest:
+            out += share
         return out, weights, lse

@@ -114,3 +114,52 @@ def test_groups_split_runs_when_the_tasks_divide_evenly():
         y_rows = layer(x)
     assert calls == [2]
     np.testing.assert_allclose(y, y_rows, atol=1e-6)
+
+
+@pytest.mark.parametrize("split", ["rows", "groups"])
+def test_results_never_share_memory_with_the_reused_temporaries(split):
+    """Outputs, weights and lse are fresh arrays: a later call (which reuses the scratch buffers) leaves
+    them alone, for self- and cross-attention and a cached call; and scratch on or off, the same bits."""
+    from mha_cpu import _fast
+
+    rng = np.random.default_rng(0)
+    layer = mha.MultiHeadAttention(64, 4, num_kv_heads=2, backend="numpy", seed=0)
+    x1, x2 = (rng.normal(size=(2, 300, 64)).astype(np.float32) for _ in range(2))  # temporaries > 64 KiB
+    with _options(split=split, threads=2, min_parallel_flops=0):
+        for call in (lambda x: layer(x, return_weights=True, return_lse=True),
+                     lambda x: layer(x, x[:, :200], return_weights=True, return_lse=True)):
+            first = call(x1)
+            kept = [a.copy() for a in first]
+            call(x2)
+            for a, b in zip(first, kept):
+                assert np.array_equal(a, b)
+            with _options(scratch_bytes=0):
+                fresh = call(x1)
+            for a, b in zip(fresh, kept):
+                assert np.array_equal(a, b)
+        cache = layer.init_cache(2, 310)
+        y = layer(x1, cache=cache, causal=True)
+        kept = y.copy()
+        layer(x2[:, :5], cache=cache, causal=True)
+        assert np.array_equal(y, kept)
+    _fast.free_scratch()
+    assert np.array_equal(layer(x1), layer(x1))
+
+
+def test_concurrent_calls_from_two_threads():
+    """Each thread has its own scratch buffers; the pool's workers finish one task before the next.
+    Within the two-evaluation bound, not bitwise: BLAS's thread count is process-wide, so a concurrent
+    call that ends restores it under another one still running (and OpenBLAS picks other kernels)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(1)
+    layer = mha.MultiHeadAttention(64, 4, backend="numpy", seed=0)
+    xs = [rng.normal(size=(1, 256, 64)).astype(np.float32) for _ in range(6)]
+    with _options(threads=2, min_parallel_flops=0):
+        expected = [layer(x) for x in xs]
+        with ThreadPoolExecutor(3) as ex:
+            got = list(ex.map(layer, xs * 3))
+    for i, y in enumerate(got):
+        x = xs[i % len(xs)]
+        tol = tolerance.t2("float32", "float32", tolerance.magnitude(layer.weights, x, x, x, y_ref=expected[i % len(xs)]))
+        tolerance.assert_close(y, expected[i % len(xs)], tol, f"concurrent call {i}")

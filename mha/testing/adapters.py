@@ -79,11 +79,12 @@ class BackendAdapter:
 class _blocks:
     """Temporarily set the numpy fast path's block sizes (not thread-safe: for tests): tiny blocks, the
     online softmax from ``block_k`` keys on, three workers even for tiny problems, so that the thread
-    pool and the split of key/value heads over idle workers run too, and self-attention split into
-    groups of heads (the plain numpy adapter takes the split by query rows)."""
+    pool and the split of key/value heads over idle workers run too, self-attention split into
+    groups of heads (the plain numpy adapter takes the split by query rows), and every temporary taken
+    from the reused scratch buffers, however small."""
 
     FIELDS = ("block_q", "block_k", "single_pass_max", "single_pass_floats", "threads", "min_parallel_flops",
-              "min_split_work", "split")
+              "min_split_work", "split", "scratch_min")
 
     def __init__(self, blocks):
         self.blocks = blocks
@@ -94,7 +95,7 @@ class _blocks:
 
             self.saved = {f: getattr(options, f) for f in self.FIELDS}
             bq, bk = self.blocks
-            for f, val in zip(self.FIELDS, (bq, bk, bk, 0, 3, 0, 0, "groups")):
+            for f, val in zip(self.FIELDS, (bq, bk, bk, 0, 3, 0, 0, "groups", 0)):
                 setattr(options, f, val)
 
     def __exit__(self, *exc):

@@ -113,6 +113,9 @@ MUTANTS = [
            "split by head groups: W_O columns taken per key/value head, not per query head"),
     Mutant("groups-nonfinite-unchecked", C, "if not np.isfinite(y[:, nq:]).all():  # as in _forward",
            "if False:  # as in _forward", "split by head groups: NaN/inf keys and values go straight into the kernel"),
+    Mutant("scratch-context-overwritten", F, "if single or ctx is not None else None",
+           "if True else None", "the first key block's PV product, kept as the running context, lives in a "
+           "scratch buffer that the next block's product overwrites"),
     Mutant("fast-scale-not-folded", C, "s = dt.type(c.effective_scale)", "s = dt.type(1.0)",
            "numpy fast path forgets the scale when folding it into W_q"),
     Mutant("fused-qkv-swapped", C, "k, v = y[..., H * D:(H + Hkv) * D], y[..., (H + Hkv) * D:]",
