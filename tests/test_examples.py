@@ -38,6 +38,7 @@ def test_rounds_benchmark_script_runs(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert res.stdout.count("round ") == 2 and "medians over rounds: ratio" in res.stdout
+    assert "fastest rounds: ratio" in res.stdout
     bad = subprocess.run([sys.executable, str(script), "--shape", "1,8,8"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--shape must be four positive integers" in bad.stderr
 
