@@ -343,13 +343,13 @@ def bench(quick, as_json, repeat, rounds, long_, use_mlx):
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
-    _print(report, repeat, rounds)
+    _print(report)
 
 
-def _print(report: dict, repeat: int, rounds: int) -> None:
+def _print(report: dict) -> None:
     m = report["machine"]
     click.echo(f"{m['platform']}, {m['cpus']} CPUs, Python {m['python']}, MLX device: {m['mlx_device']}; "
-               f"medians of {rounds} x {repeat} repeats (rounds x calls)")
+               f"medians of {report['rounds']} x {report['repeat']} repeats (rounds x calls)")
     click.echo(f"numpy sgemm (this run): {report['sgemm_gflops']:.0f} GFLOP/s")
     blocks = report["shapes"] + ([report["long"]] if report["long"] else [])
     for blk in blocks:

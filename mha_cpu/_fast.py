@@ -398,8 +398,8 @@ def attention(q, k, v, out, *, keep=None, bias=None, causal=False, window=None, 
                 else:
                     ctx += part
                 continue
-            # The careful way: every block of the plain form, the first block of the augmented one
-            # (where m = 0 still, so the logits need no shift).
+            # The careful way (max pass first): every block of the plain form (RoPE, a cache, or
+            # options.augment off), and the augmented form's first block when first_block_unchecked is off.
             top = s.max(axis=2, keepdims=True)  # (H, bq, 1)
             rel = top - m  # the block's maximum relative to the offset
             # up: a term would exceed e^SHIFT; down: only while nothing is accumulated yet (the row's

@@ -20,12 +20,18 @@ def _zero_nonfinite(k, v, aug: bool):
     return k, v, bad_k, bad_v
 
 
+def _full_keep(masks):
+    """The masks' combined keep rule as a 4-D bool broadcastable to (B, H, T, S), or None (all visible)."""
+    full = masks.full_keep(np)
+    return None if full is None else full.reshape((1,) * (4 - full.ndim) + full.shape)
+
+
 def _poison(bad_k, bad_v, full, G: int, T: int):
     """(rows, key_rows), (B, H, T) bools: the queries that see a non-finite key or value (their output is
     NaN) and those that see a non-finite key (their weights and lse too), from bad_k, bad_v (B, S, Hkv)
-    and the combined keep mask ``full`` (4-D, broadcastable to (B, H, T, S); None: every key visible)."""
+    and the combined keep mask ``full`` (from _full_keep: 4-D, or None when every key is visible)."""
     B, S, Hkv = bad_k.shape
-    full = np.ones((1, 1, 1, S), bool) if full is None else full.reshape((1,) * (4 - full.ndim) + full.shape)
+    full = np.ones((1, 1, 1, S), bool) if full is None else full
 
     def sees(bad):
         rep = np.repeat(bad.transpose(0, 2, 1), G, axis=1)[:, :, None, :]  # (B, H, 1, S)
@@ -172,7 +178,7 @@ class MultiHeadAttention(LayerBase):
         weights = np.empty((B, H, T, S), dt) if return_weights else None
         lse = np.empty((B, H, T), dt) if return_lse else None
         hm = None if head_mask is None else head_mask.reshape(-1, H)
-        poison = None if bad_k is None else _poison(bad_k, bad_v, masks.full_keep(np), H // c.num_kv_heads, T)
+        poison = None if bad_k is None else _poison(bad_k, bad_v, _full_keep(masks), H // c.num_kv_heads, T)
         out = np.empty((B, T, c.embed_dim), dt)
         _fast.attention(q, k, v, ctx, keep=masks.keep, bias=masks.bias, causal=masks.causal, window=masks.window,
                         head_mask=hm,
@@ -218,7 +224,6 @@ class MultiHeadAttention(LayerBase):
         rest = _fast.scratch("groups", (g - 1, B, T, E), dt)  # the other groups' shares
         hm = None if head_mask is None else head_mask.reshape(-1, H)
         o_bias = self._params["o_bias"]
-        serial = _fast.Parallel(0, threads=1)
 
         def pick(a, b, h0, h1):
             """a (B?, H?, ...) for batch element b and heads h0:h1 (broadcast axes kept)."""
@@ -226,10 +231,6 @@ class MultiHeadAttention(LayerBase):
                 return None
             a = a[b:b + 1] if a.shape[0] > 1 else a
             return a[:, h0:h1] if a.shape[1] > 1 else a
-
-        def full_keep():
-            full = masks.full_keep(np)
-            return None if full is None else full.reshape((1,) * (4 - full.ndim) + full.shape)
 
         def task(i):
             b, gi = divmod(i, g)
@@ -244,7 +245,7 @@ class MultiHeadAttention(LayerBase):
             poison = None
             if not np.isfinite(y[:, nq:]).all():  # as in _forward: zero, attend, poison who sees it
                 k, v, bad_k, bad_v = _zero_nonfinite(k, v, aug)
-                poison = _poison(bad_k, bad_v, pick(full_keep(), b, h0, h1), G, T)
+                poison = _poison(bad_k, bad_v, pick(_full_keep(masks), b, h0, h1), G, T)
             ctx = _fast.scratch("group_ctx", (1, T, h1 - h0, D), dt)
             _fast.attention(q, k, v, ctx, keep=pick(masks.keep, b, h0, h1), bias=pick(masks.bias, b, h0, h1),
                             causal=masks.causal, window=masks.window, head_mask=pick(hm, b, h0, h1),
@@ -252,7 +253,7 @@ class MultiHeadAttention(LayerBase):
                             lse=None if lse is None else lse[b:b + 1, h0:h1],
                             project=(w_o, o_bias if gi == 0 else None,
                                      out[b:b + 1] if gi == 0 else rest[gi - 1, b:b + 1]),
-                            poison=poison, par=serial)  # already on a worker: never wait on the pool
+                            poison=poison)  # no par: on the calling worker alone
 
         par.map(task, range(B * g))
         for share in rest:
