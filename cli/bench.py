@@ -288,7 +288,8 @@ def measure_decode(context: int, repeat: int, want_mlx: bool, isolate: bool = Tr
 
 
 @click.command()
-@click.option("--quick", is_flag=True, help="Tiny shapes, few repeats, no long sequence: a smoke run.")
+@click.option("--quick", is_flag=True,
+              help="Tiny shapes, few repeats, no long sequence, all in one process: a smoke run (times, no ratios).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--repeat", type=click.IntRange(1, 1000), default=None, help="Timed repeats per implementation.")
 @click.option("--rounds", type=click.IntRange(1, 100), default=None,
@@ -340,10 +341,27 @@ def bench(quick, as_json, repeat, rounds, long_, use_mlx):
     # every FLOP at this run's sgemm rate: the time no implementation built on this BLAS goes below
     for blk in report["shapes"] + ([report["long"]] if report["long"] else []):
         blk["floor_ms"] = blk["gflop"] / report["sgemm_gflops"] * 1e3
+    if quick:
+        _drop_ratios(report)
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
     _print(report)
+
+
+QUICK_NOTE = ("quick run: every implementation is timed for a few calls in this one process, where the others' "
+              "thread pools compete for the cores, so these times are a smoke test, not a comparison, and no "
+              "ratios are given; mha bench without --quick times each implementation in a process of its own")
+
+
+def _drop_ratios(report: dict) -> None:
+    """--quick: no ratio of the in-process timings survives (see QUICK_NOTE); the report says why. (The
+    long row, if asked for, runs in processes of its own and keeps its ratio.)"""
+    for blk in report["shapes"] + report["decode"]:
+        for row in blk["results"].values():
+            if row.get("ratio") is not None:
+                row["ratio"] = None
+    report["ratios_note"] = QUICK_NOTE
 
 
 def _print(report: dict) -> None:
@@ -371,4 +389,7 @@ def _print(report: dict) -> None:
                 ratio = f"  {r['ratio']:.2f}x {r['vs']}" if r.get("ratio") else ""
                 click.echo(f"  context {blk['context']:>5}  {name:<20} {r['ms']:>8.3f} ms  "
                            f"{r['tokens_per_s']:>8.0f} tokens/s{ratio}")
-    note("ratios < 1: ours is faster; every figure comes from this one run")
+    if report.get("ratios_note"):
+        click.echo(f"\n{report['ratios_note']}")
+    else:
+        note("ratios < 1: ours is faster; every figure comes from this one run")

@@ -1,4 +1,9 @@
-"""``mha demo TEXT``: what each attention head looks at, as heat maps or exported files."""
+"""``mha demo TEXT``: what each attention head looks at, as heat maps or exported files.
+
+Every format is bounded (``mha.viz.plan``: the terminal's width and 2,000 lines, JSON 32 MiB, HTML
+8 MiB, PNG 16 megapixels); what does not fit is left out and one line on stderr says what and how to
+choose (--layer, --head, --tokens).
+"""
 
 from __future__ import annotations
 
@@ -16,13 +21,15 @@ from ._util import note
 @model_options
 @click.option("--layer", "layers", type=int, multiple=True, help="Only this layer (0-based; repeatable).")
 @click.option("--head", "heads", type=int, multiple=True, help="Only this head (0-based; repeatable).")
+@click.option("--tokens", "window", metavar="A:B", default=None,
+              help="Only tokens A to B-1 (0-based, as a Python slice), e.g. 0:40 or 100:.")
 @click.option("--top", type=click.IntRange(0, 1000), default=0, help="Also list the K strongest query -> key links.")
 @click.option("--format", "fmt", type=click.Choice(["term", "json", "html", "png"]), default="term",
               show_default=True, help="Terminal heat maps, or a file to share.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Output file (required for png; json/html default to stdout).")
 @click.option("--color/--no-color", default=None, help="Colour cells (default: when stdout is a terminal).")
-def demo(text, model_name, backend, layers, heads, top, fmt, output, color):
+def demo(text, model_name, backend, layers, heads, window, top, fmt, output, color):
     """Show what each attention head of a model looks at in TEXT.
 
     \b
@@ -42,26 +49,46 @@ def demo(text, model_name, backend, layers, heads, top, fmt, output, color):
             raise click.BadParameter(f"{bad[0]} is out of range: {model.name} has {n} "
                                      f"{name[2:]}s, numbered 0 to {n - 1}", param_hint=name)
     enc = encode(model, text)
+    width = shutil.get_terminal_size((120, 40)).columns
+    pairs = mv.selection(enc.num_layers, enc.num_heads, list(layers) or None, list(heads) or None)
+    try:
+        plan = mv.plan(fmt, enc.tokens, pairs, window=window, width=width)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--tokens") from None
     roles = ma.head_roles(enc.attentions, enc.tokens)
-    data = mv.to_data(enc, text=text, roles=roles, backend=model.backend, layers=list(layers) or None,
-                      heads=list(heads) or None, constructed=getattr(model, "constructed", False))
+    data = mv.to_data(enc, text=text, roles=roles, backend=model.backend, pairs=plan.pairs, tokens=plan.tokens,
+                      note=plan.note, arrays=fmt != "json", constructed=getattr(model, "constructed", False))
     if fmt == "term":
         use_color = sys.stdout.isatty() if color is None else color
-        click.echo(mv.render_term(data, color=use_color, width=shutil.get_terminal_size((120, 40)).columns,
-                                  top=top), color=use_color)
+        click.echo(mv.render_term(data, color=use_color, width=width, top=top), color=use_color)
         return
     if fmt == "png":
         try:
             mv.save_png(data, output)
         except ImportError as err:
             raise click.ClickException(str(err)) from None
+        _note(plan.note)
         note(f"wrote {output}")
         return
-    body = mv.to_json(data) if fmt == "json" else mv.render_html(data)
+    _write(mv, data, fmt, output)
+
+
+def _note(message):
+    if message:
+        note(f"note: {message}")
+
+
+def _write(mv, data: dict, fmt: str, output) -> None:
+    """JSON or HTML to ``output`` (atomically) or to stdout, with a note on what was left out."""
+    from mha.viz._html import page
+
+    body, left_out = page(data) if fmt == "html" else (mv.to_json(data), data.get("note"))
     if output:
         from mha._io import atomic_write
 
         atomic_write(output, lambda f: f.write(body.encode("utf-8")))
+        _note(left_out)
         note(f"wrote {output}")
     else:
         click.echo(body)
+        _note(left_out)

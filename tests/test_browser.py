@@ -46,9 +46,14 @@ def _export(tmp_path, text, *args):
     return out
 
 
+def _open(page, path):
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-ready='1']", timeout=10_000)  # weights are unpacked asynchronously
+
+
 def test_hover_highlights_what_a_token_attends_to(page, tmp_path):
     out = _export(tmp_path, "The cat sat on the mat.")
-    page.goto(out.as_uri())
+    _open(page, out)
     assert page.locator("#heads button").count() == 8
     page.hover('g.tok[data-side="left"][data-i="2"]')  # "cat", with head 0 (previous token) selected
     hl = page.locator('g.tok.hl[data-side="right"]')
@@ -65,11 +70,30 @@ def test_hover_highlights_what_a_token_attends_to(page, tmp_path):
 
 def test_hostile_text_is_shown_not_run(page, tmp_path):
     out = _export(tmp_path, HOSTILE)
-    page.goto(out.as_uri())
-    page.wait_for_timeout(200)
+    _open(page, out)
     assert page.evaluate("window.pwned") is None and page.dialogs == []
     assert page.locator("#text").text_content() == HOSTILE
     labels = page.locator('g.tok[data-side="left"] text').all_text_contents()
     assert "<" in labels and "script" in labels and "img" in labels
     assert page.locator("img").count() == 0 and page.locator("body script").count() == 2
     assert page.title() == "Attention head view: " + HOSTILE[:80]  # the title shows the text, literally
+
+
+def test_a_512_token_page_opens_in_seconds(page, minilm_512, tmp_path):
+    import time
+
+    import mha.viz as mv
+
+    _, enc, text = minilm_512
+    out = tmp_path / "long.html"
+    out.write_text(mv.render_html(mv.to_data(enc, text=text, arrays=True)), encoding="utf-8")
+    assert out.stat().st_size <= 8 * 2**20  # was 177 MB, which crashed headless Chromium
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    start = time.perf_counter()
+    _open(page, out)
+    assert time.perf_counter() - start < 3.0
+    assert errors == [] and page.locator("#heads button").count() == 12
+    page.hover('g.tok[data-side="left"][data-i="300"]')  # layer 0 head 0: spread thin, shown, not blank
+    assert float(page.locator('g.tok[data-side="right"][data-i="299"]').get_attribute("data-weight")) > 0

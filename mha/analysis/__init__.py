@@ -7,8 +7,8 @@
 
 from ._importance import (PruneStep, ablation_importance, gradient_importance, order_by, paraphrase_pairs,
                           pruning_curve, sentences, spearman)
-from ._roles import ROLES, HeadRole, head_roles, is_punctuation, pick_role, role_scores
+from ._roles import ROLES, RULE, HeadRole, head_roles, is_punctuation, pick_role, role_scores
 
 __all__ = ["PruneStep", "ablation_importance", "gradient_importance", "order_by", "paraphrase_pairs",
            "pruning_curve", "sentences", "spearman",
-           "ROLES", "HeadRole", "head_roles", "is_punctuation", "pick_role", "role_scores"]
+           "ROLES", "RULE", "HeadRole", "head_roles", "is_punctuation", "pick_role", "role_scores"]

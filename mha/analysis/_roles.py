@@ -75,6 +75,11 @@ def role_scores(P: np.ndarray, tokens) -> dict:
     return {k: float(s[k]) for k in ROLES}
 
 
+RULE = (f"role: the largest of {', '.join(POINTED)} if that share of the head's attention is at least "
+        f"{SHARP:.2f}; else broad if the entropy of its rows, normalised to [0, 1], is at least {BROAD:.2f}; else the "
+        f"largest share, content included. Scores are shares of attention, except broad's (the entropy).")
+
+
 def pick_role(scores: dict) -> str:
     """The rule of the module docstring."""
     pointed = max(POINTED, key=lambda r: scores[r])

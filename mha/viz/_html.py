@@ -15,6 +15,9 @@ import html
 import json
 import re
 
+from . import _pack
+from ._limits import HTML_BYTES, cut_note, join_notes, keep_prefix
+
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#e377c2", "#8c564b", "#bcbd22",
             "#7f7f7f", "#393b79", "#637939"]
 
@@ -36,7 +39,8 @@ svg line { pointer-events: none; }
 <p class="meta" id="meta"></p>
 <p class="text" id="text"></p>
 <p><label>Layer <select id="layer"></select></label> <span id="heads"></span></p>
-<p class="meta">Hover a token: left = what it attends to, right = what attends to it.</p>
+<p class="meta">Hover a token: left = what it attends to, right = what attends to it. <span id="precision"></span></p>
+<p class="meta" id="note"></p>
 <svg id="view" xmlns="http://www.w3.org/2000/svg"></svg>
 <script type="application/json" id="mha-data">__DATA__</script>
 <script>
@@ -49,11 +53,30 @@ const svg = document.getElementById("view");
 const layerSel = document.getElementById("layer"), headBox = document.getElementById("heads");
 let layer = data.layers[0], active = new Set([layer.heads[0].head]), focus = null;
 document.getElementById("meta").textContent = "model: " + data.model +
-  (data.constructed ? " (constructed demo weights, not trained)" : "") + " \\u00b7 backend: " + data.backend +
-  " \\u00b7 " + n + " tokens" + (data.truncated ? " (" + data.truncated + " cut to fit the model)" : "");
+  (data.constructed ? " (constructed demo weights, not trained)" : "") + " \u00b7 backend: " + data.backend +
+  " \u00b7 " + n + " tokens" + (data.truncated ? " (" + data.truncated + " cut to fit the model)" : "");
 document.getElementById("text").textContent = data.text;
+document.getElementById("precision").textContent = "Precision: " + data.precision + ".";
+document.getElementById("note").textContent = data.note ? "Left out: " + data.note : "";
 for (const l of data.layers) {
   const o = document.createElement("option"); o.value = l.layer; o.textContent = l.layer; layerSel.appendChild(o);
+}
+async function inflate(b64) {  // base64 of zlib data -> Uint8Array (the browser's own inflate)
+  const bin = atob(b64), raw = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) raw[i] = bin.charCodeAt(i);
+  const stream = new Blob([raw]).stream().pipeThrough(new DecompressionStream("deflate"));
+  return new Uint8Array(await new Response(stream).arrayBuffer());
+}
+async function unpack(p) {  // codes/255; a code-0 weight shows as its row's rest spread over its code-0 cells
+  const codes = await inflate(p.codes), r = await inflate(p.rest);
+  const rest = new Uint16Array(r.buffer, r.byteOffset, n), w = new Float32Array(n * n);
+  for (let i = 0; i < n; i++) {
+    let zeros = 0;
+    for (let j = 0; j < n; j++) if (codes[i * n + j] === 0) zeros++;
+    const fill = zeros ? rest[i] / 65535 / zeros : 0;
+    for (let j = 0; j < n; j++) { const c = codes[i * n + j]; w[i * n + j] = c ? c / 255 : fill; }
+  }
+  return w;
 }
 layerSel.addEventListener("change", () => {
   layer = data.layers.find(l => String(l.layer) === layerSel.value);
@@ -104,7 +127,7 @@ function draw() {
   for (const h of layer.heads) {
     if (!active.has(h.head)) continue;
     for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) {
-      const w = h.weights[i][j];
+      const w = h.w[i * n + j];
       if (focus && ((focus.side === "left" && focus.i !== i) || (focus.side === "right" && focus.i !== j))) continue;
       if (focus) { const k = focus.side === "left" ? j : i; shade[k] = Math.max(shade[k], w); }
       if (w < 0.01) continue;
@@ -123,7 +146,11 @@ function draw() {
     g.classList.toggle("hl", Boolean(other && w >= 0.1));
   });
 }
-layout(); buildHeads(); draw();
+(async () => {
+  for (const l of data.layers) for (const h of l.heads) h.w = await unpack(h.packed);
+  layout(); buildHeads(); draw();
+  document.body.dataset.ready = "1";
+})();
 </script>
 </body></html>
 """
@@ -135,9 +162,33 @@ def _script_json(obj) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def render_html(data: dict) -> str:
-    """The page for :func:`mha.viz.to_data`'s dict."""
+def page(data: dict, max_bytes: int = HTML_BYTES) -> tuple[str, str | None]:
+    """(the page, a note on what was left out or None) for :func:`mha.viz.to_data`'s dict (weights as
+    lists or arrays). Heads are packed (:mod:`mha.viz._pack`); those past ``max_bytes`` are left out,
+    whole layers first, and the page says so."""
+    pairs = [(layer["layer"], h["head"]) for layer in data["layers"] for h in layer["heads"]]
+    heads = [h for layer in data["layers"] for h in layer["heads"]]
+    used = [20_000 + 6 * sum(len(t) + 4 for t in data["tokens"]) + 6 * len(data.get("text", ""))]  # page, text
+    packed = []
+    for h in heads:
+        if used[-1] > max_bytes:
+            break  # what follows cannot be kept: no need to pack it
+        packed.append(_pack.pack_head(h["weights"]))
+        used.append(used[-1] + _pack.size(packed[-1]))
+    kept = keep_prefix(pairs, lambda k: k < len(used) and used[k] <= max_bytes)
+    cut = cut_note(kept, pairs, f"{max_bytes // 2**20} MiB") if len(kept) < len(pairs) else None
+    note = "; ".join(x for x in (data.get("note"), join_notes([cut])) if x) or None
+    layers: dict = {}
+    for (layer, _), h, p in zip(kept, heads, packed):
+        layers.setdefault(layer, []).append({**{k: v for k, v in h.items() if k != "weights"}, "packed": p})
+    slim = {**{k: v for k, v in data.items() if k != "layers"}, "note": note, "precision": _pack.PRECISION,
+            "layers": [{"layer": k, "heads": v} for k, v in layers.items()]}
     values = {"TITLE": html.escape(data.get("text", "")[:80] or data.get("model", ""), quote=True),
-              "PALETTE": json.dumps(_PALETTE), "DATA": _script_json(data)}
+              "PALETTE": json.dumps(_PALETTE), "DATA": _script_json(slim)}
     # one pass over the template: text that happens to contain a placeholder is never substituted
-    return re.sub(r"__(TITLE|PALETTE|DATA)__", lambda m: values[m.group(1)], _PAGE)
+    return re.sub(r"__(TITLE|PALETTE|DATA)__", lambda m: values[m.group(1)], _PAGE), note
+
+
+def render_html(data: dict) -> str:
+    """The page for :func:`mha.viz.to_data`'s dict, at most 8 MiB (see :func:`page`)."""
+    return page(data)[0]

@@ -1,13 +1,52 @@
-"""A PNG grid of heads via matplotlib (the ``plot`` extra)."""
+"""A PNG grid of heads via matplotlib (the ``plot`` extra).
+
+Bounded: :func:`grid` gives the image's size before anything is drawn, and :func:`save_png` refuses
+data past ``PNG_PIXELS`` / ``PNG_SIDE`` (``mha demo`` chooses what fits first and says what it left
+out). Past 40 tokens a panel labels every k-th token only (about 32 labels remain), and only the
+panels of the grid's left column and bottom row carry labels (every panel shows the same tokens): a
+512-token head is a 715 px heat map with readable labels rather than 512 unreadable ones, and 24 such
+panels draw in seconds. Colours follow the terminal view's levels (finer near 0, so a head spread over
+hundreds of tokens is not black), with one colour bar for all panels. Every position is computed, not
+left to a layout engine, so the title sits above the panels and nothing overlaps.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ._data import LEVELS
+from ._limits import PNG_PIXELS, PNG_SIDE
+
+MAX_LABELS = 40  # tick labels per axis; past this, every k-th token
+DPI = 110
+_PT = DPI / 72  # pixels per typographic point
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where everything goes, in pixels: ``cols`` x ``rows`` panels of ``img`` px heat maps, each in a cell
+    of ``cell_w`` x ``cell_h`` (``title`` px above it; ``label`` px of token labels left of and below it
+    if ``every_panel``, else only outside the grid's left column and bottom row), ``top`` for the
+    figure's title, 130 px on the right for the colour bar."""
+
+    width: int
+    height: int
+    cols: int
+    rows: int
+    img: int
+    cell_w: int
+    cell_h: int
+    left: int
+    top: int
+    label: int
+    title: int
+    every_panel: bool
 
 
 def _matplotlib():
@@ -21,31 +60,90 @@ def _matplotlib():
     return plt
 
 
-def save_png(data: dict, path, *, columns: int = 4, dpi: int = 110) -> Path:
-    """Write a grid of heat maps (one per head in ``data``) to ``path``, atomically."""
-    plt = _matplotlib()
-    heads = [(layer["layer"], h) for layer in data["layers"] for h in layer["heads"]]
-    tokens = data["tokens"]
+def _ticks(tokens, offset: int):
+    """(positions, labels, font size in points): every token up to MAX_LABELS, else every k-th as 'i token'."""
     n = len(tokens)
-    cols = min(columns, len(heads))
-    rows = math.ceil(len(heads) / cols)
-    cell = max(2.6, 0.22 * n + 1.2)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * cell), squeeze=False)
-    for ax in axes.flat[len(heads):]:
-        ax.axis("off")
-    fs = max(4, min(9, int(160 / max(n, 1))))
-    for ax, (layer, h) in zip(axes.flat, heads):
-        ax.imshow(np.asarray(h["weights"]), vmin=0.0, vmax=1.0, cmap="viridis")
+    cut = [t if len(t) <= 14 else t[:13] + "~" for t in tokens]
+    if n <= MAX_LABELS:
+        return list(range(n)), cut, max(4, min(9, int(160 / max(n, 1))))
+    pos = list(range(0, n, math.ceil(n / 32)))
+    return pos, [f"{offset + i} {cut[i]}" for i in pos], 6
+
+
+def grid(tokens, heads: int, *, columns: int = 4, offset: int = 0, note: bool = False) -> Grid:
+    """The image's geometry for ``heads`` panels over ``tokens``, before anything is drawn (pure arithmetic,
+    no matplotlib): what the size bound is checked against."""
+    n = len(tokens)
+    _, labels, fs = _ticks(tokens, offset)
+    label = int(max((len(t) for t in labels), default=1) * fs * 0.62 * _PT) + 14  # widest label + tick + pad
+    img = round(DPI * min(max(2.6, 0.22 * n + 1.2), 6.5)) - (label if n <= MAX_LABELS else 0)
+    every = n <= MAX_LABELS
+    title = int(2 * 9 * 1.3 * _PT) + 8  # two lines of 9 pt
+    cols = max(1, min(columns, heads))
+    rows = math.ceil(heads / cols)
+    cell_w = img + 24 + (label if every else 0)
+    cell_h = title + img + 10 + (label if every else 0)
+    left, bottom = (8, 8) if every else (label + 8, label + 8)
+    top = int((2 if note else 1) * 10 * 1.4 * _PT) + 16
+    right = 130  # the colour bar and its labels
+    return Grid(left + cols * cell_w + right, top + rows * cell_h + bottom, cols, rows, img, cell_w, cell_h,
+                left, top, label, title, every)
+
+
+def figure(data: dict, *, columns: int = 4):
+    """The matplotlib figure :func:`save_png` writes: one heat map per head in ``data``, a shared colour
+    bar, the title (and ``data["note"]``, if any) above the panels, every position computed by
+    :func:`grid` (no layout engine: nothing can overlap, and 24 panels of 512 tokens draw in seconds).
+    Raises ValueError past the bounds."""
+    plt = _matplotlib()
+    from matplotlib.colors import BoundaryNorm
+
+    heads = [(layer["layer"], h) for layer in data["layers"] for h in layer["heads"]]
+    tokens, offset = data["tokens"], int(data.get("token_offset") or 0)
+    n = len(tokens)
+    g = grid(tokens, len(heads), columns=columns, offset=offset, note=bool(data.get("note")))
+    if g.width > PNG_SIDE or g.height > PNG_SIDE or g.width * g.height > PNG_PIXELS:
+        raise ValueError(f"a PNG of {len(heads)} heads over {n} tokens would be {g.width}x{g.height} px, past "
+                         f"{PNG_PIXELS // 10**6} megapixels or {PNG_SIDE} px a side; choose fewer heads or tokens")
+    fig = plt.figure(figsize=(g.width / DPI, g.height / DPI), dpi=DPI)
+    W, H = g.width, g.height
+    pos, labels, fs = _ticks(tokens, offset)
+    norm = BoundaryNorm((0.0, *LEVELS, 1.0), 256)  # the terminal's levels: small weights stay visible
+    image = None
+    for k, (layer, h) in enumerate(heads):
+        r, c = divmod(k, g.cols)
+        x = g.left + c * g.cell_w + 12 + (g.label if g.every_panel else 0)  # the image's left edge
+        y = g.top + r * g.cell_h + g.title  # its top edge, from the top
+        ax = fig.add_axes((x / W, 1 - (y + g.img) / H, g.img / W, g.img / H))
+        image = ax.imshow(np.asarray(h["weights"], np.float32), norm=norm, cmap="viridis", aspect="auto",
+                          interpolation="nearest" if n <= 200 else "antialiased")
         title = f"L{layer} H{h['head']}" + (f" {h['label']}" if h.get("label") else "")
         if h.get("role"):
             title += f"\n{h['role']} {h['score']:.2f}"
         ax.set_title(title, fontsize=9)
-        ax.set_xticks(range(n), tokens, rotation=90, fontsize=fs)
-        ax.set_yticks(range(n), tokens, fontsize=fs)
-    suptitle = f"{data['model']}" + (" (constructed demo weights)" if data.get("constructed") else "")
-    fig.suptitle(suptitle + ": rows = queries, columns = keys", fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path, dpi)
+        show_x = g.every_panel or r == g.rows - 1 or k + g.cols >= len(heads)
+        ax.set_xticks(pos if show_x else [], labels if show_x else [], rotation=90, fontsize=fs)
+        ax.set_yticks(pos if g.every_panel or c == 0 else [], labels if g.every_panel or c == 0 else [],
+                      fontsize=fs)
+    if image is not None:
+        span = min(g.rows, 3) * g.cell_h - 40
+        cax = fig.add_axes(((W - 118) / W, 1 - (g.top + 30 + span) / H, 18 / W, span / H))
+        bar = fig.colorbar(image, cax=cax, spacing="uniform", label="attention weight (terminal view's levels)")
+        bar.set_ticks((0.0, *LEVELS, 1.0), labels=["0", *(f"{b:g}" for b in LEVELS), "1"])
+    title = f"{data['model']}" + (" (constructed demo weights)" if data.get("constructed") else "")
+    title += ": rows = queries, columns = keys"
+    if offset or n < int(data.get("num_tokens") or n):
+        title += f"; tokens {offset}-{offset + n - 1} of {data['num_tokens']}"
+    if data.get("note"):
+        title += f"\n{data['note']}"
+    fig.suptitle(title, fontsize=10, y=1 - 8 / H, va="top")
+    return fig
+
+
+def save_png(data: dict, path, *, columns: int = 4, dpi: int = DPI) -> Path:
+    """Write a grid of heat maps (one per head in ``data``) to ``path``, atomically; see :func:`figure`.
+    ``dpi`` other than 110 scales the image (and its bound) accordingly."""
+    return _save(figure(data, columns=columns), path, dpi)
 
 
 def _save(fig, path, dpi: int = 110) -> Path:

@@ -1,5 +1,11 @@
 """Attention heat maps for the terminal: 256-colour cells where the terminal has colour, shading
-characters where not; several heads side by side when the width allows."""
+characters where not; several heads side by side when the width allows.
+
+One scale for both (``LEVELS``): a cell is blank only below 0.001, and weights from 0.001 to 0.02 get a
+faint level of their own, so a head spread evenly over 50 or 500 tokens shows as a faint field rather
+than as nothing. Labels are padded by display width (wide CJK and emoji count two columns, combining
+marks none), so the rows of a panel stay aligned whatever the text.
+"""
 
 from __future__ import annotations
 
@@ -7,52 +13,77 @@ import textwrap
 
 import numpy as np
 
-from ._data import top_links
+from ._data import LEVELS, top_links
+from ._limits import LABEL_WIDTH, char_width, display_width, term_panel
 
-_SHADES = " .:-=+*#%@"  # 10 levels, plain ASCII: readable in any terminal and in logs
-_RAMP = [16, 17, 18, 19, 20, 26, 32, 38, 44, 50, 86, 122, 158, 194, 230]  # dark blue -> cyan -> pale yellow
+_SHADES = " .:-=+*#%@"  # one character per level, plain ASCII: readable in any terminal and in logs
+_COLORS = (16, 17, 18, 19, 25, 31, 37, 43, 121, 229)  # 256-colour codes per level: black, blues, cyan, pale yellow
+
+
+def levels(weights: np.ndarray) -> np.ndarray:
+    """Level 0..9 of each weight (the bins of ``LEVELS``)."""
+    return np.searchsorted(np.asarray(LEVELS), np.asarray(weights, np.float64), side="right")
 
 
 def _label(tok: str, width: int) -> str:
-    tok = tok.replace("\n", " ")
-    return tok if len(tok) <= width else tok[: width - 1] + "~"
+    """``tok`` cut to ``width`` display columns (a '~' marks the cut) and padded to exactly ``width``."""
+    tok = "".join(" " if not c.isprintable() else c for c in tok)
+    if tok and char_width(tok[0]) == 0:
+        tok = "\u25cc" + tok  # a lone combining mark is shown on a dotted circle, as Unicode charts do
+    if display_width(tok) > width:
+        out, used = "", 0
+        for c in tok:
+            if used + char_width(c) > width - 1:
+                break
+            out, used = out + c, used + char_width(c)
+        tok = out + "~"
+    return tok + " " * (width - display_width(tok))
 
 
-def _panel(head: dict, layer: int, tokens, color: bool, label_w: int) -> tuple[list[str], int]:
-    """(lines, visible width) of one head's heat map."""
+def _cell(level: int, color: bool) -> str:
     import click
 
-    W = np.asarray(head["weights"])
+    return click.style("  ", bg=_COLORS[level]) if color else _SHADES[level] * 2
+
+
+def _panel(head: dict, layer: int, tokens, offset: int, color: bool, label_w: int) -> tuple[list[str], int]:
+    """(lines, visible width) of one head's heat map; rows and columns numbered from ``offset``."""
+    lv = levels(head["weights"])
     n = len(tokens)
     title = f"L{layer} H{head['head']}"
     if head.get("label"):
         title += f" {head['label']}"
     if head.get("role"):
         title += f" [{head['role']} {head['score']:.2f}]"
-    width = 3 + label_w + 1 + 2 * n
+    digits = len(str(offset + n - 1))
+    width, indent = term_panel(n, label_w, offset)[0], " " * (digits + 2 + label_w)
     wrapped = (textwrap.wrap(title, width) + ["", ""])[:2]  # two title lines for every panel: rows align
     lines = [line.ljust(width) for line in wrapped]
-    if n > 10:
-        lines.append(" " * (4 + label_w) + "".join(f"{j // 10 if j >= 10 else ' ':<2}" for j in range(n)))
-    lines.append(" " * (4 + label_w) + "".join(f"{j % 10:<2}" for j in range(n)))
+    for place in range(digits - 1, -1, -1):  # column numbers, one line per decimal place, top to bottom
+        marks = [str((offset + j) // 10**place % 10) if offset + j >= 10**place or not place else " "
+                 for j in range(n)]
+        lines.append(indent + "".join(f"{m:<2}" for m in marks))
     for i in range(n):
-        cells = []
-        for j in range(n):
-            w = float(W[i, j])
-            if color:
-                cells.append(click.style("  ", bg=_RAMP[min(int(w * len(_RAMP)), len(_RAMP) - 1)]))
-            else:
-                ch = _SHADES[min(int(w * len(_SHADES)), len(_SHADES) - 1)]
-                cells.append(ch * 2)
-        lines.append(f"{i:>2} {_label(tokens[i], label_w):<{label_w}} " + "".join(cells))
+        cells = "".join(_cell(int(k), color) for k in lv[i])
+        lines.append(f"{offset + i:>{digits}} {_label(tokens[i], label_w)} {cells}")
     return lines, width
 
 
+def legend(color: bool) -> str:
+    """Two lines: where each level of the scale starts (' ' below 0.001, '.' from 0.001, ...), and
+    what rows and columns are."""
+    bounds = ["<.001"] + [f"{b:g}".lstrip("0") for b in LEVELS]
+    keys = [f"{b} {_cell(k, True) if color else repr(_SHADES[k])}" for k, b in enumerate(bounds)]
+    return "weight from: " + "  ".join(keys) + "\nrows: queries (who attends), columns: keys (attended to)"
+
+
 def render_term(data: dict, *, color: bool = False, width: int = 100, top: int = 0) -> str:
-    """Heat maps of every head in ``data`` (rows = queries, columns = keys), packed to ``width``."""
+    """Heat maps of every head in ``data`` (rows = queries, columns = keys), packed to ``width``, with a
+    legend. Token numbers count from ``data["token_offset"]`` (0 when the whole text is shown)."""
     tokens = data["tokens"]
-    label_w = min(10, max(len(t) for t in tokens))
-    panels = [(_panel(h, layer["layer"], tokens, color, label_w), layer["layer"], h)
+    offset = int(data.get("token_offset") or 0)
+    label_w = min(LABEL_WIDTH, max(1, max(display_width(t) for t in tokens)))
+    panels = [(_panel(h, layer["layer"], tokens, offset, color, label_w), layer["layer"], h)
               for layer in data["layers"] for h in layer["heads"]]
     out = []
     row: list = []
@@ -76,9 +107,10 @@ def render_term(data: dict, *, color: bool = False, width: int = 100, top: int =
     if top:
         out.append(f"strongest links (query -> key, weight), top {top} per head:")
         for _, layer, h in panels:
-            links = ", ".join(f"{tokens[i]}({i}) -> {tokens[j]}({j}) {w:.2f}"
+            links = ", ".join(f"{tokens[i]}({offset + i}) -> {tokens[j]}({offset + j}) {w:.2f}"
                               for i, j, w in top_links(np.asarray(h["weights"]), tokens, top))
             out.append(f"  L{layer} H{h['head']}: {links}")
-    if not color:
-        out.append(f"shading: '{_SHADES}' = weight 0 ... 1")
+    out.append(legend(color))
+    if data.get("note"):
+        out.append(f"note: {data['note']}")
     return "\n".join(out)
