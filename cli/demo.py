@@ -2,7 +2,8 @@
 
 Every format is bounded (``mha.viz.plan``: the terminal's width and 2,000 lines, JSON 32 MiB, HTML
 8 MiB, PNG 16 megapixels); what does not fit is left out and one line on stderr says what and how to
-choose (--layer, --head, --tokens).
+choose (--layer, --head, --tokens). ``--view rollout`` and ``--words`` show derived encodings
+(``mha.viz.rollout_encoding`` / ``words_encoding``) through the same renderers.
 """
 
 from __future__ import annotations
@@ -23,25 +24,31 @@ from ._util import note
 @click.option("--head", "heads", type=int, multiple=True, help="Only this head (0-based; repeatable).")
 @click.option("--tokens", "window", metavar="A:B", default=None,
               help="Only tokens A to B-1 (0-based, as a Python slice), e.g. 0:40 or 100:.")
+@click.option("--view", type=click.Choice(["heads", "rollout"]), default="heads", show_default=True,
+              help="Each head's weights, or attention rollout through each layer (html: the view it opens on).")
+@click.option("--words", is_flag=True, help="Word level: WordPiece pieces merged (to a word: sum; from a word: mean).")
 @click.option("--top", type=click.IntRange(0, 1000), default=0, help="Also list the K strongest query -> key links.")
 @click.option("--format", "fmt", type=click.Choice(["term", "json", "html", "png"]), default="term",
-              show_default=True, help="Terminal heat maps, or a file to share.")
+              show_default=True, help="Terminal heat maps, or a file to share (html: the interactive report).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Output file (required for png; json/html default to stdout).")
 @click.option("--color/--no-color", default=None, help="Colour cells (default: when stdout is a terminal).")
-def demo(text, model_name, backend, layers, heads, window, top, fmt, output, color):
+def demo(text, model_name, backend, layers, heads, window, view, words, top, fmt, output, color):
     """Show what each attention head of a model looks at in TEXT.
 
     \b
     mha demo "The cat sat on the mat."                  heat maps of every head
     mha demo --model minilm --layer 0 --head 2 "..."     one head of a real model
-    mha demo --format html -o heads.html "..."           an interactive head view
+    mha demo --format html -o report.html "..."          the interactive report
+    mha demo --view rollout --words "..."                rollout, word by word
     """
     import mha.analysis as ma
     import mha.viz as mv
 
     if fmt == "png" and not output:
         raise click.UsageError("--format png needs -o FILE")
+    if view == "rollout" and heads and fmt != "html":
+        raise click.BadParameter("rollout mixes every head of each layer; choose layers only", param_hint="--head")
     model = load(model_name, backend)
     for name, vals, n in (("--layer", layers, model.num_layers), ("--head", heads, model.num_heads)):
         bad = [v for v in vals if not 0 <= v < n]
@@ -49,15 +56,20 @@ def demo(text, model_name, backend, layers, heads, window, top, fmt, output, col
             raise click.BadParameter(f"{bad[0]} is out of range: {model.name} has {n} "
                                      f"{name[2:]}s, numbered 0 to {n - 1}", param_hint=name)
     enc = encode(model, text)
+    constructed = getattr(model, "constructed", False)
+    if fmt == "html":
+        return _report(mv, ma, enc, model, text, layers, heads, window, view, words, output, constructed)
+    shown, titles = _shown(mv, enc, view, words)
     width = shutil.get_terminal_size((120, 40)).columns
-    pairs = mv.selection(enc.num_layers, enc.num_heads, list(layers) or None, list(heads) or None)
+    pairs = mv.selection(shown.num_layers, shown.num_heads, list(layers) or None,
+                         list(heads) or None if view == "heads" else None)
     try:
-        plan = mv.plan(fmt, enc.tokens, pairs, window=window, width=width)
+        plan = mv.plan(fmt, shown.tokens, pairs, window=window, width=width)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--tokens") from None
-    roles = ma.head_roles(enc.attentions, enc.tokens)
-    data = mv.to_data(enc, text=text, roles=roles, backend=model.backend, pairs=plan.pairs, tokens=plan.tokens,
-                      note=plan.note, arrays=fmt != "json", constructed=getattr(model, "constructed", False))
+    roles = ma.head_roles(shown.attentions, shown.tokens) if view == "heads" else None
+    data = mv.to_data(shown, text=text, roles=roles, backend=model.backend, pairs=plan.pairs, tokens=plan.tokens,
+                      note=plan.note, arrays=fmt != "json", constructed=constructed, titles=titles)
     if fmt == "term":
         use_color = sys.stdout.isatty() if color is None else color
         click.echo(mv.render_term(data, color=use_color, width=width, top=top), color=use_color)
@@ -70,7 +82,33 @@ def demo(text, model_name, backend, layers, heads, window, top, fmt, output, col
         _note(plan.note)
         note(f"wrote {output}")
         return
-    _write(mv, data, fmt, output)
+    _write(mv.to_json(data), output, data.get("note"))
+
+
+def _shown(mv, enc, view: str, words: bool):
+    """(the encoding the panels show, their titles or None): rollout and/or words derived from ``enc``."""
+    shown = mv.rollout_encoding(enc) if view == "rollout" else enc
+    shown = mv.words_encoding(shown) if words else shown
+    titles = {(la, 0): f"rollout L0-{la}" for la in range(enc.num_layers)} if view == "rollout" else None
+    return shown, titles
+
+
+def _report(mv, ma, enc, model, text, layers, heads, window, view, words, output, constructed):
+    """--format html: the report (model view, head view, rollout; opens on ``view``, at word level with
+    ``words``), bounded at 8 MiB."""
+    from mha.viz._data import to_data
+    from mha.viz._limits import parse_window
+    from mha.viz._report import build
+
+    try:
+        span = parse_window(window, len(enc.tokens))
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--tokens") from None
+    data = to_data(enc, text=text, roles=ma.head_roles(enc.attentions, enc.tokens), backend=model.backend,
+                   layers=list(layers) or None, heads=list(heads) or None, tokens=span, arrays=True,
+                   constructed=constructed)
+    page = build(data, attentions=enc.attentions, view="rollout" if view == "rollout" else "model", words=words)
+    _write(page.html, output, page.note)
 
 
 def _note(message):
@@ -78,11 +116,8 @@ def _note(message):
         note(f"note: {message}")
 
 
-def _write(mv, data: dict, fmt: str, output) -> None:
-    """JSON or HTML to ``output`` (atomically) or to stdout, with a note on what was left out."""
-    from mha.viz._html import page
-
-    body, left_out = page(data) if fmt == "html" else (mv.to_json(data), data.get("note"))
+def _write(body: str, output, left_out) -> None:
+    """``body`` to ``output`` (atomically) or to stdout, with a note on what was left out."""
     if output:
         from mha._io import atomic_write
 

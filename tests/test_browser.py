@@ -1,10 +1,14 @@
-"""The HTML head view in a real browser (Debian's headless Chromium via Playwright): it renders offline,
-hovering a token highlights what it attends to, and hostile text shows as text without running."""
+"""The HTML report in a real browser (Debian's headless Chromium via Playwright, `executable_path` set):
+it renders offline; the model view's thumbnails open the head view; hovering a token highlights what
+it attends to; words, rollout and the token window work; hostile text shows as text without running;
+and a 512-token MiniLM report loads in under 3 s without console errors."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -25,21 +29,27 @@ HOSTILE = 'The <script>window.pwned=1</script> cat sat <img src=x onerror="windo
 
 
 @pytest.fixture(scope="module")
-def page():
+def browser():
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        pg = browser.new_page()
-        requests = []
-        pg.on("request", lambda r: requests.append(r.url) if not r.url.startswith("file:") else None)
-        dialogs = []
-        pg.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        pg.requests, pg.dialogs = requests, dialogs
-        yield pg
-        browser.close()
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    pg.requests, pg.dialogs, pg.errors = [], [], []
+    pg.on("request", lambda r: pg.requests.append(r.url) if not r.url.startswith(("file:", "blob:")) else None)
+    pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    pg.on("console", lambda m: pg.errors.append(m.text) if m.type == "error" else None)
+    yield pg
+    pg.close()
 
 
 def _export(tmp_path, text, *args):
-    out = tmp_path / "view.html"
+    out = tmp_path / "report.html"
     res = CliRunner().invoke(cli, ["demo", "--model", "builtin", "--backend", "numpy", "--format", "html",
                                    "-o", str(out), *args, text])
     assert res.exit_code == 0, res.output
@@ -48,52 +58,81 @@ def _export(tmp_path, text, *args):
 
 def _open(page, path):
     page.goto(path.as_uri())
-    page.wait_for_selector("body[data-ready='1']", timeout=10_000)  # weights are unpacked asynchronously
+    page.wait_for_selector("body[data-ready='1']", timeout=10_000)  # thumbnails are drawn asynchronously
 
 
-def test_hover_highlights_what_a_token_attends_to(page, tmp_path):
-    out = _export(tmp_path, "The cat sat on the mat.")
-    _open(page, out)
-    assert page.locator("#heads button").count() == 8
-    page.hover('g.tok[data-side="left"][data-i="2"]')  # "cat", with head 0 (previous token) selected
+def test_model_view_opens_a_head_and_hover_highlights(page, tmp_path):
+    _open(page, _export(tmp_path, "The cat sat on the mat."))
+    cells = page.locator("#model .thumb")
+    assert cells.count() == 8 and cells.nth(0).get_attribute("data-role") == "previous"
+    assert page.locator("#model .thumb").nth(7).text_content() == "broad 1.00"
+    cells.nth(0).click()  # head 0: previous token
+    page.wait_for_selector("#head:not([hidden]) g.tok")
+    assert page.locator("#head-title").text_content().startswith("layer 0, head 0 (previous token)")
+    page.hover('g.tok[data-side="left"][data-i="2"]')  # "cat"
     hl = page.locator('g.tok.hl[data-side="right"]')
     assert hl.count() == 1 and hl.get_attribute("data-i") == "1"  # -> "the"
     assert float(hl.get_attribute("data-weight")) > 0.99
-    page.click('#heads button[data-head="3"]')  # add the first-token head
-    page.hover('g.tok[data-side="left"][data-i="4"]')  # "on"
-    targets = sorted(page.locator('g.tok.hl[data-side="right"]').evaluate_all("els => els.map(e => e.dataset.i)"))
-    assert targets == ["0", "3"]  # [CLS] (first-token head) and "sat" (previous-token head)
-    page.hover('g.tok[data-side="right"][data-i="0"]')  # who attends to [CLS]?
-    assert page.locator('g.tok.hl[data-side="left"]').count() == 9  # every query, through head 3
-    assert page.requests == []  # nothing fetched from anywhere
+    assert page.locator("#info").text_content().startswith("cat (2) attends to: the (1) 1.00")
+    page.hover('g.tok[data-side="right"][data-i="0"]')  # who attends to [CLS] through head 0? "the" only
+    assert page.locator('g.tok.hl[data-side="left"]').evaluate_all("els => els.map(e => e.dataset.i)") == ["0", "1"]
+    page.click("#head-next")  # head 1: next token
+    page.hover('g.tok[data-side="left"][data-i="2"]')
+    assert page.locator('g.tok.hl[data-side="right"]').get_attribute("data-i") == "3"
+    with page.expect_download() as saved:  # "save as image", which bertviz users have asked for since 2019
+        page.click('#head button.save')
+    assert saved.value.suggested_filename == "head-L0-H1.png"
+    assert saved.value.path().read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.requests == [] and page.errors == []  # nothing fetched from anywhere
+
+
+def test_rollout_view_and_token_window(page, tmp_path):
+    _open(page, _export(tmp_path, "word " * 40, "--view", "rollout"))
+    assert page.locator("#rollout").is_visible() and page.locator("#model").is_hidden()
+    assert page.locator("#roll-caption").text_content().startswith("Rollout through layers 0-0")
+    page.click('#tabs button[data-view="head"]')
+    page.select_option("#win-size", "16")
+    page.fill("#win-start", "20")
+    page.dispatch_event("#win-start", "change")
+    labels = page.locator('g.tok[data-side="left"]').evaluate_all("els => els.map(e => +e.dataset.i)")
+    assert labels == list(range(20, 36)) and page.locator("#win-info").text_content() == "tokens 20-35 of 42"
+    assert page.errors == []
 
 
 def test_hostile_text_is_shown_not_run(page, tmp_path):
-    out = _export(tmp_path, HOSTILE)
-    _open(page, out)
+    _open(page, _export(tmp_path, HOSTILE))
+    page.locator("#model .thumb").nth(0).click()
+    page.wait_for_selector("#head:not([hidden]) g.tok")
     assert page.evaluate("window.pwned") is None and page.dialogs == []
     assert page.locator("#text").text_content() == HOSTILE
     labels = page.locator('g.tok[data-side="left"] text').all_text_contents()
     assert "<" in labels and "script" in labels and "img" in labels
     assert page.locator("img").count() == 0 and page.locator("body script").count() == 2
-    assert page.title() == "Attention head view: " + HOSTILE[:80]  # the title shows the text, literally
+    assert page.title() == "Attention report: " + HOSTILE[:80]  # the title shows the text, literally
 
 
-def test_a_512_token_page_opens_in_seconds(page, minilm_512, tmp_path):
-    import time
-
+def test_a_512_token_report_loads_in_seconds(page, minilm_512, tmp_path):
     import mha.viz as mv
 
-    _, enc, text = minilm_512
+    _, enc, _ = minilm_512
     out = tmp_path / "long.html"
-    out.write_text(mv.render_html(mv.to_data(enc, text=text, arrays=True)), encoding="utf-8")
-    assert out.stat().st_size <= 8 * 2**20  # was 177 MB, which crashed headless Chromium
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    report = mv.report(enc)
+    report.save(out)
+    assert out.stat().st_size <= 8 * 2**20 and report.note is None  # was 177 MB, which crashed Chromium
     start = time.perf_counter()
     _open(page, out)
     assert time.perf_counter() - start < 3.0
-    assert errors == [] and page.locator("#heads button").count() == 12
-    page.hover('g.tok[data-side="left"][data-i="300"]')  # layer 0 head 0: spread thin, shown, not blank
-    assert float(page.locator('g.tok[data-side="right"][data-i="299"]').get_attribute("data-weight")) > 0
+    thumbs = page.locator("#model .thumb")
+    assert thumbs.count() == 72 and page.errors == []
+    page.click('#model .thumb[data-layer="3"][data-head="5"]')
+    page.wait_for_selector("#head:not([hidden]) g.tok")
+    assert page.locator("#head-title").text_content().startswith("layer 3, head 5")
+    assert page.locator('g.tok[data-side="left"]').count() == 48  # the window, not 512 rows
+    tokens = page.locator('g.tok[data-side="left"] text').all_text_contents()
+    page.check("#words")  # pieces merged: "beacon" "##s" -> "beacons"
+    page.locator("#win-info", has_text=re.compile("^words")).wait_for()
+    words = page.locator('g.tok[data-side="left"] text').all_text_contents()
+    assert "##s" in tokens and "beacons" in words and not any(w.startswith("##") for w in words)
+    page.click('#tabs button[data-view="rollout"]')
+    page.locator("#roll-caption", has_text="layers 0-5").wait_for()
+    assert page.errors == [] and page.requests == []

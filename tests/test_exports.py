@@ -84,14 +84,14 @@ def test_html_is_bounded(demo, tmp_path):
 
 
 def test_html_cuts_whole_layers_past_its_budget(minilm_512):
-    from mha.viz._html import page
+    from mha.viz._report import build
 
     _, enc, text = minilm_512
     data = mv.to_data(enc, text=text, arrays=True)
-    body, note = page(data, max_bytes=1_000_000)
-    assert len(body) <= 1_000_000 and note.startswith("showing layer")
-    kept = note.split("(")[1].split(" of ")[0]
-    assert body.count('"packed"') == int(kept) and 'Left out: ' in body
+    report = build(data, attentions=enc.attentions, max_bytes=1_500_000)
+    assert report.size <= 1_500_000 and report.note.startswith("showing layer")
+    kept = report.note.split("(")[1].split(" of ")[0]
+    assert report.html.count('"packed"') == int(kept) and int(kept) % 12 == 0
 
 
 def test_png_of_512_tokens_in_a_subprocess(tmp_path):

@@ -54,25 +54,37 @@ class HeadRole:
                 "scores": {k: round(v, 4) for k, v in self.scores.items()}}
 
 
+def role_score_array(P, tokens) -> np.ndarray:
+    """Scores of every role, in ``ROLES`` order, for many heads at once: P (..., L, L) -> (..., 8) float64.
+    Punctuation is NaN when the sentence has none."""
+    P = np.asarray(P, np.float64)
+    L = P.shape[-1]
+    if P.ndim < 2 or P.shape[-2] != L or len(tokens) != L:
+        raise ValueError(f"weights must be (..., L, L) with L = len(tokens) = {len(tokens)}, got {P.shape}")
+    idx = np.arange(L)
+    diag = np.diagonal(P, axis1=-2, axis2=-1)  # (..., L)
+    s = {"self": diag.mean(-1), "first": P[..., :, 0].mean(-1), "last": P[..., :, L - 1].mean(-1)}
+    zero = np.zeros(P.shape[:-2])
+    s["previous"] = P[..., idx[1:], idx[1:] - 1].mean(-1) if L > 1 else zero
+    s["next"] = P[..., idx[:-1], idx[:-1] + 1].mean(-1) if L > 1 else zero
+    punct = np.array([is_punctuation(t) for t in tokens])
+    s["punctuation"] = P[..., punct].sum(-1).mean(-1) if punct.any() else zero + np.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.where(P > 0, P * np.log(P), 0.0).sum(-1)  # (..., L)
+    s["broad"] = (ent / np.log(L)).mean(-1) if L > 1 else zero
+    other = np.array([t not in SPECIAL for t in tokens]) & ~punct
+    near = np.abs(idx[:, None] - idx[None, :]) <= 1
+    s["content"] = (P * (other[None, :] & ~near)).sum(-1).mean(-1)
+    return np.stack([np.broadcast_to(s[k], P.shape[:-2]) for k in ROLES], -1)
+
+
 def role_scores(P: np.ndarray, tokens) -> dict:
     """Scores of every role for one head on one sentence; P is (L, L)."""
     P = np.asarray(P, np.float64)
     L = P.shape[-1]
     if P.shape != (L, L) or len(tokens) != L:
         raise ValueError(f"weights must be (L, L) with L = len(tokens) = {len(tokens)}, got {P.shape}")
-    idx = np.arange(L)
-    s = {"self": P[idx, idx].mean(), "first": P[:, 0].mean(), "last": P[:, L - 1].mean()}
-    s["previous"] = P[idx[1:], idx[1:] - 1].mean() if L > 1 else 0.0
-    s["next"] = P[idx[:-1], idx[:-1] + 1].mean() if L > 1 else 0.0
-    punct = np.array([is_punctuation(t) for t in tokens])
-    s["punctuation"] = P[:, punct].sum(-1).mean() if punct.any() else np.nan
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ent = -np.where(P > 0, P * np.log(P), 0.0).sum(-1)
-    s["broad"] = float((ent / np.log(L)).mean()) if L > 1 else 0.0
-    other = np.array([t not in SPECIAL for t in tokens]) & ~punct
-    near = np.abs(idx[:, None] - idx[None, :]) <= 1
-    s["content"] = (P * (other[None, :] & ~near)).sum(-1).mean()
-    return {k: float(s[k]) for k in ROLES}
+    return {k: float(v) for k, v in zip(ROLES, role_score_array(P, tokens))}
 
 
 RULE = (f"role: the largest of {', '.join(POINTED)} if that share of the head's attention is at least "
@@ -110,13 +122,20 @@ def head_roles(attentions, tokens) -> list[HeadRole]:
         if a.ndim != 4 or a.shape[-1] != a.shape[-2] or a.shape[-1] != len(t):
             raise ValueError(f"attentions must be (layers, heads, L, L) with L = len(tokens) = {len(t)}, "
                              f"got {a.shape}")
+    if len({a.shape[:2] for a in atts}) != 1:
+        raise ValueError(f"every sentence needs the same (layers, heads), got {sorted({a.shape[:2] for a in atts})}")
     layers, heads = atts[0].shape[:2]
+    mean = nan_mean(np.stack([role_score_array(a, t) for a, t in zip(atts, toks)]))  # (layers, heads, 8)
     out = []
     for layer in range(layers):
         for head in range(heads):
-            per = [role_scores(a[layer, head], t) for a, t in zip(atts, toks)]
-            scores = {r: float(np.nanmean([p[r] for p in per])) if not all(np.isnan(p[r]) for p in per) else 0.0
-                      for r in ROLES}
+            scores = {r: float(v) for r, v in zip(ROLES, mean[layer, head])}
             role = pick_role(scores)
             out.append(HeadRole(layer, head, role, scores[role], scores))
     return out
+
+
+def nan_mean(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Mean over ``axis`` skipping NaN (sentences without punctuation); 0 where every entry is NaN."""
+    count = (~np.isnan(x)).sum(axis)
+    return np.where(count > 0, np.nansum(x, axis) / np.maximum(count, 1), 0.0)

@@ -198,7 +198,32 @@ class BertModel(PrunableHeads):
         hidden, atts = self.forward(ids[None], np.ones((1, len(ids)), bool), return_attentions=True,
                                     head_mask=head_mask)
         return Encoding(tokens, ids, to_numpy(hidden)[0], self._full_attentions([to_numpy(a)[0] for a in atts]),
-                        cut, model=self.name)
+                        cut, model=self.name, text=text)
+
+    def encode_many(self, texts, *, batch_size: int = 32, max_length: int | None = None) -> list[Encoding]:
+        """:meth:`encode` of each text, batched: texts sorted by length share padded forward passes (the
+        padding hidden by ``key_mask``), the same numbers as one at a time to float32 rounding."""
+        for i, t in enumerate(texts):
+            check_text(t, f"texts[{i}]")
+        limit = min(max_length or self.max_length, self.max_length)
+        pieces = [self.tokenizer.encode(t, limit) for t in texts]  # (tokens, ids (L_i,), cut)
+        order = sorted(range(len(texts)), key=lambda i: len(pieces[i][1]))
+        out: list = [None] * len(texts)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            L = max(len(pieces[i][1]) for i in chunk)
+            ids = np.full((len(chunk), L), self.tokenizer.pad_id, dtype=np.int64)  # (b, L)
+            mask = np.zeros((len(chunk), L), dtype=bool)  # (b, L): True for real tokens
+            for b, i in enumerate(chunk):
+                ids[b, :len(pieces[i][1])], mask[b, :len(pieces[i][1])] = pieces[i][1], True
+            hidden, atts = self.forward(ids, mask, return_attentions=True)
+            hidden, atts = to_numpy(hidden), [to_numpy(a) for a in atts]  # (b, L, E), layers x (b, H, L, L)
+            for b, i in enumerate(chunk):
+                tokens, tids, cut = pieces[i]
+                n = len(tids)
+                out[i] = Encoding(tokens, tids, hidden[b, :n], self._full_attentions([a[b, :, :n, :n] for a in atts]),
+                                  cut, model=self.name, text=texts[i])
+        return out
 
     def embed(self, sentences, *, batch_size: int = 32, max_length: int | None = None, head_mask=None) -> np.ndarray:
         """(n, E) sentence embeddings: mean of the last hidden states over real tokens, L2-normalised

@@ -133,7 +133,11 @@ class BuiltinModel(PrunableHeads):
         ids = np.array([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=4).digest(), "little")
                         for t in tokens], dtype=np.int64)
         return Encoding(tokens, ids, to_numpy(y), self._full_attentions([to_numpy(w)]), cut, model=self.name,
-                        head_labels=dict(self.head_labels))
+                        head_labels=dict(self.head_labels), text=text)
+
+    def encode_many(self, texts, **_) -> list[Encoding]:
+        """:meth:`encode` of each text."""
+        return [self.encode(t) for t in texts]
 
     def embed(self, sentences, *, head_mask=None, **_) -> np.ndarray:
         """(n, E): mean of the hidden states over tokens, L2-normalised."""

@@ -13,7 +13,8 @@ class Encoding:
 
     tokens: list of str (L); ids: (L,) int; hidden_states: (L, E) last layer, numpy;
     attentions: (layers, heads, L, L) numpy, per head, 0-based layers and heads;
-    truncated: how many tokens were cut to fit the model's limit (0 if none).
+    truncated: how many tokens were cut to fit the model's limit (0 if none). In a notebook an
+    encoding shows itself as the interactive attention report (``_repr_html_``).
     """
 
     tokens: list
@@ -23,6 +24,13 @@ class Encoding:
     truncated: int = 0
     model: str = ""
     head_labels: dict = field(default_factory=dict)  # {(layer, head): label} for constructed models
+    text: str = ""  # the text encoded (before truncation)
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: the interactive attention report (:func:`mha.viz.report`), sized for a cell."""
+        from ..viz import report
+
+        return report(self)._repr_html_()
 
     @property
     def num_layers(self) -> int:

@@ -1,7 +1,9 @@
-"""Showing attention: JSON, a self-contained HTML head view, terminal heat maps, PNG grids.
+"""Showing attention: an HTML report (model view, head view, rollout, words), JSON, terminal heat maps,
+PNG grids.
 
+    report = mha.viz.report(enc)              # one self-contained page, no network; shows itself in Jupyter
+    report.save("attention.html")
     data = mha.viz.to_data(enc, text=text, roles=mha.analysis.head_roles(enc.attentions, enc.tokens))
-    html = mha.viz.render_html(data)          # one file, no network; tokens escaped
     print(mha.viz.render_term(data, color=True))
     mha.viz.save_png(data, "heads.png")       # needs the plot extra
 
@@ -10,10 +12,11 @@ Every export is bounded (terminal width and 2,000 lines, JSON 32 MiB, HTML 8 MiB
 """
 
 from ._data import FORMAT, from_json, selection, to_data, to_json, top_links
-from ._html import render_html
 from ._limits import Plan, plan
 from ._png import save_png
+from ._report import Report, render_html, report
 from ._term import render_term
+from ._views import rollout_encoding, words_encoding
 
-__all__ = ["FORMAT", "Plan", "from_json", "plan", "render_html", "render_term", "save_png", "selection", "to_data",
-           "to_json", "top_links"]
+__all__ = ["FORMAT", "Plan", "Report", "from_json", "plan", "render_html", "render_term", "report",
+           "rollout_encoding", "save_png", "selection", "to_data", "to_json", "top_links", "words_encoding"]

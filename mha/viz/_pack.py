@@ -1,11 +1,15 @@
 """Weights packed for a web page: 8-bit codes, deflated, base64 (what the page's script unpacks).
 
-A head's (T, T) weights become ``codes = round(255 w)`` (so every weight is kept to within 1/510, about
-0.002) and, per row, the total ``rest`` of the weights whose code is 0. The page shows each of those as
-the row's ``rest`` spread evenly over them, so rows still sum to 1 and a head spread thinly over 500
-tokens (0.002 each, all code 0) looks as broad as it is rather than empty. Codes and rests are
-deflated (zlib), which browsers undo natively (``DecompressionStream("deflate")``): on MiniLM's 72 heads
-over 512 tokens, 18.9 M weights take 2.5 MB instead of the 150 MB of JSON numbers.
+A head's (T, T) weights become codes: weights of at least 1/255 are rounded to the nearest multiple
+of 1/255 (within 1/510), smaller ones get code 0, and each row carries a ``rest``: what its code-0
+cells must add up to for the row to keep its sum (its small weights plus the rounding error of the
+others), at most 1/255 per cell. The page shows each code-0 weight as its row's rest spread evenly. So
+every weight is shown within 1/255 (0.004), rows keep their sums (within 0.004 on MiniLM at 512
+tokens), and a head spread thinly over 500 tokens (0.002 each) looks as broad as it is, not empty.
+(Rounding every weight to the nearest code instead lifts each such 0.002 to 0.004: rows of MiniLM
+at 512 tokens summed to 1.2.) Codes and rests are deflated (zlib), which browsers undo natively
+(``DecompressionStream("deflate")``): MiniLM's 72 heads over 512 tokens, 18.9 M weights, take about
+2.4 MB of base64 instead of 150 MB of JSON numbers.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import zlib
 
 import numpy as np
 
-LEVELS = 255  # codes 0..255: w ~ code / 255
-PRECISION = "weights to within 0.002 (8-bit codes); weights below 0.002 shown as their row's mean below 0.002"
+LEVELS = 255  # codes 1..255: w ~ code / 255; code 0: below 1/255
+PRECISION = ("each weight within 0.004 (8-bit codes); weights below 1/255 are shown as their row's mean "
+             "below it, so rows keep their sums")
 
 
 def _b64_deflate(raw: bytes) -> str:
@@ -26,8 +31,10 @@ def _b64_deflate(raw: bytes) -> str:
 def pack_head(weights: np.ndarray) -> dict:
     """One head's (T, T) weights -> {"codes": str, "rest": str} (base64 of deflated uint8 / uint16)."""
     w = np.clip(np.asarray(weights, np.float64), 0.0, 1.0)  # (T, T)
-    codes = np.rint(w * LEVELS).astype(np.uint8)  # (T, T)
-    rest = np.where(codes == 0, w, 0.0).sum(-1)  # (T,) mass below half a step, per row
+    small = w < 1.0 / LEVELS  # (T, T)
+    codes = np.where(small, 0, np.maximum(np.rint(w * LEVELS), 1)).astype(np.uint8)  # (T, T)
+    missing = w.sum(-1) - (codes / LEVELS).sum(-1)  # (T,) what the code-0 cells must add up to
+    rest = np.clip(missing, 0.0, small.sum(-1) / LEVELS)  # (T,) at most 1/255 a cell: each stays within 1/255
     rest16 = np.rint(np.clip(rest, 0.0, 1.0) * 65535).astype("<u2")  # (T,)
     return {"codes": _b64_deflate(codes.tobytes()), "rest": _b64_deflate(rest16.tobytes())}
 

@@ -117,7 +117,7 @@ def figure(data: dict, *, columns: int = 4):
         ax = fig.add_axes((x / W, 1 - (y + g.img) / H, g.img / W, g.img / H))
         image = ax.imshow(np.asarray(h["weights"], np.float32), norm=norm, cmap="viridis", aspect="auto",
                           interpolation="nearest" if n <= 200 else "antialiased")
-        title = f"L{layer} H{h['head']}" + (f" {h['label']}" if h.get("label") else "")
+        title = h.get("title") or f"L{layer} H{h['head']}" + (f" {h['label']}" if h.get("label") else "")
         if h.get("role"):
             title += f"\n{h['role']} {h['score']:.2f}"
         ax.set_title(title, fontsize=9)

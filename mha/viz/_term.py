@@ -50,9 +50,7 @@ def _panel(head: dict, layer: int, tokens, offset: int, color: bool, label_w: in
     """(lines, visible width) of one head's heat map; rows and columns numbered from ``offset``."""
     lv = levels(head["weights"])
     n = len(tokens)
-    title = f"L{layer} H{head['head']}"
-    if head.get("label"):
-        title += f" {head['label']}"
+    title = head.get("title") or f"L{layer} H{head['head']}" + (f" {head['label']}" if head.get("label") else "")
     if head.get("role"):
         title += f" [{head['role']} {head['score']:.2f}]"
     digits = len(str(offset + n - 1))
@@ -109,7 +107,9 @@ def render_term(data: dict, *, color: bool = False, width: int = 100, top: int =
         for _, layer, h in panels:
             links = ", ".join(f"{tokens[i]}({offset + i}) -> {tokens[j]}({offset + j}) {w:.2f}"
                               for i, j, w in top_links(np.asarray(h["weights"]), tokens, top))
-            out.append(f"  L{layer} H{h['head']}: {links}")
+            short = f"L{layer} H{h['head']}"
+            name = short if not h.get("title") or h["title"].startswith(short) else h["title"]  # custom titles shown
+            out.append(f"  {name}: {links}")
     out.append(legend(color))
     if data.get("note"):
         out.append(f"note: {data['note']}")
