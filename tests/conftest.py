@@ -46,3 +46,11 @@ def minilm_512():
     model = mm.load_bert("minilm", backend="numpy")
     text = LONG_TEXT.read_text()
     return model, model.encode(text), text
+
+
+@pytest.fixture(scope="session")
+def minilm_512_report(minilm_512):
+    """mha.viz.report of the 512-token MiniLM encoding, built once (several tests read it)."""
+    import mha.viz as mv
+
+    return mv.report(minilm_512[1])

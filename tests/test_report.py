@@ -29,9 +29,9 @@ def page_data(page: str) -> dict:
     return json.loads(re.search(r'<script type="application/json" id="mha-data">(.*?)</script>', page, re.S).group(1))
 
 
-def test_512_token_report_holds_every_head_within_precision(minilm_512):
+def test_512_token_report_holds_every_head_within_precision(minilm_512, minilm_512_report):
     _, enc, _ = minilm_512
-    report = mv.report(enc)
+    report = minilm_512_report
     assert report.size <= 8 * 2**20 and report.note is None
     data = page_data(report.html)
     assert len(data["heads"]) == 72 and len(data["maps"]) == 6 and data["precision"] == _pack.PRECISION
@@ -73,6 +73,8 @@ def test_render_html_of_some_heads_has_no_rollout_and_of_all_heads_has_it():
     assert [h["head"] for h in some["heads"]] == [0, 3] and some["maps"] == []
     every = page_data(mv.render_html(mv.to_data(enc), view="rollout", words=True))
     assert len(every["maps"]) == 1 and every["view"] == "rollout" and every["start_words"] is True
+    window = page_data(mv.render_html(mv.to_data(enc, tokens=(2, 6))))  # a window's rollout is not the text's
+    assert window["maps"] == [] and len(window["heads"]) == 8 and window["tokens"] == enc.tokens[2:6]
     with pytest.raises(ValueError, match="view must be one of model, head, rollout, got 'heads'"):
         build(mv.to_data(enc), view="heads")
 

@@ -152,11 +152,12 @@ def build(data: dict, *, attentions=None, view: str = "model", words: bool = Fal
 
 
 def _all_heads(data: dict):
-    """(layers, heads, n, n) when ``data`` holds every head of every layer in order (rollout needs them
-    all), else None."""
+    """(layers, heads, n, n) when ``data`` holds every head of every layer, in order, over the whole text
+    (rollout needs them all, and a window's rows would not be the text's), else None."""
     L, H = int(data.get("num_layers") or 0), int(data.get("num_heads") or 0)
     pairs = [(layer["layer"], h["head"]) for layer in data["layers"] for h in layer["heads"]]
-    if not L or pairs != [(la, h) for la in range(L) for h in range(H)]:
+    whole = not data.get("token_offset") and len(data["tokens"]) == int(data.get("num_tokens") or len(data["tokens"]))
+    if not L or not whole or pairs != [(la, h) for la in range(L) for h in range(H)]:
         return None
     n = len(data["tokens"])
     return np.stack([np.asarray(h["weights"], np.float32) for layer in data["layers"]
