@@ -223,14 +223,26 @@ def bool_masks(draw, cfg: Config, *, empty_rows=True) -> np.ndarray:
     return m
 
 
+# What people pass for "masked" in an additive mask: -inf, and the finite stand-ins that ties and casts
+# make treacherous: Hugging Face's finfo(float32).min, -1e9 (-inf once cast to float16), float16's own
+# min and -1e4. Finite ones do not hide a key (only -inf does): they make its weight underflow to 0,
+# unless every key a query sees carries one.
+LARGE_NEGATIVES = (float("-inf"), float(np.finfo(np.float32).min), -1e9, float(np.finfo(np.float16).min), -1e4)
+
+
 @st.composite
 def additive_masks(draw, cfg: Config) -> np.ndarray:
-    """A float mask added to the logits: N(0, sigma^2) entries, some -inf (hidden), broadcastable."""
+    """A float mask added to the logits, broadcastable to (B, H, T, S): N(0, sigma^2) entries where a
+    drawn keep mask says True, and where it says False one of :data:`LARGE_NEGATIVES` (-inf, or a large
+    finite negative that leaves the key visible but weightless), or a mix of them entry by entry."""
     keep = draw(bool_masks(cfg))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     sigma = draw(st.sampled_from([1.0, 3.0, 0.0]))
     a = (sigma * rng.normal(size=keep.shape)).astype(np.float32)
-    return np.where(keep, a, -np.inf).astype(np.float32)
+    fill = draw(st.sampled_from(list(LARGE_NEGATIVES) + ["mixed"]))
+    if fill == "mixed":
+        fill = rng.choice(np.array(LARGE_NEGATIVES, np.float32), size=keep.shape)
+    return np.where(keep, a, fill).astype(np.float32)
 
 
 @st.composite
