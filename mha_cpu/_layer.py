@@ -9,15 +9,31 @@ from mha._base import LayerBase
 from . import _fast
 
 
-def _zero_nonfinite(k, v, aug: bool):
-    """(k, v, bad_k, bad_v): copies of (B, S, Hkv, D) keys and values with every vector that holds NaN/inf
-    zeroed (the augmented form's ones column kept), and which were: (B, S, Hkv) bools."""
+def _zero_nonfinite(k, v, aug: bool, own: bool):
+    """(k, v, bad_k, bad_v): (B, S, Hkv, D) keys and values with every vector that holds NaN/inf zeroed
+    (the augmented form's ones column kept), and which were: (B, S, Hkv) bools.
+
+    Zeroed in place when the call owns the arrays (``own``: views of its own projections), else in copies
+    laid out like them (a cache's buffers keep what they hold). Either way what follows runs on the
+    memory layout of a clean call: BLAS's rounding depends on it, and a compact copy of strided keys once
+    moved a row that cannot see the NaN by one ulp (window 2, tiny blocks), breaking the promise that
+    such rows stay bitwise equal."""
     bad_k, bad_v = ~np.isfinite(k).all(-1), ~np.isfinite(v).all(-1)
-    k = np.where(bad_k[..., None], 0, k)
-    v = np.where(bad_v[..., None], 0, v)
+    if not own:
+        k, v = _copy_like(k), _copy_like(v)
+    k[bad_k] = 0
+    v[bad_v] = 0
     if aug:
         k[..., -1] = v[..., -1] = 1
     return k, v, bad_k, bad_v
+
+
+def _copy_like(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` with the same strides (``a`` has non-negative strides)."""
+    span = sum((n - 1) * st for n, st in zip(a.shape, a.strides)) + a.itemsize if a.size else a.itemsize
+    out = np.lib.stride_tricks.as_strided(np.empty(span // a.itemsize, a.dtype), a.shape, a.strides)
+    np.copyto(out, a)
+    return out
 
 
 def _full_keep(masks):
@@ -169,7 +185,7 @@ class MultiHeadAttention(LayerBase):
             finite = not cache._nonfinite
         bad_k, bad_v = None, None
         if not finite:  # NaN/inf at a key or value: zeroed here, and the rows that see it poisoned after
-            k, v, bad_k, bad_v = _zero_nonfinite(k, v, aug)
+            k, v, bad_k, bad_v = _zero_nonfinite(k, v, aug, own=pos.step is None)
         B, T, H = q.shape[:3]
         D = c.head_dim
         S = k.shape[1]
@@ -244,7 +260,7 @@ class MultiHeadAttention(LayerBase):
             v = y[:, nq + nk:].reshape(1, T, g1 - g0, Dq)
             poison = None
             if not np.isfinite(y[:, nq:]).all():  # as in _forward: zero, attend, poison who sees it
-                k, v, bad_k, bad_v = _zero_nonfinite(k, v, aug)
+                k, v, bad_k, bad_v = _zero_nonfinite(k, v, aug, own=True)
                 poison = _poison(bad_k, bad_v, pick(_full_keep(masks), b, h0, h1), G, T)
             ctx = _fast.scratch("group_ctx", (1, T, h1 - h0, D), dt)
             _fast.attention(q, k, v, ctx, keep=pick(masks.keep, b, h0, h1), bias=pick(masks.bias, b, h0, h1),

@@ -165,3 +165,19 @@ def test_concurrent_calls_from_two_threads():
         x = xs[i % len(xs)]
         tol = tolerance.t2("float32", "float32", tolerance.magnitude(layer.weights, x, x, x, y_ref=expected[i % len(xs)]))
         tolerance.assert_close(y, expected[i % len(xs)], tol, f"concurrent call {i}")
+
+
+def test_nan_token_leaves_other_rows_bitwise_equal_under_tiny_blocks():
+    """Hypothesis's minimal case of a once-in-thousands failure: NaN in token 0 with window 2 and tiny
+    blocks moved row 4 (which cannot see token 0) by one ulp, because the NaN run zeroed the keys in a
+    compact copy while the clean run read them strided from the projection, and BLAS rounds the two
+    layouts differently. Keys are now zeroed in place (same layout in both runs)."""
+    from mha.testing.adapters import builtin
+    from mha.testing.properties import PROPERTIES
+
+    cfg = mst.Config(B=1, T=5, S=5, H=2, Hkv=2, D=4, kdim=8, vdim=8, bias=True, self_attention=True)
+    rng = np.random.default_rng(1)
+    w = mst.random_weights(cfg, rng)
+    q, _, _ = mst.random_inputs(cfg, rng, "normal")
+    problem = mst.Problem(cfg, w, q, None, None, seed=1, mode="normal", window=2)
+    PROPERTIES["nonfinite_self_attention"].check(builtin("numpy-blocks"), problem)
