@@ -181,7 +181,11 @@ class LayerBase:
     def _convert(self, x, name):
         if self._is_native(x):
             return x
-        x = to_numpy(x)
+        try:
+            x = to_numpy(x)
+        except ValueError as err:  # ragged nested lists
+            raise ValueError(f"{name} must be an array of numbers with a regular shape (B, L, E) or (L, E): "
+                             f"{err}") from None
         if x.dtype.kind not in "biufc":
             raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
         return self._from_numpy(x)

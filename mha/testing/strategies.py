@@ -209,6 +209,8 @@ def bool_masks(draw, cfg: Config, *, empty_rows=True) -> np.ndarray:
     shape = draw(hnp.broadcastable_shapes(target, min_dims=1, max_dims=4))
     # broadcastable_shapes means mutually broadcastable; a mask must broadcast *to* the target
     shape = tuple(1 if t == 1 else n for n, t in zip(shape, target[len(target) - len(shape):]))
+    if len(shape) == 3 and shape[0] != 1:  # a 3-D mask is ambiguous ((B, T, S) or (H, T, S)): 4-D instead
+        shape = (1,) + shape
     size = int(np.prod(shape))
     if size <= 64:
         m = draw(hnp.arrays(np.bool_, shape, elements=_MOSTLY_TRUE,
