@@ -67,10 +67,9 @@ def prune_heads(layer_or_model, heads):
     """
     if hasattr(layer_or_model, "prune_heads") and hasattr(layer_or_model, "layers"):
         return layer_or_model.prune_heads(heads)
-    from ._base import LayerBase
     from ._layer import MultiHeadAttention
 
-    if not isinstance(layer_or_model, LayerBase):
+    if not isinstance(layer_or_model, MultiHeadAttention):
         raise TypeError(f"prune_heads expects an mha attention layer or model, got {type(layer_or_model).__name__}")
     layer = layer_or_model
     pruned = prune_weights(layer.weights, heads)

@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mha._base import LayerBase
+import mha
 from mha._masks import MaskSet
 from mha._reference import merge_heads, nonfinite_keys, split_heads
 
@@ -38,7 +38,7 @@ def _linear() -> nn.Linear:
     return layer
 
 
-class MultiHeadAttention(LayerBase, nn.Module):
+class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
     """Multi-head attention on MLX (float32, float16, bfloat16; softmax in float32).
 
     Same constructor and call as :class:`mha.MultiHeadAttention` (without ``backend``). The projections
@@ -50,6 +50,7 @@ class MultiHeadAttention(LayerBase, nn.Module):
 
     backend = "mlx"
     _xp = mx
+    fast_weights = False  # the fused kernel returns neither weights nor lse: such calls take the reference
 
     def _dtypes(self):
         return _DTYPES[self._config.dtype], mx.float32
@@ -94,9 +95,16 @@ class MultiHeadAttention(LayerBase, nn.Module):
         return mx.fast.rope(x, r.rotated_dims(x.shape[-1]), traditional=r.traditional, base=r.base, scale=r.scale,
                             offset=offset)
 
-    def _fast_forward(self, query, key, value, masks, head_mask, pos, return_weights, return_lse):
-        if return_weights or return_lse:  # the fused kernel gives neither
-            return self._reference(query, key, value, masks, head_mask, pos)
+    def _positions(self, q, k, v, pos):
+        """RoPE and the cache on (B, H, T, D) queries and (B, Hkv, L, D) keys/values."""
+        if self._config.rope is not None:
+            q, k = self._rope(q, pos.q_offset), self._rope(k, pos.k_offset)
+        if pos.step is not None:
+            k, v = pos.step.append(k, v)
+        return q, k, v
+
+    def _forward(self, call):
+        query, key, value, masks, head_mask, pos = call.query, call.key, call.value, call.masks, call.head_mask, call.pos
         c, dt = self._config, query.dtype
         H, Hkv = c.num_heads, c.num_kv_heads
         p = self._native_params()

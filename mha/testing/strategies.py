@@ -27,7 +27,7 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from .._weights import AttentionWeights
+from .. import AttentionWeights
 
 MODES = ("normal", "spiky", "ties")
 _MOSTLY_TRUE = st.sampled_from([True, True, True, False])  # shrinks towards True: the False that matters stays
@@ -262,7 +262,7 @@ def key_masks(draw, cfg: Config) -> np.ndarray:
 def ropes(draw, head_dim: int):
     """RoPE settings for heads of width ``head_dim`` (>= 2): both layouts, partial rotation, bases from
     RoFormer's 10000 down to 2.5 (fast-turning angles), position scales 1, 0.5 and 3."""
-    from .._rope import RoPE
+    from .. import RoPE
 
     fractions = [f for f in (1.0, 0.5) if int(head_dim * f) // 2 * 2 >= 2]
     return RoPE(fraction=draw(st.sampled_from(fractions)), base=draw(st.sampled_from([10000.0, 100.0, 2.5])),
