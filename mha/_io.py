@@ -7,10 +7,12 @@ interrupted save leaves the previous file intact.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
+import stat
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -26,16 +28,73 @@ _CODES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-def atomic_write(path, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path`` and rename it into place."""
+def _target(path: Path) -> Path:
+    """The file a write to ``path`` lands in: ``path`` itself, or the file its symlink (chain) names."""
+    if not os.path.islink(path):
+        return path
+    target = Path(os.path.realpath(path))
+    if os.path.islink(target):
+        raise OSError(errno.ELOOP, "symlink loop", str(path))
+    return target
+
+
+def check_writable(path) -> Path:
+    """Check that ``path`` can be written as a file: returns the file a write lands in (see
+    :func:`atomic_write`); raises ``ValueError`` naming ``path`` when it is a folder or its folder is
+    missing."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    target = _target(path)
+    if target.is_dir():
+        raise ValueError(f"cannot write {str(path)!r}: it is a folder; give a file name")
+    folder = target.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"cannot write {str(path)!r}: the folder {str(folder)!r} {what}")
+    return target
+
+
+def _temp_beside(target: Path, path: Path) -> tuple[int, Path]:
+    """Create a new hidden file beside ``target`` with the mode ``open()`` gives (0o666 less the umask)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+        except OSError as err:  # name the file asked for, not the hidden temporary one
+            raise type(err)(err.errno, f"cannot write here ({err.strerror})", str(path)) from None
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(fileobj)`` on a temporary file beside the target and rename it over the target.
+
+    The target is ``path``, or the file a symlink at ``path`` names (the link stays, even a dangling
+    one or one into another folder). A new file gets the permissions ``open(path, "w")`` would give
+    (0o666 less the umask); a replaced file keeps its permissions. A device or pipe (``/dev/stdout``)
+    cannot be renamed over and is written in place. Raises ``ValueError`` (see :func:`check_writable`)
+    before writing anything.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+        with open(path, "wb") as f:
+            write(f)
+        return
+    target = check_writable(path)
+    fd, tmp = _temp_beside(target, path)
     try:
         with os.fdopen(fd, "wb") as f:
+            if st is not None:
+                os.chmod(f.fileno() if os.chmod in os.supports_fd else tmp, stat.S_IMODE(st.st_mode))
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         try:
             os.unlink(tmp)
