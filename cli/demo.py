@@ -8,7 +8,7 @@ import sys
 import click
 
 from ._models import encode, load, model_options
-from ._util import note
+from ._util import note, output_path, write_output
 
 
 @click.command()
@@ -19,8 +19,8 @@ from ._util import note
 @click.option("--top", type=click.IntRange(0, 1000), default=0, help="Also list the K strongest query -> key links.")
 @click.option("--format", "fmt", type=click.Choice(["term", "json", "html", "png"]), default="term",
               show_default=True, help="Terminal heat maps, or a file to share.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Output file (required for png; json/html default to stdout).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None, callback=output_path,
+              help="Output file (required for png; the others default to stdout).")
 @click.option("--color/--no-color", default=None, help="Colour cells (default: when stdout is a terminal).")
 def demo(text, model_name, backend, layers, heads, top, fmt, output, color):
     """Show what each attention head of a model looks at in TEXT.
@@ -46,9 +46,12 @@ def demo(text, model_name, backend, layers, heads, top, fmt, output, color):
     data = mv.to_data(enc, text=text, roles=roles, backend=model.backend, layers=list(layers) or None,
                       heads=list(heads) or None, constructed=getattr(model, "constructed", False))
     if fmt == "term":
-        use_color = sys.stdout.isatty() if color is None else color
-        click.echo(mv.render_term(data, color=use_color, width=shutil.get_terminal_size((120, 40)).columns,
-                                  top=top), color=use_color)
+        use_color = (sys.stdout.isatty() and not output) if color is None else color  # a file: plain text
+        shown = mv.render_term(data, color=use_color, width=shutil.get_terminal_size((120, 40)).columns, top=top)
+        if output:
+            write_output(output, lambda f: f.write((shown + "\n").encode("utf-8")))
+        else:
+            click.echo(shown, color=use_color)
         return
     if fmt == "png":
         try:

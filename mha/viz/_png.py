@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -49,16 +47,12 @@ def save_png(data: dict, path, *, columns: int = 4, dpi: int = 110) -> Path:
 
 
 def _save(fig, path, dpi: int = 110) -> Path:
-    """Save a matplotlib figure as PNG atomically (temporary file, then rename) and close it."""
+    """Save a matplotlib figure as PNG atomically (``mha._io.atomic_write``) and close it."""
+    from .._io import atomic_write
+
     plt = _matplotlib()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
