@@ -29,7 +29,7 @@ def output_path(ctx, param, value):
     """Click callback for ``-o``: a folder, or a file in a missing folder, is a usage error at once,
     before any work."""
     if value is not None:
-        from mha._io import check_writable
+        from mha.io import check_writable
 
         try:
             check_writable(value)
@@ -39,8 +39,8 @@ def output_path(ctx, param, value):
 
 
 def write_output(path, write) -> None:
-    """``write(fileobj)`` to ``path`` atomically (``mha._io.atomic_write``), failures as one line."""
-    from mha._io import atomic_write
+    """``write(fileobj)`` to ``path`` atomically (``mha.io.atomic_write``), failures as one line."""
+    from mha.io import atomic_write
 
     try:
         atomic_write(path, write)

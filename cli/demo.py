@@ -62,7 +62,7 @@ def demo(text, model_name, backend, layers, heads, top, fmt, output, color):
         return
     body = mv.to_json(data) if fmt == "json" else mv.render_html(data)
     if output:
-        from mha._io import atomic_write
+        from mha.io import atomic_write
 
         atomic_write(output, lambda f: f.write(body.encode("utf-8")))
         note(f"wrote {output}")
