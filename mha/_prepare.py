@@ -77,13 +77,17 @@ def convert(layer, x, name: str, dim: int, dim_name: str):
     return x
 
 
-def _native_mask(layer, x, name: str):
+def _native_mask(layer, x, name: str, check):
+    """``mask``, ``key_mask`` or ``head_mask`` checked by ``check(array)`` (dtype and shape), then native."""
     if layer._is_native(x):
+        check(x)
         return x
     try:
-        return layer._from_numpy(to_numpy(x))
+        x = to_numpy(x)
     except ValueError as err:
         raise ValueError(f"{name} must be an array with a regular shape: {err}") from None
+    check(x)
+    return layer._from_numpy(x)
 
 
 def prepare(layer, query, key, value, *, mask, key_mask, causal, head_mask, return_weights, training,
@@ -107,9 +111,9 @@ def prepare(layer, query, key, value, *, mask, key_mask, causal, head_mask, retu
                                                      ("training", training), ("return_lse", return_lse),
                                                      ("check_finite", check_finite))}
     if key_mask is not None:
-        key_mask = _native_mask(layer, key_mask, "key_mask")
         L, what = (T, "key_mask (of the new tokens, with cache=)") if cache is not None else (S, "key_mask")
-        _validate.key_mask_shape(key_mask, B, L, batched, name=what)
+        key_mask = _native_mask(layer, key_mask, "key_mask",
+                                lambda m: _validate.key_mask_shape(m, B, L, batched, name=what))
         key_mask = _masks.key_mask_bool(xp, key_mask, B, L)  # (B, L)
     step = None
     if cache is not None:
@@ -117,11 +121,10 @@ def prepare(layer, query, key, value, *, mask, key_mask, causal, head_mask, retu
         step = cache._plan(T, key_mask)  # raises if full; changes nothing yet
         S, key_mask = step.S, step.key_mask
     if mask is not None:
-        mask = _native_mask(layer, mask, "mask")
-        _validate.mask_shape(mask, B, c.num_heads, T, S, batched)
+        mask = _native_mask(layer, mask, "mask", lambda m: _validate.mask_shape(m, B, c.num_heads, T, S, batched))
     if head_mask is not None:
-        head_mask = _native_mask(layer, head_mask, "head_mask")
-        _validate.head_mask_shape(head_mask, B, c.num_heads, batched)
+        head_mask = _native_mask(layer, head_mask, "head_mask",
+                                 lambda m: _validate.head_mask_shape(m, B, c.num_heads, batched))
     if flags["check_finite"]:
         for name, x in (("query", query), ("key", key), ("value", value)):
             if not bool(xp.all(xp.isfinite(x))):

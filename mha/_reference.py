@@ -76,6 +76,9 @@ def logit_factor(xp, q, k, scale: float):
     """c >= 1, a power of two, such that the logits divided by c cannot leave the accumulation dtype's
     range: 1 unless scale * max|q| * max|k| * D could pass 2^100 (inputs around 1e19 for float32), so that
     finite inputs never give NaN rows of our own making. A 0-d array of q's dtype (no host sync)."""
+    if 0 in tuple(q.shape) or 0 in tuple(k.shape):  # nothing to attend (B = 0)
+        return 1.0
+
     def log2_top(x):  # log2 max|x| over its finite entries (-inf for none), itself never overflowing
         return xp.log2(xp.max(xp.abs(xp.where(xp.isfinite(x), x, 0))))
 

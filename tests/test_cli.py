@@ -155,7 +155,7 @@ def test_missing_tokenizers_and_mlx_are_one_line(monkeypatch):
     def no_tokenizers():
         raise ImportError("loading a pretrained model needs the tokenizers library: pip install 'mha-twin[text]'")
 
-    monkeypatch.setattr(tok, "_tokenizers", no_tokenizers)
+    monkeypatch.setattr(tok, "require_tokenizers", no_tokenizers)
     res = run("demo", "--model", "minilm", TEXT)
     assert res.exit_code == 1 and "pip install 'mha-twin[text]'" in res.stderr and "Traceback" not in res.output
     monkeypatch.undo()

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _tokenizers():
+def require_tokenizers():
+    """The tokenizers library (pretrained models need it), or ImportError saying how to install it."""
     try:
         import tokenizers
     except ImportError:
@@ -20,7 +21,7 @@ class WordPiece:
     """A BERT tokenizer from tokenizer.json (or vocab.txt), without padding, truncating at ``max_length``."""
 
     def __init__(self, folder: Path, *, lowercase: bool = True, max_length: int = 512, vocab_size: int | None = None):
-        tk = _tokenizers()
+        tk = require_tokenizers()
         path = folder / "tokenizer.json"
         if not path.is_file():
             path = folder / "vocab.txt"
