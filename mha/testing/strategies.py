@@ -264,7 +264,7 @@ def ropes(draw, head_dim: int):
     RoFormer's 10000 down to 2.5 (fast-turning angles), position scales 1, 0.5 and 3."""
     from .. import RoPE
 
-    fractions = [f for f in (1.0, 0.5) if int(head_dim * f) // 2 * 2 >= 2]
+    fractions = [f for f in (1.0, 0.5) if int(head_dim * f) // 2 * 2 >= 2]  # whole heads first: the layouts differ
     return RoPE(fraction=draw(st.sampled_from(fractions)), base=draw(st.sampled_from([10000.0, 100.0, 2.5])),
                 traditional=draw(st.booleans()), scale=draw(st.sampled_from([1.0, 0.5, 3.0])))
 
