@@ -1,8 +1,8 @@
 """Paired A/B of two settings of the numpy fast path, in one process, alternating call by call.
 
-    python benchmarks/paired.py --a '{"split": "rows"}' --b '{}'                  # T=512, 100 pairs
+    python benchmarks/paired.py --a '{"block_q": 64}' --b '{}'                    # T=512, 100 pairs
     python benchmarks/paired.py --shape 1,4096,512,8 --pairs 8 --a '{"scratch_bytes": 0}' --b '{}'
-    python benchmarks/paired.py --weights --a '{"first_block_unchecked": false}' --b '{}'
+    python benchmarks/paired.py --weights --a '{"threads": 1}' --b '{}'
 
 A and B are JSON objects of `mha_cpu.options` fields. Alternating A, B, B, A, ... in one process makes a
 machine whose speed drifts over seconds slow both alike, so the paired difference is steadier than two
@@ -12,7 +12,6 @@ separate timings (the figures in the README's speed section that say "paired" co
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 
@@ -33,7 +32,7 @@ def main(argv=None) -> dict:
     shape = tuple(int(x) for x in args.shape.split(","))
     if len(shape) != 4 or min(shape) < 1:
         ap.error(f"--shape must be four positive integers B,T,E,H, got {args.shape!r}")
-    fields = {f.name for f in dataclasses.fields(mha_cpu.options)}
+    fields = set(mha_cpu.Options.__slots__)
     settings = []
     for name in ("a", "b"):
         try:
@@ -43,16 +42,21 @@ def main(argv=None) -> dict:
         if not isinstance(opts, dict) or set(opts) - fields:
             ap.error(f"--{name} must be a JSON object of mha_cpu.options fields ({', '.join(sorted(fields))}), "
                      f"got {getattr(args, name)!r}")
+        probe = mha_cpu.Options()
+        try:
+            for k, v in opts.items():
+                setattr(probe, k, v)
+        except (TypeError, ValueError) as err:
+            ap.error(f"--{name}: {err}")
         settings.append(opts)
     B, T, E, H = shape
     x = np.random.default_rng(0).standard_normal((B, T, E), dtype=np.float32)
     layer = mha.MultiHeadAttention(E, H, backend="numpy", seed=0)
-    base = dataclasses.replace(mha_cpu.options)
+    base = mha_cpu.options.copy()
     times = ([], [])
 
     def run(i):
-        for f in fields:
-            setattr(mha_cpu.options, f, getattr(base, f))
+        mha_cpu.options.restore(base)
         for k, v in settings[i].items():
             setattr(mha_cpu.options, k, v)
         t = time.perf_counter()
@@ -64,8 +68,7 @@ def main(argv=None) -> dict:
             for i in ((0, 1) if p % 2 == 0 else (1, 0)):
                 run(i)
     finally:
-        for f in fields:
-            setattr(mha_cpu.options, f, getattr(base, f))
+        mha_cpu.options.restore(base)
     a, b = (np.array(t[1:]) * 1e3 for t in times)
     d = b - a
     print(f"A {np.median(a):.3f} ms, B {np.median(b):.3f} ms; B - A paired median {np.median(d):+.3f} ms "

@@ -15,7 +15,7 @@ import argparse
 
 import numpy as np
 
-from mha_cli.bench import _times_of
+from mha_cli.bench import times_of
 
 NAMES = ["mha numpy", "torch", "mha numpy +weights", "torch +weights"]
 
@@ -32,7 +32,7 @@ def main(argv=None) -> dict:
     per = {n: [] for n in NAMES}
     for r in range(args.rounds):
         for n in NAMES:
-            per[n].append(float(np.median(_times_of(shape, n, args.repeat, False, True))) * 1e3)
+            per[n].append(float(np.median(times_of(shape, n, args.repeat, False, True))) * 1e3)
         print(f"round {r}: " + ", ".join(f"{n} {per[n][-1]:.2f} ms" for n in NAMES)
               + f"; ratio {per['mha numpy'][-1] / per['torch'][-1]:.3f}, "
               f"with weights {per['mha numpy +weights'][-1] / per['torch +weights'][-1]:.3f}")

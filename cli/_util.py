@@ -23,3 +23,27 @@ def require(module: str, what: str):
 def note(message: str) -> None:
     """A note for the person at the terminal (stderr), never mixed into results."""
     click.echo(message, err=True)
+
+
+def output_path(ctx, param, value):
+    """Click callback for ``-o``: a folder, or a file in a missing folder, is a usage error at once,
+    before any work."""
+    if value is not None:
+        from mha.io import check_writable
+
+        try:
+            check_writable(value)
+        except (ValueError, OSError) as err:
+            raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+    return value
+
+
+def write_output(path, write) -> None:
+    """``write(fileobj)`` to ``path`` atomically (``mha.io.atomic_write``), failures as one line."""
+    from mha.io import atomic_write
+
+    try:
+        atomic_write(path, write)
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    note(f"wrote {path}")

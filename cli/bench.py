@@ -95,7 +95,7 @@ def time_one(shape, name: str, repeat: int, want_mlx: bool) -> list[float]:
     return [_time(fn) for _ in range(repeat)]
 
 
-def _times_of(shape, name: str, repeat: int, want_mlx: bool, isolate: bool) -> list[float]:
+def times_of(shape, name: str, repeat: int, want_mlx: bool, isolate: bool) -> list[float]:
     """time_one, in a process of its own with ``isolate``."""
     if not isolate:
         return time_one(shape, name, repeat, want_mlx)
@@ -126,7 +126,7 @@ def measure(shape, repeat: int, want_mlx: bool, isolate: bool = True, rounds: in
     times = {name: [] for name in names}
     for _ in range(rounds):
         for name in names:
-            times[name] += _times_of(shape, name, repeat, want_mlx, isolate)
+            times[name] += times_of(shape, name, repeat, want_mlx, isolate)
     med = {name: float(np.median(ts)) for name, ts in times.items()}
     B, T, E, H = shape
     F = flops(B, T, E, H)
@@ -308,19 +308,19 @@ def bench(quick, as_json, repeat, rounds, long_, use_mlx):
     asserted about the times.
     """
     import mha
-    from mha import _backends
 
+    info = mha.backend_info()
     repeat = repeat or (3 if quick else 15)
     rounds = rounds or (1 if quick else 3)
     shapes = QUICK_SHAPES if quick else SHAPES
     long_ = (not quick) if long_ is None else long_
     has_mlx = "mlx" in mha.available_backends()
     if use_mlx and not has_mlx:
-        raise click.ClickException(f"--mlx needs MLX: {_backends.MLX_INSTALL}")
+        raise click.ClickException(f"--mlx needs MLX: {info['mlx']['install']}")
     use_mlx = has_mlx if use_mlx is None else use_mlx
-    mlx_gpu = _backends.mlx_on_gpu()
+    mlx_gpu = info["mlx"]["gpu"]
     report = {"machine": {"platform": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(),
-                          "python": platform.python_version(), "mlx_device": _backends._mlx_status()[2]},
+                          "python": platform.python_version(), "mlx_device": info["mlx"]["device"]},
               "repeat": repeat, "rounds": rounds, "sgemm_gflops": None, "shapes": [], "long": None, "decode": []}
     contexts = QUICK_DECODE_CONTEXTS if quick else DECODE_CONTEXTS
     steps = (["sgemm"] + [f"{s}" for s in shapes] + [f"decode {c}" for c in contexts]

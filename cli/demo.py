@@ -14,7 +14,7 @@ import sys
 import click
 
 from ._models import encode, load, model_options
-from ._util import note
+from ._util import note, output_path, write_output
 
 
 @click.command()
@@ -30,8 +30,8 @@ from ._util import note
 @click.option("--top", type=click.IntRange(0, 1000), default=0, help="Also list the K strongest query -> key links.")
 @click.option("--format", "fmt", type=click.Choice(["term", "json", "html", "png"]), default="term",
               show_default=True, help="Terminal heat maps, or a file to share (html: the interactive report).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Output file (required for png; json/html default to stdout).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None, callback=output_path,
+              help="Output file (required for png; the others default to stdout).")
 @click.option("--color/--no-color", default=None, help="Colour cells (default: when stdout is a terminal).")
 def demo(text, model_name, backend, layers, heads, window, view, words, top, fmt, output, color):
     """Show what each attention head of a model looks at in TEXT.
@@ -58,7 +58,7 @@ def demo(text, model_name, backend, layers, heads, window, view, words, top, fmt
     enc = encode(model, text)
     constructed = getattr(model, "constructed", False)
     if fmt == "html":
-        return _report(mv, ma, enc, model, text, layers, heads, window, view, words, output, constructed)
+        return _report(mv, enc, model, text, layers, heads, window, view, words, output, constructed)
     shown, titles = _shown(mv, enc, view, words)
     width = shutil.get_terminal_size((120, 40)).columns
     pairs = mv.selection(shown.num_layers, shown.num_heads, list(layers) or None,
@@ -71,8 +71,12 @@ def demo(text, model_name, backend, layers, heads, window, view, words, top, fmt
     data = mv.to_data(shown, text=text, roles=roles, backend=model.backend, pairs=plan.pairs, tokens=plan.tokens,
                       note=plan.note, arrays=fmt != "json", constructed=constructed, titles=titles)
     if fmt == "term":
-        use_color = sys.stdout.isatty() if color is None else color
-        click.echo(mv.render_term(data, color=use_color, width=width, top=top), color=use_color)
+        use_color = (sys.stdout.isatty() and not output) if color is None else color  # a file: plain text
+        view_text = mv.render_term(data, color=use_color, width=width, top=top)
+        if output:
+            write_output(output, lambda f: f.write((view_text + "\n").encode("utf-8")))
+        else:
+            click.echo(view_text, color=use_color)
         return
     if fmt == "png":
         try:
@@ -93,21 +97,15 @@ def _shown(mv, enc, view: str, words: bool):
     return shown, titles
 
 
-def _report(mv, ma, enc, model, text, layers, heads, window, view, words, output, constructed):
+def _report(mv, enc, model, text, layers, heads, window, view, words, output, constructed):
     """--format html: the report (model view, head view, rollout; opens on ``view``, at word level with
     ``words``), bounded at 8 MiB."""
-    from mha.viz._data import to_data
-    from mha.viz._limits import parse_window
-    from mha.viz._report import build
-
     try:
-        span = parse_window(window, len(enc.tokens))
+        page = mv.report(enc, text=text, backend=model.backend, constructed=constructed, layers=list(layers) or None,
+                         heads=list(heads) or None, tokens=window, view="rollout" if view == "rollout" else "model",
+                         words=words)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--tokens") from None
-    data = to_data(enc, text=text, roles=ma.head_roles(enc.attentions, enc.tokens), backend=model.backend,
-                   layers=list(layers) or None, heads=list(heads) or None, tokens=span, arrays=True,
-                   constructed=constructed)
-    page = build(data, attentions=enc.attentions, view="rollout" if view == "rollout" else "model", words=words)
     _write(page.html, output, page.note)
 
 
@@ -119,11 +117,7 @@ def _note(message):
 def _write(body: str, output, left_out) -> None:
     """``body`` to ``output`` (atomically) or to stdout, with a note on what was left out."""
     if output:
-        from mha._io import atomic_write
-
-        atomic_write(output, lambda f: f.write(body.encode("utf-8")))
-        _note(left_out)
-        note(f"wrote {output}")
+        write_output(output, lambda f: f.write(body.encode("utf-8")))
     else:
         click.echo(body)
-        _note(left_out)
+    _note(left_out)

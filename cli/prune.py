@@ -8,7 +8,7 @@ import sys
 import click
 
 from ._models import load
-from ._util import note, require
+from ._util import note, output_path, require
 
 
 @click.command()
@@ -22,7 +22,7 @@ from ._util import note, require
 @click.option("--fractions", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", show_default=True,
               help="Comma-separated fractions of heads to prune.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random orders.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None, callback=output_path,
               help="Write the curves as a PNG (needs the plot extra).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def prune(model_name, importance, n_random, fractions, seed, output, as_json):
@@ -110,4 +110,7 @@ def _plot(result: dict, path) -> None:
     fig.suptitle(f"Pruning {result['model']}'s {result['heads']} attention heads "
                  f"({result['sentences']} held-out sentences)")
     fig.tight_layout()
-    _save(fig, path)
+    try:
+        _save(fig, path)
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None

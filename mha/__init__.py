@@ -6,6 +6,7 @@ Public names::
     mha.AttentionWeights         parameters in the canonical (out, in) layout; init/from_torch/from_mlx/save/load
     mha.available_backends()     backends that run here
     mha.default_backend()        what backend="auto" picks
+    mha.backend_info()           each backend: available, device, GPU, how to install it
     mha.to_numpy(array)          numpy view of any backend's array
     mha.prune_heads(layer, heads)  a smaller layer without those heads (or a model: {layer: [heads]})
     mha.RoPE                     rotary position embedding settings (the layer's ``rope=``)
@@ -15,7 +16,7 @@ Public names::
 
 from . import _reference as reference
 from ._cache import KVCache
-from ._backends import available_backends, default_backend, to_numpy
+from ._backends import available_backends, backend_info, default_backend, to_numpy
 from ._layer import MultiHeadAttention
 from ._prune import prune_heads, prune_weights
 from ._rope import RoPE
@@ -29,6 +30,7 @@ __all__ = [
     "MultiHeadAttention",
     "RoPE",
     "available_backends",
+    "backend_info",
     "default_backend",
     "prune_heads",
     "prune_weights",

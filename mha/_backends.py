@@ -39,6 +39,17 @@ def mlx_on_gpu() -> bool:
     return _mlx_status()[1]
 
 
+def backend_info() -> dict:
+    """What runs here: ``{"numpy": {...}, "mlx": {...}}``, each with ``available`` (bool), ``device`` (str)
+    and ``gpu`` (bool); MLX's also ``install`` (how to get it, when it is missing); and ``default``, what
+    backend="auto" picks."""
+    installed, gpu, device = _mlx_status()
+    mlx = {"available": installed, "device": device, "gpu": gpu}
+    if not installed:
+        mlx["install"] = MLX_INSTALL
+    return {"numpy": {"available": True, "device": "cpu", "gpu": False}, "mlx": mlx, "default": default_backend()}
+
+
 def check_name(backend) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {backend!r} ({type(backend).__name__})")

@@ -43,9 +43,11 @@ class _Step:
         """Position of the first new token (RoPE)."""
         return self.cache.offset
 
-    def append(self, k, v):
-        """Store the new (B, Hkv, T, D) keys and values; (B, Hkv, S, D) keys and values attended."""
-        return self.cache._append(self, k, v)
+    def append(self, k, v, finite: bool | None = None):
+        """Store the new (B, Hkv, T, D) keys and values; (B, Hkv, S, D) keys and values attended.
+        ``finite``: whether the new ones hold no NaN/inf, when the caller knows (the cache remembers
+        whether it ever held any: :attr:`KVCache.holds_nonfinite`)."""
+        return self.cache._append(self, k, v, finite)
 
 
 class KVCache:
@@ -70,7 +72,7 @@ class KVCache:
         self.offset = 0
         self._start = self._end = 0  # buffer[start:end] are the kept positions, oldest first
         self._padded = False  # any position stored as padding
-        self._nonfinite = False  # any key/value stored with NaN/inf (a backend may track it to skip checks)
+        self._nonfinite = False  # any key/value stored with NaN/inf, as far as appends told (holds_nonfinite)
         if window is not None:
             capacity = 2 * window
         elif max_length is not None:
@@ -93,6 +95,13 @@ class KVCache:
     def kept(self) -> int:
         """How many positions are held now (all of them, or the last ones of a window)."""
         return self._end - self._start
+
+    @property
+    def holds_nonfinite(self) -> bool | None:
+        """Whether a key or value with NaN/inf was ever appended since the last reset (sticky: such a key
+        may still be among the kept ones); None when an append did not say (the MLX backend checks the
+        whole cache at each call instead)."""
+        return self._nonfinite
 
     def reset(self) -> None:
         """Forget every position (the buffers stay allocated)."""
@@ -118,8 +127,10 @@ class KVCache:
             key_mask = xp.concatenate([old, new], axis=1)  # (B, S)
         return _Step(self, T, keep_old, valid_new, key_mask)
 
-    def _append(self, step: _Step, k, v):
+    def _append(self, step: _Step, k, v, finite: bool | None = None):
         T, keep_old = step.T, step.keep_old
+        if self._nonfinite is not True:
+            self._nonfinite = True if finite is False else None if finite is None else self._nonfinite
         start = self._end - keep_old
         if self.window is not None and self.capacity > 2 * self.window and keep_old + T <= 2 * self.window:
             self._relocate(start, keep_old, 2 * self.window)  # back to 2W after a long prefill

@@ -1,15 +1,24 @@
-"""The facade: ``mha.MultiHeadAttention(...)`` builds the chosen backend's layer."""
+r"""``mha.MultiHeadAttention``: the class users see, and what both backends' layers share.
+
+Calling the class builds the chosen backend's subclass (``mha_cpu.MultiHeadAttention`` or
+``mha_mlx.MultiHeadAttention``); everything backend-free lives here, the backend supplies the hooks of
+:mod:`mha._interface`.
+"""
 
 from __future__ import annotations
 
-import abc
+import os
 
-from ._backends import layer_class
-from ._base import LayerBase
+from . import _prepare, _validate
+from ._backends import check_name, layer_class, to_numpy
+from ._cache import KVCache
+from ._interface import BackendHooks
+from ._reference import multi_head_attention
+from ._rope import apply_rope
 from ._weights import AttentionWeights
 
 
-class MultiHeadAttention(abc.ABC):
+class MultiHeadAttention(BackendHooks):
     r"""Multi-head attention with twin backends (numpy and MLX) and one semantics.
 
     .. math::
@@ -21,8 +30,8 @@ class MultiHeadAttention(abc.ABC):
     ``num_kv_heads`` heads (query head h reads key/value head :math:`g(h) = h // (H / H_{kv})`), scale
     :math:`s = 1/\sqrt{D}` unless given, and :math:`A` an additive mask.
 
-    Calling the class returns the backend's own layer (``mha_cpu.MultiHeadAttention`` or
-    ``mha_mlx.MultiHeadAttention``, the latter an ``mlx.nn.Module``); both are instances of this class.
+    ``mha.MultiHeadAttention(...)`` returns the backend's own layer (``mha_cpu.MultiHeadAttention`` or
+    ``mha_mlx.MultiHeadAttention``, the latter an ``mlx.nn.Module``), a subclass of this class.
 
     Args:
         embed_dim: E, the width of the query input and of the output.
@@ -35,15 +44,14 @@ class MultiHeadAttention(abc.ABC):
         backend: "auto" (MLX on a GPU, else numpy; ``$MHA_BACKEND`` overrides), "numpy" or "mlx".
         dtype: "float32" (default), "float64" (numpy), "float16"/"bfloat16" (MLX).
         weights: an :class:`AttentionWeights` or a path to a saved one; default: seeded Xavier init.
-        seed: seeds the initialisation and the dropout stream.
+        seed: seeds the initialisation and the dropout stream (an int in [0, 2**63) or None).
         head_dim: D, the width of each head (default E / H; another value lets H * D differ from E,
             as in a layer whose heads were pruned).
         rope: rotary position embeddings on queries and keys: None (off), True (RoFormer's defaults),
             an :class:`mha.RoPE` (base, fraction of each head rotated, traditional or split-half
             layout, position scale) or a dict of its settings.
         window: sliding-window attention: query i sees only keys j with |i + (S - T) - j| < window
-            (with ``causal=True``: the last ``window`` keys, itself included); its cache keeps only
-            those. None: no window.
+            (with ``causal=True``: the last ``window`` keys, itself included). None: no window.
 
     Decoding: ``cache = layer.init_cache(batch_size, max_length)`` and then ``layer(x_new, cache=cache,
     causal=True)`` for each new chunk of tokens (see :class:`mha.KVCache`).
@@ -55,25 +63,222 @@ class MultiHeadAttention(abc.ABC):
     weights are returned per head, never averaged.
     """
 
-    def __new__(cls, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
-                scale=None, dropout=0.0, backend="auto", dtype="float32", weights=None, seed=None, head_dim=None,
-                rope=None, window=None):
-        impl = layer_class(backend)
-        return impl(embed_dim, num_heads, num_kv_heads=num_kv_heads, kdim=kdim, vdim=vdim, bias=bias,
-                    scale=scale, dropout=dropout, dtype=dtype, weights=weights, seed=seed, head_dim=head_dim,
-                    rope=rope, window=window)
+    def __new__(cls, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True, scale=None,
+                dropout=0.0, backend="auto", dtype="float32", weights=None, seed=None, head_dim=None, rope=None,
+                window=None):
+        if cls is MultiHeadAttention:  # the facade: build the chosen backend's layer (then its __init__)
+            cls = layer_class(backend)
+        return super().__new__(cls)
 
-    @staticmethod
-    def from_weights(weights, *, scale=None, dropout=0.0, backend="auto", dtype="float32", seed=None, rope=None,
-                     window=None):
-        """A layer whose sizes (E, H, Hkv, D, kdim, vdim, bias) are taken from ``weights``
-        (an :class:`AttentionWeights` or a path)."""
+    def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
+                 scale=None, dropout=0.0, backend="auto", dtype="float32", weights=None, seed=None, head_dim=None,
+                 rope=None, window=None):
+        super().__init__()
+        if check_name(backend) not in ("auto", self.backend):
+            raise ValueError(f"{type(self).__module__.split('.')[0]}.MultiHeadAttention is the {self.backend} "
+                             f"backend, got backend={backend!r}; use mha.MultiHeadAttention(..., backend={backend!r})")
+        cfg = _validate.layer_config(embed_dim, num_heads, num_kv_heads=num_kv_heads, kdim=kdim,
+                                     vdim=vdim, head_dim=head_dim, bias=bias, scale=scale, dropout=dropout,
+                                     dtype=dtype, backend=self.backend, rope=rope, window=window)
+        self._config = cfg
+        self._seed = _validate.seed_value(seed)
+        if weights is None:
+            weights = AttentionWeights.init(cfg.embed_dim, cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                                            kdim=cfg.kdim, vdim=cfg.vdim, head_dim=cfg.head_dim, bias=cfg.bias,
+                                            seed=self._seed)
+        elif isinstance(weights, (str, os.PathLike)):
+            weights = AttentionWeights.load(weights)
+        self._check_weights(weights)
+        self._init_rng(self._seed)
+        self._set_params(weights)
+
+    @classmethod
+    def from_weights(cls, weights, *, scale=None, dropout=0.0, backend="auto", dtype="float32", seed=None,
+                     rope=None, window=None) -> "MultiHeadAttention":
+        """A layer whose sizes (E, H, Hkv, D, kdim, vdim, bias) are taken from ``weights`` (an
+        :class:`AttentionWeights` or a path); on a backend's class, that backend."""
         if not isinstance(weights, AttentionWeights):
             weights = AttentionWeights.load(weights)
-        return MultiHeadAttention(weights.embed_dim, weights.num_heads, num_kv_heads=weights.num_kv_heads,
-                                  kdim=weights.kdim, vdim=weights.vdim, bias=weights.bias, scale=scale,
-                                  dropout=dropout, backend=backend, dtype=dtype, weights=weights, seed=seed,
-                                  head_dim=weights.head_dim, rope=rope, window=window)
+        return cls(weights.embed_dim, weights.num_heads, num_kv_heads=weights.num_kv_heads, kdim=weights.kdim,
+                   vdim=weights.vdim, bias=weights.bias, scale=scale, dropout=dropout, backend=backend, dtype=dtype,
+                   weights=weights, seed=seed, head_dim=weights.head_dim, rope=rope, window=window)
 
+    # -- configuration ---------------------------------------------------------------------------
+    @property
+    def config(self) -> _validate.LayerConfig:
+        """The layer's hyper-parameters, validated."""
+        return self._config
 
-MultiHeadAttention.register(LayerBase)
+    embed_dim = property(lambda self: self._config.embed_dim, doc="E, the query and output width.")
+    num_heads = property(lambda self: self._config.num_heads, doc="H, the number of query heads.")
+    num_kv_heads = property(lambda self: self._config.num_kv_heads, doc="Hkv, key/value heads (GQA).")
+    head_dim = property(lambda self: self._config.head_dim, doc="D, the width of each head (E / H by default).")
+    kdim = property(lambda self: self._config.kdim, doc="Width of the key input.")
+    vdim = property(lambda self: self._config.vdim, doc="Width of the value input.")
+    scale = property(lambda self: self._config.effective_scale, doc="The logit scale in use.")
+    dropout = property(lambda self: self._config.dropout, doc="Dropout probability on the weights.")
+    dtype = property(lambda self: self._config.dtype, doc="Compute dtype name, e.g. 'float32'.")
+    rope = property(lambda self: self._config.rope, doc="The rotary position embedding (mha.RoPE) or None.")
+    window = property(lambda self: self._config.window, doc="The sliding window W (None: no window).")
+
+    def __repr__(self) -> str:
+        c = self._config
+        defaults = {"num_kv_heads": c.num_heads, "head_dim": c.embed_dim // c.num_heads}
+        extra = "".join(f", {k}={v!r}" for k, v in (("num_kv_heads", c.num_kv_heads), ("kdim", c.kdim),
+                                                    ("vdim", c.vdim), ("head_dim", c.head_dim))
+                        if v != defaults.get(k, c.embed_dim))
+        extra += "".join(f", {k}={v!r}" for k, v in (("rope", c.rope), ("window", c.window)) if v is not None)
+        return (f"{type(self).__module__.split('.')[0]}.MultiHeadAttention(embed_dim={c.embed_dim}, "
+                f"num_heads={c.num_heads}{extra}, bias={c.bias}, backend={self.backend!r}, dtype={c.dtype!r})")
+
+    def _check_weights(self, w) -> None:
+        if not isinstance(w, AttentionWeights):
+            raise TypeError(f"weights must be an mha.AttentionWeights or a path, got {type(w).__name__}")
+        c = self._config
+        wrong = [f"{name}: layer {a}, weights {b}"
+                 for name, a, b in (("embed_dim", c.embed_dim, w.embed_dim), ("num_heads", c.num_heads, w.num_heads),
+                                    ("num_kv_heads", c.num_kv_heads, w.num_kv_heads),
+                                    ("head_dim", c.head_dim, w.head_dim), ("kdim", c.kdim, w.kdim),
+                                    ("vdim", c.vdim, w.vdim), ("bias", c.bias, w.bias))
+                 if a != b]
+        if wrong:
+            raise ValueError("weights do not match the layer (" + "; ".join(wrong) + "); build the layer with "
+                             "mha.MultiHeadAttention.from_weights(weights) to take its sizes")
+
+    # -- weights -----------------------------------------------------------------------------------
+    @property
+    def weights(self) -> AttentionWeights:
+        """The current parameters as :class:`mha.AttentionWeights` (numpy copies)."""
+        p = {k: None if v is None else to_numpy(v) for k, v in self._native_params().items()}
+        return AttentionWeights(**p, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
+
+    def set_weights(self, weights) -> None:
+        """Replace the parameters (an :class:`mha.AttentionWeights` or a file path) in place."""
+        if isinstance(weights, (str, os.PathLike)):
+            weights = AttentionWeights.load(weights)
+        self._check_weights(weights)
+        self._set_params(weights)
+
+    def to(self, backend, *, dtype=None) -> "MultiHeadAttention":
+        """The same layer (weights, sizes, scale, dropout, seed) on another backend."""
+        kwargs = self._config.kwargs()
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        return layer_class(backend)(self.embed_dim, self.num_heads, **kwargs, weights=self.weights, seed=self._seed)
+
+    # -- decoding ----------------------------------------------------------------------------------
+    def init_cache(self, batch_size, max_length=None) -> KVCache:
+        """An empty key/value cache for decoding with this layer: ``layer(x_new, cache=cache, causal=True)``.
+
+        Args:
+            batch_size: B of the calls that will use it (unbatched calls: 1).
+            max_length: the most positions it will hold in total, allocated at once; None grows it as
+                needed. A layer with a sliding ``window`` keeps only the last window - 1 positions
+                (memory O(window) however long the generation).
+
+        Returns:
+            an :class:`mha.KVCache` holding (B, num_kv_heads, positions, head_dim) keys and values
+            (after RoPE) in the layer's dtype, and which positions were padding.
+        """
+        c = self._config
+        batch_size = _validate.positive_int("batch_size", batch_size)
+        max_length = None if max_length is None else _validate.positive_int("max_length", max_length)
+        if c.kdim != c.embed_dim or c.vdim != c.embed_dim:
+            raise ValueError(f"init_cache needs a self-attention layer (kdim = vdim = embed_dim), this one has "
+                             f"embed_dim={c.embed_dim}, kdim={c.kdim}, vdim={c.vdim}")
+        return KVCache(self._xp, batch_size=batch_size, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                       dtype=self._dtypes()[0], max_length=max_length, window=c.window, owner=self._cache_owner())
+
+    def _cache_owner(self) -> tuple:
+        c = self._config
+        return (self.backend, c.num_kv_heads, c.head_dim, c.dtype, c.rope, c.window)
+
+    def _check_cache(self, cache, B: int) -> None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache from layer.init_cache(), got {type(cache).__name__}")
+        if cache._owner != self._cache_owner():
+            names = ("backend", "num_kv_heads", "head_dim", "dtype", "rope", "window")
+            diff = "; ".join(f"{n}: cache {a!r}, layer {b!r}" for n, a, b in zip(names, cache._owner,
+                                                                                self._cache_owner()) if a != b)
+            raise ValueError(f"cache was made for another kind of layer ({diff}); make it with this layer's "
+                             f"init_cache()")
+        if cache.batch_size != B:
+            raise ValueError(f"cache holds batch_size={cache.batch_size} but the query has batch size {B}")
+
+    def _rope(self, x, offset: int):
+        """RoPE on (B, H, L, D) heads (the reference's rotation; a backend may use a fused kernel)."""
+        return apply_rope(self._xp, x, self._config.rope, offset, self._dtypes()[1])
+
+    # -- the call ----------------------------------------------------------------------------------
+    def __call__(self, query, key=None, value=None, *, mask=None, key_mask=None, causal=False,
+                 head_mask=None, return_weights=False, training=False, check_finite=False,
+                 return_lse=False, cache=None):
+        """Attend from ``query`` to ``key``/``value``.
+
+        Args:
+            query: (B, T, E) or unbatched (T, E).
+            key: (B, S, kdim); defaults to ``query`` (self-attention).
+            value: (B, S, vdim); defaults to ``key``.
+            mask: bool (True = may attend), int 0/1, or float (added to the logits; -inf hides, a finite
+                value such as finfo.min or -1e9 leaves the key visible with a vanishing weight);
+                broadcastable to (B, H, T, S) (a 3-D mask with batched input must have a leading 1:
+                (B, T, S) and (H, T, S) could not be told apart).
+            key_mask: (B, S) bool/int, False marks padding keys; with ``cache``, (B, T): which of the new
+                tokens are padding (the cache remembers it for later calls).
+            causal: query i sees keys j <= i + (S - T) (aligned at the end). The layer's ``window`` W
+                adds |i + (S - T) - j| < W.
+            head_mask: (H,) or (B, H) multipliers on each head's context before the output projection.
+            return_weights: also return the per-head weights (B, H, T, S).
+            training: apply dropout to the weights (when the layer's dropout > 0).
+            check_finite: raise ValueError if query, key or value hold NaN or inf.
+            return_lse: also return (B, H, T), the log-sum-exp of each query's visible logits (-inf when
+                it sees none): any weight can be recomputed later as exp(logit - lse).
+            cache: a :class:`mha.KVCache` from :meth:`init_cache` (self-attention; pass only the new
+                tokens as ``query``): their keys and values are appended to it and the queries attend
+                over all it keeps, S = kept + T keys, the new ones last; RoPE positions continue from it.
+
+        Returns:
+            output (B, T, E) as the backend's native array; ``(output, weights)``, ``(output, lse)`` or
+            ``(output, weights, lse)`` when asked. A query with no visible key has zero weights and
+            output equal to the output bias.
+        """
+        call = _prepare.prepare(self, query, key, value, mask=mask, key_mask=key_mask, causal=causal,
+                                head_mask=head_mask, return_weights=return_weights, training=training,
+                                check_finite=check_finite, return_lse=return_lse, cache=cache)
+        with self._errstate():  # non-finite inputs propagate as documented, without warnings
+            if call.route == "empty":
+                out, weights, lse = self._empty(call)
+            elif call.route == "reference":
+                out, weights, lse = self._reference(call)
+            else:
+                out, weights, lse = self._forward(call)
+        dt, acc = self._dtypes()
+        results = [out]
+        if call.return_weights:
+            results.append(weights if weights.dtype == dt else weights.astype(dt))
+        if call.return_lse:
+            results.append(lse if lse.dtype == acc else lse.astype(acc))
+        if not call.batched:
+            results = [r[0] for r in results]
+        return results[0] if len(results) == 1 else tuple(results)
+
+    def _reference(self, call):
+        """The readable path (mha._reference) on this backend: (output, weights, lse)."""
+        c, pos = self._config, call.pos
+        out, weights, lse = multi_head_attention(
+            self._xp, call.query, call.key, call.value, self._native_params(), num_heads=c.num_heads,
+            num_kv_heads=c.num_kv_heads, scale=c.effective_scale, masks=call.masks, head_mask=call.head_mask,
+            dropout=call.dropout, acc_dtype=self._dtypes()[1], rope=c.rope, q_offset=pos.q_offset,
+            k_offset=pos.k_offset, kv_step=pos.step)
+        return out.astype(call.query.dtype), weights, lse
+
+    def _empty(self, call):
+        """No queries or no keys: every query sees nothing, so output = output bias, weights (B, H, T, 0)."""
+        xp, (dt, acc) = self._xp, self._dtypes()
+        B, T, S = call.shape
+        out = xp.zeros((B, T, self.embed_dim), dtype=dt)
+        o_bias = self._native_params()["o_bias"]
+        if o_bias is not None:
+            out = out + o_bias
+        return (out.astype(dt), xp.zeros((B, self.num_heads, T, S), dtype=acc),
+                xp.full((B, self.num_heads, T), float("-inf"), dtype=acc))

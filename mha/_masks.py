@@ -93,10 +93,19 @@ def _to4d(xp, x):
     return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
 
 
-def prepare(xp, *, mask, key_mask, causal: bool, T: int, S: int, bias_dtype, window=None) -> MaskSet:
-    """Combine the user's masks (already native arrays of checked shape) into a :class:`MaskSet`.
+def key_mask_bool(xp, key_mask, B: int, L: int):
+    """A key_mask of checked shape ((B, L), or (L,) / (1, L) unbatched) as a (B, L) bool; its values
+    checked (integer masks hold only 0 and 1)."""
+    check_values(xp, "key_mask", key_mask)
+    km = key_mask if array_kind(key_mask) == "b" else key_mask != 0
+    return km.reshape(B, L)
 
-    ``mask`` broadcasts to (B, H, T, S) (or (H, T, S) unbatched); ``key_mask`` is (B, S) or (S,).
+
+def prepare(xp, *, mask, key_mask, causal: bool, T: int, S: int, bias_dtype, window=None) -> MaskSet:
+    """Combine the user's masks (native arrays of checked shape) into a :class:`MaskSet`.
+
+    ``mask`` broadcasts to (B, H, T, S) (or (H, T, S) unbatched); ``key_mask`` is a (B, S) bool from
+    :func:`key_mask_bool` (or a cache step).
     """
     keep = None
     bias = None
@@ -114,8 +123,6 @@ def prepare(xp, *, mask, key_mask, causal: bool, T: int, S: int, bias_dtype, win
         else:
             keep = mask != 0 if kind in "iu" else mask
     if key_mask is not None:
-        check_values(xp, "key_mask", key_mask)
-        km = key_mask if array_kind(key_mask) == "b" else key_mask != 0
-        km = km.reshape(km.shape[0] if km.ndim == 2 else 1, 1, 1, S)  # (B, 1, 1, S); B may be 0
+        km = key_mask.reshape(key_mask.shape[0], 1, 1, S)  # (B, 1, 1, S); B may be 0
         keep = km if keep is None else xp.logical_and(keep, km)
     return MaskSet(keep=keep, bias=bias, causal=bool(causal), T=T, S=S, window=window)

@@ -16,13 +16,27 @@ import numpy as np
 from ._weights import AttentionWeights
 
 
-def _heads(heads, num_heads: int, what: str = "heads") -> list[int]:
-    if isinstance(heads, numbers.Integral) and not isinstance(heads, bool):
-        heads = [heads]
+def head_indices(heads, what: str = "heads") -> list[int]:
+    """``heads`` (one index or an iterable of them) as a list of ints, in order; TypeError naming ``what``
+    for anything but ints (a float such as 1.0, a bool, a str)."""
+    def is_index(h) -> bool:
+        return isinstance(h, numbers.Integral) and not isinstance(h, bool)
+
+    if is_index(heads):
+        return [int(heads)]
     try:
-        out = sorted({int(h) for h in heads})
-    except (TypeError, ValueError):
-        raise TypeError(f"{what} must be an iterable of head indices (0-based ints), got {heads!r}") from None
+        items = list(heads) if not isinstance(heads, (str, bytes)) else None
+    except TypeError:
+        items = None
+    if items is None or not all(is_index(h) for h in items):
+        bad = heads if items is None else next(h for h in items if not is_index(h))
+        raise TypeError(f"{what} must be an iterable of head indices (0-based ints), got {bad!r} "
+                        f"({type(bad).__name__})" + ("" if items is None else f" in {heads!r}"))
+    return [int(h) for h in items]
+
+
+def _heads(heads, num_heads: int, what: str = "heads") -> list[int]:
+    out = sorted(set(head_indices(heads, what)))
     bad = [h for h in out if not 0 <= h < num_heads]
     if bad:
         raise ValueError(f"{what}: head {bad[0]} is out of range; the layer has {num_heads} heads, 0 to {num_heads - 1}")
@@ -67,10 +81,9 @@ def prune_heads(layer_or_model, heads):
     """
     if hasattr(layer_or_model, "prune_heads") and hasattr(layer_or_model, "layers"):
         return layer_or_model.prune_heads(heads)
-    from ._base import LayerBase
     from ._layer import MultiHeadAttention
 
-    if not isinstance(layer_or_model, LayerBase):
+    if not isinstance(layer_or_model, MultiHeadAttention):
         raise TypeError(f"prune_heads expects an mha attention layer or model, got {type(layer_or_model).__name__}")
     layer = layer_or_model
     pruned = prune_weights(layer.weights, heads)

@@ -21,6 +21,8 @@ query's output; one that it may see makes its context non-finite (NaN).
 
 from __future__ import annotations
 
+import math
+
 from ._rope import apply_rope
 
 NEG_INF = float("-inf")
@@ -50,23 +52,38 @@ def group_queries(x, num_kv_heads: int):
     return x.reshape((B, num_kv_heads, H // num_kv_heads) + tuple(x.shape[2:]))
 
 
-def masked_softmax(xp, logits, keep):
+def masked_softmax(xp, logits, keep, factor=1.0):
     """Softmax over the last axis restricted to ``keep``; rows with nothing visible give zeros.
 
-    ``logits`` (B, H, T, S) in the accumulation dtype; ``keep`` bool broadcastable to it, or None.
-    Max-subtracted. NaN logits at visible positions make their row NaN; hidden ones are ignored.
-    Returns ``(weights, lse)``: lse (B, H, T) is log sum_j exp(logits_ij) over the visible j (-inf for a
-    query that sees nothing), with which any weight can be recomputed later as exp(logit - lse).
+    ``logits`` (B, H, T, S) in the accumulation dtype, divided by ``factor`` (a power of two; see
+    :func:`logit_factor`): the weights are those of logits * factor. ``keep`` bool broadcastable to the
+    logits, or None. Max-subtracted. NaN logits at visible positions make their row NaN; hidden ones are
+    ignored. Returns ``(weights, lse)``: lse (B, H, T) is log sum_j exp(logits_ij) over the visible j
+    (-inf for a query that sees nothing), with which any weight can be recomputed as exp(logit - lse).
     """
     if keep is not None:
         logits = xp.where(keep, logits, NEG_INF)  # (B, H, T, S)
     m = xp.max(logits, axis=-1, keepdims=True)  # (B, H, T, 1)
     m = xp.where(m == NEG_INF, 0.0, m)  # empty rows: keep exp(-inf - m) = 0 well defined
-    e = xp.exp(logits - m)  # hidden -> exactly 0
+    e = xp.exp((logits - m) * factor)  # hidden -> exactly 0
     denom = xp.sum(e, axis=-1, keepdims=True)
     safe = xp.where(denom == 0, 1.0, denom)
-    lse = xp.where(denom == 0, NEG_INF, xp.log(safe) + m)[..., 0]
+    lse = xp.where(denom == 0, NEG_INF, xp.log(safe) + m * factor)[..., 0]
     return e / safe, lse
+
+
+def logit_factor(xp, q, k, scale: float):
+    """c >= 1, a power of two, such that the logits divided by c cannot leave the accumulation dtype's
+    range: 1 unless scale * max|q| * max|k| * D could pass 2^100 (inputs around 1e19 for float32), so that
+    finite inputs never give NaN rows of our own making. A 0-d array of q's dtype (no host sync)."""
+    if 0 in tuple(q.shape) or 0 in tuple(k.shape):  # nothing to attend (B = 0)
+        return 1.0
+
+    def log2_top(x):  # log2 max|x| over its finite entries (-inf for none), itself never overflowing
+        return xp.log2(xp.max(xp.abs(xp.where(xp.isfinite(x), x, 0))))
+
+    excess = log2_top(q) + log2_top(k) + math.log2(abs(scale) * q.shape[-1] + 1e-300) - 100.0
+    return (2.0 ** xp.ceil(xp.maximum(excess, 0.0))).astype(q.dtype)
 
 
 def nonfinite_keys(xp, *arrays):
@@ -100,10 +117,11 @@ def attention(xp, q, k, v, *, scale: float, keep=None, bias=None, dropout=None, 
     acc = acc_dtype if acc_dtype is not None else q.dtype
     qg = group_queries(q, Hkv).astype(acc)  # (B, Hkv, G, T, D)
     kt = xp.swapaxes(k, -1, -2).astype(acc)[:, :, None]  # (B, Hkv, 1, D, S)
-    logits = (xp.matmul(qg, kt) * scale).reshape(B, H, T, S)  # (B, H, T, S)
+    c = logit_factor(xp, qg, kt, scale)  # 1, or what keeps the logits / c within range (exact: a power of 2)
+    logits = (xp.matmul(qg / c, kt) * scale).reshape(B, H, T, S)  # (B, H, T, S), divided by c
     if bias is not None:
-        logits = logits + bias
-    weights, lse = masked_softmax(xp, logits, keep)  # (B, H, T, S), (B, H, T)
+        logits = logits + bias / c
+    weights, lse = masked_softmax(xp, logits, keep, c)  # (B, H, T, S), (B, H, T)
     if dropout is not None:
         weights = weights * dropout
 

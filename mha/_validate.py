@@ -138,10 +138,13 @@ def layer_config(embed_dim, num_heads, *, num_kv_heads, kdim, vdim, head_dim=Non
 
 
 def seed_value(seed) -> int | None:
+    """None, or an int in [0, 2**63) (what numpy and MLX seed from)."""
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise TypeError(f"seed must be a non-negative int or None, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be a non-negative int or None, got {seed!r} ({type(seed).__name__})")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be a non-negative int below 2**63 or None, got {seed}")
     return int(seed)
 
 
@@ -214,7 +217,11 @@ def qkv_shapes(query, key, value) -> tuple[int, int, int, bool]:
 
 
 def mask_shape(x, B: int, H: int, T: int, S: int, batched: bool):
-    """``mask`` must broadcast to (B, H, T, S); rejects torch's (B*H, T, S) layout with a hint."""
+    """``mask`` must broadcast to (B, H, T, S); rejects torch's (B*H, T, S) layout with a hint.
+
+    With batched input a 3-D mask is rejected unless its first axis is 1: numpy's broadcasting reads it
+    as (H, T, S), Keras and many users mean (B, T, S), and when B == H nothing would tell them apart.
+    """
     kind = array_kind(x)
     if kind not in "biuf":
         raise TypeError(
@@ -223,21 +230,21 @@ def mask_shape(x, B: int, H: int, T: int, S: int, batched: bool):
         )
     target = (B, H, T, S) if batched else (H, T, S)
     shape = tuple(x.shape)
+    if batched and len(shape) == 3 and shape[0] != 1:
+        hint = (f"; this looks like torch's (B*num_heads, T, S) layout: reshape it to ({B}, {H}, {T}, {S})"
+                if B > 1 and shape == (B * H, T, S) else "")
+        raise ValueError(
+            f"mask of shape {shape} is ambiguous: a 3-D mask could be (B, T, S) or (H, T, S); give it 4 "
+            f"dimensions, mask[:, None] for one mask per batch element (B, 1, T, S) or mask[None] for one "
+            f"per head (1, H, T, S){hint}"
+        )
     ok = len(shape) <= len(target) and all(
         a in (1, b) for a, b in zip(reversed(shape), reversed(target))
     )
     if ok:
         return
     letters = "(B, H, T, S)" if batched else "(H, T, S) for unbatched input"
-    hint = ""
-    if batched and len(shape) == 3 and B > 1 and shape == (B * H, T, S):
-        hint = (
-            "; this looks like torch's (B*num_heads, T, S) layout: reshape it to "
-            f"({B}, {H}, {T}, {S})"
-        )
-    raise ValueError(
-        f"mask of shape {shape} does not broadcast to {letters} = {target}{hint}"
-    )
+    raise ValueError(f"mask of shape {shape} does not broadcast to {letters} = {target}")
 
 
 def key_mask_shape(x, B: int, S: int, batched: bool, name: str = "key_mask"):

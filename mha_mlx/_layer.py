@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mha._base import LayerBase
+import mha
 from mha._masks import MaskSet
 from mha._reference import merge_heads, nonfinite_keys, split_heads
 
@@ -38,7 +38,7 @@ def _linear() -> nn.Linear:
     return layer
 
 
-class MultiHeadAttention(LayerBase, nn.Module):
+class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
     """Multi-head attention on MLX (float32, float16, bfloat16; softmax in float32).
 
     Same constructor and call as :class:`mha.MultiHeadAttention` (without ``backend``). The projections
@@ -50,6 +50,7 @@ class MultiHeadAttention(LayerBase, nn.Module):
 
     backend = "mlx"
     _xp = mx
+    fast_weights = False  # the fused kernel returns neither weights nor lse: such calls take the reference
 
     def _dtypes(self):
         return _DTYPES[self._config.dtype], mx.float32
@@ -94,9 +95,16 @@ class MultiHeadAttention(LayerBase, nn.Module):
         return mx.fast.rope(x, r.rotated_dims(x.shape[-1]), traditional=r.traditional, base=r.base, scale=r.scale,
                             offset=offset)
 
-    def _fast_forward(self, query, key, value, masks, head_mask, pos, return_weights, return_lse):
-        if return_weights or return_lse:  # the fused kernel gives neither
-            return self._reference(query, key, value, masks, head_mask, pos)
+    def _positions(self, q, k, v, pos):
+        """RoPE and the cache on (B, H, T, D) queries and (B, Hkv, L, D) keys/values."""
+        if self._config.rope is not None:
+            q, k = self._rope(q, pos.q_offset), self._rope(k, pos.k_offset)
+        if pos.step is not None:
+            k, v = pos.step.append(k, v)
+        return q, k, v
+
+    def _forward(self, call):
+        query, key, value, masks, head_mask, pos = call.query, call.key, call.value, call.masks, call.head_mask, call.pos
         c, dt = self._config, query.dtype
         H, Hkv = c.num_heads, c.num_kv_heads
         p = self._native_params()
@@ -112,9 +120,10 @@ class MultiHeadAttention(LayerBase, nn.Module):
             # whole rule, applied to the output (the fewest extra GPU kernels: MLX-CUDA pays tens of us each)
             bad_b = batch_has_nonfinite(k, v)  # (B, 1, 1)
             q, k, v = self._positions(split_heads(q, H), split_heads(k, Hkv), split_heads(v, Hkv), pos)
-            bias = None if masks.bias is None else masks.bias.astype(dt)  # finite: it hides no key
-            ctx = mx.fast.scaled_dot_product_attention(q, k, v, scale=c.effective_scale, mask=bias).swapaxes(1, 2)
-            out = self._out(ctx, head_mask, p)
+            kq, kk, kv = _kernel_inputs(q, k, v)
+            bias = None if masks.bias is None else _finite_bias(masks.bias, kq.dtype)  # finite: it hides no key
+            ctx = mx.fast.scaled_dot_product_attention(kq, kk, kv, scale=c.effective_scale, mask=bias)
+            out = self._out(ctx.swapaxes(1, 2).astype(dt), head_mask, p)
             return mx.where(bad_b, mx.array(float("nan"), out.dtype), out).astype(dt), None, None
         bad = bad_keys(k, v, Hkv) if early else None  # (B, Hkv, S)
         q, k, v = self._positions(split_heads(q, H), split_heads(k, Hkv), split_heads(v, Hkv), pos)
@@ -148,6 +157,33 @@ def _bad_keys(k, v, num_kv_heads):
     B, S, HD = k.shape
     z = (k * 0 + v * 0).reshape(B, S, num_kv_heads, HD // num_kv_heads)
     return mx.isnan(z.sum(axis=-1)).swapaxes(1, 2)
+
+
+def _kernel_inputs(q, k, v):
+    """q, k, v in the dtype MLX's kernel should compute in: half precision is widened to float32 on the
+    CPU, where MLX's kernel forms the logits in the inputs' dtype (float16 overflows beyond 65504, while
+    the contract is a float32 softmax) and half precision is no faster (B=1, H=8, T=S=256, D=64 on this
+    project's 2-core CPU: float16 103 ms, widened 83 ms; bfloat16 87 / 82 ms). On a GPU the fused kernels
+    accumulate the logits in float32 already, and half precision stays half."""
+    if q.dtype == mx.float32 or mx.default_device() != mx.cpu:
+        return q, k, v
+    return q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
+
+
+# Additive masks in half precision on a GPU: float16 holds no finite number below -65504, and the
+# kernel's fallback (training; head sizes without a fused kernel) adds mask and logits in float16, so a
+# float16 bias is clipped to +-2^14: its weight stays exp(-16384) = 0 next to any key of a normal bias,
+# and a row whose visible keys all carry it still shares its weight among them (finite, never -inf).
+_HALF_BIAS = 2.0**14
+
+
+def _finite_bias(bias, dtype):
+    """A finite float32 bias as the kernel's ``dtype``, clipped to what that dtype holds finitely (so no
+    large finite negative turns into a -inf that would hide its key)."""
+    if dtype == mx.float32:
+        return bias
+    lim = _HALF_BIAS if dtype == mx.float16 else float(mx.finfo(dtype).max)
+    return mx.clip(bias, -lim, lim).astype(dtype)
 
 
 def _compiled(key, fn):
@@ -232,17 +268,26 @@ def _fused(q, k, v, keep, bias, causal: bool, window, scale: float, bad, merged:
         k = mx.where(bad[..., None], 0, k)
         v = mx.where(bad[..., None], 0, v)
 
+    kq, kk, kv = _kernel_inputs(q, k, v)
+    sees_any = None  # (b, h, T, 1): whether a query sees any key (None: all do)
     if keep is None and bias is None and window is None:
         arg = "causal" if causal else None
     else:
         keep = rules.full_keep(mx)
+        if keep is not None:
+            sees_any = mx.any(mx.broadcast_to(keep, tuple(keep.shape[:-2]) + (T, S)), axis=-1, keepdims=True)
         if bias is None:
-            arg = keep
+            arg = keep  # False is filled with the lowest finite logit: rows that see nothing stay finite
         elif keep is None:
-            arg = bias.astype(dt)
+            arg = _finite_bias(bias, kq.dtype)
         else:
-            arg = mx.where(keep, bias, mx.finfo(dt).min).astype(dt)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=arg)  # (B, H, T, D)
+            # Hidden keys at -inf: strictly below every finite bias (a user's finfo(float32).min, Hugging
+            # Face's fill, ties with the lowest finite number, which let a row whose visible keys all
+            # carry it share its weight with hidden ones). A row that sees no key gets 0 instead, so the
+            # kernel stays finite there (no NaN in its gradients); it is set to 0 below.
+            arg = mx.where(keep, _finite_bias(bias, kq.dtype), float("-inf"))
+            arg = mx.where(sees_any, arg, 0).astype(kq.dtype)
+    out = mx.fast.scaled_dot_product_attention(kq, kk, kv, scale=scale, mask=arg).astype(dt)  # (B, H, T, D)
 
     bad_h = mx.repeat(bad, H // Hkv, axis=1)[:, :, None, :]  # (B, H, 1, S) or (B, H, 1, 1)
     if every_key_visible:  # a (batch, head) that has a bad key is NaN throughout
@@ -256,7 +301,7 @@ def _fused(q, k, v, keep, bias, causal: bool, window, scale: float, bad, merged:
         touched = mx.logical_and(touched, visible)
     else:
         keep = mx.broadcast_to(keep, tuple(keep.shape[:-2]) + (T, S))  # (b, h, T, S)
-        visible = mx.any(keep, axis=-1, keepdims=True)  # (b, h, T, 1)
+        visible = sees_any  # (b, h, T, 1)
         counts = mx.matmul(keep.astype(dt), bad_h.astype(dt).swapaxes(-1, -2))  # (B, H, T, 1)
         touched = counts > 0
     if merged:  # the kernel writes (B, H, T, D) in q's layout, which is (B, T, H, D) in memory

@@ -49,3 +49,28 @@ def minilm_available() -> bool:
     except (ValueError, ImportError):
         return False
     return True
+
+
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "."]
+
+
+def tiny_bert(folder, seed=0):
+    """A loadable BERT folder of random weights: config.json (E=6, 3 heads, 2 layers), vocab.txt (11 tokens)
+    and model.safetensors. Returns the folder."""
+    import json
+    from pathlib import Path
+
+    from mha import _io
+    from mha.models._bert import BertConfig, _expected_shapes
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dict(model_type="bert", vocab_size=len(TINY_VOCAB), hidden_size=6, num_hidden_layers=2,
+                  num_attention_heads=3, intermediate_size=10, max_position_embeddings=16, type_vocab_size=2)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+    shapes = _expected_shapes(BertConfig.from_file(folder / "config.json"))
+    rng = np.random.default_rng(seed)
+    _io.save_safetensors(folder / "model.safetensors",
+                         {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()})
+    return folder

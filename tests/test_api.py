@@ -18,7 +18,7 @@ def test_public_names():
     for name in ("MultiHeadAttention", "AttentionWeights", "available_backends", "default_backend",
                  "to_numpy"):
         assert name in mha.__all__ and hasattr(mha, name)
-    assert mha_cpu.__all__ == ["MultiHeadAttention", "free_scratch", "options"]
+    assert mha_cpu.__all__ == ["MultiHeadAttention", "Options", "free_scratch", "options", "small_blocks"]
 
 
 def test_backends_share_constructor_call_and_public_names():
@@ -35,16 +35,28 @@ def test_backends_share_constructor_call_and_public_names():
         "q_proj", "k_proj", "v_proj", "out_proj"}
 
 
-def test_facade_signature_is_the_backends_plus_backend():
-    facade = list(inspect.signature(mha.MultiHeadAttention).parameters.values())
-    backend_params = list(inspect.signature(mha_cpu.MultiHeadAttention.__init__).parameters.values())[1:]
-    assert [p for p in facade if p.name != "backend"] == backend_params
-    names = [p.name for p in facade]
+def test_facade_signature_is_the_backends():
+    """One signature: the facade's and each backend's class (help() and type checkers see the call)."""
+    facade = inspect.signature(mha.MultiHeadAttention)
+    assert facade == inspect.signature(mha_cpu.MultiHeadAttention)
+    names = list(facade.parameters)
     assert names == ["embed_dim", "num_heads", "num_kv_heads", "kdim", "vdim", "bias", "scale", "dropout",
                      "backend", "dtype", "weights", "seed", "head_dim", "rope", "window"]
-    call = inspect.signature(mha_cpu.MultiHeadAttention.__call__).parameters
+    call = inspect.signature(mha.MultiHeadAttention.__call__).parameters
     assert list(call)[:12] == ["self", "query", "key", "value", "mask", "key_mask", "causal", "head_mask",
                                "return_weights", "training", "check_finite", "return_lse"]
+    for name in ("__call__", "to", "weights", "init_cache", "from_weights", "set_weights"):
+        assert name in mha.MultiHeadAttention.__dict__, name
+    assert issubclass(mha_cpu.MultiHeadAttention, mha.MultiHeadAttention)
+
+
+def test_backend_classes_build_from_weights_and_refuse_another_backend(backend):
+    cls = mha.MultiHeadAttention.from_weights(mha.AttentionWeights.init(12, 4, seed=0), backend=backend).__class__
+    layer = cls.from_weights(mha.AttentionWeights.init(12, 4, seed=1))
+    assert type(layer) is cls and layer.backend == backend
+    other = "mlx" if backend == "numpy" else "numpy"
+    with pytest.raises(ValueError, match=rf"is the {backend} backend, got backend='{other}'"):
+        cls(12, 4, backend=other)
 
 
 def test_facade_builds_backend_layers(backend):

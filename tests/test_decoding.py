@@ -261,16 +261,12 @@ def test_window_weights_are_a_band(backend):
 
 def test_window_on_long_sequences_uses_blocks_and_skips_keys():
     """numpy fast path with many keys: the blockwise online softmax with a window equals the band mask."""
-    from mha_cpu import options
+    import mha_cpu
 
     layer = _layer("numpy", window=50)
     x = normal((1, 700, 24), 12)
-    saved = options.single_pass_max, options.block_k, options.block_q, options.single_pass_floats
-    options.single_pass_max, options.block_k, options.block_q, options.single_pass_floats = 64, 64, 64, 0
-    try:
+    with mha_cpu.small_blocks(64, 64, threads=2, split="auto"):
         y = mha.to_numpy(layer(x, causal=False)).astype(np.float64)
-    finally:
-        options.single_pass_max, options.block_k, options.block_q, options.single_pass_floats = saved
     i, j = np.indices((700, 700))
     plain = _layer("numpy")
     expected = mha.to_numpy(plain(x, mask=np.abs(i - j) < 50)).astype(np.float64)

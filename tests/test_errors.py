@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mha
-import mha._base
+import mha._layer
 
 from .helpers import normal
 
@@ -31,7 +31,9 @@ E, H = 12, 4
     (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\), got 1\.0"),
     (dict(dropout=-0.1), ValueError, r"dropout must be in \[0, 1\), got -0\.1"),
     (dict(dtype="int8"), ValueError, r"dtype must be one of float32, float64, float16, bfloat16, got 'int8'"),
-    (dict(seed=-1), TypeError, r"seed must be a non-negative int or None, got -1"),
+    (dict(seed=-1), ValueError, r"seed must be a non-negative int below 2\*\*63 or None, got -1"),
+    (dict(seed=2**64), ValueError, r"seed must be a non-negative int below 2\*\*63 or None, got 18446744073709551616"),
+    (dict(seed=1.0), TypeError, r"seed must be a non-negative int or None, got 1.0 \(float\)"),
     (dict(weights=np.zeros(3)), TypeError, r"weights must be an mha.AttentionWeights or a path, got ndarray"),
 ])
 def test_constructor_errors(backend, kwargs, exc, msg):
@@ -58,9 +60,8 @@ def tripwired(backend, monkeypatch):
     def tripwire(*a, **k):
         raise AssertionError("work started before validation")
 
-    monkeypatch.setattr(mha._base, "multi_head_attention", tripwire)
-    monkeypatch.setattr(layer, "_fast_forward", tripwire) if backend == "numpy" else \
-        monkeypatch.setattr(type(layer), "_fast_forward", tripwire)
+    monkeypatch.setattr(mha._layer, "multi_head_attention", tripwire)
+    monkeypatch.setattr(type(layer), "_forward", tripwire)
     return layer
 
 
@@ -89,6 +90,10 @@ V = normal((2, 6, 5), 2)
     ((Q, K, V), dict(mask=np.ones((8, 3, 6), bool)), ValueError,
      r"looks like torch's \(B\*num_heads, T, S\) layout: reshape it to \(2, 4, 3, 6\)"),
     ((Q, K, V), dict(mask=np.ones((1, 2, 4, 3, 6), bool)), ValueError, r"mask of shape \(1, 2, 4, 3, 6\) does not"),
+    ((Q, K, V), dict(mask=np.ones((2, 3, 6), bool)), ValueError,
+     r"mask of shape \(2, 3, 6\) is ambiguous: a 3-D mask could be \(B, T, S\) or \(H, T, S\); give it 4 "
+     r"dimensions, mask\[:, None\] for one mask per batch element \(B, 1, T, S\) or mask\[None\] for one per head"),
+    ((Q, K, V), dict(mask=np.zeros((4, 3, 6), np.float32)), ValueError, r"mask of shape \(4, 3, 6\) is ambiguous"),
     ((Q, K, V), dict(mask=np.ones((3, 6), np.complex64)), TypeError,
      r"mask must be bool \(True = may attend\), int 0/1 or float \(added to the logits\), got dtype complex64"),
     ((Q, K, V), dict(mask=np.full((3, 6), 2)), ValueError, r"mask is an integer mask and must hold only 0 and 1"),
@@ -103,6 +108,9 @@ V = normal((2, 6, 5), 2)
     ((Q, K, V), dict(head_mask=np.ones(3)), ValueError,
      r"head_mask must have shape \(H,\) = \(4,\) or \(B, H\) = \(2, 4\), got \(3,\)"),
     ((Q, K, V), dict(causal="yes"), TypeError, r"causal must be True or False, got 'yes' \(str\)"),
+    (([[0.0] * E, [0.0] * (E - 1)], K[0], V[0]), {}, ValueError,
+     r"query must be an array of numbers with a regular shape \(B, L, E\) or \(L, E\): setting an array"),
+    ((Q, [K[0].tolist(), K[1, :5].tolist()], V), {}, ValueError, r"key must be an array of numbers with a regular"),
     ((Q, K, V), dict(return_weights=None), TypeError, r"return_weights must be True or False, got None"),
     ((Q, K, V), dict(training=1), TypeError, r"training must be True or False, got 1"),
 ])

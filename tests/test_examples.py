@@ -46,12 +46,14 @@ def test_rounds_benchmark_script_runs(tmp_path):
 def test_paired_benchmark_script_runs(tmp_path):
     script = Path(__file__).parent.parent / "benchmarks" / "paired.py"
     res = subprocess.run([sys.executable, str(script), "--shape", "2,16,16,4", "--pairs", "3", "--a",
-                          '{"split": "rows"}', "--b", '{"split": "groups", "threads": 2}', "--weights"],
+                          '{"block_q": 4}', "--b", '{"threads": 2, "scratch_bytes": 0}', "--weights"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "B - A paired median" in res.stdout
     bad = subprocess.run([sys.executable, str(script), "--a", '{"nope": 1}'], capture_output=True, text=True)
     assert bad.returncode == 2 and "mha_cpu.options fields" in bad.stderr
+    bad = subprocess.run([sys.executable, str(script), "--a", '{"block_k": 0}'], capture_output=True, text=True)
+    assert bad.returncode == 2 and "mha_cpu.options.block_k must be an int >= 1, got 0" in bad.stderr
 
 
 def test_gpu_benchmark_script_runs_on_the_cpu(tmp_path):

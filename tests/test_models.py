@@ -12,6 +12,8 @@ import pytest
 import mha.analysis as ma
 import mha.models as mm
 
+from .helpers import TINY_VOCAB, tiny_bert
+
 REF = Path(__file__).parent / "data" / "minilm_reference.npz"
 
 
@@ -172,3 +174,34 @@ def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"encoder\.layer\.0\.intermediate\.dense\.weight: expected \(1000, 384\), "
                                          r"got \(1536, 384\)"):
         mm.load_bert(tmp_path)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("config.json", "[1, 2]", r"config\.json: the model config must be a JSON object, got a list"),
+    ("config.json", "{oops", r"config\.json: cannot read the model config \(Expecting property name"),
+    ("config.json", b"\xff\xfe{}", r"config\.json: cannot read the model config \('utf-8' codec can't decode"),
+    ("config.json", {"hidden_size": "6"}, r"config\.json: hidden_size='6' in the config: sizes must be positive ints"),
+    ("config.json", {"num_hidden_layers": 2.0}, r"config\.json: num_hidden_layers=2\.0 in the config"),
+    ("config.json", {"vocab_size": -11}, r"config\.json: vocab_size=-11 in the config"),
+    ("config.json", {"layer_norm_eps": None}, r"config\.json: layer_norm_eps=None in the config"),
+    ("config.json", {"num_attention_heads": 4}, r"config\.json: hidden_size=6 is not a multiple of num_attention_heads=4"),
+    ("config.json", {"intermediate_size": None}, r"config\.json: intermediate_size=None in the config"),
+    ("tokenizer.json", "{oops", r"tokenizer\.json: not a valid tokenizer\.json \(key must be a string"),
+    ("tokenizer.json", "[]", r"tokenizer\.json: not a valid tokenizer\.json \(invalid type: sequence"),
+    ("tokenizer.json", b"\xff\xfe\x00", r"tokenizer\.json: not a valid tokenizer\.json \(stream did not contain valid"),
+    ("vocab.txt", "", r"vocab\.txt: not a valid vocab\.txt \(sep_token not found in the vocabulary\)"),
+    ("vocab.txt", "the\ncat\n", r"vocab\.txt: not a valid vocab\.txt \(sep_token not found"),
+    ("vocab.txt", b"\xff\xfe\x00\x01", r"vocab\.txt: not a valid vocab\.txt \(.*stream did not contain valid UTF-8"),
+    ("vocab.txt", "\n".join(TINY_VOCAB + [f"w{i}" for i in range(30)]),
+     r"vocab\.txt: 41 tokens, more than the model's vocab_size=11 \(config\.json\)"),
+])
+def test_a_malformed_model_file_is_a_value_error_naming_it(tmp_path, name, content, message):
+    pytest.importorskip("tokenizers")
+    folder = tiny_bert(tmp_path / "tiny")
+    mm.load_bert(folder)  # loads before the damage
+    path = folder / name
+    if isinstance(content, dict):
+        content = json.dumps({**json.loads(path.read_text()), **content})
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=rf"^{folder}/{message}"):
+        mm.load_bert(folder)

@@ -97,3 +97,21 @@ def test_minilm_pruned_equals_head_mask():
     sents = ["The cat sat on the mat.", "Pruning heads, one by one."]
     np.testing.assert_allclose(pruned.embed(sents), model.embed(sents, head_mask=hm), atol=2e-6)
     assert "pruned=7" in repr(pruned)
+
+
+@pytest.mark.parametrize("heads, bad", [
+    ([1.0], r"1\.0 \(float\)"), ([True], r"True \(bool\)"), (1.0, r"1\.0 \(float\)"), (True, r"True \(bool\)"),
+    ([0, np.float32(2)], r"(np\.float32\()?2\.0\)? \(float32\)"), ("01", r"'01' \(str\)"),
+])
+def test_heads_must_be_ints_not_floats_or_bools(heads, bad):
+    layer = mha.MultiHeadAttention(12, 4)
+    with pytest.raises(TypeError, match=r"^heads must be an iterable of head indices \(0-based ints\), got " + bad):
+        mha.prune_heads(layer, heads)
+    model = mm.load_model("builtin")
+    with pytest.raises(TypeError, match=r"^heads\[0\] must be an iterable of head indices \(0-based ints\), got " + bad):
+        mha.prune_heads(model, {0: heads})
+    with pytest.raises(TypeError, match=r"^heads must be a dict \{layer: \[heads\]\} with int layers, got the key "
+                                        r"True \(bool\)"):
+        model.prune_heads({True: [1]})
+    assert mha.prune_heads(layer, np.array([0, 2])).num_heads == 2  # numpy ints are ints
+    assert model.prune_heads({np.int64(0): [np.int64(1)]}).head_ids == [[0, 2, 3, 4, 5, 6, 7]]

@@ -62,7 +62,7 @@ CASES = [
     _case("scale-zero", scale=0.0, mask=_empty_rows_mask()),
     _case("bool-mask-4d", mask=_empty_rows_mask()),
     _case("bool-mask-2d", mask=random_bool((T, S), 7)),
-    _case("bool-mask-3d-per-head", mask=random_bool((4, T, S), 8)),
+    _case("bool-mask-per-head", mask=random_bool((1, 4, T, S), 8)),
     _case("bool-mask-bcast-keys", mask=random_bool((B, 1, 1, S), 9)),
     _case("int-mask", mask=random_bool((B, 4, T, S), 10).astype(np.int64)),
     _case("additive", mask=_additive()),
@@ -172,3 +172,22 @@ def test_golden_value_by_hand(backend):
     np.testing.assert_allclose(mha.to_numpy(P)[0, 0, 0], [a, 1 - a], rtol=1e-6)
     np.testing.assert_allclose(mha.to_numpy(y)[0, 0], [2 * a, 4 * (1 - a)], rtol=1e-6)
     np.testing.assert_allclose(mha.to_numpy(layer(q, k, v))[0, 0], [2 * a, 4 * (1 - a)], rtol=1e-6)
+
+
+
+def test_three_dimensional_mask_is_never_read_silently(backend):
+    """A (B, T, S) mask with B == H broadcasts as (H, T, S) under numpy's rules: rejected rather than read
+    one way or the other; (1, T, S) is the same either way and accepted, as is (H, T, S) unbatched."""
+    layer = mha.MultiHeadAttention(8, 2, backend=backend, seed=0)
+    x = normal((2, 3, 8), 0)
+    per_example = random_bool((2, 3, 3), 1)
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 3, 3\) is ambiguous"):
+        layer(x, mask=per_example)
+    y = mha.to_numpy(layer(x, mask=per_example[:, None]))  # the 4-D form says which
+    y0 = mha.to_numpy(layer(x[:1], mask=per_example[:1]))  # (1, T, S): the same either way
+    tol = tolerance.t2("float32", "float32", tolerance.magnitude(layer.weights, x, y_ref=y))
+    tolerance.assert_close(y[:1], y0, tol, "(1, T, S) mask vs the 4-D per-example mask")
+    heads = random_bool((2, 3, 3), 2)  # unbatched: (H, T, S), no B to confuse it with
+    y_u = mha.to_numpy(layer(x[0], mask=heads))
+    y_4 = mha.to_numpy(layer(x[:1], mask=heads[None]))[0]
+    tolerance.assert_close(y_u, y_4, tol, "unbatched (H, T, S) mask vs (1, H, T, S)")

@@ -11,5 +11,7 @@ from ._bert import BertConfig, BertModel
 from ._builtin import BuiltinModel
 from ._common import Encoding
 from ._load import load_bert, load_model, resolve
+from ._tokenizer import require_tokenizers
 
-__all__ = ["BertConfig", "BertModel", "BuiltinModel", "Encoding", "load_bert", "load_model", "resolve"]
+__all__ = ["BertConfig", "BertModel", "BuiltinModel", "Encoding", "load_bert", "load_model", "require_tokenizers",
+           "resolve"]

@@ -38,22 +38,38 @@ class BertConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> BertConfig:
+        """The config from a Hugging Face ``config.json``; ValueError naming the file when it is not one."""
         try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: cannot read the model config ({err})") from None
+            raw = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise ValueError(f"{path}: cannot read the model config ({str(err)[:200]})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the model config must be a JSON object, got a {type(raw).__name__}")
         if raw.get("model_type", "bert") not in ("bert",):
             raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not a BERT-family encoder")
         if raw.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{path}: only absolute position embeddings are supported")
         if raw.get("hidden_act", "gelu") not in ("gelu",):
             raise ValueError(f"{path}: hidden_act {raw.get('hidden_act')!r} is not supported (only 'gelu')")
-        try:
-            return cls(raw["vocab_size"], raw["hidden_size"], raw["num_hidden_layers"], raw["num_attention_heads"],
-                       raw["intermediate_size"], raw["max_position_embeddings"], raw.get("type_vocab_size", 2),
-                       float(raw.get("layer_norm_eps", 1e-12)), raw.get("hidden_act", "gelu"))
-        except KeyError as err:
-            raise ValueError(f"{path}: the config lacks {err.args[0]!r}") from None
+        missing = [k for k in _SIZES[:-1] if k not in raw]
+        if missing:
+            raise ValueError(f"{path}: the config lacks {missing[0]!r}")
+        sizes = {k: raw.get(k, 2) for k in _SIZES}
+        bad = [f"{k}={v!r}" for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        eps = raw.get("layer_norm_eps", 1e-12)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:
+            bad.append(f"layer_norm_eps={eps!r}")
+        if bad:
+            raise ValueError(f"{path}: {', '.join(bad)} in the config: sizes must be positive ints and "
+                             f"layer_norm_eps a number in [0, 1)")
+        if sizes["hidden_size"] % sizes["num_attention_heads"]:
+            raise ValueError(f"{path}: hidden_size={sizes['hidden_size']} is not a multiple of "
+                             f"num_attention_heads={sizes['num_attention_heads']}")
+        return cls(*sizes.values(), float(eps), raw.get("hidden_act", "gelu"))
+
+
+_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+          "max_position_embeddings", "type_vocab_size")  # the fields of BertConfig in order; the last defaults to 2
 
 
 def _expected_shapes(c: BertConfig) -> dict:

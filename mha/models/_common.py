@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +68,7 @@ class PrunableHeads:
         """A model without ``{layer: [heads]}`` (original 0-based numbering), by weight surgery."""
         import copy
 
+        from .._prune import head_indices
         from .._prune import prune_heads as prune_layer
 
         if not isinstance(heads, dict):
@@ -75,10 +77,13 @@ class PrunableHeads:
         new.layers = list(self.layers)
         new.head_ids = [list(ids) for ids in self.head_ids]
         for layer, hs in heads.items():
-            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(self.layers):
+            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+                raise TypeError(f"heads must be a dict {{layer: [heads]}} with int layers, got the key {layer!r} "
+                                f"({type(layer).__name__})")
+            if not 0 <= layer < len(self.layers):
                 raise ValueError(f"layer {layer!r} is out of range: the model has {len(self.layers)} layers, "
                                  f"0 to {len(self.layers) - 1}")
-            hs = [hs] if isinstance(hs, int) else list(hs)
+            hs = head_indices(hs, f"heads[{layer}]")
             ids = new.head_ids[layer]
             gone = [h for h in hs if h not in ids]
             if gone:

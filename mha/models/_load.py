@@ -63,7 +63,7 @@ def load_bert(path_or_name, backend="auto") -> BertModel:
         extra = " (pytorch_model.bin is not read: it is a pickle)" if (folder / "pytorch_model.bin").exists() else ""
         raise ValueError(f"{folder}: no model.safetensors{extra}")
     config = BertConfig.from_file(folder / "config.json")
-    tokenizer = WordPiece(folder, max_length=config.max_position_embeddings)
+    tokenizer = WordPiece(folder, max_length=config.max_position_embeddings, vocab_size=config.vocab_size)
     return BertModel(config, read_weights(weights_path, config), tokenizer, backend=backend, name=name)
 
 

@@ -7,26 +7,38 @@ from pathlib import Path
 import numpy as np
 
 
-def _tokenizers():
+def require_tokenizers():
+    """The tokenizers library (pretrained models need it), or ImportError saying how to install it."""
     try:
         import tokenizers
     except ImportError:
-        raise ImportError("loading a pretrained model needs the tokenizers library: "
-                          "pip install 'mha-twin[text]'") from None
+        raise ImportError("loading a pretrained model needs the tokenizers library: pip install tokenizers "
+                          "(or the text extra: pip install 'mha-twin[text]')") from None
     return tokenizers
 
 
 class WordPiece:
     """A BERT tokenizer from tokenizer.json (or vocab.txt), without padding, truncating at ``max_length``."""
 
-    def __init__(self, folder: Path, *, lowercase: bool = True, max_length: int = 512):
-        tk = _tokenizers()
-        if (folder / "tokenizer.json").is_file():
-            self._tok = tk.Tokenizer.from_file(str(folder / "tokenizer.json"))
-        elif (folder / "vocab.txt").is_file():
-            self._tok = tk.BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=lowercase)._tokenizer
-        else:
-            raise ValueError(f"{folder}: no tokenizer.json or vocab.txt")
+    def __init__(self, folder: Path, *, lowercase: bool = True, max_length: int = 512, vocab_size: int | None = None):
+        tk = require_tokenizers()
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            path = folder / "vocab.txt"
+            if not path.is_file():
+                raise ValueError(f"{folder}: no tokenizer.json or vocab.txt")
+        try:
+            if path.name == "tokenizer.json":
+                self._tok = tk.Tokenizer.from_file(str(path))
+            else:
+                self._tok = tk.BertWordPieceTokenizer(str(path), lowercase=lowercase)._tokenizer
+        except Exception as err:  # tokenizers raises a bare Exception (or TypeError) for a bad file
+            raise ValueError(f"{path}: not a valid {path.name} ({str(err)[:200]})") from None
+        self.path = path
+        size = self._tok.get_vocab_size(with_added_tokens=True)
+        if vocab_size is not None and size > vocab_size:
+            raise ValueError(f"{path}: {size} tokens, more than the model's vocab_size={vocab_size} (config.json); "
+                             f"the tokenizer belongs to another model")
         self._tok.no_padding()  # the shipped tokenizer.json pads every input to 128
         self._tok.no_truncation()
         self.max_length = max_length

@@ -47,9 +47,10 @@ class Adapter:
 class BackendAdapter:
     """This project's layer on one backend (every feature).
 
-    ``blocks=(block_q, block_k)`` runs the numpy fast path with those tiny blocks (and the online
-    softmax from more than ``block_k`` keys on), so that small problems exercise every branch of the
-    blockwise code; ``mha check --impl numpy-blocks`` does that.
+    ``blocks=(block_q, block_k)`` runs it inside the backend's ``small_blocks(block_q, block_k)``
+    (mha._interface): the numpy fast path then takes tiny blocks, the online softmax from more than
+    ``block_k`` keys on, a pool of workers and the split by head groups even for tiny problems, so that
+    small problems exercise every branch of the blockwise code; ``mha check --impl numpy-blocks``.
     """
 
     features = FEATURES
@@ -60,13 +61,15 @@ class BackendAdapter:
         self.name = backend if blocks is None else f"{backend}-blocks"
 
     def build(self, weights, scale=None, rope=None, window=None):
+        import contextlib
+
         import mha
 
         layer = mha.MultiHeadAttention.from_weights(weights, backend=self.backend, scale=scale, rope=rope,
                                                     window=window)
 
         def fn(query, key, value, **kwargs):
-            with _blocks(self.blocks):
+            with layer.small_blocks(*self.blocks) if self.blocks else contextlib.nullcontext():
                 res = layer(query, key, value, **kwargs)
             if kwargs.get("return_weights"):
                 return mha.to_numpy(res[0]), mha.to_numpy(res[1])
@@ -74,36 +77,6 @@ class BackendAdapter:
 
         fn.init_cache = layer.init_cache
         return fn
-
-
-class _blocks:
-    """Temporarily set the numpy fast path's block sizes (not thread-safe: for tests): tiny blocks, the
-    online softmax from ``block_k`` keys on, three workers even for tiny problems, so that the thread
-    pool and the split of key/value heads over idle workers run too, self-attention split into
-    groups of heads (the plain numpy adapter takes the split by query rows), and every temporary taken
-    from the reused scratch buffers, however small."""
-
-    FIELDS = ("block_q", "block_k", "single_pass_max", "single_pass_floats", "threads", "min_parallel_flops",
-              "min_split_work", "split", "scratch_min")
-
-    def __init__(self, blocks):
-        self.blocks = blocks
-
-    def __enter__(self):
-        if self.blocks is not None:
-            from mha_cpu import options
-
-            self.saved = {f: getattr(options, f) for f in self.FIELDS}
-            bq, bk = self.blocks
-            for f, val in zip(self.FIELDS, (bq, bk, bk, 0, 3, 0, 0, "groups", 0)):
-                setattr(options, f, val)
-
-    def __exit__(self, *exc):
-        if self.blocks is not None:
-            from mha_cpu import options
-
-            for f, val in self.saved.items():
-                setattr(options, f, val)
 
 
 def _combined_keep(B, H, T, S, mask, key_mask, causal):

@@ -27,7 +27,7 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from .._weights import AttentionWeights
+from .. import AttentionWeights
 
 MODES = ("normal", "spiky", "ties")
 _MOSTLY_TRUE = st.sampled_from([True, True, True, False])  # shrinks towards True: the False that matters stays
@@ -209,6 +209,8 @@ def bool_masks(draw, cfg: Config, *, empty_rows=True) -> np.ndarray:
     shape = draw(hnp.broadcastable_shapes(target, min_dims=1, max_dims=4))
     # broadcastable_shapes means mutually broadcastable; a mask must broadcast *to* the target
     shape = tuple(1 if t == 1 else n for n, t in zip(shape, target[len(target) - len(shape):]))
+    if len(shape) == 3 and shape[0] != 1:  # a 3-D mask is ambiguous ((B, T, S) or (H, T, S)): 4-D instead
+        shape = (1,) + shape
     size = int(np.prod(shape))
     if size <= 64:
         m = draw(hnp.arrays(np.bool_, shape, elements=_MOSTLY_TRUE,
@@ -223,14 +225,26 @@ def bool_masks(draw, cfg: Config, *, empty_rows=True) -> np.ndarray:
     return m
 
 
+# What people pass for "masked" in an additive mask: -inf, and the finite stand-ins that ties and casts
+# make treacherous: Hugging Face's finfo(float32).min, -1e9 (-inf once cast to float16), float16's own
+# min and -1e4. Finite ones do not hide a key (only -inf does): they make its weight underflow to 0,
+# unless every key a query sees carries one.
+LARGE_NEGATIVES = (float("-inf"), float(np.finfo(np.float32).min), -1e9, float(np.finfo(np.float16).min), -1e4)
+
+
 @st.composite
 def additive_masks(draw, cfg: Config) -> np.ndarray:
-    """A float mask added to the logits: N(0, sigma^2) entries, some -inf (hidden), broadcastable."""
+    """A float mask added to the logits, broadcastable to (B, H, T, S): N(0, sigma^2) entries where a
+    drawn keep mask says True, and where it says False one of :data:`LARGE_NEGATIVES` (-inf, or a large
+    finite negative that leaves the key visible but weightless), or a mix of them entry by entry."""
     keep = draw(bool_masks(cfg))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     sigma = draw(st.sampled_from([1.0, 3.0, 0.0]))
     a = (sigma * rng.normal(size=keep.shape)).astype(np.float32)
-    return np.where(keep, a, -np.inf).astype(np.float32)
+    fill = draw(st.sampled_from(list(LARGE_NEGATIVES) + ["mixed"]))
+    if fill == "mixed":
+        fill = rng.choice(np.array(LARGE_NEGATIVES, np.float32), size=keep.shape)
+    return np.where(keep, a, fill).astype(np.float32)
 
 
 @st.composite
@@ -248,9 +262,9 @@ def key_masks(draw, cfg: Config) -> np.ndarray:
 def ropes(draw, head_dim: int):
     """RoPE settings for heads of width ``head_dim`` (>= 2): both layouts, partial rotation, bases from
     RoFormer's 10000 down to 2.5 (fast-turning angles), position scales 1, 0.5 and 3."""
-    from .._rope import RoPE
+    from .. import RoPE
 
-    fractions = [f for f in (1.0, 0.5) if int(head_dim * f) // 2 * 2 >= 2]
+    fractions = [f for f in (1.0, 0.5) if int(head_dim * f) // 2 * 2 >= 2]  # whole heads first: the layouts differ
     return RoPE(fraction=draw(st.sampled_from(fractions)), base=draw(st.sampled_from([10000.0, 100.0, 2.5])),
                 traditional=draw(st.booleans()), scale=draw(st.sampled_from([1.0, 0.5, 3.0])))
 

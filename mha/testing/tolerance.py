@@ -73,7 +73,7 @@ def magnitude(weights, query, key=None, value=None, *, y_ref=None, scale=None, m
 def _abs_projections(weights, query, key, value):
     """Per-head projections of |x| by |W| (plus |b|): they bound |q|, |k|, |v| *and* the rounding of
     each projection (u times these sums), which |q| alone misses when the products cancel."""
-    from .._weights import AttentionWeights
+    from .. import AttentionWeights
 
     w = weights.to_dict()
     absw = AttentionWeights(**{n: None if a is None else np.abs(np.asarray(a, np.float64)) for n, a in w.items()},

@@ -20,6 +20,8 @@ import math
 import unicodedata
 from dataclasses import dataclass
 
+from ._geometry import grid
+
 TERM_LINES = 2000
 JSON_BYTES = 32 * 2**20
 HTML_BYTES = 8 * 2**20
@@ -101,8 +103,6 @@ def _json_cost(n: int, heads: int) -> int:
 
 
 def _png_fits(tokens: list, heads: int, note: bool) -> bool:
-    from ._png import grid
-
     g = grid(tokens, heads, note=note)
     return g.width <= PNG_SIDE and g.height <= PNG_SIDE and g.width * g.height <= PNG_PIXELS
 

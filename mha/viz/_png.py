@@ -12,41 +12,13 @@ left to a layout engine, so the title sits above the panels and nothing overlaps
 
 from __future__ import annotations
 
-import math
-import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ._data import LEVELS
+from ._geometry import DPI, grid, ticks
 from ._limits import PNG_PIXELS, PNG_SIDE
-
-MAX_LABELS = 40  # tick labels per axis; past this, every k-th token
-DPI = 110
-_PT = DPI / 72  # pixels per typographic point
-
-
-@dataclass(frozen=True)
-class Grid:
-    """Where everything goes, in pixels: ``cols`` x ``rows`` panels of ``img`` px heat maps, each in a cell
-    of ``cell_w`` x ``cell_h`` (``title`` px above it; ``label`` px of token labels left of and below it
-    if ``every_panel``, else only outside the grid's left column and bottom row), ``top`` for the
-    figure's title, 130 px on the right for the colour bar."""
-
-    width: int
-    height: int
-    cols: int
-    rows: int
-    img: int
-    cell_w: int
-    cell_h: int
-    left: int
-    top: int
-    label: int
-    title: int
-    every_panel: bool
 
 
 def _matplotlib():
@@ -58,36 +30,6 @@ def _matplotlib():
     except ImportError:
         raise ImportError("PNG export needs matplotlib: pip install 'mha-twin[plot]'") from None
     return plt
-
-
-def _ticks(tokens, offset: int):
-    """(positions, labels, font size in points): every token up to MAX_LABELS, else every k-th as 'i token'."""
-    n = len(tokens)
-    cut = [t if len(t) <= 14 else t[:13] + "~" for t in tokens]
-    if n <= MAX_LABELS:
-        return list(range(n)), cut, max(4, min(9, int(160 / max(n, 1))))
-    pos = list(range(0, n, math.ceil(n / 32)))
-    return pos, [f"{offset + i} {cut[i]}" for i in pos], 6
-
-
-def grid(tokens, heads: int, *, columns: int = 4, offset: int = 0, note: bool = False) -> Grid:
-    """The image's geometry for ``heads`` panels over ``tokens``, before anything is drawn (pure arithmetic,
-    no matplotlib): what the size bound is checked against."""
-    n = len(tokens)
-    _, labels, fs = _ticks(tokens, offset)
-    label = int(max((len(t) for t in labels), default=1) * fs * 0.62 * _PT) + 14  # widest label + tick + pad
-    img = round(DPI * min(max(2.6, 0.22 * n + 1.2), 6.5)) - (label if n <= MAX_LABELS else 0)
-    every = n <= MAX_LABELS
-    title = int(2 * 9 * 1.3 * _PT) + 8  # two lines of 9 pt
-    cols = max(1, min(columns, heads))
-    rows = math.ceil(heads / cols)
-    cell_w = img + 24 + (label if every else 0)
-    cell_h = title + img + 10 + (label if every else 0)
-    left, bottom = (8, 8) if every else (label + 8, label + 8)
-    top = int((2 if note else 1) * 10 * 1.4 * _PT) + 16
-    right = 130  # the colour bar and its labels
-    return Grid(left + cols * cell_w + right, top + rows * cell_h + bottom, cols, rows, img, cell_w, cell_h,
-                left, top, label, title, every)
 
 
 def figure(data: dict, *, columns: int = 4):
@@ -107,7 +49,7 @@ def figure(data: dict, *, columns: int = 4):
                          f"{PNG_PIXELS // 10**6} megapixels or {PNG_SIDE} px a side; choose fewer heads or tokens")
     fig = plt.figure(figsize=(g.width / DPI, g.height / DPI), dpi=DPI)
     W, H = g.width, g.height
-    pos, labels, fs = _ticks(tokens, offset)
+    pos, labels, fs = ticks(tokens, offset)
     norm = BoundaryNorm((0.0, *LEVELS, 1.0), 256)  # the terminal's levels: small weights stay visible
     image = None
     for k, (layer, h) in enumerate(heads):
@@ -147,16 +89,12 @@ def save_png(data: dict, path, *, columns: int = 4, dpi: int = DPI) -> Path:
 
 
 def _save(fig, path, dpi: int = 110) -> Path:
-    """Save a matplotlib figure as PNG atomically (temporary file, then rename) and close it."""
+    """Save a matplotlib figure as PNG atomically (``mha._io.atomic_write``) and close it."""
+    from .._io import atomic_write
+
     plt = _matplotlib()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)

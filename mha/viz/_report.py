@@ -171,7 +171,7 @@ def render_html(data: dict, *, view: str = "model", words: bool = False) -> str:
 
 
 def report(encoding, *, text: str | None = None, roles=None, backend: str = "", constructed: bool | None = None,
-           layers=None, heads=None, view: str = "model", words: bool = False, residual: float = 0.5,
+           layers=None, heads=None, tokens=None, view: str = "model", words: bool = False, residual: float = 0.5,
            max_bytes: int = HTML_BYTES) -> Report:
     """The attention report of an encoding (``model.encode(text)``): model view, head view, rollout.
 
@@ -181,6 +181,8 @@ def report(encoding, *, text: str | None = None, roles=None, backend: str = "", 
         roles: :func:`mha.analysis.head_roles` records (computed when None).
         constructed: say the weights were set by hand (default: the encoding has head labels).
         layers, heads: which heads the model and head views show (default all; rollout uses all).
+        tokens: a token window, (start, stop) or "A:B" (default: the whole text; rollout still runs over
+            the whole text and is shown for the window).
         view: "model", "head" or "rollout", the view it opens on; words: open at word level.
         residual: rollout's residual share; max_bytes: the page's bound.
 
@@ -189,11 +191,13 @@ def report(encoding, *, text: str | None = None, roles=None, backend: str = "", 
     """
     from ..analysis import head_roles
     from ._data import to_data
+    from ._limits import parse_window
 
     if roles is None:
         roles = head_roles(encoding.attentions, encoding.tokens)
+    window = parse_window(tokens, len(encoding.tokens)) if isinstance(tokens, str) else tokens
     data = to_data(encoding, text=encoding.text if text is None else text, roles=roles, backend=backend,
-                   layers=layers, heads=heads, arrays=True,
+                   layers=layers, heads=heads, tokens=window, arrays=True,
                    constructed=bool(encoding.head_labels) if constructed is None else constructed)
     return build(data, attentions=encoding.attentions, view=view, words=words, residual=residual,
                  max_bytes=max_bytes)

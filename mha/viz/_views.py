@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 
 def _encoding(enc, tokens, attentions, head_labels):
-    from ..models import Encoding
-
     n = len(tokens)
-    return Encoding(list(tokens), np.arange(n), np.zeros((n, 0), np.float32), attentions.astype(np.float32),
-                    enc.truncated, model=enc.model, head_labels=head_labels, text=enc.text)
+    return dataclasses.replace(enc, tokens=list(tokens), ids=np.arange(n), hidden_states=np.zeros((n, 0), np.float32),
+                               attentions=attentions.astype(np.float32), head_labels=head_labels)
 
 
 def words_encoding(enc):

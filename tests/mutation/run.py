@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.mutation import ast_edit  # noqa: E402
 from tests.mutation.mutants import MUTANTS  # noqa: E402
 
 DRIVER = r"""
@@ -61,10 +62,7 @@ def copy_project(dest: Path) -> None:
 
 def apply(dest: Path, m) -> None:
     path = dest / m.path
-    text = path.read_text()
-    if text.count(m.old) != 1:
-        raise SystemExit(f"mutant {m.name}: the text to replace occurs {text.count(m.old)} times in {m.path}")
-    path.write_text(text.replace(m.old, m.new))
+    path.write_text(ast_edit.apply(path.read_text(), m.function, m.old, m.new))
 
 
 def run_one(m, mode: str = "first") -> dict:

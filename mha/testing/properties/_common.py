@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..._weights import AttentionWeights
+from ... import AttentionWeights
 from .. import tolerance
 from ..strategies import Problem, problems
 

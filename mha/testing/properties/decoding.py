@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import build, call, close, identical, magnitude, prop, replace, rng_of, t2, weights_tol
+from .. import oracle
+from ._common import build, call, close, identical, magnitude, prop, replace, rng_of, t1, t2, weights_tol
 
 
 def _chunks(rng, T: int) -> list[tuple[int, int]]:
@@ -48,6 +49,19 @@ def cached_decoding(impl, p):
             kwargs["key_mask"] = km[:, a:b]
         parts.append(np.asarray(fn(p.query[:, a:b], None, None, **kwargs), np.float64))
     close(np.concatenate(parts, axis=1), y, t2(magnitude(p, y)), "cached decoding vs one causal pass")
+
+
+@prop("rope_reference", requires=("rope",), theme="decoding", rope=True, positional=True, min_head_dim=4,
+      min_len=2)
+def rope_reference(impl, p):
+    """RoPE rotates as the oracle's complex multiplication does (the pair layout, frequencies, position
+    scale and offsets): with RoPE on every example and heads wide enough that the two pair layouts
+    differ, y equals the float64 oracle within T1 (relative positions alone, as the next property
+    checks, cannot tell one valid layout from the other)."""
+    y, _ = call(impl, p)
+    k, v = p.kv
+    y_ref, _ = oracle.attention(p.weights, p.query, k, v, **p.masks(), **p.layer_options())
+    close(y, y_ref, t1(magnitude(p, y_ref)), f"output with {p.rope} vs float64 oracle")
 
 
 @prop("rope_relative_positions", requires=("rope", "key_mask"), theme="decoding", rope=True, positional=True,

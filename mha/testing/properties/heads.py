@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ..._weights import AttentionWeights
+from ... import AttentionWeights
 from ._common import call, close, edit_weights, magnitude, prop, rng_of, t1, t2, weights_tol
 
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ..._weights import AttentionWeights
+from ... import AttentionWeights
 from ..oracle import head_projections
 from ._common import call, close, edit_weights, empty_rows, magnitude, prop, replace, rng_of, t1, t2
 

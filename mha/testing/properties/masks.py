@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..strategies import LARGE_NEGATIVES
 from ._common import call, close, full_mask, identical, magnitude, prop, replace, rng_of, t2
 
 _HIDING = ("mask", "additive_mask", "key_mask")
@@ -66,6 +67,51 @@ def masked_keys_irrelevant(impl, p):
     y2, _ = call(impl, p, query=q2, key=k2, value=v2 if not p.config.self_attention else k2)
     rows = _compare_rows(p, hidden)
     identical(y2[rows], y[rows], "output after changing hidden keys/values")
+
+
+def _additive(p) -> np.ndarray:
+    """The problem's mask as a (B, H, T, S) float32 additive mask (bool False -> -inf; none -> zeros)."""
+    m = full_mask(p)
+    if m is None:
+        return np.zeros((p.config.B, p.config.H, p.config.T, p.config.S), np.float32)
+    if m.dtype.kind != "f":
+        return np.where(m != 0, 0.0, -np.inf).astype(np.float32)
+    return m.astype(np.float32)
+
+
+@prop("large_negative_bias", requires=("additive_mask",), theme="masks", positional=True)
+def large_negative_bias(impl, p):
+    """A large finite negative in an additive mask (finfo(float32).min, as Hugging Face fills padding;
+    -1e9; float16's lowest; -1e4) weighs a key down but hides nothing, and never ties with a hidden key.
+    With whole query rows of it (a query whose every visible key carries it) and a key hidden from every
+    query, changing the hidden inputs leaves every other row bitwise unchanged and finite; with
+    causal=True, changing the inputs from position t on leaves the rows before t bitwise unchanged."""
+    rng = rng_of(p, 20)
+    c = np.float32(rng.choice([x for x in LARGE_NEGATIVES if np.isfinite(x)]))
+    B, T = p.config.B, p.config.T
+    m = _additive(p)
+    rows = rng.random((B, T)) < 0.5
+    rows[rng.integers(B), rng.integers(T)] = True
+    m = np.where(rows[:, None, :, None] & np.isfinite(m), c, m)
+    m = np.where(rng.random(m.shape) < 0.2, c, m).astype(np.float32)
+    p = _hide(impl, replace(p, mask=m), int(rng.integers(B)), int(rng.integers(p.config.S)))
+    hidden = _hidden_keys(p)
+    y, _ = call(impl, p)
+    if not np.isfinite(y).all():
+        raise AssertionError(f"non-finite output with an additive mask of {c}")
+    noise = 30.0 * rng.normal(size=p.config.S * B * max(p.config.kdim, p.config.vdim, p.config.E))
+    k2, v2 = _perturbed(p, hidden, noise.astype(np.float32))
+    q2 = k2 if p.config.self_attention else p.query
+    y2, _ = call(impl, p, query=q2, key=k2, value=v2 if not p.config.self_attention else k2)
+    keep = _compare_rows(p, hidden)
+    identical(y2[keep], y[keep], f"output after changing hidden keys/values, additive mask of {c}")
+    if p.causal and p.config.self_attention and T >= 2:
+        t = int(rng.integers(1, T))
+        x2 = p.query.copy()
+        x2[:, t:] = (3.0 * rng.normal(size=x2[:, t:].shape)).astype(x2.dtype)
+        y3, _ = call(impl, p, query=x2, key=x2, value=x2)
+        identical(y3[:, :t], y[:, :t], f"outputs before position {t} after changing inputs from {t} on, "
+                                       f"additive mask of {c}")
 
 
 @prop("nonfinite_hidden_isolation", theme="masks", requires_any=_HIDING, self_attention=False,

@@ -1,0 +1,13 @@
+"""Files the way mha-twin writes them, for tools built on it (the CLI uses these).
+
+- :func:`atomic_write`: write through a temporary file renamed over the target, so a reader never sees
+  half a file and a failed write leaves the old one; a new file gets the permissions ``open()`` would
+  give (the umask), a replaced one keeps its own; a symlink is written through (the link stays); a pipe
+  or device is written in place.
+- :func:`check_writable`: that a path can be written (its folder exists, it is not a folder), checked
+  before any work, with a ``ValueError`` naming it.
+"""
+
+from ._io import atomic_write, check_writable
+
+__all__ = ["atomic_write", "check_writable"]

@@ -1,0 +1,138 @@
+"""What a user may tune in the numpy fast path (``mha_cpu.options``), and the test-only settings behind
+:func:`small_blocks`.
+
+``options`` holds the four settings worth tuning: worker threads, query and key block sizes, and how
+much memory each thread keeps for reusable temporaries. Every assignment is checked, with the
+project's error standard. Everything else the fast path decides per call, from thresholds in
+:data:`tuning`, which only :func:`small_blocks` changes (to run every branch of the kernel on tiny
+problems, as the property suite does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import threading
+from dataclasses import dataclass
+
+_SETTINGS = {
+    "threads": "worker threads for one call (None: one per CPU this process may use; 1: no pool)",
+    "block_q": "queries per task (None: chosen per call, 16..256, from a 16 MiB budget of logits)",
+    "block_k": "keys per step of the online softmax, when a call's keys do not fit in one block",
+    "scratch_bytes": "temporaries up to this size are kept per thread and reused across calls (0: never)",
+}
+
+
+class Options:
+    """Tuning of the numpy fast path (``mha_cpu.options``); None means chosen per call.
+
+    Attributes:
+        threads: worker threads for one call (None: one per CPU this process may use; 1: no pool).
+        block_q: queries per task (None: chosen per call from a 16 MiB budget of logits, 16..256).
+        block_k: keys per step of the online softmax, when a call's keys do not fit in one block.
+        scratch_bytes: temporaries up to this size are kept per thread and reused across calls (0:
+            never); ``mha_cpu.free_scratch()`` lets them go.
+    """
+
+    __slots__ = tuple(_SETTINGS)
+
+    def __init__(self, threads=None, block_q=None, block_k=512, scratch_bytes=16 << 20):
+        self.threads = threads
+        self.block_q = block_q
+        self.block_k = block_k
+        self.scratch_bytes = scratch_bytes
+
+    def __setattr__(self, name, value):
+        if name not in _SETTINGS:
+            raise AttributeError(f"mha_cpu.options has no setting {name!r}; the settings are "
+                                 f"{', '.join(_SETTINGS)}")
+        optional = name in ("threads", "block_q")
+        low = 0 if name == "scratch_bytes" else 1
+        if value is None and optional:
+            return object.__setattr__(self, name, None)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            expected = f"an int >= {low}" + (" or None" if optional else "")
+            raise TypeError(f"mha_cpu.options.{name} must be {expected}, got {value!r} ({type(value).__name__})")
+        if value < low:
+            raise ValueError(f"mha_cpu.options.{name} must be an int >= {low}, got {value} ({_SETTINGS[name]})")
+        object.__setattr__(self, name, int(value))
+
+    def __repr__(self) -> str:
+        return "Options(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in _SETTINGS) + ")"
+
+    def copy(self) -> "Options":
+        return Options(**{n: getattr(self, n) for n in _SETTINGS})
+
+    def restore(self, other: "Options") -> None:
+        for n in _SETTINGS:
+            setattr(self, n, getattr(other, n))
+
+
+options = Options()
+
+
+@dataclass
+class Tuning:
+    """Per-call thresholds of the fast path, measured on this project's machines; changed only by
+    :func:`small_blocks` (tests).
+
+    single_pass_max: up to this many keys a task takes all its keys in one block.
+    single_pass_floats: ... and also when the whole call's logits (T x H x S per batch element) fit in
+        this many floats (decoding: a few queries against a long cache).
+    min_parallel_flops: below this much work per call the pool costs more than it gives.
+    min_split_work: fewer tasks than workers: split key/value heads over them from this many logits on.
+    scratch_min: temporaries smaller than this come from malloc (cheap at that size), not scratch.
+    split: how self-attention is shared out: "auto" (by head groups when they divide the workers
+        evenly, else by query rows), "rows" or "groups" (as many groups as fill the workers).
+    """
+
+    single_pass_max: int = 4096
+    single_pass_floats: int = 1 << 21
+    min_parallel_flops: float = 4e6
+    min_split_work: int = 1 << 16
+    scratch_min: int = 64 << 10
+    split: str = "auto"
+
+
+tuning = Tuning()
+_lock = threading.Lock()
+
+
+class small_blocks:
+    """Run the numpy fast path with tiny blocks, for testing: ``with mha_cpu.small_blocks(2, 3): ...``.
+
+    Queries in blocks of ``block_q``, keys in steps of ``block_k`` (the online softmax from block_k + 1
+    keys on), ``threads`` workers even for tiny problems (so the pool and the split of key/value heads
+    over idle workers run), self-attention shared out as ``split`` ("groups", "rows" or "auto"), every
+    temporary from the reused scratch buffers however small. Every branch of the kernel then runs on
+    problems of a few tokens. It changes process-wide settings: not for use while other threads call
+    the layer.
+    """
+
+    def __init__(self, block_q: int = 2, block_k: int = 3, *, threads: int = 3, split: str = "groups"):
+        if split not in ("auto", "rows", "groups"):
+            raise ValueError(f"split must be 'auto', 'rows' or 'groups', got {split!r}")
+        probe = Options()
+        probe.block_q, probe.block_k, probe.threads = block_q, block_k, threads  # checks them
+        self._set = dict(block_q=block_q, block_k=block_k, threads=threads)
+        self._tuning = Tuning(single_pass_max=block_k, single_pass_floats=0, min_parallel_flops=0,
+                              min_split_work=0, scratch_min=0, split=split)
+
+    def __enter__(self):
+        _lock.acquire()
+        self._saved = (options.copy(), dataclasses.replace(tuning))
+        for n, v in self._set.items():
+            setattr(options, n, v)
+        _assign(tuning, self._tuning)
+        return self
+
+    def __exit__(self, *exc):
+        saved_options, saved_tuning = self._saved
+        options.restore(saved_options)
+        _assign(tuning, saved_tuning)
+        _lock.release()
+
+
+def _assign(target: Tuning, source: Tuning) -> None:
+    for f in dataclasses.fields(Tuning):
+        setattr(target, f.name, getattr(source, f.name))

@@ -1,0 +1,216 @@
+"""The numpy backend's workers and its reusable per-thread temporaries.
+
+Workers: numpy's elementwise ops are single-threaded but release the GIL, so a call's tasks run on a
+thread pool, with BLAS held at one thread meanwhile (threadpoolctl, the ``fast`` extra) so that the two
+levels of threading do not fight: OpenBLAS's own threads keep spinning after a multi-threaded GEMM and
+would take the cores from the tasks that follow.
+
+Temporaries: a fresh array of a few MiB is not free; glibc hands it back to the kernel when freed, and
+the next call takes a page fault for every 4 KiB it touches again (measured: ~1000 faults, ~2 ms of an
+11.5 ms call at B=1, T=512, E=512 on a 2-core VM). So temporaries that never leave a call live in
+buffers each thread keeps from call to call.
+
+Ownership rule, enforced: each buffer is a :class:`Slot`, a module-level constant of the one module that
+uses it. ``with SLOT.lease(shape, dtype) as a:`` lends this thread's buffer for the block; leasing a slot
+that the same thread already holds raises RuntimeError, so two uses can never share a buffer by
+accident. What a call returns is always a fresh array.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ._options import options, tuning
+
+_POOL_PREFIX = "mha_cpu"
+
+
+# -- workers ---------------------------------------------------------------------------------------
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_controller = None
+
+
+def _cpus() -> int:
+    if options.threads is not None:
+        return options.threads
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS
+        return max(1, os.cpu_count() or 1)
+
+
+def _executor(n: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != n:
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix=_POOL_PREFIX)
+            _pool_size = n
+        return _pool
+
+
+def _blas_controller():
+    global _controller
+    if _controller is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _controller = False
+        else:
+            _controller = ThreadpoolController()
+    return _controller
+
+
+def on_worker() -> bool:
+    """Whether this thread is one of the pool's workers."""
+    return threading.current_thread().name.startswith(_POOL_PREFIX)
+
+
+class Workers:
+    """The workers of one call: ``with Workers(flops) as workers: workers.map(fn, items)``.
+
+    With more than one worker, BLAS is held at one thread for the whole call and every GEMM and task
+    runs on the pool. Without threadpoolctl, for small work (below ``tuning.min_parallel_flops``), or
+    from inside a worker, everything runs on the calling thread with BLAS as configured.
+    """
+
+    def __init__(self, flops: float, threads: int | None = None):
+        n = threads or (_cpus() if flops >= tuning.min_parallel_flops and not on_worker() else 1)
+        self.controller = _blas_controller() if n > 1 else None
+        self.n = n if self.controller else 1
+        self._limit = None
+
+    def __enter__(self):
+        if self.n > 1:
+            self._limit = self.controller.limit(limits=1, user_api="blas")
+        return self
+
+    def __exit__(self, *exc):
+        if self._limit is not None:
+            self._limit.restore_original_limits()
+
+    def map(self, fn, items) -> None:
+        """Run ``fn`` on every item, spread over the workers (every n-th item each; the calling thread
+        takes the first share itself, one hand-off fewer: an empty map over 2 workers took 66 us when
+        every share went to the pool, 20 us so)."""
+        items = list(items)
+        if self.n <= 1 or len(items) <= 1 or on_worker():  # waiting on the pool from a worker could deadlock
+            for it in items:
+                fn(it)
+            return
+        n = min(self.n, len(items))
+        shares = [items[i::n] for i in range(n)]  # interleaved: causal blocks grow in cost with the row
+
+        def work(share):
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # thread-local state
+                for it in share:
+                    fn(it)
+
+        pending = [_executor(n - 1).submit(work, share) for share in shares[1:]]
+        try:
+            work(shares[0])
+        finally:  # never return (or raise) while workers still write into the caller's buffers
+            for f in pending:
+                f.result()
+
+    def linear(self, x, weight, bias, out):
+        """``out[...] = x @ weight.T + bias`` for x (..., in), rows split over the workers; returns out
+        (..., out_features)."""
+        x2 = x.reshape(-1, x.shape[-1])
+        o2 = out.reshape(x2.shape[0], weight.shape[0])
+        step = max(1, -(-x2.shape[0] // self.n))
+
+        def part(r0):
+            o = o2[r0:r0 + step]
+            np.matmul(x2[r0:r0 + step], weight.T, out=o)
+            if bias is not None:
+                o += bias
+
+        self.map(part, range(0, x2.shape[0], step))
+        return out
+
+
+# -- per-thread temporaries --------------------------------------------------------------------------
+class _Buffers(dict):
+    """One thread's buffers: Slot -> bytes, and the slots it holds now (hashable by identity, so that a
+    WeakSet can list every thread's)."""
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+    def __init__(self):
+        super().__init__()
+        self.held = set()
+
+
+_registry_lock = threading.Lock()
+_registry: weakref.WeakSet = weakref.WeakSet()
+_local = threading.local()
+
+
+def _buffers() -> _Buffers:
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = _Buffers()
+        with _registry_lock:
+            _registry.add(bufs)
+    return bufs
+
+
+class Slot:
+    """One reusable temporary per thread (see the module docstring): ``with SLOT.lease(shape, dtype)``."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Slot({self.name!r})"
+
+    def lease(self, shape, dtype) -> "_Lease":
+        """An uninitialised (shape) array of ``dtype`` for the ``with`` block: this thread's buffer when
+        its size is within [tuning.scratch_min, options.scratch_bytes], else a fresh array."""
+        return _Lease(self, shape, np.dtype(dtype))
+
+
+class _Lease:
+    __slots__ = ("slot", "shape", "dtype", "_bufs")
+
+    def __init__(self, slot, shape, dtype):
+        self.slot, self.shape, self.dtype, self._bufs = slot, shape, dtype, None
+
+    def __enter__(self) -> np.ndarray:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        if n > options.scratch_bytes or n < tuning.scratch_min:
+            return np.empty(self.shape, self.dtype)
+        bufs = _buffers()
+        if self.slot in bufs.held:
+            raise RuntimeError(f"scratch {self.slot} is already leased on this thread: two uses of one "
+                               f"buffer (each use needs a Slot of its own)")
+        buf = bufs.get(self.slot)
+        if buf is None or buf.nbytes < n:
+            buf = bufs[self.slot] = np.empty(max(n, 1), np.uint8)
+        bufs.held.add(self.slot)
+        self._bufs = bufs
+        return buf[:n].view(self.dtype).reshape(self.shape)
+
+    def __exit__(self, *exc):
+        if self._bufs is not None:
+            self._bufs.held.discard(self.slot)
+            self._bufs = None
+
+
+def free_scratch() -> None:
+    """Drop every thread's reusable temporaries (call it while no layer call is running)."""
+    with _registry_lock:
+        for bufs in list(_registry):
+            bufs.clear()
