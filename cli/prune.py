@@ -86,10 +86,10 @@ def prune(model_name, importance, n_random, fractions, seed, output, as_json):
 
 
 def _plot(result: dict, path) -> None:
-    from mha.viz._png import _matplotlib, _save
+    from mha.viz import pyplot, save_figure
 
     try:
-        plt = _matplotlib()
+        plt = pyplot()
     except ImportError as err:
         raise click.ClickException(str(err)) from None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -111,6 +111,6 @@ def _plot(result: dict, path) -> None:
                  f"({result['sentences']} held-out sentences)")
     fig.tight_layout()
     try:
-        _save(fig, path)
+        save_figure(fig, path)
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None

@@ -124,7 +124,7 @@ def test_missing_extras_name_the_extra(monkeypatch, tmp_path):
     def no_matplotlib():
         raise ImportError("PNG export needs matplotlib: pip install 'mha-twin[plot]'")
 
-    monkeypatch.setattr(png, "_matplotlib", no_matplotlib)
+    monkeypatch.setattr(png, "pyplot", no_matplotlib)
     res = run("demo", "--model", "builtin", "--format", "png", "-o", str(tmp_path / "x.png"), TEXT)
     assert res.exit_code == 1 and "pip install 'mha-twin[plot]'" in res.stderr
     assert not (tmp_path / "x.png").exists()

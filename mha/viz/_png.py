@@ -21,7 +21,8 @@ from ._geometry import DPI, grid, ticks
 from ._limits import PNG_PIXELS, PNG_SIDE
 
 
-def _matplotlib():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or ImportError saying how to install it (the plot extra)."""
     try:
         import matplotlib
 
@@ -37,7 +38,7 @@ def figure(data: dict, *, columns: int = 4):
     bar, the title (and ``data["note"]``, if any) above the panels, every position computed by
     :func:`grid` (no layout engine: nothing can overlap, and 24 panels of 512 tokens draw in seconds).
     Raises ValueError past the bounds."""
-    plt = _matplotlib()
+    plt = pyplot()
     from matplotlib.colors import BoundaryNorm
 
     heads = [(layer["layer"], h) for layer in data["layers"] for h in layer["heads"]]
@@ -85,14 +86,14 @@ def figure(data: dict, *, columns: int = 4):
 def save_png(data: dict, path, *, columns: int = 4, dpi: int = DPI) -> Path:
     """Write a grid of heat maps (one per head in ``data``) to ``path``, atomically; see :func:`figure`.
     ``dpi`` other than 110 scales the image (and its bound) accordingly."""
-    return _save(figure(data, columns=columns), path, dpi)
+    return save_figure(figure(data, columns=columns), path, dpi)
 
 
-def _save(fig, path, dpi: int = 110) -> Path:
-    """Save a matplotlib figure as PNG atomically (``mha._io.atomic_write``) and close it."""
+def save_figure(fig, path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG atomically (``mha.io.atomic_write``) and close it."""
     from .._io import atomic_write
 
-    plt = _matplotlib()
+    plt = pyplot()
     try:
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     finally:
