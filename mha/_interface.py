@@ -12,7 +12,7 @@ supplies the array namespace and these hooks; nothing else of it is called.
   take the reference path).
 - :meth:`_dtypes`, :meth:`_init_rng`, :meth:`_is_native`, :meth:`_from_numpy`, :meth:`_set_params`,
   :meth:`_native_params`, :meth:`_dropout_multiplier`, :meth:`_forward`; optionally :meth:`_errstate`,
-  :meth:`_rope` and :meth:`small_blocks`.
+  :meth:`_settle`, :meth:`_rope` and :meth:`small_blocks`.
 
 Tests hold both backends to this: the same public names and signatures (tests/test_api.py), and every
 hook's result checked against the reference by the property suite.
@@ -71,6 +71,10 @@ class BackendHooks:
     def _errstate(self):
         """A context for the arithmetic (numpy: no warnings for the NaN/inf the rules propagate)."""
         return contextlib.nullcontext()
+
+    def _settle(self, cache) -> None:
+        """Called on a cache when it is made and after each call that appended to it, so that any thread
+        can use it next (MLX: an unevaluated array belongs to the thread that made it). Default: nothing."""
 
     @classmethod
     def small_blocks(cls, block_q: int = 2, block_k: int = 3):

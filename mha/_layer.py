@@ -186,8 +186,10 @@ class MultiHeadAttention(BackendHooks):
         if c.kdim != c.embed_dim or c.vdim != c.embed_dim:
             raise ValueError(f"init_cache needs a self-attention layer (kdim = vdim = embed_dim), this one has "
                              f"embed_dim={c.embed_dim}, kdim={c.kdim}, vdim={c.vdim}")
-        return KVCache(self._xp, batch_size=batch_size, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                       dtype=self._dtypes()[0], max_length=max_length, window=c.window, owner=self._cache_owner())
+        cache = KVCache(self._xp, batch_size=batch_size, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                        dtype=self._dtypes()[0], max_length=max_length, window=c.window, owner=self._cache_owner())
+        self._settle(cache)
+        return cache
 
     def _cache_owner(self) -> tuple:
         c = self._config
@@ -252,6 +254,8 @@ class MultiHeadAttention(BackendHooks):
                 out, weights, lse = self._reference(call)
             else:
                 out, weights, lse = self._forward(call)
+        if call.pos.step is not None:
+            self._settle(call.pos.step.cache)
         dt, acc = self._dtypes()
         results = [out]
         if call.return_weights:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -14,15 +16,22 @@ _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16
 
 
 class _RNG:
-    """Holds the dropout key outside the module's parameter tree."""
+    """Holds the dropout key outside the module's parameter tree.
+
+    The key kept between calls is always evaluated: an unevaluated MLX array belongs to the stream of
+    the thread that made it, and another thread cannot evaluate it ("There is no Stream(cpu, 0) in
+    current thread"), so a lazy key would tie the layer's dropout to one thread.
+    """
 
     def __init__(self, seed):
         if seed is None:
             seed = int(np.random.default_rng().integers(2**31))
         self.key = mx.random.key(seed)
+        mx.eval(self.key)
 
     def next(self):
         self.key, sub = mx.random.split(self.key)
+        mx.eval(self.key)
         return sub
 
 
@@ -76,6 +85,7 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
             layer.weight = mx.array(w[f"{p}_weight"]).astype(dt)
             if c.bias:
                 layer.bias = mx.array(w[f"{p}_bias"]).astype(dt)
+        mx.eval(self.parameters())  # evaluated now, so that any thread can use them (see _RNG)
 
     def _native_params(self) -> dict:
         out = {}
@@ -84,6 +94,16 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
             out[f"{p}_weight"] = layer["weight"]
             out[f"{p}_bias"] = layer.get("bias")
         return out
+
+    def _settle(self, cache) -> None:
+        """Schedule the evaluation of the cache's buffers (without waiting for it): an unevaluated array
+        belongs to the thread that made it (see _RNG), and a cache may be continued from another thread
+        (a worker pool serving one conversation)."""
+        try:
+            mx.async_eval(cache.keys, cache.values, cache.valid)
+        except ValueError as err:  # inside mx.grad or mx.compile nothing may be evaluated: nor is it needed
+            if "transformation" not in str(err):
+                raise
 
     def _dropout_multiplier(self, shape, p, dtype):
         keep = mx.random.bernoulli(1.0 - p, shape, key=self._rng.next())
@@ -187,13 +207,19 @@ def _finite_bias(bias, dtype):
 
 
 def _compiled(key, fn):
-    """``mx.compile(fn)``, made once per ``key`` (kind of call, scale, layout); ``fn`` itself when
-    ``COMPILE`` is off. MLX traces the compiled function anew for each new shape or dtype."""
+    """``mx.compile(fn)``, made once per ``key`` (kind of call, scale, layout) and thread; ``fn`` itself
+    when ``COMPILE`` is off. MLX traces the compiled function anew for each new shape or dtype.
+
+    Each thread keeps its own compiled functions, which die with the thread: MLX (0.32) keeps a compiled
+    function's traces in a cache of the thread that ran it, and a trace still cached when its thread
+    ends aborts the process at exit ("terminate called without an active exception", exit 134).
+    """
     if not COMPILE:
         return fn
-    if key not in _graphs:
-        _graphs[key] = mx.compile(fn)
-    return _graphs[key]
+    graphs = _graphs.__dict__.setdefault("by_key", {})
+    if key not in graphs:
+        graphs[key] = mx.compile(fn)
+    return graphs[key]
 
 
 def batch_has_nonfinite(k, v):
@@ -214,7 +240,7 @@ def bad_keys(k, v, num_kv_heads: int):
 
 
 COMPILE = True  # set mha_mlx._layer.COMPILE = False to run the fused path op by op (debugging)
-_graphs: dict = {}
+_graphs = threading.local()  # .by_key: this thread's compiled functions (see _compiled)
 
 
 def fused_attention(q, k, v, *, scale, masks, compile=True):
