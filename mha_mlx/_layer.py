@@ -71,8 +71,12 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
         return isinstance(x, mx.array)
 
     def _from_numpy(self, x):
-        if x.dtype == np.float64:
-            x = x.astype(np.float32)  # MLX GPUs have no float64
+        """An mx.array of ``x``'s values; float64 becomes float32 (MLX GPUs have no float64). ``mx.array``
+        refuses views with negative strides (x[::-1]) and non-native byte order (">f4"): those are copied
+        first into a C-ordered native array (the same values, bit for bit)."""
+        dt = np.dtype(np.float32) if x.dtype.kind == "f" and x.itemsize > 4 else x.dtype.newbyteorder("=")
+        if x.dtype != dt or any(s < 0 for s in x.strides):
+            x = x.astype(dt, order="C")
         return mx.array(x)
 
     def _set_params(self, weights) -> None:

@@ -155,3 +155,69 @@ def test_gradients_flow_through_a_cached_call():
     value, grads = nn.value_and_grad(layer, loss)(layer, x)
     assert float(value) == pytest.approx(float(loss(layer, x)), rel=1e-6)
     assert np.all(np.isfinite(np.array(grads["q_proj"]["weight"])))
+
+
+# -- inputs of any layout and byte order ------------------------------------------------------------
+
+def _views(a: np.ndarray):
+    """(name, array) pairs equal to ``a`` value for value, in layouts and byte orders users send."""
+    out = []
+    for ax in range(a.ndim):
+        if a.shape[ax] > 1:
+            out.append((f"reversed axis {ax}", np.flip(np.flip(a, ax).copy(), ax)))
+    if a.ndim >= 2:
+        perm = tuple(reversed(range(a.ndim)))
+        out.append(("transposed", np.ascontiguousarray(a.transpose(perm)).transpose(perm)))
+        out.append(("Fortran order", np.asfortranarray(a)))
+    out.append(("strided", np.repeat(a, 2, axis=-1)[..., ::2]))
+    out.append(("reversed twice", a[::-1][::-1]))
+    if a.dtype != bool:
+        big = a.astype(a.dtype.newbyteorder(">"))
+        out += [("big-endian", big), ("big-endian reversed", np.flip(np.flip(big, -1).copy(), -1))]
+    return out
+
+
+B, T, S, E, H = 2, 5, 7, 12, 3
+_mask = random_bool((B, H, T, S), 5, p=0.7)
+_BASES = {
+    "query": {np.float32: normal((B, T, E), 1), np.float64: normal((B, T, E), 1, np.float64),
+              np.float16: normal((B, T, E), 1, np.float16), np.int32: (4 * normal((B, T, E), 1)).astype(np.int32)},
+    "key": {np.float32: normal((B, S, E), 2), np.float64: normal((B, S, E), 2, np.float64)},
+    "value": {np.float32: normal((B, S, E), 3), np.float64: normal((B, S, E), 3, np.float64)},
+    "mask": {bool: _mask, np.int64: _mask.astype(np.int64), np.int32: _mask.astype(np.int32),
+             np.float32: np.where(_mask, normal((B, H, T, S), 4), -np.inf).astype(np.float32),
+             np.float64: np.where(_mask, normal((B, H, T, S), 4, np.float64), -np.inf)},
+    "key_mask": {bool: random_bool((B, S), 6, p=0.8), np.int64: random_bool((B, S), 6, p=0.8).astype(np.int64),
+                 np.uint16: random_bool((B, S), 6, p=0.8).astype(np.uint16)},
+    "head_mask": {np.float32: normal((B, H), 7), np.float64: normal((H,), 7, np.float64)},
+}
+_CASES = [(arg, dt) for arg, bases in _BASES.items() for dt in bases]
+
+
+@pytest.mark.parametrize("make", ["mha_mlx", "mha"])
+@pytest.mark.parametrize("arg,dt", _CASES, ids=[f"{a}-{np.dtype(d).name}" for a, d in _CASES])
+def test_any_layout_and_byte_order_gives_the_contiguous_native_result(make, arg, dt):
+    """Reversed views raised ValueError (DLPack negative strides) and big-endian arrays
+    RuntimeError (std::bad_cast); each now gives, bit for bit, what its contiguous native copy gives."""
+    w = random_weights(E, H, seed=0)
+    if make == "mha_mlx":
+        layer = mha_mlx.MultiHeadAttention(E, H, weights=w)
+    else:
+        layer = mha.MultiHeadAttention.from_weights(w, backend="mlx")
+    args = {n: bases[np.float32 if np.float32 in bases else bool] for n, bases in _BASES.items()}
+    base = _BASES[arg][dt]
+    for name, view in _views(base):
+        assert np.array_equal(view, base)
+        native = np.ascontiguousarray(view, dtype=view.dtype.newbyteorder("="))
+        got = mha.to_numpy(layer(**{**args, arg: view}, causal=True))
+        want = mha.to_numpy(layer(**{**args, arg: native}, causal=True))
+        assert got.dtype == np.float32 and np.array_equal(got, want, equal_nan=True), f"{arg} {view.dtype} {name}"
+
+
+def test_float64_input_is_the_float32_input():
+    layer = mha.MultiHeadAttention.from_weights(random_weights(E, H, seed=0), backend="mlx")
+    x = normal((B, T, E), 1, np.float64)
+    for view in (x, x[:, ::-1], x.astype(">f8")):
+        got = mha.to_numpy(layer(view))
+        assert got.dtype == np.float32
+        assert np.array_equal(got, mha.to_numpy(layer(np.ascontiguousarray(view, dtype=np.float32))))
