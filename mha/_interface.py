@@ -9,7 +9,7 @@ supplies the array namespace and these hooks; nothing else of it is called.
 
 - ``backend``: its name ("numpy", "mlx"); ``_xp``: its array namespace (numpy or mlx.core).
 - ``fast_weights``: whether :meth:`_forward` returns weights and lse too (else calls asking for them
-  take the reference path).
+  take the reference path); :meth:`_fast_lse` may say it returns lse (without weights) for some sizes.
 - :meth:`_dtypes`, :meth:`_init_rng`, :meth:`_is_native`, :meth:`_from_numpy`, :meth:`_set_params`,
   :meth:`_native_params`, :meth:`_dropout_multiplier`, :meth:`_forward`; optionally :meth:`_errstate`,
   :meth:`_settle`, :meth:`_rope` and :meth:`small_blocks`.
@@ -61,11 +61,16 @@ class BackendHooks:
         """A native (shape) array: 0 with probability p, else 1 / (1 - p)."""
         raise NotImplementedError
 
+    def _fast_lse(self, B: int, T: int, S: int) -> bool:
+        """Whether :meth:`_forward` returns lse (weights not asked) for a call of these sizes, even when
+        ``fast_weights`` is False (MLX: when the call runs blockwise)."""
+        return self.fast_weights
+
     def _forward(self, call):
         """(output (B, T, E), weights or None, lse or None) of a prepared call (mha._prepare.Prepared) on
-        the "fast" route: no dropout, T and S > 0, weights/lse asked only if ``fast_weights``. It must give
-        the reference's result within the derived tolerance, and follow its rules for empty rows and
-        non-finite inputs exactly (the property suite checks)."""
+        the "fast" route: no dropout, T and S > 0, weights/lse asked only as ``fast_weights`` and
+        :meth:`_fast_lse` allow. It must give the reference's result within the derived tolerance, and
+        follow its rules for empty rows and non-finite inputs exactly (the property suite checks)."""
         raise NotImplementedError
 
     def _errstate(self):

@@ -71,10 +71,11 @@ class MaskSet:
         """Whether no rule hides any key (a ``bias`` is finite: it weights keys but hides none)."""
         return self.keep is None and not self.positional
 
-    def causal_keep(self, xp):
+    def causal_keep(self, xp, rows=None, cols=None):
         """(T, S) bool: the positional rules; key j visible from query i iff j <= i + (S - T) (causal)
-        and |i + (S - T) - j| < W (window)."""
-        dist = xp.arange(self.T)[:, None] + (self.S - self.T) - xp.arange(self.S)[None, :]  # (T, S) i' - j
+        and |i + (S - T) - j| < W (window). ``rows``/``cols``: (start, stop) of one block of it."""
+        (t0, t1), (s0, s1) = rows or (0, self.T), cols or (0, self.S)
+        dist = xp.arange(t0, t1)[:, None] + (self.S - self.T) - xp.arange(s0, s1)[None, :]  # (T, S) i' - j
         keep = dist >= 0 if self.causal else None
         if self.window is not None:
             w = xp.abs(dist) < self.window

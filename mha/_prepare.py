@@ -152,7 +152,8 @@ def _record(layer, query, key, value, mask, key_mask, head_mask, step, flags, B,
     if flags["training"] and c.dropout > 0:
         dropout = layer._dropout_multiplier((B, c.num_heads, T, S), c.dropout, acc)
     wants = flags["return_weights"] or flags["return_lse"]
+    gives = not wants or layer.fast_weights or (not flags["return_weights"] and layer._fast_lse(B, T, S))
     route = ("empty" if T == 0 or S == 0 else
-             "reference" if dropout is not None or (wants and not layer.fast_weights) else "fast")
+             "reference" if dropout is not None or not gives else "fast")
     return Prepared(query, key, value, masks, pos, head_mask, dropout, flags["return_weights"],
                     flags["return_lse"], batched, route)

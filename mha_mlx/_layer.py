@@ -12,6 +12,8 @@ import mha
 from mha._masks import MaskSet
 from mha._reference import merge_heads, nonfinite_keys, split_heads
 
+from . import _blockwise, _options
+
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -54,12 +56,21 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
     are ``mlx.nn.Linear`` children ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, so the layer trains
     with ``mlx.optimizers`` and ``mx.grad``/``nn.value_and_grad``. Without weights requested (and no
     dropout) it runs MLX's fused ``mx.fast.scaled_dot_product_attention``, with the empty-row and
-    non-finite rules of the reference enforced around it.
+    non-finite rules of the reference enforced around it; on MLX's CPU device, a call whose B x H x T x S
+    score matrix would exceed ``mha_mlx.options.score_bytes`` runs blockwise instead (mha_mlx._blockwise).
     """
 
     backend = "mlx"
     _xp = mx
     fast_weights = False  # the fused kernel returns neither weights nor lse: such calls take the reference
+
+    def _fast_lse(self, B, T, S) -> bool:
+        return _blockwise.over_budget(B, self._config.num_heads, T, S)  # the blockwise path gives lse
+
+    @classmethod
+    def small_blocks(cls, block_q: int = 2, block_k: int = 3):
+        """Every call blockwise, in tiny blocks (mha_mlx.small_blocks)."""
+        return _options.small_blocks(block_q, block_k)
 
     def _dtypes(self):
         return _DTYPES[self._config.dtype], mx.float32
@@ -135,6 +146,10 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
         q = _affine(query, p["q_weight"], p["q_bias"])  # (B, T, H*D)
         k = _affine(key, p["k_weight"], p["k_bias"])  # (B, S, Hkv*D)
         v = _affine(value, p["v_weight"], p["v_bias"])
+        if _blockwise.over_budget(query.shape[0], H, masks.T, masks.S):  # the scores would not fit
+            q, k, v = self._positions(split_heads(q, H), split_heads(k, Hkv), split_heads(v, Hkv), pos)
+            ctx, lse = _blockwise.attention(q, k, v, scale=c.effective_scale, masks=masks, return_lse=call.return_lse)
+            return self._out(ctx, head_mask, p).astype(dt), None, lse  # ctx (B, T, H, D), lse (B, H, T)
         # Which keys hold NaN/inf, found on the projections while they are contiguous. RoPE keeps finite
         # numbers finite except in float16 near its largest values: there the check waits for RoPE.
         early = pos.step is None and (c.rope is None or dt != mx.float16)

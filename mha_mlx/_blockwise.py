@@ -1,0 +1,173 @@
+r"""Blockwise attention on MLX, for calls whose score matrix would not fit a memory budget.
+
+MLX's CPU device has no fused attention kernel: ``mx.fast.scaled_dot_product_attention`` falls back
+to matmul, softmax, matmul and holds the whole (B, H, T, S) score matrix (measured here: 3.0 GiB at
+B=1, H=2, T=S=20,000; a segfault at T=50,000 under an 8 GiB cap). When that matrix would exceed
+``mha_mlx.options.score_bytes``, :mod:`mha_mlx._layer` runs this path instead: blocks of ``block_q``
+queries against blocks of ``block_k`` keys with FlashAttention's online softmax, in float32 whatever
+the input dtype,
+
+.. math::
+
+    m' = \max(m, \max_j s_j),\quad \ell' = \ell\,e^{m - m'} + \sum_j e^{s_j - m'},\quad
+    a' = a\,e^{m - m'} + \sum_j e^{s_j - m'} v_j,\qquad \mathrm{context} = a / \ell,
+
+where :math:`s_j` are the block's logits (scale, additive mask; hidden keys :math:`-\infty`). The
+running state is evaluated after each key block, so memory is a few blocks of logits plus O(T x E) for
+the projections, never O(T x S). Key blocks that the causal or window rule hides from every query of a
+query block are skipped.
+
+The project's rules hold as on the fused path: every mask combines by AND (causal aligned at the end,
+window, key_mask); a query with no visible key gets a zero context and lse -inf (``l`` stays 0); a key
+whose key or value holds NaN/inf has its value zeroed (so ``0 * value`` stays 0 for the rows that
+cannot see it; its logit is -inf there) and makes the context of exactly the rows that can see it NaN,
+while lse stays the log-sum-exp of the logits, as the reference computes them.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mha._reference import group_queries, nonfinite_keys
+
+from ._options import options
+
+NEG_INF = float("-inf")
+BLOCK_BYTES = 4 << 20  # target size of one block of float32 logits, all (batch, head) pairs together
+
+
+def over_budget(B: int, H: int, T: int, S: int) -> bool:
+    """Whether a call with these sizes runs blockwise (``mha_mlx.options``: score_bytes, gpu)."""
+    o = options
+    if o.score_bytes is None or (not o.gpu and mx.default_device() != mx.cpu):
+        return False
+    return 4 * B * H * T * S > o.score_bytes
+
+
+def _block_sizes(B: int, H: int, T: int, S: int) -> tuple[int, int]:
+    o = options
+    bk = o.block_k or max(1, min(S, 1024, BLOCK_BYTES // (4 * B * H)))
+    bq = o.block_q or max(1, min(T, BLOCK_BYTES // (4 * B * H * bk)))
+    return bq, bk
+
+
+def attention(q, k, v, *, scale: float, masks, return_lse: bool = False):
+    """Attention over key blocks with an online softmax; the same result as the fused path.
+
+    Args:
+        q: (B, H, T, D) queries; k, v: (B, Hkv, S, D) keys and values (after RoPE and the cache).
+        scale: multiplies the logits.
+        masks: the call's :class:`mha._masks.MaskSet` (keep and bias broadcastable to (B, H, T, S)).
+        return_lse: also return the log-sum-exp of each query's visible logits.
+
+    Returns:
+        context (B, T, H, D) in v's dtype (the layout of the output projection's input), and lse
+        (B, H, T) float32 (-inf for a query that sees no key) or None.
+    """
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    f32 = mx.float32
+    bad = nonfinite_keys(mx, k, v)  # (B, Hkv, S): NaN/inf in the key or the value
+    # as in the reference: its value is zeroed (a zero weight times it stays 0) and the rows that see it
+    # are set to NaN at the end; k and v as contiguous float32 once, O(S x D)
+    k = mx.contiguous(k.astype(f32))  # (B, Hkv, S, D)
+    v_dtype, v = v.dtype, mx.contiguous(mx.where(bad[..., None], 0, v).astype(f32))
+    qg = group_queries(q, Hkv).astype(f32) * scale  # (B, Hkv, G, T, D), scaled as in MLX's kernel
+    bq, bk = _block_sizes(B, H, T, S)
+    ctx, lse = [], []
+    for t0 in range(0, T, bq):
+        t1 = min(T, t0 + bq)
+        c, l_ = _query_block(mx.contiguous(qg[:, :, :, t0:t1]), k, v, bad[:, :, None, None, :], masks, t0, t1, bk)
+        ctx.append(c.reshape(B, H, t1 - t0, D))
+        lse.append(l_.reshape(B, H, t1 - t0))
+    ctx = mx.concatenate(ctx, axis=2) if len(ctx) > 1 else ctx[0]  # (B, H, T, D)
+    out_lse = (mx.concatenate(lse, axis=2) if len(lse) > 1 else lse[0]) if return_lse else None
+    return ctx.astype(v_dtype).swapaxes(1, 2), out_lse
+
+
+def key_range(masks, t0: int, t1: int) -> tuple[int, int]:
+    """[lo, hi): the keys that queries t0..t1-1 may see under the causal and window rules."""
+    off, lo, hi = masks.S - masks.T, 0, masks.S
+    if masks.causal:
+        hi = min(hi, t1 + off)  # j <= i + off
+    if masks.window is not None:
+        lo = max(lo, t0 + off - masks.window + 1)  # j > i + off - W
+        hi = min(hi, t1 + off + masks.window - 1)  # j < i + off + W
+    return lo, max(lo, hi)
+
+
+def _query_block(qb, k, v, bad, masks, t0, t1, bk):
+    """One block of scaled float32 queries qb (B, Hkv, G, tb, D) against its keys (k, v float32
+    (B, Hkv, S, D), ``bad`` (B, Hkv, 1, 1, S) their NaN/inf flags): context (B, Hkv, G, tb, D), NaN
+    where a visible key is bad, and lse (B, Hkv, G, tb), float32.
+
+    The running state is evaluated after each key block (see :func:`_evaluate`).
+    """
+    B, Hkv, G, tb, D = qb.shape
+    lo, hi = key_range(masks, t0, t1)
+    if lo == hi:  # every key is hidden from the whole block: zero context
+        return mx.zeros(qb.shape, mx.float32), mx.full((B, Hkv, G, tb), NEG_INF, mx.float32)
+    m = l_ = acc = touched = None
+    for s0 in range(lo, hi, bk):
+        s1 = min(hi, s0 + bk)
+        s, keep = _logits(qb, k, masks, t0, t1, s0, s1)  # (B, Hkv, G, tb, sb); bool broadcastable or None
+        hit = bad[..., s0:s1] if keep is None else mx.logical_and(keep, bad[..., s0:s1])
+        hit = mx.any(hit, axis=-1, keepdims=True)  # (B, Hkv, G or 1, tb or 1, 1): sees a bad key here
+        touched = hit if touched is None else mx.logical_or(touched, hit)
+        m_blk = mx.max(s, axis=-1, keepdims=True)
+        m_new = m_blk if m is None else mx.maximum(m, m_blk)
+        m_use = mx.where(m_new == NEG_INF, 0.0, m_new)  # a row with nothing visible yet: exp(-inf) = 0
+        p = mx.exp(s - m_use)
+        pv = mx.matmul(p, v[:, :, None, s0:s1])  # (B, Hkv, G, tb, D)
+        if m is None:
+            l_, acc = p.sum(axis=-1, keepdims=True), pv
+        else:
+            alpha = mx.exp(m - m_use)
+            l_ = l_ * alpha + p.sum(axis=-1, keepdims=True)
+            acc = acc * alpha + pv
+        m = m_new
+        _evaluate(m, l_, acc, touched)
+    empty = l_ == 0  # (B, Hkv, G, tb, 1): no visible key
+    ctx = mx.where(touched, float("nan"), acc / mx.where(empty, 1.0, l_))
+    lse = mx.log(l_) + m  # an empty row: log 0 + (-inf) = -inf
+    return ctx, lse[..., 0]
+
+
+def _evaluate(*arrays) -> None:
+    """Evaluate the running state now, so that one key block's logits at a time exist. Left lazy, MLX
+    evaluates the whole graph breadth first and computes many blocks' logits before it consumes them
+    (measured at B=1, H=1, T=S=10,000, 1024 x 1024 blocks: a peak of 200 MiB, half the score matrix;
+    10 MiB evaluated block by block). Inside mx.compile nothing may be evaluated: there the blocks stay
+    lazy."""
+    try:
+        mx.eval(*arrays)
+    except ValueError as err:
+        if "transformation" not in str(err):
+            raise
+
+
+def _logits(qb, k, masks, t0, t1, s0, s1):
+    """(B, Hkv, G, tb, sb) float32 logits of queries t0..t1 and keys s0..s1, -inf where hidden, and
+    which keys they see (bool, broadcastable to the logits; None: all)."""
+    s = mx.matmul(qb, k[:, :, None, s0:s1].swapaxes(-1, -2))  # (B, Hkv, G, tb, D) @ (B, Hkv, 1, D, sb)
+    Hkv = k.shape[1]
+    if masks.bias is not None:
+        s = s + _grouped(_block(masks.bias, t0, t1, s0, s1), Hkv)
+    keep = None if masks.keep is None else _grouped(_block(masks.keep, t0, t1, s0, s1), Hkv)
+    if masks.positional:
+        pos = masks.causal_keep(mx, rows=(t0, t1), cols=(s0, s1))  # (tb, sb)
+        keep = pos if keep is None else mx.logical_and(keep, pos)
+    return (s, None) if keep is None else (mx.where(keep, s, NEG_INF), keep)
+
+
+def _block(a, t0, t1, s0, s1):
+    """Rows t0..t1 and columns s0..s1 of a (b, h, T or 1, S or 1) mask (broadcast axes kept)."""
+    if a.shape[-2] > 1:
+        a = a[..., t0:t1, :]
+    return a[..., s0:s1] if a.shape[-1] > 1 else a
+
+
+def _grouped(a, Hkv: int):
+    """(b, H or 1, t, s) -> (b, Hkv or 1, G or 1, t, s), query head h = kv * G + r (GQA)."""
+    b, h, t, s = a.shape
+    return a.reshape(b, Hkv, h // Hkv, t, s) if h > 1 else a.reshape(b, 1, 1, t, s)

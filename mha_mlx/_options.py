@@ -1,0 +1,101 @@
+"""What a user may tune in the MLX backend (``mha_mlx.options``), and :func:`small_blocks` for tests.
+
+``options`` says when a call leaves MLX's fused kernel for the blockwise path (mha_mlx._blockwise) and
+how big the blocks are. Every assignment is checked, with the project's error standard.
+"""
+
+from __future__ import annotations
+
+import numbers
+import threading
+
+_SETTINGS = {
+    "score_bytes": "a call runs blockwise when its B x H x T x S float32 score matrix would take more bytes "
+                   "(0: every call; None: never)",
+    "gpu": "whether score_bytes applies on a GPU too (on the CPU it always does)",
+    "block_q": "queries per block (None: as many as keep one block of logits near 4 MiB)",
+    "block_k": "keys per block (None: up to 1024)",
+}
+
+
+class Options:
+    """Tuning of the MLX backend (``mha_mlx.options``); None means chosen per call.
+
+    Attributes:
+        score_bytes: a call runs blockwise when its score matrix, B x H x T x S float32 values, would
+            take more than this many bytes (default 256 MiB; 0: every call; None: never). On MLX's CPU
+            device the fused kernel holds that whole matrix; the blockwise path needs a few blocks of it.
+            It took 1.10-1.35x the fused kernel's time from 31 MiB to 3 GiB of scores
+            (``benchmarks/mlx_long.py --paired``), so the default keeps the faster kernel while the
+            matrix is modest and bounds memory beyond.
+        gpu: apply ``score_bytes`` on a GPU too (default False: Metal and cuDNN run MLX's kernel without
+            the score matrix for many shapes; not measured here).
+        block_q, block_k: queries and keys per block (None: up to 1024 keys, and as many queries as
+            keep one block of logits, all batch elements and heads together, near 4 MiB).
+    """
+
+    __slots__ = tuple(_SETTINGS)
+
+    def __init__(self, score_bytes=256 << 20, gpu=False, block_q=None, block_k=None):
+        self.score_bytes = score_bytes
+        self.gpu = gpu
+        self.block_q = block_q
+        self.block_k = block_k
+
+    def __setattr__(self, name, value):
+        if name not in _SETTINGS:
+            raise AttributeError(f"mha_mlx.options has no setting {name!r}; the settings are "
+                                 f"{', '.join(_SETTINGS)}")
+        if name == "gpu":
+            if not isinstance(value, bool):
+                raise TypeError(f"mha_mlx.options.gpu must be True or False, got {value!r} ({type(value).__name__})")
+            return object.__setattr__(self, name, value)
+        if value is None:
+            return object.__setattr__(self, name, None)
+        low = 0 if name == "score_bytes" else 1
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"mha_mlx.options.{name} must be an int >= {low} or None, got {value!r} "
+                            f"({type(value).__name__})")
+        if value < low:
+            raise ValueError(f"mha_mlx.options.{name} must be an int >= {low} or None, got {value} "
+                             f"({_SETTINGS[name]})")
+        object.__setattr__(self, name, int(value))
+
+    def __repr__(self) -> str:
+        return "Options(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in _SETTINGS) + ")"
+
+    def copy(self) -> "Options":
+        return Options(**{n: getattr(self, n) for n in _SETTINGS})
+
+    def restore(self, other: "Options") -> None:
+        for n in _SETTINGS:
+            setattr(self, n, getattr(other, n))
+
+
+options = Options()
+_lock = threading.Lock()
+
+
+class small_blocks:
+    """Run every call blockwise with tiny blocks, for testing: ``with mha_mlx.small_blocks(2, 3): ...``.
+
+    Queries in blocks of ``block_q``, keys in blocks of ``block_k``, whatever the call's size, so that
+    every branch of the blockwise path runs on problems of a few tokens. It changes process-wide
+    settings: not for use while other threads call the layer.
+    """
+
+    def __init__(self, block_q: int = 2, block_k: int = 3):
+        probe = Options()
+        probe.block_q, probe.block_k = block_q, block_k  # checks them
+        self._set = dict(score_bytes=0, block_q=block_q, block_k=block_k)
+
+    def __enter__(self):
+        _lock.acquire()
+        self._saved = options.copy()
+        for n, v in self._set.items():
+            setattr(options, n, v)
+        return self
+
+    def __exit__(self, *exc):
+        options.restore(self._saved)
+        _lock.release()
