@@ -25,9 +25,9 @@ class Options:
         score_bytes: a call runs blockwise when its score matrix, B x H x T x S float32 values, would
             take more than this many bytes (default 256 MiB; 0: every call; None: never). On MLX's CPU
             device the fused kernel holds that whole matrix; the blockwise path needs a few blocks of it.
-            It took 1.10-1.35x the fused kernel's time from 31 MiB to 3 GiB of scores
-            (``benchmarks/mlx_long.py --paired``), so the default keeps the faster kernel while the
-            matrix is modest and bounds memory beyond.
+            It took 1.03-1.26x the fused kernel's time from 31 MiB to 3 GiB of scores
+            (``benchmarks/mlx_long.py``; up to 1.35 on a busier machine), so the default keeps the
+            faster kernel while the matrix is modest and bounds memory beyond.
         gpu: apply ``score_bytes`` on a GPU too (default False: Metal and cuDNN run MLX's kernel without
             the score matrix for many shapes; not measured here).
         block_q, block_k: queries and keys per block (None: up to 1024 keys, and as many queries as

@@ -310,3 +310,23 @@ def test_property_on_the_blockwise_path(name):
     """The property suite on the MLX backend with every call blockwise in 2 x 3 blocks (20 examples
     each; test_any_blocks_equal_the_reference draws many more against the reference)."""
     run_property(BackendAdapter("mlx", blocks=(2, 3)), name, max_examples=20)
+
+
+def test_long_sequence_benchmark_script_runs(tmp_path):
+    """benchmarks/mlx_long.py at tiny sizes: every path in its own process (and a run that dies under its
+    cap reported as such), the paired mode, the JSON written."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "mlx_long.py")
+    out = tmp_path / "r.json"
+    res = subprocess.run([sys.executable, script, "--T", "40", "--json", str(out)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["T"], r["path"]) for r in rows] == [(40, "fused"), (40, "blockwise"), (40, "numpy")]
+    assert all(r["finite"] and r["seconds"] > 0 for r in rows)
+    if sys.platform.startswith("linux"):
+        dead = subprocess.run([sys.executable, script, "--T", "40", "--paths", "fused", "--cap-gib", "0.01"],
+                              capture_output=True, text=True, timeout=300)
+        assert dead.returncode == 0 and "fused: failed, exit status" in dead.stdout
+    paired = subprocess.run([sys.executable, script, "--paired", "30", "50", "--rounds", "2"], capture_output=True,
+                            text=True, timeout=300)
+    assert paired.returncode == 0 and paired.stdout.count("ratio") == 2, paired.stderr[-2000:]
