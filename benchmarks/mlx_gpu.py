@@ -298,8 +298,7 @@ def decode(contexts, repeat, torch, dev):
 
 def parts(shapes, repeat):
     """Where the time of one call goes: the whole layers, then the pieces of the fused path alone."""
-    import mha_mlx._layer as L
-    from mha._masks import MaskSet
+    import mha_mlx
 
     rows = []
     for B, T, E, H in shapes:
@@ -329,32 +328,33 @@ def parts(shapes, repeat):
             qp, kp, vp = (mx.addmm(p[f"{n}_bias"], xm, p[f"{n}_weight"].T) for n in "qkv")
             q, k, v = heads(qp), heads(kp), heads(vp)
             mx.eval(q, k, v)
-            none, causal = MaskSet(None, None, False, T, T), MaskSet(None, None, True, T, T)
 
-            def uncompiled():
-                L.COMPILE = False
-                try:
-                    return mine(xm)
-                finally:
-                    L.COMPILE = True
+            def uncompiled(fn):
+                def run():
+                    mha_mlx.options.compile = False
+                    try:
+                        return fn()
+                    finally:
+                        mha_mlx.options.compile = True
+                return run
+
+            def flags(k, v):  # the NaN/inf detector's arithmetic (mha_mlx._nonfinite), timed alone
+                return mx.isnan((k * 0 + v * 0).sum(axis=-1))
 
             variants = {
                 "mlx.nn": lambda: ref(xm, xm, xm),
                 "mha mlx": lambda: mine(xm),
-                "mha mlx uncompiled": uncompiled,
+                "mha mlx uncompiled": uncompiled(lambda: mine(xm)),
                 "addmm + sdpa": bare_addmm,
                 "fused qkv addmm + sdpa": bare_fused_qkv,
                 "kernel sdpa": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale),
-                "kernel fused_attention": lambda: L.fused_attention(q, k, v, scale=scale, masks=none),
-                "kernel fused_attention uncompiled": lambda: L.fused_attention(q, k, v, scale=scale, masks=none,
-                                                                                compile=False),
-                "kernel nonfinite_keys on heads": lambda: L.nonfinite_keys(mx, k, v),
-                "kernel bad_keys per key": lambda: L.bad_keys(kp, vp, H),
-                "kernel batch_has_nonfinite": lambda: L.batch_has_nonfinite(kp, vp),
-                "kernel as the layer runs it, causal": lambda: L._attend(q, k, v, scale, causal, True,
-                                                                         L.bad_keys(kp, vp, H), merged=True),
+                "kernel fused_attention": lambda: mha_mlx.fused_attention(q, k, v, scale=scale),
+                "kernel fused_attention uncompiled": uncompiled(lambda: mha_mlx.fused_attention(q, k, v, scale=scale)),
+                "flags on heads": lambda: flags(k, v),
+                "flags per key on projections": lambda: flags(kp.reshape(B, T, H, D), vp.reshape(B, T, H, D)),
+                "flags per batch element": lambda: mx.any(flags(kp, vp), axis=-1),
                 "kernel sdpa causal": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal"),
-                "kernel fused_attention causal": lambda: L.fused_attention(q, k, v, scale=scale, masks=causal),
+                "kernel fused_attention causal": lambda: mha_mlx.fused_attention(q, k, v, scale=scale, causal=True),
             }
             ms = {name: median_time(lambda f=f: mx.eval(f()), repeat) * 1e3 for name, f in variants.items()}
             row = {"shape": [B, T, E, H], "dtype": dtype, "ms": ms}

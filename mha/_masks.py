@@ -82,6 +82,26 @@ class MaskSet:
             keep = w if keep is None else xp.logical_and(keep, w)
         return keep
 
+    def key_span(self, t0: int, t1: int) -> tuple[int, int]:
+        """[lo, hi): the keys that any of the queries t0..t1-1 may see under the positional rules (the
+        rest are hidden from all of them: blockwise paths skip them); lo <= hi (equal: none)."""
+        off, lo, hi = self.S - self.T, 0, self.S
+        if self.causal:
+            hi = min(hi, t1 + off)  # j <= i + off
+        if self.window is not None:
+            lo = max(lo, t0 + off - self.window + 1)  # j > i + off - W
+            hi = min(hi, t1 - 1 + off + self.window)  # j < i + off + W
+        return lo, max(lo, hi)
+
+    def crosses(self, t0: int, t1: int, s0: int, s1: int) -> bool:
+        """Whether the positional rules hide some but not all of keys s0..s1-1 from queries t0..t1-1 within
+        :meth:`key_span` (False: that block needs no positional mask)."""
+        off = self.S - self.T
+        if self.causal and s1 - 1 > t0 + off:  # the block reaches past the first query's diagonal
+            return True
+        W = self.window
+        return W is not None and (s0 <= t1 - 1 + off - W or s1 - 1 >= t0 + off + W)
+
     def full_keep(self, xp):
         """keep AND the positional rules, broadcastable to (B, H, T, S); None when every key is visible."""
         if not self.positional:

@@ -4,7 +4,7 @@ A task is one block of queries of one batch element and a group of key/value hea
 a call has fewer tasks than workers, as decoding does). Its logits, (H_, n, keys), come from one batched
 GEMM per block of keys, the query heads of a GQA group sharing their key/value head without copies::
 
-    start, end = key_span(...)                 # keys outside are hidden from the whole block of queries
+    start, end = masks.key_span(...)           # keys outside are hidden from the whole block of queries
     for each block of keys in [start, end):
         s = logits(...)                         # scaled, biased, masked (-inf) logits
         part = exp_times_v(s, ...)              # e = exp(s - m) at once, no max pass; e V and row sums
@@ -127,18 +127,6 @@ def plan(B: int, T: int, H: int, Hkv: int, S: int, step: int, workers: int):
     return tasks, [(g * Hkv // splits, (g + 1) * Hkv // splits) for g in range(splits)]
 
 
-def key_span(masks, i0: int, i1: int) -> tuple[int, int]:
-    """[start, end): the keys any query i0..i1-1 may see by the positional rules (causal, window); start
-    <= end (equal when they see none)."""
-    off = masks.S - masks.T
-    end = min(masks.S, i1 + off) if masks.causal else masks.S
-    start = 0
-    if masks.window is not None:
-        start = max(0, i0 + off - masks.window + 1)
-        end = min(end, i1 - 1 + off + masks.window)
-    return start, max(start, end)  # empty: end == start
-
-
 @dataclass
 class _Task:
     """One task's rows and heads, and its running state: offsets m (H_, n, 1), accumulated terms (and,
@@ -182,7 +170,7 @@ class _Task:
 def block(call: Call, b: int, i0: int, i1: int, g0: int, g1: int, step: int) -> None:
     """One task, start to finish (see the module docstring)."""
     task = _Task(call, b, i0, i1, g0, g1)
-    start, end = key_span(call.masks, i0, i1)
+    start, end = call.masks.key_span(i0, i1)
     if call.weights is not None:  # keys wholly in the causal future or outside the window
         w = call.weights[b, task.hs, i0:i1]
         w[..., end:] = 0
@@ -225,16 +213,9 @@ def logits(task: _Task, j0: int, j1: int, buf) -> np.ndarray:
 def _positional_hidden(masks, i0: int, i1: int, j0: int, j1: int):
     """(n, keys) bool: keys j0:j1 that the causal and window rules hide from queries i0:i1; None when
     they hide none of them (the block lies wholly on the visible side)."""
-    off = masks.S - masks.T
-    rows, cols = np.arange(i0, i1)[:, None] + off, np.arange(j0, j1)[None, :]
-    hidden = None
-    if masks.causal and j1 - 1 > i0 + off:  # the block crosses the diagonal
-        hidden = cols > rows
-    W = masks.window
-    if W is not None and (j0 <= i1 - 1 + off - W or j1 - 1 >= i0 + off + W):
-        far = np.abs(rows - cols) >= W
-        hidden = far if hidden is None else hidden | far
-    return hidden
+    if not masks.crosses(i0, i1, j0, j1):
+        return None
+    return ~masks.causal_keep(np, rows=(i0, i1), cols=(j0, j1))
 
 
 def exp_times_v(task: _Task, s, j0: int, j1: int, out) -> np.ndarray:

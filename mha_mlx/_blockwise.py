@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mha._reference import group_queries, nonfinite_keys
+from mha._reference import group_queries
+
+from . import _nonfinite
 
 from ._options import options
 
@@ -67,7 +69,7 @@ def attention(q, k, v, *, scale: float, masks, return_lse: bool = False):
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     f32 = mx.float32
-    bad = nonfinite_keys(mx, k, v)  # (B, Hkv, S): NaN/inf in the key or the value
+    bad = _nonfinite.flags(k, v)  # (B, Hkv, S): NaN/inf in the key or the value
     # as in the reference: its value is zeroed (a zero weight times it stays 0) and the rows that see it
     # are set to NaN at the end; k and v as contiguous float32 once, O(S x D)
     k = mx.contiguous(k.astype(f32))  # (B, Hkv, S, D)
@@ -85,17 +87,6 @@ def attention(q, k, v, *, scale: float, masks, return_lse: bool = False):
     return ctx.astype(v_dtype).swapaxes(1, 2), out_lse
 
 
-def key_range(masks, t0: int, t1: int) -> tuple[int, int]:
-    """[lo, hi): the keys that queries t0..t1-1 may see under the causal and window rules."""
-    off, lo, hi = masks.S - masks.T, 0, masks.S
-    if masks.causal:
-        hi = min(hi, t1 + off)  # j <= i + off
-    if masks.window is not None:
-        lo = max(lo, t0 + off - masks.window + 1)  # j > i + off - W
-        hi = min(hi, t1 + off + masks.window - 1)  # j < i + off + W
-    return lo, max(lo, hi)
-
-
 def _query_block(qb, k, v, bad, masks, t0, t1, bk):
     """One block of scaled float32 queries qb (B, Hkv, G, tb, D) against its keys (k, v float32
     (B, Hkv, S, D), ``bad`` (B, Hkv, 1, 1, S) their NaN/inf flags): context (B, Hkv, G, tb, D), NaN
@@ -104,7 +95,7 @@ def _query_block(qb, k, v, bad, masks, t0, t1, bk):
     The running state is evaluated after each key block (see :func:`_evaluate`).
     """
     B, Hkv, G, tb, D = qb.shape
-    lo, hi = key_range(masks, t0, t1)
+    lo, hi = masks.key_span(t0, t1)
     if lo == hi:  # every key is hidden from the whole block: zero context
         return mx.zeros(qb.shape, mx.float32), mx.full((B, Hkv, G, tb), NEG_INF, mx.float32)
     m = l_ = acc = touched = None

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import threading
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 import mha
+from mha import _masks
 from mha._masks import MaskSet
-from mha._reference import merge_heads, nonfinite_keys, split_heads
+from mha._reference import split_heads
 
-from . import _blockwise, _options
+from . import _blockwise, _nonfinite, _options
+from ._compile import compiled
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -157,14 +157,14 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
             # every query sees every key, so one bad key or value makes all rows of its head NaN, and through
             # the output projection all of the batch element's outputs: one flag per batch element is the
             # whole rule, applied to the output (the fewest extra GPU kernels: MLX-CUDA pays tens of us each)
-            bad_b = batch_has_nonfinite(k, v)  # (B, 1, 1)
+            bad_b = _nonfinite.per_batch(k, v)  # (B, 1, 1)
             q, k, v = self._positions(split_heads(q, H), split_heads(k, Hkv), split_heads(v, Hkv), pos)
             kq, kk, kv = _kernel_inputs(q, k, v)
             bias = None if masks.bias is None else _finite_bias(masks.bias, kq.dtype)  # finite: it hides no key
             ctx = mx.fast.scaled_dot_product_attention(kq, kk, kv, scale=c.effective_scale, mask=bias)
             out = self._out(ctx.swapaxes(1, 2).astype(dt), head_mask, p)
             return mx.where(bad_b, mx.array(float("nan"), out.dtype), out).astype(dt), None, None
-        bad = bad_keys(k, v, Hkv) if early else None  # (B, Hkv, S)
+        bad = _nonfinite.per_key(k, v, Hkv) if early else None  # (B, Hkv, S)
         q, k, v = self._positions(split_heads(q, H), split_heads(k, Hkv), split_heads(v, Hkv), pos)
         # decoding with a cache changes S at every step: a compiled graph would be traced anew each time
         ctx = _attend(q, k, v, c.effective_scale, masks, pos.step is None, bad, merged=True)  # (B, T, H, D)
@@ -182,20 +182,6 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
 def _affine(x, weight, bias):
     """``x @ weight.T + bias`` as one ``mx.addmm`` (the bias added in the GEMM's epilogue)."""
     return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
-
-
-def _batch_has_nonfinite(k, v):
-    # 0 where finite, NaN where not (inf * 0 = NaN); summed per position first: one reduction over a
-    # whole batch element is a single long row, which MLX-CUDA reduces on few threads (measured on an
-    # H100 at B=1, T=16384, E=2048, bf16: the layer took 6.1 ms instead of 4.9)
-    per_position = (k * 0 + v * 0).sum(axis=-1)  # (B, S)
-    return mx.any(mx.isnan(per_position), axis=-1)[:, None, None]
-
-
-def _bad_keys(k, v, num_kv_heads):
-    B, S, HD = k.shape
-    z = (k * 0 + v * 0).reshape(B, S, num_kv_heads, HD // num_kv_heads)
-    return mx.isnan(z.sum(axis=-1)).swapaxes(1, 2)
 
 
 def _kernel_inputs(q, k, v):
@@ -225,63 +211,32 @@ def _finite_bias(bias, dtype):
     return mx.clip(bias, -lim, lim).astype(dtype)
 
 
-def _compiled(key, fn):
-    """``mx.compile(fn)``, made once per ``key`` (kind of call, scale, layout) and thread; ``fn`` itself
-    when ``COMPILE`` is off. MLX traces the compiled function anew for each new shape or dtype.
+def fused_attention(q, k, v, *, scale, mask=None, key_mask=None, causal=False, window=None):
+    """``mx.fast.scaled_dot_product_attention`` with the project's rules on top, on heads.
 
-    Each thread keeps its own compiled functions, which die with the thread: MLX (0.32) keeps a compiled
-    function's traces in a cache of the thread that ran it, and a trace still cached when its thread
-    ends aborts the process at exit ("terminate called without an active exception", exit 134).
+    q (B, H, T, D); k, v (B, Hkv, S, D) -> (B, H, T, D). ``mask``, ``key_mask``, ``causal`` and ``window``
+    as for the layer (mask broadcastable to (B, H, T, S), True = may attend, float added). The fused
+    kernel alone returns mean(V) for a query with no visible key and lets a NaN at a hidden key leak
+    (0 * NaN); here, when some keys are hidden, non-finite numbers in k and v are zeroed before the
+    kernel, and afterwards rows with no visible key are set to 0 and rows that can see a key holding
+    NaN/inf to NaN. The whole of it is ``mx.compile``d (one graph per kind of mask, scale and shape;
+    ``mha_mlx.options.compile``), which fuses these few elementwise steps around the kernel (measured on
+    the CPU at B=1, H=4, T=16, D=16: 81 us op by op, 49 us compiled, against 34 us for the bare kernel).
     """
-    if not COMPILE:
-        return fn
-    graphs = _graphs.__dict__.setdefault("by_key", {})
-    if key not in graphs:
-        graphs[key] = mx.compile(fn)
-    return graphs[key]
-
-
-def batch_has_nonfinite(k, v):
-    """(B, 1, 1) bool: whether the (B, S, Hkv*D) key or value projections of a batch element hold NaN/inf.
-
-    One fused elementwise step (x * 0 is 0, or NaN for NaN/inf) and two reductions, over each position's
-    contiguous numbers, then over the positions. (Measured on an H100 with MLX-CUDA at B=4, T=4096, E=1024, bf16: the
-    same question asked per key over the (B, Hkv, S, D) head views took 0.74-1.4 ms, more than the
-    attention kernel's 0.63 ms; every extra kernel there costs tens of microseconds.)
-    """
-    return _compiled("batch", _batch_has_nonfinite)(k, v)
-
-
-def bad_keys(k, v, num_kv_heads: int):
-    """(B, Hkv, S) bool: True where key or value s of a kv head holds NaN/inf; k, v are the (B, S, Hkv*D)
-    projections (heads not split yet, so each key's D numbers are contiguous)."""
-    return _compiled(("keys", num_kv_heads), lambda k, v: _bad_keys(k, v, num_kv_heads))(k, v)
-
-
-COMPILE = True  # set mha_mlx._layer.COMPILE = False to run the fused path op by op (debugging)
-_graphs = threading.local()  # .by_key: this thread's compiled functions (see _compiled)
-
-
-def fused_attention(q, k, v, *, scale, masks, compile=True):
-    """``mx.fast.scaled_dot_product_attention`` with the reference's rules on top.
-
-    The fused kernel alone returns mean(V) for a query with no visible key and lets a NaN at a hidden
-    key leak (0 * NaN); here, when some keys are hidden, non-finite numbers in k and v are zeroed before
-    the kernel, and afterwards rows with no visible key are set to 0 and rows that can see a key holding
-    NaN/inf to NaN. The whole of it is ``mx.compile``d (one graph per kind of mask, scale and shape),
-    which fuses these few elementwise steps around the kernel (measured on the CPU at B=1, H=4, T=16,
-    D=16: 81 us op by op, 49 us compiled, against 34 us for the bare kernel). ``compile=False`` runs it
-    op by op: decoding with a cache, where S grows at every step and each new shape would be traced anew
-    (measured on the CPU, E=512, H=8, one token against 1024 cached: 5.4 ms per step compiled, 4.0 ms op
-    by op). q (B, H, T, D); k, v (B, Hkv, S, D) -> (B, H, T, D).
-    """
-    return _attend(q, k, v, scale, masks, compile, None, merged=False)
+    B, T, S = q.shape[0], q.shape[2], k.shape[2]
+    if key_mask is not None:
+        key_mask = _masks.key_mask_bool(mx, key_mask, B, S)
+    masks = _masks.prepare(mx, mask=mask, key_mask=key_mask, causal=causal, T=T, S=S, bias_dtype=mx.float32,
+                           window=window)
+    return _attend(q, k, v, scale, masks, True, None, merged=False)
 
 
 def _attend(q, k, v, scale, masks, compile: bool, bad, merged: bool):
-    """:func:`fused_attention`, with ``bad`` from :func:`bad_keys` when known (None: found from k, v
-    here); ``merged`` returns (B, T, H, D), the kernel's own output layout, so no copy is made before the
-    output projection."""
+    """:func:`fused_attention` on a MaskSet, with ``bad`` from :func:`_nonfinite.per_key` when known (None:
+    found from k, v here); ``compile=False`` runs it op by op (decoding with a cache, where S grows at
+    every step and each new shape would be traced anew: measured on the CPU, E=512, H=8, one token against
+    1024 cached, 5.4 ms per step compiled, 4.0 ms op by op); ``merged`` returns (B, T, H, D), the kernel's
+    own output layout, so no copy is made before the output projection."""
     has_keep, has_bias, has_bad = masks.keep is not None, masks.bias is not None, bad is not None
     args = [q, k, v] + [a for a in (masks.keep, masks.bias, bad) if a is not None]
     causal, window = masks.causal, masks.window
@@ -294,7 +249,7 @@ def _attend(q, k, v, scale, masks, compile: bool, bad, merged: bool):
         return _fused(q, k, v, keep, bias, causal, window, float(scale), bad, merged)
 
     if compile:
-        fn = _compiled(("attend", has_keep, has_bias, has_bad, causal, window, float(scale), merged), fn)
+        fn = compiled(("attend", has_keep, has_bias, has_bad, causal, window, float(scale), merged), fn)
     return fn(*args)
 
 
@@ -305,7 +260,7 @@ def _fused(q, k, v, keep, bias, causal: bool, window, scale: float, bad, merged:
     rules = MaskSet(keep, bias, causal, T, S, window)
     every_key_visible = rules.every_key_visible
     if bad is None:
-        bad = nonfinite_keys(mx, k, v)  # (B, Hkv, S)
+        bad = _nonfinite.flags(k, v)  # (B, Hkv, S)
     if not every_key_visible:
         # a NaN/inf at a hidden key must not leak into the kernel's sums (0 * NaN); the rows that see one
         # are set to NaN below (zeroing by the flags, not by isfinite again: decoding runs this op by op

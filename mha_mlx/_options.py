@@ -15,6 +15,7 @@ _SETTINGS = {
     "gpu": "whether score_bytes applies on a GPU too (on the CPU it always does)",
     "block_q": "queries per block (None: as many as keep one block of logits near 4 MiB)",
     "block_k": "keys per block (None: up to 1024)",
+    "compile": "mx.compile the fused path's steps (False: op by op, for measuring and debugging)",
 }
 
 
@@ -32,13 +33,16 @@ class Options:
             the score matrix for many shapes; not measured here).
         block_q, block_k: queries and keys per block (None: up to 1024 keys, and as many queries as
             keep one block of logits, all batch elements and heads together, near 4 MiB).
+        compile: ``mx.compile`` the few elementwise steps around the fused kernel, one graph per kind of
+            call and thread (default True; False runs them op by op, for measuring and debugging).
     """
 
     __slots__ = tuple(_SETTINGS)
 
-    def __init__(self, score_bytes=256 << 20, gpu=False, block_q=None, block_k=None):
+    def __init__(self, score_bytes=256 << 20, gpu=False, block_q=None, block_k=None, compile=True):
         self.score_bytes = score_bytes
         self.gpu = gpu
+        self.compile = compile
         self.block_q = block_q
         self.block_k = block_k
 
@@ -46,9 +50,10 @@ class Options:
         if name not in _SETTINGS:
             raise AttributeError(f"mha_mlx.options has no setting {name!r}; the settings are "
                                  f"{', '.join(_SETTINGS)}")
-        if name == "gpu":
+        if name in ("gpu", "compile"):
             if not isinstance(value, bool):
-                raise TypeError(f"mha_mlx.options.gpu must be True or False, got {value!r} ({type(value).__name__})")
+                raise TypeError(f"mha_mlx.options.{name} must be True or False, got {value!r} "
+                                f"({type(value).__name__})")
             return object.__setattr__(self, name, value)
         if value is None:
             return object.__setattr__(self, name, None)

@@ -23,8 +23,9 @@ class Mutant:
 
 R, M, V, X = "mha/_reference.py", "mha/_masks.py", "mha/_validate.py", "mha_mlx/_layer.py"
 L, F, J = "mha_cpu/_layer.py", "mha_cpu/_kernel.py", "mha_cpu/_proj.py"
+W = "mha_mlx/_blockwise.py"
 P, K, A = "mha/_rope.py", "mha/_cache.py", "mha/_prepare.py"
-KSPAN, POSH, BLOCK, REDO, OOB, FIN = ("key_span", "_positional_hidden", "block", "redo", "out_of_band", "finish")
+BLOCK, REDO, OOB, FIN = ("block", "redo", "out_of_band", "finish")
 TASK = "MultiHeadAttention._forward_groups.task"
 
 MUTANTS = [
@@ -118,6 +119,11 @@ MUTANTS = [
     Mutant("mlx-batch-flag-ignored", X, "MultiHeadAttention._forward",
            'mx.where(bad_b, mx.array(float("nan"), out.dtype), out).astype(dt)', "out.astype(dt)",
            "MLX fused path without masks trusts the kernel with NaN/inf keys"),
+    # the MLX blockwise path (long sequences; the property suite reaches it through small_blocks)
+    Mutant("mlx-blocks-no-acc-rescale", W, "_query_block", "acc = acc * alpha + pv", "acc = acc + pv",
+           "MLX blockwise: the accumulated context not rescaled when the running max grows"),
+    Mutant("mlx-blocks-nan-forgotten", W, "_query_block", "touched = hit if touched is None else mx.logical_or(touched, hit)",
+           "touched = hit", "MLX blockwise: a NaN/inf key seen in an earlier key block forgotten"),
     # the numpy kernel
     Mutant("online-no-acc-rescale", F, REDO, "task.acc *= alpha", "pass",
            "online softmax forgets to rescale the accumulated context when a row is re-centred"),
@@ -128,14 +134,14 @@ MUTANTS = [
     Mutant("offset-moves-down-rescales", F, REDO, "np.exp(-np.where(task.sums() > 0, delta, 0) * c.logit_scale)",
            "np.exp(-delta * c.logit_scale)", "a row without terms whose offset moves down far rescales its "
            "zeros by an overflowing factor (0 * inf = NaN)"),
-    Mutant("causal-skip-off-by-one", F, KSPAN, "min(masks.S, i1 + off) if masks.causal else masks.S",
-           "min(masks.S, i1 + off - 1) if masks.causal else masks.S", "causal block skipping drops the last visible key"),
-    Mutant("diagonal-mask-skipped", F, POSH, "masks.causal and j1 - 1 > i0 + off", "masks.causal and j1 - 1 > i1 + off",
-           "causal mask not applied inside some blocks that cross the diagonal"),
-    Mutant("fast-window-skip-off-by-one", F, KSPAN, "max(0, i0 + off - masks.window + 1)",
-           "max(0, i0 + off - masks.window + 2)", "the numpy fast path skips the oldest key of the window"),
-    Mutant("fast-window-one-sided", F, POSH, "np.abs(rows - cols) >= W", "rows - cols >= W",
-           "window inside a block hides only the past"),
+    Mutant("causal-skip-off-by-one", M, "MaskSet.key_span", "hi = min(hi, t1 + off)", "hi = min(hi, t1 + off - 1)",
+           "causal block skipping drops the last visible key"),
+    Mutant("diagonal-mask-skipped", M, "MaskSet.crosses", "self.causal and s1 - 1 > t0 + off",
+           "self.causal and s1 - 1 > t1 + off", "causal mask not applied inside some blocks that cross the diagonal"),
+    Mutant("window-skip-off-by-one", M, "MaskSet.key_span", "lo = max(lo, t0 + off - self.window + 1)",
+           "lo = max(lo, t0 + off - self.window + 2)", "block skipping drops the oldest key of the window"),
+    Mutant("window-edge-block-unmasked", M, "MaskSet.crosses", "s1 - 1 >= t0 + off + W", "False",
+           "a block reaching past the window's far edge taken as wholly visible"),
     Mutant("fast-gqa-modulo", F, "_Task.__post_init__",
            "c.q[self.b, self.i0:self.i1, self.hs].reshape(self.n, self.Hkv_, self.G, -1).transpose(1, 2, 0, 3)",
            "c.q[self.b, self.i0:self.i1, self.hs].reshape(self.n, self.G, self.Hkv_, -1).transpose(2, 1, 0, 3)",

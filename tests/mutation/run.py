@@ -4,8 +4,8 @@
     python tests/mutation/run.py scale-1/D    # chosen mutants
     python tests/mutation/run.py --matrix     # every property on every mutant: which ones kill it
 
-A mutant is killed when any property fails on either backend (numpy with automatic and with tiny
-blocks, mlx) under the derandomized
+A mutant is killed when any property fails on either backend (numpy and mlx, each with automatic and
+with tiny blocks) under the derandomized
 "mutation" Hypothesis profile. Exit status 0 only when every mutant is killed.
 """
 
@@ -37,7 +37,7 @@ from mha.testing.properties import PROPERTIES
 load_profile("mutation")
 matrix = sys.argv[2] == "matrix"
 killers = []
-for backend, blocks in (("numpy", None), ("numpy", (2, 3)), ("mlx", None)):
+for backend, blocks in (("numpy", None), ("numpy", (2, 3)), ("mlx", None), ("mlx", (2, 3))):
     for name in PROPERTIES:
         if matrix and name in killers:
             continue
