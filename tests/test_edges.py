@@ -169,7 +169,7 @@ def test_mlx_nonfinite_flags_per_kv_head_and_batch(dtype):
     """The MLX fast path finds NaN/inf keys on the projections before the heads are split: each flag must
     land on its own (batch, kv head, key), and the largest finite numbers must not count as bad."""
     mx = pytest.importorskip("mlx.core")
-    from mha_mlx._layer import bad_keys, batch_has_nonfinite
+    from mha_mlx._nonfinite import flags, per_batch, per_key
 
     B, S, Hkv, D = 4, 7, 3, 5
     rng = np.random.default_rng(0)
@@ -181,8 +181,10 @@ def test_mlx_nonfinite_flags_per_kv_head_and_batch(dtype):
         want[b, h, s] = True
     dt = getattr(mx, dtype)
     km, vm = mx.array(k).astype(dt), mx.array(v).astype(dt)
-    np.testing.assert_array_equal(np.array(bad_keys(km, vm, Hkv)), want)
-    np.testing.assert_array_equal(np.array(batch_has_nonfinite(km, vm)).reshape(B), want.any(axis=(1, 2)))
+    np.testing.assert_array_equal(np.array(per_key(km, vm, Hkv)), want)
+    np.testing.assert_array_equal(np.array(per_batch(km, vm)).reshape(B), want.any(axis=(1, 2)))
+    heads = (a.reshape(B, S, Hkv, D).swapaxes(1, 2) for a in (km, vm))  # (B, Hkv, S, D), a cache's layout
+    np.testing.assert_array_equal(np.array(flags(*heads)), want)
     empty = mx.zeros((0, S, Hkv * D), dtype=dt)
-    assert bad_keys(empty, empty, Hkv).shape == (0, Hkv, S)
-    assert batch_has_nonfinite(empty, empty).shape == (0, 1, 1)
+    assert per_key(empty, empty, Hkv).shape == (0, Hkv, S)
+    assert per_batch(empty, empty).shape == (0, 1, 1)
