@@ -11,9 +11,9 @@ import click
 
 from ._util import note, require
 
-IMPLS = ("numpy", "numpy-blocks", "mlx", "torch", "mlx-nn")
-OURS = ("numpy", "numpy-blocks", "mlx")
-NEEDS = {"mlx": "mlx.core", "mlx-nn": "mlx.nn", "torch": "torch"}
+IMPLS = ("numpy", "numpy-blocks", "mlx", "mlx-blocks", "torch", "mlx-nn")
+OURS = ("numpy", "numpy-blocks", "mlx", "mlx-blocks")
+NEEDS = {"mlx": "mlx.core", "mlx-blocks": "mlx.core", "mlx-nn": "mlx.nn", "torch": "torch"}
 
 
 @click.command()
@@ -28,9 +28,10 @@ def check(impls, examples, props, as_json, list_props):
     """Run the attention property suite against implementations.
 
     Prints a table property x implementation: pass, FAIL (the minimal falsifying example is shown
-    below the table) or n/a (the implementation lacks the feature). numpy-blocks is the numpy backend
-    with tiny blocks, so that small problems run its online softmax. Exits 1 when one of this
-    project's backends (numpy, numpy-blocks, mlx) fails a property; what third-party layers (torch, mlx-nn) violate is
+    below the table) or n/a (the implementation lacks the feature). numpy-blocks and mlx-blocks are the
+    backends with tiny blocks, so that small problems run their online softmax. Exits 1 when one of
+    this project's backends (numpy, numpy-blocks, mlx, mlx-blocks) fails a property; what third-party
+    layers (torch, mlx-nn) violate is
     reported as a finding, not an error.
 
     The tolerances are derived for float32 arithmetic, so MLX's float32 matrix products are kept in

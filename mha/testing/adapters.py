@@ -50,7 +50,8 @@ class BackendAdapter:
     ``blocks=(block_q, block_k)`` runs it inside the backend's ``small_blocks(block_q, block_k)``
     (mha._interface): the numpy fast path then takes tiny blocks, the online softmax from more than
     ``block_k`` keys on, a pool of workers and the split by head groups even for tiny problems, so that
-    small problems exercise every branch of the blockwise code; ``mha check --impl numpy-blocks``.
+    small problems exercise every branch of the blockwise code, and MLX takes its blockwise path (the one
+    of long sequences) in tiny blocks; ``mha check --impl numpy-blocks`` / ``--impl mlx-blocks``.
     """
 
     features = FEATURES
@@ -195,13 +196,13 @@ class MlxNNAdapter:
 
 
 def builtin(name: str):
-    """An adapter by the name ``mha check --impl`` uses: numpy, numpy-blocks, mlx, torch, mlx-nn."""
+    """An adapter by the name ``mha check --impl`` uses: numpy, numpy-blocks, mlx, mlx-blocks, torch, mlx-nn."""
     if name in ("numpy", "mlx"):
         return BackendAdapter(name)
-    if name == "numpy-blocks":
-        return BackendAdapter("numpy", blocks=(2, 3))
+    if name in ("numpy-blocks", "mlx-blocks"):
+        return BackendAdapter(name.split("-")[0], blocks=(2, 3))
     if name == "torch":
         return TorchAdapter()
     if name == "mlx-nn":
         return MlxNNAdapter()
-    raise ValueError(f"unknown implementation {name!r}; choose numpy, numpy-blocks, mlx, torch or mlx-nn")
+    raise ValueError(f"unknown implementation {name!r}; choose numpy, numpy-blocks, mlx, mlx-blocks, torch or mlx-nn")
