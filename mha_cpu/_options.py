@@ -11,19 +11,13 @@ problems, as the property suite does).
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import threading
 from dataclasses import dataclass
 
-_SETTINGS = {
-    "threads": "worker threads for one call (None: one per CPU this process may use; 1: no pool)",
-    "block_q": "queries per task (None: chosen per call, 16..256, from a 16 MiB budget of logits)",
-    "block_k": "keys per step of the online softmax, when a call's keys do not fit in one block",
-    "scratch_bytes": "temporaries up to this size are kept per thread and reused across calls (0: never)",
-}
+from mha._settings import Settings
 
 
-class Options:
+class Options(Settings):
     """Tuning of the numpy fast path (``mha_cpu.options``); None means chosen per call.
 
     Attributes:
@@ -34,38 +28,14 @@ class Options:
             never); ``mha_cpu.free_scratch()`` lets them go.
     """
 
-    __slots__ = tuple(_SETTINGS)
-
-    def __init__(self, threads=None, block_q=None, block_k=512, scratch_bytes=16 << 20):
-        self.threads = threads
-        self.block_q = block_q
-        self.block_k = block_k
-        self.scratch_bytes = scratch_bytes
-
-    def __setattr__(self, name, value):
-        if name not in _SETTINGS:
-            raise AttributeError(f"mha_cpu.options has no setting {name!r}; the settings are "
-                                 f"{', '.join(_SETTINGS)}")
-        optional = name in ("threads", "block_q")
-        low = 0 if name == "scratch_bytes" else 1
-        if value is None and optional:
-            return object.__setattr__(self, name, None)
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            expected = f"an int >= {low}" + (" or None" if optional else "")
-            raise TypeError(f"mha_cpu.options.{name} must be {expected}, got {value!r} ({type(value).__name__})")
-        if value < low:
-            raise ValueError(f"mha_cpu.options.{name} must be an int >= {low}, got {value} ({_SETTINGS[name]})")
-        object.__setattr__(self, name, int(value))
-
-    def __repr__(self) -> str:
-        return "Options(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in _SETTINGS) + ")"
-
-    def copy(self) -> "Options":
-        return Options(**{n: getattr(self, n) for n in _SETTINGS})
-
-    def restore(self, other: "Options") -> None:
-        for n in _SETTINGS:
-            setattr(self, n, getattr(other, n))
+    _name = "mha_cpu.options"
+    _spec = {
+        "threads": (None, "int?", 1, "worker threads for one call; None: one per CPU, 1: no pool"),
+        "block_q": (None, "int?", 1, "queries per task; None: chosen per call"),
+        "block_k": (512, "int", 1, "keys per step of the online softmax"),
+        "scratch_bytes": (16 << 20, "int", 0, "temporaries up to this size are reused across calls; 0: never"),
+    }
+    __slots__ = tuple(_spec)
 
 
 options = Options()

@@ -6,20 +6,12 @@ how big the blocks are. Every assignment is checked, with the project's error st
 
 from __future__ import annotations
 
-import numbers
 import threading
 
-_SETTINGS = {
-    "score_bytes": "a call runs blockwise when its B x H x T x S float32 score matrix would take more bytes "
-                   "(0: every call; None: never)",
-    "gpu": "whether score_bytes applies on a GPU too (on the CPU it always does)",
-    "block_q": "queries per block (None: as many as keep one block of logits near 4 MiB)",
-    "block_k": "keys per block (None: up to 1024)",
-    "compile": "mx.compile the fused path's steps (False: op by op, for measuring and debugging)",
-}
+from mha._settings import Settings
 
 
-class Options:
+class Options(Settings):
     """Tuning of the MLX backend (``mha_mlx.options``); None means chosen per call.
 
     Attributes:
@@ -37,44 +29,16 @@ class Options:
             call and thread (default True; False runs them op by op, for measuring and debugging).
     """
 
-    __slots__ = tuple(_SETTINGS)
-
-    def __init__(self, score_bytes=256 << 20, gpu=False, block_q=None, block_k=None, compile=True):
-        self.score_bytes = score_bytes
-        self.gpu = gpu
-        self.compile = compile
-        self.block_q = block_q
-        self.block_k = block_k
-
-    def __setattr__(self, name, value):
-        if name not in _SETTINGS:
-            raise AttributeError(f"mha_mlx.options has no setting {name!r}; the settings are "
-                                 f"{', '.join(_SETTINGS)}")
-        if name in ("gpu", "compile"):
-            if not isinstance(value, bool):
-                raise TypeError(f"mha_mlx.options.{name} must be True or False, got {value!r} "
-                                f"({type(value).__name__})")
-            return object.__setattr__(self, name, value)
-        if value is None:
-            return object.__setattr__(self, name, None)
-        low = 0 if name == "score_bytes" else 1
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"mha_mlx.options.{name} must be an int >= {low} or None, got {value!r} "
-                            f"({type(value).__name__})")
-        if value < low:
-            raise ValueError(f"mha_mlx.options.{name} must be an int >= {low} or None, got {value} "
-                             f"({_SETTINGS[name]})")
-        object.__setattr__(self, name, int(value))
-
-    def __repr__(self) -> str:
-        return "Options(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in _SETTINGS) + ")"
-
-    def copy(self) -> "Options":
-        return Options(**{n: getattr(self, n) for n in _SETTINGS})
-
-    def restore(self, other: "Options") -> None:
-        for n in _SETTINGS:
-            setattr(self, n, getattr(other, n))
+    _name = "mha_mlx.options"
+    _spec = {
+        "score_bytes": (256 << 20, "int?", 0, "a call runs blockwise when its float32 score matrix would take "
+                                             "more bytes; 0: every call, None: never"),
+        "gpu": (False, "bool", None, "whether score_bytes applies on a GPU too"),
+        "block_q": (None, "int?", 1, "queries per block; None: chosen per call"),
+        "block_k": (None, "int?", 1, "keys per block; None: up to 1024"),
+        "compile": (True, "bool", None, "mx.compile the fused path's steps; False: op by op"),
+    }
+    __slots__ = tuple(_spec)
 
 
 options = Options()

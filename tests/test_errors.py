@@ -130,3 +130,24 @@ def test_check_finite(backend):
     with pytest.raises(ValueError, match=r"key holds NaN or inf"):
         layer(normal((2, 3, E), 0), kv, check_finite=True)
     assert np.isnan(mha.to_numpy(layer(x))).any()  # default: propagate, no error
+
+
+@pytest.mark.parametrize("name,value,exc,msg", [
+    ("block_q", 0, ValueError, r"mha_cpu.options.block_q must be an int >= 1 or None, got 0 \(queries per task"),
+    ("block_k", 0, ValueError, r"mha_cpu.options.block_k must be an int >= 1, got 0 \(keys per step"),
+    ("block_k", None, TypeError, r"mha_cpu.options.block_k must be an int >= 1, got None \(NoneType\)"),
+    ("threads", 2.0, TypeError, r"mha_cpu.options.threads must be an int >= 1 or None, got 2.0 \(float\)"),
+    ("threads", True, TypeError, r"mha_cpu.options.threads must be an int >= 1 or None, got True \(bool\)"),
+    ("scratch_bytes", -1, ValueError, r"mha_cpu.options.scratch_bytes must be an int >= 0, got -1"),
+    ("augment", False, AttributeError, r"mha_cpu.options has no setting 'augment'; the settings are threads, "
+                                       r"block_q, block_k, scratch_bytes"),
+])
+def test_numpy_options_are_checked_on_assignment(name, value, exc, msg):
+    """A bad setting fails where it is set, naming it, not later inside a call (block_q = 0 used to fail
+    as `range() arg 3 must not be zero` in the next call); the old value stays."""
+    import mha_cpu
+
+    before = mha_cpu.options.copy()
+    with pytest.raises(exc, match=msg):
+        setattr(mha_cpu.options, name, value)
+    assert repr(mha_cpu.options) == repr(before)
