@@ -8,8 +8,8 @@ import numpy as np
 
 import mha
 
-from . import _kernel, _nonfinite, _options
-from ._pool import Slot, Workers
+from . import _decode, _kernel, _nonfinite, _options
+from ._pool import Slot, Workers, one_blas_thread
 from ._proj import Projections
 
 GROUP_QKV, GROUP_CTX, SHARES = Slot("group QKV"), Slot("group context"), Slot("group W_O shares")
@@ -71,6 +71,11 @@ class MultiHeadAttention(mha.MultiHeadAttention):
 
     # -- the fast path ---------------------------------------------------------------------------------
     def _forward(self, call):
+        if _decode.applies(call):  # one token per sequence, nothing masked: a few GEMVs on this thread
+            with one_blas_thread():
+                found = _decode.step(self, call)
+            if found is not None:
+                return found
         c = self.config
         B, T, S = call.shape
         E, L = c.embed_dim, call.key.shape[1]

@@ -23,7 +23,7 @@ class Mutant:
 
 R, M, V, X = "mha/_reference.py", "mha/_masks.py", "mha/_validate.py", "mha_mlx/_layer.py"
 L, F, J = "mha_cpu/_layer.py", "mha_cpu/_kernel.py", "mha_cpu/_proj.py"
-W = "mha_mlx/_blockwise.py"
+W, S = "mha_mlx/_blockwise.py", "mha_cpu/_decode.py"
 P, K, A = "mha/_rope.py", "mha/_cache.py", "mha/_prepare.py"
 BLOCK, REDO, OOB, FIN = ("block", "redo", "out_of_band", "finish")
 TASK = "MultiHeadAttention._forward_groups.task"
@@ -188,4 +188,13 @@ MUTANTS = [
     Mutant("rows-nonfinite-unchecked", L, "MultiHeadAttention._forward_rows",
            "bool(np.isfinite(k).all() and np.isfinite(v).all())", "True",
            "split by query rows: NaN/inf keys and values go straight into the kernel"),
+    # the numpy decode step
+    Mutant("decode-no-max", S, "step", "s -= m", "pass",
+           "decode step: the softmax without the row maximum subtracted"),
+    Mutant("decode-rope-query-at-zero", S, "step", "layer._rope(q, call.pos.q_offset)", "layer._rope(q, 0)",
+           "decode step: the new query rotated as if at position 0"),
+    Mutant("decode-unnormalised", S, "step", "ctx /= sums", "pass",
+           "decode step: the context never divided by the row sums"),
+    Mutant("decode-nonfinite-unchecked", S, "step", "np.isfinite(kv).all()", "True",
+           "decode step: a NaN/inf new key or value goes into the cache and the softmax"),
 ]

@@ -1,0 +1,161 @@
+"""The numpy backend's decode step (mha_cpu._decode): one new token against a cache with nothing masked
+takes a path of its own; each of its options against the float64 oracle over the whole sequence, the
+cases it must leave to the general kernel, and the BLAS thread setting it restores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mha
+from mha.testing import oracle, tolerance
+from mha_cpu import _decode
+
+from .helpers import normal, random_weights
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    """Counts the decode steps the special path computed (returned a result)."""
+    n = [0]
+    real = _decode.step
+
+    def spy(layer, call):
+        found = real(layer, call)
+        n[0] += found is not None
+        return found
+
+    monkeypatch.setattr(_decode, "step", spy)
+    return n
+
+
+def _run(layer, x, prompt: int, **kw):
+    """Prefill ``prompt`` tokens, then decode the rest one at a time: (output (B, T, E), weights or
+    lse per step)."""
+    cache = layer.init_cache(x.shape[0], None)
+    first = {k: v for k, v in kw.items() if k == "head_mask"}
+    outs, extras = [mha.to_numpy(layer(x[:, :prompt], cache=cache, causal=True, **first))], []
+    for i in range(prompt, x.shape[1]):
+        r = layer(x[:, i:i + 1], cache=cache, causal=True, **kw)
+        if isinstance(r, tuple):
+            r, extra = r
+            extras.append(mha.to_numpy(extra))
+        outs.append(mha.to_numpy(r))
+    return np.concatenate(outs, axis=1).astype(np.float64), extras
+
+
+CASES = {  # name: (E, H, Hkv, layer options, call options)
+    "mha": (24, 6, 6, {}, {}),
+    # scale * max|W_q| > 2^64: folded into W_q less a power of two, multiplied back at the exp; inputs
+    # ~1e-10 (no biases) keep the logits O(1), where a lost factor changes the weights
+    "folded-scale": (24, 4, 2, {"scale": 1e20}, {}),
+    "gqa": (30, 6, 2, {}, {}),
+    "mqa-rope": (20, 4, 1, {"rope": mha.RoPE(dims=4)}, {}),
+    "rope-traditional": (24, 3, 3, {"rope": mha.RoPE(dims=8, traditional=True, base=50.0)}, {}),
+    "window": (18, 3, 3, {"window": 5}, {}),
+    "scale": (24, 6, 3, {"scale": 0.7}, {}),
+    "head-mask": (24, 6, 2, {}, {"head_mask": np.array([1.0, 0.0, 0.5, 2.0, 1.0, -1.0], np.float32)}),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_decode_steps_equal_the_oracle(name, dtype, taken):
+    """B=3, a prompt of 7 then 6 decoded tokens: the whole output within the derived bound of the float64
+    oracle (causal, with the layer's window and RoPE), and every decoded token took the special path."""
+    E, H, Hkv, opts, kw = CASES[name]
+    tiny = name == "folded-scale"
+    w = random_weights(E, H, Hkv=Hkv, seed=5, bias=not tiny)
+    layer = mha.MultiHeadAttention.from_weights(w, backend="numpy", dtype=dtype, **opts)
+    x = (normal((3, 13, E), 1) * (1e-10 if tiny else 1.0)).astype(dtype)
+    got, _ = _run(layer, x, 7, **kw)
+    want, _ = oracle.attention(w, x, causal=True, rope=opts.get("rope"), window=opts.get("window"),
+                               scale=opts.get("scale"), head_mask=kw.get("head_mask"))
+    M = tolerance.magnitude(w, x, y_ref=want, scale=opts.get("scale"), head_mask=kw.get("head_mask"),
+                            max_angle=13.0 if "rope" in opts else 0.0)
+    tolerance.assert_close(got, want, tolerance.t1(dtype, M), name)
+    assert taken[0] == 6
+
+
+@pytest.mark.parametrize("what", ["return_weights", "return_lse"])
+@pytest.mark.parametrize("scale", [None, 1e20])
+def test_decode_step_weights_and_lse(what, scale, taken):
+    """Weights (B, H, 1, S) and lse (B, H, 1) of each decoded token equal the oracle's last row, also with
+    a scale folded into W_q less a power of two (inputs ~1e-10, no biases: logits O(1))."""
+    E, H, Hkv = 21, 3, 1
+    w = random_weights(E, H, Hkv=Hkv, seed=2, bias=scale is None)
+    layer = mha.MultiHeadAttention.from_weights(w, backend="numpy", scale=scale)
+    x = normal((2, 9, E), 4) * np.float32(1.0 if scale is None else 1e-10)
+    _, extras = _run(layer, x, 4, **{what: True})
+    assert taken[0] == 5
+    for n, got in enumerate(extras):
+        S = 5 + n
+        _, P = oracle.attention(w, x[:, :S], causal=True, scale=scale)
+        if what == "return_weights":
+            assert got.shape == (2, H, 1, S)
+            np.testing.assert_allclose(got, P[:, :, -1:], rtol=0, atol=1e-5)
+        else:
+            qs, ks, _ = oracle.head_projections(w, x[:, :S], x[:, :S], x[:, :S])
+            z = np.stack([np.einsum("bd,bsd->bs", qs[h][:, -1], ks[0]) for h in range(H)], 1)
+            z *= 1 / np.sqrt(7) if scale is None else scale
+            lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+            assert got.shape == (2, H, 1)
+            np.testing.assert_allclose(got[..., 0], lse, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_step_overflowing_logits_are_rescaled(taken):
+    """Inputs ~1e19 make q.k overflow float32 (~1e40): the step rescales instead of returning NaN, and
+    agrees with the float64 oracle (whose logits do not overflow)."""
+    E, H = 16, 2
+    w = random_weights(E, H, seed=7)
+    layer = mha.MultiHeadAttention.from_weights(w, backend="numpy")
+    x = normal((1, 6, E), 3) * np.float32(1e19)
+    got, _ = _run(layer, x, 3)
+    want, _ = oracle.attention(w, x.astype(np.float64), causal=True)
+    assert np.isfinite(got).all()
+    M = tolerance.magnitude(w, x, y_ref=want)
+    tolerance.assert_close(got, want, tolerance.t1("float32", M), "overflow")
+    assert taken[0] == 3
+
+
+def test_cases_left_to_the_general_kernel(taken):
+    """Padding stored in the cache, a mask, two tokens at once, or NaN in the new token: the special path
+    is not taken (or hands back with the cache untouched), and the results still equal the oracle."""
+    E, H = 12, 3
+    w = random_weights(E, H, seed=1)
+    layer = mha.MultiHeadAttention.from_weights(w, backend="numpy")
+    x = normal((2, 8, E), 6)
+    km = np.ones((2, 8), bool)
+    km[0, 1] = False
+    cache = layer.init_cache(2, None)
+    layer(x[:, :5], cache=cache, causal=True, key_mask=km[:, :5])
+    got = mha.to_numpy(layer(x[:, 5:6], cache=cache, causal=True))  # padding stored: general kernel
+    want, _ = oracle.attention(w, x[:, :6], causal=True, key_mask=km[:, :6])
+    np.testing.assert_allclose(got, want[:, 5:6], rtol=0, atol=1e-5)
+    cache = layer.init_cache(2, None)
+    layer(x[:, :5], cache=cache, causal=True)
+    got = mha.to_numpy(layer(x[:, 5:7], cache=cache, causal=True))  # two tokens: causal within them
+    want, _ = oracle.attention(w, x[:, :7], causal=True)
+    np.testing.assert_allclose(got, want[:, 5:7], rtol=0, atol=1e-5)
+    assert taken[0] == 0
+    bad = x[:, 7:8].copy()
+    bad[1, 0, 3] = np.nan
+    out = mha.to_numpy(layer(bad, cache=cache, causal=True))
+    assert cache.offset == 8 and cache.holds_nonfinite  # appended once, by the general kernel
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
+    want, _ = oracle.attention(w, x[:1, :8], causal=True)
+    np.testing.assert_allclose(out[:1], want[:, 7:8], rtol=0, atol=1e-5)
+    assert taken[0] == 0
+
+
+def test_decode_step_restores_blas_threads():
+    """The step holds BLAS at one thread and gives the setting back."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    layer = mha.MultiHeadAttention(16, 2, backend="numpy", seed=0)
+    cache = layer.init_cache(1, None)
+    layer(normal((1, 3, 16), 0), cache=cache, causal=True)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+        layer(normal((1, 1, 16), 1), cache=cache, causal=True)
+        after = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    assert before == after and before
