@@ -18,11 +18,11 @@ import time
 import click
 
 from ._util import note
+from .bench_decode import copy_bandwidth, measure_decode, measure_overhead
 
 SHAPES = [(1, 512, 512, 8), (4, 1024, 768, 12), (1, 4096, 512, 8)]
 QUICK_SHAPES = [(1, 64, 64, 4), (2, 128, 128, 4)]
 LONG = (1, 16384, 512, 8)
-DECODE = (512, 8, 8)  # E, H, num_kv_heads of the decode-step rows
 DECODE_CONTEXTS = [128, 1024, 4096]
 QUICK_DECODE_CONTEXTS = [16, 64]
 
@@ -42,6 +42,35 @@ def sgemm_rate(n: int) -> float:
     a @ b
     best = min(_time(lambda: a @ b) for _ in range(3))
     return 2.0 * n**3 / best / 1e9
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it."""
+    try:
+        if sys.platform == "darwin":
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                  text=True, timeout=10).stdout.strip() or platform.processor()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def blas_info() -> str:
+    """numpy's BLAS as threadpoolctl sees it: library, version, kernel set (e.g. OpenBLAS 0.3.31
+    SkylakeX), threads; or what numpy reports when threadpoolctl is not installed."""
+    import numpy as np
+
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return f"numpy {np.__version__} (install the 'fast' extra for the BLAS kernel set)"
+    libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    return "; ".join(f"{i.get('internal_api')} {i.get('version') or ''} {i.get('architecture') or ''} "
+                     f"{i.get('num_threads')} threads".replace("  ", " ") for i in libs) or "none found"
 
 
 def _time(fn) -> float:
@@ -198,95 +227,6 @@ def measure_long(repeat: int) -> dict:
     return out
 
 
-def _decode_impls(context: int, want_mlx: bool, steps: int):
-    """name -> a callable that decodes one more token (the cache prefilled with ``context`` tokens)."""
-    import numpy as np
-
-    import mha
-
-    E, H, Hkv = DECODE
-    rng = np.random.default_rng(0)
-    prompt = rng.standard_normal((1, context, E), dtype=np.float32)
-    token = rng.standard_normal((1, 1, E), dtype=np.float32)
-    weights = mha.AttentionWeights.init(E, H, num_kv_heads=Hkv, seed=0)
-    impls = {}
-    layer = mha.MultiHeadAttention.from_weights(weights, backend="numpy")
-    cache = layer.init_cache(1, context + steps)
-    layer(prompt, cache=cache, causal=True)
-    impls["mha numpy"] = lambda: layer(token, cache=cache, causal=True)
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
-        torch = None
-    if torch is not None:  # what a torch user writes: preallocated K/V buffers and SDPA over the filled part
-        torch.set_grad_enabled(False)
-        D = E // H
-        qkv, out = torch.nn.Linear(E, 3 * E), torch.nn.Linear(E, E)
-        kbuf, vbuf = torch.zeros(1, H, context + steps, D), torch.zeros(1, H, context + steps, D)
-        q, k, v = qkv(torch.from_numpy(prompt)).view(1, -1, 3, H, D).permute(2, 0, 3, 1, 4)
-        kbuf[:, :, :context], vbuf[:, :, :context] = k, v
-        n = [context]
-        xt = torch.from_numpy(token)
-
-        def torch_step():
-            q, k, v = qkv(xt).view(1, 1, 3, H, D).permute(2, 0, 3, 1, 4)
-            i = n[0]
-            kbuf[:, :, i:i + 1], vbuf[:, :, i:i + 1] = k, v
-            n[0] += 1
-            return out(F.scaled_dot_product_attention(q, kbuf[:, :, :i + 1], vbuf[:, :, :i + 1]).reshape(1, 1, E))
-
-        impls["torch SDPA + cache"] = torch_step
-    if want_mlx:
-        import mlx.core as mx
-
-        ml = layer.to("mlx")
-        mcache = ml.init_cache(1, context + steps)
-        mx.eval(ml(mx.array(prompt), cache=mcache, causal=True))
-        mtoken = mx.array(token)
-        impls["mha mlx"] = lambda: mx.eval(ml(mtoken, cache=mcache, causal=True))
-    return impls
-
-
-def time_decode(context: int, name: str, repeat: int, want_mlx: bool) -> list[float]:
-    """Seconds per decoded token: 3 warm-up steps, then ``repeat`` steps (the context grows by one each)."""
-    fn = _decode_impls(context, want_mlx, repeat + 3)[name]
-    for _ in range(3):
-        fn()
-    return [_time(fn) for _ in range(repeat)]
-
-
-def measure_decode(context: int, repeat: int, want_mlx: bool, isolate: bool = True) -> dict:
-    """Time per token of one decode step (a single new token against a cache of ``context`` tokens)."""
-    import numpy as np
-
-    # the names without building anything here: this process's library threads would share the cores
-    names = ["mha numpy"] + (["torch SDPA + cache"] if importlib.util.find_spec("torch") else []) + \
-        (["mha mlx"] if want_mlx else [])
-    med = {}
-    for name in names:
-        if not isolate:
-            ts = time_decode(context, name, repeat, want_mlx)
-        else:
-            code = ("import json, sys; from mha_cli.bench import time_decode; "
-                    "print(json.dumps(time_decode(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), "
-                    "sys.argv[4] == '1')))")
-            res = subprocess.run([sys.executable, "-c", code, str(context), name, str(repeat),
-                                  "1" if want_mlx else "0"], capture_output=True, text=True, timeout=3600)
-            if res.returncode != 0:
-                raise click.ClickException(f"decode timing of {name} at {context} failed: "
-                                           f"{res.stderr.strip().splitlines()[-1]}")
-            ts = json.loads(res.stdout.strip().splitlines()[-1])
-        med[name] = float(np.median(ts))
-    rows = {}
-    for name, t in med.items():
-        base = "torch SDPA + cache" if name == "mha numpy" and "torch SDPA + cache" in med else None
-        rows[name] = {"ms": t * 1e3, "tokens_per_s": 1.0 / t, "vs": base,
-                      "ratio": t / med[base] if base else None}
-    E, H, Hkv = DECODE
-    return {"context": context, "E": E, "H": H, "num_kv_heads": Hkv, "results": rows}
-
-
 @click.command()
 @click.option("--quick", is_flag=True,
               help="Tiny shapes, few repeats, no long sequence, all in one process: a smoke run (times, no ratios).")
@@ -319,21 +259,27 @@ def bench(quick, as_json, repeat, rounds, long_, use_mlx):
         raise click.ClickException(f"--mlx needs MLX: {info['mlx']['install']}")
     use_mlx = has_mlx if use_mlx is None else use_mlx
     mlx_gpu = info["mlx"]["gpu"]
-    report = {"machine": {"platform": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(),
-                          "python": platform.python_version(), "mlx_device": info["mlx"]["device"]},
-              "repeat": repeat, "rounds": rounds, "sgemm_gflops": None, "shapes": [], "long": None, "decode": []}
+    report = {"machine": {"platform": f"{platform.system()} {platform.machine()}", "cpu": cpu_model(),
+                          "cpus": os.cpu_count(), "blas": blas_info(), "python": platform.python_version(),
+                          "mlx_device": info["mlx"]["device"],
+                          "env": {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS", "OMP_", "MKL_"))}},
+              "repeat": repeat, "rounds": rounds, "sgemm_gflops": None, "copy_gbs": None, "shapes": [],
+              "long": None, "decode": [], "overhead": None}
     contexts = QUICK_DECODE_CONTEXTS if quick else DECODE_CONTEXTS
-    steps = (["sgemm"] + [f"{s}" for s in shapes] + [f"decode {c}" for c in contexts]
+    steps = (["sgemm"] + [f"{s}" for s in shapes] + ["overhead"] + [f"decode {c}" for c in contexts]
              + (["long"] if long_ else []))
     with click.progressbar(steps, label="mha bench", file=sys.stderr) as bar:
         for step in bar:
             if step == "sgemm":
                 report["sgemm_gflops"] = sgemm_rate(1024 if quick else 4096)
+                report["copy_gbs"] = copy_bandwidth(64 if quick else 256)
+            elif step == "overhead":
+                report["overhead"] = measure_overhead(50 if quick else 200, isolate=not quick, rounds=rounds)
             elif step == "long":
                 report["long"] = measure_long(1 if quick else 3)
             elif step.startswith("decode"):
                 report["decode"].append(measure_decode(int(step.split()[1]), 10 if quick else 50, use_mlx,
-                                                       isolate=not quick))
+                                                       isolate=not quick, rounds=rounds))
             else:
                 shape = shapes[steps.index(step) - 1]
                 want = use_mlx and (mlx_gpu or shape[0] * shape[1] <= 1024)
@@ -357,7 +303,7 @@ QUICK_NOTE = ("quick run: every implementation is timed for a few calls in this 
 def _drop_ratios(report: dict) -> None:
     """--quick: no ratio of the in-process timings survives (see QUICK_NOTE); the report says why. (The
     long row, if asked for, runs in processes of its own and keeps its ratio.)"""
-    for blk in report["shapes"] + report["decode"]:
+    for blk in report["shapes"] + report["decode"] + [report["overhead"]]:
         for row in blk["results"].values():
             if row.get("ratio") is not None:
                 row["ratio"] = None
@@ -366,9 +312,12 @@ def _drop_ratios(report: dict) -> None:
 
 def _print(report: dict) -> None:
     m = report["machine"]
-    click.echo(f"{m['platform']}, {m['cpus']} CPUs, Python {m['python']}, MLX device: {m['mlx_device']}; "
-               f"medians of {report['rounds']} x {report['repeat']} repeats (rounds x calls)")
-    click.echo(f"numpy sgemm (this run): {report['sgemm_gflops']:.0f} GFLOP/s")
+    click.echo(f"{m['cpu']}, {m['platform']}, {m['cpus']} CPUs, Python {m['python']}, MLX device: "
+               f"{m['mlx_device']}; medians of {report['rounds']} x {report['repeat']} repeats (rounds x calls)")
+    env = " ".join(f"{k}={v}" for k, v in m["env"].items())
+    click.echo(f"BLAS: {m['blas']}{'; ' + env if env else ''}")
+    click.echo(f"numpy sgemm (this run): {report['sgemm_gflops']:.0f} GFLOP/s; memory copy: "
+               f"{report['copy_gbs']:.1f} GB/s (read + write)")
     blocks = report["shapes"] + ([report["long"]] if report["long"] else [])
     for blk in blocks:
         s = blk["shape"]
@@ -383,12 +332,20 @@ def _print(report: dict) -> None:
     if report["decode"]:
         d = report["decode"][0]
         click.echo(f"\ndecode step: one new token against a KV cache (B=1, E={d['E']}, H={d['H']}, "
-                   f"num_kv_heads={d['num_kv_heads']}), time per token")
+                   f"num_kv_heads={d['num_kv_heads']}), time per token; GB/s: the weights and cached keys "
+                   f"and values each step reads, over the time")
         for blk in report["decode"]:
             for name, r in blk["results"].items():
                 ratio = f"  {r['ratio']:.2f}x {r['vs']}" if r.get("ratio") else ""
                 click.echo(f"  context {blk['context']:>5}  {name:<20} {r['ms']:>8.3f} ms  "
-                           f"{r['tokens_per_s']:>8.0f} tokens/s{ratio}")
+                           f"{r['tokens_per_s']:>8.0f} tokens/s  {r['gbs']:>6.1f} GB/s{ratio}")
+    if report["overhead"]:
+        o = report["overhead"]
+        click.echo(f"\nper-call overhead: the decode step at E={o['E']}, H={o['H']}, context {o['context']} "
+                   f"(arithmetic of a few microseconds)")
+        for name, r in o["results"].items():
+            ratio = f"  {r['ratio']:.2f}x {r['vs']}" if r.get("ratio") else ""
+            click.echo(f"  {name:<20} {r['us']:>8.1f} us{ratio}")
     if report.get("ratios_note"):
         click.echo(f"\n{report['ratios_note']}")
     else:

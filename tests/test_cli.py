@@ -181,14 +181,25 @@ def test_bench_quick_smoke():
     assert all(r["ms"] > 0 for s in data["shapes"] for r in s["results"].values())
     assert all(s["floor_ms"] > 0 for s in data["shapes"])
     # in one process the libraries' thread pools fight: ratios swung from 0.01x to 145x between runs
-    assert all(r["ratio"] is None for blk in data["shapes"] + data["decode"] for r in blk["results"].values())
+    assert all(r["ratio"] is None for blk in data["shapes"] + data["decode"] + [data["overhead"]]
+               for r in blk["results"].values())
     assert "not a comparison" in data["ratios_note"]
+    # the machine behind the figures, memory speed for the decode rows, per-call overhead
+    m = data["machine"]
+    assert m["cpu"] and m["blas"] and isinstance(m["env"], dict) and data["copy_gbs"] > 0
+    for blk in data["decode"]:
+        E, H, Hkv, S = blk["E"], blk["H"], blk["num_kv_heads"], blk["context"] + 1
+        assert blk["bytes"] == 4 * (E * (H + 2 * Hkv) * (E // H) + E * E + 2 * S * Hkv * (E // H))
+        for r in blk["results"].values():
+            assert r["gbs"] == pytest.approx(blk["bytes"] / (r["ms"] * 1e-3) / 1e9)
+    assert data["overhead"]["results"]["mha numpy"]["us"] > 0
 
 
 def test_bench_quick_text_names_the_floor():
     res = run("bench", "--quick", "--no-long", "--no-mlx", "--repeat", "1")
     assert res.exit_code == 0, res.output
-    assert "numpy sgemm (this run):" in res.stdout
+    assert "numpy sgemm (this run):" in res.stdout and "GB/s (read + write)" in res.stdout
+    assert "BLAS: " in res.stdout and "per-call overhead" in res.stdout
     assert res.stdout.count("at the sgemm rate") == 2 and "mha numpy" in res.stdout
     assert not re.search(r"\d\.\d\dx (torch|mlx)", res.stdout)  # no ratio on any row
     assert "smoke test, not a comparison" in res.stdout and "without --quick" in res.stdout
