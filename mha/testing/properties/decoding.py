@@ -51,6 +51,35 @@ def cached_decoding(impl, p):
     close(np.concatenate(parts, axis=1), y, t2(magnitude(p, y)), "cached decoding vs one causal pass")
 
 
+@prop("cached_decoding_nonfinite", requires=("cache", "causal"), theme="decoding", self_attention=True,
+      causal=True, masks=False, min_len=2, max_len=12, positional=True)
+def cached_decoding_nonfinite(impl, p):
+    """Decoding with a cache, NaN, +inf or -inf in one feature of one token: the rows that see that token
+    (its own, and the later ones its window reaches) are NaN, and every other row, before and after it,
+    is finite and equals one clean causal pass (T2): a non-finite key or value stays isolated once
+    cached, whichever path (prefill, single-token step, chunk) appends or reads it."""
+    rng = rng_of(p, 31)
+    B, T = p.config.B, p.config.T
+    b, j, feature = int(rng.integers(B)), int(rng.integers(T)), int(rng.integers(p.config.E))
+    y, _ = call(impl, p, masks={"causal": True})
+    seeing = np.zeros((B, T), bool)
+    seeing[b] = oracle.visible_keys(B, 1, T, T, causal=True, window=p.window)[b, 0, :, j]
+    chunks = _chunks(rng, T)
+    tol = t2(magnitude(p, y))
+    for bad in (np.nan, np.inf, -np.inf):
+        x = p.query.copy()
+        x[b, j, feature] = bad
+        fn = build(impl, p)
+        cache = fn.init_cache(B, None)
+        out = np.concatenate([np.asarray(fn(x[:, a:e], None, None, cache=cache, causal=True), np.float64)
+                              for a, e in chunks], axis=1)
+        if np.isfinite(out[seeing]).any():
+            raise AssertionError(f"a row that sees token {j} ({bad} in its input) stayed (partly) finite")
+        if not np.isfinite(out[~seeing]).all():
+            raise AssertionError(f"a row that cannot see token {j} ({bad} in its input) is not finite")
+        close(out[~seeing], y[~seeing], tol, f"rows that cannot see token {j} with {bad}, decoded in {chunks}")
+
+
 @prop("rope_reference", requires=("rope",), theme="decoding", rope=True, positional=True, min_head_dim=4,
       min_len=2)
 def rope_reference(impl, p):
