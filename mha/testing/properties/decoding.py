@@ -57,7 +57,8 @@ def cached_decoding_nonfinite(impl, p):
     """Decoding with a cache, NaN, +inf or -inf in one feature of one token: the rows that see that token
     (its own, and the later ones its window reaches) are NaN, and every other row, before and after it,
     is finite and equals one clean causal pass (T2): a non-finite key or value stays isolated once
-    cached, whichever path (prefill, single-token step, chunk) appends or reads it."""
+    cached, whichever path (prefill, single-token step, chunk) appends or reads it; and a later token
+    whose mask hides it stays finite (the cache must remember that it holds one)."""
     rng = rng_of(p, 31)
     B, T = p.config.B, p.config.T
     b, j, feature = int(rng.integers(B)), int(rng.integers(T)), int(rng.integers(p.config.E))
@@ -78,6 +79,15 @@ def cached_decoding_nonfinite(impl, p):
         if not np.isfinite(out[~seeing]).all():
             raise AssertionError(f"a row that cannot see token {j} ({bad} in its input) is not finite")
         close(out[~seeing], y[~seeing], tol, f"rows that cannot see token {j} with {bad}, decoded in {chunks}")
+        if "mask" in impl.features and p.window is None:  # one more token, with a mask hiding token j
+            last = np.ones((B, 1, T + 1, T + 1), bool)
+            last[b, :, T, j] = False
+            z = np.concatenate([p.query, p.query[:, :1] * 0.5], axis=1)
+            ref = np.asarray(fn(z, None, None, mask=last & np.tri(T + 1, dtype=bool), causal=True), np.float64)
+            got = np.asarray(fn(z[:, T:], None, None, cache=cache, causal=True, mask=last[:, :, T:]), np.float64)
+            if not np.isfinite(got[b]).all():
+                raise AssertionError(f"a later token whose mask hides the cached token {j} ({bad}) is not finite")
+            close(got[b], ref[b, T:], tol, f"a later token whose mask hides the cached token {j} ({bad})")
 
 
 @prop("rope_reference", requires=("rope",), theme="decoding", rope=True, positional=True, min_head_dim=4,
