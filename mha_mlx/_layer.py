@@ -156,14 +156,13 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
         if early and masks.every_key_visible:
             # every query sees every key, so one bad key or value makes all rows of its head NaN, and through
             # the output projection all of the batch element's outputs: one flag per batch element is the
-            # whole rule, applied to the output (the fewest extra GPU kernels: MLX-CUDA pays tens of us each)
-            bad_b = _nonfinite.per_batch(k, v)  # (B, 1, 1)
+            # whole rule, added to the output bias (the fewest extra GPU kernels: MLX-CUDA pays tens of us each)
+            poison = _nonfinite.per_batch(k, v)  # (B, 1, 1): 0, or NaN, added to the output bias
             q, k, v = self._positions(split_heads(q, H), split_heads(k, Hkv), split_heads(v, Hkv), pos)
             kq, kk, kv = _kernel_inputs(q, k, v)
             bias = None if masks.bias is None else _finite_bias(masks.bias, kq.dtype)  # finite: it hides no key
             ctx = mx.fast.scaled_dot_product_attention(kq, kk, kv, scale=c.effective_scale, mask=bias)
-            out = self._out(ctx.swapaxes(1, 2).astype(dt), head_mask, p)
-            return mx.where(bad_b, mx.array(float("nan"), out.dtype), out).astype(dt), None, None
+            return self._out(ctx.swapaxes(1, 2).astype(dt), head_mask, p, poison).astype(dt), None, None
         bad = _nonfinite.per_key(k, v, Hkv) if early else None  # (B, Hkv, S)
         q, k, v = self._positions(split_heads(q, H), split_heads(k, Hkv), split_heads(v, Hkv), pos)
         # decoding with a cache changes S at every step: a compiled graph would be traced anew each time
@@ -171,12 +170,16 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
         return self._out(ctx, head_mask, p).astype(dt), None, None
 
     @staticmethod
-    def _out(ctx, head_mask, p):
-        """(B, T, H, D) contexts -> (B, T, E): head_mask, heads concatenated, the output projection."""
+    def _out(ctx, head_mask, p, poison=None):
+        """(B, T, H, D) contexts -> (B, T, E): head_mask, heads concatenated, the output projection, whose
+        bias gets ``poison`` (B, 1, 1) added when given (0, or NaN for a batch element to be NaN)."""
         if head_mask is not None:
             ctx = ctx * head_mask.swapaxes(1, 2)  # (B or 1, 1, H, 1)
         B, T, H, D = ctx.shape
-        return _affine(ctx.reshape(B, T, H * D), p["o_weight"], p["o_bias"])  # (B, T, E)
+        bias = p["o_bias"]
+        if poison is not None:
+            bias = poison.astype(ctx.dtype) if bias is None else bias + poison
+        return _affine(ctx.reshape(B, T, H * D), p["o_weight"], bias)  # (B, T, E)
 
 
 def _affine(x, weight, bias):

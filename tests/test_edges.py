@@ -182,7 +182,9 @@ def test_mlx_nonfinite_flags_per_kv_head_and_batch(dtype):
     dt = getattr(mx, dtype)
     km, vm = mx.array(k).astype(dt), mx.array(v).astype(dt)
     np.testing.assert_array_equal(np.array(per_key(km, vm, Hkv)), want)
-    np.testing.assert_array_equal(np.array(per_batch(km, vm)).reshape(B), want.any(axis=(1, 2)))
+    poison = np.array(per_batch(km, vm).astype(mx.float32)).reshape(B)  # 0 where clean, NaN where not
+    np.testing.assert_array_equal(np.isnan(poison), want.any(axis=(1, 2)))
+    assert (poison[~want.any(axis=(1, 2))] == 0).all()
     heads = (a.reshape(B, S, Hkv, D).swapaxes(1, 2) for a in (km, vm))  # (B, Hkv, S, D), a cache's layout
     np.testing.assert_array_equal(np.array(flags(*heads)), want)
     empty = mx.zeros((0, S, Hkv * D), dtype=dt)

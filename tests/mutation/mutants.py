@@ -117,7 +117,8 @@ MUTANTS = [
     Mutant("mlx-window-ignored", X, "_attend.fn", "_fused(q, k, v, keep, bias, causal, window, float(scale), bad, merged)",
            "_fused(q, k, v, keep, bias, causal, None, float(scale), bad, merged)", "MLX fused path ignores the window"),
     Mutant("mlx-batch-flag-ignored", X, "MultiHeadAttention._forward",
-           'mx.where(bad_b, mx.array(float("nan"), out.dtype), out).astype(dt)', "out.astype(dt)",
+           "self._out(ctx.swapaxes(1, 2).astype(dt), head_mask, p, poison)",
+           "self._out(ctx.swapaxes(1, 2).astype(dt), head_mask, p)",
            "MLX fused path without masks trusts the kernel with NaN/inf keys"),
     # the MLX blockwise path (long sequences; the property suite reaches it through small_blocks)
     Mutant("mlx-blocks-no-acc-rescale", W, "_query_block", "acc = acc * alpha + pv", "acc = acc + pv",
