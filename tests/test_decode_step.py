@@ -159,3 +159,49 @@ def test_decode_step_restores_blas_threads():
         layer(normal((1, 1, 16), 1), cache=cache, causal=True)
         after = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
     assert before == after and before
+
+
+def test_decode_steps_from_several_threads():
+    """Three threads decode their own caches through one layer at once: each gets bitwise what it gets
+    alone (the step keeps no state outside the call and its cache), and BLAS's setting comes back."""
+    import threading
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    layer = mha.MultiHeadAttention.from_weights(random_weights(32, 4, Hkv=2, seed=9), backend="numpy")
+    xs = [normal((2, 40, 32), s) for s in range(3)]
+    alone = [_run(layer, x, 5)[0] for x in xs]
+    got, errors = [None] * 3, []
+
+    def work(i):
+        try:
+            got[i] = _run(layer, xs[i], 5)[0]
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for a, b in zip(got, alone):
+        np.testing.assert_array_equal(a, b)
+    assert [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"] == before
+
+
+def test_decode_step_strided_and_big_endian_tokens(taken):
+    """A token given as a strided view or in big-endian byte order decodes as its plain copy does."""
+    w = random_weights(24, 4, seed=4)
+    layer = mha.MultiHeadAttention.from_weights(w, backend="numpy")
+    x = normal((2, 9, 24), 8)
+    c1, c2 = layer.init_cache(2, None), layer.init_cache(2, None)
+    layer(x[:, :6], cache=c1, causal=True)
+    layer(x[:, :6], cache=c2, causal=True)
+    wide = np.zeros((2, 1, 48), np.float32)
+    wide[..., ::2] = x[:, 6:7]
+    for token in (wide[..., ::2], x[:, 7:8].astype(">f4")):
+        plain = np.ascontiguousarray(token, dtype=np.float32)
+        np.testing.assert_array_equal(mha.to_numpy(layer(token, cache=c1, causal=True)),
+                                      mha.to_numpy(layer(plain, cache=c2, causal=True)))
+    assert taken[0] == 4
