@@ -165,4 +165,5 @@ def mx_dtype(dtype):
     """The MLX dtype of a numpy or MLX dtype (for receiving)."""
     if isinstance(dtype, mx.Dtype):
         return dtype
-    return getattr(mx, np.dtype(dtype).name)
+    name = np.dtype(dtype).name
+    return mx.bool_ if name == "bool" else getattr(mx, name)

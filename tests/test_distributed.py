@@ -1,0 +1,271 @@
+"""mha.distributed on 2 and 3 ranks of one machine (``mlx.launch --backend ring``), against the unsharded
+layer and the float64 oracle.
+
+Each launch runs tests/distributed_worker.py on every rank with many configurations at once (launching
+costs 1-2 s), under a hard timeout after which the launcher's whole process group is killed; ports are
+picked free. The ranks write their results to a temporary folder and the assertions run here.
+
+Tolerances (derived, mha.testing.tolerance): the unsharded layer is one float32 evaluation, within
+T1 = C u M of the exact result. HeadParallel adds the all_sum of n partial outputs, each bounded by M:
+at most (n - 1) u M more. SequenceParallel merges up to n blocks by log-sum-exp: each block's lse is
+rounded by at most u (1 + |lse|) beyond the logit error M already covers, and exp(lse_b - lse) turns
+that into a relative error of the block's weight; with the exp and the two products, each merge adds at
+most 2 u (1 + L) ||W_O|| max|v| to the output, L = max |lse| (the unsharded layer's, finite ones). With
+C >= 1: M_ring = M + 2 n (1 + L) ||W_O|| max|v|.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mha
+from mha.testing import oracle, tolerance
+from mha.testing.tolerance import _abs_projections
+from tests.conftest import HAS_MLX
+from tests.helpers import minilm_available
+
+pytestmark = pytest.mark.skipif(not HAS_MLX, reason="mha.distributed needs MLX (pip install 'mha-twin[mlx]')")
+
+WORKER = Path(__file__).with_name("distributed_worker.py").resolve()
+U = tolerance.unit_roundoff("float32")
+
+
+def _launcher() -> str:
+    path = Path(sys.executable).with_name("mlx.launch")
+    return str(path) if path.exists() else (shutil.which("mlx.launch") or "mlx.launch")
+
+
+def _free_ports(n: int) -> int:
+    """A starting port p such that p .. p + n - 1 are free on 127.0.0.1 now."""
+    rng = random.Random()
+    for _ in range(200):
+        p = rng.randrange(20000, 60000 - n)
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p + i))
+            return p
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def launch(n: int, cfg: dict, tmp_path: Path, timeout: float = 120.0) -> tuple[str, float]:
+    """Run the worker on ``n`` ranks; returns the launcher's output. Kills the process group on timeout."""
+    import time
+
+    conf = tmp_path / "config.json"
+    conf.write_text(json.dumps(cfg))
+    cmd = [_launcher(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", str(n), "--starting-port",
+           str(_free_ports(n)), "--python", sys.executable, str(WORKER), str(conf), str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=str(WORKER.parents[1]))
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                            cwd=str(tmp_path))
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"mlx.launch did not finish within {timeout} s:\n{out.decode(errors='replace')[-3000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # reap anything left of the group
+        except ProcessLookupError:
+            pass
+    return out.decode(errors="replace"), time.time() - t0
+
+
+# -- the configurations --------------------------------------------------------------------------------
+FIXED = [
+    dict(name="mha-causal-keymask", B=2, T=37, H=6, Hkv=6, D=5, E=30, causal=True, key_mask=True, head_mask="BH"),
+    dict(name="gqa-rope-window-floatmask", B=2, T=29, H=6, Hkv=3, D=4, E=24, rope=True, window=7, causal=True,
+         mask="float"),
+    dict(name="cross-boolmask-headmask", B=2, T=11, S=23, kdim=9, vdim=13, H=3, Hkv=3, D=5, E=15, mask="bool",
+         head_mask="H", causal=True, key_mask=True),
+    dict(name="decode-gqa-rope-window", B=2, T=17, prefill=13, H=6, Hkv=3, D=4, E=24, rope=True, window=6,
+         key_mask=True, decode=True),
+]
+
+
+def random_cases(n: int, seed: int, count: int) -> list[dict]:
+    """Random shapes and options with at least n GQA groups (HeadParallel needs one per rank)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        Hkv = rng.randint(n, 4)
+        H = Hkv * rng.choice([1, 2, 3])
+        D = rng.randint(2, 7)
+        case = dict(name=f"random{i}", B=rng.randint(1, 3), T=rng.randint(n, 40), H=H, Hkv=Hkv, D=D,
+                    E=rng.choice([H * D, H * D + 1]) if False else H * D, causal=rng.random() < 0.5,
+                    key_mask=rng.random() < 0.5, mask=rng.choice([None, "bool", "float"]),
+                    rope=rng.random() < 0.5, window=rng.choice([None, rng.randint(1, 9)]))
+        if rng.random() < 0.3:
+            case.update(S=rng.randint(n, 30), kdim=rng.randint(2, 9), vdim=rng.randint(2, 9), rope=False)
+        out.append(case)
+    return out
+
+
+def all_cases(n: int) -> list[dict]:
+    cases = []
+    for backend in ("numpy", "mlx"):
+        for kind in ("head", "sequence"):
+            for j, c in enumerate(FIXED + random_cases(n, 100 * n + (backend == "mlx") + 2 * (kind == "head"), 2)):
+                cases.append(dict(c, backend=backend, kind=kind, seed=1000 * n + j))
+    if minilm_available() and n == 3:
+        cases.append(dict(name="minilm", kind="minilm", backend="numpy"))
+    return cases
+
+
+# -- the checks ----------------------------------------------------------------------------------------
+def _problem(case):
+    from tests.distributed_worker import make_problem
+
+    weights, kwargs, x, k, v, mask, key_mask, head_mask = make_problem(case)
+    rope = mha.RoPE() if kwargs["rope"] else None
+    return weights, rope, kwargs["window"], x, k, v, mask, key_mask, head_mask
+
+
+def _expected(case):
+    """(float64 output, weights, M) of one case: the oracle over the whole sequence."""
+    weights, rope, window, x, k, v, mask, key_mask, head_mask = _problem(case)
+    causal = bool(case.get("causal")) or bool(case.get("decode"))
+    if case.get("decode") and key_mask is not None:
+        key_mask[:, case["prefill"]:] = True  # decoded tokens are given without a key_mask: real
+    y, P = oracle.attention(weights, x, k, v, mask=mask, key_mask=key_mask, causal=causal, head_mask=head_mask,
+                            rope=rope, window=window)
+    S = (k if k is not None else x).shape[1]
+    M = tolerance.magnitude(weights, x, k, v, y_ref=y, mask=mask, head_mask=head_mask,
+                            max_angle=(S - 1) if rope else 0.0)
+    MP = tolerance.weights_magnitude(weights, x, k, mask=mask, max_angle=(S - 1) if rope else 0.0)
+    _, _, vs = _abs_projections(weights, x, x if k is None else k, x if v is None else v)
+    wo = float(np.abs(weights.o_weight.astype(np.float64)).sum(axis=1).max())
+    if head_mask is not None:
+        wo *= float(np.abs(head_mask).max())
+    return y, P, M, MP, wo * max(float(np.abs(a).max()) for a in vs)
+
+
+def ring_magnitude(M: float, wv: float, n: int, lse) -> float:
+    """M_ring of the module docstring: M + 2 n (1 + L) ||W_O|| max|v|."""
+    L = float(np.abs(lse[np.isfinite(lse)]).max(initial=0.0))
+    return M + 2 * n * (1 + L) * wv
+
+
+def check_case(i: int, case: dict, ranks: list[dict], n: int) -> str:
+    """Assert one case on every rank's results; returns a line of figures."""
+    res = [{k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(f"{i}/")} for r in ranks]
+    if case["kind"] == "minilm":
+        return check_minilm(res)
+    y, P, M, MP, wv = _expected(case)
+    t1 = tolerance.t1("float32", M)
+    what = f"{case['name']} ({case['backend']}, {case['kind']}, n={n})"
+    worst, bound = 0.0, 0.0
+    if case.get("decode"):
+        return check_decode(case, res, y, M, wv, n, what)
+    for r, got in enumerate(res):
+        tolerance.assert_close(got["single"], y, t1, f"{what}: unsharded layer vs oracle")
+        if case["kind"] == "head":
+            bound = t1 + (n - 1) * U * M
+            tolerance.assert_close(got["sharded"], y, bound, f"{what}: rank {r} vs oracle")
+            tolerance.assert_close(got["sharded"], got["single"], t1 + bound, f"{what}: rank {r} vs unsharded")
+            tolerance.assert_close(got["weights_all"], P, tolerance.t1("float32", MP), f"{what}: gathered weights")
+            a, b = got["heads"]
+            np.testing.assert_array_equal(got["weights_rank"], got["weights_all"][:, a:b])
+            lse1 = got["single_lse"]
+            big = np.abs(lse1[np.isfinite(lse1)]).max(initial=0.0)
+            close_lse(got["lse_all"], lse1, tolerance.t2("float32", "float32", MP + big), f"{what}: gathered lse")
+            uneven = case["Hkv"] % n != 0
+            assert bool(got["uneven_warned"]) == uneven, f"{what}: UnevenSplitWarning {'missing' if uneven else 'spurious'}"
+        else:
+            a, b = got["rows"]
+            bound = tolerance.t1("float32", ring_magnitude(M, wv, n, got["single_lse"]))
+            tolerance.assert_close(got["sharded"], y[:, a:b], bound, f"{what}: rank {r} rows {a}:{b} vs oracle")
+            tolerance.assert_close(got["sharded"], got["single"][:, a:b], t1 + bound, f"{what}: rank {r} vs unsharded")
+            lse1 = got["single_lse"][:, :, a:b]
+            big = np.abs(lse1[np.isfinite(lse1)]).max(initial=0.0)
+            close_lse(got["lse"], lse1, tolerance.t1("float32", (2 + 2 * n) * (MP + big)), f"{what}: rank {r} lse")
+        worst = max(worst, float(np.nanmax(np.abs(got["sharded"] - (got["single"] if case["kind"] == "head"
+                                                                    else got["single"][:, a:b])), initial=0.0)))
+    return f"{what}: max|sharded - unsharded| = {worst:.2e}, bound {t1 + bound:.2e}"
+
+
+def close_lse(a, b, tol, what):
+    """lse within ``tol`` where finite; -inf (a query that sees nothing) at the same places."""
+    np.testing.assert_array_equal(np.isneginf(a), np.isneginf(b), err_msg=f"{what}: -inf pattern")
+    fin = np.isfinite(b)
+    tolerance.assert_close(np.where(fin, a, 0.0), np.where(fin, b, 0.0), tol, what)
+
+
+def check_decode(case, res, y, M, wv, n, what) -> str:
+    t1 = tolerance.t1("float32", M)
+    P = case["prefill"]
+    worst = 0.0
+    for r, got in enumerate(res):
+        tolerance.assert_close(got["single"], y, t1, f"{what}: unsharded decoding vs oracle")
+        if case["kind"] == "head":
+            bound = t1 + (n - 1) * U * M
+            tolerance.assert_close(got["sharded"], got["single"], t1 + bound, f"{what}: rank {r} decoding")
+            from mha.distributed import head_split
+
+            own = len(head_split(case["H"], case["Hkv"], n)[r]) // (case["H"] // case["Hkv"])
+            assert int(got["cache_kv_heads"]) == own, f"{what}: rank {r}'s cache holds other heads than its own"
+            worst = max(worst, float(np.abs(got["sharded"] - got["single"]).max()))
+        else:
+            a, b = got["rows"]
+            bound = tolerance.t1("float32", ring_magnitude(M, wv, n, np.array([got["max_lse"]])))
+            tolerance.assert_close(got["sharded_prefill"], got["single"][:, a:b], t1 + bound, f"{what}: prefill {r}")
+            expect_T = case["T"] - P if r == n - 1 else 0
+            assert got["sharded_decode"].shape[1] == expect_T, f"{what}: rank {r} decoded {got['sharded_decode'].shape}"
+            if expect_T:
+                tolerance.assert_close(got["sharded_decode"], got["single"][:, P:], t1 + bound, f"{what}: decoding")
+                worst = max(worst, float(np.abs(got["sharded_decode"] - got["single"][:, P:]).max()))
+    return f"{what}: max|sharded - unsharded| = {worst:.2e}, bound {t1 + bound:.2e}"
+
+
+def check_minilm(res) -> str:
+    """Head-parallel MiniLM embeddings vs one process. Tolerance by the adaptive rule (TESTING.md rule 3):
+    at most twice the difference between two single-process float32 evaluations (numpy vs MLX) plus the
+    rounding quantum of the values."""
+    lines = []
+    for r, got in enumerate(res):
+        one, two, hp = got["single"].astype(np.float64), got["single_mlx"].astype(np.float64), got["sharded"]
+        naive = float(np.abs(one - two).max())
+        q0 = float(np.abs(one).max()) * U
+        diff = float(np.abs(hp - one).max())
+        cos = float(np.min(np.sum(hp * one, axis=1) / np.linalg.norm(hp, axis=1) / np.linalg.norm(one, axis=1)))
+        assert diff <= 2 * naive + 2 * q0, f"MiniLM rank {r}: max diff {diff:.3g} > 2 * {naive:.3g} + 2 * {q0:.3g}"
+        att = float(np.abs(got["attentions"] - got["single_attentions"]).max())
+        att_naive = float(np.abs(got["single_mlx_attentions"] - got["single_attentions"]).max())
+        assert att <= 2 * att_naive + 2 * U, f"MiniLM rank {r}: attentions differ by {att:.3g} (numpy vs MLX: {att_naive:.3g})"
+        lines.append(f"MiniLM head-parallel rank {r}: min cosine {cos:.9f}, max|diff| {diff:.2e} "
+                     f"(numpy vs MLX one process: {naive:.2e})")
+    return "; ".join(lines)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_sharded_equals_unsharded(n, tmp_path):
+    """Both kinds x both backends x fixed and random configurations, one launch."""
+    cases = all_cases(n)
+    out, seconds = launch(n, {"mode": "compare", "cases": cases}, tmp_path, timeout=240)
+    files = [tmp_path / f"rank{r}.npz" for r in range(n)]
+    missing = [f.name for f in files if not f.exists()]
+    assert not missing, f"ranks wrote no results ({missing}):\n{out[-4000:]}"
+    ranks = [dict(np.load(f)) for f in files]
+    lines = [check_case(i, c, ranks, n) for i, c in enumerate(cases)]
+    print(f"\n{n} ranks, {len(cases)} configurations, launch {seconds:.1f} s\n" + "\n".join(lines))
