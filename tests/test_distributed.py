@@ -358,3 +358,48 @@ def test_import_without_mlx_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "ERR mha.distributed needs MLX" in out.stdout and "pip install 'mha-twin[mlx]'" in out.stdout, \
         out.stdout + out.stderr
+
+
+# -- the command ---------------------------------------------------------------------------------------
+def test_cli_alone_and_its_errors():
+    from click.testing import CliRunner
+
+    from mha_cli.main import cli
+
+    res = CliRunner().invoke(cli, ["distributed", "-T", "37", "-E", "12", "-H", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.output)
+    assert rec["size"] == 1 and rec["rows"] == [0, 37] and rec["max_abs_diff"] < 1e-5 and rec["peak_mib"] > 0
+    bad = CliRunner().invoke(cli, ["distributed", "-E", "64", "-H", "5"])
+    assert bad.exit_code == 2 and "embed_dim=64 is not divisible by num_heads=5" in bad.output
+    assert "Traceback" not in bad.output
+    bad = CliRunner().invoke(cli, ["distributed", "--kind", "head", "-H", "4", "--kv-heads", "3"])
+    assert bad.exit_code == 2 and "num_kv_heads" in bad.output
+
+
+def test_cli_under_mlx_launch(tmp_path):
+    """`mha distributed` on 3 ranks (T = 257: chunks 86, 86, 85): each rank's rows equal the one-process
+    layer's within the ring's bound."""
+    mha_script = Path(sys.executable).with_name("mha")
+    cmd = [_launcher(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "3", "--starting-port",
+           str(_free_ports(3)), "--", str(mha_script), "distributed", "-T", "257", "-E", "24", "-H", "4", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=str(tmp_path))
+    try:
+        out = proc.communicate(timeout=60)[0].decode()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    recs = sorted((json.loads(line) for line in out.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+    assert [r["rows"] for r in recs] == [[0, 86], [86, 172], [172, 257]], out
+    layer = mha.MultiHeadAttention(24, 4, seed=0, backend="numpy")
+    x = np.random.default_rng(1).normal(size=(1, 257, 24)).astype(np.float32)
+    y, lse = layer(x, causal=True, return_lse=True)
+    weights = layer.weights
+    M = tolerance.magnitude(weights, x, y_ref=y)
+    _, _, vs = _abs_projections(weights, x, x, x)
+    wv = float(np.abs(weights.o_weight.astype(np.float64)).sum(axis=1).max()) * max(float(np.abs(a).max()) for a in vs)
+    bound = tolerance.t1("float32", M) + tolerance.t1("float32", ring_magnitude(M, wv, 3, lse))
+    assert all(r["max_abs_diff"] <= bound for r in recs), (bound, recs)
