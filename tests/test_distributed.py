@@ -129,7 +129,7 @@ def all_cases(n: int) -> list[dict]:
     for backend in ("numpy", "mlx"):
         for kind in ("head", "sequence"):
             for j, c in enumerate(FIXED + random_cases(n, 100 * n + (backend == "mlx") + 2 * (kind == "head"), 2)):
-                cases.append(dict(c, backend=backend, kind=kind, seed=1000 * n + j))
+                cases.append(dict(c, backend=backend, kind=kind, seed=1000 * n + j, tile=60 if j % 2 else None))
     if minilm_available() and n == 3:
         cases.append(dict(name="minilm", kind="minilm", backend="numpy"))
     return cases

@@ -22,7 +22,7 @@ from .. import _masks, _prepare, _validate
 from .._layer import MultiHeadAttention
 from .._reference import linear, merge_heads, split_heads
 from .._rope import apply_rope
-from ._blocks import block_attention, block_hidden, merge, positional_keep
+from ._blocks import block_attention, block_hidden, merge
 from ._comm import Comm, mx_dtype
 
 _META = ("error", "B", "T", "S", "kv_len", "causal", "key_mask", "mask", "mask_S", "head_mask", "return_lse",
@@ -254,7 +254,8 @@ class SequenceParallel:
             bk, bv, bvalid, bpos = block
             if not block_hidden(qpos, bpos, local["causal"], c.window):
                 keep, bias = self._block_masks(local, meta, bvalid, bpos, acc)
-                part = block_attention(xp, q, bk, bv, scale=c.effective_scale, keep=keep, bias=bias,
+                part = block_attention(xp, q, bk, bv, qpos, bpos, causal=local["causal"], window=c.window,
+                                       scale=c.effective_scale, keep=keep, bias=bias,
                                        acc_dtype=acc)  # (B, H, T_r, D), (B, H, T_r)
                 total = merge(xp, total, part)
                 if xp is not np:
@@ -299,7 +300,7 @@ class SequenceParallel:
 
     def _block_masks(self, local, meta, valid, kpos, acc):
         """(keep, bias) of one block, broadcastable to (B, H, T_r, S_b): the user's mask at the block's
-        columns, its key validity, and the causal/window rules from positions."""
+        columns and its key validity (the causal/window rules come from positions, per tile)."""
         xp, c = self.layer._xp, self.layer.config
         mask = local["mask"]
         if mask is not None:
@@ -310,9 +311,7 @@ class SequenceParallel:
             if mask.shape[-1] != 1:
                 mask = xp.take(mask, kpos if xp is np else xp.array(kpos), axis=-1)  # key j sits at position j
         ms = _masks.prepare(xp, mask=mask, key_mask=valid, causal=False, T=local["T"], S=len(kpos), bias_dtype=acc)
-        pk = positional_keep(xp, local["qpos"], kpos, local["causal"], c.window)  # (T_r, S_b)
-        keep = ms.keep if pk is None else pk if ms.keep is None else xp.logical_and(ms.keep, pk)
-        return keep, ms.bias
+        return ms.keep, ms.bias
 
 
 def _check_mask_kind(m, B: int, H: int, T: int, batched: bool) -> None:
