@@ -101,6 +101,8 @@ FIXED = [
          head_mask="H", causal=True, key_mask=True),
     # a block whose first key is exactly the last query's causal limit (T = 6, S = 8 over 2 or 3 ranks)
     dict(name="cross-causal-edge", B=1, T=6, S=8, kdim=7, vdim=5, H=3, Hkv=3, D=3, E=9, causal=True),
+    # a window without causal: each tile's span ends at p + W - 1 (one query row per tile)
+    dict(name="window-noncausal", B=1, T=31, H=3, Hkv=3, D=4, E=12, window=4, key_mask=True, tile=40),
     dict(name="decode-gqa-rope-window", B=2, T=17, prefill=13, H=6, Hkv=3, D=4, E=24, rope=True, window=6,
          key_mask=True, decode=True),
 ]
@@ -129,7 +131,8 @@ def all_cases(n: int) -> list[dict]:
     for backend in ("numpy", "mlx"):
         for kind in ("head", "sequence"):
             for j, c in enumerate(FIXED + random_cases(n, 100 * n + (backend == "mlx") + 2 * (kind == "head"), 2)):
-                cases.append(dict(c, backend=backend, kind=kind, seed=1000 * n + j, tile=60 if j % 2 else None))
+                cases.append(dict(c, backend=backend, kind=kind, seed=1000 * n + j,
+                                  tile=c.get("tile", 60 if j % 2 else None)))
     if minilm_available() and n == 3:
         cases.append(dict(name="minilm", kind="minilm", backend="numpy"))
     return cases
