@@ -157,7 +157,7 @@ def compare(cfg, group, dist, outdir):
 
     results = {}
     for i, case in enumerate(cfg["cases"]):
-        _blocks.TILE_ELEMENTS = case.get("tile") or (1 << 22)  # small tiles: many per block, spans cut per tile
+        _blocks.TILE_ELEMENTS = case.get("tile") or (1 << 20)  # small tiles: many per block, spans cut per tile
         for name, a in run_case(case, group, dist).items():
             results[f"{i}/{name}"] = a
     np.savez(os.path.join(outdir, f"rank{group.rank()}.npz"), **results)

@@ -24,7 +24,7 @@ import numpy as np
 from .._reference import attention
 
 NEG_INF = float("-inf")
-TILE_ELEMENTS = 1 << 22  # a tile of scores holds at most this many floats (B * H * rows * S): 16 MiB in float32
+TILE_ELEMENTS = 1 << 20  # a tile of scores holds at most this many floats (B * H * rows * S): 4 MiB in float32
 
 
 def positional_keep(xp, qpos, kpos, causal: bool, window):

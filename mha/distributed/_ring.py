@@ -7,7 +7,7 @@ rank; meanwhile it attends from its queries to the block it holds and merges the
 (:mod:`mha.distributed._blocks`). Blocks that the causal rule (or the window) hides entirely are passed
 on without being computed. The exchange of the next block runs on the exchange thread while this one
 is computed. Memory per rank: its chunk's projections and one block in flight, O(T/n * E), plus one
-tile of scores (at most 2**22 floats, whatever T).
+tile of scores (at most 2**20 floats, whatever T).
 
 Uneven chunks: any lengths are accepted, including 0; the ranks tell each other theirs first (one small
 all_gather per call), which also checks that they agree on B, the flags and the cache. ``mha.distributed
