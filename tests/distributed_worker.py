@@ -58,7 +58,9 @@ def make_problem(case):
     if case.get("head_mask"):
         head_mask = rng.uniform(0.0, 2.0, size=(B, H) if case["head_mask"] == "BH" else (H,)).astype(np.float32)
         head_mask[..., 0] = 0.0
-    kwargs = {"rope": case.get("rope"), "window": case.get("window")}
+    kwargs = {"rope": case.get("rope"), "window": case.get("window"), "dtype": case.get("dtype", "float32")}
+    if kwargs["dtype"] == "float64":
+        x, k, v = (None if a is None else a.astype(np.float64) for a in (x, k, v))
     return weights, kwargs, x, k, v, mask, key_mask, head_mask
 
 

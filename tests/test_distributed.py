@@ -42,6 +42,9 @@ FIXED = [
          head_mask="H", causal=True, key_mask=True),
     # a block whose first key is exactly the last query's causal limit (T = 6, S = 8 over 2 or 3 ranks)
     dict(name="cross-causal-edge", B=1, T=6, S=8, kdim=7, vdim=5, H=3, Hkv=3, D=3, E=9, causal=True),
+    # float64 numpy layers: the exchanges carry float64 (MLX arrays on the CPU), bounds in float64's u
+    dict(name="float64-gqa-keymask", B=2, T=19, H=4, Hkv=2, D=3, E=12, causal=True, key_mask=True, dtype="float64",
+         numpy_only=True),
     # a window without causal: each tile's span ends at p + W - 1 (one query row per tile)
     dict(name="window-noncausal", B=1, T=31, H=3, Hkv=3, D=4, E=12, window=4, key_mask=True, tile=40),
     dict(name="decode-gqa-rope-window", B=2, T=17, prefill=13, H=6, Hkv=3, D=4, E=24, rope=True, window=6,
@@ -72,6 +75,8 @@ def all_cases(n: int) -> list[dict]:
     for backend in ("numpy", "mlx"):
         for kind in ("head", "sequence"):
             for j, c in enumerate(FIXED + random_cases(n, 100 * n + (backend == "mlx") + 2 * (kind == "head"), 2)):
+                if c.get("numpy_only") and backend != "numpy":
+                    continue
                 cases.append(dict(c, backend=backend, kind=kind, seed=1000 * n + j,
                                   tile=c.get("tile", 60 if j % 2 else None)))
     if minilm_available() and n == 3:
@@ -119,7 +124,8 @@ def check_case(i: int, case: dict, ranks: list[dict], n: int) -> str:
     if case["kind"] == "minilm":
         return check_minilm(res)
     y, P, M, MP, wv = _expected(case)
-    t1 = tolerance.t1("float32", M)
+    dt = case.get("dtype", "float32")
+    t1 = tolerance.t1(dt, M)
     what = f"{case['name']} ({case['backend']}, {case['kind']}, n={n})"
     worst, bound = 0.0, 0.0
     if case.get("decode"):
@@ -127,25 +133,25 @@ def check_case(i: int, case: dict, ranks: list[dict], n: int) -> str:
     for r, got in enumerate(res):
         tolerance.assert_close(got["single"], y, t1, f"{what}: unsharded layer vs oracle")
         if case["kind"] == "head":
-            bound = t1 + (n - 1) * U * M
+            bound = t1 + (n - 1) * tolerance.unit_roundoff(dt) * M
             tolerance.assert_close(got["sharded"], y, bound, f"{what}: rank {r} vs oracle")
             tolerance.assert_close(got["sharded"], got["single"], t1 + bound, f"{what}: rank {r} vs unsharded")
-            tolerance.assert_close(got["weights_all"], P, tolerance.t1("float32", MP), f"{what}: gathered weights")
+            tolerance.assert_close(got["weights_all"], P, tolerance.t1(dt, MP), f"{what}: gathered weights")
             a, b = got["heads"]
             np.testing.assert_array_equal(got["weights_rank"], got["weights_all"][:, a:b])
             lse1 = got["single_lse"]
             big = np.abs(lse1[np.isfinite(lse1)]).max(initial=0.0)
-            close_lse(got["lse_all"], lse1, tolerance.t2("float32", "float32", MP + big), f"{what}: gathered lse")
+            close_lse(got["lse_all"], lse1, tolerance.t2(dt, dt, MP + big), f"{what}: gathered lse")
             uneven = case["Hkv"] % n != 0
             assert bool(got["uneven_warned"]) == uneven, f"{what}: UnevenSplitWarning {'missing' if uneven else 'spurious'}"
         else:
             a, b = got["rows"]
-            bound = tolerance.t1("float32", ring_magnitude(M, wv, n, got["single_lse"]))
+            bound = tolerance.t1(dt, ring_magnitude(M, wv, n, got["single_lse"]))
             tolerance.assert_close(got["sharded"], y[:, a:b], bound, f"{what}: rank {r} rows {a}:{b} vs oracle")
             tolerance.assert_close(got["sharded"], got["single"][:, a:b], t1 + bound, f"{what}: rank {r} vs unsharded")
             lse1 = got["single_lse"][:, :, a:b]
             big = np.abs(lse1[np.isfinite(lse1)]).max(initial=0.0)
-            close_lse(got["lse"], lse1, tolerance.t1("float32", (2 + 2 * n) * (MP + big)), f"{what}: rank {r} lse")
+            close_lse(got["lse"], lse1, tolerance.t1(dt, (2 + 2 * n) * (MP + big)), f"{what}: rank {r} lse")
         worst = max(worst, float(np.nanmax(np.abs(got["sharded"] - (got["single"] if case["kind"] == "head"
                                                                     else got["single"][:, a:b])), initial=0.0)))
     return f"{what}: max|sharded - unsharded| = {worst:.2e}, bound {t1 + bound:.2e}"
@@ -159,13 +165,14 @@ def close_lse(a, b, tol, what):
 
 
 def check_decode(case, res, y, M, wv, n, what) -> str:
-    t1 = tolerance.t1("float32", M)
+    dt = case.get("dtype", "float32")
+    t1 = tolerance.t1(dt, M)
     P = case["prefill"]
     worst = 0.0
     for r, got in enumerate(res):
         tolerance.assert_close(got["single"], y, t1, f"{what}: unsharded decoding vs oracle")
         if case["kind"] == "head":
-            bound = t1 + (n - 1) * U * M
+            bound = t1 + (n - 1) * tolerance.unit_roundoff(dt) * M
             tolerance.assert_close(got["sharded"], got["single"], t1 + bound, f"{what}: rank {r} decoding")
             from mha.distributed import head_split
 
@@ -174,7 +181,7 @@ def check_decode(case, res, y, M, wv, n, what) -> str:
             worst = max(worst, float(np.abs(got["sharded"] - got["single"]).max()))
         else:
             a, b = got["rows"]
-            bound = tolerance.t1("float32", ring_magnitude(M, wv, n, np.array([got["max_lse"]])))
+            bound = tolerance.t1(dt, ring_magnitude(M, wv, n, np.array([got["max_lse"]])))
             tolerance.assert_close(got["sharded_prefill"], got["single"][:, a:b], t1 + bound, f"{what}: prefill {r}")
             expect_T = case["T"] - P if r == n - 1 else 0
             assert got["sharded_decode"].shape[1] == expect_T, f"{what}: rank {r} decoded {got['sharded_decode'].shape}"
