@@ -10,7 +10,7 @@
     y_r = sp(chunk(x, group), causal=True)        # and gets its rows of the output
 
 Every rank makes the same calls in the same order (SPMD). Each exchange waits at most ``timeout``
-seconds (default 60) for the other ranks, then raises :class:`PeerTimeout`; a peer whose process ended
+seconds (default 600) for the other ranks, then raises :class:`PeerTimeout`; a peer whose process ended
 raises :class:`DistributedError`. Both leave the group unusable: exit the process. Launch with
 ``mlx.launch --backend ring --hosts 127.0.0.1 -n 2 script.py`` to try it on one machine (README,
 "Across machines"). Needs MLX (``pip install 'mha-twin[mlx]'``); numpy layers compute in numpy and

@@ -93,7 +93,8 @@ class Comm:
             raise PeerTimeout(
                 f"rank {self.rank} of {self.size}: no answer from the other ranks within {self.timeout:g} s during "
                 f"{what} (a rank died, hangs, or did not make the same call); the group cannot be used any more, "
-                f"exit this process (timeout= sets the limit)") from None
+                f"exit this process (timeout= sets the limit: it must exceed the longest time a rank computes "
+                f"between two exchanges)") from None
         if not ok:
             if isinstance(value, RuntimeError) and "[" in str(value):  # MLX's own report, e.g. "[ring] ..."
                 self._broken = f"{what}: {value}"

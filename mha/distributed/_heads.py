@@ -53,7 +53,8 @@ class HeadParallel:
             keeps only the rank's share of its weights.
         group: an ``mx.distributed.Group``; None: the global group (``mx.distributed.init()``).
         timeout: seconds any exchange may wait for the other ranks before raising
-            :class:`mha.distributed.PeerTimeout` (None: wait for ever).
+            :class:`mha.distributed.PeerTimeout` (None: wait for ever). It must exceed the longest time
+            a rank computes between two exchanges (a whole layer call here).
         gather_weights: make ``return_weights=True`` (and ``return_lse``) return all H heads on every
             rank (one more all_gather) instead of the rank's own.
 
@@ -69,7 +70,7 @@ class HeadParallel:
     the ranks are spread as evenly as whole GQA groups allow, with an :class:`UnevenSplitWarning`.
     """
 
-    def __init__(self, layer, group=None, *, timeout: float | None = 60.0, gather_weights: bool = False):
+    def __init__(self, layer, group=None, *, timeout: float | None = 600.0, gather_weights: bool = False):
         if not isinstance(layer, MultiHeadAttention):
             raise TypeError(f"layer must be an mha.MultiHeadAttention (numpy or MLX backend), got "
                             f"{type(layer).__name__}")

@@ -72,10 +72,12 @@ class SequenceParallel:
     Args:
         layer: an ``mha.MultiHeadAttention`` (numpy or MLX backend); every rank holds all its weights.
         group: an ``mx.distributed.Group``; None: the global group.
-        timeout: seconds any exchange may wait before :class:`mha.distributed.PeerTimeout` (None: for ever).
+        timeout: seconds any exchange may wait before :class:`mha.distributed.PeerTimeout` (None: for ever);
+            it must exceed the longest time a rank computes between two exchanges (one block's attention,
+            which with causal=True can be the whole of rank n - 1's work while rank 0 waits for its block).
     """
 
-    def __init__(self, layer, group=None, *, timeout: float | None = 60.0):
+    def __init__(self, layer, group=None, *, timeout: float | None = 600.0):
         if not isinstance(layer, MultiHeadAttention):
             raise TypeError(f"layer must be an mha.MultiHeadAttention (numpy or MLX backend), got "
                             f"{type(layer).__name__}")

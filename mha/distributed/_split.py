@@ -30,7 +30,7 @@ def chunk(x, group=None, *, axis: int = -2):
     return x[tuple(index)]
 
 
-def head_parallel_model(model, group=None, *, timeout: float | None = 60.0):
+def head_parallel_model(model, group=None, *, timeout: float | None = 600.0):
     """A copy of an ``mha.models`` model (e.g. ``load_bert``'s) whose attention layers are
     :class:`HeadParallel` over ``group`` (weights returned for all heads, gathered); the rest of the model
     runs whole on every rank. ``mha.models.load_bert(..., group=group)`` does this."""
