@@ -73,9 +73,11 @@ def minilm_case(case, group, dist):
     import mha.models as mm
 
     single = mm.load_bert("minilm", backend="numpy")
-    on_mlx = single.to("mlx")
-    out = {"single": single.embed(SENTENCES), "single_mlx": on_mlx.embed(SENTENCES)}
-    out["single_mlx_attentions"] = on_mlx.encode(SENTENCES[0]).attentions
+    out = {"single": single.embed(SENTENCES)}
+    if group.rank() == 0:  # a second one-process evaluation (MLX) measures float32's noise, for the tolerance
+        on_mlx = single.to("mlx")
+        out["single_mlx"] = on_mlx.embed(SENTENCES)
+        out["single_mlx_attentions"] = on_mlx.encode(SENTENCES[0]).attentions
     hp = mm.load_bert("minilm", backend="numpy", group=group)
     out["sharded"] = hp.embed(SENTENCES)
     enc = hp.encode(SENTENCES[0])
