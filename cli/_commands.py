@@ -22,4 +22,5 @@ COMMANDS = {
     "bench": _lazy("bench", "bench"),
     "check": _lazy("check", "check"),
     "info": _lazy("info", "info"),
+    "distributed": _lazy("distributed", "distributed"),
 }

