@@ -4,7 +4,9 @@ An adapter is any object with ``name`` (str), ``features`` (a set drawn from :da
 ``build(weights)`` returning ``fn(query, key, value, *, mask=None, key_mask=None, causal=False,
 return_weights=False)`` on batch-first numpy arrays, in this project's semantics (bool masks True = may
 attend, int 0/1 masks, float masks added to the logits with -inf hiding, key_mask True = real key, causal
-aligned at the end). Only arguments of declared features are passed. With "scale" the suite also calls
+aligned at the end). Only arguments of declared features are passed. An adapter may also declare
+``conventions`` (mha.testing.conventions: causal alignment, empty rows, non-finite inputs): the suite
+then holds it to those instead of this project's. With "scale" the suite also calls
 ``build(weights, scale=s)``; with "head_mask", ``fn(..., head_mask=c)``; with "rope",
 ``build(weights, rope=mha.RoPE(...))`` (query i at position S - T + i, key j at j); with "window",
 ``build(weights, window=W)`` (query i sees keys j with |i + S - T - j| < W). With "cache" the function
@@ -30,18 +32,23 @@ FEATURES = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mas
 
 @dataclass
 class Adapter:
-    """A user's implementation: ``Adapter("mine", {"mask", "causal"}, build)``."""
+    """A user's implementation: ``Adapter("mine", {"mask", "causal"}, build)``, optionally with
+    ``conventions={"causal": "top_left", ...}`` (mha.testing.conventions)."""
 
     name: str
     features: frozenset
     build: Callable
     notes: dict = field(default_factory=dict)
+    conventions: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        from .conventions import validate
+
         self.features = frozenset(self.features)
         unknown = self.features - FEATURES
         if unknown:
             raise ValueError(f"unknown features {sorted(unknown)}; known: {sorted(FEATURES)}")
+        validate(self.conventions)
 
 
 class BackendAdapter:

@@ -60,7 +60,7 @@ def rope_reference(impl, p):
     checks, cannot tell one valid layout from the other)."""
     y, _ = call(impl, p)
     k, v = p.kv
-    y_ref, _ = oracle.attention(p.weights, p.query, k, v, **p.masks(), **p.layer_options())
+    y_ref, _ = oracle.attention(p.weights, p.query, k, v, **p.masks(), **p.oracle_options())
     close(y, y_ref, t1(magnitude(p, y_ref)), f"output with {p.rope} vs float64 oracle")
 
 
