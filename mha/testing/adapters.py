@@ -67,24 +67,34 @@ class BackendAdapter:
         self.backend = backend
         self.blocks = blocks
         self.name = backend if blocks is None else f"{backend}-blocks"
+        self.dtypes = ("float32", "float64") if backend == "numpy" else ("float32", "float16", "bfloat16")
 
-    def build(self, weights, scale=None, rope=None, window=None):
+    def build(self, weights, scale=None, rope=None, window=None, dtype="float32"):
         import contextlib
 
         import mha
 
         layer = mha.MultiHeadAttention.from_weights(weights, backend=self.backend, scale=scale, rope=rope,
-                                                    window=window)
+                                                    window=window, dtype=dtype)
+
+        def out(a):
+            return mha.to_numpy(a if dtype in ("float32", "float64") else a.astype(_mx_float32()))
 
         def fn(query, key, value, **kwargs):
             with layer.small_blocks(*self.blocks) if self.blocks else contextlib.nullcontext():
                 res = layer(query, key, value, **kwargs)
             if kwargs.get("return_weights"):
-                return mha.to_numpy(res[0]), mha.to_numpy(res[1])
-            return mha.to_numpy(res)
+                return out(res[0]), out(res[1])
+            return out(res)
 
         fn.init_cache = layer.init_cache
         return fn
+
+
+def _mx_float32():
+    import mlx.core as mx
+
+    return mx.float32
 
 
 def _combined_keep(B, H, T, S, mask, key_mask, causal):
@@ -116,7 +126,9 @@ class TorchAdapter:
              "head_mask": "no head_mask argument", "scale": "the scale is fixed at 1/sqrt(head_dim)",
              "rope": "no rotary position embeddings", "window": "no sliding window", "cache": "no key/value cache"}
 
-    def build(self, weights):
+    dtypes = ("float32", "float16", "bfloat16")
+
+    def build(self, weights, dtype="float32"):
         import torch
 
         E, H = weights.embed_dim, weights.num_heads
@@ -136,6 +148,8 @@ class TorchAdapter:
                 m.in_proj_bias.copy_(torch.cat([t["q_bias"], t["k_bias"], t["v_bias"]]))
                 m.out_proj.bias.copy_(t["o_bias"])
         m.eval()
+        dt = getattr(torch, dtype)
+        m.to(dt)
 
         def fn(query, key, value, *, mask=None, key_mask=None, causal=False, return_weights=False):
             B, T, _ = query.shape
@@ -154,14 +168,14 @@ class TorchAdapter:
                     kwargs["key_padding_mask"] = torch.from_numpy(np.where(pad, -np.inf, 0.0).astype(np.float32))
                 else:
                     kwargs["key_padding_mask"] = torch.from_numpy(pad)
-            q = torch.from_numpy(np.ascontiguousarray(query))
-            k = q if key is query else torch.from_numpy(np.ascontiguousarray(key))
-            v = k if value is key else torch.from_numpy(np.ascontiguousarray(value))
+            q = torch.from_numpy(np.ascontiguousarray(query)).to(dt)
+            k = q if key is query else torch.from_numpy(np.ascontiguousarray(key)).to(dt)
+            v = k if value is key else torch.from_numpy(np.ascontiguousarray(value)).to(dt)
             with torch.no_grad():
                 out, w = m(q, k, v, need_weights=return_weights, average_attn_weights=False, **kwargs)
             if return_weights:
-                return out.numpy(), w.numpy()
-            return out.numpy()
+                return out.float().numpy(), w.float().numpy()
+            return out.float().numpy()
 
         return fn
 
@@ -175,19 +189,22 @@ class MlxNNAdapter:
              "head_mask": "no head_mask argument", "scale": "the scale is fixed at 1/sqrt(head_dim)",
              "rope": "RoPE is a separate nn.RoPE", "window": "no sliding window", "cache": "no key/value cache"}
 
-    def build(self, weights):
+    dtypes = ("float32", "float16", "bfloat16")
+
+    def build(self, weights, dtype="float32"):
         import mlx.core as mx
         import mlx.nn as nn
 
         E, H = weights.embed_dim, weights.num_heads
+        dt = getattr(mx, dtype)
         m = nn.MultiHeadAttention(E, H, query_input_dims=E, key_input_dims=weights.kdim,
                                   value_input_dims=weights.vdim, bias=weights.bias)
         mx.eval(m.parameters())  # cut the lazy chain of global-key splits its random init leaves behind
         for proj, p in (("query_proj", "q"), ("key_proj", "k"), ("value_proj", "v"), ("out_proj", "o")):
             layer = getattr(m, proj)
-            layer.weight = mx.array(np.asarray(getattr(weights, f"{p}_weight"), np.float32))
+            layer.weight = mx.array(np.asarray(getattr(weights, f"{p}_weight"), np.float32)).astype(dt)
             if weights.bias:
-                layer.bias = mx.array(np.asarray(getattr(weights, f"{p}_bias"), np.float32))
+                layer.bias = mx.array(np.asarray(getattr(weights, f"{p}_bias"), np.float32)).astype(dt)
 
         def fn(query, key, value, *, mask=None, key_mask=None, causal=False):
             B, T, _ = query.shape
@@ -196,8 +213,9 @@ class MlxNNAdapter:
             if mask is not None or key_mask is not None or causal:
                 keep, add = _combined_keep(B, H, T, S, mask, key_mask, causal)
                 arg = mx.array(keep) if add is None else mx.array(np.where(keep, add, -np.inf).astype(np.float32))
-            out = m(mx.array(query), mx.array(key), mx.array(value), mask=arg)
-            return np.array(out)
+                arg = arg if add is None else arg.astype(dt)
+            out = m(mx.array(query).astype(dt), mx.array(key).astype(dt), mx.array(value).astype(dt), mask=arg)
+            return np.array(out.astype(mx.float32))
 
         return fn
 

@@ -32,8 +32,8 @@ class TorchMHA(TorchAdapter):
         # On both, 0 * NaN at a hidden value is NaN.
         self.conventions = {"empty_row": "nan" if path == "weights" else "output_bias", "nonfinite": "propagates"}
 
-    def build(self, weights):
-        inner = super().build(weights)
+    def build(self, weights, dtype="float32"):
+        inner = super().build(weights, dtype=dtype)
 
         def fn(query, key, value, *, return_weights=False, **masks):
             if self.path == "fast":
@@ -54,16 +54,18 @@ class TorchSDPA:
     notes = {"weights": "SDPA returns no weights", "head_mask": "no head_mask argument",
              "rope": "no rotary embeddings", "window": "no sliding window", "cache": "no key/value cache"}
     conventions = {"causal": "top_left", "nonfinite": "propagates"}
+    dtypes = ("float32", "float16", "bfloat16")
 
-    def build(self, weights, scale=None):
+    def build(self, weights, scale=None, dtype="float32"):
         import torch
         import torch.nn.functional as F
 
         H, Hkv, D = weights.num_heads, weights.num_kv_heads, weights.head_dim
-        t = {n: None if a is None else torch.from_numpy(f32(a)) for n, a in weights.to_dict().items()}
+        dt = getattr(torch, dtype)
+        t = {n: None if a is None else torch.from_numpy(f32(a)).to(dt) for n, a in weights.to_dict().items()}
 
         def heads(x, name, n):
-            y = F.linear(torch.from_numpy(f32(x)), t[f"{name}_weight"], t[f"{name}_bias"])
+            y = F.linear(torch.from_numpy(f32(x)).to(dt), t[f"{name}_weight"], t[f"{name}_bias"])
             B, L, _ = y.shape
             return y.view(B, L, n, D).transpose(1, 2)  # (B, n, L, D)
 
@@ -77,10 +79,11 @@ class TorchSDPA:
                 keep, add = keep_mask(B, H, T, S, mask, key_mask, causal, align="top_left")
                 am = keep if add is None else additive(keep, add)
                 kwargs["attn_mask"] = torch.from_numpy(np.ascontiguousarray(am))
+                kwargs["attn_mask"] = kwargs["attn_mask"] if add is None else kwargs["attn_mask"].to(dt)
             with torch.no_grad():
                 o = F.scaled_dot_product_attention(heads(query, "q", H), heads(key, "k", Hkv),
                                                    heads(value, "v", Hkv), **kwargs)  # (B, H, T, D)
                 y = F.linear(o.transpose(1, 2).reshape(B, T, H * D), t["o_weight"], t["o_bias"])
-            return y.numpy()
+            return y.float().numpy()
 
         return fn
