@@ -104,3 +104,13 @@ def synthetic(name="synthetic", *, causal="bottom_right", empty_row="output_bias
                             bug=bug)
 
     return Adapter(name, set(features), build, conventions=dict(followed if declare is None else declare))
+
+
+def correct():
+    """A factory for the pytest plugin's tests: the default conventions, no bug."""
+    return synthetic("synthetic-ok")
+
+
+def planted_scale():
+    """A factory for the pytest plugin's tests: twice the default scale."""
+    return synthetic("synthetic-scale", bug="scale")

@@ -7,6 +7,7 @@ JAX is not imported yet and the variable is unset), then restores the environmen
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 
@@ -65,12 +66,13 @@ class FlaxMHA:
             kwargs = {"is_causal": bool(causal), "deterministic": True, "sow_weights": bool(return_weights)}
             if mask is not None or key_mask is not None:
                 kwargs["mask"] = jnp.asarray(keep_mask(B, H, T, S, mask, key_mask)[0])
-            y = np.asarray(m(jnp.asarray(f32(query)), jnp.asarray(f32(key)), jnp.asarray(f32(value)), **kwargs))
+            with warnings.catch_warnings():  # flax 0.12 deprecates Module.sow's form it uses itself
+                warnings.simplefilter("ignore", DeprecationWarning)
+                y = np.asarray(m(jnp.asarray(f32(query)), jnp.asarray(f32(key)), jnp.asarray(f32(value)), **kwargs))
             if not return_weights:
                 return y
-            sown = nnx.pop(m, nnx.Intermediate)
-            P = sown["attention_weights"]
-            P = getattr(P, "value", P)
+            P = nnx.pop(m, nnx.Intermediate)["attention_weights"]
+            P = P.get_value() if hasattr(P, "get_value") else getattr(P, "value", P)
             return y, np.asarray(P[0] if isinstance(P, (tuple, list)) else P)
 
         return fn

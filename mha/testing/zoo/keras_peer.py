@@ -8,6 +8,7 @@ user's process keeps its own choice. With Keras already imported, its backend is
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 
@@ -60,7 +61,9 @@ class KerasMHA:
             kwargs = {"use_causal_mask": bool(causal), "training": False}
             if key_mask is not None:
                 kwargs["attention_mask"] = keep_mask(B, 1, T, S, key_mask=key_mask)[0][:, 0]  # (B, T, S)
-            res = layer(f32(query), f32(value), f32(key), return_attention_scores=return_weights, **kwargs)
+            with warnings.catch_warnings():  # Keras warns of a softmax over one key (S = 1), a valid case here
+                warnings.filterwarnings("ignore", message="You are using a softmax over axis", category=UserWarning)
+                res = layer(f32(query), f32(value), f32(key), return_attention_scores=return_weights, **kwargs)
             if return_weights:
                 return np.asarray(keras.ops.convert_to_numpy(res[0])), np.asarray(keras.ops.convert_to_numpy(res[1]))
             return np.asarray(keras.ops.convert_to_numpy(res))
