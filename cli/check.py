@@ -32,8 +32,10 @@ def _adapters(impls):
     out = []
     for name in names:
         if name in zoo.ZOO:
-            require(zoo.requirement(name), f"--impl {name}")
-            out.append((name, zoo.adapter(name)))
+            try:  # the zoo finds the package without importing it (Keras needs its backend chosen first)
+                out.append((name, zoo.adapter(name)))
+            except ImportError as err:
+                raise click.ClickException(f"--impl {name}: {err} (pip install {zoo.requirement(name)})") from None
         else:
             if name in NEEDS:
                 require(NEEDS[name], f"--impl {name}")

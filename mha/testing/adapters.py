@@ -6,7 +6,9 @@ return_weights=False)`` on batch-first numpy arrays, in this project's semantics
 attend, int 0/1 masks, float masks added to the logits with -inf hiding, key_mask True = real key, causal
 aligned at the end). Only arguments of declared features are passed. An adapter may also declare
 ``conventions`` (mha.testing.conventions: causal alignment, empty rows, non-finite inputs): the suite
-then holds it to those instead of this project's. With "scale" the suite also calls
+then holds it to those instead of this project's. An adapter that computes in other precisions lists
+them in ``dtypes`` (e.g. ``("float32", "float16", "bfloat16")``) and takes ``build(weights, dtype=d)``
+(inputs still come as float32 numpy arrays, already rounded to ``d``): mha.testing.numerics uses it. With "scale" the suite also calls
 ``build(weights, scale=s)``; with "head_mask", ``fn(..., head_mask=c)``; with "rope",
 ``build(weights, rope=mha.RoPE(...))`` (query i at position S - T + i, key j at j); with "window",
 ``build(weights, window=W)`` (query i sees keys j with |i + S - T - j| < W). With "cache" the function
@@ -15,8 +17,9 @@ causal=True, key_mask=m_new)``: self-attention over everything appended so far (
 tokens are padding).
 
 Shipped: :class:`BackendAdapter` (this project's numpy and MLX layers), :class:`TorchAdapter`
-(``torch.nn.MultiheadAttention``) and :class:`MlxNNAdapter` (``mlx.nn.MultiHeadAttention``); wrap
-your own function with :class:`Adapter`.
+(``torch.nn.MultiheadAttention``) and :class:`MlxNNAdapter` (``mlx.nn.MultiHeadAttention``), both held
+to this project's conventions; mha.testing.zoo has many more peers, each declaring its own. Wrap your
+own function with :class:`Adapter`.
 """
 
 from __future__ import annotations
