@@ -20,7 +20,7 @@ DEPENDENT = ["reference", "masked_keys_irrelevant", "large_negative_bias", "nonf
              "empty_rows_output_bias", "mask_algebra", "nonfinite_visible_confined", "nonfinite_self_attention",
              "causal_prefix", "causal_append", "causal_decoding", "weights_contract", "weights_match_output",
              "single_head", "value_bias_affinity", "zero_scale_mean", "batch_independence"]
-N = 15
+N = 10
 
 
 def test_validate_names_the_argument():

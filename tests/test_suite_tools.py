@@ -95,11 +95,19 @@ def test_pytest_plugin_runs_the_suite_as_items(tmp_path):
 
 
 def test_pytest_plugin_refuses_a_bad_spec(tmp_path):
+    from mha.testing.pytest_plugin import load_factory
+
     for spec, msg in (("nope", "must be of the form package.module:factory"),
+                      ("a:b:c", "must be of the form"),
                       ("tests.synthetic_attention:missing", "has no 'missing'"),
-                      ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'")):
-        res = _pytest("--mha-impl", spec, cwd=tmp_path)
-        assert res.returncode == 4 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr
+                      ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
+                      ("tests.synthetic_attention:FEATURES", "not an adapter")):
+        with pytest.raises(ValueError, match=msg):
+            load_factory(spec)
+    assert load_factory("tests.synthetic_attention:correct").name == "synthetic-ok"
+    res = _pytest("--mha-impl", "nope", cwd=tmp_path)  # a usage error: one line, no traceback
+    assert res.returncode == 4 and "--mha-impl must be of the form" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_readme_conformance_table_is_the_commands_format():

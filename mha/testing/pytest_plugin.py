@@ -30,7 +30,7 @@ def load_factory(spec: str):
         raise ValueError(f"--mha-impl {spec!r}: cannot import {module!r} ({err})") from None
     except AttributeError:
         raise ValueError(f"--mha-impl {spec!r}: module {module!r} has no {attr!r}") from None
-    adapter = obj if hasattr(obj, "build") and not isinstance(obj, type) else obj()
+    adapter = obj if (hasattr(obj, "build") and not isinstance(obj, type)) or not callable(obj) else obj()
     for need in ("name", "features", "build"):
         if not hasattr(adapter, need):
             raise ValueError(f"--mha-impl {spec!r} gave {type(adapter).__name__}, not an adapter (no {need!r})")
