@@ -108,9 +108,12 @@ class HFLlama:
         from transformers.models.llama.modeling_llama import LlamaAttention
 
         E, H, Hkv, D = weights.embed_dim, weights.num_heads, weights.num_kv_heads, weights.head_dim
-        config = LlamaConfig(hidden_size=E, num_attention_heads=H, num_key_value_heads=Hkv, head_dim=D,
+        # LlamaConfig refuses an odd head_dim (RoPE rotates pairs): set it after validation; the rotation
+        # given here is the identity, so every head width is fine
+        config = LlamaConfig(hidden_size=E, num_attention_heads=H, num_key_value_heads=Hkv, head_dim=2 * D,
                              attention_bias=weights.bias, intermediate_size=4, num_hidden_layers=1, vocab_size=8,
                              attn_implementation=self.attn)
+        config.head_dim = D
         layer = LlamaAttention(config, layer_idx=0).eval()
         t = _tensors(weights)
         for lin, p in ((layer.q_proj, "q"), (layer.k_proj, "k"), (layer.v_proj, "v"), (layer.o_proj, "o")):
