@@ -62,14 +62,14 @@ def markdown(results, examples: int) -> str:
     from .conventions import DEFAULTS
 
     keys = list(DEFAULTS)
-    lines = [BEGIN, "", f"Conventions, declared by each adapter / detected (`mha check --detect`); {examples} examples "
-             "per property and probes per convention:", "",
+    lines = [BEGIN, "", f"Conventions, declared by each adapter / **detected** where they differ (`mha check --detect`; "
+             f"n/a: the adapter cannot show it); {examples} examples per property and probes per convention:", "",
              "| implementation | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, found, report in results:
         cells = []
         for k in keys:
             declared, seen = report.conventions[k], found[k]
-            cells.append(declared if declared == seen else f"{declared} / **{seen}**")
+            cells.append(declared if declared == seen else seen if seen == "n/a" else f"{declared} / **{seen}**")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     names = [n for n, _, _ in results[0][2].results]
     lines += ["", "| property | " + " | ".join(n for n, _, _ in results) + " |", "|---|" + "---|" * len(results)]

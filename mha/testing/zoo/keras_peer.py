@@ -32,7 +32,9 @@ class KerasMHA:
              "gqa": "no grouped-query heads", "head_mask": "no head_mask argument",
              "scale": "the scale is fixed at 1/sqrt(key_dim)", "rope": "no rotary embeddings",
              "window": "no sliding window", "cache": "no key/value cache"}
-    conventions = {"causal": "top_left", "empty_row": "output_bias", "nonfinite": "propagates"}
+    # its plain call fills a bool mask's False entries with a large negative (uniform rows); with
+    # return_attention_scores it zeroes them: the plain call's is declared, the other path is checked against it
+    conventions = {"causal": "top_left", "empty_row": "mean_value", "nonfinite": "propagates"}
 
     def __init__(self):
         self.name = f"keras-mha-{_keras().config.backend()}"
