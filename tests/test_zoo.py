@@ -64,9 +64,21 @@ def test_torch_weights_path_passes_where_its_convention_used_to_fail():
 
 
 def test_torch_fast_path_inconsistency_is_a_failure():
-    """Self-attention through the native fused kernel gives NaN rows where the SDPA path gives 0."""
+    """Self-attention through the native fused kernel gives NaN rows where the SDPA path gives the
+    output bias: the adapter reaches both, and the property declared for the fast path fails."""
     _needs("torch-mha-fast")
-    report = check(zoo.adapter("torch-mha-fast"), properties=["empty_rows_output_bias"], max_examples=20)
+    from mha.testing.strategies import Config, random_inputs, random_weights
+
+    cfg = Config(2, 3, 3, 2, 2, 2, 4, 4, True, True)
+    rng = np.random.default_rng(0)
+    w = random_weights(cfg, rng)
+    x, _, _ = random_inputs(cfg, rng)
+    keep = np.ones((3, 3), bool)
+    keep[1] = False  # query 1 sees no key
+    fn = zoo.adapter("torch-mha-fast").build(w)
+    assert np.isnan(fn(x, x, x, mask=keep)[:, 1]).all()  # fused native kernel
+    assert np.array_equal(fn(x, x.copy(), x.copy(), mask=keep)[:, 1], np.broadcast_to(w.o_bias, (2, 4)))  # SDPA
+    report = check(zoo.adapter("torch-mha-fast"), properties=["empty_rows_output_bias"], max_examples=60)
     assert report.failed == ["empty_rows_output_bias"]
 
 
