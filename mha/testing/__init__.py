@@ -9,12 +9,20 @@ Hypothesis strategies, the properties and :func:`check` need ``pip install 'mha-
     report = check(Adapter("mine", {"mask", "causal"}, build=my_build))
     print(report)            # property x pass / FAIL (with the minimal falsifying example) / n/a
     report.failed            # names of the properties that failed
+
+An adapter may declare ``conventions`` (:mod:`mha.testing.conventions`: causal alignment, what a query
+that sees no key gets, whether NaN inputs stay isolated); :func:`check` holds it to them, and
+:func:`detect` finds which ones an implementation follows::
+
+    from mha.testing import detect
+    found = detect(my_adapter)          # {"causal": "top_left", "empty_row": "nan", ...}
+    found.examples                      # a minimal example for each non-default value
 """
 
-from . import oracle, tolerance
+from . import conventions, oracle, tolerance
 
-__all__ = ["Report", "adapters", "check", "oracle", "profiles", "properties", "run_property", "strategies",
-           "tolerance"]
+__all__ = ["Detection", "Report", "adapters", "check", "conventions", "detect", "oracle", "profiles", "properties",
+           "run_property", "strategies", "tolerance", "zoo"]
 
 
 def __getattr__(name):  # Hypothesis is imported only when the suite is used
@@ -26,6 +34,12 @@ def __getattr__(name):  # Hypothesis is imported only when the suite is used
         except ImportError as err:
             raise ImportError(f"mha.testing.{name} needs Hypothesis: pip install 'mha-twin[testing]' ({err})") from err
         return getattr(mod, name)
-    if name in ("adapters", "properties", "profiles", "strategies"):
+    if name in ("detect", "Detection"):
+        try:
+            mod = importlib.import_module("._detect", __name__)
+        except ImportError as err:
+            raise ImportError(f"mha.testing.{name} needs Hypothesis: pip install 'mha-twin[testing]' ({err})") from err
+        return getattr(mod, name)
+    if name in ("adapters", "properties", "profiles", "strategies", "zoo"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'mha.testing' has no attribute {name!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .conventions import conventions_of, describe
 from .properties import PROPERTIES, Property
 
 
@@ -14,6 +15,7 @@ class Report:
 
     impl: str
     results: list = field(default_factory=list)
+    conventions: dict = field(default_factory=dict)  # the conventions the implementation was held to
 
     @property
     def failed(self) -> list[str]:
@@ -24,13 +26,14 @@ class Report:
         return [name for name, status, _ in self.results if status == "pass"]
 
     def as_dict(self) -> dict:
-        return {"impl": self.impl,
+        return {"impl": self.impl, "conventions": dict(self.conventions),
                 "results": [{"property": n, "status": s, "detail": d} for n, s, d in self.results]}
 
     def __str__(self) -> str:
         width = max((len(n) for n, _, _ in self.results), default=8)
         lines = [f"{self.impl}: {len(self.passed)} pass, {len(self.failed)} fail, "
-                 f"{len(self.results) - len(self.passed) - len(self.failed)} n/a"]
+                 f"{len(self.results) - len(self.passed) - len(self.failed)} n/a"
+                 + (f" (conventions: {describe(self.conventions)})" if self.conventions else "")]
         for name, status, detail in self.results:
             first = detail.splitlines()[0] if detail else ""
             lines.append(f"  {name:<{width}}  {status.upper() if status == 'fail' else status:<4}  {first}")
@@ -52,18 +55,22 @@ def run_property(impl, prop: Property | str, *, max_examples: int | None = None)
     """Run one property against ``impl`` under Hypothesis; raises its (shrunk) failure.
 
     The number of examples defaults to the loaded Hypothesis profile's (see mha.testing.profiles).
+    Every example is held to the conventions ``impl`` declares (mha.testing.conventions).
     """
+    from dataclasses import replace
+
     from hypothesis import given
 
     prop = PROPERTIES[prop] if isinstance(prop, str) else prop
-    reason = prop.missing(impl.features)
+    conventions = conventions_of(impl)
+    reason = prop.not_applicable(impl.features, conventions)
     if reason:
         raise ValueError(f"{getattr(impl, 'name', impl)!s} cannot express {prop.name}: {reason}")
 
     @_settings(max_examples)
     @given(prop.strategy(frozenset(impl.features)))
     def run(problem):
-        prop.check(impl, problem)
+        prop.check(impl, replace(problem, conventions=conventions))
 
     run.__name__ = run.__qualname__ = prop.name
     run()
@@ -84,18 +91,20 @@ def check(impl, *, properties=None, max_examples: int | None = None) -> Report:
     """Run every property ``impl`` can express; returns a :class:`Report`.
 
     ``impl`` follows the adapter protocol of :mod:`mha.testing.adapters`. Properties whose features
-    ``impl`` does not declare are reported "n/a" with the reason. ``properties`` restricts the run to
-    these names. A failure's detail holds the message and the minimal falsifying example.
+    ``impl`` does not declare, or that its declared conventions exempt it from, are reported "n/a" with
+    the reason; every other property holds it to its declared conventions. ``properties`` restricts the
+    run to these names. A failure's detail holds the message and the minimal falsifying example.
     """
     names = list(PROPERTIES) if properties is None else list(properties)
     unknown = [n for n in names if n not in PROPERTIES]
     if unknown:
         raise ValueError(f"unknown properties {unknown}; known: {', '.join(PROPERTIES)}")
-    report = Report(getattr(impl, "name", type(impl).__name__))
+    conventions = conventions_of(impl)
+    report = Report(getattr(impl, "name", type(impl).__name__), conventions=conventions)
     notes = getattr(impl, "notes", {}) or {}
     for name in names:
         prop = PROPERTIES[name]
-        reason = prop.missing(impl.features)
+        reason = prop.not_applicable(impl.features, conventions)
         if reason:
             why = [notes[f] for f in sorted(prop.requires | prop.requires_any) if f in notes]
             report.results.append((name, "n/a", reason + (f" ({'; '.join(why)})" if why else "")))

@@ -4,7 +4,11 @@ An adapter is any object with ``name`` (str), ``features`` (a set drawn from :da
 ``build(weights)`` returning ``fn(query, key, value, *, mask=None, key_mask=None, causal=False,
 return_weights=False)`` on batch-first numpy arrays, in this project's semantics (bool masks True = may
 attend, int 0/1 masks, float masks added to the logits with -inf hiding, key_mask True = real key, causal
-aligned at the end). Only arguments of declared features are passed. With "scale" the suite also calls
+aligned at the end). Only arguments of declared features are passed. An adapter may also declare
+``conventions`` (mha.testing.conventions: causal alignment, empty rows, non-finite inputs): the suite
+then holds it to those instead of this project's. An adapter that computes in other precisions lists
+them in ``dtypes`` (e.g. ``("float32", "float16", "bfloat16")``) and takes ``build(weights, dtype=d)``
+(inputs still come as float32 numpy arrays, already rounded to ``d``): mha.testing.numerics uses it. With "scale" the suite also calls
 ``build(weights, scale=s)``; with "head_mask", ``fn(..., head_mask=c)``; with "rope",
 ``build(weights, rope=mha.RoPE(...))`` (query i at position S - T + i, key j at j); with "window",
 ``build(weights, window=W)`` (query i sees keys j with |i + S - T - j| < W). With "cache" the function
@@ -13,8 +17,9 @@ causal=True, key_mask=m_new)``: self-attention over everything appended so far (
 tokens are padding).
 
 Shipped: :class:`BackendAdapter` (this project's numpy and MLX layers), :class:`TorchAdapter`
-(``torch.nn.MultiheadAttention``) and :class:`MlxNNAdapter` (``mlx.nn.MultiHeadAttention``); wrap
-your own function with :class:`Adapter`.
+(``torch.nn.MultiheadAttention``) and :class:`MlxNNAdapter` (``mlx.nn.MultiHeadAttention``), both held
+to this project's conventions; mha.testing.zoo has many more peers, each declaring its own. Wrap your
+own function with :class:`Adapter`.
 """
 
 from __future__ import annotations
@@ -30,18 +35,23 @@ FEATURES = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mas
 
 @dataclass
 class Adapter:
-    """A user's implementation: ``Adapter("mine", {"mask", "causal"}, build)``."""
+    """A user's implementation: ``Adapter("mine", {"mask", "causal"}, build)``, optionally with
+    ``conventions={"causal": "top_left", ...}`` (mha.testing.conventions)."""
 
     name: str
     features: frozenset
     build: Callable
     notes: dict = field(default_factory=dict)
+    conventions: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        from .conventions import validate
+
         self.features = frozenset(self.features)
         unknown = self.features - FEATURES
         if unknown:
             raise ValueError(f"unknown features {sorted(unknown)}; known: {sorted(FEATURES)}")
+        validate(self.conventions)
 
 
 class BackendAdapter:
@@ -60,24 +70,34 @@ class BackendAdapter:
         self.backend = backend
         self.blocks = blocks
         self.name = backend if blocks is None else f"{backend}-blocks"
+        self.dtypes = ("float32", "float64") if backend == "numpy" else ("float32", "float16", "bfloat16")
 
-    def build(self, weights, scale=None, rope=None, window=None):
+    def build(self, weights, scale=None, rope=None, window=None, dtype="float32"):
         import contextlib
 
         import mha
 
         layer = mha.MultiHeadAttention.from_weights(weights, backend=self.backend, scale=scale, rope=rope,
-                                                    window=window)
+                                                    window=window, dtype=dtype)
+
+        def out(a):
+            return mha.to_numpy(a if dtype in ("float32", "float64") else a.astype(_mx_float32()))
 
         def fn(query, key, value, **kwargs):
             with layer.small_blocks(*self.blocks) if self.blocks else contextlib.nullcontext():
                 res = layer(query, key, value, **kwargs)
             if kwargs.get("return_weights"):
-                return mha.to_numpy(res[0]), mha.to_numpy(res[1])
-            return mha.to_numpy(res)
+                return out(res[0]), out(res[1])
+            return out(res)
 
         fn.init_cache = layer.init_cache
         return fn
+
+
+def _mx_float32():
+    import mlx.core as mx
+
+    return mx.float32
 
 
 def _combined_keep(B, H, T, S, mask, key_mask, causal):
@@ -109,7 +129,9 @@ class TorchAdapter:
              "head_mask": "no head_mask argument", "scale": "the scale is fixed at 1/sqrt(head_dim)",
              "rope": "no rotary position embeddings", "window": "no sliding window", "cache": "no key/value cache"}
 
-    def build(self, weights):
+    dtypes = ("float32", "float16", "bfloat16")
+
+    def build(self, weights, dtype="float32"):
         import torch
 
         E, H = weights.embed_dim, weights.num_heads
@@ -129,6 +151,8 @@ class TorchAdapter:
                 m.in_proj_bias.copy_(torch.cat([t["q_bias"], t["k_bias"], t["v_bias"]]))
                 m.out_proj.bias.copy_(t["o_bias"])
         m.eval()
+        dt = getattr(torch, dtype)
+        m.to(dt)
 
         def fn(query, key, value, *, mask=None, key_mask=None, causal=False, return_weights=False):
             B, T, _ = query.shape
@@ -147,14 +171,14 @@ class TorchAdapter:
                     kwargs["key_padding_mask"] = torch.from_numpy(np.where(pad, -np.inf, 0.0).astype(np.float32))
                 else:
                     kwargs["key_padding_mask"] = torch.from_numpy(pad)
-            q = torch.from_numpy(np.ascontiguousarray(query))
-            k = q if key is query else torch.from_numpy(np.ascontiguousarray(key))
-            v = k if value is key else torch.from_numpy(np.ascontiguousarray(value))
+            q = torch.from_numpy(np.ascontiguousarray(query)).to(dt)
+            k = q if key is query else torch.from_numpy(np.ascontiguousarray(key)).to(dt)
+            v = k if value is key else torch.from_numpy(np.ascontiguousarray(value)).to(dt)
             with torch.no_grad():
                 out, w = m(q, k, v, need_weights=return_weights, average_attn_weights=False, **kwargs)
             if return_weights:
-                return out.numpy(), w.numpy()
-            return out.numpy()
+                return out.float().numpy(), w.float().numpy()
+            return out.float().numpy()
 
         return fn
 
@@ -168,19 +192,22 @@ class MlxNNAdapter:
              "head_mask": "no head_mask argument", "scale": "the scale is fixed at 1/sqrt(head_dim)",
              "rope": "RoPE is a separate nn.RoPE", "window": "no sliding window", "cache": "no key/value cache"}
 
-    def build(self, weights):
+    dtypes = ("float32", "float16", "bfloat16")
+
+    def build(self, weights, dtype="float32"):
         import mlx.core as mx
         import mlx.nn as nn
 
         E, H = weights.embed_dim, weights.num_heads
+        dt = getattr(mx, dtype)
         m = nn.MultiHeadAttention(E, H, query_input_dims=E, key_input_dims=weights.kdim,
                                   value_input_dims=weights.vdim, bias=weights.bias)
         mx.eval(m.parameters())  # cut the lazy chain of global-key splits its random init leaves behind
         for proj, p in (("query_proj", "q"), ("key_proj", "k"), ("value_proj", "v"), ("out_proj", "o")):
             layer = getattr(m, proj)
-            layer.weight = mx.array(np.asarray(getattr(weights, f"{p}_weight"), np.float32))
+            layer.weight = mx.array(np.asarray(getattr(weights, f"{p}_weight"), np.float32)).astype(dt)
             if weights.bias:
-                layer.bias = mx.array(np.asarray(getattr(weights, f"{p}_bias"), np.float32))
+                layer.bias = mx.array(np.asarray(getattr(weights, f"{p}_bias"), np.float32)).astype(dt)
 
         def fn(query, key, value, *, mask=None, key_mask=None, causal=False):
             B, T, _ = query.shape
@@ -189,8 +216,9 @@ class MlxNNAdapter:
             if mask is not None or key_mask is not None or causal:
                 keep, add = _combined_keep(B, H, T, S, mask, key_mask, causal)
                 arg = mx.array(keep) if add is None else mx.array(np.where(keep, add, -np.inf).astype(np.float32))
-            out = m(mx.array(query), mx.array(key), mx.array(value), mask=arg)
-            return np.array(out)
+                arg = arg if add is None else arg.astype(dt)
+            out = m(mx.array(query).astype(dt), mx.array(key).astype(dt), mx.array(value).astype(dt), mask=arg)
+            return np.array(out.astype(mx.float32))
 
         return fn
 

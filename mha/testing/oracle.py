@@ -16,11 +16,13 @@ def _f64(x):
     return None if x is None else np.asarray(x, dtype=np.float64)
 
 
-def visible_keys(B, H, T, S, *, mask=None, key_mask=None, causal=False, window=None):
+def visible_keys(B, H, T, S, *, mask=None, key_mask=None, causal=False, window=None, causal_align="bottom_right"):
     """(B, H, T, S) bool: which keys each query may see (mask AND key_mask AND causal AND window).
 
     A float ``mask`` hides exactly its -inf entries; bool/int masks hide their False/0 entries.
+    ``causal_align``: "bottom_right" (query i sees j <= i + S - T) or "top_left" (j <= i).
     """
+    offset = {"bottom_right": S - T, "top_left": 0}[causal_align]
     vis = np.ones((B, H, T, S), dtype=bool)
     if mask is not None:
         m = np.asarray(mask)
@@ -34,7 +36,7 @@ def visible_keys(B, H, T, S, *, mask=None, key_mask=None, causal=False, window=N
     if causal:
         for i in range(T):
             for j in range(S):
-                if j > i + (S - T):
+                if j > i + offset:
                     vis[:, :, i, j] = False
     if window is not None:
         for i in range(T):
@@ -93,11 +95,15 @@ def head_projections(weights, query, key, value):
 
 
 def attention(weights, query, key=None, value=None, *, mask=None, key_mask=None, causal=False,
-              head_mask=None, scale=None, rope=None, window=None):
+              head_mask=None, scale=None, rope=None, window=None, causal_align="bottom_right",
+              empty_row="output_bias"):
     """Float64 multi-head attention on batched numpy inputs; returns ``(output, weights)``.
 
     ``rope`` (an mha.RoPE) rotates query i at position (S - T) + i and key j at j; ``window`` W hides
-    keys with |i + (S - T) - j| >= W.
+    keys with |i + (S - T) - j| >= W. ``causal_align`` and ``empty_row`` follow a declared convention
+    (mha.testing.conventions): a query that sees no key gets zero weights and context ("output_bias"),
+    NaN weights and context ("nan"; also "unspecified", which nothing can be compared with), or
+    uniform weights over all S keys ("mean_value").
 
     query (B, T, E); key (B, S, kdim); value (B, S, vdim) -> output (B, T, E), weights (B, H, T, S).
     """
@@ -114,7 +120,8 @@ def attention(weights, query, key=None, value=None, *, mask=None, key_mask=None,
     if rope is not None:
         qs = [rotate(q, rope, S - T) for q in qs]
         ks = [rotate(k, rope, 0) for k in ks]
-    vis = visible_keys(B, H, T, S, mask=mask, key_mask=key_mask, causal=causal, window=window)
+    vis = visible_keys(B, H, T, S, mask=mask, key_mask=key_mask, causal=causal, window=window,
+                       causal_align=causal_align)
     add = additive(B, H, T, S, mask)
     Wo = _f64(weights.o_weight)
     hm = None if head_mask is None else np.broadcast_to(np.asarray(head_mask, np.float64).reshape(-1, H), (B, H))
@@ -126,8 +133,15 @@ def attention(weights, query, key=None, value=None, *, mask=None, key_mask=None,
             ctx = np.zeros((T, D))
             for i in range(T):
                 seen = np.flatnonzero(vis[b, h, i])
-                if seen.size == 0:
-                    continue  # no visible key: zero weights, zero context
+                if seen.size == 0 and empty_row == "mean_value":  # uniform over every key
+                    P[b, h, i] = 1.0 / S
+                    ctx[i] = vs[g][b].mean(axis=0)
+                    continue
+                if seen.size == 0:  # no visible key: zero weights, zero context (or NaN)
+                    if empty_row in ("nan", "unspecified"):
+                        P[b, h, i] = np.nan
+                        ctx[i] = np.nan
+                    continue
                 z = np.array([scale * np.dot(qs[h][b, i], ks[g][b, j]) + add[b, h, i, j] for j in seen])
                 e = np.exp(z - z.max())
                 p = e / e.sum()

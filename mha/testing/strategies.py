@@ -74,6 +74,13 @@ class Problem:
     extra: dict = field(default_factory=dict)
     rope: object = None  # layer option: an mha.RoPE, or None
     window: int | None = None  # layer option: the sliding window, or None
+    conventions: dict = field(default_factory=dict)  # the implementation's declared conventions (defaults if empty)
+
+    def convention(self, key: str) -> str:
+        """The declared value of convention ``key`` (mha.testing.conventions), the default if none."""
+        from .conventions import DEFAULTS
+
+        return self.conventions.get(key, DEFAULTS[key])
 
     def layer_options(self) -> dict:
         """The layer options that are set (``rope``, ``window``): build the implementation with them."""
@@ -107,7 +114,20 @@ class Problem:
 
         c = self.config
         return visible_keys(c.B, c.H, c.T, c.S, mask=self.mask, key_mask=self.key_mask, causal=self.causal,
-                            window=self.window)
+                            window=self.window, causal_align=self.convention("causal"))
+
+    def reaches(self) -> np.ndarray:
+        """(B, H, T, S) bool: which keys each query's output may depend on under the declared empty-row
+        convention: the visible ones, and every key for a query that sees none under "mean_value"."""
+        vis = self.visible()
+        if self.convention("empty_row") == "mean_value":
+            vis = vis | ~vis.any(-1, keepdims=True)
+        return vis
+
+    def oracle_options(self) -> dict:
+        """Keyword arguments for mha.testing.oracle.attention: the layer options and the conventions."""
+        return {**self.layer_options(), "causal_align": self.convention("causal"),
+                "empty_row": self.convention("empty_row")}
 
     def _repr_pretty_(self, printer, cycle):  # Hypothesis prints falsifying examples with this
         printer.text(repr(self))

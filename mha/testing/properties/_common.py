@@ -24,6 +24,7 @@ class Property:
     strategy: Callable  # features -> hypothesis strategy of examples
     check: Callable  # (impl, example) -> None, raises AssertionError
     theme: str
+    excluded: tuple = ()  # ((convention, value, reason), ...): n/a under these declared conventions
 
     def missing(self, features) -> str | None:
         """Why an implementation with ``features`` cannot express this property (None if it can)."""
@@ -32,6 +33,17 @@ class Property:
             return "needs " + ", ".join(lacking)
         if self.requires_any and not self.requires_any & set(features):
             return "needs one of " + ", ".join(sorted(self.requires_any))
+        return None
+
+    def not_applicable(self, features, conventions: dict) -> str | None:
+        """Why an implementation with ``features`` and declared ``conventions`` cannot be held to this
+        property (None if it can)."""
+        reason = self.missing(features)
+        if reason:
+            return reason
+        for key, value, why in self.excluded:
+            if conventions.get(key) == value:
+                return f"{key}={value}: {why}"
         return None
 
     @property
@@ -50,12 +62,13 @@ def prop(name: str, *, requires=(), theme: str, **strategy_kwargs):
     ``strategy_kwargs``) lists features of which at least one is needed.
     """
     any_of = frozenset(strategy_kwargs.pop("requires_any", ()))
+    excluded = tuple(strategy_kwargs.pop("excluded", ()))
 
     def strategy(features):
         return problems(features, **strategy_kwargs)
 
     def deco(fn):
-        PROPERTIES[name] = Property(name, frozenset(requires), any_of, strategy, fn, theme)
+        PROPERTIES[name] = Property(name, frozenset(requires), any_of, strategy, fn, theme, excluded)
         return fn
 
     return deco
@@ -83,9 +96,54 @@ def call(impl, problem: Problem, *, weights: AttentionWeights | None = None, que
     if not return_weights or not same_call:
         y = np.asarray(fn(q, k, v, **kwargs), np.float64)
         if not return_weights:
-            return y, None
+            return _unspecified(problem, y, None, q, k, kwargs)
     y_w, P = (np.asarray(a, np.float64) for a in fn(q, k, v, return_weights=True, **kwargs))
-    return (y_w if same_call else y), P
+    return _unspecified(problem, y_w if same_call else y, P, q, k, kwargs)
+
+
+def _unspecified(problem: Problem, y, P, q, k, masks):
+    """Under the empty_row convention "unspecified", rows of queries that see no key in some head hold
+    any value: they become NaN (the oracle's value for them), so comparisons skip them alike."""
+    if problem.convention("empty_row") != "unspecified" or np.ndim(y) != 3:
+        return y, P
+    from ..oracle import visible_keys
+
+    (B, T), S, H = np.shape(q)[:2], np.shape(k)[1], problem.weights.num_heads
+    vis = visible_keys(B, H, T, S, mask=masks.get("mask"), key_mask=masks.get("key_mask"),
+                       causal=bool(masks.get("causal")), window=problem.window,
+                       causal_align=problem.convention("causal"))
+    empty = ~vis.any(-1)  # (B, H, T)
+    y = np.where(empty.any(1)[..., None], np.nan, y)
+    if P is not None:
+        P = np.where(empty[..., None], np.nan, P)
+    return y, P
+
+
+def empty_row_weights(p: Problem, P: np.ndarray) -> np.ndarray:
+    """Weights (B, H, T, S) computed with all-zero rows for queries that see no key, turned into the
+    declared empty-row convention's: zeros, NaN, or 1/S over every key."""
+    conv = p.convention("empty_row")
+    if conv == "output_bias":
+        return P
+    empty = ~p.visible().any(-1, keepdims=True)
+    fill = np.float64(1.0 / P.shape[-1]) if conv == "mean_value" else np.nan
+    return np.where(empty, fill, P)
+
+
+def prefix_rows(p: Problem, t: int) -> np.ndarray:
+    """(B, T) bool: rows before position t whose output may depend on keys before t only (all of them
+    under the causal rule, but a query that sees no key under "mean_value" reaches every key)."""
+    rows = ~p.reaches()[..., t:].any(axis=(1, 3))
+    rows[:, t:] = False
+    return rows
+
+
+def finite_rows(p: Problem) -> np.ndarray:
+    """(B, T) bool: output rows the declared empty-row convention keeps finite (all but rows with an
+    empty head under "nan" and "unspecified")."""
+    if p.convention("empty_row") in ("nan", "unspecified"):
+        return ~empty_rows(p).any(1)
+    return np.ones((p.config.B, p.config.T), bool)
 
 
 def build(impl, problem: Problem, weights=None, *, scale=None, **options):
@@ -163,5 +221,6 @@ def empty_rows(problem: Problem) -> np.ndarray:
     return ~problem.visible().any(-1)
 
 
-__all__ = ["PROPERTIES", "Property", "prop", "build", "call", "magnitude", "t1", "t2", "weights_tol", "close", "identical", "rng_of",
-           "full_mask", "edit_weights", "empty_rows", "replace"]
+__all__ = ["PROPERTIES", "Property", "prop", "build", "call", "magnitude", "t1", "t2", "weights_tol", "close",
+           "identical", "rng_of", "full_mask", "edit_weights", "empty_rows", "empty_row_weights", "finite_rows", "prefix_rows",
+           "replace"]

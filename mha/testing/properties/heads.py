@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ... import AttentionWeights
-from ._common import call, close, edit_weights, magnitude, prop, rng_of, t1, t2, weights_tol
+from ._common import call, close, edit_weights, empty_row_weights, magnitude, prop, rng_of, t1, t2, weights_tol
 
 
 @prop("head_decomposition", theme="heads", min_heads=2)
@@ -82,7 +82,8 @@ def head_mask_scales_heads(impl, p):
 @prop("single_head", theme="heads", num_heads=1)
 def single_head(impl, p):
     """With H = 1 the layer is single-head attention with scale 1/sqrt(E):
-    y = softmax_visible(Q K^T / sqrt(E) + A) V W_O^T + b_O, written with whole matrices. T1."""
+    y = softmax_visible(Q K^T / sqrt(E) + A) V W_O^T + b_O, written with whole matrices (rows that see
+    no key as the empty-row convention says). T1."""
     w, f = p.weights, np.float64
     y, _ = call(impl, p)
     k, v = p.kv
@@ -102,6 +103,7 @@ def single_head(impl, p):
     e = np.exp(logits - np.where(np.isfinite(top), top, 0.0))
     s = e.sum(-1, keepdims=True)
     P = np.divide(e, s, out=np.zeros_like(e), where=s > 0)
+    P = empty_row_weights(p, P[:, None])[:, 0]  # the declared empty-row convention
     expected = proj(P @ V, w.o_weight, w.o_bias)
     close(y, expected, t1(magnitude(p, y)), "single head vs whole-matrix attention")
 

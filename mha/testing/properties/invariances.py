@@ -8,7 +8,8 @@ import numpy as np
 
 from ... import AttentionWeights
 from ..oracle import head_projections
-from ._common import call, close, edit_weights, empty_rows, magnitude, prop, replace, rng_of, t1, t2
+from ._common import (call, close, edit_weights, empty_row_weights, empty_rows, magnitude, prop, replace, rng_of, t1,
+                      t2)
 
 
 @prop("key_bias_invariance", requires=("bias",), theme="invariances")
@@ -30,7 +31,8 @@ def key_bias_invariance(impl, p):
 def value_bias_affinity(impl, p):
     """Weights sum to one over visible keys, so a value-bias change delta moves each output by the
     same amount: f(b_v + delta) - f(b_v) = concat_h(delta_{g(h)}) W_O^T on queries that see a key, and 0
-    on those that see none (in a head: that head contributes 0). T2, absolute."""
+    on those that see none (in a head: that head contributes 0; all of delta under the empty-row
+    convention "mean_value", NaN under "nan"). T2, absolute."""
     if p.weights.v_bias is None:
         return
     rng = rng_of(p, 14)
@@ -39,7 +41,8 @@ def value_bias_affinity(impl, p):
     y, _ = call(impl, p)
     y2, _ = call(impl, p, weights=w2)
     H, G, D = p.config.H, p.config.H // p.config.Hkv, p.config.D
-    seen = ~empty_rows(p)  # (B, H, T)
+    empty = empty_rows(p)  # (B, H, T)
+    seen = np.where(empty, {"output_bias": 0.0, "mean_value": 1.0}.get(p.convention("empty_row"), np.nan), 1.0)
     d = np.stack([delta[(h // G) * D:(h // G + 1) * D] for h in range(H)]).astype(np.float64)  # (H, D)
     ctx = seen[..., None] * d[None, :, None, :]  # (B, H, T, D)
     shift = np.concatenate(list(np.moveaxis(ctx, 1, 0)), axis=-1) @ p.weights.o_weight.astype(np.float64).T
@@ -69,7 +72,7 @@ def value_linearity(impl, p):
 def zero_scale_mean(impl, p):
     """scale = 0 makes every visible logit equal (additive masks aside): each query averages the values
     it may see. Checked without additive masks: y = mean_{visible j}(v_j) W_O^T + b_O, b_O alone on
-    empty rows. T1."""
+    empty rows (or as the empty-row convention says). T1."""
     if p.mask is not None and p.mask.dtype.kind == "f":
         p = replace(p, mask=p.mask != -np.inf)
     y, _ = call(impl, p, scale=0.0)
@@ -77,7 +80,7 @@ def zero_scale_mean(impl, p):
     _, _, vs = head_projections(p.weights, p.query, k, v)
     vis = p.visible().astype(np.float64)  # (B, H, T, S)
     cnt = vis.sum(-1, keepdims=True)
-    P = np.divide(vis, cnt, out=np.zeros_like(vis), where=cnt > 0)
+    P = empty_row_weights(p, np.divide(vis, cnt, out=np.zeros_like(vis), where=cnt > 0))
     G = p.config.H // p.config.Hkv
     ctx = np.concatenate([P[:, h] @ vs[h // G] for h in range(p.config.H)], axis=-1)
     expected = ctx @ p.weights.o_weight.astype(np.float64).T + (0.0 if p.weights.o_bias is None else p.weights.o_bias)

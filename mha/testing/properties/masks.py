@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..strategies import LARGE_NEGATIVES
-from ._common import call, close, full_mask, identical, magnitude, prop, replace, rng_of, t2
+from ..oracle import head_projections
+from ._common import (call, close, empty_rows, finite_rows, full_mask, identical, magnitude, prefix_rows, prop,
+                      replace, rng_of, t1, t2)
 
 _HIDING = ("mask", "additive_mask", "key_mask")
 
@@ -30,8 +32,28 @@ def _hide(impl, p, b: int, j: int):
 
 
 def _hidden_keys(p) -> np.ndarray:
-    """(B, S) bool: keys no query of the batch element can see."""
-    return ~p.visible().any(axis=(1, 2))
+    """(B, S) bool: keys no query of the batch element can see (nor reach, under the declared empty-row
+    convention: under "mean_value" a query that sees no key reaches them all)."""
+    return ~p.reaches().any(axis=(1, 2))
+
+
+def _unchanged(p, actual, expected, what):
+    """Bitwise equal under the nonfinite convention "isolated"; within T2 under "propagates", whose
+    promise to other batch elements is no more than to compute them (a batched product may round them
+    differently when some rows hold NaN)."""
+    if p.convention("nonfinite") == "isolated":
+        identical(actual, expected, what)
+    else:
+        close(actual, expected, t2(magnitude(p, expected)), what)
+
+
+def _isolated_rows(p, dirty) -> np.ndarray:
+    """(B, T) bool: rows the nonfinite convention promises to keep clean when the (B, S) positions
+    ``dirty`` hold NaN/inf: "isolated", rows that reach none of them; "propagates", rows of batch
+    elements without any."""
+    if p.convention("nonfinite") == "propagates":
+        return np.broadcast_to(~dirty.any(-1)[:, None], (p.config.B, p.config.T)).copy()
+    return ~(p.reaches() & dirty[:, None, None, :]).any(axis=(1, 3))
 
 
 def _perturbed(p, hidden, values):
@@ -97,7 +119,7 @@ def large_negative_bias(impl, p):
     p = _hide(impl, replace(p, mask=m), int(rng.integers(B)), int(rng.integers(p.config.S)))
     hidden = _hidden_keys(p)
     y, _ = call(impl, p)
-    if not np.isfinite(y).all():
+    if not np.isfinite(y[finite_rows(p)]).all():
         raise AssertionError(f"non-finite output with an additive mask of {c}")
     noise = 30.0 * rng.normal(size=p.config.S * B * max(p.config.kdim, p.config.vdim, p.config.E))
     k2, v2 = _perturbed(p, hidden, noise.astype(np.float32))
@@ -110,31 +132,41 @@ def large_negative_bias(impl, p):
         x2 = p.query.copy()
         x2[:, t:] = (3.0 * rng.normal(size=x2[:, t:].shape)).astype(x2.dtype)
         y3, _ = call(impl, p, query=x2, key=x2, value=x2)
-        identical(y3[:, :t], y[:, :t], f"outputs before position {t} after changing inputs from {t} on, "
-                                       f"additive mask of {c}")
+        before = prefix_rows(p, t)
+        identical(y3[before], y[before], f"outputs before position {t} after changing inputs from {t} on, "
+                                         f"additive mask of {c}")
 
 
 @prop("nonfinite_hidden_isolation", theme="masks", requires_any=_HIDING, self_attention=False,
       requires=("cross",))
 def nonfinite_hidden_isolation(impl, p):
     """NaN and inf at hidden key/value positions never reach the output: with NaN, +inf or -inf written
-    into every hidden key and value vector, the output is finite and bitwise equal to the clean one."""
+    into every hidden key and value vector, the output is finite and bitwise equal to the clean one
+    (rows of queries that see no key as the empty-row convention says). Under the nonfinite convention
+    "propagates", only in batch elements with no such input."""
     rng = rng_of(p, 4)
-    p = _hide(impl, p, int(rng.integers(p.config.B)), int(rng.integers(p.config.S)))
+    b = int(rng.integers(p.config.B))
+    p = _hide(impl, p, b, int(rng.integers(p.config.S)))
     hidden = _hidden_keys(p)
+    if p.convention("nonfinite") == "propagates":  # dirty one batch element, watch the others
+        hidden[np.arange(p.config.B) != b] = False
+    rows = _isolated_rows(p, hidden) & finite_rows(p)
     y, _ = call(impl, p)
     for bad in (np.nan, np.inf, -np.inf):
         k2, v2 = _perturbed(p, hidden, bad)
         y2, _ = call(impl, p, key=k2, value=v2)
-        identical(y2, y, f"output with {bad} at hidden keys/values")
-        if not np.isfinite(y2).all():
+        _unchanged(p, y2[rows], y[rows], f"output with {bad} at hidden keys/values")
+        if not np.isfinite(y2[rows]).all():
             raise AssertionError(f"non-finite output with {bad} at hidden positions")
 
 
-@prop("empty_rows_output_bias", theme="masks", requires_any=_HIDING, positional=True)
+@prop("empty_rows_output_bias", theme="masks", requires_any=_HIDING, positional=True,
+      excluded=[("empty_row", "unspecified", "nothing is promised for a query that sees no key")])
 def empty_rows_output_bias(impl, p):
     """A query that may see no key has zero context: its output is exactly the output bias b_O (0 without
-    bias), never NaN, and (with "weights") its weights are all exactly 0."""
+    bias), never NaN, and (with "weights") its weights are all exactly 0. Under the empty-row convention
+    "nan" its output row and weights are all NaN instead; under "mean_value" its weights are 1/S on
+    every key (within 2 S u) and its output is the mean of all values through W_O (T1)."""
     rng = rng_of(p, 5)
     b, i = int(rng.integers(p.config.B)), int(rng.integers(p.config.T))
     if "mask" in impl.features or "additive_mask" in impl.features:
@@ -151,13 +183,33 @@ def empty_rows_output_bias(impl, p):
         p = replace(p, key_mask=km)
     rw = "weights" in impl.features
     y, P = call(impl, p, return_weights=rw)
-    empty = ~p.visible().any(-1).any(1)  # (B, T): rows empty in every head
-    bias = np.zeros(p.config.E) if p.weights.o_bias is None else p.weights.o_bias.astype(np.float64)
-    if not np.isfinite(y).all():
+    empty_h = empty_rows(p)  # (B, H, T)
+    empty = empty_h.all(1)  # (B, T): rows empty in every head
+    conv = p.convention("empty_row")
+    if conv == "nan":
+        if not np.isnan(y[empty]).all():
+            raise AssertionError("an output row of a query that sees no key is not all NaN (declared 'nan')")
+        if rw and not np.isnan(P[empty_h]).all():
+            raise AssertionError("weights of a query that sees no key are not all NaN (declared 'nan')")
+        return
+    if not np.isfinite(y[finite_rows(p)]).all():
         raise AssertionError("NaN or inf in the output with an empty row")
+    if conv == "mean_value":
+        k, v = p.kv
+        _, _, vs = head_projections(p.weights, p.query, k, v)
+        G = p.config.H // p.config.Hkv
+        ctx = np.concatenate([np.broadcast_to(vs[h // G].mean(1, keepdims=True), vs[h // G].shape[:1] + (p.config.T,)
+                                              + vs[h // G].shape[2:]) for h in range(p.config.H)], axis=-1)
+        expected = ctx @ p.weights.o_weight.astype(np.float64).T + (0.0 if p.weights.o_bias is None
+                                                                    else p.weights.o_bias)
+        close(y[empty], expected[empty], t1(magnitude(p, y)), "outputs of queries that see no key vs mean of values")
+        if rw:
+            close(P[empty_h], np.full(P[empty_h].shape, 1.0 / p.config.S), 2 * p.config.S * 2.0**-24,
+                  "weights of queries that see no key vs 1/S")
+        return
+    bias = np.zeros(p.config.E) if p.weights.o_bias is None else p.weights.o_bias.astype(np.float64)
     identical(y[empty], np.broadcast_to(bias, y[empty].shape), "outputs of queries that see no key")
     if rw:
-        empty_h = ~p.visible().any(-1)  # (B, H, T)
         identical(P[empty_h], np.zeros_like(P[empty_h]), "weights of queries that see no key")
 
 
@@ -197,7 +249,7 @@ def mask_algebra(impl, p):
         close(ya, yb, t2(magnitude(p, y0, mask=np.full((1,), 1e4))), "bool mask vs additive {0, -1e4}")
     if "mask" in f and "causal" in f:
         ya, _ = call(impl, p, masks={"mask": keep, "causal": True})
-        tri = np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
+        tri = np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T if p.convention("causal") == "bottom_right" else 0)
         yb, _ = call(impl, p, masks={"mask": keep & tri})
         close(ya, yb, t2(M), "mask with causal=True vs the combined bool mask")
 
@@ -205,11 +257,16 @@ def mask_algebra(impl, p):
 @prop("nonfinite_visible_confined", theme="masks", requires=("cross",), self_attention=False)
 def nonfinite_visible_confined(impl, p):
     """NaN or inf at a key/value vector that some queries may see spreads to exactly those queries'
-    outputs (all of their features, through W_O) and no further: every other row stays bitwise equal."""
+    outputs (all of their features, through W_O) and no further: every other row stays bitwise equal.
+    Under the nonfinite convention "propagates", only rows of the other batch elements are checked."""
     rng = rng_of(p, 18)
     b, j = int(rng.integers(p.config.B)), int(rng.integers(p.config.S))
     y, _ = call(impl, p)
-    sees = p.visible()[b, :, :, j].any(0)  # (T,): queries of batch b that see key j in some head
+    # (T,): queries of batch b that see key j in some head; under "mean_value" a query that sees no key
+    # averages every value (its output depends on value j, not on key j)
+    sees = {"key": p.visible()[b, :, :, j].any(0), "value": p.reaches()[b, :, :, j].any(0)}
+    if p.convention("nonfinite") == "propagates":
+        sees = {n: np.ones_like(a) for n, a in sees.items()}  # no promise inside batch element b
     # NaN in a key; inf in a value; -inf in a key, which can make a logit -inf (exp 0: a kernel left alone
     # just drops that key, and the row stays finite)
     for where, bad in (("key", np.nan), ("value", np.inf), ("key", -np.inf)):
@@ -218,9 +275,9 @@ def nonfinite_visible_confined(impl, p):
         (k2 if where == "key" else v2)[b, j, 0] = bad
         y2, _ = call(impl, p, key=k2, value=v2)
         rows = np.zeros(y.shape[:2], bool)
-        rows[b] = sees
-        identical(y2[~rows], y[~rows], f"rows that cannot see the {bad} at key {j}")
-        if np.isfinite(y2[rows]).any():
+        rows[b] = sees[where]
+        _unchanged(p, y2[~rows], y[~rows], f"rows that cannot see the {bad} at key {j}")
+        if p.convention("nonfinite") == "isolated" and np.isfinite(y2[rows]).any():
             raise AssertionError(f"a row that sees the {bad} at key {j} stayed (partly) finite")
 
 
@@ -228,12 +285,16 @@ def nonfinite_visible_confined(impl, p):
 def nonfinite_self_attention(impl, p):
     """Self-attention with NaN, +inf or -inf in one feature of one token: that token's key and value are
     not finite, so every row that may see it becomes NaN (all features, through W_O), and every row that
-    cannot (the token's own row aside) stays bitwise equal to the clean output and finite."""
+    cannot (the token's own row aside) stays bitwise equal to the clean output and finite (unless the
+    empty-row convention makes it NaN). Under the nonfinite convention "propagates", only rows of the
+    other batch elements are checked."""
     rng = rng_of(p, 19)
     b, j = int(rng.integers(p.config.B)), int(rng.integers(p.config.T))
     feature = int(rng.integers(p.config.E))
     y, _ = call(impl, p)
-    sees = p.visible()[b, :, :, j].any(0)  # (T,): queries of batch b that see token j in some head
+    sees = p.reaches()[b, :, :, j].any(0)  # (T,): queries of batch b that see token j in some head
+    if p.convention("nonfinite") == "propagates":
+        sees = np.ones_like(sees)  # no promise inside batch element b
     others = np.ones(y.shape[:2], bool)
     others[b] = ~sees
     others[b, j] = False  # its own query is not finite either
@@ -244,8 +305,8 @@ def nonfinite_self_attention(impl, p):
         x = p.query.copy()
         x[b, j, feature] = bad
         y2, _ = call(impl, p, query=x, key=x, value=x)
-        identical(y2[others], y[others], f"rows that cannot see token {j} with {bad} in its input")
-        if not np.isfinite(y2[others]).all():
+        _unchanged(p, y2[others], y[others], f"rows that cannot see token {j} with {bad} in its input")
+        if not np.isfinite(y2[others & finite_rows(p)]).all():
             raise AssertionError(f"a row that cannot see token {j} ({bad} in its input) is not finite")
-        if np.isfinite(y2[seeing]).any():
+        if p.convention("nonfinite") == "isolated" and np.isfinite(y2[seeing]).any():
             raise AssertionError(f"a row that sees token {j} ({bad} in its input) stayed (partly) finite")

@@ -17,7 +17,7 @@ def reference(impl, p):
     rw = "weights" in impl.features
     y, P = call(impl, p, return_weights=rw)  # with weights, the plain call is checked against it too
     k, v = p.kv
-    y_ref, P_ref = oracle.attention(p.weights, p.query, k, v, **p.masks(), **p.layer_options())
+    y_ref, P_ref = oracle.attention(p.weights, p.query, k, v, **p.masks(), **p.oracle_options())
     M = magnitude(p, y_ref)
     close(y, y_ref, t1(M), "output vs float64 oracle")
     if rw:

@@ -13,20 +13,33 @@ from ._common import call, close, identical, magnitude, prop, t2
 @prop("weights_contract", requires=("weights",), theme="weights", positional=True)
 def weights_contract(impl, p):
     """Weights are a distribution over the visible keys: shape (B, H, T, S); P >= 0; P = 0 exactly where
-    a key is hidden; each row sums to 1 within 2 S u, or is all 0 when the query sees no key."""
+    a key is hidden; each row sums to 1 within 2 S u, or is all 0 when the query sees no key (all NaN
+    under the empty-row convention "nan", 1/S on every key under "mean_value", unchecked under
+    "unspecified")."""
     c = p.config
     _, P = call(impl, p, return_weights=True)
     if P.shape != (c.B, c.H, c.T, c.S):
         raise AssertionError(f"weights shape {P.shape}, expected (B, H, T, S) = {(c.B, c.H, c.T, c.S)}")
     vis = p.visible()
+    empty = ~vis.any(-1)  # (B, H, T)
+    conv = p.convention("empty_row")
+    if conv != "output_bias":
+        rows = P[empty]
+        if conv == "nan" and not np.isnan(rows).all():
+            raise AssertionError("weights of a query that sees no key are not all NaN (declared 'nan')")
+        if conv == "mean_value":
+            close(rows, np.full(rows.shape, 1.0 / c.S), 2 * c.S * tolerance.unit_roundoff("float32"),
+                  "weights of a query that sees no key vs 1/S (declared 'mean_value')")
+        P, vis = P[~empty], vis[~empty]  # (N, S): the rows that see a key
     if np.isnan(P).any():
         idx = tuple(int(i) for i in np.argwhere(np.isnan(P))[0])
-        raise AssertionError(f"NaN weight at {idx} (b, h, t, s); query sees {int(vis[idx[:3]].sum())} keys")
+        raise AssertionError(f"NaN weight at {idx} ({'b, h, t, s' if P.ndim == 4 else 'row, s'}); query sees "
+                             f"{int(vis[idx[:-1]].sum())} keys")
     if not (P >= 0).all():
         raise AssertionError(f"negative weight {P.min()}")
     identical(P[~vis], np.zeros(int((~vis).sum())), "weights of hidden keys")
     sums = P.sum(-1)
-    has = vis.any(-1)
+    has = vis.any(-1)  # (B, H, T) or, with empty rows set aside, (N,)
     close(sums[has], np.ones(int(has.sum())), 2 * c.S * tolerance.unit_roundoff("float32"), "row sums")
     identical(sums[~has], np.zeros(int((~has).sum())), "row sums of queries that see no key")
 
