@@ -29,6 +29,8 @@ from typing import Callable
 
 import numpy as np
 
+from .zoo._common import keep_mask
+
 FEATURES = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "gqa", "weights",
                       "head_mask", "scale", "rope", "window", "cache"})
 
@@ -102,21 +104,7 @@ def _mx_float32():
 
 def _combined_keep(B, H, T, S, mask, key_mask, causal):
     """(B, H, T, S) bool keep mask and (B, H, T, S) additive float part (or None) in our semantics."""
-    keep = np.ones((B, H, T, S), bool)
-    add = None
-    if mask is not None:
-        m = np.asarray(mask)
-        m = np.broadcast_to(m.reshape((1,) * (4 - m.ndim) + m.shape), (B, H, T, S))
-        if m.dtype.kind == "f":
-            keep &= m != -np.inf
-            add = np.where(np.isneginf(m), 0.0, m).astype(np.float32)
-        else:
-            keep &= m != 0
-    if key_mask is not None:
-        keep &= np.asarray(key_mask, bool)[:, None, None, :]
-    if causal:
-        keep &= np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
-    return keep, add
+    return keep_mask(B, H, T, S, mask, key_mask, causal, align="bottom_right")
 
 
 class TorchAdapter:
