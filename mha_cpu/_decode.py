@@ -22,6 +22,8 @@ import math
 
 import numpy as np
 
+from ._kernel import shrink_exponent
+
 
 def applies(call) -> bool:
     """Whether ``call`` (a prepared layer call on the fast route) is a plain decode step."""
@@ -80,9 +82,6 @@ def step(layer, call):
 def _rescaled_logits(q, keys, D: int, factor: float):
     """(logits, row max, factor) from q and keys scaled down by powers of two so that no logit leaves the
     float range (|q.k| <= 2^100); the true logit is logits * factor."""
-    p = []
-    for a in (q, keys):
-        top = float(np.abs(a).max(initial=0.0, where=np.isfinite(a)))
-        p.append(max(0, math.ceil(math.log2(top * math.sqrt(D))) - 50) if top > 0 else 0)
+    p = [shrink_exponent(a, D) for a in (q, keys)]
     s = (q * q.dtype.type(math.ldexp(1.0, -p[0]))) @ (keys * keys.dtype.type(math.ldexp(1.0, -p[1]))).transpose(0, 1, 3, 2)
     return s, s.max(axis=-1, keepdims=True), factor * math.ldexp(1.0, p[0] + p[1])

@@ -34,6 +34,7 @@ powers of two, with ``logit_scale`` the factor they lost: terms exp(c (s - m)), 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +88,13 @@ class Call:
     @property
     def aug(self) -> bool:
         return self.q.shape[-1] == self.D + 1
+
+
+def shrink_exponent(a, D: int) -> int:
+    """p >= 0 such that a * 2^-p keeps every logit it takes part in within 2^50 of a factor's reach:
+    with both q and k scaled so, |q.k| <= 2^100, far inside float32's range (NaN/inf entries ignored)."""
+    top = float(np.abs(a).max(initial=0.0, where=np.isfinite(a)))
+    return max(0, math.ceil(math.log2(top * math.sqrt(D))) - 50) if top > 0 else 0
 
 
 def attention(call: Call, workers: Workers | None = None) -> None:

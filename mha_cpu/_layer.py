@@ -205,10 +205,7 @@ def _rescaled(q, k, D: int, rescale: bool, own: bool):
     multiplies back at the exp; else as they are, c = 1. ``own``: q and k may be changed in place."""
     if not rescale:
         return q, k, 1.0
-    p = []
-    for a in (q, k):
-        top = float(np.abs(a[..., :D]).max(initial=0.0, where=np.isfinite(a[..., :D])))
-        p.append(max(0, math.ceil(math.log2(top * math.sqrt(D))) - 50) if top > 0 else 0)
+    p = [_kernel.shrink_exponent(a[..., :D], D) for a in (q, k)]
     if not own:
         k = k.copy()
     for a, e in zip((q, k), p):

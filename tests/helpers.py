@@ -74,3 +74,25 @@ def tiny_bert(folder, seed=0):
     _io.save_safetensors(folder / "model.safetensors",
                          {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()})
     return folder
+
+
+def in_threads(fn, n: int) -> None:
+    """Run ``fn(i)`` for i in range(n), each on a thread of its own, all at once; re-raise the first
+    error any of them hit (after every thread has ended)."""
+    import threading
+
+    errors = []
+
+    def run(i):
+        try:
+            fn(i)
+        except BaseException as err:  # noqa: BLE001 - reported on the calling thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

@@ -11,7 +11,7 @@ import mha
 from mha.testing import oracle, tolerance
 from mha_cpu import _decode
 
-from .helpers import normal, random_weights
+from .helpers import in_threads, normal, random_weights
 
 
 @pytest.fixture
@@ -164,27 +164,17 @@ def test_decode_step_restores_blas_threads():
 def test_decode_steps_from_several_threads():
     """Three threads decode their own caches through one layer at once: each gets bitwise what it gets
     alone (the step keeps no state outside the call and its cache), and BLAS's setting comes back."""
-    import threading
-
     threadpoolctl = pytest.importorskip("threadpoolctl")
     before = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
     layer = mha.MultiHeadAttention.from_weights(random_weights(32, 4, Hkv=2, seed=9), backend="numpy")
     xs = [normal((2, 40, 32), s) for s in range(3)]
     alone = [_run(layer, x, 5)[0] for x in xs]
-    got, errors = [None] * 3, []
+    got = [None] * 3
 
     def work(i):
-        try:
-            got[i] = _run(layer, xs[i], 5)[0]
-        except Exception as err:  # pragma: no cover - reported below
-            errors.append(err)
+        got[i] = _run(layer, xs[i], 5)[0]
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    in_threads(work, 3)
     for a, b in zip(got, alone):
         np.testing.assert_array_equal(a, b)
     assert [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"] == before

@@ -7,7 +7,6 @@ Ten times the profile's example count: 500 (dev), 1,500 (ci), 20,000 (thorough).
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 import mha
 from mha.testing import oracle, tolerance
 
-from .helpers import normal, random_weights
+from .helpers import in_threads, normal, random_weights
 
 FUZZ = settings(max_examples=settings.default.max_examples * 10, deadline=None)
 ARGUMENTS = ("embed_dim", "num_heads", "num_kv_heads", "kdim", "vdim", "bias", "scale", "dropout", "dtype", "seed",
@@ -169,24 +168,15 @@ def test_one_layer_called_from_many_threads(backend_name):
     expected = [mha.to_numpy(layer(x, causal=bool(i % 2), return_weights=bool(i % 3 == 0))[0]
                              if i % 3 == 0 else layer(x, causal=bool(i % 2))) for i, x in enumerate(inputs)]
     results: dict = {}
-    errors = []
 
     def work(t):
-        try:
-            for rep in range(5):
-                for i in range(t, len(inputs), 4):
-                    x = inputs[i]
-                    out = layer(x, causal=bool(i % 2), return_weights=bool(i % 3 == 0))
-                    results[(t, rep, i)] = mha.to_numpy(out[0] if i % 3 == 0 else out)
-        except Exception as err:  # pragma: no cover - reported below
-            errors.append(err)
+        for rep in range(5):
+            for i in range(t, len(inputs), 4):
+                x = inputs[i]
+                out = layer(x, causal=bool(i % 2), return_weights=bool(i % 3 == 0))
+                results[(t, rep, i)] = mha.to_numpy(out[0] if i % 3 == 0 else out)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
+    in_threads(work, 4)
     assert len(results) == 5 * len(inputs)
     for (t, rep, i), out in results.items():
         np.testing.assert_array_equal(out, expected[i])
