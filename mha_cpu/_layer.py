@@ -12,8 +12,8 @@ from . import _decode, _kernel, _nonfinite, _options
 from ._pool import Slot, Workers, one_blas_thread
 from ._proj import Projections
 
-GROUP_QKV, GROUP_CTX, SHARES = Slot("group QKV"), Slot("group context"), Slot("group W_O shares")
-CTX = Slot("context")
+GROUP_QKV, CTX = Slot("group QKV"), Slot("context")
+_TASKS_PER_WORKER = 4
 
 
 class MultiHeadAttention(mha.MultiHeadAttention):
@@ -91,18 +91,17 @@ class MultiHeadAttention(mha.MultiHeadAttention):
 
     def _groups(self, call, workers) -> int | None:
         """How many groups of key/value heads to cut each batch element into for the split by head
-        groups (self-attention without RoPE or a cache), or None for the split by query rows."""
+        groups (self-attention without RoPE or a cache), or None for the split by query rows: the fewest
+        that give every worker about four tasks (the workers take tasks as they come free, so the more
+        tasks, the less a slower core holds the call up), at most one per key/value head; and the split
+        by rows when even one task per key/value head would not give every worker two."""
         split = _options.tuning.split
         if split == "rows" or not call.self_attention or call.pos.step is not None or self.config.rope is not None:
             return None
         B, Hkv, n = call.query.shape[0], self.config.num_kv_heads, workers.n
-        if n > 1:
-            for g in range(1, Hkv + 1):  # the fewest groups that share the workers out evenly
-                if Hkv % g == 0 and (B * g) % n == 0:
-                    return g
-        if split == "groups":  # as many groups as fill the workers, at most
-            return max(d for d in range(1, Hkv + 1) if Hkv % d == 0 and d <= max(1, -(-n // max(B, 1))))
-        return None
+        if split != "groups" and (n == 1 or B * Hkv < 2 * n):
+            return None
+        return next((g for g in range(1, Hkv + 1) if Hkv % g == 0 and B * g >= _TASKS_PER_WORKER * n), Hkv)
 
     def _outputs(self, call):
         """Fresh arrays for what the call returns: output (B, T, E), weights or None, lse or None."""
@@ -142,9 +141,9 @@ class MultiHeadAttention(mha.MultiHeadAttention):
 
     def _forward_groups(self, call, workers, rescale: bool, g: int):
         """Self-attention with one task per (batch element, group of key/value heads), each start to
-        finish on one worker: its rows of the fused projection, the attention of its heads, and their
-        share of the output projection (summed over groups at the end). No barrier between projection
-        and attention, and a worker's keys and values never leave its cache."""
+        finish on one worker: its rows of the fused projection and the attention of its heads, into the
+        context; then the output projection of every row, shared out by tiles. No barrier between
+        projection and attention, and a task's keys and values never leave its worker's cache."""
         c = self.config
         x = call.query
         B, T, E = x.shape
@@ -153,14 +152,13 @@ class MultiHeadAttention(mha.MultiHeadAttention):
         params = self._proj.groups(True, g)
         out, weights, lse = self._outputs(call)
         hm = None if call.head_mask is None else call.head_mask.reshape(-1, H)
-        o_bias = self._params["o_bias"]
 
-        def task(i, shares):
+        def task(i, ctx):
             b, gi = divmod(i, g)
-            g0, g1, w, bias, w_o = params[gi]
+            g0, g1, w, bias = params[gi]
             h0, h1 = g0 * G, g1 * G
             nq, nk = (h1 - h0) * Dq, (g1 - g0) * Dq
-            with GROUP_QKV.lease((T, w.shape[0]), x.dtype) as y, GROUP_CTX.lease((1, T, h1 - h0, D), x.dtype) as ctx:
+            with GROUP_QKV.lease((T, w.shape[0]), x.dtype) as y:
                 np.matmul(x[b], w.T, out=y)
                 y += bias
                 q = y[:, :nq].reshape(1, T, h1 - h0, Dq)
@@ -171,17 +169,15 @@ class MultiHeadAttention(mha.MultiHeadAttention):
                     k, v, bad_k, bad_v = _nonfinite.zero_nonfinite(k, v, True, own=True)
                     poison = _nonfinite.poisoned_rows(bad_k, bad_v, call.masks, G, b, h0)
                 q, k, factor = _rescaled(q, k, D, rescale, own=True)
-                final = out[b:b + 1] if gi == 0 else shares[gi - 1, b:b + 1]
-                kc = _kernel.Call(q, k, v, D, _task_masks(call.masks, b, h0, h1), ctx,
+                kc = _kernel.Call(q, k, v, D, _task_masks(call.masks, b, h0, h1), ctx[b:b + 1, :, h0:h1],
                                   None if weights is None else weights[b:b + 1, h0:h1],
                                   None if lse is None else lse[b:b + 1, h0:h1], _pick(hm, b, h0, h1), poison,
-                                  (w_o, o_bias if gi == 0 else None, final), self._proj.logit_scale * factor)
+                                  None, self._proj.logit_scale * factor)
                 _kernel.attention(kc)  # on this worker alone
 
-        with SHARES.lease((g - 1, B, T, E), x.dtype) as shares:  # the other groups' shares of W_O
-            workers.map(lambda i: task(i, shares), range(B * g))
-            for share in shares:
-                out += share
+        with CTX.lease((B, T, H, D), x.dtype) as ctx:
+            workers.map(lambda i: task(i, ctx), range(B * g))
+            workers.linear(ctx.reshape(B, T, H * D), self._params["o_weight"], self._params["o_bias"], out)
         return out, weights, lse
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from ._options import options, tuning
 
 _POOL_PREFIX = "mha_cpu"
+_DONE = object()
 
 
 # -- workers ---------------------------------------------------------------------------------------
@@ -131,43 +132,59 @@ class Workers:
             self._limit.restore_original_limits()
 
     def map(self, fn, items) -> None:
-        """Run ``fn`` on every item, spread over the workers (every n-th item each; the calling thread
-        takes the first share itself, one hand-off fewer: an empty map over 2 workers took 66 us when
-        every share went to the pool, 20 us so)."""
+        """Run ``fn`` on every item, the workers taking the next item whenever they are free (in the order
+        given: put the costliest first). Taken, not dealt: the cores of a VM need not run at one speed
+        (measured on this project's 2-core CI VM: one core's sgemm at 92 GFLOP/s, the other's at 134), and
+        an even deal waits for the slowest. The calling thread takes part: one hand-off fewer (an empty
+        map over 2 workers took 66 us when every share went to the pool, 20 us so)."""
         items = list(items)
         if self.n <= 1 or len(items) <= 1 or on_worker():  # waiting on the pool from a worker could deadlock
             for it in items:
                 fn(it)
             return
-        n = min(self.n, len(items))
-        shares = [items[i::n] for i in range(n)]  # interleaved: causal blocks grow in cost with the row
+        queue, lock, failed = iter(items), threading.Lock(), []
 
-        def work(share):
+        def work():
             with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # thread-local state
-                for it in share:
-                    fn(it)
+                while not failed:
+                    with lock:
+                        it = next(queue, _DONE)
+                    if it is _DONE:
+                        return
+                    try:
+                        fn(it)
+                    except BaseException:
+                        failed.append(True)  # the others stop taking items
+                        raise
 
-        pending = [_executor(n - 1).submit(work, share) for share in shares[1:]]
+        pending = [_executor(self.n - 1).submit(work) for _ in range(min(self.n, len(items)) - 1)]
         try:
-            work(shares[0])
+            work()
         finally:  # never return (or raise) while workers still write into the caller's buffers
             for f in pending:
                 f.result()
 
     def linear(self, x, weight, bias, out):
-        """``out[...] = x @ weight.T + bias`` for x (..., in), rows split over the workers; returns out
-        (..., out_features)."""
+        """``out[...] = x @ weight.T + bias`` for x (..., in), in tiles of rows and columns shared out over
+        the workers (about four per worker, as tasks are; tiles of at least 256 rows and 64 columns,
+        below which the GEMMs lose speed); returns out (..., out_features)."""
         x2 = x.reshape(-1, x.shape[-1])
         o2 = out.reshape(x2.shape[0], weight.shape[0])
-        step = max(1, -(-x2.shape[0] // self.n))
+        (M, N), parts = o2.shape, 1 if self.n <= 1 else 4 * self.n
+        if M == 0 or N == 0:
+            return out
+        pr = max(1, min(parts, M // 256))
+        pc = max(1, min(-(-parts // pr), N // 64))
+        rs, cs = -(-M // pr), -(-(-(-N // pc)) // 16) * 16  # column tiles a multiple of 16 wide
 
-        def part(r0):
-            o = o2[r0:r0 + step]
-            np.matmul(x2[r0:r0 + step], weight.T, out=o)
+        def part(tile):
+            r0, c0 = tile
+            o = o2[r0:r0 + rs, c0:c0 + cs]
+            np.matmul(x2[r0:r0 + rs], weight[c0:c0 + cs].T, out=o)
             if bias is not None:
-                o += bias
+                o += bias[c0:c0 + cs]
 
-        self.map(part, range(0, x2.shape[0], step))
+        self.map(part, [(r0, c0) for r0 in range(0, M, rs) for c0 in range(0, N, cs)])
         return out
 
 

@@ -6,8 +6,8 @@
   exactly when the logits are exponentiated.
 - The augmented form (``aug``): one more output per head, 0 for queries (the kernel writes the softmax
   offset there) and 1 for keys and values (mha_cpu._kernel).
-- Per group of key/value heads, the rows of the fused projection and the columns of W_O that the split
-  by head groups needs, made once per (form, number of groups).
+- Per group of key/value heads, the rows of the fused projection that the split by head groups needs,
+  made once per (form, number of groups).
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ class Projections:
             yield q.reshape(B, T, H, Dq), k.reshape(B, L, Hkv, Dq), v.reshape(B, L, Hkv, Dq)
 
     def groups(self, aug: bool, g: int) -> list:
-        """Per group of key/value heads (g groups): (first, end) kv head, its rows of the fused Q/K/V
-        projection (weight, bias) and its columns of W_O, contiguous. Made once per (aug, g)."""
+        """Per group of key/value heads (g groups): (first, end) kv head and its rows of the fused Q/K/V
+        projection (weight, bias), contiguous. Made once per (aug, g)."""
         found = self._groups.get((aug, g))
         if found is not None:
             return found
@@ -87,8 +87,7 @@ class Projections:
             g0, g1 = i * Hkv // g, (i + 1) * Hkv // g
             rows = np.concatenate([np.arange(g0 * G * Dq, g1 * G * Dq), H * Dq + np.arange(g0 * Dq, g1 * Dq),
                                    (H + Hkv) * Dq + np.arange(g0 * Dq, g1 * Dq)])
-            found.append((g0, g1, np.ascontiguousarray(w[rows]), b[rows],
-                          np.ascontiguousarray(self.o_weight[:, g0 * G * D:g1 * G * D])))
+            found.append((g0, g1, np.ascontiguousarray(w[rows]), b[rows]))
         self._groups[(aug, g)] = found
         return found
 

@@ -143,8 +143,8 @@ def test_split_handles_an_empty_batch(split, threads):
 
 
 def test_groups_split_runs_when_the_tasks_divide_evenly():
-    """2 workers: B=1 with 4 kv heads -> two groups; cross-attention -> the rows path; B=1 with one kv head:
-    no even split -> rows."""
+    """2 workers: B=1 with 4 kv heads -> four groups (as close to four tasks per worker as the heads allow);
+    cross-attention -> the rows path; B=1 with one kv head: fewer than two tasks per worker -> rows."""
     layer = mha.MultiHeadAttention(16, 4, backend="numpy", seed=0)
     mqa = mha.MultiHeadAttention(16, 4, num_kv_heads=1, backend="numpy", seed=0)
     calls = []
@@ -158,7 +158,7 @@ def test_groups_split_runs_when_the_tasks_divide_evenly():
         mqa(x)
     with setting(threads=2, split="rows"):
         y_rows = layer(x)
-    assert calls == [2]
+    assert calls == [4]
     tol = tolerance.t2("float32", "float32", tolerance.magnitude(layer.weights, x, x, x, y_ref=y_rows))
     tolerance.assert_close(y, y_rows, tol, "split by head groups vs by query rows")
 
