@@ -77,6 +77,12 @@ class BackendHooks:
         """A context for the arithmetic (numpy: no warnings for the NaN/inf the rules propagate)."""
         return contextlib.nullcontext()
 
+    def _decode_lane(self, query, cache):
+        """The output of ``layer(query, cache=cache)`` (any ``causal``, no other argument) computed without
+        the general checks, or None to take the general path. A backend's lane must accept only calls
+        whose every check it makes itself, and change nothing when it returns None. Default: None."""
+        return None
+
     def _settle(self, cache) -> None:
         """Called on a cache when it is made and after each call that appended to it, so that any thread
         can use it next (MLX: an unevaluated array belongs to the thread that made it). Default: nothing."""

@@ -244,6 +244,12 @@ class MultiHeadAttention(BackendHooks):
             ``(output, weights, lse)`` when asked. A query with no visible key has zero weights and
             output equal to the output bias.
         """
+        if (cache is not None and key is None and value is None and mask is None and key_mask is None
+                and head_mask is None and return_weights is False and training is False and check_finite is False
+                and return_lse is False and (causal is True or causal is False)):  # a decode step
+            out = self._decode_lane(query, cache)
+            if out is not None:
+                return out
         call = _prepare.prepare(self, query, key, value, mask=mask, key_mask=key_mask, causal=causal,
                                 head_mask=head_mask, return_weights=return_weights, training=training,
                                 check_finite=check_finite, return_lse=return_lse, cache=cache)

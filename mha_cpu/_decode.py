@@ -2,7 +2,9 @@
 
 Most calls of a generating model are this step, and its arithmetic is small (a few GEMVs and one pass
 over the cached keys and values), so what the general kernel spends per call on planning blocks, leases
-and the pool would dominate it. This path runs on the calling thread in a fixed sequence of numpy calls:
+and the pool would dominate it. A call with nothing but the new tokens and the cache skips even the
+front end's checks (:func:`lane`: ~39 us per call at E=16 where the checked route took ~84); the step
+runs on the calling thread in a fixed sequence of numpy calls:
 
 1. the fused Q/K/V projection of the new tokens (one (B, E) x (E, (H + 2 Hkv) D) GEMM), q pre-scaled;
 2. RoPE on q and k when the layer has it, then k and v appended to the cache;
@@ -14,15 +16,25 @@ It applies only when nothing can hide a key (no mask, no padding ever stored, T 
 window rules keep every cached key) and no key or value ever stored holds NaN/inf; anything else takes
 the general kernel. Logits past float32's range (|q.k| > 3.4e38) are recomputed from q and k scaled down
 by powers of two, the factor multiplied back inside the exp, as the kernel does.
+
+Threads: BLAS shares the GEMVs when that is faster, learnt per layer (:class:`BlasChoice`). Sharing the
+pass over the cache out over the project's own workers (by key/value heads) was measured slower at every
+context from 512 to 4096 on this project's 2-core VM (1.13-1.28x): a Python pool's hand-off, a sleeping
+thread woken, costs more than half the pass saves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 
 import numpy as np
 
+from mha._cache import KVCache
+
 from ._kernel import shrink_exponent
+from ._pool import one_blas_thread
 
 
 def applies(call) -> bool:
@@ -32,49 +44,117 @@ def applies(call) -> bool:
             and masks.window is None and step.cache.holds_nonfinite is False)
 
 
+def lane(layer, query, cache):
+    """The output of a decode step called with nothing but the new tokens and the cache (the layer's
+    front door sends such calls here before any other work: :meth:`mha.MultiHeadAttention.__call__`),
+    or None, with nothing changed, when the call is not a plain step of this layer with its own cache
+    (the general path then checks everything and raises what it must) or its new keys or values hold
+    NaN/inf. The checks here are the general path's, for this one form of call: query a native (B, 1, E)
+    array of the layer's dtype; cache a KVCache made by this layer for B sequences, with room for one
+    more token, no padding and no NaN/inf ever stored; no window (causal or not, a single new query
+    sees every kept key)."""
+    c = layer.config
+    if (type(query) is not np.ndarray or query.ndim != 3 or query.shape[1] != 1 or query.dtype != layer._dtype
+            or query.shape[2] != c.embed_dim or type(cache) is not KVCache or cache._owner != layer._cache_owner()
+            or cache.batch_size != query.shape[0] or cache.window is not None or cache._padded
+            or cache._nonfinite is not False or (cache.max_length is not None and cache.offset >= cache.max_length)):
+        return None
+    found = timed(layer, _core, layer, query[:, 0], cache._plan(1, None), None, False, False)
+    return None if found is None else found[0]
+
+
 def step(layer, call):
     """(output, weights, lse) of a decode step (:func:`applies`), or None, with the cache untouched, when
     the new keys or values hold NaN/inf (the general kernel then isolates them)."""
+    return timed(layer, _core, layer, call.query[:, 0], call.pos.step, call.head_mask, call.return_weights,
+                 call.return_lse)
+
+
+class BlasChoice:
+    """Whether a layer's decode steps hold BLAS at one thread, learnt from their own times.
+
+    BLAS's threads share a step's GEMVs well on idle cores (OpenBLAS's threads spin between calls, so a
+    hand-off costs little; measured 348 vs 476 us per step at E=512, context 128), and badly when other
+    work holds the cores (810 vs 540 us, 3.7 vs 1.6 ms at context 4096, with one core busy elsewhere):
+    the threads then spin against it. Neither choice wins everywhere, so each layer keeps a running mean
+    of its step times under each and takes the faster, trying the other now and then (every other step of
+    the first 8, then one in 32) and switching when it is 15% faster. Both give the same bits with
+    OpenBLAS (its GEMV splits the outputs, not the sums). Races between threads only blur the means."""
+
+    __slots__ = ("calls", "mean", "held")
+
+    def __init__(self):
+        self.calls, self.mean, self.held = 0, {True: None, False: None}, True
+
+    def pick(self) -> bool:
+        """True: hold BLAS at one thread for this step."""
+        self.calls += 1
+        explore = self.calls % 32 == 0 or (self.calls <= 8 and self.calls % 2 == 0)
+        return self.held != explore
+
+    def record(self, held: bool, seconds: float) -> None:
+        m = self.mean[held]
+        self.mean[held] = seconds if m is None else m + (0.3 if held != self.held else 0.1) * (seconds - m)
+        other, mine = self.mean[not self.held], self.mean[self.held]
+        if other is not None and mine is not None and other < 0.85 * mine:
+            self.held = not self.held
+
+
+def timed(layer, fn, *args):
+    """fn(*args) with BLAS held at one thread or not, as the layer's :class:`BlasChoice` picks, timed
+    for it (results that hand back, None, are not)."""
+    choice = layer._blas_choice
+    held = choice.pick()
+    t0 = time.perf_counter()
+    with one_blas_thread() if held else contextlib.nullcontext():
+        found = fn(*args)
+    if found is not None:
+        choice.record(held, time.perf_counter() - t0)
+    return found
+
+
+def _core(layer, x, plan, head_mask, want_weights: bool, want_lse: bool):
+    """The step (module docstring) for new tokens x (B, E) and the cache's ``plan`` (mha._cache._Step)."""
     c, proj = layer.config, layer._proj
     H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
-    x = call.query[:, 0]  # (B, E)
     B = x.shape[0]
     w, b = proj.forms[False]["qkv"]
     y = x @ w.T
     y += b
     kv = y[:, H * D:]
-    if not np.isfinite(kv).all():
-        return None
+    if not math.isfinite(np.add.reduce(kv, axis=None)):  # NaN/inf (or a sum past the float range: the
+        return None  # general path, which tells them apart)
     q = y[:, :H * D].reshape(B, H, 1, D)
     k = kv[:, :Hkv * D].reshape(B, Hkv, 1, D)
     v = kv[:, Hkv * D:].reshape(B, Hkv, 1, D)
     if c.rope is not None:
-        q, k = layer._rope(q, call.pos.q_offset), layer._rope(k, call.pos.k_offset)
-    keys, values = call.pos.step.append(k, v, True)  # (B, Hkv, S, D)
+        offset = plan.offset
+        q, k = layer._rope(q, offset), layer._rope(k, offset)
+    keys, values = plan.append(k, v, True)  # (B, Hkv, S, D)
     q = q.reshape(B, Hkv, H // Hkv, D)
     s = q @ keys.transpose(0, 1, 3, 2)  # (B, Hkv, G, S)
     factor = proj.logit_scale
-    m = s.max(axis=-1, keepdims=True)
-    if not np.isfinite(m).all():  # overflow (or a NaN query, which stays NaN either way)
+    m = np.maximum.reduce(s, axis=-1, keepdims=True)
+    if not math.isfinite(np.add.reduce(m, axis=None)):  # overflow (or a NaN query, which stays NaN anyway)
         s, m, factor = _rescaled_logits(q, keys, D, factor)
     s -= m
     if factor != 1.0:
         s *= s.dtype.type(factor)
     np.exp(s, out=s)
-    sums = s.sum(axis=-1, keepdims=True)
+    sums = np.add.reduce(s, axis=-1, keepdims=True)
     ctx = s @ values  # (B, Hkv, G, D)
     ctx /= sums
-    ctx = ctx.reshape(B, H, D)
-    if call.head_mask is not None:
-        ctx *= call.head_mask.reshape(-1, H, 1)
+    if head_mask is not None:
+        ctx = ctx.reshape(B, H, D)
+        ctx *= head_mask.reshape(-1, H, 1)
     out = ctx.reshape(B, H * D) @ proj.o_weight.T
     if proj.o_bias is not None:
         out += proj.o_bias
     weights = lse = None
-    if call.return_weights:
+    if want_weights:
         s /= sums
         weights = s.reshape(B, H, 1, -1)
-    if call.return_lse:
+    if want_lse:
         lse = (m * m.dtype.type(factor) + np.log(sums)).reshape(B, H, 1)
     return out[:, None], weights, lse
 

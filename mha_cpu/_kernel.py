@@ -125,7 +125,7 @@ def plan(B: int, T: int, H: int, Hkv: int, S: int, step: int, workers: int):
     of queries keeps its logits within ~16 MiB (bigger GEMMs win here) and every worker gets a task."""
     bq = options.block_q
     if bq is None:
-        bq = min(max((16 << 20) // (4 * H * max(step, 1)), 32), 256)
+        bq = min(max((16 << 20) // (4 * H * max(step, 1)), 32), max(256, 1024 // H))
         bq = max(16, min(bq, -(-T // max(1, -(-workers // max(B, 1))))))
     bq = max(1, min(bq, T))
     tasks = [(b, i0, min(i0 + bq, T)) for b in range(B) for i0 in range(0, T, bq)]

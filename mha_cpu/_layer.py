@@ -9,7 +9,7 @@ import numpy as np
 import mha
 
 from . import _decode, _kernel, _nonfinite, _options
-from ._pool import Slot, Workers, one_blas_thread
+from ._pool import Slot, Workers
 from ._proj import Projections
 
 GROUP_QKV, CTX = Slot("group QKV"), Slot("context")
@@ -52,7 +52,8 @@ class MultiHeadAttention(mha.MultiHeadAttention):
         return x
 
     def _set_params(self, weights) -> None:
-        dt = np.dtype(self.config.dtype)
+        dt = self._dtype = np.dtype(self.config.dtype)
+        self._blas_choice = _decode.BlasChoice()
         self._params = {k: None if v is None else np.array(v, dtype=dt, copy=True)
                         for k, v in weights.to_dict().items()}
         self._proj = Projections(self._params, self.config)
@@ -69,11 +70,14 @@ class MultiHeadAttention(mha.MultiHeadAttention):
         """Tiny blocks, a pool and the split by head groups for any problem (mha_cpu.small_blocks)."""
         return _options.small_blocks(block_q, block_k)
 
+    def _decode_lane(self, query, cache):
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return _decode.lane(self, query, cache)
+
     # -- the fast path ---------------------------------------------------------------------------------
     def _forward(self, call):
         if _decode.applies(call):  # one token per sequence, nothing masked: a few GEMVs on this thread
-            with one_blas_thread():
-                found = _decode.step(self, call)
+            found = _decode.step(self, call)
             if found is not None:
                 return found
         c = self.config

@@ -14,18 +14,20 @@ from mha_cpu import _decode
 from .helpers import in_threads, normal, random_weights
 
 
-@pytest.fixture
-def taken(monkeypatch):
-    """Counts the decode steps the special path computed (returned a result)."""
+@pytest.fixture(params=[True, False], ids=["blas-held", "blas-threads"])
+def taken(monkeypatch, request):
+    """Counts the decode steps the special path computed (returned a result); run once with BLAS held at
+    one thread for every step and once with BLAS as configured (the two choices of _decode.BlasChoice)."""
     n = [0]
-    real = _decode.step
+    real = _decode._core
 
-    def spy(layer, call):
-        found = real(layer, call)
+    def spy(*args):
+        found = real(*args)
         n[0] += found is not None
         return found
 
-    monkeypatch.setattr(_decode, "step", spy)
+    monkeypatch.setattr(_decode, "_core", spy)
+    monkeypatch.setattr(_decode.BlasChoice, "pick", lambda self: request.param)
     return n
 
 
@@ -195,3 +197,78 @@ def test_decode_step_strided_and_big_endian_tokens(taken):
         np.testing.assert_array_equal(mha.to_numpy(layer(token, cache=c1, causal=True)),
                                       mha.to_numpy(layer(plain, cache=c2, causal=True)))
     assert taken[0] == 4
+
+
+def test_plain_steps_take_the_lane_and_equal_the_checked_route(monkeypatch):
+    """A step called with nothing but the token and the cache skips the front end's checks; its output and
+    the cache it leaves are bitwise those of the checked route (forced here by a head_mask of ones)."""
+    w = random_weights(24, 6, Hkv=2, seed=2)
+    layer = mha.MultiHeadAttention.from_weights(w, backend="numpy", rope=mha.RoPE(dims=4))
+    x = normal((2, 9, 24), 3)
+    lanes = [0]
+    real = _decode.lane
+
+    def spy(*a):
+        found = real(*a)
+        lanes[0] += found is not None
+        return found
+
+    monkeypatch.setattr(_decode, "lane", spy)
+    c1, c2 = layer.init_cache(2, 20), layer.init_cache(2, None)
+    for c in (c1, c2):
+        layer(x[:, :5], cache=c, causal=True)
+    for i in range(5, 9):
+        a = layer(x[:, i:i + 1], cache=c1, causal=i % 2 == 0)  # causal or not: one query sees every key
+        b = layer(x[:, i:i + 1], cache=c2, causal=True, head_mask=np.ones(6, np.float32))
+        np.testing.assert_array_equal(a, b)
+    assert lanes[0] == 4 and c1.offset == c2.offset == 9
+    np.testing.assert_array_equal(c1.keys[:, :, :9], c2.keys[:, :, :9])
+
+
+def test_the_lane_leaves_every_error_to_the_checked_route():
+    """Calls of the lane's form that are wrong still raise the front end's errors, and change nothing."""
+    layer = mha.MultiHeadAttention(16, 2, backend="numpy", seed=0)
+    other = mha.MultiHeadAttention(16, 4, backend="numpy", seed=0)
+    cache = layer.init_cache(2, 4)
+    layer(normal((2, 3, 16), 0), cache=cache, causal=True)
+    token = normal((2, 1, 16), 1)
+    cases = [
+        (lambda: layer(token, cache=other.init_cache(2, 4)), ValueError, "another kind of layer"),
+        (lambda: layer(token[:1], cache=cache), ValueError, "batch_size=2"),
+        (lambda: layer(token[..., :8], cache=cache), ValueError, "16"),
+        (lambda: layer(token, cache=cache, causal="yes"), TypeError, "causal"),
+        (lambda: layer(token, cache=object()), TypeError, "KVCache"),
+    ]
+    for call, err, words in cases:
+        with pytest.raises(err, match=words):
+            call()
+        assert cache.offset == 3
+    layer(token, cache=cache)
+    with pytest.raises(ValueError, match="cache is full"):
+        layer(token, cache=cache)
+    assert cache.offset == 4
+    # what the lane does not take, the checked route converts: float64, unbatched, a list
+    c64, c1 = layer.init_cache(1, None), layer.init_cache(1, None)
+    layer(normal((1, 3, 16), 0), cache=c64, causal=True)
+    layer(normal((1, 3, 16), 0), cache=c1, causal=True)
+    t = normal((1, 1, 16), 2)
+    np.testing.assert_array_equal(layer(t.astype(np.float64), cache=c64), layer(t, cache=c1))
+    np.testing.assert_array_equal(layer(t[0].tolist(), cache=c64), layer(t[0], cache=c1))
+
+
+def test_blas_choice_learns_the_faster_setting():
+    """BlasChoice takes the setting whose steps are faster, tries the other now and then, and switches
+    back when the times turn."""
+    choice = _decode.BlasChoice()
+    cost = {True: 2.0, False: 1.0}  # threads faster
+    picks = []
+    for _ in range(64):
+        held = choice.pick()
+        picks.append(held)
+        choice.record(held, cost[held])
+    assert choice.held is False and picks[-20:].count(False) >= 19
+    cost = {True: 1.0, False: 3.0}  # then busy cores: holding BLAS at one thread wins
+    for _ in range(96):
+        held = choice.pick()
+        choice.record(held, cost[held])
+    assert choice.held is True
