@@ -330,12 +330,13 @@ def accumulate(task: _Task, part, sums) -> None:
 
 
 def finish(task: _Task, start: int, end: int) -> None:
-    """Divide by the row sums, then head_mask, lse, NaN rows; write the context (and weights) out."""
+    """The context divided by the row sums straight into ``out`` (one pass), then head_mask, lse, NaN
+    rows there; the weights divided too."""
     c = task.call
     sums = task.sums()
     denom = np.where(sums == 0, 1.0, sums).astype(c.q.dtype)  # (H_, n, 1); rows without terms stay 0
-    ctx = task.acc[..., :c.D]
-    ctx /= denom
+    ctx = c.out[task.b, task.i0:task.i1, task.hs].transpose(1, 0, 2)  # (H_, n, D), a view of out
+    np.divide(task.acc[..., :c.D], denom, out=ctx)
     if c.weights is not None:
         c.weights[task.b, task.hs, task.i0:task.i1, start:end] /= denom
     if c.head_mask is not None:
@@ -350,7 +351,6 @@ def finish(task: _Task, start: int, end: int) -> None:
             c.weights[task.b, task.hs, task.i0:task.i1][key_rows] = np.nan  # a NaN logit: a NaN row
         if c.lse is not None:
             c.lse[task.b, task.hs, task.i0:task.i1][key_rows] = np.nan
-    c.out[task.b, task.i0:task.i1, task.hs] = ctx.transpose(1, 0, 2)
 
 
 def finish_empty(task: _Task) -> None:

@@ -52,8 +52,10 @@ class Tuning:
     min_parallel_flops: below this much work per call the pool costs more than it gives.
     min_split_work: fewer tasks than workers: split key/value heads over them from this many logits on.
     scratch_min: temporaries smaller than this come from malloc (cheap at that size), not scratch.
-    split: how self-attention is shared out: "auto" (by head groups when they divide the workers
-        evenly, else by query rows), "rows" or "groups" (as many groups as fill the workers).
+    split: how self-attention is shared out: "auto" (by head groups when there are at least two
+        tasks per worker, else by query rows), "rows" or "groups" (always by head groups).
+    tile_rows, tile_cols, tile_align: the least rows and columns of a tile of a projection shared out
+        over the workers (below them the GEMMs lose speed), columns a multiple of tile_align.
     """
 
     single_pass_max: int = 4096
@@ -62,6 +64,9 @@ class Tuning:
     min_split_work: int = 1 << 16
     scratch_min: int = 64 << 10
     split: str = "auto"
+    tile_rows: int = 256
+    tile_cols: int = 64
+    tile_align: int = 16
 
 
 tuning = Tuning()
@@ -86,7 +91,8 @@ class small_blocks:
         probe.block_q, probe.block_k, probe.threads = block_q, block_k, threads  # checks them
         self._set = dict(block_q=block_q, block_k=block_k, threads=threads)
         self._tuning = Tuning(single_pass_max=block_k, single_pass_floats=0, min_parallel_flops=0,
-                              min_split_work=0, scratch_min=0, split=split)
+                              min_split_work=0, scratch_min=0, split=split, tile_rows=4, tile_cols=2,
+                              tile_align=1)
 
     def __enter__(self):
         _lock.acquire()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -160,22 +160,24 @@ class Workers:
         pending = [_executor(self.n - 1).submit(work) for _ in range(min(self.n, len(items)) - 1)]
         try:
             work()
-        finally:  # never return (or raise) while workers still write into the caller's buffers
-            for f in pending:
-                f.result()
+        finally:  # never return (or raise) while workers still write into the caller's buffers: wait for
+            wait(pending)  # all of them before any result() re-raises a worker's error
+        for f in pending:
+            f.result()
 
     def linear(self, x, weight, bias, out):
         """``out[...] = x @ weight.T + bias`` for x (..., in), in tiles of rows and columns shared out over
-        the workers (about four per worker, as tasks are; tiles of at least 256 rows and 64 columns,
-        below which the GEMMs lose speed); returns out (..., out_features)."""
+        the workers (about four per worker, as tasks are; tiles of at least ``tuning.tile_rows`` rows and
+        ``tile_cols`` columns, 256 and 64, below which the GEMMs lose speed); returns out (..., out_features)."""
         x2 = x.reshape(-1, x.shape[-1])
         o2 = out.reshape(x2.shape[0], weight.shape[0])
         (M, N), parts = o2.shape, 1 if self.n <= 1 else 4 * self.n
         if M == 0 or N == 0:
             return out
-        pr = max(1, min(parts, M // 256))
-        pc = max(1, min(-(-parts // pr), N // 64))
-        rs, cs = -(-M // pr), -(-(-(-N // pc)) // 16) * 16  # column tiles a multiple of 16 wide
+        pr = max(1, min(parts, M // tuning.tile_rows))
+        pc = max(1, min(-(-parts // pr), N // tuning.tile_cols))
+        a = tuning.tile_align
+        rs, cs = -(-M // pr), -(-(-(-N // pc)) // a) * a
 
         def part(tile):
             r0, c0 = tile

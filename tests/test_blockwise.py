@@ -10,6 +10,7 @@ equal the float64 reference path within the derived bound T1.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 import pytest
@@ -240,3 +241,68 @@ def test_nan_token_leaves_other_rows_bitwise_equal_under_tiny_blocks():
     q, _, _ = mst.random_inputs(cfg, rng, "normal")
     problem = mst.Problem(cfg, w, q, None, None, seed=1, mode="normal", window=2)
     PROPERTIES["nonfinite_self_attention"].check(builtin("numpy-blocks"), problem)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_the_pool_runs_every_task_once_and_passes_errors_on(threads):
+    """Workers take tasks as they come free: every item exactly once, in any order, from the calling
+    thread and the pool; a task's error reaches the caller after every running task has ended, and no
+    task starts after it."""
+    import threading
+
+    from mha_cpu import _pool
+
+    workers = _pool.Workers(0, threads=threads)
+    if workers.n == 1:
+        pytest.skip("threadpoolctl is not installed: no pool")
+    seen, names, lock = [], set(), threading.Lock()
+
+    def fn(i):
+        with lock:
+            seen.append(i)
+            names.add(threading.current_thread().name)
+        time.sleep(0.001 * (i % 3))
+
+    workers.map(fn, range(37))
+    assert sorted(seen) == list(range(37)) and len(names) > 1
+    seen.clear()
+
+    def failing(i):
+        if i == 4:
+            raise KeyError("task 4")
+        time.sleep(0.002)
+        with lock:
+            seen.append(i)
+
+    with pytest.raises(KeyError, match="task 4"):
+        workers.map(failing, range(200))
+    count = len(seen)
+    time.sleep(0.05)
+    assert len(seen) == count < 200  # nothing still running, and the rest never started
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 5), (3, 517, 130), (1, 1, 9), (2, 300, 1)])
+@pytest.mark.parametrize("tiles", ["default", "tiny"])
+def test_tiled_projection_equals_one_gemm(shape, tiles):
+    """Workers.linear shares out tiles of rows and columns; every tiling, with and without a bias, gives
+    x @ W.T + b within the float32 bound of a dot product of K terms against the float64 product:
+    (K + 1) eps (|x| |W|.T + |b|), every element written (the output starts as NaN)."""
+    from mha_cpu import _options, _pool
+
+    B, M, N = shape
+    rng = np.random.default_rng(M)
+    x = rng.standard_normal((B, M, 33)).astype(np.float32)
+    w, b = rng.standard_normal((N, 33)).astype(np.float32), rng.standard_normal(N).astype(np.float32)
+    saved = (_options.tuning.tile_rows, _options.tuning.tile_cols, _options.tuning.tile_align)
+    try:
+        if tiles == "tiny":
+            _options.tuning.tile_rows, _options.tuning.tile_cols, _options.tuning.tile_align = 2, 1, 1
+        for bias in (b, None):
+            out = np.full((B, M, N), np.nan, np.float32)
+            _pool.Workers(0, threads=3).linear(x, w, bias, out)
+            b64 = 0.0 if bias is None else bias.astype(np.float64)
+            want = x.astype(np.float64) @ w.T.astype(np.float64) + b64
+            bound = 34 * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(w).T + np.abs(b64))
+            assert np.all(np.abs(out - want) <= bound)
+    finally:
+        _options.tuning.tile_rows, _options.tuning.tile_cols, _options.tuning.tile_align = saved

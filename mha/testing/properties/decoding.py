@@ -33,8 +33,9 @@ def _left_padding(rng, B: int, T: int) -> np.ndarray:
 def cached_decoding(impl, p):
     """Decoding with a cache equals one causal pass: feeding x in chunks (a prefill, then mostly one
     token at a time) through ``fn(x[:, a:b], cache=c, causal=True)`` gives f(x, causal=True) row for
-    row (T2), with the layer's RoPE and window, GQA, and left padding (key_mask) when supported; a
-    windowed layer's cache keeps only the last window - 1 positions."""
+    row (T2), with the layer's RoPE and window, GQA, and left padding (key_mask) when supported, given
+    with a chunk that holds pads and, as often as not, left out when it holds none (the cache must
+    remember the padding it stored); a windowed layer's cache keeps only the last window - 1 positions."""
     rng = rng_of(p, 30)
     B, T = p.config.B, p.config.T
     km = _left_padding(rng, B, T) if "key_mask" in impl.features and rng.random() < 0.5 else None
@@ -45,8 +46,8 @@ def cached_decoding(impl, p):
     parts = []
     for a, b in _chunks(rng, T):
         kwargs = {"cache": cache, "causal": True}
-        if km is not None:
-            kwargs["key_mask"] = km[:, a:b]
+        if km is not None and (not km[:, a:b].all() or rng.random() < 0.5):  # no pad among the new
+            kwargs["key_mask"] = km[:, a:b]  # tokens: as often as not left out, as generation loops do
         parts.append(np.asarray(fn(p.query[:, a:b], None, None, **kwargs), np.float64))
     close(np.concatenate(parts, axis=1), y, t2(magnitude(p, y)), "cached decoding vs one causal pass")
 
