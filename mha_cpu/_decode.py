@@ -51,12 +51,12 @@ def lane(layer, query, cache):
     (the general path then checks everything and raises what it must) or its new keys or values hold
     NaN/inf. The checks here are the general path's, for this one form of call: query a native (B, 1, E)
     array of the layer's dtype; cache a KVCache made by this layer for B sequences, with room for one
-    more token, no padding and no NaN/inf ever stored; no window (causal or not, a single new query
-    sees every kept key)."""
+    more token, no padding and no NaN/inf ever stored. Causal or not, with a window or not, a single new
+    query sees every key the cache keeps (a window's cache keeps the last window - 1 and the new one)."""
     c = layer.config
     if (type(query) is not np.ndarray or query.ndim != 3 or query.shape[1] != 1 or query.dtype != layer._dtype
             or query.shape[2] != c.embed_dim or type(cache) is not KVCache or cache._owner != layer._cache_owner()
-            or cache.batch_size != query.shape[0] or cache.window is not None or cache._padded
+            or cache.batch_size != query.shape[0] or cache._padded
             or cache._nonfinite is not False or (cache.max_length is not None and cache.offset >= cache.max_length)):
         return None
     found = timed(layer, _core, layer, query[:, 0], cache._plan(1, None), None, False, False)
