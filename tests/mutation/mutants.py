@@ -206,6 +206,4 @@ MUTANTS = [
            "decode step: a NaN/inf new key or value goes into the cache and the softmax"),
     Mutant("lane-takes-padded-caches", S, "lane", "cache._padded", "False",
            "decode lane: steps over a cache holding padding skip the key mask"),
-    Mutant("lane-takes-nonfinite-caches", S, "lane", "cache._nonfinite is not False", "False",
-           "decode lane: a cache that once stored NaN/inf keys is attended as if clean"),
 ]
