@@ -118,8 +118,8 @@ def _core(layer, x, plan, head_mask, want_weights: bool, want_lse: bool):
     c, proj = layer.config, layer._proj
     H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
     B = x.shape[0]
-    w, b = proj.forms[False]["qkv"]
-    y = x @ w.T
+    w, b = proj.forms[False]["qkv"]  # (E, (H + 2 Hkv) D)
+    y = x @ w
     y += b
     kv = y[:, H * D:]
     if not math.isfinite(np.add.reduce(kv, axis=None)):  # NaN/inf (or a sum past the float range: the
@@ -147,7 +147,7 @@ def _core(layer, x, plan, head_mask, want_weights: bool, want_lse: bool):
     if head_mask is not None:
         ctx = ctx.reshape(B, H, D)
         ctx *= head_mask.reshape(-1, H, 1)
-    out = ctx.reshape(B, H * D) @ proj.o_weight.T
+    out = ctx.reshape(B, H * D) @ proj.o_weight_t
     if proj.o_bias is not None:
         out += proj.o_bias
     weights = lse = None

@@ -67,8 +67,8 @@ class Call:
     head_mask: (B or 1, H) multipliers on each head's context, or None.
     poison: (rows, key_rows), (B, H, T) bools: contexts of ``rows`` become NaN (they see a non-finite key or
         value, zeroed before the call); for ``key_rows`` the weights and lse too. Or None.
-    project: (W_O (E, H*D), b_O or None, final (B, T, E)): each task also writes its rows of out @ W_O.T +
-        b_O into ``final`` (the output projection while the context is in cache). Or None.
+    project: (W_O.T (H*D, E), b_O or None, final (B, T, E)): each task also writes its rows of out @ W_O.T
+        + b_O into ``final`` (the output projection while the context is in cache). Or None.
     logit_scale: c, the power of two the logits were scaled down by (1: not at all).
     """
 
@@ -363,9 +363,9 @@ def finish_empty(task: _Task) -> None:
 
 def project_rows(call: Call, b: int, i0: int, i1: int) -> None:
     """final[b, i0:i1] = out[b, i0:i1] (all heads) @ W_O.T + b_O."""
-    w_o, b_o, final = call.project
+    w_ot, b_o, final = call.project
     H, D = call.out.shape[2], call.out.shape[3]
     dst = final[b, i0:i1]
-    np.matmul(call.out[b, i0:i1].reshape(i1 - i0, H * D), w_o.T, out=dst)
+    np.matmul(call.out[b, i0:i1].reshape(i1 - i0, H * D), w_ot, out=dst)
     if b_o is not None:
         dst += b_o

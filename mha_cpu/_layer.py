@@ -86,26 +86,28 @@ class MultiHeadAttention(mha.MultiHeadAttention):
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         flops = 2.0 * B * (T * E * 2 * H * D + L * (c.kdim + c.vdim) * Hkv * D + 2 * T * S * H * D)
         with Workers(flops) as workers:
-            g = self._groups(call, workers)
+            g = self._groups(call, workers, flops)
             forward = self._forward_rows if g is None else lambda *a: self._forward_groups(*a, g)
             try:
                 return forward(call, workers, False)
             except _kernel.Overflow:  # logits past float32's range: again, scaled down by powers of two
                 return forward(call, workers, True)
 
-    def _groups(self, call, workers) -> int | None:
+    def _groups(self, call, workers, flops: float) -> int | None:
         """How many groups of key/value heads to cut each batch element into for the split by head
         groups (self-attention without RoPE or a cache), or None for the split by query rows: the fewest
         that give every worker about four tasks (the workers take tasks as they come free, so the more
-        tasks, the less a slower core holds the call up), at most one per key/value head; and the split
-        by rows when even one task per key/value head would not give every worker two."""
-        split = _options.tuning.split
+        tasks, the less a slower core holds the call up) while each task keeps at least
+        ``tuning.min_task_flops`` of work, at most one per key/value head; and the split by rows when even
+        one task per key/value head would not give every worker two."""
+        split, t = _options.tuning.split, _options.tuning
         if split == "rows" or not call.self_attention or call.pos.step is not None or self.config.rope is not None:
             return None
         B, Hkv, n = call.query.shape[0], self.config.num_kv_heads, workers.n
         if split != "groups" and (n == 1 or B * Hkv < 2 * n):
             return None
-        return next((g for g in range(1, Hkv + 1) if Hkv % g == 0 and B * g >= _TASKS_PER_WORKER * n), Hkv)
+        want = max(n, min(_TASKS_PER_WORKER * n, int(flops // max(t.min_task_flops, 1.0))))
+        return next((g for g in range(1, Hkv + 1) if Hkv % g == 0 and B * g >= want), Hkv)
 
     def _outputs(self, call):
         """Fresh arrays for what the call returns: output (B, T, E), weights or None, lse or None."""
@@ -138,7 +140,7 @@ class MultiHeadAttention(mha.MultiHeadAttention):
             with CTX.lease((B, T, H, c.head_dim), q.dtype) as ctx:
                 kc = _kernel.Call(q, k, v, c.head_dim, call.masks, ctx, weights, lse,
                                   None if call.head_mask is None else call.head_mask.reshape(-1, H), poison,
-                                  (self._params["o_weight"], self._params["o_bias"], out),
+                                  (self._proj.o_weight_t, self._params["o_bias"], out),
                                   self._proj.logit_scale * factor)
                 _kernel.attention(kc, workers)
         return out, weights, lse
@@ -162,8 +164,8 @@ class MultiHeadAttention(mha.MultiHeadAttention):
             g0, g1, w, bias = params[gi]
             h0, h1 = g0 * G, g1 * G
             nq, nk = (h1 - h0) * Dq, (g1 - g0) * Dq
-            with GROUP_QKV.lease((T, w.shape[0]), x.dtype) as y:
-                np.matmul(x[b], w.T, out=y)
+            with GROUP_QKV.lease((T, w.shape[1]), x.dtype) as y:
+                np.matmul(x[b], w, out=y)
                 y += bias
                 q = y[:, :nq].reshape(1, T, h1 - h0, Dq)
                 k = y[:, nq:nq + nk].reshape(1, T, g1 - g0, Dq)
@@ -181,7 +183,7 @@ class MultiHeadAttention(mha.MultiHeadAttention):
 
         with CTX.lease((B, T, H, D), x.dtype) as ctx:
             workers.map(lambda i: task(i, ctx), range(B * g))
-            workers.linear(ctx.reshape(B, T, H * D), self._params["o_weight"], self._params["o_bias"], out)
+            workers.linear(ctx.reshape(B, T, H * D), self._proj.o_weight_t, self._params["o_bias"], out)
         return out, weights, lse
 
 

@@ -165,12 +165,12 @@ class Workers:
         for f in pending:
             f.result()
 
-    def linear(self, x, weight, bias, out):
-        """``out[...] = x @ weight.T + bias`` for x (..., in), in tiles of rows and columns shared out over
+    def linear(self, x, weight_t, bias, out):
+        """``out[...] = x @ weight_t + bias`` for x (..., in) and weight_t (in, out), in tiles of rows and columns shared out over
         the workers (about four per worker, as tasks are; tiles of at least ``tuning.tile_rows`` rows and
         ``tile_cols`` columns, 256 and 64, below which the GEMMs lose speed); returns out (..., out_features)."""
         x2 = x.reshape(-1, x.shape[-1])
-        o2 = out.reshape(x2.shape[0], weight.shape[0])
+        o2 = out.reshape(x2.shape[0], weight_t.shape[1])
         (M, N), parts = o2.shape, 1 if self.n <= 1 else 4 * self.n
         if M == 0 or N == 0:
             return out
@@ -182,7 +182,7 @@ class Workers:
         def part(tile):
             r0, c0 = tile
             o = o2[r0:r0 + rs, c0:c0 + cs]
-            np.matmul(x2[r0:r0 + rs], weight[c0:c0 + cs].T, out=o)
+            np.matmul(x2[r0:r0 + rs], weight_t[:, c0:c0 + cs], out=o)
             if bias is not None:
                 o += bias[c0:c0 + cs]
 

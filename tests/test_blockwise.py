@@ -39,7 +39,7 @@ def setting(*, blocks=None, threads=None, split="auto", scratch=None, pool_alway
         if scratch is not None:
             o.scratch_bytes, t.scratch_min = scratch, 0
         if pool_always:
-            t.min_parallel_flops = t.min_split_work = 0
+            t.min_parallel_flops = t.min_split_work = t.min_task_flops = 0
         t.split = split
         yield
     finally:
@@ -299,7 +299,7 @@ def test_tiled_projection_equals_one_gemm(shape, tiles):
             _options.tuning.tile_rows, _options.tuning.tile_cols, _options.tuning.tile_align = 2, 1, 1
         for bias in (b, None):
             out = np.full((B, M, N), np.nan, np.float32)
-            _pool.Workers(0, threads=3).linear(x, w, bias, out)
+            _pool.Workers(0, threads=3).linear(x, np.ascontiguousarray(w.T), bias, out)
             b64 = 0.0 if bias is None else bias.astype(np.float64)
             want = x.astype(np.float64) @ w.T.astype(np.float64) + b64
             bound = 34 * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(w).T + np.abs(b64))
