@@ -17,24 +17,22 @@ window rules keep every cached key) and no key or value ever stored holds NaN/in
 the general kernel. Logits past float32's range (|q.k| > 3.4e38) are recomputed from q and k scaled down
 by powers of two, the factor multiplied back inside the exp, as the kernel does.
 
-Threads: BLAS shares the GEMVs when that is faster, learnt per layer (:class:`BlasChoice`). Sharing the
-pass over the cache out over the project's own workers (by key/value heads) was measured slower at every
+Threads: BLAS shares the GEMVs when that is faster, learnt per layer (mha_cpu._pool.BlasChoice).
+Sharing the pass over the cache out over the project's own workers (by key/value heads) was measured slower at every
 context from 512 to 4096 on this project's 2-core VM (1.13-1.28x): a Python pool's hand-off, a sleeping
 thread woken, costs more than half the pass saves.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 
 import numpy as np
 
 from mha._cache import KVCache
 
 from ._kernel import shrink_exponent
-from ._pool import one_blas_thread
+from ._pool import timed
 
 
 def applies(call) -> bool:
@@ -59,58 +57,15 @@ def lane(layer, query, cache):
             or cache.batch_size != query.shape[0] or cache._padded
             or cache._nonfinite is not False or (cache.max_length is not None and cache.offset >= cache.max_length)):
         return None
-    found = timed(layer, _core, layer, query[:, 0], cache._plan(1, None), None, False, False)
+    found = timed(layer._decode_blas, 1.0, _core, layer, query[:, 0], cache._plan(1, None), None, False, False)
     return None if found is None else found[0]
 
 
 def step(layer, call):
     """(output, weights, lse) of a decode step (:func:`applies`), or None, with the cache untouched, when
     the new keys or values hold NaN/inf (the general kernel then isolates them)."""
-    return timed(layer, _core, layer, call.query[:, 0], call.pos.step, call.head_mask, call.return_weights,
-                 call.return_lse)
-
-
-class BlasChoice:
-    """Whether a layer's decode steps hold BLAS at one thread, learnt from their own times.
-
-    BLAS's threads share a step's GEMVs well on idle cores (OpenBLAS's threads spin between calls, so a
-    hand-off costs little; measured 348 vs 476 us per step at E=512, context 128), and badly when other
-    work holds the cores (810 vs 540 us, 3.7 vs 1.6 ms at context 4096, with one core busy elsewhere):
-    the threads then spin against it. Neither choice wins everywhere, so each layer keeps a running mean
-    of its step times under each and takes the faster, trying the other now and then (every other step of
-    the first 8, then one in 32) and switching when it is 15% faster. Both give the same bits with
-    OpenBLAS (its GEMV splits the outputs, not the sums). Races between threads only blur the means."""
-
-    __slots__ = ("calls", "mean", "held")
-
-    def __init__(self):
-        self.calls, self.mean, self.held = 0, {True: None, False: None}, True
-
-    def pick(self) -> bool:
-        """True: hold BLAS at one thread for this step."""
-        self.calls += 1
-        explore = self.calls % 32 == 0 or (self.calls <= 8 and self.calls % 2 == 0)
-        return self.held != explore
-
-    def record(self, held: bool, seconds: float) -> None:
-        m = self.mean[held]
-        self.mean[held] = seconds if m is None else m + (0.3 if held != self.held else 0.1) * (seconds - m)
-        other, mine = self.mean[not self.held], self.mean[self.held]
-        if other is not None and mine is not None and other < 0.85 * mine:
-            self.held = not self.held
-
-
-def timed(layer, fn, *args):
-    """fn(*args) with BLAS held at one thread or not, as the layer's :class:`BlasChoice` picks, timed
-    for it (results that hand back, None, are not)."""
-    choice = layer._blas_choice
-    held = choice.pick()
-    t0 = time.perf_counter()
-    with one_blas_thread() if held else contextlib.nullcontext():
-        found = fn(*args)
-    if found is not None:
-        choice.record(held, time.perf_counter() - t0)
-    return found
+    return timed(layer._decode_blas, 1.0, _core, layer, call.query[:, 0], call.pos.step, call.head_mask,
+                 call.return_weights, call.return_lse)
 
 
 def _core(layer, x, plan, head_mask, want_weights: bool, want_lse: bool):

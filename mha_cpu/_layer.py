@@ -9,7 +9,7 @@ import numpy as np
 import mha
 
 from . import _decode, _kernel, _nonfinite, _options
-from ._pool import Slot, Workers
+from ._pool import BlasChoice, Slot, Workers, on_worker, timed
 from ._proj import Projections
 
 GROUP_QKV, CTX = Slot("group QKV"), Slot("context")
@@ -53,7 +53,7 @@ class MultiHeadAttention(mha.MultiHeadAttention):
 
     def _set_params(self, weights) -> None:
         dt = self._dtype = np.dtype(self.config.dtype)
-        self._blas_choice = _decode.BlasChoice()
+        self._decode_blas, self._small_blas = BlasChoice(), BlasChoice()
         self._params = {k: None if v is None else np.array(v, dtype=dt, copy=True)
                         for k, v in weights.to_dict().items()}
         self._proj = Projections(self._params, self.config)
@@ -86,12 +86,17 @@ class MultiHeadAttention(mha.MultiHeadAttention):
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         flops = 2.0 * B * (T * E * 2 * H * D + L * (c.kdim + c.vdim) * Hkv * D + 2 * T * S * H * D)
         with Workers(flops) as workers:
-            g = self._groups(call, workers, flops)
-            forward = self._forward_rows if g is None else lambda *a: self._forward_groups(*a, g)
-            try:
-                return forward(call, workers, False)
-            except _kernel.Overflow:  # logits past float32's range: again, scaled down by powers of two
-                return forward(call, workers, True)
+            if workers.n == 1 and not on_worker():  # this thread alone: BLAS's threads or not, as learnt
+                return timed(self._small_blas, flops, self._attend, call, workers, flops)
+            return self._attend(call, workers, flops)
+
+    def _attend(self, call, workers, flops: float):
+        g = self._groups(call, workers, flops)
+        forward = self._forward_rows if g is None else lambda *a: self._forward_groups(*a, g)
+        try:
+            return forward(call, workers, False)
+        except _kernel.Overflow:  # logits past float32's range: again, scaled down by powers of two
+            return forward(call, workers, True)
 
     def _groups(self, call, workers, flops: float) -> int | None:
         """How many groups of key/value heads to cut each batch element into for the split by head

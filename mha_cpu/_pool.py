@@ -18,8 +18,10 @@ accident. What a call returns is always a fresh array.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -188,6 +190,51 @@ class Workers:
 
         self.map(part, [(r0, c0) for r0 in range(0, M, rs) for c0 in range(0, N, cs)])
         return out
+
+
+# -- BLAS's threads for work on one thread ----------------------------------------------------------
+class BlasChoice:
+    """Whether a kind of call on one thread (a layer's decode steps, or its calls too small for the
+    pool) holds BLAS at one thread, learnt from the calls' own times per unit of work.
+
+    BLAS's threads share a decode step's GEMVs well on idle cores (OpenBLAS's threads spin between
+    calls, so a hand-off costs little; measured 348 vs 476 us per step at E=512, context 128), and badly
+    when other work holds the cores (810 vs 540 us, 3.7 vs 1.6 ms at context 4096, with one core busy
+    elsewhere): the threads then spin against it. Neither choice wins everywhere, so each layer keeps a
+    running mean of its times (per unit of work: FLOPs for small calls, whose shapes vary) under each,
+    takes the faster, tries the other now and then (every other call of the first 8, then one in 32)
+    and switches when it is 15% faster. Both give the same bits with OpenBLAS (it splits a product's
+    outputs over its threads, not its sums). Races between threads only blur the means."""
+
+    __slots__ = ("calls", "mean", "held")
+
+    def __init__(self):
+        self.calls, self.mean, self.held = 0, {True: None, False: None}, True
+
+    def pick(self) -> bool:
+        """True: hold BLAS at one thread for this call."""
+        self.calls += 1
+        explore = self.calls % 32 == 0 or (self.calls <= 8 and self.calls % 2 == 0)
+        return self.held != explore
+
+    def record(self, held: bool, seconds: float) -> None:
+        m = self.mean[held]
+        self.mean[held] = seconds if m is None else m + (0.3 if held != self.held else 0.1) * (seconds - m)
+        other, mine = self.mean[not self.held], self.mean[self.held]
+        if other is not None and mine is not None and other < 0.85 * mine:
+            self.held = not self.held
+
+
+def timed(choice: BlasChoice, work: float, fn, *args):
+    """fn(*args) with BLAS held at one thread or not, as ``choice`` picks, its time per ``work`` recorded
+    for it (results that hand back, None, are not)."""
+    held = choice.pick()
+    t0 = time.perf_counter()
+    with one_blas_thread() if held else contextlib.nullcontext():
+        found = fn(*args)
+    if found is not None:
+        choice.record(held, (time.perf_counter() - t0) / max(work, 1.0))
+    return found
 
 
 # -- per-thread temporaries --------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from mha import _prepare
 from mha.testing import strategies as mst, tolerance
 from mha_cpu import _options
 
+from .helpers import normal, random_weights
+
 ALL = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "gqa", "rope", "window"})
 
 
@@ -306,3 +308,24 @@ def test_tiled_projection_equals_one_gemm(shape, tiles):
             assert np.all(np.abs(out - want) <= bound)
     finally:
         _options.tuning.tile_rows, _options.tuning.tile_cols, _options.tuning.tile_align = saved
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["blas-held", "blas-threads"])
+def test_small_calls_on_one_thread_either_way(monkeypatch, held):
+    """A call below tuning.min_parallel_flops runs on the calling thread, with BLAS held at one thread or
+    not as the layer's BlasChoice picks; either way the output equals the float64 oracle (T1), and the
+    choice learns from it."""
+    from mha.testing import oracle
+
+    from mha_cpu import _pool
+
+    monkeypatch.setattr(_pool.BlasChoice, "pick", lambda self: held)
+    w = random_weights(40, 5, Hkv=5, seed=3)
+    layer = mha.MultiHeadAttention.from_weights(w, backend="numpy")
+    x = normal((2, 23, 40), 4)
+    km = np.ones((2, 23), bool)
+    km[1, :6] = False
+    y = mha.to_numpy(layer(x, key_mask=km, causal=True))
+    want, _ = oracle.attention(w, x, key_mask=km, causal=True)
+    tolerance.assert_close(y, want, tolerance.t1("float32", tolerance.magnitude(w, x, y_ref=want)), "small call")
+    assert layer._small_blas.mean[held] is not None

@@ -9,7 +9,7 @@ import pytest
 
 import mha
 from mha.testing import oracle, tolerance
-from mha_cpu import _decode
+from mha_cpu import _decode, _pool
 
 from .helpers import in_threads, normal, random_weights
 
@@ -17,7 +17,7 @@ from .helpers import in_threads, normal, random_weights
 @pytest.fixture(params=[True, False], ids=["blas-held", "blas-threads"])
 def taken(monkeypatch, request):
     """Counts the decode steps the special path computed (returned a result); run once with BLAS held at
-    one thread for every step and once with BLAS as configured (the two choices of _decode.BlasChoice)."""
+    one thread for every step and once with BLAS as configured (the two choices of mha_cpu._pool.BlasChoice)."""
     n = [0]
     real = _decode._core
 
@@ -27,7 +27,7 @@ def taken(monkeypatch, request):
         return found
 
     monkeypatch.setattr(_decode, "_core", spy)
-    monkeypatch.setattr(_decode.BlasChoice, "pick", lambda self: request.param)
+    monkeypatch.setattr(_pool.BlasChoice, "pick", lambda self: request.param)
     return n
 
 
@@ -259,7 +259,7 @@ def test_the_lane_leaves_every_error_to_the_checked_route():
 def test_blas_choice_learns_the_faster_setting():
     """BlasChoice takes the setting whose steps are faster, tries the other now and then, and switches
     back when the times turn."""
-    choice = _decode.BlasChoice()
+    choice = _pool.BlasChoice()
     cost = {True: 2.0, False: 1.0}  # threads faster
     picks = []
     for _ in range(64):
