@@ -18,16 +18,20 @@ from .helpers import in_threads, normal, random_weights
 def taken(monkeypatch, request):
     """Counts the decode steps the special path computed (returned a result); run once with BLAS held at
     one thread for every step and once with BLAS as configured (the two choices of mha_cpu._pool.BlasChoice)."""
-    n = [0]
-    real = _decode._core
+    monkeypatch.setattr(_pool.BlasChoice, "pick", lambda self: request.param)
+    return _count(monkeypatch, "_core")
+
+
+def _count(monkeypatch, name: str) -> list:
+    """[n]: how many calls of _decode.<name> from now on returned a result (not None)."""
+    n, real = [0], getattr(_decode, name)
 
     def spy(*args):
         found = real(*args)
         n[0] += found is not None
         return found
 
-    monkeypatch.setattr(_decode, "_core", spy)
-    monkeypatch.setattr(_pool.BlasChoice, "pick", lambda self: request.param)
+    monkeypatch.setattr(_decode, name, spy)
     return n
 
 
@@ -205,15 +209,7 @@ def test_plain_steps_take_the_lane_and_equal_the_checked_route(monkeypatch):
     w = random_weights(24, 6, Hkv=2, seed=2)
     layer = mha.MultiHeadAttention.from_weights(w, backend="numpy", rope=mha.RoPE(dims=4))
     x = normal((2, 9, 24), 3)
-    lanes = [0]
-    real = _decode.lane
-
-    def spy(*a):
-        found = real(*a)
-        lanes[0] += found is not None
-        return found
-
-    monkeypatch.setattr(_decode, "lane", spy)
+    lanes = _count(monkeypatch, "lane")
     c1, c2 = layer.init_cache(2, 20), layer.init_cache(2, None)
     for c in (c1, c2):
         layer(x[:, :5], cache=c, causal=True)
