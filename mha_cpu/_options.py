@@ -49,9 +49,10 @@ class Tuning:
     single_pass_max: up to this many keys a task takes all its keys in one block.
     single_pass_floats: ... and also when the whole call's logits (T x H x S per batch element) fit in
         this many floats (decoding: a few queries against a long cache).
-    min_parallel_flops: below this much work per call (FLOPs) one thread, with BLAS as configured, does
-        better than the pool (measured on the 2-core CI VM in fresh processes: 0.62x the pool's time at
-        1x64x512x8, 0.87x at T=256, 1.06x at T=512).
+    min_parallel_flops: below this much work per call (FLOPs) the calling thread alone, with BLAS's
+        threads or not as learnt (mha_cpu._pool.BlasChoice), beats the pool (measured on the 2-core CI
+        VM in fresh processes at E=512, H=8: 0.75x the pool's time at T=32, 0.85x at T=96, 1.16x at
+        T=128, 2.1e8 and 3.0e8 FLOPs; projection-heavy calls of few rows gain most).
     min_task_flops: the split by head groups makes no more tasks than leave each this much work (at
         1x512x512x8, 1.6 GFLOP: 2 tasks measured 3% faster than 4 and 7% faster than 8).
     min_split_work: fewer tasks than workers: split key/value heads over them from this many logits on.
@@ -64,7 +65,7 @@ class Tuning:
 
     single_pass_max: int = 4096
     single_pass_floats: int = 1 << 21
-    min_parallel_flops: float = 1e9
+    min_parallel_flops: float = 2.5e8
     min_task_flops: float = 8e8
     min_split_work: int = 1 << 16
     scratch_min: int = 64 << 10
@@ -95,7 +96,8 @@ class small_blocks:
         probe = Options()
         probe.block_q, probe.block_k, probe.threads = block_q, block_k, threads  # checks them
         self._set = dict(block_q=block_q, block_k=block_k, threads=threads)
-        self._tuning = Tuning(single_pass_max=block_k, single_pass_floats=0, min_parallel_flops=0, min_task_flops=0,
+        self._tuning = Tuning(single_pass_max=block_k, single_pass_floats=0, min_parallel_flops=0,
+                              min_task_flops=0,
                               min_split_work=0, scratch_min=0, split=split, tile_rows=4, tile_cols=2,
                               tile_align=1)
 

@@ -168,9 +168,10 @@ class Workers:
             f.result()
 
     def linear(self, x, weight_t, bias, out):
-        """``out[...] = x @ weight_t + bias`` for x (..., in) and weight_t (in, out), in tiles of rows and columns shared out over
-        the workers (about four per worker, as tasks are; tiles of at least ``tuning.tile_rows`` rows and
-        ``tile_cols`` columns, 256 and 64, below which the GEMMs lose speed); returns out (..., out_features)."""
+        """``out[...] = x @ weight_t + bias`` for x (..., in) and weight_t (in, out), in tiles of rows and
+        columns shared out over the workers (about four per worker, as tasks are; tiles of at least
+        ``tuning.tile_rows`` rows and ``tile_cols`` columns, 256 and 64, below which the GEMMs lose
+        speed); returns out (..., out_features)."""
         x2 = x.reshape(-1, x.shape[-1])
         o2 = out.reshape(x2.shape[0], weight_t.shape[1])
         (M, N), parts = o2.shape, 1 if self.n <= 1 else 4 * self.n
