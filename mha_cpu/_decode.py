@@ -47,25 +47,38 @@ def lane(layer, query, cache):
     front door sends such calls here before any other work: :meth:`mha.MultiHeadAttention.__call__`),
     or None, with nothing changed, when the call is not a plain step of this layer with its own cache
     (the general path then checks everything and raises what it must) or its new keys or values hold
-    NaN/inf. The checks here are the general path's, for this one form of call: query a native (B, 1, E)
-    array of the layer's dtype; cache a KVCache made by this layer for B sequences, with room for one
-    more token, no padding and no NaN/inf ever stored. Causal or not, with a window or not, a single new
-    query sees every key the cache keeps (a window's cache keeps the last window - 1 and the new one)."""
+    NaN/inf (or sum past the float range). The checks here are the general path's, for this one form
+    of call: query a native (B, 1, E) array of the layer's dtype; keys and values projected from E
+    features (a cache is for self-attention); cache a KVCache made by this layer for B sequences, with
+    room for one more token, no padding and no NaN/inf ever stored. Causal or not, with a window or
+    not, a single new query sees every key the cache keeps (a window's cache keeps the last window - 1
+    and the new one)."""
     c = layer.config
     if (type(query) is not np.ndarray or query.ndim != 3 or query.shape[1] != 1 or query.dtype != layer._dtype
-            or query.shape[2] != c.embed_dim or type(cache) is not KVCache or cache._owner != layer._cache_owner()
+            or query.shape[2] != c.embed_dim or c.kdim != c.embed_dim or c.vdim != c.embed_dim
+            or type(cache) is not KVCache or cache._owner != layer._cache_owner()
             or cache.batch_size != query.shape[0] or cache._padded
             or cache._nonfinite is not False or (cache.max_length is not None and cache.offset >= cache.max_length)):
         return None
-    found = timed(layer._decode_blas, 1.0, _core, layer, query[:, 0], cache._plan(1, None), None, False, False)
+    plan = cache._plan(1, None)
+    found = timed(layer._decode_blas, _work(layer, plan), _core, layer, query[:, 0], plan, None, False, False)
     return None if found is None else found[0]
 
 
 def step(layer, call):
     """(output, weights, lse) of a decode step (:func:`applies`), or None, with the cache untouched, when
     the new keys or values hold NaN/inf (the general kernel then isolates them)."""
-    return timed(layer._decode_blas, 1.0, _core, layer, call.query[:, 0], call.pos.step, call.head_mask,
+    step_ = call.pos.step
+    return timed(layer._decode_blas, _work(layer, step_), _core, layer, call.query[:, 0], step_, call.head_mask,
                  call.return_weights, call.return_lse)
+
+
+def _work(layer, plan) -> float:
+    """A step's multiply-adds (the projections and the pass over the S keys): its times are compared per
+    unit of this, since a step's time grows with the cache."""
+    c = layer.config
+    HD = c.num_heads * c.head_dim
+    return float(plan.cache.batch_size * (c.embed_dim * (2 * HD + 2 * c.num_kv_heads * c.head_dim) + 2 * plan.S * HD))
 
 
 def _core(layer, x, plan, head_mask, want_weights: bool, want_lse: bool):

@@ -105,6 +105,8 @@ def attention(call: Call, workers: Workers | None = None) -> None:
     single = call.weights is not None or S <= tuning.single_pass_max or T * H * S <= tuning.single_pass_floats
     step = S if single else options.block_k
     tasks, groups = plan(B, T, H, Hkv, S, step, workers.n)
+    if call.masks.causal:  # the costliest first (later rows see more keys): the last task taken is short
+        tasks.sort(key=lambda t: -t[2])
     if len(groups) == 1:
         def run(task):
             block(call, *task, 0, Hkv, step)

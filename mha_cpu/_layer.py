@@ -9,11 +9,10 @@ import numpy as np
 import mha
 
 from . import _decode, _kernel, _nonfinite, _options
-from ._pool import BlasChoice, Slot, Workers, on_worker, timed
+from ._pool import TASKS_PER_WORKER, BlasChoice, Slot, Workers, on_worker, timed
 from ._proj import Projections
 
 GROUP_QKV, CTX = Slot("group QKV"), Slot("context")
-_TASKS_PER_WORKER = 4
 
 
 class MultiHeadAttention(mha.MultiHeadAttention):
@@ -21,12 +20,14 @@ class MultiHeadAttention(mha.MultiHeadAttention):
 
     Same constructor and call as :class:`mha.MultiHeadAttention` (its ``backend`` can only be "numpy"
     or "auto" here); see there. The fast path projects (Q/K/V fused into one GEMM for self-attention),
-    then runs blockwise attention with an online softmax (mha_cpu._kernel) on a thread pool, with the
-    output projection of each block of rows while its context is in cache; with ``return_weights`` it
-    writes the weights in the same single pass. Self-attention whose (batch element, group of key/value
-    heads) tasks share the workers out evenly runs each task start to finish on one worker
+    then runs blockwise attention with an online softmax (mha_cpu._kernel) on a thread pool whose
+    workers take tasks as they come free; with ``return_weights`` it writes the weights in the same
+    single pass. Self-attention with at least two (batch element, key/value head) tasks per worker runs
+    in tasks of groups of key/value heads, each start to finish on one worker, then W_O in tiles
     (:meth:`_forward_groups`); the rest projects all rows first and splits the attention by blocks of
-    queries (:meth:`_forward_rows`). Dropout takes the reference path.
+    queries, each projected through W_O while its context is in cache (:meth:`_forward_rows`). Calls
+    below ``tuning.min_parallel_flops`` run on the calling thread; decode steps take mha_cpu._decode.
+    Dropout takes the reference path.
     """
 
     backend = "numpy"
@@ -72,7 +73,10 @@ class MultiHeadAttention(mha.MultiHeadAttention):
 
     def _decode_lane(self, query, cache):
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            return _decode.lane(self, query, cache)
+            out = _decode.lane(self, query, cache)
+        if out is not None:
+            self._settle(cache)
+        return out
 
     # -- the fast path ---------------------------------------------------------------------------------
     def _forward(self, call):
@@ -92,11 +96,12 @@ class MultiHeadAttention(mha.MultiHeadAttention):
 
     def _attend(self, call, workers, flops: float):
         g = self._groups(call, workers, flops)
-        forward = self._forward_rows if g is None else lambda *a: self._forward_groups(*a, g)
+        if g is None:
+            return self._forward_rows(call, workers)
         try:
-            return forward(call, workers, False)
+            return self._forward_groups(call, workers, False, g)
         except _kernel.Overflow:  # logits past float32's range: again, scaled down by powers of two
-            return forward(call, workers, True)
+            return self._forward_groups(call, workers, True, g)
 
     def _groups(self, call, workers, flops: float) -> int | None:
         """How many groups of key/value heads to cut each batch element into for the split by head
@@ -111,7 +116,7 @@ class MultiHeadAttention(mha.MultiHeadAttention):
         B, Hkv, n = call.query.shape[0], self.config.num_kv_heads, workers.n
         if split != "groups" and (n == 1 or B * Hkv < 2 * n):
             return None
-        want = max(n, min(_TASKS_PER_WORKER * n, int(flops // max(t.min_task_flops, 1.0))))
+        want = max(n, min(TASKS_PER_WORKER * n, int(flops // max(t.min_task_flops, 1.0))))
         return next((g for g in range(1, Hkv + 1) if Hkv % g == 0 and B * g >= want), Hkv)
 
     def _outputs(self, call):
@@ -122,8 +127,10 @@ class MultiHeadAttention(mha.MultiHeadAttention):
         lse = np.empty((B, c.num_heads, T), dt) if call.return_lse else None
         return np.empty((B, T, c.embed_dim), dt), weights, lse
 
-    def _forward_rows(self, call, workers, rescale: bool):
-        """All rows projected (split over the workers), then attention by (batch, block of queries)."""
+    def _forward_rows(self, call, workers):
+        """All rows projected (split over the workers), then attention by (batch, block of queries), each
+        block projected through W_O while its context is in cache. Logits past float32's range: the
+        kernel again on q and k scaled down by powers of two (the projection, and a cache's append, once)."""
         c, pos = self.config, call.pos
         aug = c.rope is None and pos.step is None  # RoPE and the cache work on D-wide heads
         out, weights, lse = self._outputs(call)
@@ -140,14 +147,20 @@ class MultiHeadAttention(mha.MultiHeadAttention):
             if not finite:  # NaN/inf at a key or value: zeroed, and the rows that see it poisoned
                 k, v, bad_k, bad_v = _nonfinite.zero_nonfinite(k, v, aug, own=pos.step is None)
                 poison = _nonfinite.poisoned_rows(bad_k, bad_v, call.masks, c.num_heads // c.num_kv_heads)
-            q, k, factor = _rescaled(q, k, c.head_dim, rescale, own=pos.step is None)
             B, T, H = q.shape[:3]
             with CTX.lease((B, T, H, c.head_dim), q.dtype) as ctx:
-                kc = _kernel.Call(q, k, v, c.head_dim, call.masks, ctx, weights, lse,
-                                  None if call.head_mask is None else call.head_mask.reshape(-1, H), poison,
-                                  (self._proj.o_weight_t, self._params["o_bias"], out),
-                                  self._proj.logit_scale * factor)
-                _kernel.attention(kc, workers)
+                def run(rescale: bool):
+                    q_, k_, factor = _rescaled(q, k, c.head_dim, rescale, own=pos.step is None)
+                    kc = _kernel.Call(q_, k_, v, c.head_dim, call.masks, ctx, weights, lse,
+                                      None if call.head_mask is None else call.head_mask.reshape(-1, H), poison,
+                                      (self._proj.o_weight_t, self._params["o_bias"], out),
+                                      self._proj.logit_scale * factor)
+                    _kernel.attention(kc, workers)
+
+                try:
+                    run(False)
+                except _kernel.Overflow:  # every row is written again
+                    run(True)
         return out, weights, lse
 
     def _forward_groups(self, call, workers, rescale: bool, g: int):

@@ -22,7 +22,8 @@ class Options(Settings):
 
     Attributes:
         threads: worker threads for one call (None: one per CPU this process may use; 1: no pool).
-        block_q: queries per task (None: chosen per call from a 16 MiB budget of logits, 16..256).
+        block_q: queries per task (None: chosen per call from a 16 MiB budget of logits, 16 to 256, or up
+            to 1024 // heads for a task of few heads).
         block_k: keys per step of the online softmax, when a call's keys do not fit in one block.
         scratch_bytes: temporaries up to this size are kept per thread and reused across calls (0:
             never); ``mha_cpu.free_scratch()`` lets them go.

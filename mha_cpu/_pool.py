@@ -30,6 +30,7 @@ import numpy as np
 from ._options import options, tuning
 
 _POOL_PREFIX = "mha_cpu"
+TASKS_PER_WORKER = 4  # what a call is cut into, per worker, so that a slower core holds it up little
 _DONE = object()
 
 
@@ -82,27 +83,49 @@ def _libs() -> list:
     return _blas_libs
 
 
-class one_blas_thread:
-    """``with one_blas_thread():`` BLAS held at one thread for the block, for GEMMs too small to share
-    out: a multi-threaded BLAS hands even a (1, 512) x (512, 1536) product to its threads, and when the
-    cores are busy the calling thread spins waiting for them (measured: 3.6 ms of CPU for a decode step
-    of 0.4 ms). Direct calls into the library (~2 us each; threadpoolctl's ``limit()`` takes ~20 us).
-    Process-wide, like every BLAS thread setting."""
+_hold_lock = threading.Lock()
+_hold = {"count": 0, "saved": []}
 
-    __slots__ = ("_saved",)
+
+def _set_threads(lib, n: int) -> None:
+    """Set one BLAS library's threads from whichever thread holds _hold_lock (threadpoolctl lets only
+    one "controlling" thread set OpenBLAS's: take control, set, hand it back)."""
+    clear = getattr(lib, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
+    lib.set_num_threads(n)
+    if clear is not None:
+        clear(force=True)
+
+
+class one_blas_thread:
+    """``with one_blas_thread():`` BLAS held at one thread for the block: for a call's own pool (whose
+    workers each run GEMMs), and for work on one thread whose GEMMs are too small to share out (a
+    multi-threaded BLAS hands even a (1, 512) x (512, 1536) product to its threads, and when the cores
+    are busy the calling thread spins waiting for them: measured 3.6 ms of CPU for a decode step of
+    0.4 ms). Process-wide, like every BLAS thread setting, so counted: the first holder sets 1, the last
+    gives the setting back, whichever threads they run on (two overlapping holders that each saved and
+    restored what they found could leave BLAS at one thread for good). Direct calls into the library,
+    ~2 us each; threadpoolctl's ``limit()`` takes ~20 us."""
+
+    __slots__ = ()
 
     def __enter__(self):
-        self._saved = []
-        for lib in _libs():
-            n = lib.get_num_threads()
-            if n != 1:
-                lib.set_num_threads(1)
-                self._saved.append((lib, n))
+        with _hold_lock:
+            if _hold["count"] == 0:
+                _hold["saved"] = [(lib, n) for lib in _libs() if (n := lib.get_num_threads()) != 1]
+                for lib, _ in _hold["saved"]:
+                    _set_threads(lib, 1)
+            _hold["count"] += 1
         return self
 
     def __exit__(self, *exc):
-        for lib, n in self._saved:
-            lib.set_num_threads(n)
+        with _hold_lock:
+            _hold["count"] -= 1
+            if _hold["count"] == 0:
+                for lib, n in _hold["saved"]:
+                    _set_threads(lib, n)
+                _hold["saved"] = []
 
 
 def on_worker() -> bool:
@@ -115,23 +138,24 @@ class Workers:
 
     With more than one worker, BLAS is held at one thread for the whole call and every GEMM and task
     runs on the pool. Without threadpoolctl, for small work (below ``tuning.min_parallel_flops``), or
-    from inside a worker, everything runs on the calling thread with BLAS as configured.
+    from inside a worker, everything runs on the calling thread (BLAS's threads then as the caller
+    chooses: see :class:`BlasChoice`).
     """
 
     def __init__(self, flops: float, threads: int | None = None):
         n = threads or (_cpus() if flops >= tuning.min_parallel_flops and not on_worker() else 1)
-        self.controller = _blas_controller() if n > 1 else None
-        self.n = n if self.controller else 1
-        self._limit = None
+        self.n = n if n > 1 and _blas_controller() else 1
+        self._hold = None
 
     def __enter__(self):
         if self.n > 1:
-            self._limit = self.controller.limit(limits=1, user_api="blas")
+            self._hold = one_blas_thread().__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self._limit is not None:
-            self._limit.restore_original_limits()
+        if self._hold is not None:
+            self._hold.__exit__(*exc)
+            self._hold = None
 
     def map(self, fn, items) -> None:
         """Run ``fn`` on every item, the workers taking the next item whenever they are free (in the order
@@ -163,18 +187,23 @@ class Workers:
         try:
             work()
         finally:  # never return (or raise) while workers still write into the caller's buffers: wait for
-            wait(pending)  # all of them before any result() re-raises a worker's error
+            for f in pending:  # all of them before any result() re-raises a worker's error (one still
+                f.cancel()  # queued behind another call's tasks has nothing left to take: dropped)
+            wait(pending)
         for f in pending:
-            f.result()
+            if not f.cancelled():
+                f.result()
 
     def linear(self, x, weight_t, bias, out):
         """``out[...] = x @ weight_t + bias`` for x (..., in) and weight_t (in, out), in tiles of rows and
         columns shared out over the workers (about four per worker, as tasks are; tiles of at least
         ``tuning.tile_rows`` rows and ``tile_cols`` columns, 256 and 64, below which the GEMMs lose
         speed); returns out (..., out_features)."""
+        if not out.flags.c_contiguous:  # a reshape would copy, and the results would be lost
+            raise ValueError("Workers.linear: out must be C-contiguous")
         x2 = x.reshape(-1, x.shape[-1])
         o2 = out.reshape(x2.shape[0], weight_t.shape[1])
-        (M, N), parts = o2.shape, 1 if self.n <= 1 else 4 * self.n
+        (M, N), parts = o2.shape, 1 if self.n <= 1 else TASKS_PER_WORKER * self.n
         if M == 0 or N == 0:
             return out
         pr = max(1, min(parts, M // tuning.tile_rows))

@@ -145,7 +145,7 @@ def test_split_handles_an_empty_batch(split, threads):
     assert y.shape == (0, 3, 8) and w.shape == (0, 2, 3, 3)
 
 
-def test_groups_split_runs_when_the_tasks_divide_evenly():
+def test_groups_split_needs_two_tasks_per_worker():
     """2 workers: B=1 with 4 kv heads -> four groups (as close to four tasks per worker as the heads allow);
     cross-attention -> the rows path; B=1 with one kv head: fewer than two tasks per worker -> rows."""
     layer = mha.MultiHeadAttention(16, 4, backend="numpy", seed=0)
@@ -291,6 +291,7 @@ def test_tiled_projection_equals_one_gemm(shape, tiles):
     (K + 1) eps (|x| |W|.T + |b|), every element written (the output starts as NaN)."""
     from mha_cpu import _options, _pool
 
+    pytest.importorskip("threadpoolctl")  # without it there is no pool: one GEMM
     B, M, N = shape
     rng = np.random.default_rng(M)
     x = rng.standard_normal((B, M, 33)).astype(np.float32)

@@ -154,9 +154,10 @@ def test_cases_left_to_the_general_kernel(taken):
     assert taken[0] == 0
 
 
-def test_decode_step_restores_blas_threads():
-    """The step holds BLAS at one thread and gives the setting back."""
+def test_decode_step_restores_blas_threads(monkeypatch):
+    """A step that holds BLAS at one thread gives the setting back."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
+    monkeypatch.setattr(_pool.BlasChoice, "pick", lambda self: True)
     layer = mha.MultiHeadAttention(16, 2, backend="numpy", seed=0)
     cache = layer.init_cache(1, None)
     layer(normal((1, 3, 16), 0), cache=cache, causal=True)
@@ -203,9 +204,11 @@ def test_decode_step_strided_and_big_endian_tokens(taken):
     assert taken[0] == 4
 
 
-def test_plain_steps_take_the_lane_and_equal_the_checked_route(monkeypatch):
+@pytest.mark.parametrize("held", [True, False], ids=["blas-held", "blas-threads"])
+def test_plain_steps_take_the_lane_and_equal_the_checked_route(monkeypatch, held):
     """A step called with nothing but the token and the cache skips the front end's checks; its output and
     the cache it leaves are bitwise those of the checked route (forced here by a head_mask of ones)."""
+    monkeypatch.setattr(_pool.BlasChoice, "pick", lambda self: held)
     w = random_weights(24, 6, Hkv=2, seed=2)
     layer = mha.MultiHeadAttention.from_weights(w, backend="numpy", rope=mha.RoPE(dims=4))
     x = normal((2, 9, 24), 3)
@@ -217,14 +220,17 @@ def test_plain_steps_take_the_lane_and_equal_the_checked_route(monkeypatch):
         a = layer(x[:, i:i + 1], cache=c1, causal=i % 2 == 0)  # causal or not: one query sees every key
         b = layer(x[:, i:i + 1], cache=c2, causal=True, head_mask=np.ones(6, np.float32))
         np.testing.assert_array_equal(a, b)
-    assert lanes[0] == 4 and c1.offset == c2.offset == 9
-    np.testing.assert_array_equal(c1.keys[:, :, :9], c2.keys[:, :, :9])
+    assert lanes[0] == 4 and c1.offset == c2.offset == 9 and (c1._start, c1._end) == (c2._start, c2._end)
+    for a, b in ((c1.keys, c2.keys), (c1.values, c2.values)):
+        np.testing.assert_array_equal(a[:, :, :9], b[:, :, :9])
+    np.testing.assert_array_equal(c1.valid[:, :9], c2.valid[:, :9])
 
 
 def test_the_lane_leaves_every_error_to_the_checked_route():
     """Calls of the lane's form that are wrong still raise the front end's errors, and change nothing."""
     layer = mha.MultiHeadAttention(16, 2, backend="numpy", seed=0)
     other = mha.MultiHeadAttention(16, 4, backend="numpy", seed=0)
+    cross = mha.MultiHeadAttention(16, 2, kdim=8, vdim=8, backend="numpy", seed=0)
     cache = layer.init_cache(2, 4)
     layer(normal((2, 3, 16), 0), cache=cache, causal=True)
     token = normal((2, 1, 16), 1)
@@ -234,6 +240,7 @@ def test_the_lane_leaves_every_error_to_the_checked_route():
         (lambda: layer(token[..., :8], cache=cache), ValueError, "16"),
         (lambda: layer(token, cache=cache, causal="yes"), TypeError, "causal"),
         (lambda: layer(token, cache=object()), TypeError, "KVCache"),
+        (lambda: cross(token, cache=cache), TypeError, "key is required"),  # the cache fits its heads
     ]
     for call, err, words in cases:
         with pytest.raises(err, match=words):

@@ -14,6 +14,8 @@ import mha
 import mha_cpu
 from mha.testing import oracle, tolerance
 
+from .helpers import random_weights
+
 CASES = [(1e20, None, False), (1.0, 3e38, False), (3e19, None, True), (1e19, 1e10, True)]
 
 
@@ -56,13 +58,37 @@ def test_reference_path_rescales(backend, sigma, scale, causal):
     assert np.isfinite(mha.to_numpy(w)).all()
 
 
-def test_common_path_takes_no_rescaling():
-    """Ordinary inputs never reach the rescaled run (it would recompute the call)."""
+def test_common_path_takes_no_rescaling(monkeypatch):
+    """Ordinary inputs never reach the rescaled run (it would recompute the kernel)."""
+    from mha_cpu import _layer
+
     layer = mha.MultiHeadAttention(12, 3, backend="numpy", seed=1)
     calls = []
-    original = layer._forward_rows
-    layer._forward_rows = lambda call, workers, rescale: calls.append(rescale) or original(call, workers, rescale)
+    original = _layer._rescaled
+    monkeypatch.setattr(_layer, "_rescaled", lambda q, k, D, rescale, own: calls.append(rescale)
+                        or original(q, k, D, rescale, own))
     layer(_problem(3.0), _problem(3.0, seed=2)[:, :5])
     assert calls == [False]
     layer(_problem(1e20), _problem(1e20, seed=2)[:, :5])
     assert calls == [False, False, True]
+
+
+def test_overflow_with_a_cache_appends_once():
+    """A cached call whose logits overflow runs the kernel again on rescaled q and k, but projects and
+    appends its tokens once: the cache's offset counts them once, and later steps (RoPE positions, the
+    keys they see) equal the float64 oracle."""
+    w = random_weights(12, 3, seed=4)
+    layer = mha.MultiHeadAttention.from_weights(w, backend="numpy", rope=mha.RoPE(dims=4))
+    x = _problem(1.0, T=7).astype(np.float32)
+    x[:, :3] *= np.float32(1e21)  # the prefill's logits leave float32's range
+    cache = layer.init_cache(x.shape[0], None)
+    out = [mha.to_numpy(layer(x[:, :3], cache=cache, causal=True))]
+    assert cache.offset == 3
+    out.append(mha.to_numpy(layer(x[:, 3:5], cache=cache, causal=True)))  # a chunk, after the cached ones
+    for i in (5, 6):
+        out.append(mha.to_numpy(layer(x[:, i:i + 1], cache=cache, causal=True)))
+    assert cache.offset == 7
+    got = np.concatenate(out, axis=1)
+    want, _ = oracle.attention(w, x, causal=True, rope=mha.RoPE(dims=4))
+    M = tolerance.magnitude(w, x[:, 3:], y_ref=want[:, 3:], max_angle=7.0)
+    tolerance.assert_close(got[:, 3:], want[:, 3:], tolerance.t1("float32", M), "steps after an overflowing prefill")
