@@ -173,7 +173,7 @@ class MultiHeadAttention(mha.MultiHeadAttention):
         B, T, E = x.shape
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         G, Dq = H // Hkv, D + 1  # the augmented form
-        params = self._proj.groups(True, g)
+        params = self._proj.groups(g)
         out, weights, lse = self._outputs(call)
         hm = None if call.head_mask is None else call.head_mask.reshape(-1, H)
 

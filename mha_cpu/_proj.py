@@ -9,8 +9,8 @@
 - Every weight stored transposed, (in, out) and contiguous, for ``x @ wt``: OpenBLAS packs the (out, in)
   layout's transpose at every call, which costs as much as the product at a few rows (measured, one
   thread, 4 x 512 by 512 x 1560: 659 us as x @ W.T, 364 us as x @ Wt; equal from ~256 rows on).
-- Per group of key/value heads, the rows of the fused projection that the split by head groups needs,
-  made once per (form, number of groups).
+- Per group of key/value heads, the columns of the fused (augmented) projection that the split by head
+  groups needs, made once per number of groups.
 """
 
 from __future__ import annotations
@@ -77,23 +77,23 @@ class Projections:
                     k, v = linear(K, key, form["k"]), linear(V, value, form["v"])
             yield q.reshape(B, T, H, Dq), k.reshape(B, L, Hkv, Dq), v.reshape(B, L, Hkv, Dq)
 
-    def groups(self, aug: bool, g: int) -> list:
+    def groups(self, g: int) -> list:
         """Per group of key/value heads (g groups): (first, end) kv head and its columns of the fused
-        Q/K/V projection (weight (in, out), bias), contiguous. Made once per (aug, g)."""
-        found = self._groups.get((aug, g))
+        Q/K/V projection in the augmented form (weight (in, out), bias), contiguous. Made once per g."""
+        found = self._groups.get(g)
         if found is not None:
             return found
         c = self.config
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
-        G, Dq = H // Hkv, D + aug
-        w, b = self.forms[aug]["qkv"]
+        G, Dq = H // Hkv, D + 1
+        w, b = self.forms[True]["qkv"]
         found = []
         for i in range(g):
             g0, g1 = i * Hkv // g, (i + 1) * Hkv // g
             rows = np.concatenate([np.arange(g0 * G * Dq, g1 * G * Dq), H * Dq + np.arange(g0 * Dq, g1 * Dq),
                                    (H + Hkv) * Dq + np.arange(g0 * Dq, g1 * Dq)])
             found.append((g0, g1, np.ascontiguousarray(w[:, rows]), b[rows]))
-        self._groups[(aug, g)] = found
+        self._groups[g] = found
         return found
 
 

@@ -314,8 +314,9 @@ def test_tiled_projection_equals_one_gemm(shape, tiles):
 @pytest.mark.parametrize("held", [True, False], ids=["blas-held", "blas-threads"])
 def test_small_calls_on_one_thread_either_way(monkeypatch, held):
     """A call below tuning.min_parallel_flops runs on the calling thread, with BLAS held at one thread or
-    not as the layer's BlasChoice picks; either way the output equals the float64 oracle (T1), and the
-    choice learns from it."""
+    not as the layer's BlasChoice picks; either way the output equals the float64 oracle (T1), with
+    padding and a Hugging Face style additive mask (finfo.min and -1e9 entries), from a strided input,
+    and the choice learns from it."""
     from mha.testing import oracle
 
     from mha_cpu import _pool
@@ -323,10 +324,13 @@ def test_small_calls_on_one_thread_either_way(monkeypatch, held):
     monkeypatch.setattr(_pool.BlasChoice, "pick", lambda self: held)
     w = random_weights(40, 5, Hkv=5, seed=3)
     layer = mha.MultiHeadAttention.from_weights(w, backend="numpy")
-    x = normal((2, 23, 40), 4)
+    x = normal((2, 23, 80), 4)[..., ::2]  # strided
     km = np.ones((2, 23), bool)
     km[1, :6] = False
-    y = mha.to_numpy(layer(x, key_mask=km, causal=True))
-    want, _ = oracle.attention(w, x, key_mask=km, causal=True)
+    bias = np.zeros((2, 1, 23, 23), np.float32)
+    bias[0, :, :, 3] = np.finfo(np.float32).min
+    bias[1, :, 10:, 7] = -1e9
+    y = mha.to_numpy(layer(x, mask=bias, key_mask=km, causal=True))
+    want, _ = oracle.attention(w, x, mask=bias, key_mask=km, causal=True)
     tolerance.assert_close(y, want, tolerance.t1("float32", tolerance.magnitude(w, x, y_ref=want)), "small call")
     assert layer._small_blas.mean[held] is not None
