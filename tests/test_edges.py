@@ -96,6 +96,38 @@ def test_nonfinite_at_hidden_keys_never_reaches_the_output(backend, bad, rw):
     assert not np.isfinite(dirty[:, 2:]).any()
 
 
+@pytest.mark.parametrize("how", ["no-mask", "causal", "key-mask"])
+def test_a_key_whose_logits_are_minus_inf_still_makes_its_rows_nan(backend, how):
+    """A key holding -inf whose logits are exactly -inf (every product q_d * k_d is -inf: q > 0, k = -inf)
+    gets weight exp(-inf) = 0 in a softmax, so a kernel left alone returns finite rows; the rule is that
+    a visible key holding NaN/inf makes the rows that see it NaN. Positive W_q, W_k and a positive query
+    make it so; cross-attention keeps the values finite (a value of -inf would give 0 * inf = NaN by
+    arithmetic alone). Without a mask the MLX layer applies the rule by a per-batch NaN added to the
+    output bias, which nothing else here would notice missing."""
+    rng = np.random.default_rng(7)
+    D = E // H
+    pos = lambda o, i: (rng.uniform(0.5, 1.5, size=(o, i)) / np.sqrt(i)).astype(np.float32)  # noqa: E731
+    w = mha.AttentionWeights(pos(H * D, E), pos(2 * D, E), rng.normal(size=(2 * D, E)).astype(np.float32),
+                             rng.normal(size=(E, H * D)).astype(np.float32), np.full(H * D, 0.25, np.float32),
+                             np.full(2 * D, 0.25, np.float32), np.zeros(2 * D, np.float32),
+                             np.full(E, 0.5, np.float32), num_heads=H, num_kv_heads=2)
+    layer = mha.MultiHeadAttention.from_weights(w, backend=backend)
+    x = rng.uniform(0.1, 1.0, size=(B, T, E)).astype(np.float32)
+    k, v = normal((B, S, E), 2), normal((B, S, E), 3)
+    kw = {"no-mask": {}, "causal": {"causal": True}, "key-mask": {"key_mask": np.ones((B, S), bool)}}[how]
+    clean = mha.to_numpy(layer(x, k, v, **kw))
+    assert np.isfinite(clean).all()
+    j = S - 1 if how == "causal" else 2  # causal, bottom-right: the last key is seen by the last query only
+    k[1, j] = -np.inf
+    dirty = mha.to_numpy(layer(x, k, v, **kw))
+    seen = np.zeros((B, T), bool)
+    seen[1] = True
+    if how == "causal":
+        seen[1, :-1] = False
+    assert np.isnan(dirty[seen]).all(), "rows that see the key must be NaN"
+    np.testing.assert_array_equal(dirty[~seen], clean[~seen])
+
+
 def test_nonfinite_query_touches_only_its_row(backend):
     layer, _ = _layer(backend)
     x, kv = normal((B, T, E), 1), normal((B, S, E), 2)
