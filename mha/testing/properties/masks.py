@@ -7,7 +7,7 @@ import numpy as np
 
 from ..strategies import LARGE_NEGATIVES
 from ..oracle import head_projections
-from ._common import (call, close, empty_rows, finite_rows, full_mask, identical, magnitude, prefix_rows, prop,
+from ._common import (call, close, edit_weights, empty_rows, finite_rows, full_mask, identical, magnitude, prefix_rows, prop,
                       replace, rng_of, t1, t2)
 
 _HIDING = ("mask", "additive_mask", "key_mask")
@@ -279,6 +279,31 @@ def nonfinite_visible_confined(impl, p):
         _unchanged(p, y2[~rows], y[~rows], f"rows that cannot see the {bad} at key {j}")
         if p.convention("nonfinite") == "isolated" and np.isfinite(y2[rows]).any():
             raise AssertionError(f"a row that sees the {bad} at key {j} stayed (partly) finite")
+    if p.rope is None:  # RoPE mixes a key's coordinates: inf - inf
+        _minus_inf_logits(impl, p, b, j, sees["key"])
+
+
+def _minus_inf_logits(impl, p, b: int, j: int, sees):
+    """The sharpest case of -inf in a key: every logit of key j exactly -inf, so that a softmax gives it
+    weight exp(-inf) = 0 and a kernel left alone returns finite rows. Made so: W_q, b_q and the queries
+    positive (q > 0: |x| + 0.5 and |b_q| + 0.5), W_k's first column positive and key j's first feature -inf (each coordinate of its
+    projection -inf): every product q_d k_d is -inf, never inf - inf."""
+    w = p.weights
+    wq, bq, wk = np.abs(w.q_weight), w.q_bias, w.k_weight.copy()
+    wk[:, 0] = np.abs(wk[:, 0]) + 0.5
+    weights = edit_weights(w, q_weight=wq, k_weight=wk, q_bias=None if bq is None else np.abs(bq) + 0.5)
+    query = np.abs(p.query) + p.query.dtype.type(0.5)
+    y, _ = call(impl, p, weights=weights, query=query)
+    k, v = p.kv
+    k2 = k.copy()
+    k2[b, j, 0] = -np.inf
+    y2, _ = call(impl, p, weights=weights, query=query, key=k2, value=v)
+    rows = np.zeros(y.shape[:2], bool)
+    rows[b] = sees
+    _unchanged(p, y2[~rows], y[~rows], f"rows that cannot see key {j}, whose logits are all -inf")
+    if p.convention("nonfinite") == "isolated" and np.isfinite(y2[rows]).any():
+        raise AssertionError(f"a row that sees key {j}, which holds -inf and whose logits are all -inf, "
+                             f"stayed (partly) finite")
 
 
 @prop("nonfinite_self_attention", theme="masks", self_attention=True, positional=True)
