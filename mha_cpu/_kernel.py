@@ -34,6 +34,7 @@ powers of two, with ``logit_scale`` the factor they lost: terms exp(c (s - m)), 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -102,6 +103,9 @@ def attention(call: Call, workers: Workers | None = None) -> None:
     B, T, H, _ = call.q.shape
     S, Hkv = call.k.shape[1], call.k.shape[2]
     workers = workers or Workers(0, threads=1)
+    if call.logit_scale != 1.0 and call.masks.bias is not None:  # the bias in the logits' scaled units
+        bias = call.masks.bias * call.masks.bias.dtype.type(1.0 / call.logit_scale)  # exact: a power of two
+        call = dataclasses.replace(call, masks=dataclasses.replace(call.masks, bias=bias))
     single = call.weights is not None or S <= tuning.single_pass_max or T * H * S <= tuning.single_pass_floats
     step = S if single else options.block_k
     tasks, groups = plan(B, T, H, Hkv, S, step, workers.n)
@@ -284,27 +288,33 @@ def _sees_any(task: _Task, j0: int, j1: int) -> np.ndarray:
 
 def redo(task: _Task, j0: int, j1: int, bad, part, sums, wbuf) -> None:
     """The ``bad`` rows' block again, centred on their maximum: the offsets move to it, their accumulated
-    terms are rescaled, and their new terms replace theirs in ``part``, ``sums`` and the weights."""
+    terms are rescaled, and their new terms replace theirs in ``part``, ``sums`` and the weights.
+
+    The block's logits are computed again as they are, not relative to the old offsets: a logit relative
+    to an offset far from it has lost the digits that tell keys apart (in float32, qk - m with m = -1e9,
+    a row whose first block held only keys of a -1e9 padding bias, rounds to a multiple of 64), and an
+    offset moved by a rounded difference (m + (max - m)) misses the maximum by as much, so that the
+    largest term is exp(+-1024). Absolute, the new offset is the row's largest logit itself."""
     c = task.call
     with REDO_LOGITS.lease((task.H_, task.n, j1 - j0), c.q.dtype) as buf, \
             REDO_PV.lease(part.shape, c.q.dtype) as part2:
+        if c.aug:
+            task.q_m[...] = 0  # q's offset column: the logits themselves
         s = logits(task, j0, j1, buf)
-        rel = s.max(axis=2, keepdims=True)  # relative to the offset (augmented) ...
-        if not c.aug:
-            rel -= task.m  # ... or made so
-        if not np.isfinite(rel[bad]).all():
-            _check_overflow(task, bad & ~np.isfinite(rel))
-        delta = np.where(bad & np.isfinite(rel), rel, 0.0).astype(c.q.dtype)
+        top = s.max(axis=2, keepdims=True)
+        if not np.isfinite(top[bad]).all():
+            _check_overflow(task, bad & ~np.isfinite(top))
+        m = np.where(bad & np.isfinite(top), top, task.m)
         if task.acc is not None:  # rows centred anew: what they accumulated, rescaled (x1 elsewhere, and
             # x1 for rows without terms, whose offset may move down far: e^+big * 0 would be NaN)
-            alpha = np.exp(-np.where(task.sums() > 0, delta, 0) * c.logit_scale).astype(c.q.dtype)
+            alpha = np.exp(np.where(task.sums() > 0, task.m - m, 0) * c.logit_scale).astype(c.q.dtype)
             task.acc *= alpha
             if task.l_sum is not None:
                 task.l_sum *= alpha
-        task.m += delta
+        task.m[...] = m
         if c.aug:
-            s -= delta
             task.q_m[...] = -task.m
+            s -= task.m
         exp_times_v(task, s, j0, j1, part2)  # plain form: subtracts the new offsets itself
         np.copyto(part, part2, where=bad)
         if not c.aug:

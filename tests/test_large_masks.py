@@ -130,3 +130,53 @@ def test_mlx_gradients_finite_with_empty_rows_and_large_bias(fill):
     loss, grads = loss_and_grad(layer)
     flat = [g for _, g in nn.utils.tree_flatten(grads)]
     assert np.isfinite(float(loss)) and all(np.isfinite(np.array(g)).all() for g in flat)
+
+
+def _padding(B, S, lengths, fill, left=True):
+    """Hugging Face's (B, 1, 1, S) padding bias: ``fill`` on the first (or last) lengths[b] keys."""
+    m = np.zeros((B, 1, 1, S), np.float32)
+    for b, n in enumerate(lengths):
+        (m[b, ..., :n] if left else m[b, ..., S - n:S])[...] = fill
+    return m
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fill", [FINFO32_MIN, -1e9, -1e4])
+@pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
+def test_padding_in_whole_key_blocks(backend, fill, left):
+    """Blockwise (2-query, 3-key blocks), padding that fills whole key blocks before (left padding) or
+    after (right) the real keys. A row whose first block held only padding was centred on the fill
+    (offset -3.4e38 or -1e9), the real keys' logits computed relative to it lost every digit of q.k, and
+    the real keys all got the same weight: 1.5 (finfo.min), 4.0 (-1e9) and 3e-4 (-1e4) off the float64
+    oracle on the numpy kernel. Bound per row (tolerance.mask_term): the fill's keys have weight 0."""
+    B, T, S, E, H = 3, 5, 11, 12, 2
+    x, kv = _x((B, T, E), 2), _x((B, S, E), 3)
+    pad = _padding(B, S, [4, 7, 0], fill, left)
+    layer = _layer(backend, "float32", E=E, H=H)
+    with layer.small_blocks(2, 3):
+        y = mha.to_numpy(layer(x, kv, kv, mask=pad))
+    ref, P = oracle.attention(layer.weights, x, kv, kv, mask=pad)
+    M = tolerance.magnitude(layer.weights, x, kv, kv, y_ref=ref, mask=pad, P_ref=P)
+    M0 = tolerance.magnitude(layer.weights, x, kv, kv, y_ref=ref)
+    assert float(M.max()) <= M0 * (1 + 1e-12)  # no row of all padding: the bound of no mask at all
+    tolerance.assert_close(y, ref, tolerance.t1("float32", M), f"padding of {fill} ({'left' if left else 'right'})")
+
+
+def test_padding_over_a_long_sequence_with_default_blocks():
+    """The same at default settings: 600 keys of finfo.min left padding (more than one 512-key block) in
+    front of 3600 real keys, 520 queries (past the single-pass limits, so the online softmax runs); one
+    head, against softmax(q k^T s + A) v in float64 over the oracle's head projections (the per-head loop
+    oracle takes seconds at this size)."""
+    S, T, E = 4200, 520, 16
+    x, kv = _x((1, T, E), 4), _x((1, S, E), 5)
+    pad = _padding(1, S, [600], FINFO32_MIN)
+    layer = _layer("numpy", "float32", E=E, H=1)
+    y = mha.to_numpy(layer(x, kv, kv, mask=pad))
+    w = layer.weights
+    (q,), (k,), (v,) = oracle.head_projections(w, x, kv, kv)
+    logits = q[0] @ k[0].T / np.sqrt(E) + pad[0, 0].astype(np.float64)
+    P = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    P /= P.sum(axis=-1, keepdims=True)
+    ref = (P @ v[0]) @ w.o_weight.T.astype(np.float64) + w.o_bias
+    M = tolerance.magnitude(w, x, kv, kv, y_ref=ref[None], mask=pad, P_ref=P[None, None])
+    tolerance.assert_close(y, ref[None], tolerance.t1("float32", M), "long sequence, padding of finfo.min")

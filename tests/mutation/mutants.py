@@ -130,11 +130,18 @@ MUTANTS = [
            "online softmax forgets to rescale the accumulated context when a row is re-centred"),
     Mutant("online-no-sum-rescale", F, REDO, "task.l_sum *= alpha", "pass",
            "online softmax (plain form) forgets to rescale the running sum"),
-    Mutant("offset-never-moves", F, REDO, "np.where(bad & np.isfinite(rel), rel, 0.0).astype(c.q.dtype)",
-           "np.zeros_like(rel)", "rows outside the band never re-centred: exp overflows on large logits"),
-    Mutant("offset-moves-down-rescales", F, REDO, "np.exp(-np.where(task.sums() > 0, delta, 0) * c.logit_scale)",
-           "np.exp(-delta * c.logit_scale)", "a row without terms whose offset moves down far rescales its "
+    Mutant("offset-never-moves", F, REDO, "np.where(bad & np.isfinite(top), top, task.m)",
+           "task.m", "rows outside the band never re-centred: exp overflows on large logits"),
+    Mutant("offset-moves-down-rescales", F, REDO, "np.exp(np.where(task.sums() > 0, task.m - m, 0) * c.logit_scale)",
+           "np.exp((task.m - m) * c.logit_scale)", "a row without terms whose offset moves down far rescales its "
            "zeros by an overflowing factor (0 * inf = NaN)"),
+    Mutant("redo-offset-by-difference", F, REDO, "np.where(bad & np.isfinite(top), top, task.m)",
+           "np.where(bad & np.isfinite(top), task.m + (top - task.m), task.m)",
+           "a re-centred row's offset moved by a rounded difference, not set to its maximum (exp(+-1024) "
+           "at logits near 1e10)"),
+    Mutant("bias-in-scaled-logits", F, "attention", "call.logit_scale != 1.0 and call.masks.bias is not None",
+           "False", "an additive mask added to logits scaled down by a power of two (a huge scale, or the "
+           "overflow rerun) counts that many times too much"),
     Mutant("causal-skip-off-by-one", M, "MaskSet.key_span", "hi = min(hi, t1 + off)", "hi = min(hi, t1 + off - 1)",
            "causal block skipping drops the last visible key"),
     Mutant("diagonal-mask-skipped", M, "MaskSet.crosses", "self.causal and s1 - 1 > t0 + off",
