@@ -48,6 +48,10 @@ class BackendHooks:
         """A numpy array (any strides, byte order or dtype the checks let through) as a native array."""
         raise NotImplementedError
 
+    def _as_input(self, x):
+        """A native query, key or value in the layout the backend computes on (default: as it is)."""
+        return x
+
     def _set_params(self, weights) -> None:
         """Take the parameters of an :class:`mha.AttentionWeights` (checked to fit) in the compute dtype."""
         raise NotImplementedError

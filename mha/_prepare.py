@@ -72,9 +72,9 @@ def convert(layer, x, name: str, dim: int, dim_name: str):
             raise ValueError(f"{name} must be an array of numbers with a regular shape (B, L, {dim_name}) or "
                              f"(L, {dim_name}): {err}") from None
         _validate.feature_input(name, x, dim, dim_name)
-        return layer._from_numpy(x)
+        return layer._as_input(layer._from_numpy(x))
     _validate.feature_input(name, x, dim, dim_name)
-    return x
+    return layer._as_input(x)
 
 
 def _native_mask(layer, x, name: str, check):

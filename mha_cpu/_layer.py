@@ -52,6 +52,14 @@ class MultiHeadAttention(mha.MultiHeadAttention):
     def _from_numpy(self, x):
         return x
 
+    def _as_input(self, x):
+        """C order, native byte order: BLAS runs another kernel on a transposed (Fortran-ordered) operand,
+        whose sums may round differently, and a (B, 1, E) token in Fortran order reshapes to such a view,
+        so the same numbers would not give the same bits."""
+        if x.flags.c_contiguous and x.dtype.isnative:
+            return x
+        return np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
+
     def _set_params(self, weights) -> None:
         dt = self._dtype = np.dtype(self.config.dtype)
         self._decode_blas, self._small_blas = BlasChoice(), BlasChoice()

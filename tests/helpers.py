@@ -96,3 +96,21 @@ def in_threads(fn, n: int) -> None:
         t.join()
     if errors:
         raise errors[0]
+
+
+def layouts(a: np.ndarray):
+    """(name, array) pairs equal to ``a`` value for value, in layouts and byte orders users send."""
+    out = []
+    for ax in range(a.ndim):
+        if a.shape[ax] > 1:
+            out.append((f"reversed axis {ax}", np.flip(np.flip(a, ax).copy(), ax)))
+    if a.ndim >= 2:
+        perm = tuple(reversed(range(a.ndim)))
+        out.append(("transposed", np.ascontiguousarray(a.transpose(perm)).transpose(perm)))
+        out.append(("Fortran order", np.asfortranarray(a)))
+    out.append(("strided", np.repeat(a, 2, axis=-1)[..., ::2]))
+    out.append(("reversed twice", a[::-1][::-1]))
+    if a.dtype != bool:
+        big = a.astype(a.dtype.newbyteorder(">"))
+        out += [("big-endian", big), ("big-endian reversed", np.flip(np.flip(big, -1).copy(), -1))]
+    return out

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import mha
-from tests.helpers import normal, random_bool, random_weights
+from tests.helpers import layouts, normal, random_bool, random_weights
 
 mx = pytest.importorskip("mlx.core")
 import mha_mlx  # noqa: E402
@@ -159,24 +159,6 @@ def test_gradients_flow_through_a_cached_call():
 
 # -- inputs of any layout and byte order ------------------------------------------------------------
 
-def _views(a: np.ndarray):
-    """(name, array) pairs equal to ``a`` value for value, in layouts and byte orders users send."""
-    out = []
-    for ax in range(a.ndim):
-        if a.shape[ax] > 1:
-            out.append((f"reversed axis {ax}", np.flip(np.flip(a, ax).copy(), ax)))
-    if a.ndim >= 2:
-        perm = tuple(reversed(range(a.ndim)))
-        out.append(("transposed", np.ascontiguousarray(a.transpose(perm)).transpose(perm)))
-        out.append(("Fortran order", np.asfortranarray(a)))
-    out.append(("strided", np.repeat(a, 2, axis=-1)[..., ::2]))
-    out.append(("reversed twice", a[::-1][::-1]))
-    if a.dtype != bool:
-        big = a.astype(a.dtype.newbyteorder(">"))
-        out += [("big-endian", big), ("big-endian reversed", np.flip(np.flip(big, -1).copy(), -1))]
-    return out
-
-
 B, T, S, E, H = 2, 5, 7, 12, 3
 _mask = random_bool((B, H, T, S), 5, p=0.7)
 _BASES = {
@@ -206,7 +188,7 @@ def test_any_layout_and_byte_order_gives_the_contiguous_native_result(make, arg,
         layer = mha.MultiHeadAttention.from_weights(w, backend="mlx")
     args = {n: bases[np.float32 if np.float32 in bases else bool] for n, bases in _BASES.items()}
     base = _BASES[arg][dt]
-    for name, view in _views(base):
+    for name, view in layouts(base):
         assert np.array_equal(view, base)
         native = np.ascontiguousarray(view, dtype=view.dtype.newbyteorder("="))
         got = mha.to_numpy(layer(**{**args, arg: view}, causal=True))
