@@ -256,7 +256,10 @@ LARGE_NEGATIVES = (float("-inf"), float(np.finfo(np.float32).min), -1e9, float(n
 def additive_masks(draw, cfg: Config) -> np.ndarray:
     """A float mask added to the logits, broadcastable to (B, H, T, S): N(0, sigma^2) entries where a
     drawn keep mask says True, and where it says False one of :data:`LARGE_NEGATIVES` (-inf, or a large
-    finite negative that leaves the key visible but weightless), or a mix of them entry by entry."""
+    finite negative that leaves the key visible but weightless), or a mix of them entry by entry; half
+    of the time a padding mask as Hugging Face builds one (:func:`padding_biases`)."""
+    if draw(st.booleans()):
+        return draw(padding_biases(cfg))
     keep = draw(bool_masks(cfg))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     sigma = draw(st.sampled_from([1.0, 3.0, 0.0]))
@@ -265,6 +268,24 @@ def additive_masks(draw, cfg: Config) -> np.ndarray:
     if fill == "mixed":
         fill = rng.choice(np.array(LARGE_NEGATIVES, np.float32), size=keep.shape)
     return np.where(keep, a, fill).astype(np.float32)
+
+
+@st.composite
+def padding_biases(draw, cfg: Config) -> np.ndarray:
+    """(B, 1, 1, S): 0 at real keys, one of :data:`LARGE_NEGATIVES` at padding, which lies in a run at
+    the start (left padding, as for generation) or the end of each batch element, of any length up to
+    all of it: the shape and values of Hugging Face's extended attention mask. A blockwise kernel then
+    meets whole blocks of keys that all carry the fill before any real key."""
+    fill = draw(st.sampled_from(LARGE_NEGATIVES))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))  # lengths spread evenly, not shrunk to 0
+    m = np.zeros((cfg.B, 1, 1, cfg.S), np.float32)
+    for b in range(cfg.B):
+        n = int(rng.integers(0, cfg.S + 1))
+        if rng.random() < 0.7:  # left
+            m[b, ..., :n] = fill
+        elif n:
+            m[b, ..., cfg.S - n:] = fill
+    return m
 
 
 @st.composite

@@ -46,8 +46,10 @@ def rope_factor(max_angle: float) -> float:
 
 
 def magnitude(weights, query, key=None, value=None, *, y_ref=None, scale=None, mask=None,
-              head_mask=None, max_angle: float = 0.0) -> float:
-    """The scale M of the error bound for one layer call (see the module docstring)."""
+              head_mask=None, max_angle: float = 0.0, P_ref=None):
+    """The scale M of the error bound for one layer call (see the module docstring): a float, or with
+    ``P_ref`` (the exact weights, (B, H, T, S)) and an additive mask, M per output row, (B, T, 1), whose
+    mask term is the row's own (:func:`mask_term`)."""
     key = query if key is None else key
     value = key if value is None else value
     qs, ks, vs = _abs_projections(weights, query, key, value)
@@ -56,10 +58,9 @@ def magnitude(weights, query, key=None, value=None, *, y_ref=None, scale=None, m
     qn = max(float(np.linalg.norm(q, axis=-1).max(initial=0.0)) for q in qs)
     kn = max(float(np.linalg.norm(k, axis=-1).max(initial=0.0)) for k in ks)
     vmax = max(float(np.abs(v).max(initial=0.0)) for v in vs)
-    amax = 0.0
-    if mask is not None and np.asarray(mask).dtype.kind == "f":
-        m = np.asarray(mask, dtype=np.float64)
-        amax = float(np.abs(m[np.isfinite(m)]).max(initial=0.0))
+    amax = mask_term(mask, P_ref)
+    if np.ndim(amax):  # (B, H, T, 1) -> per output row: the worst of its heads
+        amax = amax.max(axis=1)
     wo = float(np.abs(np.asarray(weights.o_weight, np.float64)).sum(axis=1).max(initial=0.0))
     if head_mask is not None:
         wo *= float(np.abs(np.asarray(head_mask, np.float64)).max(initial=0.0))
@@ -82,21 +83,39 @@ def _abs_projections(weights, query, key, value):
                             np.abs(np.asarray(value, np.float64)))
 
 
-def weights_magnitude(weights, query, key=None, *, scale=None, mask=None, max_angle: float = 0.0) -> float:
+def mask_term(mask, P_ref=None):
+    """The additive mask's part of a logit's rounding error: max|A| over its finite entries (0 without a
+    float mask); with ``P_ref``, the exact weights (B, H, T, S), each query row's own sum_j p_j |A_j|, as
+    (B, H, T, 1).
+
+    Adding A_j rounds the logit by u |A_j| at most, and logit errors d_j move the softmax mean by
+    sum_j p_j (d_j - sum_k p_k d_k) v_j, at most 2 max|v| sum_j p_j |d_j|: a key whose weight is 0
+    contributes nothing, whatever its bias. So the finfo(float32).min that Hugging Face puts on padding
+    loosens the bound only for rows whose weight sits on such keys (a row whose every visible key
+    carries it: float32 cannot tell its keys apart), not for every row of the call, as max|A| would."""
+    if mask is None or np.asarray(mask).dtype.kind != "f":
+        return 0.0
+    m = np.abs(np.asarray(mask, dtype=np.float64))
+    m = np.where(np.isfinite(m), m, 0.0)  # -inf hides its key (weight 0)
+    if P_ref is None:
+        return float(m.max(initial=0.0))
+    P = np.asarray(P_ref, dtype=np.float64)
+    return np.nan_to_num(P * m).sum(axis=-1, keepdims=True)  # NaN weights (non-finite rows): no bound
+
+
+def weights_magnitude(weights, query, key=None, *, scale=None, mask=None, max_angle: float = 0.0, P_ref=None):
     """The scale M_P of the error bound for attention weights: a logit's rounding error is at most
-    u (1 + s max||q|| max||k|| + max|A|), which moves a softmax probability by at most twice that
+    u (1 + s max||q|| max||k|| + |A_j|), which moves a softmax probability by at most twice that
     (relative, and the probabilities are <= 1), and normalising over S keys adds S u:
-    M_P = S + 2 (1 + s max||q|| max||k|| + max|A|)."""
+    M_P = S + 2 (1 + s max||q|| max||k|| + max|A|); with ``P_ref``, per query row (B, H, T, 1), the
+    mask term that row's own (:func:`mask_term`: p_j |A_j| <= sum_k p_k |A_k|)."""
 
     key = query if key is None else key
     qs, ks, _ = _abs_projections(weights, query, key, np.zeros(np.shape(key)[:-1] + (weights.vdim,)))
     s = abs(1.0 / math.sqrt(weights.head_dim) if scale is None else float(scale))
     qn = max(float(np.linalg.norm(q, axis=-1).max(initial=0.0)) for q in qs)
     kn = max(float(np.linalg.norm(k, axis=-1).max(initial=0.0)) for k in ks)
-    amax = 0.0
-    if mask is not None and np.asarray(mask).dtype.kind == "f":
-        m = np.asarray(mask, dtype=np.float64)
-        amax = float(np.abs(m[np.isfinite(m)]).max(initial=0.0))
+    amax = mask_term(mask, P_ref)
     return np.shape(key)[-2] + 2.0 * (1.0 + s * qn * kn * rope_factor(max_angle) + amax)
 
 
@@ -110,8 +129,9 @@ def t2(dtype_a, dtype_b, M: float) -> float:
     return t1(dtype_a, M) + t1(dtype_b, M)
 
 
-def assert_close(actual, expected, tol: float, what: str = "", detail: str = "") -> None:
-    """``max|actual - expected| <= tol`` (NaN positions must agree), reporting the worst element."""
+def assert_close(actual, expected, tol, what: str = "", detail: str = "") -> None:
+    """``|actual - expected| <= tol`` (a float, or an array broadcastable to them: a bound per row), NaN
+    positions agreeing, reporting the element furthest beyond its bound."""
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)
     if a.shape != e.shape:
@@ -121,9 +141,11 @@ def assert_close(actual, expected, tol: float, what: str = "", detail: str = "")
         idx = tuple(int(i) for i in np.argwhere(nan_a != nan_e)[0])
         raise AssertionError(f"{what}: NaN pattern differs first at {idx}: got {a[idx]}, expected {e[idx]}")
     diff = np.where(nan_a, 0.0, np.abs(a - e))
-    if diff.size and not diff.max() <= tol:
-        idx = tuple(int(i) for i in np.unravel_index(np.argmax(diff), diff.shape))
+    tol = np.broadcast_to(np.asarray(tol, dtype=np.float64), diff.shape)  # a bound per element, or one for all
+    if diff.size and not (diff <= tol).all():
+        excess = np.where(diff <= tol, -np.inf, np.where(tol > 0, diff / np.maximum(tol, 1e-300), np.inf))
+        idx = tuple(int(i) for i in np.unravel_index(np.argmax(excess), diff.shape))
         raise AssertionError(
-            f"{what}: max |difference| {diff.max():.3g} > tolerance {tol:.3g} at {idx} "
+            f"{what}: |difference| {diff[idx]:.3g} > tolerance {tol[idx]:.3g} at {idx} "
             f"(got {a[idx]!r}, expected {e[idx]!r}){'; ' + detail if detail else ''}"
         )

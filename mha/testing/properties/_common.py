@@ -164,12 +164,13 @@ def magnitude(problem: Problem, y_ref=None, *, weights=None, query=None, key=Non
                                y_ref=y_ref, mask=problem.mask if mask is None else mask, **kw)
 
 
-def weights_tol(problem: Problem, *, weights=None, query=None, key=None, evaluations: int = 2) -> float:
-    """Bound for attention weights (tolerance.weights_magnitude), for ``evaluations`` evaluations."""
+def weights_tol(problem: Problem, *, weights=None, query=None, key=None, evaluations: int = 2, P_ref=None):
+    """Bound for attention weights (tolerance.weights_magnitude), for ``evaluations`` evaluations; per
+    query row, (B, H, T, 1), given the exact weights ``P_ref``."""
     k, _ = problem.kv
     MP = tolerance.weights_magnitude(problem.weights if weights is None else weights,
                                      problem.query if query is None else query, k if key is None else key,
-                                     mask=problem.mask, max_angle=problem.max_angle())
+                                     mask=problem.mask, max_angle=problem.max_angle(), P_ref=P_ref)
     return evaluations * tolerance.t1("float32", MP)
 
 

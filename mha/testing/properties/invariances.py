@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from ... import AttentionWeights
+from .. import oracle
 from ..oracle import head_projections
 from ._common import (call, close, edit_weights, empty_row_weights, empty_rows, magnitude, prop, replace, rng_of, t1,
                       t2)
@@ -99,7 +100,11 @@ def default_scale(impl, p):
 @prop("scale_homogeneity", requires=("scale",), theme="invariances")
 def scale_homogeneity(impl, p):
     """The scale multiplies the logits: multiplying W_q and b_q by c equals multiplying the scale by c,
-    f(c W_q, c b_q; s) = f(W_q, b_q; c s) for c in [1/4, 4]. T2 (M at the larger logits)."""
+    f(c W_q, c b_q; s) = f(W_q, b_q; c s) for c in [1/4, 4]. T2 (M at the larger logits). And at the
+    extreme, with queries from another sequence (cross-attention): queries and b_q divided by 2^70 (exact)
+    with the scale multiplied by 2^70 give the same logits, though scale * |W_q| is then far past what can
+    be folded into W_q in float32 (an implementation that folds must carry the rest elsewhere, masks'
+    biases included)."""
     rng = rng_of(p, 16)
     c = float(np.exp(rng.uniform(np.log(0.25), np.log(4.0))))
     s = 1.0 / math.sqrt(p.config.D)
@@ -110,6 +115,32 @@ def scale_homogeneity(impl, p):
     y2, _ = call(impl, p, scale=c * s)
     M = max(magnitude(p, y, weights=w2, scale=s), magnitude(p, y2, scale=c * s))
     close(y, y2, t2(M) + 2 * t1(M), f"scale homogeneity (c={c:.3g})")
+    if not p.config.self_attention:
+        _scale_extreme(impl, _biased(impl, p, rng), s)
+
+
+def _biased(impl, p, rng):
+    """``p`` with an additive mask of N(0, 1) biases when the implementation takes one and ``p`` has no
+    mask (a drawn one is kept as it is)."""
+    if "additive_mask" not in impl.features or p.mask is not None:
+        return p
+    c = p.config
+    return replace(p, mask=rng.normal(size=(c.B, 1, c.T, c.S)).astype(np.float32))
+
+
+def _scale_extreme(impl, p, s: float) -> None:
+    """Queries and b_q divided by 2^70 with the scale times 2^70, against the float64 oracle at scale s,
+    within each row's bound, on the rows that see a key in every head (empty rows have properties of
+    their own, and an implementation may treat them one way with a bool mask, another with a bias)."""
+    big = 2.0**70
+    w = p.weights
+    w3 = edit_weights(w, q_bias=None if w.q_bias is None else (w.q_bias / big).astype(np.float32))
+    y3, _ = call(impl, p, weights=w3, query=(p.query / big).astype(np.float32), scale=s * big)
+    k, v = p.kv
+    y_ref, P_ref = oracle.attention(w, p.query, k, v, scale=s, **p.masks(), **p.oracle_options())
+    rows = p.visible().any(axis=-1).all(axis=1)  # (B, T)
+    M = np.broadcast_to(magnitude(p, y_ref, scale=s, P_ref=P_ref), y_ref.shape[:2] + (1,))
+    close(y3[rows], y_ref[rows], t1(M[rows]), "queries and b_q / 2^70, the scale x 2^70")
 
 
 @prop("hard_retrieval", theme="invariances", masks=False, num_heads=1, min_head_dim=3)

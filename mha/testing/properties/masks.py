@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..strategies import LARGE_NEGATIVES
+from .. import oracle
 from ..oracle import head_projections
 from ._common import (call, close, edit_weights, empty_rows, finite_rows, full_mask, identical, magnitude, prefix_rows, prop,
                       replace, rng_of, t1, t2)
@@ -107,7 +108,10 @@ def large_negative_bias(impl, p):
     -1e9; float16's lowest; -1e4) weighs a key down but hides nothing, and never ties with a hidden key.
     With whole query rows of it (a query whose every visible key carries it) and a key hidden from every
     query, changing the hidden inputs leaves every other row bitwise unchanged and finite; with
-    causal=True, changing the inputs from position t on leaves the rows before t bitwise unchanged."""
+    causal=True, changing the inputs from position t on leaves the rows before t bitwise unchanged.
+    And with a padding mask as Hugging Face builds one ((B, 1, 1, S), 0 at real keys, the fill on a run
+    of keys at the start or the end of each batch element), the output equals the float64 oracle's
+    within T1, per row (tolerance.mask_term): a blockwise kernel meets whole blocks of the fill first."""
     rng = rng_of(p, 20)
     c = np.float32(rng.choice([x for x in LARGE_NEGATIVES if np.isfinite(x)]))
     B, T = p.config.B, p.config.T
@@ -135,6 +139,22 @@ def large_negative_bias(impl, p):
         before = prefix_rows(p, t)
         identical(y3[before], y[before], f"outputs before position {t} after changing inputs from {t} on, "
                                          f"additive mask of {c}")
+    _padding_vs_oracle(impl, p, c, rng)
+
+
+def _padding_vs_oracle(impl, p, c, rng) -> None:
+    """The output under a Hugging Face padding mask of ``c`` (left padding mostly, as for generation)
+    against the float64 oracle, within each row's bound."""
+    B, S = p.config.B, p.config.S
+    pad = np.zeros((B, 1, 1, S), np.float32)
+    for b in range(B):
+        n = int(rng.integers(0, S + 1))
+        (pad[b, ..., :n] if rng.random() < 0.7 else pad[b, ..., S - n:])[...] = c
+    p = replace(p, mask=pad)
+    y, _ = call(impl, p)
+    k, v = p.kv
+    y_ref, P_ref = oracle.attention(p.weights, p.query, k, v, **p.masks(), **p.oracle_options())
+    close(y, y_ref, t1(magnitude(p, y_ref, P_ref=P_ref)), f"output vs float64 oracle, padding mask of {c}")
 
 
 @prop("nonfinite_hidden_isolation", theme="masks", requires_any=_HIDING, self_attention=False,
