@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import _masks, _validate
 from ._backends import to_numpy
 from ._cache import KVCache
@@ -81,13 +83,31 @@ def _native_mask(layer, x, name: str, check):
     """``mask``, ``key_mask`` or ``head_mask`` checked by ``check(array)`` (dtype and shape), then native."""
     if layer._is_native(x):
         check(x)
-        return x
+        return _in_range(layer, x) if name == "mask" else x
     try:
         x = to_numpy(x)
     except ValueError as err:
         raise ValueError(f"{name} must be an array with a regular shape: {err}") from None
     check(x)
-    return layer._from_numpy(x)
+    return layer._from_numpy(_in_range(layer, x) if name == "mask" else x)
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _in_range(layer, x):
+    """A numpy float mask wider than float32, its finite entries clipped to float32's range when the layer
+    adds it in float32: cast as they are, finfo(float64).min (Hugging Face's padding fill in float64
+    models) or -1e300 would become -inf and hide their keys, where a finite number never hides one."""
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f" or x.dtype.itemsize <= 4:
+        return x
+    acc = layer._dtypes()[1]
+    if (getattr(acc, "name", None) or str(acc).rsplit(".", 1)[-1]) == "float64":
+        return x
+    with np.errstate(invalid="ignore"):
+        if not (np.abs(x) > _F32_MAX).any():
+            return x
+    return np.where(np.isfinite(x), np.clip(x, -_F32_MAX, _F32_MAX), x)
 
 
 def prepare(layer, query, key, value, *, mask, key_mask, causal, head_mask, return_weights, training,

@@ -28,6 +28,8 @@ E, H = 12, 4
     (dict(bias=1), TypeError, r"bias must be True or False, got 1 \(int\)"),
     (dict(scale=float("nan")), ValueError, r"scale must be finite, got nan"),
     (dict(scale="0.5"), TypeError, r"scale must be a finite float or None, got '0\.5' \(str\)"),
+    (dict(scale=-1e39), ValueError, r"scale must lie within float32's range \(\|scale\| <= 3\.402823e\+38\) for a "
+                                    r"float32 layer, got -1e\+39"),
     (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\), got 1\.0"),
     (dict(dropout=-0.1), ValueError, r"dropout must be in \[0, 1\), got -0\.1"),
     (dict(dtype="int8"), ValueError, r"dtype must be one of float32, float64, float16, bfloat16, got 'int8'"),
@@ -41,6 +43,21 @@ def test_constructor_errors(backend, kwargs, exc, msg):
     args.update(kwargs)
     with pytest.raises(exc, match=msg):
         mha.MultiHeadAttention(args.pop("embed_dim"), args.pop("num_heads"), backend=backend, **args)
+
+
+def test_scale_past_float32_takes_a_float64_layer():
+    """1e39 is inf in float32 (every logit inf or NaN): refused for float32 layers, taken by float64 ones;
+    a scale near float32's largest with weights of a few units builds (the numpy backend's fold once
+    multiplied them in float32 and raised OverflowError)."""
+    layer = mha.MultiHeadAttention(E, H, backend="numpy", dtype="float64", scale=1e39, seed=0)
+    x = np.random.default_rng(0).standard_normal((1, 3, E)) * 1e-39
+    assert np.isfinite(layer(x)).all()
+    w = mha.AttentionWeights.init(E, H, seed=0)
+    d = w.to_dict()
+    d["q_weight"] = d["q_weight"] * 8
+    big = mha.MultiHeadAttention.from_weights(mha.AttentionWeights(**d, num_heads=H), backend="numpy", scale=1e38)
+    y = big(np.random.default_rng(1).standard_normal((1, 3, E)).astype(np.float32) * 1e-38)
+    assert np.isfinite(y).all()
 
 
 def test_dtype_not_supported_by_backend():

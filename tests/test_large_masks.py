@@ -180,3 +180,22 @@ def test_padding_over_a_long_sequence_with_default_blocks():
     ref = (P @ v[0]) @ w.o_weight.T.astype(np.float64) + w.o_bias
     M = tolerance.magnitude(w, x, kv, kv, y_ref=ref[None], mask=pad, P_ref=P[None, None])
     tolerance.assert_close(y, ref[None], tolerance.t1("float32", M), "long sequence, padding of finfo.min")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fill", [float(np.finfo(np.float64).min), -1e300, -1e39])
+def test_float64_fill_beyond_float32_stays_visible(backend, fill):
+    """A float64 mask filled with finfo(float64).min (Hugging Face's padding fill in float64 models) or
+    -1e300 is finite: it must not become -inf on the way to float32, which would hide the keys (a row of
+    it then gave the output bias, not the mean over its keys). Clipped to float32's range, it behaves as
+    finfo(float32).min does; +1e39 (finite, not +inf) is taken too."""
+    x = _x((2, 5, 16), 7)
+    m = np.zeros((2, 1, 1, 5))
+    m[0] = fill  # batch 0: every key carries it
+    m[1, ..., :2] = fill  # batch 1: two padded keys
+    layer = _layer(backend, "float32")
+    got = mha.to_numpy(layer(x, mask=m))
+    want = mha.to_numpy(layer(x, mask=np.maximum(m, FINFO32_MIN).astype(np.float32)))
+    np.testing.assert_array_equal(got, want)
+    assert not np.allclose(got[0], layer.weights.o_bias)  # not an empty row
+    assert np.isfinite(mha.to_numpy(layer(x, mask=np.where(m == 0, 0.0, 1e39)))).all()

@@ -203,3 +203,47 @@ def test_float64_input_is_the_float32_input():
         got = mha.to_numpy(layer(view))
         assert got.dtype == np.float32
         assert np.array_equal(got, mha.to_numpy(layer(np.ascontiguousarray(view, dtype=np.float32))))
+
+
+# -- mha_mlx.fused_attention, the public kernel on heads ---------------------------------------------
+
+def _heads_reference(q, k, v, scale, keep, bias):
+    """float64 softmax(q k^T s + bias) v on (B, H, T, D) heads, GQA by repeating k and v; rows without a
+    visible key give 0 (the project's empty-row rule on heads: zero context)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    G = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)
+    s = q @ k.swapaxes(-1, -2) * scale + (0.0 if bias is None else bias)
+    s = np.where(keep, s, -np.inf)
+    top = s.max(axis=-1, keepdims=True)
+    e = np.exp(s - np.where(np.isfinite(top), top, 0.0))
+    z = e.sum(axis=-1, keepdims=True)
+    return (e / np.where(z == 0, 1.0, z)) @ v
+
+
+@pytest.mark.parametrize("as_numpy", [False, True], ids=["mx masks", "numpy masks"])
+def test_fused_attention_against_float64(as_numpy):
+    """q (2, 4, 5, 6), k/v (2, 2, 7, 6) (GQA): a bool mask, an additive one with finfo.min and -inf,
+    key_mask, causal (T < S, aligned at the end), one row that sees nothing; masks given as mx arrays or
+    as numpy arrays (which it once refused with MLX's compile error)."""
+    rng = np.random.default_rng(3)
+    B, H, Hkv, T, S, D = 2, 4, 2, 5, 7, 6
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((B, H, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
+    keep = rng.random((B, 1, T, S)) < 0.7
+    keep[1, 0, 2] = False  # a row that sees nothing
+    bias = np.where(rng.random((1, H, T, S)) < 0.2, np.finfo(np.float32).min, rng.standard_normal((1, H, T, S)))
+    bias = np.where(rng.random((1, H, T, S)) < 0.1, -np.inf, bias).astype(np.float32)
+    km = rng.random((B, S)) < 0.8
+    causal = np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
+    wrap = (lambda a: a) if as_numpy else mx.array
+    cases = [({}, np.ones((1, 1, T, S), bool), None), ({"mask": keep}, keep, None),
+             ({"mask": bias}, np.isfinite(bias), np.where(np.isfinite(bias), bias, 0.0)),
+             ({"key_mask": km, "causal": True}, km[:, None, None, :] & causal, None),
+             ({"mask": keep, "key_mask": km, "causal": True}, keep & km[:, None, None, :] & causal, None)]
+    for kw, visible, add in cases:
+        got = np.array(mha_mlx.fused_attention(mx.array(q), mx.array(k), mx.array(v), scale=0.4,
+                                               **{n: wrap(a) if isinstance(a, np.ndarray) else a for n, a in kw.items()}))
+        want = _heads_reference(q, k, v, 0.4, visible, add)
+        # a logit's rounding: u (s |q| |k| + |bias| of the keys that carry weight), times 2 max|v|, and the sum
+        tol = 8 * 2**-24 * np.abs(v).max() * (1 + 0.4 * np.linalg.norm(q, axis=-1).max() * np.linalg.norm(k, axis=-1).max() + 4)
+        np.testing.assert_allclose(got, want, atol=tol, rtol=0, err_msg=str(sorted(kw)))
