@@ -114,6 +114,9 @@ def prepare(layer, query, key, value, *, mask, key_mask, causal, head_mask, retu
             check_finite, return_lse, cache) -> Prepared:
     """Check and convert one call's arguments (see :meth:`mha.MultiHeadAttention.__call__`)."""
     c, xp = layer.config, layer._xp
+    # one array passed as query and key (or key and value) stays one array, which is how self-attention
+    # is told (Prepared.self_attention): a conversion or copy of each must not hide it
+    given = query, key
     query = convert(layer, query, "query", c.embed_dim, "E")
     if cache is not None and (key is not None or value is not None):
         raise TypeError("cache= is for self-attention: pass only the new tokens as query (key and value "
@@ -122,10 +125,18 @@ def prepare(layer, query, key, value, *, mask, key_mask, causal, head_mask, retu
         raise TypeError("value was given without key; pass key too (value defaults to key)")
     if key is None and c.kdim != c.embed_dim:
         raise TypeError(f"key is required: kdim={c.kdim} differs from embed_dim={c.embed_dim}")
-    key = query if key is None else convert(layer, key, "key", c.kdim, "kdim")
+    if key is None or (key is given[0] and c.kdim == c.embed_dim):
+        key = query
+    else:
+        key = convert(layer, key, "key", c.kdim, "kdim")
     if value is None and c.vdim != c.kdim:
         raise TypeError(f"value is required: vdim={c.vdim} differs from kdim={c.kdim}")
-    value = key if value is None else convert(layer, value, "value", c.vdim, "vdim")
+    if value is None or (value is given[1] and c.vdim == c.kdim):
+        value = key
+    elif value is given[0] and c.vdim == c.embed_dim:
+        value = query
+    else:
+        value = convert(layer, value, "value", c.vdim, "vdim")
     B, T, S, batched = _validate.qkv_shapes(query, key, value)
     flags = {n: _validate.boolean(n, v) for n, v in (("causal", causal), ("return_weights", return_weights),
                                                      ("training", training), ("return_lse", return_lse),

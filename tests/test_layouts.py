@@ -56,6 +56,9 @@ def test_self_attention_inputs_in_any_layout(shape, split):
         want = layer(x, causal=True)
         for name, view in layouts(x):
             _same(layer(view, causal=True), want, f"{shape} {split} {name}")
+            # the same array given as query, key and value is still self-attention once it is converted
+            # (a copy per argument took the cross-attention route: other roundings)
+            _same(layer(view, view, view, causal=True), want, f"{shape} {split} {name}, passed three times")
     finally:
         tuning.split = old
 
@@ -76,3 +79,23 @@ def test_decode_tokens_in_any_layout(checked):
     want = decode(np.ascontiguousarray)
     for i, (name, _) in enumerate(layouts(x[:, :1])):
         _same(decode(lambda a: layouts(a)[i][1]), want, f"token {name}")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "mlx"])
+def test_one_array_passed_three_times_is_self_attention(backend):
+    """Self-attention is told by identity (key is query, value is key). Converting each argument on its
+    own (a C-ordered copy here, an mx.array on MLX) made three arrays of one: the call then took the
+    cross-attention route (three projections, other roundings), and a causal prefix of a Fortran-ordered
+    input was no longer bitwise its own (the property suite caught it)."""
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    from mha._prepare import prepare
+
+    layer = mha.MultiHeadAttention(24, 4, num_kv_heads=2, backend=backend, seed=1)
+    x = normal((2, 5, 24), 10)
+    kw = dict(mask=None, key_mask=None, causal=True, head_mask=None, return_weights=False, training=False,
+              check_finite=False, return_lse=False, cache=None)
+    for name, view in layouts(x) + [("contiguous", x)]:
+        assert prepare(layer, view, view, view, **kw).self_attention, name
+        assert prepare(layer, view, None, None, **kw).self_attention, name
+        assert not prepare(layer, view, view.copy(), None, **kw).self_attention, name
