@@ -50,12 +50,29 @@ def _real_model_hint() -> str:
     return "--model minilm for a real one"
 
 
+SPECIAL = frozenset({"[CLS]", "[SEP]", "[PAD]", "<s>", "</s>", "<pad>", "<|endoftext|>"})
+
+
+def check_text(text: str, hint: str = "TEXT") -> None:
+    """Text that is not UTF-8 reaches Python with its stray bytes as lone surrogates: a usage error that
+    says so (the tokenizer would fail with an error about its own types)."""
+    bad = next((i for i, ch in enumerate(text) if "\udc80" <= ch <= "\udcff"), None)
+    if bad is not None:
+        raise click.BadParameter(f"is not valid UTF-8 (byte 0x{ord(text[bad]) - 0xDC00:02x} at character {bad}); "
+                                 f"convert it first, e.g. iconv -f latin1 -t utf-8", param_hint=hint)
+
+
 def encode(model, text: str):
     """Encode, turning bad text into a usage error, and noting truncation."""
+    check_text(text)
     try:
         enc = model.encode(text)
     except (ValueError, TypeError) as err:
         raise click.BadParameter(str(err), param_hint="TEXT") from None
+    if not any(t not in SPECIAL for t in enc.tokens):
+        raise click.BadParameter(f"has no tokens for {model.name} ({len(text)} characters, none of them a word, "
+                                 f"digit or symbol it knows: only spaces, marks or control characters?)",
+                                 param_hint="TEXT")
     if enc.truncated:
         note(f"note: the text was cut to the model's limit of {model.max_length} tokens "
              f"({enc.truncated} tokens dropped)")

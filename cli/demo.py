@@ -8,6 +8,7 @@ choose (--layer, --head, --tokens). ``--view rollout`` and ``--words`` show deri
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 
@@ -28,8 +29,9 @@ from ._util import note, output_path, write_output
               help="Each head's weights, or attention rollout through each layer (html: the view it opens on).")
 @click.option("--words", is_flag=True, help="Word level: WordPiece pieces merged (to a word: sum; from a word: mean).")
 @click.option("--top", type=click.IntRange(0, 1000), default=0, help="Also list the K strongest query -> key links.")
-@click.option("--format", "fmt", type=click.Choice(["term", "json", "html", "png"]), default="term",
-              show_default=True, help="Terminal heat maps, or a file to share (html: the interactive report).")
+@click.option("--format", "fmt", type=click.Choice(["term", "json", "html", "png"]), default=None,
+              help="Terminal heat maps, or a file to share (html: the interactive report). Default: from -o's "
+                   "extension (.json, .html, .png), else term.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None, callback=output_path,
               help="Output file (required for png; the others default to stdout).")
 @click.option("--color/--no-color", default=None, help="Colour cells (default: when stdout is a terminal).")
@@ -45,6 +47,9 @@ def demo(text, model_name, backend, layers, heads, window, view, words, top, fmt
     import mha.analysis as ma
     import mha.viz as mv
 
+    if fmt is None:
+        ext = "" if output is None else os.path.splitext(output)[1].lower()
+        fmt = {".json": "json", ".html": "html", ".htm": "html", ".png": "png"}.get(ext, "term")
     if fmt == "png" and not output:
         raise click.UsageError("--format png needs -o FILE")
     if view == "rollout" and heads and fmt != "html":
@@ -71,7 +76,9 @@ def demo(text, model_name, backend, layers, heads, window, view, words, top, fmt
     data = mv.to_data(shown, text=text, roles=roles, backend=model.backend, pairs=plan.pairs, tokens=plan.tokens,
                       note=plan.note, arrays=fmt != "json", constructed=constructed, titles=titles)
     if fmt == "term":
-        use_color = (sys.stdout.isatty() and not output) if color is None else color  # a file: plain text
+        if color is None:  # a file: plain text; NO_COLOR (no-color.org) set to anything: plain text
+            color = sys.stdout.isatty() and not output and not os.environ.get("NO_COLOR")
+        use_color = color
         view_text = mv.render_term(data, color=use_color, width=width, top=top)
         if output:
             write_output(output, lambda f: f.write((view_text + "\n").encode("utf-8")))
@@ -81,7 +88,7 @@ def demo(text, model_name, backend, layers, heads, window, view, words, top, fmt
     if fmt == "png":
         try:
             mv.save_png(data, output)
-        except ImportError as err:
+        except (ImportError, ValueError, OSError) as err:  # no matplotlib; a file that cannot be written
             raise click.ClickException(str(err)) from None
         _note(plan.note)
         note(f"wrote {output}")

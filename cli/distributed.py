@@ -47,9 +47,9 @@ def _peak_mib() -> float:
 @click.option("--causal/--no-causal", default=True, show_default=True)
 @click.option("--check/--no-check", default=None, help="Compare with the one-process layer (default: when T <= 8192).")
 @click.option("--single", is_flag=True, help="Run the plain layer in this one process instead (the baseline).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+@click.option("--timeout", type=click.FloatRange(min=0, max=86400.0, min_open=True), default=600.0, show_default=True,
               help="Seconds an exchange may wait for the other ranks.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 2), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per rank instead of a line of text.")
 def distributed(kind, T, E, H, kv_heads, B, backend, causal, check, single, timeout, seed, as_json):
     """One rank of head- or sequence-parallel attention (start it with mlx.launch; alone: a group of one)."""

