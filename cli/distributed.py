@@ -62,12 +62,14 @@ def distributed(kind, T, E, H, kv_heads, B, backend, causal, check, single, time
         layer = mha.MultiHeadAttention(E, H, num_kv_heads=kv_heads, backend=backend, seed=seed)
     except (ValueError, TypeError) as err:
         raise click.BadParameter(str(err)) from None
-    x = np.random.default_rng(seed + 1).normal(size=(B, T, E)).astype(np.float32)  # (B, T, E), same on every rank
     check = T <= 8192 if check is None else check
     try:
+        x = np.random.default_rng(seed + 1).normal(size=(B, T, E)).astype(np.float32)  # (B, T, E), same on every rank
         record = _single(layer, x, causal) if single else _rank(layer, x, kind, causal, check, timeout)
     except (ValueError, TypeError, RuntimeError) as err:  # DistributedError is a RuntimeError
         raise click.ClickException(f"{type(err).__name__}: {err}") from None
+    except MemoryError as err:  # numpy's names the bytes it could not allocate
+        raise click.ClickException(f"out of memory for B={B}, T={T}, E={E}: {err}") from None
     record.update(kind="single" if single else kind, T=T, E=E, H=H, kv_heads=kv_heads or H, B=B, backend=backend,
                   causal=causal)
     click.echo(json.dumps(record) if as_json else _line(record))
