@@ -53,13 +53,13 @@ def _real_model_hint() -> str:
 SPECIAL = frozenset({"[CLS]", "[SEP]", "[PAD]", "<s>", "</s>", "<pad>", "<|endoftext|>"})
 
 
-def check_text(text: str, hint: str = "TEXT") -> None:
+def check_text(text: str) -> None:
     """Text that is not UTF-8 reaches Python with its stray bytes as lone surrogates: a usage error that
     says so (the tokenizer would fail with an error about its own types)."""
     bad = next((i for i, ch in enumerate(text) if "\udc80" <= ch <= "\udcff"), None)
     if bad is not None:
         raise click.BadParameter(f"is not valid UTF-8 (byte 0x{ord(text[bad]) - 0xDC00:02x} at character {bad}); "
-                                 f"convert it first, e.g. iconv -f latin1 -t utf-8", param_hint=hint)
+                                 f"convert it first, e.g. iconv -f latin1 -t utf-8", param_hint="TEXT")
 
 
 def encode(model, text: str):

@@ -78,12 +78,11 @@ def demo(text, model_name, backend, layers, heads, window, view, words, top, fmt
     if fmt == "term":
         if color is None:  # a file: plain text; NO_COLOR (no-color.org) set to anything: plain text
             color = sys.stdout.isatty() and not output and not os.environ.get("NO_COLOR")
-        use_color = color
-        view_text = mv.render_term(data, color=use_color, width=width, top=top)
+        view_text = mv.render_term(data, color=color, width=width, top=top)
         if output:
             write_output(output, lambda f: f.write((view_text + "\n").encode("utf-8")))
         else:
-            click.echo(view_text, color=use_color)
+            click.echo(view_text, color=color)
         return
     if fmt == "png":
         try:

@@ -92,22 +92,18 @@ def _native_mask(layer, x, name: str, check):
     return layer._from_numpy(_in_range(layer, x) if name == "mask" else x)
 
 
-_F32_MAX = float(np.finfo(np.float32).max)
-
-
 def _in_range(layer, x):
     """A numpy float mask wider than float32, its finite entries clipped to float32's range when the layer
     adds it in float32: cast as they are, finfo(float64).min (Hugging Face's padding fill in float64
     models) or -1e300 would become -inf and hide their keys, where a finite number never hides one."""
-    if not isinstance(x, np.ndarray) or x.dtype.kind != "f" or x.dtype.itemsize <= 4:
+    if (not isinstance(x, np.ndarray) or x.dtype.kind != "f" or x.dtype.itemsize <= 4
+            or layer.config.dtype == "float64"):
         return x
-    acc = layer._dtypes()[1]
-    if (getattr(acc, "name", None) or str(acc).rsplit(".", 1)[-1]) == "float64":
-        return x
+    lim = _validate.F32_MAX
     with np.errstate(invalid="ignore"):
-        if not (np.abs(x) > _F32_MAX).any():
+        if not (np.abs(x) > lim).any():
             return x
-    return np.where(np.isfinite(x), np.clip(x, -_F32_MAX, _F32_MAX), x)
+    return np.where(np.isfinite(x), np.clip(x, -lim, lim), x)
 
 
 def prepare(layer, query, key, value, *, mask, key_mask, causal, head_mask, return_weights, training,
@@ -133,8 +129,6 @@ def prepare(layer, query, key, value, *, mask, key_mask, causal, head_mask, retu
         raise TypeError(f"value is required: vdim={c.vdim} differs from kdim={c.kdim}")
     if value is None or (value is given[1] and c.vdim == c.kdim):
         value = key
-    elif value is given[0] and c.vdim == c.embed_dim:
-        value = query
     else:
         value = convert(layer, value, "value", c.vdim, "vdim")
     B, T, S, batched = _validate.qkv_shapes(query, key, value)

@@ -116,7 +116,7 @@ def head_counts(embed_dim, num_heads, num_kv_heads, head_dim=None) -> tuple[int,
     return embed_dim, num_heads, num_kv_heads, head_dim
 
 
-_F32_MAX = 3.4028234663852886e38  # np.finfo(np.float32).max
+F32_MAX = 3.4028234663852886e38  # np.finfo(np.float32).max
 
 
 def layer_config(embed_dim, num_heads, *, num_kv_heads, kdim, vdim, head_dim=None, bias, scale, dropout, dtype,
@@ -130,8 +130,8 @@ def layer_config(embed_dim, num_heads, *, num_kv_heads, kdim, vdim, head_dim=Non
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     dtype = dtype_name(dtype, backend)
-    if scale is not None and dtype != "float64" and abs(scale) > _F32_MAX:
-        raise ValueError(f"scale must lie within float32's range (|scale| <= {_F32_MAX:.7g}) for a {dtype} layer, "
+    if scale is not None and dtype != "float64" and abs(scale) > F32_MAX:
+        raise ValueError(f"scale must lie within float32's range (|scale| <= {F32_MAX:.7g}) for a {dtype} layer, "
                          f"got {scale:g}: it would be inf where the logits are formed (a float64 numpy layer "
                          f"takes it; or scale the query weights instead)")
     from ._rope import as_rope

@@ -60,10 +60,8 @@ def lane(layer, query, cache):
             or cache.batch_size != query.shape[0] or cache._padded
             or cache._nonfinite is not False or (cache.max_length is not None and cache.offset >= cache.max_length)):
         return None
-    x = query[:, 0]
-    if not x.flags.c_contiguous:  # a Fortran-ordered token: the bits of its C-ordered copy (_layer._as_input)
-        x = np.ascontiguousarray(x)
     plan = cache._plan(1, None)
+    x = layer._as_input(query)[:, 0]  # C order: a Fortran-ordered token gives its C-ordered copy's bits
     found = timed(layer._decode_blas, _work(layer, plan), _core, layer, x, plan, None, False, False)
     return None if found is None else found[0]
 

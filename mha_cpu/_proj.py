@@ -36,7 +36,8 @@ class Projections:
         zeros = {n: np.zeros(params[f"{n}_weight"].shape[0], dt) for n in "qkv"}
         w = {n: params[f"{n}_weight"] for n in "qkv"}
         b = {n: params[f"{n}_bias"] if params[f"{n}_bias"] is not None else zeros[n] for n in "qkv"}
-        s, self.logit_scale = _fold(c.effective_scale, float(max(np.abs(w["q"]).max(initial=0), np.abs(b["q"]).max(initial=0))))
+        wmax = max(np.abs(w["q"]).max(initial=0), np.abs(b["q"]).max(initial=0))
+        s, self.logit_scale = _fold(c.effective_scale, float(wmax))  # Python floats: |W| * 1e38 overflows float32
         plain = {"q": (w["q"] * dt.type(s), b["q"] * dt.type(s)), "k": (w["k"], b["k"]), "v": (w["v"], b["v"])}
         heads = {"q": c.num_heads, "k": c.num_kv_heads, "v": c.num_kv_heads}
         aug = {n: _augment(*plain[n], heads[n], 0 if n == "q" else 1) for n in "qkv"}

@@ -219,15 +219,16 @@ def fused_attention(q, k, v, *, scale, mask=None, key_mask=None, causal=False, w
 
     q (B, H, T, D); k, v (B, Hkv, S, D) -> (B, H, T, D). ``mask``, ``key_mask``, ``causal`` and ``window``
     as for the layer (mask broadcastable to (B, H, T, S), True = may attend, float added; mx or numpy
-    arrays). The fused kernel alone returns mean(V) for a query with no visible key and lets a NaN at a hidden key leak
-    (0 * NaN); here, when some keys are hidden, non-finite numbers in k and v are zeroed before the
+    arrays). The fused kernel alone returns mean(V) for a query with no visible key and lets a NaN at a
+    hidden key leak (0 * NaN); here, when some keys are hidden, non-finite numbers in k and v are zeroed before the
     kernel, and afterwards rows with no visible key are set to 0 and rows that can see a key holding
     NaN/inf to NaN. The whole of it is ``mx.compile``d (one graph per kind of mask, scale and shape;
     ``mha_mlx.options.compile``), which fuses these few elementwise steps around the kernel (measured on
     the CPU at B=1, H=4, T=16, D=16: 81 us op by op, 49 us compiled, against 34 us for the bare kernel).
     """
     B, T, S = q.shape[0], q.shape[2], k.shape[2]
-    mask, key_mask = (a if a is None or isinstance(a, mx.array) else mx.array(np.asarray(a)) for a in (mask, key_mask))
+    mask, key_mask = (a if a is None or isinstance(a, mx.array) else mx.array(np.asarray(a))
+                      for a in (mask, key_mask))
     if key_mask is not None:
         key_mask = _masks.key_mask_bool(mx, key_mask, B, S)
     masks = _masks.prepare(mx, mask=mask, key_mask=key_mask, causal=causal, T=T, S=S, bias_dtype=mx.float32,

@@ -278,13 +278,16 @@ def padding_biases(draw, cfg: Config) -> np.ndarray:
     meets whole blocks of keys that all carry the fill before any real key."""
     fill = draw(st.sampled_from(LARGE_NEGATIVES))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))  # lengths spread evenly, not shrunk to 0
-    m = np.zeros((cfg.B, 1, 1, cfg.S), np.float32)
-    for b in range(cfg.B):
-        n = int(rng.integers(0, cfg.S + 1))
-        if rng.random() < 0.7:  # left
-            m[b, ..., :n] = fill
-        elif n:
-            m[b, ..., cfg.S - n:] = fill
+    return padding_bias(rng, cfg.B, cfg.S, fill)
+
+
+def padding_bias(rng: np.random.Generator, B: int, S: int, fill: float) -> np.ndarray:
+    """(B, 1, 1, S) float32: ``fill`` on a run of 0 to S keys of each batch element, at the start (left
+    padding, 7 times in 10) or the end, 0 elsewhere; lengths and sides from ``rng``."""
+    m = np.zeros((B, 1, 1, S), np.float32)
+    for b in range(B):
+        n = int(rng.integers(0, S + 1))
+        (m[b, ..., :n] if rng.random() < 0.7 else m[b, ..., S - n:])[...] = fill
     return m
 
 

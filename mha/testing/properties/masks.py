@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..strategies import LARGE_NEGATIVES
 from .. import oracle
 from ..oracle import head_projections
-from ._common import (call, close, edit_weights, empty_rows, finite_rows, full_mask, identical, magnitude, prefix_rows, prop,
-                      replace, rng_of, t1, t2)
+from ..strategies import LARGE_NEGATIVES, padding_bias
+from ._common import (call, close, edit_weights, empty_rows, finite_rows, full_mask, identical, magnitude,
+                      prefix_rows, prop, replace, rng_of, t1, t2)
 
 _HIDING = ("mask", "additive_mask", "key_mask")
 
@@ -145,12 +145,7 @@ def large_negative_bias(impl, p):
 def _padding_vs_oracle(impl, p, c, rng) -> None:
     """The output under a Hugging Face padding mask of ``c`` (left padding mostly, as for generation)
     against the float64 oracle, within each row's bound."""
-    B, S = p.config.B, p.config.S
-    pad = np.zeros((B, 1, 1, S), np.float32)
-    for b in range(B):
-        n = int(rng.integers(0, S + 1))
-        (pad[b, ..., :n] if rng.random() < 0.7 else pad[b, ..., S - n:])[...] = c
-    p = replace(p, mask=pad)
+    p = replace(p, mask=padding_bias(rng, p.config.B, p.config.S, c))
     y, _ = call(impl, p)
     k, v = p.kv
     y_ref, P_ref = oracle.attention(p.weights, p.query, k, v, **p.masks(), **p.oracle_options())
@@ -306,8 +301,8 @@ def nonfinite_visible_confined(impl, p):
 def _minus_inf_logits(impl, p, b: int, j: int, sees):
     """The sharpest case of -inf in a key: every logit of key j exactly -inf, so that a softmax gives it
     weight exp(-inf) = 0 and a kernel left alone returns finite rows. Made so: W_q, b_q and the queries
-    positive (q > 0: |x| + 0.5 and |b_q| + 0.5), W_k's first column positive and key j's first feature -inf (each coordinate of its
-    projection -inf): every product q_d k_d is -inf, never inf - inf."""
+    positive (q > 0: |x| + 0.5 and |b_q| + 0.5), W_k's first column positive and key j's first feature
+    -inf (each coordinate of its projection -inf): every product q_d k_d is -inf, never inf - inf."""
     w = p.weights
     wq, bq, wk = np.abs(w.q_weight), w.q_bias, w.k_weight.copy()
     wk[:, 0] = np.abs(wk[:, 0]) + 0.5
