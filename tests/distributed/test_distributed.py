@@ -1,0 +1,225 @@
+"""mha.distributed on 2 and 3 ranks of one machine (``mlx.launch --backend ring``), against the unsharded
+layer and the float64 oracle.
+
+Each launch runs tests/distributed_worker.py on every rank with many configurations at once (launching
+costs 1-2 s), under a hard timeout after which the launcher's whole process group is killed; ports are
+picked free. The ranks write their results to a temporary folder and the assertions run here.
+
+Tolerances (derived, mha.testing.tolerance): the unsharded layer is one float32 evaluation, within
+T1 = C u M of the exact result. HeadParallel adds the all_sum of n partial outputs, each bounded by M:
+at most (n - 1) u M more. SequenceParallel merges up to n blocks by log-sum-exp: each block's lse is
+rounded by at most u (1 + |lse|) beyond the logit error M already covers, and exp(lse_b - lse) turns
+that into a relative error of the block's weight; with the exp and the two products, each merge adds at
+most 2 u (1 + L) ||W_O|| max|v| to the output, L = max |lse| (the unsharded layer's, finite ones). With
+C >= 1: M_ring = M + 2 n (1 + L) ||W_O|| max|v|.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+import mha
+from mha.testing import oracle, tolerance
+from mha.testing.tolerance import _abs_projections
+from tests.conftest import HAS_MLX
+from tests.distributed.distributed_launch import launch
+from tests.helpers import minilm_available
+
+pytestmark = pytest.mark.skipif(not HAS_MLX, reason="mha.distributed needs MLX (pip install 'mha-twin[mlx]')")
+
+U = tolerance.unit_roundoff("float32")
+
+
+# -- the configurations --------------------------------------------------------------------------------
+FIXED = [
+    dict(name="mha-causal-keymask", B=2, T=37, H=6, Hkv=6, D=5, E=30, causal=True, key_mask=True, head_mask="BH"),
+    dict(name="gqa-rope-window-floatmask", B=2, T=29, H=6, Hkv=3, D=4, E=24, rope=True, window=7, causal=True,
+         mask="float"),
+    dict(name="cross-boolmask-headmask", B=2, T=11, S=23, kdim=9, vdim=13, H=3, Hkv=3, D=5, E=15, mask="bool",
+         head_mask="H", causal=True, key_mask=True),
+    # a block whose first key is exactly the last query's causal limit (T = 6, S = 8 over 2 or 3 ranks)
+    dict(name="cross-causal-edge", B=1, T=6, S=8, kdim=7, vdim=5, H=3, Hkv=3, D=3, E=9, causal=True),
+    # float64 numpy layers: the exchanges carry float64 (MLX arrays on the CPU), bounds in float64's u
+    dict(name="float64-gqa-keymask", B=2, T=19, H=6, Hkv=3, D=2, E=12, causal=True, key_mask=True, dtype="float64",
+         numpy_only=True),
+    # a window without causal: each tile's span ends at p + W - 1 (one query row per tile)
+    dict(name="window-noncausal", B=1, T=31, H=3, Hkv=3, D=4, E=12, window=4, key_mask=True, tile=40),
+    dict(name="decode-gqa-rope-window", B=2, T=17, prefill=13, H=6, Hkv=3, D=4, E=24, rope=True, window=6,
+         key_mask=True, decode=True),
+]
+
+
+def random_cases(n: int, seed: int, count: int) -> list[dict]:
+    """Random shapes and options with at least n GQA groups (HeadParallel needs one per rank)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        Hkv = rng.randint(n, 4)
+        H = Hkv * rng.choice([1, 2, 3])
+        D = rng.randint(2, 7)
+        case = dict(name=f"random{i}", B=rng.randint(1, 3), T=rng.randint(n, 40), H=H, Hkv=Hkv, D=D,
+                    E=rng.choice([H * D, H * D + 1]) if False else H * D, causal=rng.random() < 0.5,
+                    key_mask=rng.random() < 0.5, mask=rng.choice([None, "bool", "float"]),
+                    rope=rng.random() < 0.5, window=rng.choice([None, rng.randint(1, 9)]))
+        if rng.random() < 0.3:
+            case.update(S=rng.randint(n, 30), kdim=rng.randint(2, 9), vdim=rng.randint(2, 9), rope=False)
+        out.append(case)
+    return out
+
+
+def all_cases(n: int) -> list[dict]:
+    cases = []
+    for backend in ("numpy", "mlx"):
+        for kind in ("head", "sequence"):
+            for j, c in enumerate(FIXED + random_cases(n, 100 * n + (backend == "mlx") + 2 * (kind == "head"), 2)):
+                if c.get("numpy_only") and backend != "numpy":
+                    continue
+                cases.append(dict(c, backend=backend, kind=kind, seed=1000 * n + j,
+                                  tile=c.get("tile", 60 if j % 2 else None)))
+    if minilm_available() and n == 2:
+        cases.append(dict(name="minilm", kind="minilm", backend="numpy"))
+    return cases
+
+
+# -- the checks ----------------------------------------------------------------------------------------
+def _problem(case):
+    from tests.distributed.distributed_worker import make_problem
+
+    weights, kwargs, x, k, v, mask, key_mask, head_mask = make_problem(case)
+    rope = mha.RoPE() if kwargs["rope"] else None
+    return weights, rope, kwargs["window"], x, k, v, mask, key_mask, head_mask
+
+
+def _expected(case):
+    """(float64 output, weights, M) of one case: the oracle over the whole sequence."""
+    weights, rope, window, x, k, v, mask, key_mask, head_mask = _problem(case)
+    causal = bool(case.get("causal")) or bool(case.get("decode"))
+    if case.get("decode") and key_mask is not None:
+        key_mask[:, case["prefill"]:] = True  # decoded tokens are given without a key_mask: real
+    y, P = oracle.attention(weights, x, k, v, mask=mask, key_mask=key_mask, causal=causal, head_mask=head_mask,
+                            rope=rope, window=window)
+    S = (k if k is not None else x).shape[1]
+    M = tolerance.magnitude(weights, x, k, v, y_ref=y, mask=mask, head_mask=head_mask,
+                            max_angle=(S - 1) if rope else 0.0)
+    MP = tolerance.weights_magnitude(weights, x, k, mask=mask, max_angle=(S - 1) if rope else 0.0)
+    _, _, vs = _abs_projections(weights, x, x if k is None else k, x if v is None else v)
+    wo = float(np.abs(weights.o_weight.astype(np.float64)).sum(axis=1).max())
+    if head_mask is not None:
+        wo *= float(np.abs(head_mask).max())
+    return y, P, M, MP, wo * max(float(np.abs(a).max()) for a in vs)
+
+
+def ring_magnitude(M: float, wv: float, n: int, lse) -> float:
+    """M_ring of the module docstring: M + 2 n (1 + L) ||W_O|| max|v|."""
+    L = float(np.abs(lse[np.isfinite(lse)]).max(initial=0.0))
+    return M + 2 * n * (1 + L) * wv
+
+
+def check_case(i: int, case: dict, ranks: list[dict], n: int) -> str:
+    """Assert one case on every rank's results; returns a line of figures."""
+    res = [{k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(f"{i}/")} for r in ranks]
+    if case["kind"] == "minilm":
+        return check_minilm(res)
+    y, P, M, MP, wv = _expected(case)
+    dt = case.get("dtype", "float32")
+    t1 = tolerance.t1(dt, M)
+    what = f"{case['name']} ({case['backend']}, {case['kind']}, n={n})"
+    worst, bound = 0.0, 0.0
+    if case.get("decode"):
+        return check_decode(case, res, y, M, wv, n, what)
+    for r, got in enumerate(res):
+        tolerance.assert_close(got["single"], y, t1, f"{what}: unsharded layer vs oracle")
+        if case["kind"] == "head":
+            bound = t1 + (n - 1) * tolerance.unit_roundoff(dt) * M
+            tolerance.assert_close(got["sharded"], y, bound, f"{what}: rank {r} vs oracle")
+            tolerance.assert_close(got["sharded"], got["single"], t1 + bound, f"{what}: rank {r} vs unsharded")
+            tolerance.assert_close(got["weights_all"], P, tolerance.t1(dt, MP), f"{what}: gathered weights")
+            a, b = got["heads"]
+            np.testing.assert_array_equal(got["weights_rank"], got["weights_all"][:, a:b])
+            lse1 = got["single_lse"]
+            big = np.abs(lse1[np.isfinite(lse1)]).max(initial=0.0)
+            close_lse(got["lse_all"], lse1, tolerance.t2(dt, dt, MP + big), f"{what}: gathered lse")
+            uneven = case["Hkv"] % n != 0
+            assert bool(got["uneven_warned"]) == uneven, f"{what}: UnevenSplitWarning {'missing' if uneven else 'spurious'}"
+        else:
+            a, b = got["rows"]
+            bound = tolerance.t1(dt, ring_magnitude(M, wv, n, got["single_lse"]))
+            tolerance.assert_close(got["sharded"], y[:, a:b], bound, f"{what}: rank {r} rows {a}:{b} vs oracle")
+            tolerance.assert_close(got["sharded"], got["single"][:, a:b], t1 + bound, f"{what}: rank {r} vs unsharded")
+            lse1 = got["single_lse"][:, :, a:b]
+            big = np.abs(lse1[np.isfinite(lse1)]).max(initial=0.0)
+            close_lse(got["lse"], lse1, tolerance.t1(dt, (2 + 2 * n) * (MP + big)), f"{what}: rank {r} lse")
+        worst = max(worst, float(np.nanmax(np.abs(got["sharded"] - (got["single"] if case["kind"] == "head"
+                                                                    else got["single"][:, a:b])), initial=0.0)))
+    return f"{what}: max|sharded - unsharded| = {worst:.2e}, bound {t1 + bound:.2e}"
+
+
+def close_lse(a, b, tol, what):
+    """lse within ``tol`` where finite; -inf (a query that sees nothing) at the same places."""
+    np.testing.assert_array_equal(np.isneginf(a), np.isneginf(b), err_msg=f"{what}: -inf pattern")
+    fin = np.isfinite(b)
+    tolerance.assert_close(np.where(fin, a, 0.0), np.where(fin, b, 0.0), tol, what)
+
+
+def check_decode(case, res, y, M, wv, n, what) -> str:
+    dt = case.get("dtype", "float32")
+    t1 = tolerance.t1(dt, M)
+    P = case["prefill"]
+    worst = 0.0
+    for r, got in enumerate(res):
+        tolerance.assert_close(got["single"], y, t1, f"{what}: unsharded decoding vs oracle")
+        if case["kind"] == "head":
+            bound = t1 + (n - 1) * tolerance.unit_roundoff(dt) * M
+            tolerance.assert_close(got["sharded"], got["single"], t1 + bound, f"{what}: rank {r} decoding")
+            from mha.distributed import head_split
+
+            own = len(head_split(case["H"], case["Hkv"], n)[r]) // (case["H"] // case["Hkv"])
+            assert int(got["cache_kv_heads"]) == own, f"{what}: rank {r}'s cache holds other heads than its own"
+            worst = max(worst, float(np.abs(got["sharded"] - got["single"]).max()))
+        else:
+            a, b = got["rows"]
+            bound = tolerance.t1(dt, ring_magnitude(M, wv, n, np.array([got["max_lse"]])))
+            tolerance.assert_close(got["sharded_prefill"], got["single"][:, a:b], t1 + bound, f"{what}: prefill {r}")
+            expect_T = case["T"] - P if r == n - 1 else 0
+            assert got["sharded_decode"].shape[1] == expect_T, f"{what}: rank {r} decoded {got['sharded_decode'].shape}"
+            if expect_T:
+                tolerance.assert_close(got["sharded_decode"], got["single"][:, P:], t1 + bound, f"{what}: decoding")
+                worst = max(worst, float(np.abs(got["sharded_decode"] - got["single"][:, P:]).max()))
+    return f"{what}: max|sharded - unsharded| = {worst:.2e}, bound {t1 + bound:.2e}"
+
+
+def check_minilm(res) -> str:
+    """Head-parallel MiniLM embeddings vs one process. Tolerance by the adaptive rule (TESTING.md rule 3):
+    at most twice the difference between two single-process float32 evaluations (numpy vs MLX) plus the
+    rounding quantum of the values."""
+    lines = []
+    for r, got in enumerate(res):
+        got = dict(got, single_mlx=res[0]["single_mlx"], single_mlx_attentions=res[0]["single_mlx_attentions"])
+        one, two, hp = got["single"].astype(np.float64), got["single_mlx"].astype(np.float64), got["sharded"]
+        naive = float(np.abs(one - two).max())
+        q0 = float(np.abs(one).max()) * U
+        diff = float(np.abs(hp - one).max())
+        cos = float(np.min(np.sum(hp * one, axis=1) / np.linalg.norm(hp, axis=1) / np.linalg.norm(one, axis=1)))
+        assert diff <= 2 * naive + 2 * q0, f"MiniLM rank {r}: max diff {diff:.3g} > 2 * {naive:.3g} + 2 * {q0:.3g}"
+        att = float(np.abs(got["attentions"] - got["single_attentions"]).max())
+        att_naive = float(np.abs(got["single_mlx_attentions"] - got["single_attentions"]).max())
+        assert att <= 2 * att_naive + 2 * U, f"MiniLM rank {r}: attentions differ by {att:.3g} (numpy vs MLX: {att_naive:.3g})"
+        lines.append(f"MiniLM head-parallel rank {r}: min cosine {cos:.9f}, max|diff| {diff:.2e} "
+                     f"(numpy vs MLX one process: {naive:.2e})")
+    return "; ".join(lines)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_sharded_equals_unsharded(n, tmp_path):
+    """Both kinds x both backends x fixed and random configurations, one launch."""
+    cases = all_cases(n)
+    out, seconds = launch(n, {"mode": "compare", "cases": cases}, tmp_path, timeout=240)
+    files = [tmp_path / f"rank{r}.npz" for r in range(n)]
+    missing = [f.name for f in files if not f.exists()]
+    assert not missing, f"ranks wrote no results ({missing}):\n{out[-4000:]}"
+    ranks = [dict(np.load(f)) for f in files]
+    lines = [check_case(i, c, ranks, n) for i, c in enumerate(cases)]
+    print(f"\n{n} ranks, {len(cases)} configurations, launch {seconds:.1f} s\n" + "\n".join(lines))
