@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._util import note
+from ._util import note, plural
 
 MODEL_HELP = "builtin (constructed demo, no download), minilm, auto (minilm if installed, else builtin) or a folder"
 
@@ -31,6 +31,8 @@ def load(model_name: str, backend: str):
         raise click.ClickException(str(err)) from None
     if getattr(model, "constructed", False):
         note(f"model: builtin, a constructed demo whose heads are set by hand (not trained); {_real_model_hint()}")
+    else:
+        note(f"model: {describe(model)}" + (" (--model auto found it installed)" if model_name == "auto" else ""))
     return model
 
 
@@ -69,7 +71,8 @@ def encode(model, text: str):
         enc = model.encode(text)
     except (ValueError, TypeError) as err:
         raise click.BadParameter(str(err), param_hint="TEXT") from None
-    if not any(t not in SPECIAL for t in enc.tokens):
+    wrapped = len(enc.tokens) >= 2 and enc.tokens[0] in SPECIAL and enc.tokens[-1] in SPECIAL
+    if len(enc.tokens) <= (2 if wrapped else 0):  # nothing between the [CLS] and [SEP] the model adds
         raise click.BadParameter(f"has no tokens for {model.name} ({len(text)} characters, none of them a word, "
                                  f"digit or symbol it knows: only spaces, marks or control characters?)",
                                  param_hint="TEXT")
@@ -77,3 +80,10 @@ def encode(model, text: str):
         note(f"note: the text was cut to the model's limit of {model.max_length} tokens "
              f"({enc.truncated} tokens dropped)")
     return enc
+
+
+def describe(model) -> str:
+    """One line naming the model that ran: 'minilm: 6 layers x 12 heads, numpy backend' (and, for the
+    built-in one, that its weights are constructed)."""
+    what = f"{model.name}: {plural(model.num_layers, 'layer')} x {plural(model.num_heads, 'head')}, {model.backend} backend"
+    return what + (", constructed demo weights (not trained)" if getattr(model, "constructed", False) else "")

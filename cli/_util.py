@@ -38,6 +38,40 @@ def output_path(ctx, param, value):
     return value
 
 
+def output_format(output, fmt, kinds: dict, *, default: str | None = None, option: str = "-o"):
+    """The format to write ``output`` in, checked before any work: ``kinds`` maps file extensions (".json")
+    to formats. With ``fmt`` None, the extension chooses (``default`` for a name without one, e.g.
+    /dev/stdout); an extension that is not in ``kinds``, or one that names another format than ``fmt``,
+    is a usage error (``-o report.pdf`` silently wrote another format under that name)."""
+    if output is None:
+        return fmt or default
+    import os
+
+    ext = os.path.splitext(str(output))[1].lower()
+    known = _either(list(kinds))
+    if ext and ext not in kinds:
+        raise click.BadParameter(f"{str(output)!r}: cannot write {ext} files; name it {known}"
+                                 + (" (or give no extension)" if default else ""), param_hint=option)
+    if not ext and default is None:
+        raise click.BadParameter(f"{str(output)!r}: name the file {known}", param_hint=option)
+    chosen = kinds.get(ext, default)
+    if fmt is not None and ext and chosen != fmt:
+        raise click.BadParameter(f"{str(output)!r} is a {ext} name but --format is {fmt}: name it "
+                                 f"{_either([e for e, k in kinds.items() if k == fmt])}, or drop --format",
+                                 param_hint=option)
+    return fmt or chosen
+
+
+def _either(names: list) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def plural(n: int, word: str) -> str:
+    """'1 layer', '6 layers'."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def write_output(path, write) -> None:
     """``write(fileobj)`` to ``path`` atomically (``mha.io.atomic_write``), failures as one line."""
     from mha.io import atomic_write

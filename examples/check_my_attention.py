@@ -67,4 +67,4 @@ if FIXED:
 else:
     assert "empty_rows_output_bias" in report.failed, "the suite should catch the mean-of-values bug"
     assert "permutation_equivariance" in report.passed
-print("\nthe suite found:", ", ".join(report.failed))
+print("\nthe suite found:", ", ".join(report.failed[:3]), f"and {len(report.failed) - 3} more" if len(report.failed) > 3 else "")

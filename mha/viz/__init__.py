@@ -12,12 +12,12 @@ Every export is bounded (terminal width and 2,000 lines, JSON 32 MiB, HTML 8 MiB
 """
 
 from ._data import FORMAT, from_json, selection, to_data, to_json, top_links
-from ._limits import Plan, plan
+from ._limits import Plan, parse_window, plan
 from ._png import pyplot, save_figure, save_png
 from ._report import Report, render_html, report
 from ._term import render_term
 from ._views import rollout_encoding, words_encoding
 
-__all__ = ["FORMAT", "Plan", "Report", "from_json", "plan", "pyplot", "render_html", "render_term", "report",
+__all__ = ["FORMAT", "Plan", "Report", "from_json", "parse_window", "plan", "pyplot", "render_html", "render_term", "report",
            "rollout_encoding", "save_figure", "save_png", "selection", "to_data", "to_json", "top_links",
            "words_encoding"]
