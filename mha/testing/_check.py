@@ -32,63 +32,23 @@ class Report:
     def __str__(self) -> str:
         """A summary line; each failing property with its message, shrunk example and a line that reruns
         it; then the passing properties and the n/a ones grouped by reason; at most 100 columns a line."""
-        na = [(n, d) for n, s, d in self.results if s == "n/a"]
-        lines = [f"{self.impl}: {len(self.passed)} pass, {len(self.failed)} FAIL, {len(na)} n/a"
-                 + (f" (conventions: {describe(self.conventions)})" if self.conventions else "")]
-        for name, status, detail in self.results:
-            if status == "fail":
-                lines += _wrap(f"FAIL {name}: {_first_failure(detail)}", "  ")
-                lines += _wrap(f"rerun: {rerun_call(name, detail)}", "    ")
-        if self.passed:
-            lines += _wrap("pass: " + ", ".join(self.passed), "  ")
-        needs = sorted({f for _, reason in na if reason.startswith("needs ")
-                        for f in re.split(r",\s*|\s+or\s+", reason[6:].split(" (")[0])})
-        if needs:
-            count = sum(reason.startswith("needs ") for _, reason in na)
-            lines += _wrap(f"n/a: {count} need features {self.impl} does not declare ({', '.join(needs)})", "  ")
-        by_reason: dict = {}
-        for name, reason in na:
-            if not reason.startswith("needs "):
-                by_reason.setdefault(reason, []).append(name)
-        for reason, names in by_reason.items():
-            lines += _wrap(f"n/a ({reason}): {', '.join(names)}", "  ")
-        if self.failed:
-            lines += _wrap("rerun a failure: from mha.testing import run_property; then the line under it", "  ")
-        return "\n".join(lines)
+        from ._report import format_report
 
+        return format_report(self)
 
-_BLOB = re.compile(r"^reproduce: (\S+)$", re.M)
+    def failure(self, name: str) -> str:
+        """Property ``name``'s failure to read: its message and shrunk example (of several distinct
+        failures, the first and how many more), and the :func:`run_property` call that replays it."""
+        from ._report import failure_text
 
+        return failure_text(self, name)
 
-def _first_failure(detail: str) -> str:
-    """The message and shrunk example of a failure's detail; of several distinct failures, the first,
-    with how many more there are."""
-    text = _BLOB.sub("", detail).strip()
-    parts = re.split(r"\n*\[\d+/(\d+)\] ", "\n" + text)
-    if len(parts) > 2:  # "", count, first, count, second, ...
-        text = parts[2].strip() + f"\n(and {int(parts[1]) - 1} more distinct failures: see report.results)"
-    text = re.sub(r"np\.(?:float|int|bool_?)\w*\(([^()]*)\)", r"\1", text)  # numpy 2's reprs, for reading
-    text = re.sub(r"(?<![\w.])-?\d+\.\d{6,}(?:e[-+]?\d+)?", lambda m: f"{float(m.group()):.6g}", text)
-    return text.replace("\nfalsifying example: ", "\nexample: ")
+    def not_applicable(self) -> list[str]:
+        """The n/a properties in a few lines: how many need features the implementation does not declare
+        (and which), then the others grouped by reason."""
+        from ._report import na_lines
 
-
-def rerun_call(name: str, detail: str = "") -> str:
-    """The call of :func:`run_property` that reruns property ``name`` on the implementation ``impl``:
-    with the exact shrunk example when ``detail`` (a failure's) carries Hypothesis' reproduce blob."""
-    blob = _BLOB.search(detail or "")
-    return f"run_property(impl, {name!r}" + (f", reproduce={blob.group(1)!r})" if blob else ")")
-
-
-def _wrap(text: str, indent: str, width: int = 100) -> list[str]:
-    """``text`` folded to ``width`` columns, each line (and each of its own lines) indented."""
-    import textwrap
-
-    out = []
-    for k, line in enumerate(text.splitlines() or [""]):
-        first = indent + ("  " if k else "")
-        out += textwrap.wrap(line, width, initial_indent=first, subsequent_indent=indent + "    ",
-                             break_on_hyphens=False) or [first]
-    return out
+        return na_lines(self)
 
 
 def _settings(max_examples):
