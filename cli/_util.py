@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
@@ -18,6 +19,47 @@ def require(module: str, what: str):
         extra = EXTRAS.get(top)
         how = f"pip install 'mha-twin[{extra}]'" if extra and extra != "dev" else f"pip install {top}"
         raise click.ClickException(f"{what} needs {top}, which is not installed: {how}") from None
+
+
+class Progress:
+    """Progress of a long step on stderr: a bar on a terminal; elsewhere (a log, a pipe) a line
+    "label: k/total" at most every ``every`` seconds and one when it ends, so that a run of tens of
+    seconds is never silent. ``update(n)`` advances it; use as a context manager."""
+
+    def __init__(self, total: int, label: str, every: float = 5.0):
+        import time
+
+        self.total, self.label, self.every, self.done = max(1, int(total)), label, every, 0
+        self.start = self.last = time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty():
+            self.bar = click.progressbar(length=self.total, label=label, file=sys.stderr)
+        else:
+            note(f"{label}: 0/{self.total} ...")
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def update(self, n: int = 1) -> None:
+        import time
+
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            note(f"{self.label}: {self.done}/{self.total} ({self.last - self.start:.0f} s)")
+
+    def __exit__(self, *exc):
+        import time
+
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        elif exc[0] is None:
+            note(f"{self.label}: done in {time.monotonic() - self.start:.1f} s")
+        return False
 
 
 def note(message: str) -> None:

@@ -58,7 +58,7 @@ def demo(text, model_name, backend, layers, heads, window, view, words, top, fmt
         raise click.BadParameter("lists links as text: in the terminal, JSON or the HTML report, not in a PNG",
                                  param_hint="--top")
     try:  # the slice's form, before any work (whether it keeps a token of the text is known once encoded)
-        mv.parse_window(window, sys.maxsize)
+        mv.parse_window(window, 2**62)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--tokens") from None
     if view == "rollout" and heads and fmt != "html":

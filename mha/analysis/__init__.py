@@ -11,11 +11,11 @@
 from ._corpus import CorpusRole, corpus, corpus_roles
 from ._importance import (PruneStep, ablation_importance, gradient_importance, order_by, paraphrase_pairs,
                           pruning_curve, sentences, spearman)
-from ._roles import ROLES, RULE, HeadRole, head_roles, is_punctuation, pick_role, role_score_array, role_scores
+from ._roles import GLOSSARY, ROLES, RULE, HeadRole, head_roles, is_punctuation, pick_role, role_score_array, role_scores
 from ._rollout import rollout
 from ._words import to_words, word_spans
 
 __all__ = ["PruneStep", "ablation_importance", "gradient_importance", "order_by", "paraphrase_pairs",
            "pruning_curve", "sentences", "spearman",
-           "ROLES", "RULE", "HeadRole", "head_roles", "is_punctuation", "pick_role", "role_score_array", "role_scores",
+           "GLOSSARY", "ROLES", "RULE", "HeadRole", "head_roles", "is_punctuation", "pick_role", "role_score_array", "role_scores",
            "CorpusRole", "corpus", "corpus_roles", "rollout", "to_words", "word_spans"]

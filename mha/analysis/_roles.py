@@ -14,12 +14,19 @@ last          P[i, L-1]                              ([SEP] for BERT)
 punctuation   sum of P[i, j] over punctuation tokens j (sentences without any are skipped)
 broad         H(P[i]) / log(L), the normalised entropy (1 = uniform)
 content       sum of P[i, j] over the other tokens: not special, not punctuation, not i-1, i, i+1
+same_word     sum of P[i, j] over the other copies j != i of token i's word, mean over the rows i
+              whose word occurs again (not special tokens, punctuation or ## pieces; sentences
+              without a repeated word are skipped)
+local         sum of P[i, j] over 1 <= |i - j| <= LOCAL (4): the tokens around i, itself excluded
 ============  ====================================================================================
 
-All scores lie in [0, 1]. The role: the positional or special role (previous, next, self, first,
-last, punctuation) with the most mass if that mass is at least ``SHARP`` (0.5); otherwise "broad" if
-the normalised entropy is at least ``BROAD`` (0.7); otherwise whichever mass is largest, "content"
-included. (Entropy and mass are not on one scale, hence the rule rather than a plain argmax.)
+All scores lie in [0, 1]. The role: the positional, special or same-word role (previous, next, self,
+first, last, punctuation, same_word) with the most mass if that mass is at least ``SHARP`` (0.5);
+otherwise "broad" if the normalised entropy is at least ``BROAD`` (0.7); otherwise "local" if its mass
+is at least ``SHARP``; otherwise whichever mass is largest, "local" and "content" included. (Entropy
+and mass are not on one scale, hence the rule rather than a plain argmax.) "same_word" and "local" came
+later than the others and are appended to ``ROLES``: a constructed same-word head was labelled "first"
+(where it looks when its word does not recur) and heads spread over their neighbours "content".
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-ROLES = ("previous", "next", "self", "first", "last", "punctuation", "broad", "content")
-POINTED = ("previous", "next", "self", "first", "punctuation", "last")  # ties go to the earlier
+ROLES = ("previous", "next", "self", "first", "last", "punctuation", "broad", "content", "same_word", "local")
+POINTED = ("previous", "next", "self", "first", "punctuation", "last", "same_word")  # ties go to the earlier
 SHARP, BROAD = 0.5, 0.7
+LOCAL = 4  # "local": keys within this many positions of the query, itself excluded
 SPECIAL = {"[CLS]", "[SEP]", "[PAD]", "<s>", "</s>", "[MASK]"}
 
 
@@ -55,8 +63,8 @@ class HeadRole:
 
 
 def role_score_array(P, tokens) -> np.ndarray:
-    """Scores of every role, in ``ROLES`` order, for many heads at once: P (..., L, L) -> (..., 8) float64.
-    Punctuation is NaN when the sentence has none."""
+    """Scores of every role, in ``ROLES`` order, for many heads at once: P (..., L, L) -> (..., len(ROLES))
+    float64. Punctuation is NaN when the sentence has none, same_word when no word of it recurs."""
     P = np.asarray(P, np.float64)
     L = P.shape[-1]
     if P.ndim < 2 or P.shape[-2] != L or len(tokens) != L:
@@ -75,6 +83,13 @@ def role_score_array(P, tokens) -> np.ndarray:
     other = np.array([t not in SPECIAL for t in tokens]) & ~punct
     near = np.abs(idx[:, None] - idx[None, :]) <= 1
     s["content"] = (P * (other[None, :] & ~near)).sum(-1).mean(-1)
+    words = np.array([t if t not in SPECIAL and not is_punctuation(t) and not t.startswith("##") else None
+                      for t in tokens], dtype=object)
+    copies = (words[:, None] == words[None, :]) & (words != None)[:, None] & ~np.eye(L, dtype=bool)  # noqa: E711
+    rows = copies.any(-1)  # (L,): queries whose word occurs again
+    s["same_word"] = (P * copies).sum(-1)[..., rows].mean(-1) if rows.any() else zero + np.nan
+    dist = np.abs(idx[:, None] - idx[None, :])
+    s["local"] = (P * ((dist >= 1) & (dist <= LOCAL))).sum(-1).mean(-1)
     return np.stack([np.broadcast_to(s[k], P.shape[:-2]) for k in ROLES], -1)
 
 
@@ -88,18 +103,29 @@ def role_scores(P: np.ndarray, tokens) -> dict:
 
 
 RULE = (f"role: the largest of {', '.join(POINTED)} if that share of the head's attention is at least "
-        f"{SHARP:.2f}; else broad if the entropy of its rows, normalised to [0, 1], is at least {BROAD:.2f}; else the "
-        f"largest share, content included. Scores are shares of attention, except broad's (the entropy).")
+        f"{SHARP:.2f}; else broad if the entropy of its rows, normalised to [0, 1], is at least {BROAD:.2f}; else local "
+        f"(keys 1 to {LOCAL} positions away) if its share is at least {SHARP:.2f}; else the largest share, local and "
+        f"content included. Scores are shares of attention, except broad's (the entropy).")
+GLOSSARY = {
+    "previous": "the token before", "next": "the token after", "self": "itself",
+    "first": "the first token ([CLS] in BERT)", "last": "the last token ([SEP] in BERT)",
+    "punctuation": "punctuation marks", "same_word": "other copies of its own word",
+    "local": f"the tokens 1 to {LOCAL} positions away", "broad": "spread evenly (score: normalised entropy)",
+    "content": "other words (not its neighbours i-1 and i+1, not special tokens or punctuation)",
+}
 
 
 def pick_role(scores: dict) -> str:
-    """The rule of the module docstring."""
-    pointed = max(POINTED, key=lambda r: scores[r])
-    if scores[pointed] >= SHARP:
+    """The rule of the module docstring. ``scores`` may lack the later roles (same_word, local): 0."""
+    get = lambda r: scores.get(r, 0.0)  # noqa: E731
+    pointed = max(POINTED, key=get)
+    if get(pointed) >= SHARP:
         return pointed
-    if scores["broad"] >= BROAD:
+    if get("broad") >= BROAD:
         return "broad"
-    return max(POINTED + ("content",), key=lambda r: scores[r])
+    if get("local") >= SHARP:
+        return "local"
+    return max(POINTED + ("local", "content"), key=get)
 
 
 def head_roles(attentions, tokens) -> list[HeadRole]:
