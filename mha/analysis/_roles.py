@@ -17,7 +17,9 @@ content       sum of P[i, j] over the other tokens: not special, not punctuation
 same_word     sum of P[i, j] over the other copies j != i of token i's word, mean over the rows i
               whose word occurs again (not special tokens, punctuation or ## pieces; sentences
               without a repeated word are skipped)
-local         sum of P[i, j] over 1 <= |i - j| <= LOCAL (4): the tokens around i, itself excluded
+local         sum of P[i, j] over 1 <= |i - j| <= LOCAL (4): the tokens around i, itself excluded;
+              only for sentences of at least 4 LOCAL + 2 (18) tokens, where those 9 positions are at most
+              half of the sentence (in shorter ones uniform attention would score 0.5 or more; skipped)
 ============  ====================================================================================
 
 All scores lie in [0, 1]. The role: the positional, special or same-word role (previous, next, self,
@@ -64,7 +66,8 @@ class HeadRole:
 
 def role_score_array(P, tokens) -> np.ndarray:
     """Scores of every role, in ``ROLES`` order, for many heads at once: P (..., L, L) -> (..., len(ROLES))
-    float64. Punctuation is NaN when the sentence has none, same_word when no word of it recurs."""
+    float64. Punctuation is NaN when the sentence has none, same_word when no word of it recurs, local
+    when it is shorter than 4 LOCAL + 2 tokens."""
     P = np.asarray(P, np.float64)
     L = P.shape[-1]
     if P.ndim < 2 or P.shape[-2] != L or len(tokens) != L:
@@ -89,7 +92,8 @@ def role_score_array(P, tokens) -> np.ndarray:
     rows = copies.any(-1)  # (L,): queries whose word occurs again
     s["same_word"] = (P * copies).sum(-1)[..., rows].mean(-1) if rows.any() else zero + np.nan
     dist = np.abs(idx[:, None] - idx[None, :])
-    s["local"] = (P * ((dist >= 1) & (dist <= LOCAL))).sum(-1).mean(-1)
+    around = (dist >= 1) & (dist <= LOCAL)
+    s["local"] = (P * around).sum(-1).mean(-1) if L >= 4 * LOCAL + 2 else zero + np.nan
     return np.stack([np.broadcast_to(s[k], P.shape[:-2]) for k in ROLES], -1)
 
 
@@ -104,13 +108,14 @@ def role_scores(P: np.ndarray, tokens) -> dict:
 
 RULE = (f"role: the largest of {', '.join(POINTED)} if that share of the head's attention is at least "
         f"{SHARP:.2f}; else broad if the entropy of its rows, normalised to [0, 1], is at least {BROAD:.2f}; else local "
-        f"(keys 1 to {LOCAL} positions away) if its share is at least {SHARP:.2f}; else the largest share, local and "
+        f"(keys 1 to {LOCAL} positions away; texts of {4 * LOCAL + 2}+ tokens) if its share is at least {SHARP:.2f}; "
+        f"else the largest share, local and "
         f"content included. Scores are shares of attention, except broad's (the entropy).")
 GLOSSARY = {
     "previous": "the token before", "next": "the token after", "self": "itself",
     "first": "the first token ([CLS] in BERT)", "last": "the last token ([SEP] in BERT)",
     "punctuation": "punctuation marks", "same_word": "other copies of its own word",
-    "local": f"the tokens 1 to {LOCAL} positions away", "broad": "spread evenly (score: normalised entropy)",
+    "local": f"the tokens 1 to {LOCAL} positions away (in texts of {4 * LOCAL + 2} tokens or more)", "broad": "spread evenly (score: normalised entropy)",
     "content": "other words (not its neighbours i-1 and i+1, not special tokens or punctuation)",
 }
 
