@@ -20,7 +20,9 @@ class OneLineGroup(click.Group):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as err:
-            where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+            # a value refused says what was expected; a malformed command line points to the help
+            where = (f" (see '{err.ctx.command_path} --help')" if err.ctx is not None
+                     and not isinstance(err, click.BadParameter) else "")
             click.echo(f"Error: {err.format_message()}{where}", err=True)
             sys.exit(err.exit_code)
         except click.ClickException as err:

@@ -1,5 +1,5 @@
 """The suite's tools around check(): `mha check --detect / --numerics / --conventions`, the numerics
-report, the pytest plugin and the README's conformance table."""
+report, the pytest plugin and the conformance table of docs/conformance.md."""
 
 from __future__ import annotations
 
@@ -115,13 +115,13 @@ def test_pytest_plugin_refuses_a_bad_spec(tmp_path):
 
 
 def test_readme_conformance_table_is_the_commands_format():
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "conformance.md").read_text()
     table = conformance.parse(text)
     assert {"numpy", "torch-sdpa", "torch-mha-weights"} <= set(table)
     for impl, cells in table.items():
         assert list(cells) == list(PROPERTIES), impl
         assert set(cells.values()) <= {"pass", "**FAIL**", "n/a"}
-    # one row regenerated, quickly: our numpy backend passes everything, as the README says
+    # one row regenerated, quickly: our numpy backend passes everything, as docs/conformance.md says
     block = conformance.markdown(conformance.run(["numpy"], 2), 2)
     assert conformance.parse(block)["numpy"] == table["numpy"]
 
