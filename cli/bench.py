@@ -17,7 +17,7 @@ import time
 
 import click
 
-from ._util import note
+from ._util import Progress, note
 from .bench_decode import copy_bandwidth, measure_decode, measure_overhead
 
 SHAPES = [(1, 512, 512, 8), (4, 1024, 768, 12), (1, 4096, 512, 8)]
@@ -268,8 +268,9 @@ def bench(quick, as_json, repeat, rounds, long_, use_mlx):
     contexts = QUICK_DECODE_CONTEXTS if quick else DECODE_CONTEXTS
     steps = (["sgemm"] + [f"{s}" for s in shapes] + ["overhead"] + [f"decode {c}" for c in contexts]
              + (["long"] if long_ else []))
-    with click.progressbar(steps, label="mha bench", file=sys.stderr) as bar:
-        for step in bar:
+    with Progress(len(steps), "mha bench") as bar:
+        for step in steps:
+            bar.update(1)
             if step == "sgemm":
                 report["sgemm_gflops"] = sgemm_rate(1024 if quick else 4096)
                 report["copy_gbs"] = copy_bandwidth(64 if quick else 256)

@@ -72,6 +72,8 @@ def demo(text, model_name, backend, layers, heads, window, view, words, top, fmt
     enc = encode(model, text)
     constructed = getattr(model, "constructed", False)
     if fmt == "html":
+        _working("packing", len(layers or range(model.num_layers)) * len(heads or range(model.num_heads)),
+                 len(enc.tokens))
         return _report(mv, enc, model, text, layers, heads, window, view, words, output, constructed, top)
     shown, titles = _shown(mv, enc, view, words)
     width = shutil.get_terminal_size((120, 40)).columns
@@ -93,6 +95,8 @@ def demo(text, model_name, backend, layers, heads, window, view, words, top, fmt
         else:
             click.echo(view_text, color=color)
         return
+    if fmt != "term":
+        _working("drawing" if fmt == "png" else "writing", len(plan.pairs), plan.tokens[1] - plan.tokens[0])
     if fmt == "png":
         try:
             mv.save_png(data, output)
@@ -122,6 +126,12 @@ def _report(mv, enc, model, text, layers, heads, window, view, words, output, co
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--tokens") from None
     _write(page.html, output, page.note)
+
+
+def _working(what: str, heads: int, tokens: int) -> None:
+    """A sign of life on stderr before an export that takes seconds (millions of weights)."""
+    if heads * tokens * tokens >= 2_000_000:
+        note(f"{what} {heads} heads over {tokens} tokens ...")
 
 
 def _note(message):
