@@ -197,7 +197,7 @@ def check(impls, examples, props, which, detect_only, numerics, as_json, list_pr
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in reports], indent=2))
     else:
-        _table(reports)
+        _table(reports, [name for name, _ in adapters])
     ours_failed = [r.impl for r in reports if r.impl in OURS and r.failed]
     if ours_failed:
         note(f"this project's backend(s) {', '.join(ours_failed)} failed: a bug, please report it")
@@ -213,10 +213,10 @@ def _wrap(text: str, indent: str = "", indent2: str | None = None, width: int = 
                          else indent2, break_on_hyphens=False) or [indent]
 
 
-def _table(reports) -> None:
+def _table(reports, impl_names=None) -> None:
     """The property x implementation table in at most WIDTH columns (implementations numbered, and the
     table cut into blocks of columns, when their names do not fit), each implementation's failures with
-    its example and a command to rerun it, and the n/a properties grouped."""
+    its example and a command to rerun it (``impl_names``: what --impl calls each), and the n/a properties grouped."""
     from mha.testing.conventions import describe
 
     names = [n for n, _, _ in reports[0].results]
@@ -225,8 +225,14 @@ def _table(reports) -> None:
     cw = max(4, *(len(c) for c in cols))
     if width + 2 + len(cols) * (cw + 2) > WIDTH:  # numbered columns, cut into blocks if still too many
         cw = max(4, len(f"[{len(cols)}]"))
-        for line in _wrap("implementations: " + "  ".join(f"[{i + 1}] {c}" for i, c in enumerate(cols))):
-            click.echo(line)
+        line = "implementations:"
+        for i, c in enumerate(cols):  # "[k] name" never split over two lines
+            item = f"[{i + 1}] {c}"
+            if len(line) + 2 + len(item) > WIDTH:
+                click.echo(line)
+                line = "   "
+            line += "  " + item
+        click.echo(line)
         heads = [f"[{i + 1}]" for i in range(len(cols))]
     else:
         heads = cols
@@ -250,6 +256,7 @@ def _table(reports) -> None:
     for r in reports:
         for line in _wrap(f"{r.impl}: {describe(r.conventions)}", "  "):
             click.echo(line)
+    cli_names = dict(zip(cols, impl_names or cols))
     for r in reports:
         for n in r.failed:
             click.echo("")
@@ -257,7 +264,7 @@ def _table(reports) -> None:
             for k, line in enumerate(f"{r.impl} FAILS {n}: {text}".splitlines()):
                 for piece in _wrap(line, "  " if k else ""):
                     click.echo(piece)
-            click.echo(f"  rerun: mha check --impl {USERS.get(r.impl, r.impl)} --property {n}")
+            click.echo(f"  rerun: mha check --impl {USERS.get(r.impl, cli_names[r.impl])} --property {n}")
     na = [(r.impl, line) for r in reports for line in r.not_applicable()]
     if na:
         click.echo("")

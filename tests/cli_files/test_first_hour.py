@@ -137,9 +137,10 @@ def test_a_wide_check_table_is_folded():
 
     runner = click.testing.CliRunner()
     with runner.isolation() as (out, _, _):
-        _table(reports)
+        _table(reports, [f"zoo-{k}" for k in range(13)])
         text = out.getvalue().decode()
     assert widest(text) <= 100, text
+    assert "peer-number-1 FAILS reference" in text and "rerun: mha check --impl zoo-1 --property reference" in text
     assert "[13] peer-number-12" in text and text.count("property") >= 2  # numbered columns, in blocks
     assert text.count("needs causal") == 0 and "need features" in text  # the n/a reasons grouped
 
