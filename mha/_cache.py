@@ -142,9 +142,9 @@ class KVCache:
         if self._recent_max is not None:
             recent = min(recent, self._recent_max)
         xp, o = self._xp, self.offset
-        k_pos = range(o - recent, o + T)
+        k_pos = range(o - recent, o + T)  # the kept others are the latest positions
         if sinks:
-            k_pos = np.concatenate([self._pos[start:start + sinks], self._pos[end - recent:end], k_pos])
+            k_pos = np.concatenate([self._pos[start:start + sinks], k_pos])
             if k_pos[-1] - k_pos[0] == len(k_pos) - 1:  # nothing evicted between the sinks and the rest
                 k_pos = range(int(k_pos[0]), o + T)
         key_mask = None

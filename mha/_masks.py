@@ -180,6 +180,8 @@ class MaskSet:
         S = self.S
         if t1 <= t0 or S == 0:
             return 0, 0
+        if not self.positional:
+            return 0, S
         block = self.cut(rows=(t0, t1))
         if not block.positional:
             return 0, S

@@ -89,7 +89,7 @@ class AttentionWeights:
                 f"weight shapes do not fit embed_dim={E}, num_heads={H}, num_kv_heads={Hkv}, "
                 f"head_dim={D}: " + "; ".join(wrong)
             )
-        dtype = np.result_type(*[a for a in arrays.values() if a is not None])
+        dtype = np.result_type(*[arrays[n] for n in NAMES if arrays[n] is not None])  # the extras follow
         if dtype.kind != "f":
             dtype = np.dtype(np.float32)
         for n, a in arrays.items():

@@ -32,7 +32,7 @@ results at every magnitude.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,6 +46,18 @@ LIMIT = float(np.exp(30.0))  # a row sum above this (terms up to e^30) is done a
 FLOOR = float(np.exp(-60.0))  # a row's first terms summing below this are done again, centred
 LOGITS, REDO_LOGITS, PV = Slot("logits"), Slot("redone logits"), Slot("PV product")
 _ERR = dict(invalid="ignore", over="ignore", divide="ignore")
+
+
+def _min(a):
+    return float(np.minimum.reduce(a, axis=None))
+
+
+def _max(a):
+    return float(np.maximum.reduce(a, axis=None))
+
+
+def _sum(a):
+    return float(np.add.reduce(a, axis=None))
 
 
 class Overflow(ArithmeticError):
@@ -69,8 +81,7 @@ def excess(a, budget: int) -> int:
     return max(0, math.frexp(top)[1] - budget) if top > 0 else 0
 
 
-@dataclass(frozen=True)
-class Call:
+class Call(NamedTuple):
     """One kernel run. q (B, H, T, D) times the scale; k, v (B, Hkv, S, D), their non-finite vectors
     zeroed; masks the MaskSet (its bias in the logits' units); ctx (B, T, H, D), lse (B, H, T) and
     weights (B, H, T, S) or None receive the results; E: the logits are s * 2^E; bad: (bad_k, bad_v)
@@ -110,8 +121,7 @@ def attend(q, k, v, masks, *, scale: float, softcap=None, sinks=None, dropout=No
         E = excess(q, 45 - math.frexp(abs(scale))[1]) if scale != 0 else 0  # |q * scale / 2^E| <= 2^45
         q = q * dt.type(math.ldexp(scale, -E)) if (scale != 1 or E) else q
         sink = None if sinks is None else np.asarray(sinks, np.float64)
-        ctx = np.empty((B, T, H, D), dt)
-        lse = np.empty((B, H, T), dt)
+        ctx, lse = np.empty((B, T, H, D), dt), np.empty((B, H, T), dt)
         weights = np.empty((B, H, T, S), dt) if return_weights else None
         flops = 4.0 * B * T * S * H * D
         try:
@@ -130,31 +140,29 @@ def run(call: Call, flops: float) -> None:
     B, H, T, _ = call.q.shape
     Hkv, S = call.k.shape[1], call.k.shape[2]
     if call.E and call.masks.bias is not None and call.softcap is None:  # the bias in the logits' units
-        call = _replace_bias(call, times_pow2(call.masks.bias.copy(), -call.E))
+        call = call._replace(masks=call.masks.with_bias(times_pow2(call.masks.bias.copy(), -call.E)))
     single = call.weights is not None or S <= thresholds.single_pass_max or T * H * S <= thresholds.single_pass_floats
     step = S if single else options.block_k
     with Workers(flops) as workers:
         tasks = plan(B, T, H, Hkv, S, step, workers.n)
         if call.masks.causal:  # the costliest first (later rows see more keys): the last task taken is short
-            tasks.sort(key=lambda t: -t[2])
+            tasks.sort(key=lambda t: -t[3])
         workers.map(lambda t: task(call, *t, step), tasks)
 
 
-def _replace_bias(call: Call, bias) -> Call:
-    return Call(call.q, call.k, call.v, call.masks.with_bias(bias), call.ctx, call.lse, call.weights, call.E,
-                call.bad, call.softcap, call.sinks)
-
-
 def plan(B: int, T: int, H: int, Hkv: int, S: int, step: int, workers: int) -> list:
-    """Tasks (b, i0, i1, g0, g1) covering every query and key/value head: a block of queries keeps its
-    logits within ~16 MiB and every worker gets a task; with fewer tasks than workers (decoding a few
+    """Tasks (b0, b1, i0, i1, g0, g1) covering every batch element, query and key/value head: a block of
+    queries keeps its logits within ~16 MiB and every worker gets a task; on one thread, batch elements
+    whose queries fit one task share it (one task for a decode step); with fewer tasks than workers (a few
     tokens against a long cache), the key/value heads are split over the idle workers."""
     bq = options.block_q
+    budget = (16 << 20) // (4 * H * max(step, 1))  # query rows of one task
     if bq is None:
-        bq = min(max((16 << 20) // (4 * H * max(step, 1)), 32), max(256, 1024 // H))
+        bq = min(max(budget, 32), max(256, 1024 // H))
         bq = max(16, min(bq, -(-T // max(1, -(-workers // max(B, 1))))))
     bq = max(1, min(bq, T))
-    rows = [(b, i0, min(i0 + bq, T)) for b in range(B) for i0 in range(0, T, bq)]
+    nb = max(1, min(B, budget // T)) if workers == 1 and bq == T else 1  # batch elements per task
+    rows = [(b, min(b + nb, B), i0, min(i0 + bq, T)) for b in range(0, B, nb) for i0 in range(0, T, bq)]
     splits = 1
     if len(rows) < workers and T * S * H >= thresholds.min_split_work:
         splits = max(1, min(Hkv, workers // len(rows)))
@@ -162,41 +170,48 @@ def plan(B: int, T: int, H: int, Hkv: int, S: int, step: int, workers: int) -> l
 
 
 class _Task:
-    """One task's rows, heads and running state (offsets m, sums l (H_, n, 1); context a (H_, n, D))."""
+    """One task's batch elements b0:b1, rows i0:i1, key/value heads g0:g1 (query heads h0:h1) and running
+    state: offsets m and sums l (B_, H_, n, 1), context a (B_, H_, n, D)."""
 
-    def __init__(self, call: Call, b: int, i0: int, i1: int, g0: int, g1: int):
-        self.call, self.b, self.i0, self.i1, self.g0, self.g1 = call, b, i0, i1, g0, g1
-        self.n, self.G = i1 - i0, call.q.shape[1] // call.k.shape[1]
+    def __init__(self, call: Call, b0: int, b1: int, i0: int, i1: int, g0: int, g1: int):
+        self.call, self.b0, self.b1, self.i0, self.i1, self.g0, self.g1 = call, b0, b1, i0, i1, g0, g1
+        self.B_, self.n, self.G = b1 - b0, i1 - i0, call.q.shape[1] // call.k.shape[1]
         self.h0, self.h1 = g0 * self.G, g1 * self.G
         self.H_, self.Hkv_ = self.h1 - self.h0, g1 - g0
-        self.masks = call.masks.cut(batch=(b, b + 1), heads=(self.h0, self.h1), rows=(i0, i1))
-        self.qb = call.q[b, self.h0:self.h1, i0:i1].reshape(self.Hkv_, self.G, self.n, -1)  # (Hkv_, G, n, D)
+        m = call.masks
+        self.plain = m.keep is None and m.bias is None and not m.positional  # no mask at all
+        self.masks = m if self.plain else m.cut(batch=(b0, b1), heads=(self.h0, self.h1), rows=(i0, i1))
+        self.qb = call.q[b0:b1, self.h0:self.h1, i0:i1].reshape(self.B_, self.Hkv_, self.G, self.n, -1)
         dt = call.q.dtype
-        self.m = np.zeros((self.H_, self.n, 1), dt)
-        self.l = np.zeros((self.H_, self.n, 1), dt)
+        self.m = np.zeros((self.B_, self.H_, self.n, 1), dt)
+        self.l = np.zeros((self.B_, self.H_, self.n, 1), dt)
         self.acc = None
-        self.seen_bad = None  # (seen a bad key, seen a bad value), (H_, n, 1) bools
+        self.centred = False  # whether an offset ever moved from 0
+        self.seen_bad = None  # (seen a bad key, seen a bad value), (B_, H_, n, 1) bools
 
     def kv(self, a, j0: int, j1: int):
-        """(Hkv_, 1, keys, D): keys or values j0:j1 of this task's key/value heads."""
-        return a[self.b, self.g0:self.g1, j0:j1][:, None]
+        """(B_, Hkv_, 1, keys, D): keys or values j0:j1 of this task's batch elements and heads."""
+        return a[self.b0:self.b1, self.g0:self.g1, j0:j1][:, :, None]
+
+    def split(self, a):
+        """(B_, H_, n, x) -> (B_, Hkv_, G, n, x), a view."""
+        return a.reshape(self.B_, self.Hkv_, self.G, self.n, -1)
 
 
-def task(call: Call, b: int, i0: int, i1: int, g0: int, g1: int, step: int) -> None:
+def task(call: Call, b0: int, b1: int, i0: int, i1: int, g0: int, g1: int, step: int) -> None:
     """One task, start to finish (the module docstring's loop)."""
-    t = _Task(call, b, i0, i1, g0, g1)
+    t = _Task(call, b0, b1, i0, i1, g0, g1)
     lo, hi = t.masks.key_span()
-    wrows = None if call.weights is None else call.weights[b, t.h0:t.h1, i0:i1]  # (H_, n, S)
+    wrows = None if call.weights is None else call.weights[b0:b1, t.h0:t.h1, i0:i1]  # (B_, H_, n, S)
     if wrows is not None:  # keys wholly in the causal future or outside the window
         wrows[..., hi:] = 0
         wrows[..., :lo] = 0
     for j0 in range(lo, hi, step):
         j1 = min(j0 + step, hi)
-        with LOGITS.lease((t.H_, t.n, j1 - j0), call.q.dtype) as buf:
+        with LOGITS.lease((t.B_, t.H_, t.n, j1 - j0), call.q.dtype) as buf:
             e = buf if wrows is None else wrows[..., j0:j1]
-            block = t.masks.cut(cols=(j0, j1))
-            vis = block.visible(np)
-            vis = None if vis is None else vis[0]  # (H_ or 1, n or 1, keys or 1)
+            block = t.masks if t.plain else t.masks.cut(cols=(j0, j1))
+            vis = block.visible(np)  # (B_ or 1, H_ or 1, n or 1, keys or 1), or None
             terms(t, logits(t, block, vis, j0, j1, e))
             sums = e.sum(axis=-1, keepdims=True)
             bad = out_of_band(t, sums, vis)
@@ -209,11 +224,10 @@ def task(call: Call, b: int, i0: int, i1: int, g0: int, g1: int, step: int) -> N
 
 
 def logits(t: _Task, block, vis, j0: int, j1: int, out):
-    """(H_, n, keys) logits of keys j0:j1 into ``out``: q k^T, soft-capped, plus the bias, -inf where
+    """(B_, H_, n, keys) logits of keys j0:j1 into ``out``: q k^T, soft-capped, plus the bias, -inf where
     hidden (in units of 2^E, or true units with a soft-cap)."""
     c = t.call
-    s = np.matmul(t.qb, t.kv(c.k, j0, j1).swapaxes(-1, -2), out=out.reshape(t.Hkv_, t.G, t.n, -1))
-    s = s.reshape(t.H_, t.n, -1)
+    s = np.matmul(t.qb, t.kv(c.k, j0, j1).swapaxes(-1, -2), out=t.split(out)).reshape(out.shape)
     if c.softcap is not None:
         if c.E:
             times_pow2(s, c.E)  # true logits (+-inf past the range: capped to +-c)
@@ -221,7 +235,7 @@ def logits(t: _Task, block, vis, j0: int, j1: int, out):
         np.tanh(s, out=s)
         s *= c.softcap
     if block.bias is not None:
-        s += block.bias[0]
+        s += block.bias
     if vis is not None:
         np.copyto(s, NEG_INF, where=~vis)
     return s
@@ -229,7 +243,7 @@ def logits(t: _Task, block, vis, j0: int, j1: int, out):
 
 def terms(t: _Task, s) -> None:
     """e = exp(F (s - m)) in place of s."""
-    if t.m.any():
+    if t.centred:
         s -= t.m
     if t.call.E and t.call.softcap is None:
         times_pow2(s, t.call.E)
@@ -237,8 +251,10 @@ def terms(t: _Task, s) -> None:
 
 
 def out_of_band(t: _Task, sums, vis):
-    """(H_, n, 1) bool of the rows whose terms left the band (None if none did): a sum above LIMIT, inf
+    """(B_, H_, n, 1) bool of the rows whose terms left the band (None if none did): a sum above LIMIT, inf
     or NaN, or, for a row without terms yet, below FLOOR, unless the row sees no key in this block."""
+    if FLOOR <= _min(sums) and _max(sums) <= LIMIT:  # the common case, in two reductions (NaN fails)
+        return None
     bad = ~(sums <= LIMIT)  # NaN and inf fail too
     bad |= ~(sums >= FLOOR) & (t.l == 0)
     if not bad.any():
@@ -268,15 +284,16 @@ def recentre(t: _Task, block, vis, j0: int, j1: int, bad, e, sums) -> None:
             t.acc *= alpha
             t.l *= alpha
         t.m[...] = m
+        t.centred = True
         terms(t, s)
         np.copyto(e, s, where=bad)
         np.copyto(sums, s.sum(axis=-1, keepdims=True), where=bad)
 
 
 def _check_overflow(t: _Task, rows) -> None:
-    """Raise :class:`Overflow` if a row without a finite maximum (``rows``, (H_, n, 1)) has a finite query:
-    its logits left the dtype's range (a NaN or inf query makes its row NaN, as the reference's does)."""
-    finite_q = np.isfinite(t.qb).all(axis=-1).reshape(t.H_, t.n, 1)
+    """Raise :class:`Overflow` if a row without a finite maximum (``rows``, (B_, H_, n, 1)) has a finite
+    query: its logits left the dtype's range (a NaN or inf query makes its row NaN, as the reference's)."""
+    finite_q = np.isfinite(t.qb).all(axis=-1).reshape(rows.shape)
     if (rows & finite_q).any():
         raise Overflow("logits beyond the dtype's range")
 
@@ -285,34 +302,38 @@ def note_bad(t: _Task, vis, j0: int, j1: int) -> None:
     """Remember which rows see a zeroed non-finite key or value among keys j0:j1."""
     seen = []
     for flags in t.call.bad:
-        f = flags[t.b, t.g0:t.g1, j0:j1][:, None, None]  # (Hkv_, 1, 1, keys)
+        f = flags[t.b0:t.b1, t.g0:t.g1, j0:j1][:, :, None, None]  # (B_, Hkv_, 1, 1, keys)
         if vis is not None:
-            f = f & vis.reshape(((t.Hkv_, t.G) if vis.shape[0] > 1 else (1, 1)) + vis.shape[1:])
-        seen.append(np.broadcast_to(f.any(axis=-1), (t.Hkv_, t.G, t.n)).reshape(t.H_, t.n, 1))
+            b_, h_ = vis.shape[:2]
+            f = f & vis.reshape((b_,) + ((t.Hkv_, t.G) if h_ > 1 else (1, 1)) + vis.shape[2:])
+        hit = np.broadcast_to(f.any(axis=-1), (t.B_, t.Hkv_, t.G, t.n))
+        seen.append(hit.reshape(t.B_, t.H_, t.n, 1))
     t.seen_bad = seen if t.seen_bad is None else [a | b for a, b in zip(t.seen_bad, seen)]
 
 
 def accumulate(t: _Task, e, j0: int, j1: int, sums) -> None:
     """a += e v, l += sums."""
-    shape = (t.Hkv_, t.G, t.n, t.call.v.shape[-1])
     if t.acc is None:
-        t.acc = np.matmul(e.reshape(t.Hkv_, t.G, t.n, -1), t.kv(t.call.v, j0, j1)).reshape(t.H_, t.n, -1)
+        t.acc = np.matmul(t.split(e), t.kv(t.call.v, j0, j1)).reshape(t.B_, t.H_, t.n, -1)
     else:
-        with PV.lease(shape, e.dtype) as pv:
-            np.matmul(e.reshape(t.Hkv_, t.G, t.n, -1), t.kv(t.call.v, j0, j1), out=pv)
-            t.acc += pv.reshape(t.H_, t.n, -1)
+        with PV.lease((t.B_, t.H_, t.n, t.call.v.shape[-1]), e.dtype) as pv:
+            np.matmul(t.split(e), t.kv(t.call.v, j0, j1), out=t.split(pv))
+            t.acc += pv
     t.l += sums
 
 
 def finish(t: _Task, lo: int, hi: int) -> None:
     """Context a / l straight into ``ctx`` (one pass), weights divided too, lse, sinks, NaN rows."""
     c, dt = t.call, t.call.q.dtype
-    ctx = c.ctx[t.b, t.i0:t.i1, t.h0:t.h1].transpose(1, 0, 2)  # (H_, n, D) view
-    lse = c.lse[t.b, t.h0:t.h1, t.i0:t.i1]  # (H_, n) view
-    rows = np.log(np.where(t.l == 0, 1.0, t.l).astype(np.float64)) + times_pow2(
-        t.m.astype(np.float64), 0 if c.softcap is not None else c.E)  # lse of the visible keys
-    rows = np.where(t.l == 0, NEG_INF, rows)  # (H_, n, 1)
-    denom = np.where(t.l == 0, 1.0, t.l)
+    ctx = c.ctx[t.b0:t.b1, t.i0:t.i1, t.h0:t.h1].transpose(0, 2, 1, 3)  # (B_, H_, n, D) view
+    lse = c.lse[t.b0:t.b1, t.h0:t.h1, t.i0:t.i1]  # (B_, H_, n) view
+    empty = t.l == 0 if _min(t.l) == 0 else None
+    denom = t.l if empty is None else np.where(empty, 1.0, t.l)
+    rows = np.log(denom)  # lse of the visible keys: log l + F m (-inf for no key)
+    if t.centred:
+        rows = rows + times_pow2(t.m.astype(np.float64), 0 if c.softcap is not None else c.E)
+    if empty is not None:
+        rows[empty] = NEG_INF
     if c.sinks is not None:  # the visible keys' share e^(lse - lse') of a denominator with the sink in it
         total = np.logaddexp(rows, c.sinks[t.h0:t.h1, None, None])
         share = np.where(np.isfinite(rows), np.exp(rows - total), rows == np.inf)
@@ -323,22 +344,22 @@ def finish(t: _Task, lo: int, hi: int) -> None:
         ctx[...] = 0
     else:
         np.divide(t.acc, denom, out=ctx)
-        if not np.isfinite(ctx).all():
+        if not math.isfinite(_sum(ctx)):  # (a sum past the range too: then checked row by row)
             _check_context(t, ctx)
     if c.weights is not None:
-        c.weights[t.b, t.h0:t.h1, t.i0:t.i1, lo:hi] /= denom
+        c.weights[t.b0:t.b1, t.h0:t.h1, t.i0:t.i1, lo:hi] /= denom
     if t.seen_bad is not None:
         by_key, by_value = (s[..., 0] for s in t.seen_bad)
         ctx[by_key | by_value] = np.nan
         lse[by_key] = np.nan
         if c.weights is not None:
-            c.weights[t.b, t.h0:t.h1, t.i0:t.i1][by_key] = np.nan  # a NaN logit: a NaN row
+            c.weights[t.b0:t.b1, t.h0:t.h1, t.i0:t.i1][by_key] = np.nan  # a NaN logit: a NaN row
 
 
 def _check_context(t: _Task, ctx) -> None:
     """A context that left the range from finite numbers (values near the dtype's limit): Overflow."""
-    rows = ~np.isfinite(ctx).all(axis=-1)  # (H_, n)
-    rows &= np.isfinite(t.qb).all(axis=-1).reshape(t.H_, t.n) & np.isfinite(t.l[..., 0])
+    rows = ~np.isfinite(ctx).all(axis=-1)  # (B_, H_, n)
+    rows &= np.isfinite(t.qb).all(axis=-1).reshape(rows.shape) & np.isfinite(t.l[..., 0])
     if t.seen_bad is not None:
         rows &= ~(t.seen_bad[0] | t.seen_bad[1])[..., 0]
     if rows.any():

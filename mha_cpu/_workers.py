@@ -17,6 +17,7 @@ fresh array.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import weakref
@@ -31,6 +32,7 @@ _PREFIX = "mha_cpu"
 TASKS_PER_WORKER = 4  # what a call is cut into, per worker, so that a slower core holds it up little
 _state = {"pool": None, "size": 0, "blas": None}
 _lock = threading.Lock()
+_local = threading.local()  # per thread: the Workers block it is in, whether it is a worker, its buffers
 
 
 def _blas():
@@ -51,7 +53,10 @@ def cpus() -> int:
 
 def on_worker() -> bool:
     """Whether this thread is one of the pool's workers."""
-    return threading.current_thread().name.startswith(_PREFIX)
+    found = getattr(_local, "on_worker", None)
+    if found is None:
+        found = _local.on_worker = threading.current_thread().name.startswith(_PREFIX)
+    return found
 
 
 def _executor(n: int) -> ThreadPoolExecutor:
@@ -64,21 +69,28 @@ def _executor(n: int) -> ThreadPoolExecutor:
 class Workers:
     """The workers of one call: ``with Workers(flops) as workers: workers.map(fn, items)``: the pool for
     ``options.parallel_flops`` of work or more (BLAS at one thread), else the calling thread alone
-    (BLAS at ``options.blas_threads``); always the calling thread alone on a worker."""
+    (BLAS at ``options.blas_threads``); always the calling thread alone on a worker. Inside another
+    Workers block of the same thread (the core within a layer call), the outer one's choice holds."""
 
     def __init__(self, flops: float):
-        self.n = 1 if on_worker() or flops < options.parallel_flops else cpus()
-        self._limit = contextlib.nullcontext()
+        outer = getattr(_local, "workers", None)
+        self.n = outer.n if outer is not None else 1 if on_worker() or flops < options.parallel_flops else cpus()
+        self._limit = None
 
     def __enter__(self):
-        blas = 1 if self.n > 1 else options.blas_threads
-        if blas is not None and not on_worker():
-            self._limit = _blas().limit(limits=blas)
-        self._limit.__enter__()
+        if getattr(_local, "workers", None) is None and not on_worker():
+            blas = 1 if self.n > 1 else options.blas_threads
+            self._limit = None if blas is None else _blas().limit(limits=blas)
+            if self._limit is not None:
+                self._limit.__enter__()
+            _local.workers = self
         return self
 
     def __exit__(self, *exc):
-        self._limit.__exit__(*exc)
+        if getattr(_local, "workers", None) is self:
+            _local.workers = None
+            if self._limit is not None:
+                self._limit.__exit__(*exc)
 
     def map(self, fn, items) -> None:
         """Run ``fn`` on every item, the workers taking the next item whenever they are free (in the order
@@ -118,7 +130,10 @@ class Workers:
         x2 = x.reshape(-1, x.shape[-1])
         o2 = out.reshape(x2.shape[0], weight_t.shape[1])  # out is C-contiguous: a view
         (M, N), parts, t = o2.shape, TASKS_PER_WORKER * self.n if self.n > 1 else 1, thresholds
-        if M == 0 or N == 0:
+        if self.n == 1 or M == 0 or N == 0:
+            np.matmul(x2, weight_t, out=o2)
+            if bias is not None:
+                o2 += bias
             return out
         pr = max(1, min(parts, M // t.tile_rows))
         pc = max(1, min(-(-parts // pr), N // t.tile_cols))
@@ -137,7 +152,6 @@ class Workers:
 
 # -- per-thread temporaries --------------------------------------------------------------------------
 _registry: weakref.WeakSet = weakref.WeakSet()
-_local = threading.local()
 
 
 class _Buffers(dict):
@@ -164,13 +178,15 @@ class Slot:
     def __repr__(self) -> str:
         return f"Slot({self.name!r})"
 
-    @contextlib.contextmanager
     def lease(self, shape, dtype):
         dtype = np.dtype(dtype)
-        n = dtype.itemsize * int(np.prod(shape))
+        n = dtype.itemsize * math.prod(shape)
         if n > options.scratch_bytes or n < thresholds.scratch_min:
-            yield np.empty(shape, dtype)
-            return
+            return contextlib.nullcontext(np.empty(shape, dtype))
+        return self._lease(shape, dtype, n)
+
+    @contextlib.contextmanager
+    def _lease(self, shape, dtype, n: int):
         bufs = getattr(_local, "bufs", None)
         if bufs is None:
             bufs = _local.bufs = _Buffers()
