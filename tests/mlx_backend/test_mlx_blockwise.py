@@ -159,7 +159,7 @@ def test_half_precision_accumulates_in_float32(dtype, regime):
     q, k, v = (mx.array(rng.normal(size=(B, H, n, D)) * s).astype(dt) for n, s in ((T, sigma), (S, sigma), (S, 1.0)))
     scale = D**-0.5
     with _options(block_q=2, block_k=128):
-        ctx, lse = _blockwise.attention(q, k, v, scale=scale, masks=MaskSet(None, None, False, T, S),
+        ctx, lse = _blockwise.attention(q, k, v, scale=scale, masks=MaskSet.aligned(T, S),
                                         return_lse=True)
     assert ctx.dtype == dt and lse.dtype == mx.float32 and ctx.shape == (B, T, H, D)
     q64, k64, v64 = (np.array(a.astype(mx.float32), np.float64) for a in (q, k, v))
@@ -253,7 +253,7 @@ def test_a_long_sequence_runs_in_bounded_memory():
     """T = S = 10,000, H = 1: the fused kernel's 400 MB score matrix does not fit 256 MiB more address
     space (that run dies), the default settings run blockwise within it, MLX's peak under 64 MiB;
     rows checked against the numpy backend."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     T = 10_000
 
     def run(path):
@@ -315,7 +315,7 @@ def test_property_on_the_blockwise_path(name):
 def test_long_sequence_benchmark_script_runs(tmp_path):
     """benchmarks/mlx_long.py at tiny sizes: every path in its own process (and a run that dies under its
     cap reported as such), the paired mode, the JSON written."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "mlx_long.py")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks", "mlx_long.py")
     out = tmp_path / "r.json"
     res = subprocess.run([sys.executable, script, "--T", "40", "--json", str(out)], capture_output=True, text=True,
                          timeout=300)
