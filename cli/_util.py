@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import time
 
 import click
 
@@ -27,8 +29,6 @@ class Progress:
     seconds is never silent. ``update(n)`` advances it; use as a context manager."""
 
     def __init__(self, total: int, label: str, every: float = 5.0):
-        import time
-
         self.total, self.label, self.every, self.done = max(1, int(total)), label, every, 0
         self.start = self.last = time.monotonic()
         self.bar = None
@@ -43,8 +43,6 @@ class Progress:
         return self
 
     def update(self, n: int = 1) -> None:
-        import time
-
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
@@ -53,8 +51,6 @@ class Progress:
             note(f"{self.label}: {self.done}/{self.total} ({self.last - self.start:.0f} s)")
 
     def __exit__(self, *exc):
-        import time
-
         if self.bar is not None:
             self.bar.__exit__(*exc)
         elif exc[0] is None:
@@ -87,8 +83,6 @@ def output_format(output, fmt, kinds: dict, *, default: str | None = None, optio
     is a usage error (``-o report.pdf`` silently wrote another format under that name)."""
     if output is None:
         return fmt or default
-    import os
-
     ext = os.path.splitext(str(output))[1].lower()
     known = _either(list(kinds))
     if ext and ext not in kinds:
