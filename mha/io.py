@@ -8,6 +8,6 @@
   before any work, with a ``ValueError`` naming it.
 """
 
-from ._io import atomic_write, check_writable
+from ._write import atomic_write, check_writable
 
 __all__ = ["atomic_write", "check_writable"]
