@@ -114,3 +114,38 @@ def correct():
 def planted_scale():
     """A factory for the pytest plugin's tests: twice the default scale."""
     return synthetic("synthetic-scale", bug="scale")
+
+
+def broken(kind: str, name=None, *, features=FEATURES) -> Adapter:
+    """The correct synthetic attention with its answers broken as an adapter may break them: "complex"
+    (a garbage imaginary part), "nan" (every entry NaN), "none", "scalar", "shape" (one query row only),
+    "pair" (the output alone when weights are asked for), "hang" (never answers), "crash" (raises)."""
+    import time
+
+    def build(weights, scale=None):
+        fn = attention_fn(weights, scale=scale)
+
+        def call(query, key, value, **kwargs):
+            if kind == "hang":
+                time.sleep(3600)
+            if kind == "crash":
+                raise IndexError("tuple index out of range (a bug inside the implementation)")
+            res = fn(query, key, value, **kwargs)
+            pair = isinstance(res, tuple)
+            y = res[0] if pair else res
+            if kind in ("none", "scalar"):
+                return None if kind == "none" else 1.5
+            if kind == "pair":
+                return y
+            y = {"complex": lambda: y + 1j * np.random.default_rng(0).normal(size=y.shape).astype(np.float32),
+                 "nan": lambda: np.full_like(y, np.nan), "shape": lambda: y[:, :1]}[kind]()
+            return (y, res[1]) if pair else y
+
+        return call
+
+    return Adapter(name or f"broken-{kind}", set(features), build)
+
+
+def hanging():
+    """A factory for the pytest plugin's tests: an implementation that never answers."""
+    return broken("hang")
