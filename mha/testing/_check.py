@@ -69,7 +69,7 @@ def run_property(impl, prop: Property | str, *, max_examples: int | None = None,
     prop = PROPERTIES[prop] if isinstance(prop, str) else prop
     impl = guard(impl, timeout)
     conventions = conventions_of(impl)
-    reason = prop.not_applicable(impl.features, conventions)
+    reason = prop.not_applicable(impl.features, conventions, impl.dtypes)
     if reason:
         raise ValueError(f"{impl.name} cannot express {prop.name}: {reason}")
     stop = []  # the first call that hung or answered something malformed, and its example
@@ -125,7 +125,7 @@ def check(impl, *, properties=None, max_examples: int | None = None,
     notes = getattr(impl, "notes", {}) or {}
     for name in names:
         prop = PROPERTIES[name]
-        reason = prop.not_applicable(impl.features, conventions)
+        reason = prop.not_applicable(impl.features, conventions, impl.dtypes)
         if reason:
             why = [notes[f] for f in sorted(prop.requires | prop.requires_any) if f in notes]
             report.results.append((name, "n/a", reason + (f" ({'; '.join(why)})" if why else "")))

@@ -151,6 +151,7 @@ class Guarded:
         self._impl = impl
         self.name = getattr(impl, "name", type(impl).__name__)
         self.features = declared_features(impl)
+        self.dtypes = tuple(getattr(impl, "dtypes", ("float32",)))
         self.timeout = timeout
         self.finite = finite
         self.declared = conventions_of(impl)

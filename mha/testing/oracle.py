@@ -94,6 +94,25 @@ def head_projections(weights, query, key, value):
     return qs, ks, vs
 
 
+def _logits(scale, q, k, add):
+    """scale * q . k_j + add_j for the keys k (n, D) of one query q (D,), without overflow: q and k are
+    divided by powers of 2 (exact) before the products, and where scale * |q| |k| passes float64's
+    range the logits that are not the largest differ from it by more than float64 can hold, so only
+    the keys of the largest product keep a finite logit (their mask terms decide among them)."""
+    qa = _pow2(np.abs(q).max(initial=0.0))
+    ka = _pow2(np.abs(k).max(initial=0.0))
+    r = (k / ka) @ (q / qa)  # (n,): |r| <= D
+    c = scale * qa * ka
+    if np.isfinite(c * (q.size + 1)):
+        return c * r + add
+    return np.where(r == r.max(), add, -np.inf) if c > 0 else np.where(r == r.min(), add, -np.inf)
+
+
+def _pow2(x: float) -> float:
+    """The power of 2 at or above ``x`` (1 for 0): dividing by it is exact."""
+    return float(np.ldexp(1.0, int(np.frexp(x)[1]))) if x > 0 else 1.0
+
+
 def attention(weights, query, key=None, value=None, *, mask=None, key_mask=None, causal=False,
               head_mask=None, scale=None, rope=None, window=None, causal_align="bottom_right",
               empty_row="output_bias"):
@@ -142,7 +161,7 @@ def attention(weights, query, key=None, value=None, *, mask=None, key_mask=None,
                         P[b, h, i] = np.nan
                         ctx[i] = np.nan
                     continue
-                z = np.array([scale * np.dot(qs[h][b, i], ks[g][b, j]) + add[b, h, i, j] for j in seen])
+                z = _logits(scale, qs[h][b, i], ks[g][b][seen], add[b, h, i, seen])
                 e = np.exp(z - z.max())
                 p = e / e.sum()
                 P[b, h, i, seen] = p

@@ -92,6 +92,6 @@ def pytest_collection_modifyitems(session, config, items):
         except (ValueError, TypeError) as err:
             raise pytest.UsageError(f"--mha-impl {spec!r}: {err}") from None
         for prop in PROPERTIES.values():
-            reason = prop.not_applicable(adapter.features, conventions)
+            reason = prop.not_applicable(adapter.features, conventions, adapter.dtypes)
             items.append(PropertyItem.from_parent(session, name=f"mha[{adapter.name}]::{prop.name}", adapter=adapter,
                                                   prop=prop, reason=reason, examples=examples, timeout=timeout))
