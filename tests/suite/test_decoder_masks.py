@@ -34,7 +34,8 @@ def test_the_strategies_draw_padding_queries_of_a_causal_left_padded_batch(featu
     assert found.causal and found.mask.shape == (found.config.B, 1, 1, found.config.S)
 
 
-@pytest.mark.parametrize("features", [DECODER, FEATURES - {"weights"}, FEATURES],
+@pytest.mark.parametrize("features", [DECODER, FEATURES - {"weights"},
+                                      pytest.param(FEATURES, marks=pytest.mark.slow)],
                          ids=["decoder", "no-weights", "all"])
 def test_a_finfo_min_fill_fails_the_suite(features):
     names = ["causal_prefix", "masked_keys_irrelevant", "large_negative_bias", "reference"]
