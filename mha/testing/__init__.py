@@ -46,7 +46,7 @@ def __getattr__(name):  # Hypothesis is imported only when the suite is used
             raise ImportError(f"mha.testing.{name} needs Hypothesis: pip install 'mha-twin[testing]' ({err})") from err
         return getattr(mod, name)
     if name == "ImplementationError":
-        from ._guard import ImplementationError
+        from ._answers import ImplementationError
 
         return ImplementationError
     if name in ("adapters", "properties", "profiles", "strategies", "zoo"):

@@ -4,7 +4,35 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._guard import ImplementationError, Malformed, Unreadable, _describe
+
+class ImplementationError(AssertionError):
+    """An implementation broke the adapter protocol: a malformed answer, or no answer in time."""
+
+
+class Malformed(ImplementationError):
+    """An answer of the wrong kind (None, a scalar, a wrong shape or dtype): run_property stops at the
+    first one instead of shrinking it (the shape of a problem rarely explains such an answer)."""
+
+
+class Unreadable:
+    """An MLX answer that could not be read into numpy (on its own thread); the checks report it."""
+
+    def __init__(self, x, err):
+        self.what, self.err = _describe(x), err
+
+
+def _describe(x) -> str:
+    """What an answer is, in a few words: None, a float, a complex64 array of shape (2, 3, 8)..."""
+    if x is None:
+        return "None"
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of {len(x)}"
+    if isinstance(x, (bool, int, float, complex, np.generic)):
+        return f"{type(x).__name__} {x!r}"
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"{type(x).__module__.split('.')[0]}.{type(x).__name__} of dtype {dtype} and shape {tuple(shape)}"
+    return f"a {type(x).__name__}"
 
 
 def _numpy(x, name: str, what: str):
@@ -18,7 +46,7 @@ def _numpy(x, name: str, what: str):
         return np.asarray(x)
     except Exception as err:  # noqa: BLE001 - any conversion failure is the implementation's answer
         raise Malformed(f"{name} returned {_describe(x)} as {what}, which numpy cannot read "
-                                  f"({type(err).__name__}: {err})") from None
+                        f"({type(err).__name__}: {err})") from None
 
 
 def _real_float(a) -> bool:

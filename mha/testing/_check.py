@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ._guard import DEFAULT_TIMEOUT, ImplementationError, Malformed, NoAnswer, guard
+from ._answers import ImplementationError, Malformed
+from ._guard import DEFAULT_TIMEOUT, NoAnswer, guard
 from .conventions import conventions_of, describe
 from .properties import PROPERTIES, Property
 

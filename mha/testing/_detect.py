@@ -14,7 +14,8 @@ from dataclasses import replace
 import numpy as np
 
 from . import oracle, tolerance
-from ._guard import DEFAULT_TIMEOUT, ImplementationError, NoAnswer, guard
+from ._answers import ImplementationError
+from ._guard import DEFAULT_TIMEOUT, NoAnswer, guard
 from .conventions import DEFAULTS, ERROR, INCONSISTENT
 
 NA = "n/a"

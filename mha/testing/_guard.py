@@ -23,20 +23,12 @@ import threading
 
 import numpy as np
 
+from ._answers import Malformed, Unreadable, _describe, check_answer
 from .adapters import FEATURES
 from .conventions import conventions_of
 
 DEFAULT_TIMEOUT = 60.0
 DTYPES = ("float32", "float64", "float16", "bfloat16")
-
-
-class ImplementationError(AssertionError):
-    """An implementation broke the adapter protocol: a malformed answer, or no answer in time."""
-
-
-class Malformed(ImplementationError):
-    """An answer of the wrong kind (None, a scalar, a wrong shape or dtype): run_property stops at the
-    first one instead of shrinking it (the shape of a problem rarely explains such an answer)."""
 
 
 class NoAnswer(BaseException):
@@ -190,17 +182,8 @@ class _GuardedFn:
             self.init_cache = lambda *a, **k: guard.run(fn.init_cache, a, k, "init_cache")
 
     def __call__(self, query, key=None, value=None, **kwargs):
-        from ._answers import check_answer
-
         res = self._guard.run(self._fn, (query, key, value), kwargs, "a call", host=True)
         return check_answer(self._guard, res, self._weights, self._options, query, key, value, kwargs)
-
-
-class Unreadable:
-    """An MLX answer that could not be read into numpy (on its own thread); the checks report it."""
-
-    def __init__(self, x, err):
-        self.what, self.err = _describe(x), err
 
 
 def _hosting(fn):
@@ -228,17 +211,3 @@ def guard(impl, timeout=DEFAULT_TIMEOUT, finite="declared") -> Guarded:
     if isinstance(impl, Guarded):
         impl = impl._impl
     return Guarded(impl, timeout, finite)
-
-
-def _describe(x) -> str:
-    """What an answer is, in a few words: None, a float, a complex64 array of shape (2, 3, 8)..."""
-    if x is None:
-        return "None"
-    if isinstance(x, (tuple, list)):
-        return f"a {type(x).__name__} of {len(x)}"
-    if isinstance(x, (bool, int, float, complex, np.generic)):
-        return f"{type(x).__name__} {x!r}"
-    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
-    if shape is not None and dtype is not None:
-        return f"{type(x).__module__.split('.')[0]}.{type(x).__name__} of dtype {dtype} and shape {tuple(shape)}"
-    return f"a {type(x).__name__}"
