@@ -178,8 +178,14 @@ class _GuardedFn:
         if not callable(fn):
             raise Malformed(f"{guard.name}.build returned {_describe(fn)}, expected a function")
         self._guard, self._fn, self._weights, self._options = guard, fn, weights, options
-        if hasattr(fn, "init_cache"):
-            self.init_cache = lambda *a, **k: guard.run(fn.init_cache, a, k, "init_cache")
+
+    def __getattr__(self, attr):
+        """The function's other attributes (``init_cache``, ``vjp``...): methods run under the deadline, their
+        results as they come (return numpy arrays: an MLX array may not be readable on another thread)."""
+        value = getattr(self._fn, attr)
+        if not callable(value):
+            return value
+        return lambda *a, **k: self._guard.run(value, a, k, attr)
 
     def __call__(self, query, key=None, value=None, **kwargs):
         res = self._guard.run(self._fn, (query, key, value), kwargs, "a call", host=True)
