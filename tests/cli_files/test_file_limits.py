@@ -49,7 +49,9 @@ def unprivileged(fn):
         return fn()
     r, w = os.pipe()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads alive: the child only writes files
+        # fork with threads alive (Python's DeprecationWarning; JAX's RuntimeWarning from its at-fork hook once a
+        # zoo test imported it): the child only writes files and exits
+        warnings.simplefilter("ignore")
         pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         os.close(r)
