@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ._answers import ImplementationError, Malformed
+from ._guard import DEFAULT_TIMEOUT, NoAnswer, guard
 from .conventions import conventions_of, describe
 from .properties import PROPERTIES, Property
 
@@ -62,28 +64,39 @@ def _settings(max_examples):
     return settings(**kwargs)
 
 
-def run_property(impl, prop: Property | str, *, max_examples: int | None = None, reproduce: str | None = None) -> None:
+def run_property(impl, prop: Property | str, *, max_examples: int | None = None,
+                 timeout: float | None = DEFAULT_TIMEOUT, reproduce: str | None = None) -> None:
     """Run one property against ``impl`` under Hypothesis; raises its (shrunk) failure.
 
     The number of examples defaults to the loaded Hypothesis profile's (see mha.testing.profiles).
-    Every example is held to the conventions ``impl`` declares (mha.testing.conventions).
-    ``reproduce``: the blob a failure's detail carries ("reproduce: ..."; ``str(report)`` prints the
-    call), which replays exactly that shrunk example (with the same Hypothesis version).
+    Every example is held to the conventions ``impl`` declares (mha.testing.conventions). Every call
+    of ``impl`` must answer within ``timeout`` seconds and every answer must follow the adapter
+    protocol (mha.testing._guard: shape, real float dtype, finite where the inputs promise it), or the
+    property fails with an :class:`ImplementationError` saying what came back. ``reproduce``: the blob
+    a failure's detail carries ("reproduce: ..."; ``str(report)`` prints the call), which replays
+    exactly that shrunk example (with the same Hypothesis version).
     """
     from dataclasses import replace
 
     from hypothesis import given
 
     prop = PROPERTIES[prop] if isinstance(prop, str) else prop
+    impl = guard(impl, timeout)
     conventions = conventions_of(impl)
-    reason = prop.not_applicable(impl.features, conventions)
+    reason = prop.not_applicable(impl.features, conventions, impl.dtypes)
     if reason:
-        raise ValueError(f"{getattr(impl, 'name', impl)!s} cannot express {prop.name}: {reason}")
+        raise ValueError(f"{impl.name} cannot express {prop.name}: {reason}")
+    stop = []  # the first call that hung or answered something malformed, and its example
 
     @_settings(max_examples)
-    @given(prop.strategy(frozenset(impl.features)))
+    @given(prop.strategy(impl.features))
     def run(problem):
-        prop.check(impl, replace(problem, conventions=conventions))
+        if stop:  # nothing more to learn: the remaining examples pass without calling impl
+            return
+        try:
+            prop.check(impl, replace(problem, conventions=conventions))
+        except (NoAnswer, Malformed) as err:
+            stop[:] = [err, problem]
 
     run.__name__ = run.__qualname__ = prop.name
     if reproduce is not None:
@@ -91,6 +104,10 @@ def run_property(impl, prop: Property | str, *, max_examples: int | None = None,
 
         run = hypothesis.reproduce_failure(hypothesis.__version__, reproduce.encode("ascii"))(run)
     run()
+    if stop:
+        err, problem = stop
+        example = "" if str(err).startswith("not called") else f"; falsifying example: {problem!r}"
+        raise ImplementationError(f"{err}{example}")
 
 
 def _describe(err: BaseException) -> str:
@@ -106,13 +123,17 @@ def _describe(err: BaseException) -> str:
                      + [f"reproduce: {b}" for b in blobs[:1]])
 
 
-def check(impl, *, properties=None, max_examples: int | None = None) -> Report:
+def check(impl, *, properties=None, max_examples: int | None = None,
+          timeout: float | None = DEFAULT_TIMEOUT) -> Report:
     """Run every property ``impl`` can express; returns a :class:`Report`.
 
-    ``impl`` follows the adapter protocol of :mod:`mha.testing.adapters`. Properties whose features
-    ``impl`` does not declare, or that its declared conventions exempt it from, are reported "n/a" with
-    the reason; every other property holds it to its declared conventions. ``properties`` restricts the
-    run to these names. A failure's detail holds the message and the minimal falsifying example.
+    ``impl`` follows the adapter protocol of :mod:`mha.testing.adapters`; its declarations (name,
+    features, build, dtypes, notes, conventions) are checked first (TypeError/ValueError naming the
+    attribute). Properties whose features ``impl`` does not declare, or that its declared conventions
+    exempt it from, are reported "n/a" with the reason; every other property holds it to its declared
+    conventions. ``properties`` restricts the run to these names. A failure's detail holds the message
+    and the minimal falsifying example. Each call of ``impl`` must answer within ``timeout`` seconds
+    (None: no deadline); after one that does not, the remaining properties fail without calling it.
     """
     names = list(PROPERTIES) if properties is None else list(properties)
     unknown = [n for n in names if n not in PROPERTIES]
@@ -120,19 +141,20 @@ def check(impl, *, properties=None, max_examples: int | None = None) -> Report:
         raise ValueError(f"unknown properties {unknown}; known: {', '.join(PROPERTIES)}")
     import numpy as np
 
+    impl = guard(impl, timeout)
     conventions = conventions_of(impl)
-    report = Report(getattr(impl, "name", type(impl).__name__), conventions=conventions)
+    report = Report(impl.name, conventions=conventions)
     notes = getattr(impl, "notes", {}) or {}
     for name in names:
         prop = PROPERTIES[name]
-        reason = prop.not_applicable(impl.features, conventions)
+        reason = prop.not_applicable(impl.features, conventions, impl.dtypes)
         if reason:
             why = [notes[f] for f in sorted(prop.requires | prop.requires_any) if f in notes]
             report.results.append((name, "n/a", reason + (f" ({'; '.join(why)})" if why else "")))
             continue
         try:
             with np.errstate(all="ignore"):  # the suite feeds NaN, inf and huge values on purpose: no warnings
-                run_property(impl, prop, max_examples=max_examples)
+                run_property(impl, prop, max_examples=max_examples, timeout=timeout)
         except Exception as err:  # a property failure or an implementation crash: both are findings
             report.results.append((name, "fail", _describe(err)))
         else:

@@ -96,8 +96,12 @@ def _figure(data: dict, *, columns: int = 4):
 def save_png(data: dict, path, *, columns: int = 4, dpi: float = DPI) -> Path:
     """Write a grid of heat maps (one per head in ``data``) to ``path``, atomically; see :func:`figure`.
     ``dpi`` other than 110 scales the image; whatever the dpi, an image past ``PNG_PIXELS`` or
-    ``PNG_SIDE`` is a ValueError before anything is drawn."""
+    ``PNG_SIDE`` is a ValueError before anything is drawn. The destination is checked
+    (``mha.io.check_writable``) before the figure is drawn."""
+    from .._write import check_writable
+
     _check_dpi(dpi)
+    check_writable(path)
     return save_figure(figure(data, columns=columns), path, dpi)
 
 
