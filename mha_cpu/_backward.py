@@ -123,6 +123,9 @@ def _rope(x, rope, offset: int, transpose: bool = False):
 
 def _attend(q, k, v, masks, scale: float, dropout):
     """(O (B, T, H, D), lse (B, H, T)): the attention core on (B, L, heads, D) heads."""
+    B, T, H, D = q.shape
+    if B == 0 or T == 0 or k.shape[1] == 0:  # nothing to attend: zero contexts, lse -inf
+        return np.zeros_like(q), np.full((B, H, T), -np.inf, q.dtype)
     ctx, _, lse = _reference.attention(np, q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
                                        v.transpose(0, 2, 1, 3), scale=scale, keep=masks.full_keep(np),
                                        bias=masks.bias, dropout=dropout, acc_dtype=q.dtype)
@@ -135,8 +138,8 @@ def backward(layer, s: Saved, d_out):
     H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
     B, T, S = s.q.shape[0], s.q.shape[1], s.k.shape[1]
     merged = (s.ctx if s.head_mask is None else s.ctx * s.head_mask).reshape(B * T, H * D)
-    dy = d_out.reshape(B * T, -1)
-    grads = {"o_weight": _rows_t(dy, merged), "o_bias": None if p["o_bias"] is None else dy.sum(0)}
+    dy = d_out.reshape(B * T, d_out.shape[2])
+    grads = {"o_weight": _rows_t(dy, merged), "o_bias": None if p["o_bias"] is None else _sum_rows(dy)}
     dctx = np.matmul(dy, p["o_weight"]).reshape(B, T, H, D)
     if s.head_mask is not None:
         dctx *= s.head_mask
@@ -146,10 +149,10 @@ def backward(layer, s: Saved, d_out):
         dq, dk = _rope(dq, c.rope, s.offsets[0], True), _rope(dk, c.rope, s.offsets[1], True)
     dx = []
     for name, x, dh in (("q", s.xq, dq), ("k", s.xk, dk), ("v", s.xv, dv)):
-        d2 = dh.reshape(x.shape[0] * x.shape[1], -1)  # (rows, heads * D)
-        x2 = _isolated(x.reshape(d2.shape[0], -1), d2)
+        d2 = dh.reshape(x.shape[0] * x.shape[1], dh.shape[2] * dh.shape[3])  # (rows, heads * D)
+        x2 = _isolated(x.reshape(d2.shape[0], x.shape[2]), d2)
         grads[f"{name}_weight"] = _rows_t(d2, x2)
-        grads[f"{name}_bias"] = None if p[f"{name}_bias"] is None else d2.sum(0)
+        grads[f"{name}_bias"] = None if p[f"{name}_bias"] is None else _sum_rows(d2)
         dx.append(np.matmul(d2, p[f"{name}_weight"]).reshape(x.shape))
     return tuple(dx), grads
 
@@ -157,6 +160,12 @@ def backward(layer, s: Saved, d_out):
 def _rows_t(a, b):
     """a^T b for row-major (rows, m) and (rows, n): (m, n), the sum over rows of outer products."""
     return np.matmul(a.T, b)
+
+
+def _sum_rows(a):
+    """(rows, n) -> (n,): the bias's gradient, summed in float64 (numpy sums a non-contiguous axis one row
+    after the other, whose float32 error grows with the rows)."""
+    return a.sum(axis=0, dtype=np.float64).astype(a.dtype)
 
 
 def _isolated(x, d):
@@ -262,7 +271,10 @@ class _Job:
             qb = (self.q[rows] * self.q.dtype.type(self.scale)).reshape(n * G, -1)
             do = np.ascontiguousarray(self.dctx[rows]).reshape(n * G, -1)
             lse = self.lse[rows].reshape(n * G, 1)
-            lse = np.where(lse == -np.inf, 0, lse)  # a row that sees nothing: all its logits are -inf
+            empty = lse == -np.inf  # a row that sees nothing: its logits are all -inf, P = 0
+            if empty.any():
+                lse = np.where(empty, 0, lse)
+                qb[empty[:, 0]] = 0  # a NaN there must not reach dk through 0 * NaN
             dqb = np.zeros_like(qb)
             if hi - lo <= self.bk:  # the rows' keys in one block: P normalised there, delta from it
                 self._block(b, h0, i0, i1, lo, hi, qb, kb, vb, do, lse, None, dqb, dk, dv)
