@@ -58,13 +58,15 @@ def _rotate(x, rope, first: int, sign: float):
 
 
 def oracle_vjp(weights: AttentionWeights, query, key, value, d_out, *, mask=None, key_mask=None, causal=False,
-               head_mask=None, scale=None, rope=None, window=None, dropout=None, dtype=np.float64):
+               head_mask=None, scale=None, rope=None, window=None, dropout=None, dtype=np.float64,
+               causal_align="bottom_right"):
     """Multi-head attention and its VJP by explicit loops, in ``dtype``; returns ``(output, grads)``.
 
     query (B, T, E), key (B, S, kdim), value (B, S, vdim), d_out (B, T, E); masks in this project's
     semantics (bool True = may attend, float added with -inf hiding, key_mask (B, S), causal and window
     aligned at the end); head_mask (H,) or (B, H); ``dropout`` a multiplier (B, H, T, S) of the weights
-    (0 or 1/(1-p)). ``grads`` maps "query", "key", "value" (each argument taken as a separate input) and
+    (0 or 1/(1-p)); ``causal_align`` "bottom_right" (this project's) or "top_left" (a declared convention,
+    mha.testing.conventions). ``grads`` maps "query", "key", "value" (each argument taken as a separate input) and
     the weight names of :class:`mha.AttentionWeights` (None for absent biases) to arrays of ``dtype``.
     A query that sees no key has zero weights, context and gradients.
     """
@@ -75,7 +77,8 @@ def oracle_vjp(weights: AttentionWeights, query, key, value, d_out, *, mask=None
     B, T, _ = xq.shape
     S = xk.shape[1]
     s = dt.type(1.0 / math.sqrt(D) if scale is None else scale)
-    vis = visible_keys(B, H, T, S, mask=mask, key_mask=key_mask, causal=causal, window=window)
+    vis = visible_keys(B, H, T, S, mask=mask, key_mask=key_mask, causal=causal, window=window,
+                       causal_align=causal_align)
     add = additive(B, H, T, S, mask).astype(dt)
     hm = np.ones((B, H), dt) if head_mask is None else \
         np.broadcast_to(np.asarray(head_mask, dt).reshape(-1, H), (B, H))

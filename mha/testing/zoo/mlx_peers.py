@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..adapters import MlxNNAdapter
+from ._autodiff import mlx_sdpa_vjp
 from ._common import additive, f32, keep_mask
 
 
@@ -25,7 +26,8 @@ class MxFastSDPA:
     documents), a bool or additive (B, H, T, S) mask array otherwise; GQA natively."""
 
     name = "mlx-fast-sdpa"
-    features = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "gqa", "scale"})
+    features = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "gqa", "scale",
+                          "grad"})
     notes = {"weights": "the fused kernel returns no weights", "head_mask": "no head_mask argument",
              "rope": "RoPE is a separate mx.fast.rope", "window": "no sliding window", "cache": "no key/value cache"}
     conventions = {"empty_row": "mean_value", "nonfinite": "propagates"}
@@ -61,4 +63,5 @@ class MxFastSDPA:
             y = linear(o.transpose(0, 2, 1, 3).reshape(B, T, H * D), "o")
             return np.array(y.astype(mx.float32))
 
+        fn.vjp = mlx_sdpa_vjp(weights, scale, dtype)  # gradients by mx.vjp
         return fn
