@@ -1,0 +1,201 @@
+r"""The attention core's backward on numpy: FlashAttention-2's recurrence over blocks the MaskSet allows.
+
+For scaled queries q (the logits are q . k + A), keys k, values v, the forward's contexts O and
+log-sum-exp, and the contexts' cotangent dO::
+
+    per block of queries i and keys j (the keys the MaskSet lets the block see):
+        P  = exp(q_i k_j + A_ij - lse_i)        # hidden keys -inf: P = 0; a row that sees nothing: 0
+        dV_j += (P Z)^T dO_i                    # Z the dropout multiplier
+        dP = (dO_i v_j^T) Z
+        dS = P (dP - delta_i)                   # the softmax's Jacobian, diagonal *and* rank-one parts
+        dq_i += dS k_j;  dk_j += dS^T q_i       # summed over the query heads of a GQA group
+
+When a block of queries sees all its keys in one block (up to ``tuning.single_pass_max`` keys, 4096),
+P is normalised over that block (P / r, r its row sums: 1 up to the rounding of logits computed again)
+and delta = rowsum(P dP) taken from it, so the Jacobian sums to zero over each row as it must (a row of
+one key gets exactly no gradient through its logit) and P is as accurate as a softmax of its own logits
+(the forward's lse, from logits rounded another way, alone would move P by u |logit| when logits are
+large). Past one block: P from the forward's lse and delta = dO . O.
+
+Tasks are (batch element, key/value head, chunk of queries) on the backend's workers; a task stacks its
+group's G query heads into the rows of each GEMM (five per block), so GQA costs no copies, and owns the
+dk, dv of its key/value head (chunks of one head add theirs up at the end). Non-finite numbers: keys and
+values holding NaN/inf are zeroed for the block products, so that P = 0 at a hidden one stays 0; a row
+the forward made NaN (it sees such a key or value, or its query is NaN) takes no part in the products,
+and its gradient and those of the keys it sees are set to NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._options import options, tuning
+from ._pool import Workers
+
+BLOCK_FLOATS = 1 << 18  # a block's (rows x keys) logits, about 1 MiB in float32: P and dP stay in cache
+
+
+def attention_backward(q, k, v, ctx, lse, dctx, masks, dropout):
+    """(dq (B, T, H, D), dk, dv (B, S, Hkv, D)) of the core for the contexts' cotangent ``dctx``.
+
+    q (B, T, H, D) scaled, k, v (B, S, Hkv, D) as attended (after RoPE), ctx (B, T, H, D) and lse (B, H, T)
+    from the forward; masks: the call's MaskSet; dropout (B, H, T, S) or None."""
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    dq = np.zeros_like(q)
+    dk, dv = np.zeros(k.shape, k.dtype), np.zeros(v.shape, v.dtype)
+    if B == 0 or T == 0 or S == 0:
+        return dq, dk, dv
+    G = H // Hkv
+    bq, bk = _blocks(T, S, G)
+    delta = np.einsum("bthd,bthd->bth", dctx, ctx)  # (B, T, H): rowsum(dO * O)
+    poisoned = np.isnan(delta) if np.isnan(ctx).any() else None  # rows the forward made NaN
+    with Workers(10.0 * B * H * T * S * D) as workers:
+        chunks = _chunks(T, bq, B * Hkv, workers.n)
+        tasks = [(b, g, c0, c1) for b in range(B) for g in range(Hkv) for c0, c1 in chunks]
+        parts = {t: (dk[t[0], :, t[1]], dv[t[0], :, t[1]]) if len(chunks) == 1 else
+                 (np.zeros((S, D), k.dtype), np.zeros((S, D), v.dtype)) for t in tasks}
+        job = _Job(q, k, v, lse.transpose(0, 2, 1), dctx, delta, poisoned, masks, dropout, dq, G, bq, bk)
+        workers.map(lambda t: job.task(*t, *parts[t]), tasks)
+    if len(chunks) > 1:
+        for (b, g, _, _), (pk, pv) in parts.items():
+            dk[b, :, g] += pk
+            dv[b, :, g] += pv
+    return dq, dk, dv
+
+
+def _blocks(T: int, S: int, G: int) -> tuple[int, int]:
+    """(queries, keys) per block: options.block_q / block_k when set small (tests), else keys in one
+    block up to tuning.single_pass_max and queries so that a block's logits stay near BLOCK_FLOATS."""
+    bk = S if S <= tuning.single_pass_max else options.block_k
+    bq = options.block_q or max(8, BLOCK_FLOATS // max(1, G * min(bk, S)))
+    return max(1, min(bq, T)), max(1, min(bk, S))
+
+
+def _chunks(T: int, bq: int, tasks: int, workers: int) -> list[tuple[int, int]]:
+    """The queries cut into chunks of whole blocks so that there are about two tasks per worker (a task
+    per (batch element, key/value head) alone may be fewer than the workers: MQA, B = 1)."""
+    want = max(1, min(-(-2 * workers // tasks), -(-T // bq))) if workers > 1 else 1
+    blocks = -(-T // bq)
+    per = -(-blocks // want)
+    return [(i * bq, min(T, (i + per) * bq)) for i in range(0, blocks, per)]
+
+
+def _cut(a, b: int, h0: int, h1: int, i0: int, i1: int, j0: int, j1: int):
+    """A 4-D (B?, H?, T?, S?) array broadcastable to (B, H, T, S) cut to batch b, heads h0:h1, rows
+    i0:i1, columns j0:j1, broadcast axes kept: (G or 1, n or 1, m or 1). (The MaskSet's block method
+    replaces it when the core lands.)"""
+    a = a[b if a.shape[0] > 1 else 0]
+    a = a[h0:h1] if a.shape[0] > 1 else a
+    a = a[:, i0:i1] if a.shape[1] > 1 else a
+    return a[..., j0:j1] if a.shape[2] > 1 else a
+
+
+@dataclass
+class _Job:
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    lse: np.ndarray  # (B, T, H) (a view)
+    dctx: np.ndarray
+    delta: np.ndarray  # (B, T, H)
+    poisoned: np.ndarray | None  # (B, T, H)
+    masks: object
+    dropout: np.ndarray | None
+    dq: np.ndarray
+    G: int
+    bq: int
+    bk: int
+
+    def task(self, b: int, g: int, c0: int, c1: int, dk, dv) -> None:
+        """Queries c0:c1 of batch element b against key/value head g (its G query heads); dk, dv (S, D)
+        receive this task's share. Keys and values in the augmented form (S, D + 1), a last column of
+        ones: q's last column holding -lse, q . k is the logit less lse in one GEMM, and P [v, 1] gives
+        P v and the row sums r in one."""
+        G, h0 = self.G, g * self.G
+        S, D = self.k.shape[1], self.k.shape[3]
+        kb, vb = np.ones((S, D + 1), self.k.dtype), np.ones((S, D + 1), self.v.dtype)
+        kb[:, :D], vb[:, :D] = self.k[b, :, g], self.v[b, :, g]
+        bad = ~(np.isfinite(kb).all(1) & np.isfinite(vb).all(1))
+        if bad.any():
+            kb[bad, :D], vb[bad, :D] = 0, 0
+        for i0 in range(c0, c1, self.bq):
+            i1 = min(i0 + self.bq, c1)
+            lo, hi = self.masks.key_span(i0, i1)
+            if hi > lo:
+                self._rows(b, h0, i0, i1, lo, hi, kb, vb, dk, dv)
+
+    def _rows(self, b, h0, i0, i1, lo, hi, kb, vb, dk, dv) -> None:
+        """One block of queries (rows i0:i1 x G heads) against its keys lo:hi, in one block or in steps."""
+        n, G, D = i1 - i0, self.G, self.q.shape[3]
+        rows = (b, slice(i0, i1), slice(h0, h0 + G))
+        qb = np.empty((n * G, D + 1), self.q.dtype)  # [q, -lse]
+        qb[:, :D] = self.q[rows].reshape(n * G, D)
+        qb[:, D] = -self.lse[rows].reshape(n * G)
+        do = np.array(self.dctx[rows]).reshape(n * G, D)
+        empty = qb[:, D] == np.inf  # a row that sees nothing (lse -inf): its logits are all -inf, P = 0
+        dead = empty if self.poisoned is None else empty | self.poisoned[rows].reshape(n * G)
+        if dead.any():  # no part in the products (a NaN there must not reach dk through 0 * NaN)
+            qb[dead], do[dead] = 0, 0
+        poisoned = None if self.poisoned is None else self.poisoned[rows].reshape(n * G)
+        poisoned = poisoned if poisoned is not None and poisoned.any() else None
+        dqb = np.zeros((n * G, D), qb.dtype)
+        if hi - lo <= self.bk:
+            self._block(b, h0, i0, i1, lo, hi, qb, kb, vb, do, None, poisoned, dqb, dk, dv)
+        else:
+            delta = np.nan_to_num(self.delta[rows].reshape(n * G, 1))
+            for j0 in range(lo, hi, self.bk):
+                self._block(b, h0, i0, i1, j0, min(j0 + self.bk, hi), qb, kb, vb, do, delta, poisoned, dqb, dk, dv)
+        if poisoned is not None:
+            dqb[poisoned] = np.nan
+        self.dq[rows] = dqb.reshape(n, G, D)
+
+    def _logits(self, b, h0, i0, i1, j0, j1, qb, kb):
+        """(n G, m) logits of the block less the rows' lse, plus the bias, -inf where the MaskSet hides a
+        key."""
+        n, m, G = i1 - i0, j1 - j0, self.G
+        s = np.matmul(qb, kb[j0:j1].T)
+        s3 = s.reshape(n, G, m)
+        mk = self.masks
+        if mk.bias is not None:
+            s3 += _cut(mk.bias, b, h0, h0 + G, i0, i1, j0, j1).transpose(1, 0, 2)
+        if mk.keep is not None:
+            keep = _cut(mk.keep, b, h0, h0 + G, i0, i1, j0, j1).transpose(1, 0, 2)
+            np.copyto(s3, -np.inf, where=~keep)
+        if mk.crosses(i0, i1, j0, j1):
+            np.copyto(s3, -np.inf, where=~mk.causal_keep(np, rows=(i0, i1), cols=(j0, j1))[:, None, :])
+        return s
+
+    def _block(self, b, h0, i0, i1, j0, j1, qb, kb, vb, do, delta, poisoned, dqb, dk, dv) -> None:
+        """One block of (rows i0:i1 x G heads) x keys j0:j1: the recurrence of the module docstring.
+        ``delta`` None: these are all the keys the rows see (P normalised here; the 1/r is applied to the
+        (n G, D) operands, not to P). ``poisoned``: rows whose keys seen here get NaN gradients."""
+        n, m, G, D = i1 - i0, j1 - j0, self.G, dqb.shape[1]
+        s = self._logits(b, h0, i0, i1, j0, j1, qb, kb)
+        if poisoned is not None:
+            reached = ~np.isneginf(s[poisoned]).all(0)  # (m,): keys a poisoned row sees
+        P = np.exp(s, out=s)  # (n G, m)
+        z = None if self.dropout is None else _cut(self.dropout, b, h0, h0 + G, i0, i1, j0, j1).transpose(1, 0, 2)
+        Pz = P if z is None else (P.reshape(n, G, m) * z).reshape(n * G, m)
+        inv = None
+        if delta is None:  # P normalised by its row sums r
+            r = P.sum(axis=1, keepdims=True)
+            inv = 1 / np.where(r == 0, 1, r)  # rows without a visible key: P = 0 stays 0
+        dv[j0:j1] += np.matmul(Pz.T, do if inv is None else do * inv)
+        dP = np.matmul(do, vb[j0:j1, :D].T)  # (n G, m)
+        if z is not None:
+            dP.reshape(n, G, m)[...] *= z
+        if delta is None:  # rowsum(P dP) of the very products dS is made of: each row of dS sums to ~0
+            delta = np.einsum("ij,ij->i", P, dP)[:, None] * inv
+        dP -= delta
+        dP *= P  # dS (times r when normalised here)
+        if inv is None:
+            dqb += np.matmul(dP, kb[j0:j1, :D])
+            dk[j0:j1] += np.matmul(dP.T, qb[:, :D])
+        else:
+            dqb += np.matmul(dP, kb[j0:j1, :D]) * inv
+            dk[j0:j1] += np.matmul(dP.T, qb[:, :D] * inv)
+        if poisoned is not None:
+            dk[j0:j1][reached] = dv[j0:j1][reached] = np.nan
