@@ -22,6 +22,7 @@ in the forward; a NaN a query sees makes every gradient that query reaches NaN.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,8 @@ from mha._rope import apply_rope
 
 from . import _kernel, _nonfinite
 from ._backward_core import attention_backward
-from ._pool import Workers
+from ._options import tuning
+from ._pool import Workers, one_blas_thread
 
 
 @dataclass
@@ -57,18 +59,31 @@ class Saved:
 def vjp(layer, query, key, value, call_kwargs):
     """mha.vjp on a numpy layer (see mha._vjp.vjp)."""
     call = _vjp.prepare(layer, query, key, value, call_kwargs)
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+    small = _small(layer, call)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"), small():
         out, saved = forward(layer, call)
     shape = out.shape if call.batched else out.shape[1:]
     given = (key is not None, value is not None)
 
     def pull(d_out) -> _vjp.Gradients:
         d = _vjp.check_cotangent(layer, d_out, shape, call.batched)
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"), small():
             dx, dparams = backward(layer, saved, d)
         return _vjp.gradients(layer, call, given, dx, dparams)
 
     return (out if call.batched else out[0]), pull
+
+
+def _small(layer, call):
+    """A context for the call's arithmetic: BLAS held at one thread below ``tuning.min_parallel_flops``
+    (its threads cost more than they give on small products, the more so when the cores are busy:
+    mha_cpu._pool.one_blas_thread), else nothing (large GEMMs take BLAS's threads; the attention its
+    workers)."""
+    c = layer.config
+    B, T, S = call.shape
+    HD, KD = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    flops = 2.0 * B * (2 * T * c.embed_dim * HD + S * (c.kdim + c.vdim) * KD + 2 * T * S * HD)
+    return one_blas_thread if flops < tuning.min_parallel_flops else contextlib.nullcontext
 
 
 def _linear(x, w, b):

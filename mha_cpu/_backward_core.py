@@ -49,9 +49,11 @@ def attention_backward(q, k, v, ctx, lse, dctx, masks, dropout):
     if B == 0 or T == 0 or S == 0:
         return dq, dk, dv
     G = H // Hkv
-    bq, bk = _blocks(T, S, G)
     delta = np.einsum("bthd,bthd->bth", dctx, ctx)  # (B, T, H): rowsum(dO * O)
     poisoned = np.isnan(delta) if np.isnan(ctx).any() else None  # rows the forward made NaN
+    if B * H * T * S <= tuning.single_pass_floats and S <= tuning.single_pass_max:
+        return _whole(q, k, v, lse, dctx, poisoned, masks, dropout)
+    bq, bk = _blocks(T, S, G)
     with Workers(10.0 * B * H * T * S * D) as workers:
         chunks = _chunks(T, bq, B * Hkv, workers.n)
         tasks = [(b, g, c0, c1) for b in range(B) for g in range(Hkv) for c0, c1 in chunks]
@@ -169,33 +171,97 @@ class _Job:
         return s
 
     def _block(self, b, h0, i0, i1, j0, j1, qb, kb, vb, do, delta, poisoned, dqb, dk, dv) -> None:
-        """One block of (rows i0:i1 x G heads) x keys j0:j1: the recurrence of the module docstring.
-        ``delta`` None: these are all the keys the rows see (P normalised here; the 1/r is applied to the
-        (n G, D) operands, not to P). ``poisoned``: rows whose keys seen here get NaN gradients."""
-        n, m, G, D = i1 - i0, j1 - j0, self.G, dqb.shape[1]
+        """One block of (rows i0:i1 x G heads) x keys j0:j1 (:func:`_step`). ``delta`` None: these are all
+        the keys the rows see. ``poisoned``: rows whose keys seen here get NaN gradients."""
+        n, m, G = i1 - i0, j1 - j0, self.G
         s = self._logits(b, h0, i0, i1, j0, j1, qb, kb)
         if poisoned is not None:
             reached = ~np.isneginf(s[poisoned]).all(0)  # (m,): keys a poisoned row sees
-        P = np.exp(s, out=s)  # (n G, m)
-        z = None if self.dropout is None else _cut(self.dropout, b, h0, h0 + G, i0, i1, j0, j1).transpose(1, 0, 2)
-        Pz = P if z is None else (P.reshape(n, G, m) * z).reshape(n * G, m)
-        inv = None
-        if delta is None:  # P normalised by its row sums r
-            r = P.sum(axis=1, keepdims=True)
-            inv = 1 / np.where(r == 0, 1, r)  # rows without a visible key: P = 0 stays 0
-        dv[j0:j1] += np.matmul(Pz.T, do if inv is None else do * inv)
-        dP = np.matmul(do, vb[j0:j1, :D].T)  # (n G, m)
-        if z is not None:
-            dP.reshape(n, G, m)[...] *= z
-        if delta is None:  # rowsum(P dP) of the very products dS is made of: each row of dS sums to ~0
-            delta = np.einsum("ij,ij->i", P, dP)[:, None] * inv
-        dP -= delta
-        dP *= P  # dS (times r when normalised here)
-        if inv is None:
-            dqb += np.matmul(dP, kb[j0:j1, :D])
-            dk[j0:j1] += np.matmul(dP.T, qb[:, :D])
-        else:
-            dqb += np.matmul(dP, kb[j0:j1, :D]) * inv
-            dk[j0:j1] += np.matmul(dP.T, qb[:, :D] * inv)
+        z = None
+        if self.dropout is not None:
+            z = np.broadcast_to(_cut(self.dropout, b, h0, h0 + G, i0, i1, j0, j1).transpose(1, 0, 2), (n, G, m))
+            z = z.reshape(n * G, m)
+        dq_, dk_, dv_ = _step(s, qb, kb[j0:j1], vb[j0:j1], do, delta, z)
+        dqb += dq_
+        dk[j0:j1] += dk_
+        dv[j0:j1] += dv_
         if poisoned is not None:
             dk[j0:j1][reached] = dv[j0:j1][reached] = np.nan
+
+
+def _step(s, q, k, v, do, delta, z):
+    """The recurrence of the module docstring on one block, any leading (batch) axes: (dq, dk, dv) parts.
+
+    s (..., R, m): the logits less lse, -inf where hidden (consumed: P is written over it); q (..., R, D + 1),
+    k, v (..., m, D + 1) in the augmented form (the last column is ignored here); do (..., R, D); delta
+    (..., R, 1), or None when these m keys are all the rows see: then P is normalised by its row sums r
+    (1 / r applied to the (R, D) operands, not to P) and delta = rowsum(P dP) of the very products dS is
+    made of, so that each row of dS sums to ~0; z (..., R, m) dropout multipliers or None."""
+    D = do.shape[-1]
+    P = np.exp(s, out=s)
+    Pz = P if z is None else P * z
+    inv = None
+    if delta is None:
+        r = P.sum(axis=-1, keepdims=True)
+        inv = 1 / np.where(r == 0, 1, r)  # rows without a visible key: P = 0 stays 0
+    dv = np.matmul(np.swapaxes(Pz, -1, -2), do if inv is None else do * inv)
+    dP = np.matmul(do, np.swapaxes(v[..., :D], -1, -2))  # (..., R, m)
+    if z is not None:
+        dP *= z
+    if delta is None:
+        delta = np.einsum("...ij,...ij->...i", P, dP)[..., None] * inv
+    dP -= delta
+    dP *= P  # dS (times r when normalised here)
+    if inv is None:
+        return np.matmul(dP, k[..., :D]), np.matmul(np.swapaxes(dP, -1, -2), q[..., :D]), dv
+    return np.matmul(dP, k[..., :D]) * inv, np.matmul(np.swapaxes(dP, -1, -2), q[..., :D] * inv), dv
+
+
+def _whole(q, k, v, lse, dctx, poisoned, masks, dropout):
+    """The whole call as one block of every (batch element, key/value head): batched GEMMs, for calls whose
+    B H T S logits fit ``tuning.single_pass_floats`` (the per-task path's overhead would dominate).
+    Same arrays and results as attention_backward."""
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+
+    def groups(a):  # (B, T, H, ...) -> (B, Hkv, T G, ...)
+        return a.reshape((B, T, Hkv, G) + a.shape[3:]).transpose((0, 2, 1, 3) + tuple(range(4, a.ndim + 1))
+                                                               ).reshape((B, Hkv, T * G) + a.shape[3:])
+
+    def per_key(a):  # (B, H?, T?, S) -> (B, Hkv, T G, S), broadcast
+        a = np.broadcast_to(a.reshape((1,) * (4 - a.ndim) + a.shape), (B, H, T, S))
+        return a.reshape(B, Hkv, G, T, S).transpose(0, 1, 3, 2, 4).reshape(B, Hkv, T * G, S)
+
+    qa = np.empty((B, Hkv, T * G, D + 1), q.dtype)  # [q, -lse]
+    qa[..., :D] = groups(q)
+    qa[..., D] = -groups(lse.transpose(0, 2, 1)[..., None])[..., 0]
+    ka, va = np.ones((B, Hkv, S, D + 1), k.dtype), np.ones((B, Hkv, S, D + 1), v.dtype)
+    ka[..., :D], va[..., :D] = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    bad = ~(np.isfinite(ka).all(-1) & np.isfinite(va).all(-1))
+    if bad.any():
+        ka[bad, :D] = va[bad, :D] = 0
+    do = groups(dctx)
+    dead = qa[..., D] == np.inf  # empty rows (lse -inf), and rows the forward made NaN
+    if poisoned is not None:
+        dead = dead | groups(poisoned[..., None])[..., 0]
+    if dead.any():
+        qa[dead] = 0
+        do = np.where(dead[..., None], 0, do)
+    s = np.matmul(qa, np.swapaxes(ka, -1, -2))  # (B, Hkv, T G, S)
+    if masks.bias is not None:
+        s += per_key(masks.bias)
+    keep = masks.full_keep(np)
+    if keep is not None:
+        np.copyto(s, -np.inf, where=~per_key(keep))
+    reached = None
+    if poisoned is not None:
+        rows = groups(poisoned[..., None])[..., 0]  # (B, Hkv, T G)
+        reached = (~np.isneginf(s) & rows[..., None]).any(-2)  # (B, Hkv, S)
+    z = None if dropout is None else per_key(dropout)
+    dq, dk, dv = _step(s, qa, ka, va, do, None, z)
+    if reached is not None:
+        dq[rows] = np.nan
+        dk[reached] = dv[reached] = np.nan
+    dq = dq.reshape(B, Hkv, T, G, D).transpose(0, 2, 1, 3, 4).reshape(B, T, H, D)
+    return dq, dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
