@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-import mha
 import mha.analysis as ma
 from mha.training import Adam, AttnOnlyDecoder
 

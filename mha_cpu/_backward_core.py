@@ -114,16 +114,16 @@ class _Job:
 
     def task(self, b: int, g: int, c0: int, c1: int, dk, dv) -> None:
         """Queries c0:c1 of batch element b against key/value head g (its G query heads); dk, dv (S, D)
-        receive this task's share. Keys and values in the augmented form (S, D + 1), a last column of
-        ones: q's last column holding -lse, q . k is the logit less lse in one GEMM, and P [v, 1] gives
-        P v and the row sums r in one."""
-        G, h0 = self.G, g * self.G
+        receive this task's share. Keys in the augmented form (S, D + 1), a last column of ones: with q's
+        last column holding -lse, q . k is the logit less lse in one GEMM."""
+        h0 = g * self.G
         S, D = self.k.shape[1], self.k.shape[3]
-        kb, vb = np.ones((S, D + 1), self.k.dtype), np.ones((S, D + 1), self.v.dtype)
-        kb[:, :D], vb[:, :D] = self.k[b, :, g], self.v[b, :, g]
+        kb = np.ones((S, D + 1), self.k.dtype)
+        kb[:, :D] = self.k[b, :, g]
+        vb = np.ascontiguousarray(self.v[b, :, g])  # (S, D)
         bad = ~(np.isfinite(kb).all(1) & np.isfinite(vb).all(1))
         if bad.any():
-            kb[bad, :D], vb[bad, :D] = 0, 0
+            kb[bad, :D], vb[bad] = 0, 0
         for i0 in range(c0, c1, self.bq):
             i1 = min(i0 + self.bq, c1)
             lo, hi = self.masks.key_span(i0, i1)
@@ -193,8 +193,8 @@ class _Job:
 def _step(s, q, k, v, do, delta, z):
     """The recurrence of the module docstring on one block, any leading (batch) axes: (dq, dk, dv) parts.
 
-    s (..., R, m): the logits less lse, -inf where hidden (consumed: P is written over it); q (..., R, D + 1),
-    k, v (..., m, D + 1) in the augmented form (the last column is ignored here); do (..., R, D); delta
+    s (..., R, m): the logits less lse, -inf where hidden (consumed: P is written over it); q (..., R, D + 1)
+    and k (..., m, D + 1) in the augmented form (the last column is ignored here), v (..., m, D); do (..., R, D); delta
     (..., R, 1), or None when these m keys are all the rows see: then P is normalised by its row sums r
     (1 / r applied to the (R, D) operands, not to P) and delta = rowsum(P dP) of the very products dS is
     made of, so that each row of dS sums to ~0; z (..., R, m) dropout multipliers or None."""
@@ -206,7 +206,7 @@ def _step(s, q, k, v, do, delta, z):
         r = P.sum(axis=-1, keepdims=True)
         inv = 1 / np.where(r == 0, 1, r)  # rows without a visible key: P = 0 stays 0
     dv = np.matmul(np.swapaxes(Pz, -1, -2), do if inv is None else do * inv)
-    dP = np.matmul(do, np.swapaxes(v[..., :D], -1, -2))  # (..., R, m)
+    dP = np.matmul(do, np.swapaxes(v, -1, -2))  # (..., R, m)
     if z is not None:
         dP *= z
     if delta is None:
@@ -238,11 +238,12 @@ def _whole(q, k, v, lse, dctx, poisoned, masks, dropout):
     qa = np.empty((B, Hkv, T * G, D + 1), q.dtype)  # [q, -lse]
     qa[..., :D] = groups(q)
     qa[..., D] = -groups(lse.transpose(0, 2, 1)[..., None])[..., 0]
-    ka, va = np.ones((B, Hkv, S, D + 1), k.dtype), np.ones((B, Hkv, S, D + 1), v.dtype)
-    ka[..., :D], va[..., :D] = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    ka = np.ones((B, Hkv, S, D + 1), k.dtype)
+    ka[..., :D] = k.transpose(0, 2, 1, 3)
+    va = np.ascontiguousarray(v.transpose(0, 2, 1, 3))  # (B, Hkv, S, D)
     bad = ~(np.isfinite(ka).all(-1) & np.isfinite(va).all(-1))
     if bad.any():
-        ka[bad, :D] = va[bad, :D] = 0
+        ka[bad, :D], va[bad] = 0, 0
     do = groups(dctx)
     dead = qa[..., D] == np.inf  # empty rows (lse -inf), and rows the forward made NaN
     if poisoned is not None:

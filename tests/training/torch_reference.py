@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from mha.testing.zoo._autodiff import torch_leaves
+
 NAMES = ("q_weight", "k_weight", "v_weight", "o_weight", "q_bias", "k_bias", "v_bias", "o_bias")
 
 
@@ -55,10 +57,7 @@ def mha_vjp(weights, query, key, value, d_out, *, mask=None, key_mask=None, caus
 
     dt = getattr(torch, dtype)
     H, Hkv, D = weights.num_heads, weights.num_kv_heads, weights.head_dim
-    w = {n: None if a is None else torch.tensor(np.asarray(a, np.float64), dtype=dt, requires_grad=True)
-         for n, a in weights.to_dict().items()}
-    x = {n: torch.tensor(np.asarray(a, np.float64), dtype=dt, requires_grad=True)
-         for n, a in (("query", query), ("key", key), ("value", value))}
+    w, x = torch_leaves(weights, query, key, value, dt)
     B, T, _ = query.shape
     S = key.shape[1]
 

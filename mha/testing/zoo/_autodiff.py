@@ -17,6 +17,31 @@ from ._common import additive, f32, keep_mask
 _NAMES = ("q_weight", "k_weight", "v_weight", "o_weight", "q_bias", "k_bias", "v_bias", "o_bias")
 
 
+def torch_leaves(weights, query, key, value, dt):
+    """({weight name: tensor or None}, {"query"|"key"|"value": tensor}): leaves of autograd in torch dtype
+    ``dt`` (requires_grad), from numpy arrays."""
+    import torch
+
+    w = {n: None if a is None else torch.tensor(np.asarray(a, np.float64), dtype=dt, requires_grad=True)
+         for n, a in weights.to_dict().items()}
+    x = {n: torch.tensor(np.asarray(a, np.float64), dtype=dt, requires_grad=True)
+         for n, a in (("query", query), ("key", key), ("value", value))}
+    return w, x
+
+
+def mx_mask(H: int, query, key, mask, key_mask, causal: bool, dt):
+    """The ``mask`` argument of mx.fast.scaled_dot_product_attention for this project's mask arguments:
+    "causal" (bottom-right, as MLX documents) or None without other masks, else a bool or additive
+    (B, H, T, S) array in ``dt``."""
+    import mlx.core as mx
+
+    if mask is None and key_mask is None:
+        return "causal" if causal else None
+    B, T, S = query.shape[0], query.shape[1], key.shape[1]
+    keep, add = keep_mask(B, H, T, S, mask, key_mask, causal, align="bottom_right")
+    return mx.array(keep) if add is None else mx.array(additive(keep, add)).astype(dt)
+
+
 def torch_sdpa_vjp(weights, scale, dtype: str):
     """fn.vjp for mha.testing.zoo.torch_peers.TorchSDPA (causal top-left, as torch documents)."""
     import torch
@@ -26,10 +51,7 @@ def torch_sdpa_vjp(weights, scale, dtype: str):
 
     def vjp(query, key, value, d_out, *, mask=None, key_mask=None, causal=False):
         dt = torch.float64 if np.asarray(query).dtype == np.float64 else getattr(torch, dtype)
-        w = {n: None if a is None else torch.tensor(np.asarray(a, np.float64), dtype=dt, requires_grad=True)
-             for n, a in weights.to_dict().items()}
-        x = {n: torch.tensor(np.asarray(a, np.float64), dtype=dt, requires_grad=True)
-             for n, a in (("query", query), ("key", key), ("value", value))}
+        w, x = torch_leaves(weights, query, key, value, dt)
         B, T, _ = query.shape
         S = key.shape[1]
 
@@ -65,12 +87,7 @@ def mlx_sdpa_vjp(weights, scale, dtype: str):
 
     def vjp(query, key, value, d_out, *, mask=None, key_mask=None, causal=False):
         B, T, _ = query.shape
-        S = key.shape[1]
-        if mask is None and key_mask is None:
-            m = "causal" if causal else None
-        else:
-            keep, add = keep_mask(B, H, T, S, mask, key_mask, causal, align="bottom_right")
-            m = mx.array(keep) if add is None else mx.array(additive(keep, add)).astype(dt)
+        m = mx_mask(H, query, key, mask, key_mask, causal, dt)
 
         def forward(*arrays):
             w = dict(zip(names, arrays[:len(names)]))

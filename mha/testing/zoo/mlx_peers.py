@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..adapters import MlxNNAdapter
-from ._autodiff import mlx_sdpa_vjp
-from ._common import additive, f32, keep_mask
+from ._autodiff import mlx_sdpa_vjp, mx_mask
+from ._common import f32
 
 
 class MlxNN(MlxNNAdapter):
@@ -52,12 +52,7 @@ class MxFastSDPA:
 
         def fn(query, key, value, *, mask=None, key_mask=None, causal=False):
             B, T, _ = query.shape
-            S = key.shape[1]
-            if mask is None and key_mask is None:
-                m = "causal" if causal else None
-            else:
-                keep, add = keep_mask(B, H, T, S, mask, key_mask, causal, align="bottom_right")
-                m = mx.array(keep) if add is None else mx.array(additive(keep, add)).astype(dt)
+            m = mx_mask(H, query, key, mask, key_mask, causal, dt)
             o = mx.fast.scaled_dot_product_attention(heads(query, "q", H), heads(key, "k", Hkv),
                                                      heads(value, "v", Hkv), scale=s, mask=m)  # (B, H, T, D)
             y = linear(o.transpose(0, 2, 1, 3).reshape(B, T, H * D), "o")
