@@ -5,7 +5,7 @@ O and the log-sum-exp, all O(B T E); never the (T, S) weights)::
 
     q, k, v = x_q W_q^T + b_q, ...             # (B, T, H, D), (B, S, Hkv, D); q then times the scale s
     q, k = rope(q), rope(k)
-    O, lse = attention(q, k, v, masks)          # (B, T, H, D), (B, H, T): the numpy kernel, blockwise
+    O, lse = attend(q, k, v, masks)             # (B, T, H, D), (B, H, T): the backend's core, blockwise
     y = concat_h(m_h O_h) W_O^T + b_O           # head_mask m
 
 Backward, for the cotangent dy::
@@ -27,13 +27,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mha import _reference, _vjp
+from mha import _vjp
 from mha._rope import apply_rope
 
-from . import _kernel, _nonfinite
+from ._attend import attend
 from ._backward_core import attention_backward
 from ._options import tuning
-from ._pool import Workers, one_blas_thread
+from ._pool import one_blas_thread
 
 
 @dataclass
@@ -129,28 +129,13 @@ def _rope(x, rope, offset: int, transpose: bool = False):
 
 def _attend(q, k, v, masks, dropout):
     """(O (B, T, H, D), lse (B, H, T)) for scaled queries q (B, T, H, D) and k, v (B, S, Hkv, D): the
-    numpy kernel (mha_cpu._kernel) on the backend's workers; with dropout, or logits past float32's range,
-    the reference (as the layer)."""
+    backend's attention core (mha_cpu.attend), as the layer runs it; no query or no key: zero contexts and
+    lse -inf (the layer's "empty" route)."""
     B, T, H, D = q.shape
-    S = k.shape[1]
-    if B == 0 or T == 0 or S == 0:  # nothing to attend: zero contexts, lse -inf
+    if B == 0 or T == 0 or k.shape[1] == 0:
         return np.zeros_like(q), np.full((B, H, T), -np.inf, q.dtype)
-    if dropout is None:
-        ctx, lse = np.empty_like(q), np.empty((B, H, T), q.dtype)
-        kk, vv, poison = k, v, None
-        if not (np.isfinite(k).all() and np.isfinite(v).all()):  # zeroed copies; the rows that see them NaN
-            kk, vv, bad_k, bad_v = _nonfinite.zero_nonfinite(k, v, False, own=False)
-            poison = _nonfinite.poisoned_rows(bad_k, bad_v, masks, H // k.shape[2])
-        call = _kernel.Call(q, kk, vv, D, masks, ctx, None, lse, None, poison, None, 1.0)
-        try:
-            with Workers(4.0 * B * H * T * S * D) as workers:
-                _kernel.attention(call, workers)
-            return ctx, lse
-        except _kernel.Overflow:
-            pass
-    ctx, _, lse = _reference.attention(np, q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
-                                       v.transpose(0, 2, 1, 3), scale=1.0, keep=masks.full_keep(np),
-                                       bias=masks.bias, dropout=dropout, acc_dtype=q.dtype)
+    ctx, lse = attend(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), masks, scale=1.0,
+                      dropout=dropout)
     return np.ascontiguousarray(ctx.transpose(0, 2, 1, 3)), lse
 
 

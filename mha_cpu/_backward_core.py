@@ -87,9 +87,8 @@ def _chunks(T: int, bq: int, tasks: int, workers: int) -> list[tuple[int, int]]:
 
 
 def _cut(a, b: int, h0: int, h1: int, i0: int, i1: int, j0: int, j1: int):
-    """A 4-D (B?, H?, T?, S?) array broadcastable to (B, H, T, S) cut to batch b, heads h0:h1, rows
-    i0:i1, columns j0:j1, broadcast axes kept: (G or 1, n or 1, m or 1). (The MaskSet's block method
-    replaces it when the core lands.)"""
+    """The dropout multiplier (B?, H?, T?, S?) cut to batch b, heads h0:h1, rows i0:i1, columns j0:j1,
+    broadcast axes kept: (G or 1, n or 1, m or 1). (Masks are cut by their MaskSet alone.)"""
     a = a[b if a.shape[0] > 1 else 0]
     a = a[h0:h1] if a.shape[0] > 1 else a
     a = a[:, i0:i1] if a.shape[1] > 1 else a
@@ -161,14 +160,14 @@ class _Job:
         n, m, G = i1 - i0, j1 - j0, self.G
         s = np.matmul(qb, kb[j0:j1].T)
         s3 = s.reshape(n, G, m)
-        mk = self.masks
-        if mk.bias is not None:
-            s3 += _cut(mk.bias, b, h0, h0 + G, i0, i1, j0, j1).transpose(1, 0, 2)
-        if mk.keep is not None:
-            keep = _cut(mk.keep, b, h0, h0 + G, i0, i1, j0, j1).transpose(1, 0, 2)
-            np.copyto(s3, -np.inf, where=~keep)
-        if mk.crosses(i0, i1, j0, j1):
-            np.copyto(s3, -np.inf, where=~mk.causal_keep(np, rows=(i0, i1), cols=(j0, j1))[:, None, :])
+        blk = self.masks.cut(batch=(b, b + 1), heads=(h0, h0 + G), rows=(i0, i1), cols=(j0, j1))
+        if blk.bias is not None:
+            s3 += blk.bias[0].transpose(1, 0, 2)  # (G?, n?, m?) -> (n?, G?, m?)
+        if blk.keep is not None:
+            np.copyto(s3, -np.inf, where=~blk.keep[0].transpose(1, 0, 2))
+        rule = blk.rule(np)  # (n, m) or None: the causal and window rules at these positions
+        if rule is not None:
+            np.copyto(s3, -np.inf, where=~rule[:, None, :])
         return s
 
     def _block(self, b, h0, i0, i1, j0, j1, qb, kb, vb, do, delta, poisoned, dqb, dk, dv) -> None:
@@ -254,7 +253,7 @@ def _whole(q, k, v, lse, dctx, poisoned, masks, dropout):
     s = np.matmul(qa, np.swapaxes(ka, -1, -2))  # (B, Hkv, T G, S)
     if masks.bias is not None:
         s += per_key(masks.bias)
-    keep = masks.full_keep(np)
+    keep = masks.visible(np)
     if keep is not None:
         np.copyto(s, -np.inf, where=~per_key(keep))
     reached = None

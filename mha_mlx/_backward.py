@@ -40,9 +40,8 @@ def _isolated(inputs, masks):
     if all(finite):
         return inputs
     B, T, S = xq.shape[0], masks.T, masks.S
-    keep = masks.full_keep(mx)
-    keep = mx.ones((B, 1, T, S), mx.bool_) if keep is None else mx.broadcast_to(keep, (B,) + tuple(keep.shape[1:3]) + (S,))
-    keep = mx.broadcast_to(keep, (B, keep.shape[1], T, S))
+    keep = masks.visible(mx)  # 4-D, broadcastable to (B, H, T, S)
+    keep = mx.ones((B, 1, T, S), mx.bool_) if keep is None else mx.broadcast_to(keep, (B, keep.shape[1], T, S))
     sees = mx.any(keep, axis=(1, 3))[..., None]  # (B, T, 1)
     seen = mx.any(keep, axis=(1, 2))[..., None]  # (B, S, 1)
     out = []
