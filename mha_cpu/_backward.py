@@ -150,7 +150,7 @@ def backward(layer, s: Saved, d_out):
     dctx = np.matmul(dy, p["o_weight"]).reshape(B, T, H, D)
     if s.head_mask is not None:
         dctx *= s.head_mask
-    dq, dk, dv = attention_backward(s.q, s.k, s.v, s.ctx, s.lse, dctx, s.masks, s.dropout)
+    dq, dk, dv, _ = attention_backward(s.q, s.k, s.v, s.ctx, s.lse, dctx, s.masks, s.dropout)
     dq *= dq.dtype.type(c.effective_scale)
     if c.rope is not None:
         dq, dk = _rope(dq, c.rope, s.offsets[0], True), _rope(dk, c.rope, s.offsets[1], True)

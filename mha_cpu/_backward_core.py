@@ -38,35 +38,74 @@ BLOCK_FLOATS = 1 << 18  # a block's (rows x keys) logits, about 1 MiB in float32
 WHOLE_FLOATS = 1 << 19  # calls with at most this many logits (B H T S) run as one batched block (_whole)
 
 
-def attention_backward(q, k, v, ctx, lse, dctx, masks, dropout):
-    """(dq (B, T, H, D), dk, dv (B, S, Hkv, D)) of the core for the contexts' cotangent ``dctx``.
+def attention_backward(q, k, v, ctx, lse, dctx, masks, dropout, softcap=None, sinks=None):
+    """(dq (B, T, H, D), dk, dv (B, S, Hkv, D), dsinks (H,) or None) of the core for the contexts'
+    cotangent ``dctx``.
 
     q (B, T, H, D) scaled, k, v (B, S, Hkv, D) as attended (after RoPE), ctx (B, T, H, D) and lse (B, H, T)
-    from the forward; masks: the call's MaskSet; dropout (B, H, T, S) or None."""
+    from the forward; masks: the call's MaskSet; dropout (B, H, T, S) or None; softcap c (logits
+    c tanh(q.k / c) before the bias) or None; sinks (H,) learned sink logits or None (lse includes them)."""
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     dq = np.zeros_like(q)
     dk, dv = np.zeros(k.shape, k.dtype), np.zeros(v.shape, v.dtype)
+    delta = np.einsum("bthd,bthd->bth", dctx, ctx)  # (B, T, H): rowsum(dO * O) = sum_j P_ij dP_ij
+    dsinks = None
+    if sinks is not None:  # d sink_h = -sum_i P_sink,i delta_i, P_sink = exp(sink_h - lse_i)
+        psink = np.exp(np.asarray(sinks, lse.dtype)[None, :, None] - lse)  # (B, H, T)
+        dsinks = -np.einsum("bht,bth->h", psink, delta)
     if B == 0 or T == 0 or S == 0:
-        return dq, dk, dv
+        return dq, dk, dv, dsinks
     G = H // Hkv
-    delta = np.einsum("bthd,bthd->bth", dctx, ctx)  # (B, T, H): rowsum(dO * O)
     poisoned = np.isnan(delta) if np.isnan(ctx).any() else None  # rows the forward made NaN
+    extra = _Extra(softcap, None if sinks is None else np.asarray(sinks, q.dtype))
     if B * H * T * S <= min(WHOLE_FLOATS, tuning.single_pass_floats) and S <= tuning.single_pass_max:
-        return _whole(q, k, v, lse, dctx, poisoned, masks, dropout)
+        return _whole(q, k, v, lse, dctx, poisoned, masks, dropout, extra) + (dsinks,)
     bq, bk = _blocks(T, S, G)
     with Workers(10.0 * B * H * T * S * D) as workers:
         chunks = _chunks(T, bq, B * Hkv, workers.n)
         tasks = [(b, g, c0, c1) for b in range(B) for g in range(Hkv) for c0, c1 in chunks]
         parts = {t: (dk[t[0], :, t[1]], dv[t[0], :, t[1]]) if len(chunks) == 1 else
                  (np.zeros((S, D), k.dtype), np.zeros((S, D), v.dtype)) for t in tasks}
-        job = _Job(q, k, v, lse.transpose(0, 2, 1), dctx, delta, poisoned, masks, dropout, dq, G, bq, bk)
+        job = _Job(q, k, v, lse.transpose(0, 2, 1), dctx, delta, poisoned, masks, dropout, dq, G, bq, bk, extra)
         workers.map(lambda t: job.task(*t, *parts[t]), tasks)
     if len(chunks) > 1:
         for (b, g, _, _), (pk, pv) in parts.items():
             dk[b, :, g] += pk
             dv[b, :, g] += pv
-    return dq, dk, dv
+    return dq, dk, dv, dsinks
+
+
+@dataclass(frozen=True)
+class _Extra:
+    """The core's optional features: softcap c or None; sinks (H,) or None."""
+
+    softcap: float | None = None
+    sinks: np.ndarray | None = None
+
+    def logits(self, qa, ka):
+        """(s, dcap): the logits less lse (..., R, m) of augmented qa (..., R, D + 1) = [q, -lse] and ka
+        (..., m, D + 1) = [k, 1], before bias and masks, and with softcap d(cap)/d(logit) = 1 - tanh^2
+        (None without)."""
+        if self.softcap is None:
+            return np.matmul(qa, np.swapaxes(ka, -1, -2)), None
+        D, c = ka.shape[-1] - 1, qa.dtype.type(self.softcap)
+        t = np.tanh(np.matmul(qa[..., :D], np.swapaxes(ka[..., :D], -1, -2)) / c)
+        s = c * t
+        s += qa[..., D:]  # -lse
+        t *= t
+        return s, np.subtract(1, t, out=t)
+
+    def target(self, sinks_rows, lse_rows):
+        """(..., R, 1): what each row's weights sum to, 1 - exp(sink - lse) with sinks (None: 1)."""
+        if sinks_rows is None:
+            return None
+        return 1 - np.exp(sinks_rows - lse_rows)
+
+    def empty(self, sinks_rows, lse_rows):
+        """(..., R) bool: rows that see no key (lse -inf, or lse = the sink alone)."""
+        e = lse_rows == -np.inf
+        return e if sinks_rows is None else e | (lse_rows == sinks_rows)
 
 
 def _blocks(T: int, S: int, G: int) -> tuple[int, int]:
@@ -110,6 +149,7 @@ class _Job:
     G: int
     bq: int
     bk: int
+    extra: _Extra
 
     def task(self, b: int, g: int, c0: int, c1: int, dk, dv) -> None:
         """Queries c0:c1 of batch element b against key/value head g (its G query heads); dk, dv (S, D)
@@ -135,9 +175,12 @@ class _Job:
         rows = (b, slice(i0, i1), slice(h0, h0 + G))
         qb = np.empty((n * G, D + 1), self.q.dtype)  # [q, -lse]
         qb[:, :D] = self.q[rows].reshape(n * G, D)
-        qb[:, D] = -self.lse[rows].reshape(n * G)
+        lse = self.lse[rows].reshape(n * G, 1)
+        qb[:, D] = -lse[:, 0]
+        sink = None if self.extra.sinks is None else np.tile(self.extra.sinks[h0:h0 + G], n)[:, None]
+        target = self.extra.target(sink, lse)
         do = np.array(self.dctx[rows]).reshape(n * G, D)
-        empty = qb[:, D] == np.inf  # a row that sees nothing (lse -inf): its logits are all -inf, P = 0
+        empty = self.extra.empty(sink, lse)[:, 0]  # a row that sees nothing: its logits are all -inf, P = 0
         dead = empty if self.poisoned is None else empty | self.poisoned[rows].reshape(n * G)
         if dead.any():  # no part in the products (a NaN there must not reach dk through 0 * NaN)
             qb[dead], do[dead] = 0, 0
@@ -145,20 +188,21 @@ class _Job:
         poisoned = poisoned if poisoned is not None and poisoned.any() else None
         dqb = np.zeros((n * G, D), qb.dtype)
         if hi - lo <= self.bk:
-            self._block(b, h0, i0, i1, lo, hi, qb, kb, vb, do, None, poisoned, dqb, dk, dv)
+            self._block(b, h0, i0, i1, lo, hi, qb, kb, vb, do, None, target, poisoned, dqb, dk, dv)
         else:
             delta = np.nan_to_num(self.delta[rows].reshape(n * G, 1))
             for j0 in range(lo, hi, self.bk):
-                self._block(b, h0, i0, i1, j0, min(j0 + self.bk, hi), qb, kb, vb, do, delta, poisoned, dqb, dk, dv)
+                self._block(b, h0, i0, i1, j0, min(j0 + self.bk, hi), qb, kb, vb, do, delta, None, poisoned, dqb,
+                            dk, dv)
         if poisoned is not None:
             dqb[poisoned] = np.nan
         self.dq[rows] = dqb.reshape(n, G, D)
 
     def _logits(self, b, h0, i0, i1, j0, j1, qb, kb):
-        """(n G, m) logits of the block less the rows' lse, plus the bias, -inf where the MaskSet hides a
-        key."""
+        """((n G, m) logits of the block less the rows' lse, plus the bias, -inf where the MaskSet hides a
+        key; the softcap's derivative or None)."""
         n, m, G = i1 - i0, j1 - j0, self.G
-        s = np.matmul(qb, kb[j0:j1].T)
+        s, dcap = self.extra.logits(qb, kb[j0:j1])
         s3 = s.reshape(n, G, m)
         blk = self.masks.cut(batch=(b, b + 1), heads=(h0, h0 + G), rows=(i0, i1), cols=(j0, j1))
         if blk.bias is not None:
@@ -168,20 +212,21 @@ class _Job:
         rule = blk.rule(np)  # (n, m) or None: the causal and window rules at these positions
         if rule is not None:
             np.copyto(s3, -np.inf, where=~rule[:, None, :])
-        return s
+        return s, dcap
 
-    def _block(self, b, h0, i0, i1, j0, j1, qb, kb, vb, do, delta, poisoned, dqb, dk, dv) -> None:
+    def _block(self, b, h0, i0, i1, j0, j1, qb, kb, vb, do, delta, target, poisoned, dqb, dk, dv) -> None:
         """One block of (rows i0:i1 x G heads) x keys j0:j1 (:func:`_step`). ``delta`` None: these are all
-        the keys the rows see. ``poisoned``: rows whose keys seen here get NaN gradients."""
+        the keys the rows see (``target``: what their weights sum to, None: 1). ``poisoned``: rows whose
+        keys seen here get NaN gradients."""
         n, m, G = i1 - i0, j1 - j0, self.G
-        s = self._logits(b, h0, i0, i1, j0, j1, qb, kb)
+        s, dcap = self._logits(b, h0, i0, i1, j0, j1, qb, kb)
         if poisoned is not None:
             reached = ~np.isneginf(s[poisoned]).all(0)  # (m,): keys a poisoned row sees
         z = None
         if self.dropout is not None:
             z = np.broadcast_to(_cut(self.dropout, b, h0, h0 + G, i0, i1, j0, j1).transpose(1, 0, 2), (n, G, m))
             z = z.reshape(n * G, m)
-        dq_, dk_, dv_ = _step(s, qb, kb[j0:j1], vb[j0:j1], do, delta, z)
+        dq_, dk_, dv_ = _step(s, qb, kb[j0:j1], vb[j0:j1], do, delta, z, target, dcap)
         dqb += dq_
         dk[j0:j1] += dk_
         dv[j0:j1] += dv_
@@ -189,21 +234,23 @@ class _Job:
             dk[j0:j1][reached] = dv[j0:j1][reached] = np.nan
 
 
-def _step(s, q, k, v, do, delta, z):
+def _step(s, q, k, v, do, delta, z, target=None, dcap=None):
     """The recurrence of the module docstring on one block, any leading (batch) axes: (dq, dk, dv) parts.
 
     s (..., R, m): the logits less lse, -inf where hidden (consumed: P is written over it); q (..., R, D + 1)
-    and k (..., m, D + 1) in the augmented form (the last column is ignored here), v (..., m, D); do (..., R, D); delta
-    (..., R, 1), or None when these m keys are all the rows see: then P is normalised by its row sums r
-    (1 / r applied to the (R, D) operands, not to P) and delta = rowsum(P dP) of the very products dS is
-    made of, so that each row of dS sums to ~0; z (..., R, m) dropout multipliers or None."""
+    and k (..., m, D + 1) in the augmented form (the last column is ignored here), v (..., m, D); do
+    (..., R, D); delta (..., R, 1), or None when these m keys are all the rows see: then P is normalised
+    to sum to ``target`` (..., R, 1) (1 when None; 1 - the sink's share with sinks), the factor applied to
+    the (R, D) operands, not to P, and delta = rowsum(P dP) of the very products dS is made of, so that
+    each row of dS sums to what it must; z (..., R, m) dropout multipliers or None; dcap (..., R, m) the
+    softcap's derivative, or None."""
     D = do.shape[-1]
     P = np.exp(s, out=s)
     Pz = P if z is None else P * z
     inv = None
     if delta is None:
         r = P.sum(axis=-1, keepdims=True)
-        inv = 1 / np.where(r == 0, 1, r)  # rows without a visible key: P = 0 stays 0
+        inv = (1 if target is None else target) / np.where(r == 0, 1, r)  # rows without a visible key: P = 0
     dv = np.matmul(np.swapaxes(Pz, -1, -2), do if inv is None else do * inv)
     dP = np.matmul(do, np.swapaxes(v, -1, -2))  # (..., R, m)
     if z is not None:
@@ -211,13 +258,15 @@ def _step(s, q, k, v, do, delta, z):
     if delta is None:
         delta = np.einsum("...ij,...ij->...i", P, dP)[..., None] * inv
     dP -= delta
-    dP *= P  # dS (times r when normalised here)
+    dP *= P  # dS (times 1 / inv when normalised here)
+    if dcap is not None:
+        dP *= dcap
     if inv is None:
         return np.matmul(dP, k[..., :D]), np.matmul(np.swapaxes(dP, -1, -2), q[..., :D]), dv
     return np.matmul(dP, k[..., :D]) * inv, np.matmul(np.swapaxes(dP, -1, -2), q[..., :D] * inv), dv
 
 
-def _whole(q, k, v, lse, dctx, poisoned, masks, dropout):
+def _whole(q, k, v, lse, dctx, poisoned, masks, dropout, extra: _Extra):
     """The whole call as one block of every (batch element, key/value head): batched GEMMs, for calls of
     at most WHOLE_FLOATS logits (B H T S, 2 MiB in float32), where the per-task path's overhead would
     dominate (measured at B=32, T=47, E=64, H=4: 7.5 ms per pull-back, 26 ms by tasks).
@@ -236,7 +285,10 @@ def _whole(q, k, v, lse, dctx, poisoned, masks, dropout):
 
     qa = np.empty((B, Hkv, T * G, D + 1), q.dtype)  # [q, -lse]
     qa[..., :D] = groups(q)
-    qa[..., D] = -groups(lse.transpose(0, 2, 1)[..., None])[..., 0]
+    lse_rows = groups(lse.transpose(0, 2, 1)[..., None])  # (B, Hkv, T G, 1)
+    qa[..., D] = -lse_rows[..., 0]
+    sink = None if extra.sinks is None else \
+        groups(np.broadcast_to(extra.sinks[None, None, :, None], (B, T, H, 1)))  # (B, Hkv, T G, 1)
     ka = np.ones((B, Hkv, S, D + 1), k.dtype)
     ka[..., :D] = k.transpose(0, 2, 1, 3)
     va = np.ascontiguousarray(v.transpose(0, 2, 1, 3))  # (B, Hkv, S, D)
@@ -244,13 +296,13 @@ def _whole(q, k, v, lse, dctx, poisoned, masks, dropout):
     if bad.any():
         ka[bad, :D], va[bad] = 0, 0
     do = groups(dctx)
-    dead = qa[..., D] == np.inf  # empty rows (lse -inf), and rows the forward made NaN
+    dead = extra.empty(sink, lse_rows)[..., 0]  # empty rows, and rows the forward made NaN
     if poisoned is not None:
         dead = dead | groups(poisoned[..., None])[..., 0]
     if dead.any():
         qa[dead] = 0
         do = np.where(dead[..., None], 0, do)
-    s = np.matmul(qa, np.swapaxes(ka, -1, -2))  # (B, Hkv, T G, S)
+    s, dcap = extra.logits(qa, ka)  # (B, Hkv, T G, S)
     if masks.bias is not None:
         s += per_key(masks.bias)
     keep = masks.visible(np)
@@ -261,7 +313,7 @@ def _whole(q, k, v, lse, dctx, poisoned, masks, dropout):
         rows = groups(poisoned[..., None])[..., 0]  # (B, Hkv, T G)
         reached = (~np.isneginf(s) & rows[..., None]).any(-2)  # (B, Hkv, S)
     z = None if dropout is None else per_key(dropout)
-    dq, dk, dv = _step(s, qa, ka, va, do, None, z)
+    dq, dk, dv = _step(s, qa, ka, va, do, None, z, extra.target(sink, lse_rows), dcap)
     if reached is not None:
         dq[rows] = np.nan
         dk[reached] = dv[reached] = np.nan
