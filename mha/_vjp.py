@@ -137,5 +137,5 @@ def gradients(layer, call: _prepare.Prepared, given: tuple, dx: tuple, dparams: 
     if not call.batched:
         dq, dk, dv = (None if a is None else a[0] for a in (dq, dk, dv))
     w = AttentionWeights(**{n: None if a is None else to_numpy(a) for n, a in dparams.items()},
-                         num_heads=layer.num_heads, num_kv_heads=layer.num_kv_heads)
+                         num_heads=layer.num_heads, num_kv_heads=layer.num_kv_heads)  # with q_norm/k_norm/sinks
     return Gradients(dq, dk, dv, w)

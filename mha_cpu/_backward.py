@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mha import _vjp
+from mha._reference import rms_norm
 from mha._rope import apply_rope
 
 from ._attend import attend
@@ -40,7 +41,7 @@ from ._pool import one_blas_thread
 class Saved:
     """What the forward keeps: inputs (B, ·, ·), heads q (B, T, H, D) times the scale, k, v (B, S, Hkv, D)
     after RoPE, contexts O (B, T, H, D) before head_mask, lse (B, H, T), and the call's masks, head_mask
-    (B|1, 1, H, 1), dropout (B, H, T, S) or None, RoPE offsets."""
+    (B|1, 1, H, 1), dropout (B, H, T, S) or None, RoPE offsets, and with qk_norm q, k before the norm."""
 
     xq: np.ndarray
     xk: np.ndarray
@@ -54,6 +55,7 @@ class Saved:
     head_mask: np.ndarray | None
     dropout: np.ndarray | None
     offsets: tuple
+    raw: tuple | None = None  # with qk_norm: q, k before the norm
 
 
 def vjp(layer, query, key, value, call_kwargs):
@@ -104,14 +106,23 @@ def forward(layer, call):
     k = _linear(xk, p["k_weight"], p["k_bias"]).reshape(B, S, Hkv, D)
     v = _linear(xv, p["v_weight"], p["v_bias"]).reshape(B, S, Hkv, D)
     offsets = (call.pos.q_offset, call.pos.k_offset)
+    raw = None
+    if _feature(c, "qk_norm") is not None:  # RMSNorm of every query and key head over D, learned weights
+        raw = q, k
+        q, k = (rms_norm(np, a, p[f"{n}_norm"], c.qk_norm) for a, n in ((q, "q"), (k, "k")))
     if c.rope is not None:
         q, k = (_rope(a, c.rope, o) for a, o in ((q, offsets[0]), (k, offsets[1])))
-    q *= q.dtype.type(c.effective_scale)
-    ctx, lse = _attend(q, k, v, call.masks, call.dropout)
+    q = q * q.dtype.type(c.effective_scale)
+    ctx, lse = _attend(q, k, v, call.masks, call.dropout, _feature(c, "softcap"), p.get("sinks"))
     hm = None if call.head_mask is None else call.head_mask.reshape(-1, 1, H, 1)
     merged = (ctx if hm is None else ctx * hm).reshape(B, T, H * D)
     out = _linear(merged, p["o_weight"], p["o_bias"])
-    return out, Saved(xq, xk, xv, q, k, v, ctx, lse, call.masks, hm, call.dropout, offsets)
+    return out, Saved(xq, xk, xv, q, k, v, ctx, lse, call.masks, hm, call.dropout, offsets, raw)
+
+
+def _feature(config, name: str):
+    """The layer's ``softcap`` / ``qk_norm`` (None when off, or when the layer has no such option)."""
+    return getattr(config, name, None)
 
 
 def _rope(x, rope, offset: int, transpose: bool = False):
@@ -127,15 +138,17 @@ def _rope(x, rope, offset: int, transpose: bool = False):
     return y * flip
 
 
-def _attend(q, k, v, masks, dropout):
+def _attend(q, k, v, masks, dropout, softcap=None, sinks=None):
     """(O (B, T, H, D), lse (B, H, T)) for scaled queries q (B, T, H, D) and k, v (B, S, Hkv, D): the
     backend's attention core (mha_cpu.attend), as the layer runs it; no query or no key: zero contexts and
     lse -inf (the layer's "empty" route)."""
     B, T, H, D = q.shape
     if B == 0 or T == 0 or k.shape[1] == 0:
-        return np.zeros_like(q), np.full((B, H, T), -np.inf, q.dtype)
+        lse = np.full((B, H, T), -np.inf, q.dtype) if sinks is None else \
+            np.broadcast_to(np.asarray(sinks, q.dtype)[None, :, None], (B, H, T)).copy()
+        return np.zeros_like(q), lse
     ctx, lse = attend(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), masks, scale=1.0,
-                      dropout=dropout)
+                      dropout=dropout, softcap=softcap, sinks=sinks)
     return np.ascontiguousarray(ctx.transpose(0, 2, 1, 3)), lse
 
 
@@ -150,10 +163,16 @@ def backward(layer, s: Saved, d_out):
     dctx = np.matmul(dy, p["o_weight"]).reshape(B, T, H, D)
     if s.head_mask is not None:
         dctx *= s.head_mask
-    dq, dk, dv, _ = attention_backward(s.q, s.k, s.v, s.ctx, s.lse, dctx, s.masks, s.dropout)
+    dq, dk, dv, dsinks = attention_backward(s.q, s.k, s.v, s.ctx, s.lse, dctx, s.masks, s.dropout,
+                                            _feature(c, "softcap"), p.get("sinks"))
     dq *= dq.dtype.type(c.effective_scale)
     if c.rope is not None:
         dq, dk = _rope(dq, c.rope, s.offsets[0], True), _rope(dk, c.rope, s.offsets[1], True)
+    if s.raw is not None:
+        dq, grads["q_norm"] = rms_norm_backward(s.raw[0], p["q_norm"], c.qk_norm, dq)
+        dk, grads["k_norm"] = rms_norm_backward(s.raw[1], p["k_norm"], c.qk_norm, dk)
+    if dsinks is not None:
+        grads["sinks"] = dsinks.astype(dq.dtype)
     dx = []
     for name, x, dh in (("q", s.xq, dq), ("k", s.xk, dk), ("v", s.xv, dv)):
         d2 = dh.reshape(x.shape[0] * x.shape[1], dh.shape[2] * dh.shape[3])  # (rows, heads * D)
@@ -162,6 +181,22 @@ def backward(layer, s: Saved, d_out):
         grads[f"{name}_bias"] = None if p[f"{name}_bias"] is None else _sum_rows(d2)
         dx.append(np.matmul(d2, p[f"{name}_weight"]).reshape(x.shape))
     return tuple(dx), grads
+
+
+def rms_norm_backward(x, w, eps: float, dy):
+    """(dx, dw) of y = x / sqrt(mean(x^2) + eps) * w over the last axis (D), for x, dy (..., D), w (D,):
+    with x_hat = x / rms and g = dy w, dx = (g - x_hat mean(g x_hat)) / rms and dw = sum over rows of
+    dy x_hat. Computed on x scaled by a power of two near its largest entry (exact), as the forward, so
+    that no square overflows."""
+    top = np.abs(x).max(axis=-1, keepdims=True)
+    p = np.where(top > 0, np.exp2(np.ceil(np.log2(np.where(top > 0, top, 1)))), 1).astype(x.dtype)
+    y = x / p
+    r = 1 / np.sqrt((y * y).mean(axis=-1, keepdims=True) + eps / (p * p))  # rms(x) = p / r
+    x_hat = y * r
+    g = dy * w
+    dx = (g - x_hat * (g * x_hat).mean(axis=-1, keepdims=True)) * (r / p)
+    dw = (dy * x_hat).reshape(-1, x.shape[-1]).sum(axis=0, dtype=np.float64).astype(x.dtype)
+    return dx, dw
 
 
 def _sum_rows(a):

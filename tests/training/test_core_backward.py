@@ -70,3 +70,20 @@ def test_softcap_and_sinks(softcap, with_sinks, blocks):
     if softcap is not None:  # guard: the same backward without the cap's derivative is far off
         _, off = torch_core(q, k, v, vis, np.broadcast_to(bias, (B, H, T, S)), scale, None, sinks, dO)
         assert np.abs(off["q"] - ref["q"]).max() > 100 * 2e-5 * max(1.0, np.abs(ref["q"]).max())
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e20])
+def test_rms_norm_backward(magnitude):
+    """qk_norm's backward (mha_cpu._backward.rms_norm_backward) against torch autograd, also for entries
+    whose squares overflow float32 (the forward scales by a power of two first, so does the backward)."""
+    from mha_cpu._backward import rms_norm_backward
+
+    x = normal((3, 4, 5, 6), 1, sigma=magnitude)
+    w, dy = normal((6,), 2), normal((3, 4, 5, 6), 3)
+    tx, tw = (torch.tensor(a.astype(np.float64), requires_grad=True) for a in (x, w))
+    y = tx / torch.sqrt((tx * tx).mean(-1, keepdim=True) + 1e-6) * tw
+    y.backward(torch.tensor(dy.astype(np.float64)))
+    with np.errstate(over="ignore"):
+        dx, dw = rms_norm_backward(x, w, 1e-6, dy)
+    assert np.abs(dx - tx.grad.numpy()).max() <= 1e-6 * np.abs(tx.grad.numpy()).max()
+    assert np.abs(dw - tw.grad.numpy()).max() <= 1e-6 * np.abs(tw.grad.numpy()).max()
