@@ -3,6 +3,8 @@ own float32 error (FlashAttention's rule), float64 within 1e-9, numpy and MLX eq
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
@@ -17,7 +19,9 @@ pytest.importorskip("torch")
 
 B, T, S, E, H = 2, 13, 17, 24, 4
 FEATURES = ["plain", "bool_mask", "additive_mask", "key_mask", "causal", "window", "empty_rows", "gqa", "mqa",
-            "cross_kdim", "head_mask", "rope", "dropout", "all", "combined"]  # combined: all but dropout
+            "cross_kdim", "head_mask", "rope", "dropout", "all", "combined",  # combined: all but dropout
+            "softcap", "qk_norm", "sinks"]  # the layer features of core-cpu's M2
+LAYER_OPTIONS = set(inspect.signature(mha.MultiHeadAttention.__init__).parameters)
 U32 = 2.0**-24
 
 
@@ -59,13 +63,34 @@ def case(feature: str, seed: int):
     if feature in ("dropout", "all"):
         layer["dropout"] = 0.3
         kw["training"] = True
+    if feature in ("softcap", "qk_norm", "sinks"):
+        kw["causal"] = True
+        if feature not in LAYER_OPTIONS:
+            pytest.skip(f"the layer has no {feature} option yet (core-cpu M2)")
+        rng = np.random.default_rng(seed + 7)
+        if feature == "softcap":
+            layer["softcap"] = 1.5  # logits here reach ~5: the cap bends them
+        extra = {}
+        if feature == "qk_norm":
+            layer["qk_norm"] = 1e-6
+            extra = dict(q_norm=rng.uniform(0.5, 2.0, E // H).astype(np.float32),
+                         k_norm=rng.uniform(0.5, 2.0, E // H).astype(np.float32))
+        if feature == "sinks":
+            extra = dict(sinks=rng.normal(size=H).astype(np.float32))
+        d = {n: a for n, a in w.to_dict().items() if n not in extra}
+        w = mha.AttentionWeights(**d, **extra, num_heads=H, num_kv_heads=w.num_kv_heads)
     return w, x, k, v, dy, kw, layer
 
 
 def run(backend, feature, seed, dtype="float32"):
     """(ours, torch float64, torch in ``dtype``... ) gradients and outputs for one case."""
     w, x, k, v, dy, kw, lk = case(feature, seed)
-    layer = mha.MultiHeadAttention.from_weights(w, backend=backend, seed=seed, dtype=dtype, **lk)
+    try:
+        layer = mha.MultiHeadAttention.from_weights(w, backend=backend, seed=seed, dtype=dtype, **lk)
+    except ValueError as err:
+        if feature in ("softcap", "qk_norm", "sinks") and feature in str(err):
+            pytest.skip(f"{backend}: {err}")
+        raise
     drop = None
     if "dropout" in lk:  # the multiplier the layer draws: a twin of the same seed draws the same
         twin = mha.MultiHeadAttention.from_weights(w, backend=backend, seed=seed, dtype=dtype, **lk)
@@ -76,7 +101,7 @@ def run(backend, feature, seed, dtype="float32"):
     ours = dict(query=g.query, key=g.key, value=g.value, **g.weights.to_dict())
     ours = {n: None if a is None else mha.to_numpy(a).astype(np.float64) for n, a in ours.items()}
     tkw = {n: a for n, a in kw.items() if n != "training"}
-    tkw.update({n: a for n, a in lk.items() if n in ("rope", "window")})
+    tkw.update({n: a for n, a in lk.items() if n in ("rope", "window", "softcap", "qk_norm")})
     y64, g64 = mha_vjp(w, x, k, v, dy, dropout=drop, **tkw)
     return mha.to_numpy(out).astype(np.float64), ours, y64, g64, (w, x, k, v, dy, tkw, drop)
 

@@ -51,13 +51,18 @@ def visible(B, H, T, S, mask=None, key_mask=None, causal=False, window=None):
 
 
 def mha_vjp(weights, query, key, value, d_out, *, mask=None, key_mask=None, causal=False, head_mask=None,
-            rope=None, window=None, dropout=None, scale=None, dtype="float64"):
-    """(output, {name: gradient}) as numpy float64, computed by torch autograd in ``dtype``."""
+            rope=None, window=None, dropout=None, scale=None, softcap=None, qk_norm=None, dtype="float64"):
+    """(output, {name: gradient}) as numpy float64, computed by torch autograd in ``dtype``. ``softcap`` c:
+    logits c tanh(l / c) before the additive mask; ``qk_norm`` eps: RMSNorm of each query and key head with
+    weights.q_norm, k_norm (before RoPE); weights.sinks (H,) when present: learned sink logits."""
     import torch
 
     dt = getattr(torch, dtype)
     H, Hkv, D = weights.num_heads, weights.num_kv_heads, weights.head_dim
     w, x = torch_leaves(weights, query, key, value, dt)
+    extra = {n: torch.tensor(np.asarray(getattr(weights, n), np.float64), dtype=dt, requires_grad=True)
+             for n in ("q_norm", "k_norm", "sinks") if getattr(weights, n, None) is not None}
+    w.update(extra)
     B, T, _ = query.shape
     S = key.shape[1]
 
@@ -68,19 +73,27 @@ def mha_vjp(weights, query, key, value, d_out, *, mask=None, key_mask=None, caus
         return y.reshape(B, -1, n, D).transpose(1, 2)  # (B, n, L, D)
 
     q, k, v = proj("q", x["query"], H), proj("k", x["key"], Hkv), proj("v", x["value"], Hkv)
+    if qk_norm is not None:
+        q, k = (a / torch.sqrt((a * a).mean(-1, keepdim=True) + qk_norm) * w[f"{n}_norm"] for a, n in ((q, "q"), (k, "k")))
     if rope is not None:
         q, k = _rope(torch, q, rope, S - T), _rope(torch, k, rope, 0)
     k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
     s = 1.0 / math.sqrt(D) if scale is None else scale
     logits = (q @ k.transpose(-1, -2)) * s  # (B, H, T, S)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     if mask is not None and np.asarray(mask).dtype.kind == "f":
         m = np.asarray(mask, np.float64)
         logits = logits + torch.tensor(np.where(np.isneginf(m), 0.0, m), dtype=dt)
     vis = torch.tensor(visible(B, H, T, S, mask, key_mask, causal, window))
     any_vis = vis.any(-1, keepdim=True)
     logits = torch.where(vis, logits, torch.tensor(float("-inf"), dtype=dt))
-    logits = torch.where(any_vis, logits, torch.zeros((), dtype=dt))
-    P = torch.softmax(logits, dim=-1) * any_vis
+    if "sinks" in w:  # one more column per row, holding the head's sink, no value
+        col = w["sinks"][None, :, None, None].expand(B, H, T, 1)
+        P = torch.softmax(torch.cat([logits, col], -1), dim=-1)[..., :S]
+    else:
+        logits = torch.where(any_vis, logits, torch.zeros((), dtype=dt))
+        P = torch.softmax(logits, dim=-1) * any_vis
     if dropout is not None:
         P = P * torch.tensor(np.asarray(dropout, np.float64), dtype=dt)
     ctx = P @ v  # (B, H, T, D)
