@@ -50,17 +50,14 @@ def attention_backward(q, k, v, ctx, lse, dctx, masks, dropout, softcap=None, si
     dq = np.zeros_like(q)
     dk, dv = np.zeros(k.shape, k.dtype), np.zeros(v.shape, v.dtype)
     delta = np.einsum("bthd,bthd->bth", dctx, ctx)  # (B, T, H): rowsum(dO * O) = sum_j P_ij dP_ij
-    dsinks = None
-    if sinks is not None:  # d sink_h = -sum_i P_sink,i delta_i, P_sink = exp(sink_h - lse_i)
-        psink = np.exp(np.asarray(sinks, lse.dtype)[None, :, None] - lse)  # (B, H, T)
-        dsinks = -np.einsum("bht,bth->h", psink, delta)
     if B == 0 or T == 0 or S == 0:
-        return dq, dk, dv, dsinks
+        return dq, dk, dv, _dsinks(sinks, lse, delta)
     G = H // Hkv
     poisoned = np.isnan(delta) if np.isnan(ctx).any() else None  # rows the forward made NaN
     extra = _Extra(softcap, None if sinks is None else np.asarray(sinks, q.dtype))
     if B * H * T * S <= min(WHOLE_FLOATS, tuning.single_pass_floats) and S <= tuning.single_pass_max:
-        return _whole(q, k, v, lse, dctx, poisoned, masks, dropout, extra) + (dsinks,)
+        dq, dk, dv = _whole(q, k, v, lse, dctx, poisoned, masks, dropout, extra, delta)
+        return dq, dk, dv, _dsinks(sinks, lse, delta)
     bq, bk = _blocks(T, S, G)
     with Workers(10.0 * B * H * T * S * D) as workers:
         chunks = _chunks(T, bq, B * Hkv, workers.n)
@@ -73,7 +70,16 @@ def attention_backward(q, k, v, ctx, lse, dctx, masks, dropout, softcap=None, si
         for (b, g, _, _), (pk, pv) in parts.items():
             dk[b, :, g] += pk
             dv[b, :, g] += pv
-    return dq, dk, dv, dsinks
+    return dq, dk, dv, _dsinks(sinks, lse, delta)
+
+
+def _dsinks(sinks, lse, delta):
+    """(H,) float64, or None without sinks: d sink_h = -sum_i P_sink,i delta_i, P_sink = exp(sink_h - lse_i)
+    and delta (B, T, H) the rows' sum_j P_ij dP_ij (from the blocks, where the backward took it there)."""
+    if sinks is None:
+        return None
+    psink = np.exp(np.asarray(sinks, np.float64)[None, :, None] - lse)  # (B, H, T)
+    return -np.einsum("bht,bth->h", psink, delta.astype(np.float64))
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,8 @@ class _Job:
         poisoned = poisoned if poisoned is not None and poisoned.any() else None
         dqb = np.zeros((n * G, D), qb.dtype)
         if hi - lo <= self.bk:
-            self._block(b, h0, i0, i1, lo, hi, qb, kb, vb, do, None, target, poisoned, dqb, dk, dv)
+            d = self._block(b, h0, i0, i1, lo, hi, qb, kb, vb, do, None, target, poisoned, dqb, dk, dv)
+            np.copyto(self.delta[rows], d.reshape(n, G), where=~dead.reshape(n, G))  # for the sinks' gradient
         else:
             delta = np.nan_to_num(self.delta[rows].reshape(n * G, 1))
             for j0 in range(lo, hi, self.bk):
@@ -226,16 +233,18 @@ class _Job:
         if self.dropout is not None:
             z = np.broadcast_to(_cut(self.dropout, b, h0, h0 + G, i0, i1, j0, j1).transpose(1, 0, 2), (n, G, m))
             z = z.reshape(n * G, m)
-        dq_, dk_, dv_ = _step(s, qb, kb[j0:j1], vb[j0:j1], do, delta, z, target, dcap)
+        dq_, dk_, dv_, delta = _step(s, qb, kb[j0:j1], vb[j0:j1], do, delta, z, target, dcap)
         dqb += dq_
         dk[j0:j1] += dk_
         dv[j0:j1] += dv_
         if poisoned is not None:
             dk[j0:j1][reached] = dv[j0:j1][reached] = np.nan
+        return delta
 
 
 def _step(s, q, k, v, do, delta, z, target=None, dcap=None):
-    """The recurrence of the module docstring on one block, any leading (batch) axes: (dq, dk, dv) parts.
+    """The recurrence of the module docstring on one block, any leading (batch) axes: (dq, dk, dv) parts
+    and the delta used (..., R, 1).
 
     s (..., R, m): the logits less lse, -inf where hidden (consumed: P is written over it); q (..., R, D + 1)
     and k (..., m, D + 1) in the augmented form (the last column is ignored here), v (..., m, D); do
@@ -262,15 +271,16 @@ def _step(s, q, k, v, do, delta, z, target=None, dcap=None):
     if dcap is not None:
         dP *= dcap
     if inv is None:
-        return np.matmul(dP, k[..., :D]), np.matmul(np.swapaxes(dP, -1, -2), q[..., :D]), dv
-    return np.matmul(dP, k[..., :D]) * inv, np.matmul(np.swapaxes(dP, -1, -2), q[..., :D] * inv), dv
+        return np.matmul(dP, k[..., :D]), np.matmul(np.swapaxes(dP, -1, -2), q[..., :D]), dv, delta
+    return np.matmul(dP, k[..., :D]) * inv, np.matmul(np.swapaxes(dP, -1, -2), q[..., :D] * inv), dv, delta
 
 
-def _whole(q, k, v, lse, dctx, poisoned, masks, dropout, extra: _Extra):
+def _whole(q, k, v, lse, dctx, poisoned, masks, dropout, extra: _Extra, delta_out):
     """The whole call as one block of every (batch element, key/value head): batched GEMMs, for calls of
     at most WHOLE_FLOATS logits (B H T S, 2 MiB in float32), where the per-task path's overhead would
     dominate (measured at B=32, T=47, E=64, H=4: 7.5 ms per pull-back, 26 ms by tasks).
-    Same arrays and results as attention_backward."""
+    Same arrays and results as attention_backward; the rows' delta written into ``delta_out`` (B, T, H)
+    (rows the forward made NaN keep theirs)."""
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -313,7 +323,9 @@ def _whole(q, k, v, lse, dctx, poisoned, masks, dropout, extra: _Extra):
         rows = groups(poisoned[..., None])[..., 0]  # (B, Hkv, T G)
         reached = (~np.isneginf(s) & rows[..., None]).any(-2)  # (B, Hkv, S)
     z = None if dropout is None else per_key(dropout)
-    dq, dk, dv = _step(s, qa, ka, va, do, None, z, extra.target(sink, lse_rows), dcap)
+    dq, dk, dv, delta = _step(s, qa, ka, va, do, None, z, extra.target(sink, lse_rows), dcap)
+    delta = delta[..., 0].reshape(B, Hkv, T, G).transpose(0, 2, 1, 3).reshape(B, T, H)
+    np.copyto(delta_out, delta, where=~np.isnan(delta_out))
     if reached is not None:
         dq[rows] = np.nan
         dk[reached] = dv[reached] = np.nan
