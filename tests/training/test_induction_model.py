@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +79,15 @@ def test_loader_gives_the_training_forward():
         theirs = np.asarray(model.logits(ids))
         assert theirs.shape == ours.shape and np.abs(theirs - ours).max() <= 1e-4 * np.abs(ours).max()
     assert mm.load("induction").vocab_size == 64
+
+
+def test_gradients_benchmark_runs(tmp_path):
+    """benchmarks/gradients.py at a tiny size, in a process of its own (it sets torch's and numpy's threads):
+    both sides run and agree, and the JSON is written."""
+    pytest.importorskip("torch")
+    script = EXAMPLE.parents[1] / "benchmarks" / "gradients.py"
+    res = subprocess.run([sys.executable, str(script), "--shapes", "2,16", "--E", "16", "--H", "2", "--rounds", "1",
+                          "--causal", "--json", str(tmp_path / "g.json")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    row = json.loads((tmp_path / "g.json").read_text())["results"][0]
+    assert row["causal"] is True and row["grad_x_agreement"] < 1e-4 and row["numpy_ms"] > 0 and row["torch_ms"] > 0
