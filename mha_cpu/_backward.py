@@ -31,10 +31,10 @@ from mha import _vjp
 from mha._reference import rms_norm
 from mha._rope import apply_rope
 
-from ._attend import attend
+from ._kernel import attend
 from ._backward_core import attention_backward
-from ._options import tuning
-from ._pool import one_blas_thread
+from ._options import options
+from ._workers import Workers
 
 
 @dataclass
@@ -77,15 +77,15 @@ def vjp(layer, query, key, value, call_kwargs):
 
 
 def _small(layer, call):
-    """A context for the call's arithmetic: BLAS held at one thread below ``tuning.min_parallel_flops``
-    (its threads cost more than they give on small products, the more so when the cores are busy:
-    mha_cpu._pool.one_blas_thread), else nothing (large GEMMs take BLAS's threads; the attention its
-    workers)."""
+    """A context for the call's arithmetic: below ``options.parallel_flops`` the backend's Workers on the
+    calling thread alone, which hold BLAS at ``options.blas_threads`` (its threads cost more than they give
+    on small products, the more so when the cores are busy), else nothing (large GEMMs take BLAS's
+    threads; the attention its workers)."""
     c = layer.config
     B, T, S = call.shape
     HD, KD = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     flops = 2.0 * B * (2 * T * c.embed_dim * HD + S * (c.kdim + c.vdim) * KD + 2 * T * S * HD)
-    return one_blas_thread if flops < tuning.min_parallel_flops else contextlib.nullcontext
+    return (lambda: Workers(flops)) if flops < options.parallel_flops else contextlib.nullcontext
 
 
 def _linear(x, w, b):

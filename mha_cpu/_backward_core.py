@@ -10,7 +10,7 @@ log-sum-exp, and the contexts' cotangent dO::
         dS = P (dP - delta_i)                   # the softmax's Jacobian, diagonal *and* rank-one parts
         dq_i += dS k_j;  dk_j += dS^T q_i       # summed over the query heads of a GQA group
 
-When a block of queries sees all its keys in one block (up to ``tuning.single_pass_max`` keys, 4096),
+When a block of queries sees all its keys in one block (up to ``thresholds.single_pass_max`` keys, 4096),
 P is normalised over that block (P / r, r its row sums: 1 up to the rounding of logits computed again)
 and delta = rowsum(P dP) taken from it, so the Jacobian sums to zero over each row as it must (a row of
 one key gets exactly no gradient through its logit) and P is as accurate as a softmax of its own logits
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._options import options, tuning
-from ._pool import Workers
+from ._options import options, thresholds
+from ._workers import Workers
 
 BLOCK_FLOATS = 1 << 18  # a block's (rows x keys) logits, about 1 MiB in float32: P and dP stay in cache
 WHOLE_FLOATS = 1 << 19  # calls with at most this many logits (B H T S) run as one batched block (_whole)
@@ -55,7 +55,7 @@ def attention_backward(q, k, v, ctx, lse, dctx, masks, dropout, softcap=None, si
     G = H // Hkv
     poisoned = np.isnan(delta) if np.isnan(ctx).any() else None  # rows the forward made NaN
     extra = _Extra(softcap, None if sinks is None else np.asarray(sinks, q.dtype))
-    if B * H * T * S <= min(WHOLE_FLOATS, tuning.single_pass_floats) and S <= tuning.single_pass_max:
+    if B * H * T * S <= min(WHOLE_FLOATS, thresholds.single_pass_floats) and S <= thresholds.single_pass_max:
         dq, dk, dv = _whole(q, k, v, lse, dctx, poisoned, masks, dropout, extra, delta)
         return dq, dk, dv, _dsinks(sinks, lse, delta)
     bq, bk = _blocks(T, S, G)
@@ -116,8 +116,8 @@ class _Extra:
 
 def _blocks(T: int, S: int, G: int) -> tuple[int, int]:
     """(queries, keys) per block: options.block_q / block_k when set small (tests), else keys in one
-    block up to tuning.single_pass_max and queries so that a block's logits stay near BLOCK_FLOATS."""
-    bk = S if S <= tuning.single_pass_max else options.block_k
+    block up to thresholds.single_pass_max and queries so that a block's logits stay near BLOCK_FLOATS."""
+    bk = S if S <= thresholds.single_pass_max else options.block_k
     bq = options.block_q or max(8, BLOCK_FLOATS // max(1, G * min(bk, S)))
     return max(1, min(bq, T)), max(1, min(bk, S))
 

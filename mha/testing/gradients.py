@@ -58,17 +58,20 @@ def _rotate(x, rope, first: int, sign: float):
 
 
 def oracle_vjp(weights: AttentionWeights, query, key, value, d_out, *, mask=None, key_mask=None, causal=False,
-               head_mask=None, scale=None, rope=None, window=None, dropout=None, dtype=np.float64,
-               causal_align="bottom_right"):
+               head_mask=None, scale=None, rope=None, window=None, dropout=None, softcap=None, qk_norm=None,
+               dtype=np.float64, causal_align="bottom_right"):
     """Multi-head attention and its VJP by explicit loops, in ``dtype``; returns ``(output, grads)``.
 
     query (B, T, E), key (B, S, kdim), value (B, S, vdim), d_out (B, T, E); masks in this project's
     semantics (bool True = may attend, float added with -inf hiding, key_mask (B, S), causal and window
     aligned at the end); head_mask (H,) or (B, H); ``dropout`` a multiplier (B, H, T, S) of the weights
-    (0 or 1/(1-p)); ``causal_align`` "bottom_right" (this project's) or "top_left" (a declared convention,
-    mha.testing.conventions). ``grads`` maps "query", "key", "value" (each argument taken as a separate input) and
-    the weight names of :class:`mha.AttentionWeights` (None for absent biases) to arrays of ``dtype``.
-    A query that sees no key has zero weights, context and gradients.
+    (0 or 1/(1-p)); the layer features ``softcap`` c (logits c tanh(l / c) before the additive mask),
+    ``qk_norm`` eps (RMSNorm of each query and key head with the weights' q_norm, k_norm, before RoPE)
+    and the weights' ``sinks`` (H,) (one more term exp(sink_h) in each row's softmax, no value);
+    ``causal_align`` "bottom_right" (this project's) or "top_left" (a declared convention,
+    mha.testing.conventions). ``grads`` maps "query", "key", "value" (each argument taken as a separate
+    input) and the weight names of :class:`mha.AttentionWeights` (None where absent) to arrays of
+    ``dtype``. A query that sees no key has zero weights, context and gradients.
     """
     dt = np.dtype(dtype)
     w = {n: None if a is None else np.asarray(a, dt) for n, a in weights.to_dict().items()}
@@ -80,6 +83,7 @@ def oracle_vjp(weights: AttentionWeights, query, key, value, d_out, *, mask=None
     vis = visible_keys(B, H, T, S, mask=mask, key_mask=key_mask, causal=causal, window=window,
                        causal_align=causal_align)
     add = additive(B, H, T, S, mask).astype(dt)
+    drop = np.ones((B, H, T, S), dt) if dropout is None else np.broadcast_to(np.asarray(dropout, dt), (B, H, T, S))
     hm = np.ones((B, H), dt) if head_mask is None else \
         np.broadcast_to(np.asarray(head_mask, dt).reshape(-1, H), (B, H))
     g = {n: None if a is None else np.zeros_like(a) for n, a in w.items()}
@@ -89,57 +93,99 @@ def oracle_vjp(weights: AttentionWeights, query, key, value, d_out, *, mask=None
         for h in range(H):
             kv = h // (H // Hkv)
             rq, rk = slice(h * D, (h + 1) * D), slice(kv * D, (kv + 1) * D)
-            q = xq[b] @ w["q_weight"][rq].T + (0 if w["q_bias"] is None else w["q_bias"][rq])  # (T, D)
-            k = xk[b] @ w["k_weight"][rk].T + (0 if w["k_bias"] is None else w["k_bias"][rk])  # (S, D)
-            v = xv[b] @ w["v_weight"][rk].T + (0 if w["v_bias"] is None else w["v_bias"][rk])
+            (q, q0), (k, k0), (v, _) = (_head(x[b], w, n, r, qk_norm) for x, n, r in
+                                        ((xq, "q", rq), (xk, "k", rk), (xv, "v", rk)))
             if rope is not None:
                 q, k = _rotate(q, rope, S - T, 1.0), _rotate(k, rope, 0, 1.0)
             dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
             ctx = np.zeros((T, D), dt)
             wo = w["o_weight"][:, rq]  # (E, D)
+            sink = None if w.get("sinks") is None else w["sinks"][h]
             for i in range(T):
                 seen = np.flatnonzero(vis[b, h, i])
                 if seen.size == 0:
                     continue
-                z = np.array([s * (q[i] @ k[j]) + add[b, h, i, j] for j in seen], dt)
-                e = np.exp(z - z.max())
-                p = e / e.sum()
-                zd = np.ones(seen.size, dt) if dropout is None else np.asarray(dropout, dt)[b, h, i, seen]
-                ctx[i] = (p * zd) @ v[seen]
                 dctx = hm[b, h] * (dy[b, i] @ wo)  # (D,)
-                dv[seen] += np.outer(p * zd, dctx)
-                dp = (v[seen] @ dctx) * zd
-                J = np.diag(p) - np.outer(p, p)  # the softmax's Jacobian, whole
-                dz = J @ dp
+                ctx[i], dz, dsink, dv_seen = _row(q[i], k[seen], v[seen], add[b, h, i, seen], drop[b, h, i, seen],
+                                                  dctx, s, softcap, sink)
+                dv[seen] += dv_seen
                 dq[i] += s * (dz @ k[seen])
                 dk[seen] += s * np.outer(dz, q[i])
+                if sink is not None:
+                    g["sinks"][h] += dsink
             out[b] += (hm[b, h] * ctx) @ wo.T
             g["o_weight"][:, rq] += dy[b].T @ (hm[b, h] * ctx)
             if rope is not None:
                 dq, dk = _rotate(dq, rope, S - T, -1.0), _rotate(dk, rope, 0, -1.0)
-            reached = vis[b, h].any(0)  # keys some query sees: only their inputs reach the output
-            sees = vis[b, h].any(1)  # queries that see some key: only their inputs reach the output
-            for name, x, d, rows, pick in (("q", xq[b], dq, rq, sees), ("k", xk[b], dk, rk, reached),
-                                           ("v", xv[b], dv, rk, reached)):
-                g[f"{name}_weight"][rows] += d[pick].T @ x[pick]
-                if g[f"{name}_bias"] is not None:
-                    g[f"{name}_bias"][rows] += d.sum(0)
-                g[{"q": "query", "k": "key", "v": "value"}[name]][b] += d @ w[f"{name}_weight"][rows]
+            if qk_norm is not None:
+                dq, dk = _norm_vjp(q0, w["q_norm"], qk_norm, dq, g["q_norm"]), \
+                    _norm_vjp(k0, w["k_norm"], qk_norm, dk, g["k_norm"])
+            _projections_vjp(g, w, (xq[b], xk[b], xv[b]), (dq, dk, dv), (rq, rk, rk), vis[b, h], b)
     if w["o_bias"] is not None:
         out += w["o_bias"]
         g["o_bias"] = dy.sum((0, 1))
     return out, g
 
 
+def _head(x, w, name: str, rows, qk_norm):
+    """(head (L, D), before the norm): a projection's rows of one head, RMS-normalised for q and k with
+    qk_norm (its weights q_norm / k_norm)."""
+    y = x @ w[f"{name}_weight"][rows].T + (0 if w[f"{name}_bias"] is None else w[f"{name}_bias"][rows])
+    if qk_norm is None or name == "v":
+        return y, y
+    return y / np.sqrt((y * y).mean(-1, keepdims=True) + y.dtype.type(qk_norm)) * w[f"{name}_norm"], y
+
+
+def _norm_vjp(x, weight, eps: float, dy, dweight):
+    """dx of y = x / rms(x) * weight row by row through its Jacobian J_ij = weight_i (delta_ij - x_i x_j /
+    (D rms^2)) / rms built as a matrix; adds this head's gradient of ``weight`` into ``dweight``."""
+    D = x.shape[-1]
+    dx = np.zeros_like(x)
+    for r in range(x.shape[0]):
+        rms = np.sqrt((x[r] * x[r]).mean() + x.dtype.type(eps))
+        J = weight[:, None] * (np.eye(D, dtype=x.dtype) - np.outer(x[r], x[r]) / (D * rms * rms)) / rms
+        dx[r] = J.T @ dy[r]
+        dweight += dy[r] * x[r] / rms
+    return dx
+
+
+def _row(q, k, v, add, zd, dctx, s, softcap, sink):
+    """One query row against its visible keys: (context (D,), d logits (n,), d sink, dv rows (n, D)), the
+    softmax's Jacobian diag(p) - p p^T built whole over the keys (and the sink, a last entry without value)."""
+    raw = np.array([s * (q @ kj) for kj in k], q.dtype)
+    logit = raw if softcap is None else softcap * np.tanh(raw / softcap)
+    z = logit + add if sink is None else np.append(logit + add, sink)
+    e = np.exp(z - z.max())
+    p = e / e.sum()
+    pk = p[: len(k)] * zd  # the weights of the keys, dropout applied
+    dp = np.zeros_like(p)
+    dp[: len(k)] = (v @ dctx) * zd
+    dz = (np.diag(p) - np.outer(p, p)) @ dp
+    dlogit = dz[: len(k)] if softcap is None else dz[: len(k)] * (1 - np.tanh(raw / softcap) ** 2)
+    return pk @ v, dlogit, (dz[-1] if sink is not None else 0.0), np.outer(pk, dctx)
+
+
+def _projections_vjp(g, w, xs, ds, rows, vis, b: int) -> None:
+    """Add one head's projection gradients into ``g``: weights, biases and the inputs of batch element b.
+    Only rows that reach the output (queries that see a key, keys some query sees) touch the weights."""
+    reach = {"q": vis.any(1), "k": vis.any(0), "v": vis.any(0)}
+    for name, x, d, r in zip("qkv", xs, ds, rows):
+        g[f"{name}_weight"][r] += d[reach[name]].T @ x[reach[name]]
+        if g[f"{name}_bias"] is not None:
+            g[f"{name}_bias"][r] += d.sum(0)
+        g[{"q": "query", "k": "key", "v": "value"}[name]][b] += d @ w[f"{name}_weight"][r]
+
+
 def magnitudes(weights: AttentionWeights, query, key, value, d_out, P, *, mask=None, head_mask=None, scale=None,
-               dropout=None, max_angle: float = 0.0) -> dict:
+               dropout=None, max_angle: float = 0.0, qk_norm=None) -> dict:
     """Per gradient name, M: the scale of a float32 gradient's rounding error (the gradients' T1 magnitude).
 
     The backward run on absolute values: |x| |W|^T + |b| projections, the exact weights P (B, H, T, S),
     |J| |dp| <= p |dp| + p sum_k p_k |dp_k| for the softmax's Jacobian, every product of magnitudes; then
     the largest entry of each gradient so bounded, times the logit factor 1 + s max||q|| max||k|| + max|A|
     (a logit's rounding, relative to which every weight moves; tolerance.magnitude's Cauchy-Schwarz form,
-    grown by RoPE as there)."""
+    grown by RoPE as there). With ``qk_norm`` the normalised heads are bounded by sqrt(D) |w| and the
+    gradient through the norm by 2 |w| / rms of each row; with sinks, d sink by sum_i sum_j p_ij |dp_ij|."""
     from .tolerance import _abs_projections, mask_term, rope_factor
 
     H, Hkv, D = weights.num_heads, weights.num_kv_heads, weights.head_dim
@@ -155,6 +201,17 @@ def magnitudes(weights: AttentionWeights, query, key, value, d_out, P, *, mask=N
         np.broadcast_to(np.abs(np.asarray(head_mask, np.float64)).reshape(-1, H), (B, H))
     M = {n: np.zeros_like(a) for n, a in w.items() if a is not None}
     M.update(query=np.zeros_like(xq), key=np.zeros_like(xk), value=np.zeros_like(xv))
+    through = None  # with qk_norm: the gradient's growth through the q/k norm, per head and row (B, L, 1)
+    if qk_norm is not None and w.get("q_norm") is not None:
+        through = {}
+        from .oracle import head_projections
+
+        raw = head_projections(weights, query, key, value)[:2]
+        for name, heads, n in (("q", qs, H), ("k", ks, Hkv)):
+            rms = [np.sqrt((r * r).mean(-1, keepdims=True) + qk_norm) for r in raw[name == "k"]]
+            top = float(w[f"{name}_norm"].max(initial=0.0))
+            through[name] = [2 * top / r for r in rms]
+            heads[:] = [np.broadcast_to(math.sqrt(D) * w[f"{name}_norm"], a.shape) for a in heads]
     for h in range(H):
         g, rq, rk = h // G, slice(h * D, (h + 1) * D), slice((h // G) * D, (h // G + 1) * D)
         dctx = hm[:, h, None, None] * (dy @ w["o_weight"][:, rq])  # (B, T, D)
@@ -162,6 +219,12 @@ def magnitudes(weights: AttentionWeights, query, key, value, d_out, P, *, mask=N
         dp = np.einsum("bsd,btd->bts", vs[g], dctx) * (Pz[:, h] / np.where(P[:, h] > 0, P[:, h], 1))
         dz = P[:, h] * (dp + (P[:, h] * dp).sum(-1, keepdims=True))
         dq, dk = s * dz @ ks[g], s * np.einsum("bts,btd->bsd", dz, qs[h])
+        if "sinks" in M:
+            M["sinks"][h] += (P[:, h] * dp).sum()
+        if through is not None:
+            M["q_norm"] += math.sqrt(D) * dq.sum((0, 1))
+            M["k_norm"] += math.sqrt(D) * dk.sum((0, 1))
+            dq, dk = dq * through["q"][h], dk * through["k"][g]
         M["o_weight"][:, rq] += np.einsum("bte,btd->ed", dy, hm[:, h, None, None] * np.abs(_ctx(Pz[:, h], vs[g])))
         for name, x, d, rows in (("q", xq, dq, rq), ("k", xk, dk, rk), ("v", xv, dv, rk)):
             M[f"{name}_weight"][rows] += np.einsum("bld,ble->de", d, x)

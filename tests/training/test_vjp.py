@@ -137,7 +137,8 @@ def test_float64_within_1e9(feature):
     (mha.testing.gradients.magnitudes: the exact gradient may be 0, as the key bias's is)."""
     out, ours, y64, g64, (w, x, k, v, dy, tkw, drop) = run("numpy", feature, 3, dtype="float64")
     _, P = oracle.attention(w, x, k, v, **{n: a for n, a in tkw.items()})
-    M = magnitudes(w, x, k, v, dy, P, mask=tkw.get("mask"), head_mask=tkw.get("head_mask"), dropout=drop)
+    M = magnitudes(w, x, k, v, dy, P, mask=tkw.get("mask"), head_mask=tkw.get("head_mask"), dropout=drop,
+                   qk_norm=tkw.get("qk_norm"))
     within(ours, g64, {n: 1e-9 * max(np.abs(a).max(), M[n] * 1e-3) for n, a in g64.items() if a is not None},
            f"float64 {feature}")
 

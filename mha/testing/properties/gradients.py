@@ -58,7 +58,7 @@ def reference(p, d_out, *, query=None, key=None, value=None, masks=None, head_ma
     _, g64 = gr.oracle_vjp(p.weights, q, k, v, d_out, **opts)
     _, P = oracle.attention(p.weights, q, k, v, **m, causal_align=p.convention("causal"), **p.layer_options())
     M = gr.magnitudes(p.weights, q, k, v, d_out, P, mask=m.get("mask"), head_mask=head_mask,
-                      max_angle=p.max_angle())
+                      max_angle=p.max_angle(), qk_norm=p.layer_options().get("qk_norm"))
     if float64:
         return g64, {n: gr.FACTOR * 2.0**-53 * M[n] for n in M}
     _, g32 = gr.oracle_vjp(p.weights, q, k, v, d_out, dtype=np.float32, **opts)
