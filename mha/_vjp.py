@@ -130,8 +130,8 @@ def gradients(layer, call: _prepare.Prepared, given: tuple, dx: tuple, dparams: 
     gradients by AttentionWeights name (native or numpy, None for absent biases)."""
     dq, dk, dv = dx
     key_given, value_given = given
-    if not key_given:  # one input in all three roles
-        dq, dk, dv = dq + dk + dv, None, None
+    if not key_given:  # one input in all three roles (dk, dv None: the backward summed them already)
+        dq, dk, dv = (dq if dk is None else dq + dk + dv), None, None
     elif not value_given:  # key in both the key and value roles
         dk, dv = dk + dv, None
     if not call.batched:

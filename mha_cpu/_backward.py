@@ -39,8 +39,7 @@ from ._workers import Workers
 
 @dataclass
 class Saved:
-    """What the forward keeps: inputs (B, ·, ·), heads q (B, T, H, D) times the scale, k, v (B, S, Hkv, D)
-    after RoPE, contexts O (B, T, H, D) before head_mask, lse (B, H, T), and the call's masks, head_mask
+    """What the forward keeps: inputs (B, ·, ·), heads q (B, T, H, D), k, v (B, S, Hkv, D) after RoPE, contexts O (B, T, H, D) before head_mask, lse (B, H, T), and the call's masks, head_mask
     (B|1, 1, H, 1), dropout (B, H, T, S) or None, RoPE offsets, and with qk_norm q, k before the norm."""
 
     xq: np.ndarray
@@ -56,6 +55,7 @@ class Saved:
     dropout: np.ndarray | None
     offsets: tuple
     raw: tuple | None = None  # with qk_norm: q, k before the norm
+    fused: tuple | None = None  # self-attention: the stacked q/k/v projection (W, b)
 
 
 def vjp(layer, query, key, value, call_kwargs):
@@ -70,7 +70,7 @@ def vjp(layer, query, key, value, call_kwargs):
     def pull(d_out) -> _vjp.Gradients:
         d = _vjp.check_cotangent(layer, d_out, shape, call.batched)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"), small():
-            dx, dparams = backward(layer, saved, d)
+            dx, dparams = backward(layer, saved, d, total=not given[0])
         return _vjp.gradients(layer, call, given, dx, dparams)
 
     return (out if call.batched else out[0]), pull
@@ -102,9 +102,17 @@ def forward(layer, call):
     H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
     xq, xk, xv = call.query, call.key, call.value
     B, T, S = call.shape
-    q = _linear(xq, p["q_weight"], p["q_bias"]).reshape(B, T, H, D)
-    k = _linear(xk, p["k_weight"], p["k_bias"]).reshape(B, S, Hkv, D)
-    v = _linear(xv, p["v_weight"], p["v_bias"]).reshape(B, S, Hkv, D)
+    if call.self_attention:  # one GEMM for the three projections; q, k, v views of its output
+        fused = _fused(p)
+        y = _linear(xq, *fused)
+        HD, KD = H * D, Hkv * D
+        q, k, v = (y[..., :HD].reshape(B, T, H, D), y[..., HD:HD + KD].reshape(B, S, Hkv, D),
+                   y[..., HD + KD:].reshape(B, S, Hkv, D))
+    else:
+        fused = None
+        q = _linear(xq, p["q_weight"], p["q_bias"]).reshape(B, T, H, D)
+        k = _linear(xk, p["k_weight"], p["k_bias"]).reshape(B, S, Hkv, D)
+        v = _linear(xv, p["v_weight"], p["v_bias"]).reshape(B, S, Hkv, D)
     offsets = (call.pos.q_offset, call.pos.k_offset)
     raw = None
     if _feature(c, "qk_norm") is not None:  # RMSNorm of every query and key head over D, learned weights
@@ -112,12 +120,17 @@ def forward(layer, call):
         q, k = (rms_norm(np, a, p[f"{n}_norm"], c.qk_norm) for a, n in ((q, "q"), (k, "k")))
     if c.rope is not None:
         q, k = (_rope(a, c.rope, o) for a, o in ((q, offsets[0]), (k, offsets[1])))
-    q = q * q.dtype.type(c.effective_scale)
-    ctx, lse = _attend(q, k, v, call.masks, call.dropout, _feature(c, "softcap"), p.get("sinks"))
+    ctx, lse = _attend(q, k, v, call.masks, c.effective_scale, call.dropout, _feature(c, "softcap"), p.get("sinks"))
     hm = None if call.head_mask is None else call.head_mask.reshape(-1, 1, H, 1)
     merged = (ctx if hm is None else ctx * hm).reshape(B, T, H * D)
     out = _linear(merged, p["o_weight"], p["o_bias"])
-    return out, Saved(xq, xk, xv, q, k, v, ctx, lse, call.masks, hm, call.dropout, offsets, raw)
+    return out, Saved(xq, xk, xv, q, k, v, ctx, lse, call.masks, hm, call.dropout, offsets, raw, fused)
+
+
+def _fused(p) -> tuple:
+    """(W, b): the q, k and v projections stacked, ((H + 2 Hkv) D, E) and its bias or None."""
+    w = np.concatenate([p["q_weight"], p["k_weight"], p["v_weight"]])
+    return w, None if p["q_bias"] is None else np.concatenate([p["q_bias"], p["k_bias"], p["v_bias"]])
 
 
 def _feature(config, name: str):
@@ -138,8 +151,8 @@ def _rope(x, rope, offset: int, transpose: bool = False):
     return y * flip
 
 
-def _attend(q, k, v, masks, dropout, softcap=None, sinks=None):
-    """(O (B, T, H, D), lse (B, H, T)) for scaled queries q (B, T, H, D) and k, v (B, S, Hkv, D): the
+def _attend(q, k, v, masks, scale: float, dropout, softcap=None, sinks=None):
+    """(O (B, T, H, D), lse (B, H, T)) for queries q (B, T, H, D) and k, v (B, S, Hkv, D): the
     backend's attention core (mha_cpu.attend), as the layer runs it; no query or no key: zero contexts and
     lse -inf (the layer's "empty" route)."""
     B, T, H, D = q.shape
@@ -147,13 +160,14 @@ def _attend(q, k, v, masks, dropout, softcap=None, sinks=None):
         lse = np.full((B, H, T), -np.inf, q.dtype) if sinks is None else \
             np.broadcast_to(np.asarray(sinks, q.dtype)[None, :, None], (B, H, T)).copy()
         return np.zeros_like(q), lse
-    ctx, lse = attend(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), masks, scale=1.0,
+    ctx, lse = attend(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), masks, scale=scale,
                       dropout=dropout, softcap=softcap, sinks=sinks)
     return np.ascontiguousarray(ctx.transpose(0, 2, 1, 3)), lse
 
 
-def backward(layer, s: Saved, d_out):
-    """((dx_q, dx_k, dx_v), {name: gradient}) for the cotangent d_out (B, T, E)."""
+def backward(layer, s: Saved, d_out, total: bool = False):
+    """((dx_q, dx_k, dx_v), {name: gradient}) for the cotangent d_out (B, T, E); ``total`` (self-attention
+    with key and value omitted): (dx, None, None), the one input's gradient in all three roles."""
     c, p = layer.config, layer._native_params()
     H, D = c.num_heads, c.head_dim
     B, T = s.q.shape[:2]
@@ -164,7 +178,7 @@ def backward(layer, s: Saved, d_out):
     if s.head_mask is not None:
         dctx *= s.head_mask
     dq, dk, dv, dsinks = attention_backward(s.q, s.k, s.v, s.ctx, s.lse, dctx, s.masks, s.dropout,
-                                            _feature(c, "softcap"), p.get("sinks"))
+                                            _feature(c, "softcap"), p.get("sinks"), c.effective_scale)
     dq *= dq.dtype.type(c.effective_scale)
     if c.rope is not None:
         dq, dk = _rope(dq, c.rope, s.offsets[0], True), _rope(dk, c.rope, s.offsets[1], True)
@@ -173,6 +187,15 @@ def backward(layer, s: Saved, d_out):
         dk, grads["k_norm"] = rms_norm_backward(s.raw[1], p["k_norm"], c.qk_norm, dk)
     if dsinks is not None:
         grads["sinks"] = dsinks.astype(dq.dtype)
+    if total and s.fused is not None:  # one GEMM each for the stacked weights' gradient and the input's
+        d2 = np.concatenate([dq, dk, dv], axis=2).reshape(B * T, -1)  # (rows, (H + 2 Hkv) D)
+        x2 = _isolated(s.xq.reshape(B * T, s.xq.shape[2]), d2)
+        parts = np.cumsum([0, dq.shape[2] * D, dk.shape[2] * D, dv.shape[2] * D])
+        gw, gb = np.matmul(d2.T, x2), (None if p["q_bias"] is None else _sum_rows(d2))
+        for i, name in enumerate("qkv"):
+            grads[f"{name}_weight"] = gw[parts[i]:parts[i + 1]]
+            grads[f"{name}_bias"] = None if gb is None else gb[parts[i]:parts[i + 1]]
+        return (np.matmul(d2, s.fused[0]).reshape(s.xq.shape), None, None), grads
     dx = []
     for name, x, dh in (("q", s.xq, dq), ("k", s.xk, dk), ("v", s.xv, dv)):
         d2 = dh.reshape(x.shape[0] * x.shape[1], dh.shape[2] * dh.shape[3])  # (rows, heads * D)

@@ -38,13 +38,14 @@ BLOCK_FLOATS = 1 << 18  # a block's (rows x keys) logits, about 1 MiB in float32
 WHOLE_FLOATS = 1 << 19  # calls with at most this many logits (B H T S) run as one batched block (_whole)
 
 
-def attention_backward(q, k, v, ctx, lse, dctx, masks, dropout, softcap=None, sinks=None):
+def attention_backward(q, k, v, ctx, lse, dctx, masks, dropout, softcap=None, sinks=None, scale: float = 1.0):
     """(dq (B, T, H, D), dk, dv (B, S, Hkv, D), dsinks (H,) or None) of the core for the contexts'
     cotangent ``dctx``.
 
-    q (B, T, H, D) scaled, k, v (B, S, Hkv, D) as attended (after RoPE), ctx (B, T, H, D) and lse (B, H, T)
-    from the forward; masks: the call's MaskSet; dropout (B, H, T, S) or None; softcap c (logits
-    c tanh(q.k / c) before the bias) or None; sinks (H,) learned sink logits or None (lse includes them)."""
+    q (B, T, H, D), k, v (B, S, Hkv, D) as attended (after RoPE), ctx (B, T, H, D) and lse (B, H, T) from
+    the forward; masks: the call's MaskSet; dropout (B, H, T, S) or None; softcap c (logits
+    c tanh(scale q.k / c) before the bias) or None; sinks (H,) learned sink logits or None (lse includes
+    them). dq is the gradient of the scaled queries, scale q."""
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     dq = np.zeros_like(q)
@@ -54,7 +55,7 @@ def attention_backward(q, k, v, ctx, lse, dctx, masks, dropout, softcap=None, si
         return dq, dk, dv, _dsinks(sinks, lse, delta)
     G = H // Hkv
     poisoned = np.isnan(delta) if np.isnan(ctx).any() else None  # rows the forward made NaN
-    extra = _Extra(softcap, None if sinks is None else np.asarray(sinks, q.dtype))
+    extra = _Extra(softcap, None if sinks is None else np.asarray(sinks, q.dtype), q.dtype.type(scale))
     if B * H * T * S <= min(WHOLE_FLOATS, thresholds.single_pass_floats) and S <= thresholds.single_pass_max:
         dq, dk, dv = _whole(q, k, v, lse, dctx, poisoned, masks, dropout, extra, delta)
         return dq, dk, dv, _dsinks(sinks, lse, delta)
@@ -84,10 +85,11 @@ def _dsinks(sinks, lse, delta):
 
 @dataclass(frozen=True)
 class _Extra:
-    """The core's optional features: softcap c or None; sinks (H,) or None."""
+    """The core's optional features: softcap c or None; sinks (H,) or None; and the logit scale."""
 
     softcap: float | None = None
     sinks: np.ndarray | None = None
+    scale: float = 1.0  # multiplies q where a block's q is copied
 
     def logits(self, qa, ka):
         """(s, dcap): the logits less lse (..., R, m) of augmented qa (..., R, D + 1) = [q, -lse] and ka
@@ -180,7 +182,7 @@ class _Job:
         n, G, D = i1 - i0, self.G, self.q.shape[3]
         rows = (b, slice(i0, i1), slice(h0, h0 + G))
         qb = np.empty((n * G, D + 1), self.q.dtype)  # [q, -lse]
-        qb[:, :D] = self.q[rows].reshape(n * G, D)
+        np.multiply(self.q[rows].reshape(n * G, D), self.extra.scale, out=qb[:, :D])
         lse = self.lse[rows].reshape(n * G, 1)
         qb[:, D] = -lse[:, 0]
         sink = None if self.extra.sinks is None else np.tile(self.extra.sinks[h0:h0 + G], n)[:, None]
@@ -294,7 +296,7 @@ def _whole(q, k, v, lse, dctx, poisoned, masks, dropout, extra: _Extra, delta_ou
         return a.reshape(B, Hkv, G, T, S).transpose(0, 1, 3, 2, 4).reshape(B, Hkv, T * G, S)
 
     qa = np.empty((B, Hkv, T * G, D + 1), q.dtype)  # [q, -lse]
-    qa[..., :D] = groups(q)
+    np.multiply(groups(q), extra.scale, out=qa[..., :D])
     lse_rows = groups(lse.transpose(0, 2, 1)[..., None])  # (B, Hkv, T G, 1)
     qa[..., D] = -lse_rows[..., 0]
     sink = None if extra.sinks is None else \
