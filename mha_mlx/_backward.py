@@ -87,8 +87,11 @@ def vjp(layer, query, key, value, call_kwargs):
         n = len(names)
         dparams = {f"{p}_{kind}": None for p in "qkvo" for kind in ("weight", "bias")}
         for name, g in zip(names, grads[:n]):
-            module, kind = name.split(".")
-            dparams[f"{_NAMES[module]}_{kind}"] = g
+            if "." in name:  # a projection's weight or bias
+                module, kind = name.split(".")
+                dparams[f"{_NAMES[module]}_{kind}"] = g
+            else:  # the layer's own parameters: q_norm, k_norm, sinks
+                dparams[name] = g
         if dparams["o_bias"] is not None:  # sum(d_out) itself, summed in two levels (see _sum_rows)
             dparams["o_bias"] = _sum_rows(d.reshape(-1, d.shape[-1]))
         return _vjp.gradients(layer, call, given, tuple(grads[n:]), dparams)
