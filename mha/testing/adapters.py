@@ -14,7 +14,9 @@ them in ``dtypes`` (e.g. ``("float32", "float16", "bfloat16")``) and takes ``bui
 ``build(weights, window=W)`` (query i sees keys j with |i + S - T - j| < W). With "cache" the function
 also has ``fn.init_cache(batch_size, max_length)`` and takes ``fn(x_new, None, None, cache=c,
 causal=True, key_mask=m_new)``: self-attention over everything appended so far (key_mask marks which new
-tokens are padding).
+tokens are padding). With "grad" the function also has ``fn.vjp(query, key, value, d_out, **call_kwargs)
+-> (output, grads)``, grads mapping "query", "key", "value" and the weight names of mha.AttentionWeights
+(None for absent biases) to the gradients of <d_out, output> (mha.testing.properties.gradients).
 
 Shipped: :class:`BackendAdapter` (this project's numpy and MLX layers), :class:`TorchAdapter`
 (``torch.nn.MultiheadAttention``) and :class:`MlxNNAdapter` (``mlx.nn.MultiHeadAttention``), both held
@@ -32,7 +34,7 @@ import numpy as np
 from .zoo._common import keep_mask
 
 FEATURES = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "gqa", "weights",
-                      "head_mask", "scale", "rope", "window", "cache"})
+                      "head_mask", "scale", "rope", "window", "cache", "grad"})
 
 
 @dataclass
@@ -92,7 +94,16 @@ class BackendAdapter:
                 return out(res[0]), out(res[1])
             return out(res)
 
+        def vjp(query, key, value, d_out, **kwargs):
+            with layer.small_blocks(*self.blocks) if self.blocks else contextlib.nullcontext():
+                res, pull = mha.vjp(layer, query, key, value, **kwargs)
+                g = pull(d_out)
+            grads = dict(query=g.query, key=g.key, value=g.value, **g.weights.to_dict())
+            return out(res), {n: None if a is None else np.asarray(mha.to_numpy(a), np.float64)
+                              for n, a in grads.items()}
+
         fn.init_cache = layer.init_cache
+        fn.vjp = vjp
         return fn
 
 
