@@ -37,3 +37,36 @@ def layer_norm(xp, x, weight, bias, eps: float):
     return ((x32 - mean) / xp.sqrt(var + eps) * weight + bias).astype(x.dtype)
 
 
+def rms_norm(xp, x, weight, eps: float):
+    """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * weight, statistics in float32 (Llama's
+    and Gemma's rule; Gemma's (1 + w) is folded into ``weight`` at load)."""
+    x32 = x.astype(xp.float32)
+    r = 1.0 / xp.sqrt(xp.mean(x32 * x32, axis=-1, keepdims=True) + eps)  # (..., 1)
+    return (x32 * r).astype(x.dtype) * weight
+
+
+def silu(xp, x):
+    """x * sigmoid(x), with sigmoid(x) = (1 + tanh(x / 2)) / 2 (no overflow for large |x|)."""
+    return x * (0.5 + 0.5 * xp.tanh(0.5 * x))
+
+
+def gelu_tanh(xp, x):
+    """GELU's tanh approximation (GPT-2's "gelu_new", torch's approximate="tanh")."""
+    return 0.5 * x * (1.0 + xp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+
+
+def gelu_fast(xp, x):
+    """transformers' "gelu_fast": 0.5 x (1 + tanh(0.7978845608 x (1 + 0.044715 x^2)))."""
+    return 0.5 * x * (1.0 + xp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def relu(xp, x):
+    return xp.maximum(x, 0)
+
+
+ACTIVATIONS = {"silu": silu, "gelu": gelu, "gelu_tanh": gelu_tanh, "gelu_fast": gelu_fast, "relu": relu}
+
+
+def softcap(xp, x, cap: float):
+    """cap * tanh(x / cap): logits squashed into (-cap, cap) (Gemma 2's soft-capping)."""
+    return xp.tanh(x / cap) * cap
