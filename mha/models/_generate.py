@@ -8,6 +8,11 @@ placed at their absolute positions (0 where a window or a rotating cache hid a k
 twice. Batched prompts are left-padded; padding keys are hidden and learned positions count from
 each row's first real token, so a padded row generates what it would alone.
 
+LongRoPE (Phi-3) rotates with its short factors up to ``original_max`` positions and its long ones
+beyond; when a generation first reaches past it, the cache is rebuilt by one pass over the whole
+sequence (the keys rotated with the long factors), as transformers' Phi-3 does; that step's
+attention is the last row of this pass.
+
 Sampling follows transformers' order: logits / temperature, then top-k, then top-p (the smallest set
 of most likely tokens whose probability reaches top_p), then a draw from numpy's Generator(seed).
 Temperature 0 is greedy (argmax, first of ties). A row stops at an EOS token; later positions hold
@@ -186,6 +191,8 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 0.0, to
     positions = None if mask is None else np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # learned positions
     next_pos = (mask.sum(axis=1) if mask is not None else np.full(B, P)).astype(np.int64)
     out = np.full((B, n), _pad_id(model), dtype=np.int64)
+    switch = min((s.rope.original_max for s in model.config.layers
+                  if s.rope is not None and s.rope.long_inv_freq is not None), default=-1)
     finished = np.zeros(B, dtype=bool)
     steps, sinks = [], []
     logits, ws, _ = model.forward(ids, caches=caches, key_mask=mask, positions=positions, attentions=attentions,
@@ -204,8 +211,18 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 0.0, to
         if s == n - 1 or finished.all():
             out = out[:, :s + 1]
             break
-        logits, ws, _ = model.forward(new[:, None], caches=caches, positions=next_pos[:, None], attentions=attentions,
-                                      head_mask=head_mask, last_only=True)
+        if P + s == switch:  # LongRoPE switches to its long factors: the cache is rebuilt (module docstring)
+            caches = [layer.init_cache(B, P + n) if max_cache is None else
+                      layer.init_cache(B, max_cache=max_cache, keep=keep) for layer in model.layers]
+            seq = np.concatenate([ids, out[:, :s + 1]], axis=1)
+            seq_mask = None if mask is None else np.concatenate([mask, np.ones((B, s + 1), bool)], axis=1)
+            seq_pos = None if mask is None else np.maximum(np.cumsum(seq_mask, axis=1) - 1, 0)
+            logits, ws, _ = model.forward(seq, caches=caches, key_mask=seq_mask, positions=seq_pos,
+                                          attentions=attentions, head_mask=head_mask, last_only=True)
+            ws = [w[:, :, -1:] for w in ws]
+        else:
+            logits, ws, _ = model.forward(new[:, None], caches=caches, positions=next_pos[:, None],
+                                          attentions=attentions, head_mask=head_mask, last_only=True)
         next_pos += 1
     full = np.concatenate([ids, out], axis=1)
     full_mask = None if mask is None else np.concatenate([mask, np.ones_like(out, dtype=bool)], axis=1)

@@ -125,14 +125,17 @@ ZOO = {
 FAMILY = {name: name.split("-")[0] for name in ZOO}
 
 
-def build(name: str, root: Path, *, dtype=None, seed: int = 0) -> Path:
-    """A saved folder of ZOO[name] (random weights from ``seed``; ``dtype`` "bfloat16"/"float16" to
-    store them so), eager attention."""
+def build(name: str, root: Path, *, dtype=None, seed: int = 0, init: float = 1.0, vocab_size=None) -> Path:
+    """A saved folder of ZOO[name] (random weights from ``seed`` with initializer_range ``init``; ``dtype``
+    "bfloat16"/"float16" to store them so; another ``vocab_size`` if given), eager attention."""
     import torch
     import transformers as tr
 
     cfg_cls, model_cls, kwargs, _ = ZOO[name]
-    cfg = getattr(tr, cfg_cls)(**copy.deepcopy(kwargs))
+    kwargs = dict(copy.deepcopy(kwargs), initializer_range=init)
+    if vocab_size is not None:
+        kwargs["vocab_size"] = vocab_size
+    cfg = getattr(tr, cfg_cls)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(tr, model_cls)._from_config(cfg, attn_implementation="eager")
     gemma = cfg_cls.startswith("Gemma")
@@ -140,10 +143,10 @@ def build(name: str, root: Path, *, dtype=None, seed: int = 0) -> Path:
         for pname, p in model.named_parameters():
             if p.ndim == 1:  # biases ~ N(0, 0.5^2); norm scales ~ N(1, 0.5^2) (Gemma's w of 1 + w: N(0, 0.5^2))
                 centre = 1.0 if pname.endswith("weight") and not gemma else 0.0
-                p.copy_(centre + 0.5 * torch.randn_like(p))
+                p.copy_(centre + 0.5 * init * torch.randn_like(p))
     if dtype is not None:
         model = model.to(getattr(torch, dtype))
-    folder = root / (name if dtype is None else f"{name}-{dtype}")
+    folder = root / "-".join([name] + ([dtype] if dtype else []) + ([f"init{init:g}"] if init != 1.0 else []))
     model.save_pretrained(folder)
     return folder
 
@@ -186,3 +189,25 @@ def to_v4(folder: Path, dest: Path) -> Path:
             raw["rope_scaling"] = {("type" if kind in ("linear", "dynamic") else "rope_type"): kind, **full}
     (dest / "config.json").write_text(json.dumps(raw, indent=2))
     return dest
+
+
+SENTENCES = ["The cat sat on the mat.", "A dog ran after the ball in the park.", "Attention heads look back at tokens.",
+             "Induction heads copy what followed an earlier token.", "the the cat cat sat sat on on"]
+
+
+def add_tokenizer(folder: Path, vocab_size: int) -> Path:
+    """A byte-level BPE tokenizer (special tokens <pad> 0, <s> 1, </s> 2; BOS added) saved into ``folder``
+    through transformers' PreTrainedTokenizerFast, as a real checkpoint ships it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(SENTENCES, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(folder)
+    return folder
