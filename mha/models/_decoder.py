@@ -240,15 +240,41 @@ class DecoderModel:
             raise ValueError(f"{self.name} has no tokenizer (no tokenizer.json in its folder); give token ids")
         return self.tokenizer
 
-    def encode(self, text: str) -> Encoding:
-        """Tokens, last hidden states and causal attentions (layers, H, T, T) of one text, as the encoder
-        models give them (``mha demo``, ``mha heads``); hidden states are the final norm's input."""
-        ids = self.encode_text(text)
+    def encode(self, text) -> Encoding:
+        """Tokens, last hidden states (T, E) and causal attentions (layers, H, T, T) of one text, as the
+        encoder models give them (``mha demo``, ``mha heads``); hidden states after the final norm. A model
+        without a tokenizer reads ``text`` as token ids separated by spaces (or takes an int array), and
+        labels them "t<id>"."""
+        ids = self._ids_of(text)
         self._check_length(len(ids), "the text")
         _, atts, hidden = self.forward(ids[None], attentions=True)
         att = np.stack([to_numpy(a)[0] for a in atts]).astype(np.float32)  # (layers, H, T, T)
-        return Encoding(self.tokenizer.tokens(ids), ids, to_numpy(hidden)[0].astype(np.float32), att, 0,
-                        model=self.name, text=text)
+        return Encoding(self.tokens(ids), ids, to_numpy(hidden)[0].astype(np.float32), att, 0, model=self.name,
+                        text=text if isinstance(text, str) else " ".join(map(str, ids)))
+
+    def _ids_of(self, text) -> np.ndarray:
+        if not isinstance(text, str):
+            from ._generate import check_ids
+
+            ids, batched = check_ids(text, self.vocab_size, "ids")
+            if batched:
+                raise ValueError(f"encode takes one sequence, got ids of shape {ids.shape}")
+            return ids[0]
+        if self.tokenizer is not None:
+            return self.encode_text(text)
+        words = check_text(text).split()
+        if not all(w.isdigit() for w in words):
+            raise ValueError(f"{self.name} has no tokenizer: give token ids separated by spaces (e.g. \"5 9 2\"), "
+                             f"got {text[:40]!r}")
+        from ._generate import check_ids
+
+        return check_ids([int(w) for w in words], self.vocab_size, "text")[0][0]
+
+    def tokens(self, ids) -> list:
+        """Display labels of ids: the tokenizer's, or "t<id>" without one."""
+        if self.tokenizer is None:
+            return [f"t{int(i)}" for i in ids]
+        return self.tokenizer.tokens(ids)
 
 
 def _padding(ids: np.ndarray, key_mask):

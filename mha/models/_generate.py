@@ -183,7 +183,7 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 0.0, to
                                                              seed, max_cache, keep)
     ids, mask, batched = _prompt(model, prompt)
     B, P = ids.shape
-    model._check_length(P + n, f"the prompt ({P} tokens) and max_new_tokens={n}")
+    model._check_length(P + n, f"the prompt ({P} tokens) with max_new_tokens={n}")
     eos = set(model.config.eos_token_ids) | set(getattr(model.tokenizer, "eos_ids", ()) or ())
     rng = np.random.default_rng(seed)
     caches = [layer.init_cache(B, P + n) if max_cache is None else
@@ -237,8 +237,7 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 0.0, to
     if not batched:
         g.ids, g.new_ids, g.text = full[0], out[0], None if text is None else text[0]
         g.sink_mass = None if sink is None else sink[0]
-    if model.tokenizer is not None:
-        g.tokens = model.tokenizer.tokens(full[0]) if not batched else [model.tokenizer.tokens(r) for r in full]
+    g.tokens = model.tokens(full[0]) if not batched else [model.tokens(r) for r in full]
     return g
 
 
