@@ -22,6 +22,7 @@ Positions in this project: without a cache a query i of T sits at position (S - 
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass, field
 
@@ -184,6 +185,19 @@ def as_rope(value) -> RoPE | None:
     raise TypeError(f"rope must be None, True, an mha.RoPE or a dict of its settings, got {type(value).__name__}")
 
 
+@functools.lru_cache(maxsize=8)
+def _tables(rope: RoPE, offset: int, length: int, dims: int, dtype: str):
+    """(cos, sin) (length, dims/2) times the attention factor, from float64 angles rounded once to
+    ``dtype``; read-only, and kept for the next few calls: every layer of a model decoding a token
+    rotates the same positions with the same settings."""
+    theta = rope.angles(offset, length, dims)  # (L, d/2)
+    f = rope.attention_factor
+    out = tuple((g(theta) * f).astype(dtype) for g in (np.cos, np.sin))
+    for t in out:
+        t.flags.writeable = False
+    return out
+
+
 def apply_rope(xp, x, rope: RoPE, offset: int, acc_dtype=None):
     """Rotate (B, H, L, D) heads at positions offset .. offset + L - 1; same dtype out.
 
@@ -193,12 +207,10 @@ def apply_rope(xp, x, rope: RoPE, offset: int, acc_dtype=None):
     L, D = x.shape[-2], x.shape[-1]
     d = rope.rotated_dims(D)
     acc = x.dtype if acc_dtype is None else acc_dtype
-    theta = rope.angles(offset, L, d)  # (L, d/2)
-    f = rope.attention_factor
     if xp is np:
-        cos, sin = (np.cos(theta) * f).astype(acc), (np.sin(theta) * f).astype(acc)
+        cos, sin = _tables(rope, offset, L, d, np.dtype(acc).str)
     else:  # MLX: float32 tables (no float64 on its GPUs), cast to the accumulation dtype
-        cos, sin = (xp.array((g(theta) * f).astype(np.float32)).astype(acc) for g in (np.cos, np.sin))
+        cos, sin = (xp.array(t).astype(acc) for t in _tables(rope, offset, L, d, "<f4"))
     xa = x.astype(acc)
     if rope.traditional:
         a, b = xa[..., 0:d:2], xa[..., 1:d:2]

@@ -68,6 +68,11 @@ class DecoderModel:
             self.layers.append(self._attention(i, spec))
             self._blocks.append(self._block(i))
         self._act = ACTIVATIONS[c.activation] if c.activation else None
+        self._blas = None
+        if self.backend == "numpy":
+            from mha_cpu._pool import BlasChoice
+
+            self._blas = BlasChoice()
 
     def _norm_params(self, name: str):
         w = self._weights
@@ -165,7 +170,19 @@ class DecoderModel:
         ids (B, T) int numpy; caches: one KVCache per layer (new tokens appended) or None; key_mask
         (B, T) bool, False at padding (or None); positions (B, T) int positions of learned embeddings
         (default 0 .. T - 1, after a cache's offset); head_mask: {layer: (H,) multipliers};
-        last_only: logits of the last position only."""
+        last_only: logits of the last position only.
+
+        numpy decode steps (one token per sequence) run with BLAS held at one thread for the whole step or
+        not, whichever has been faster for this model (mha_cpu._pool.BlasChoice): several threads share
+        the matrix-vector products on idle cores, and lose badly when another process holds a core."""
+        if self._blas is not None and ids.shape[1] == 1:
+            from mha_cpu._pool import timed
+
+            return timed(self._blas, 1.0, self._forward, ids, caches, key_mask, positions, attentions, head_mask,
+                         last_only)
+        return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only)
+
+    def _forward(self, ids, caches, key_mask, positions, attentions, head_mask, last_only):
         xp, c = self._xp, self.config
         B, T = ids.shape
         x = xp.take(self._embed, xp.array(ids) if xp is not np else ids, axis=0)  # (B, T, E)

