@@ -178,7 +178,8 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 0.0, to
     """Continue ``prompt`` (text, list of texts, ids (T,) or (B, T), or a list of id lists) by at most
     ``max_new_tokens`` tokens (see the module docstring and :class:`Generation`).
 
-    ``on_token(step, ids)`` is called with each step's new ids (B,) as they come (streaming)."""
+    ``on_token(step, ids, attentions)`` is called as each token comes (streaming) with its ids (B,) and,
+    with ``attentions=True``, the step's weights (B, layers, H, T, P + step) (else None)."""
     n, temperature, top_k, top_p, max_cache, keep = _options(model, max_new_tokens, temperature, top_k, top_p,
                                                              seed, max_cache, keep)
     ids, mask, batched = _prompt(model, prompt)
@@ -205,7 +206,7 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 0.0, to
         new = np.where(finished, out[:, s], new)
         out[:, s] = new
         if on_token is not None:
-            on_token(s, new.copy())
+            on_token(s, new.copy(), steps[-1] if attentions else None)
         if stop_at_eos and eos:
             finished |= np.isin(new, list(eos))
         if s == n - 1 or finished.all():

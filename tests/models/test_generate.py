@@ -76,8 +76,11 @@ def test_the_cache_is_allocated_once_for_prompt_and_new_tokens(zoo, monkeypatch)
 def test_streaming_calls_back_with_each_new_token(zoo):
     model = mm.load(zoo("gemma"), backend="numpy")
     seen = []
-    out = model.generate(np.arange(5, 10), 4, stop_at_eos=False, on_token=lambda s, ids: seen.append((s, ids.tolist())))
-    assert seen == [(s, [int(t)]) for s, t in enumerate(out.new_ids)]
+    out = model.generate(np.arange(5, 10), 4, stop_at_eos=False, attentions=True,
+                         on_token=lambda s, ids, att: seen.append((s, ids.tolist(), att)))
+    assert [x[:2] for x in seen] == [(s, [int(t)]) for s, t in enumerate(out.new_ids)]
+    for s, (_, _, att) in enumerate(seen):
+        np.testing.assert_array_equal(att[0], out.attentions[s])
 
 
 def test_text_prompts_give_text(zoo):
