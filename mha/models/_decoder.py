@@ -269,6 +269,10 @@ class DecoderModel:
         return Encoding(self.tokens(ids), ids, to_numpy(hidden)[0].astype(np.float32), att, 0, model=self.name,
                         text=text if isinstance(text, str) else " ".join(map(str, ids)))
 
+    def encode_many(self, texts, **_) -> list:
+        """:meth:`encode` of each text (``mha heads --corpus``)."""
+        return [self.encode(t) for t in texts]
+
     def _ids_of(self, text) -> np.ndarray:
         if not isinstance(text, str):
             from ._generate import check_ids

@@ -80,7 +80,7 @@ def load_bert(path_or_name, backend="auto", *, group=None) -> BertModel:
 
 def load_model(name_or_path="auto", backend="auto"):
     """"builtin" -> the constructed demo model; "auto" -> MiniLM when installed, else builtin; anything
-    else -> :func:`load_bert`."""
+    else -> :func:`load` (a BERT-family encoder or a decoder)."""
     from ._builtin import BuiltinModel
 
     if name_or_path == "builtin":
@@ -94,7 +94,7 @@ def load_model(name_or_path="auto", backend="auto"):
             return load_bert("minilm", backend)
         except ImportError:  # tokenizers missing: fall back to the model that needs nothing
             return BuiltinModel(backend)
-    return load_bert(name_or_path, backend)
+    return load(name_or_path, backend)
 
 
 ENCODERS = ("bert",)
@@ -134,7 +134,7 @@ def load(path, backend="auto", dtype="float32"):
     if raw.get("model_type", "bert") in ENCODERS:
         if dtype_name(dtype) != "float32":
             raise ValueError(f"dtype={dtype!r}: encoder models run in float32 only")
-        return load_bert(folder, backend)
+        return load_bert(path, backend)
     config = parse(raw, folder / "config.json")
     backend = resolve_backend(backend)
     dtype = dtype_name(dtype, backend)
