@@ -117,3 +117,15 @@ def test_the_step_view_works_in_a_browser(folder, tmp_path):
         np.testing.assert_allclose(shown, want, atol=1 / 255)
         assert page.locator(".t.query").get_attribute("data-i") == "6" and not errors
         browser.close()
+
+
+def test_demo_and_heads_take_a_decoder_folder(folder):
+    res = CliRunner().invoke(cli, ["demo", "--model", str(folder), "--backend", "numpy", "--format", "json",
+                                   "--layer", "1", "The cat sat on the mat."])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    w = np.array(data["layers"][0]["heads"][0]["weights"])
+    assert data["tokens"][:2] == ["<s>", "The"] and not np.triu(w, 1).any()  # causal
+    assert not np.tril(w, -4).any()  # layer 1 slides over 4 positions
+    res = CliRunner().invoke(cli, ["heads", "--model", str(folder), "The cat sat on the mat.", "A dog ran."])
+    assert res.exit_code == 0 and res.output.startswith(f"{folder.name}: 2 layers x 6 heads"), res.output
