@@ -38,9 +38,10 @@ def layer_norm(xp, x, weight, bias, eps: float):
 
 
 def rms_norm(xp, x, weight, eps: float):
-    """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * weight, statistics in float32 (Llama's
-    and Gemma's rule; Gemma's (1 + w) is folded into ``weight`` at load)."""
-    x32 = x if x.dtype == xp.float32 else x.astype(xp.float32)
+    """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * weight, statistics in float32 or wider
+    (Llama's and Gemma's rule; Gemma's (1 + w) is folded into ``weight`` at load)."""
+    acc = x.dtype if x.dtype in (xp.float32, getattr(xp, "float64", None)) else xp.float32
+    x32 = x if x.dtype == acc else x.astype(acc)
     r = 1.0 / xp.sqrt(xp.mean(x32 * x32, axis=-1, keepdims=True) + eps)  # (..., 1)
     y = x32 * r
     return (y if y.dtype == x.dtype else y.astype(x.dtype)) * weight
