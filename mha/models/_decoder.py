@@ -44,11 +44,14 @@ class DecoderModel:
         self.tokenizer = tokenizer
         self.backend = resolve(backend)
         self.dtype = dtype_name(dtype, self.backend)
-        self._weights = weights  # canonical numpy arrays (mha.models._layouts), kept for to() and saving
-        self._build()
+        self._build(weights)
 
-    def _build(self) -> None:
-        c, w = self.config, self._weights
+    def _build(self, w: dict) -> None:
+        """The backend's arrays and layers from canonical weights ``w``; of these only the embeddings and
+        norms stay here as given (:meth:`canonical_weights` reads the rest back from the layers)."""
+        c = self.config
+        self._weights = {k: v for k, v in w.items() if k in ("embed", "pos_embed") or k.startswith("norm")
+                         or ".norm" in k}
         if self.backend == "mlx":
             import mlx.core as mx
 
@@ -65,8 +68,8 @@ class DecoderModel:
         self._norm = self._norm_params("norm") if c.norm else None
         self.layers, self._blocks = [], []
         for i, spec in enumerate(c.layers):
-            self.layers.append(self._attention(i, spec))
-            self._blocks.append(self._block(i))
+            self.layers.append(self._attention(w, i, spec))
+            self._blocks.append(self._block(w, i))
         self._act = ACTIVATIONS[c.activation] if c.activation else None
         self._blas = None
         if self.backend == "numpy":
@@ -78,14 +81,14 @@ class DecoderModel:
         w = self._weights
         return self._native(w[name + ".w"]), (self._native(w[name + ".b"]) if name + ".b" in w else None)
 
-    def _attention(self, i: int, spec) -> MultiHeadAttention:
-        c, w, p = self.config, self._weights, f"{i}.attn."
+    def _attention(self, w: dict, i: int, spec) -> MultiHeadAttention:
+        c, p = self.config, f"{i}.attn."
         bias = c.attention_bias or c.o_bias
         zeros = lambda n: np.zeros(n, np.float32)  # noqa: E731 (a family with some of the four biases)
         HD, KD = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         biases = [w.get(p + f"{n}.b", zeros(m)) if bias else None
                   for n, m in (("q", HD), ("k", KD), ("v", KD), ("o", c.hidden_size))]
-        norms = {"q_norm": w[p + "q_norm"], "k_norm": w[p + "k_norm"]} if c.qk_norm else {}
+        norms = {n: w[p + n] for n in ("q_norm", "k_norm", "sinks") if p + n in w}
         aw = AttentionWeights(w[p + "q.w"], w[p + "k.w"], w[p + "v.w"], w[p + "o.w"], *biases, num_heads=c.num_heads,
                               num_kv_heads=c.num_kv_heads, **norms)
         extra = {}
@@ -93,12 +96,14 @@ class DecoderModel:
             extra["softcap"] = c.attn_softcap
         if c.qk_norm:
             extra["qk_norm"] = c.norm_eps
+        if c.sinks:
+            extra["sinks"] = True
         return MultiHeadAttention.from_weights(aw, backend=self.backend, dtype=self.dtype, scale=spec.scale,
                                                rope=spec.rope, window=spec.window, **extra)
 
-    def _block(self, i: int) -> dict:
+    def _block(self, w: dict, i: int) -> dict:
         """Layer i's norms and MLP in the backend's arrays; MLP weights stored (in, out) for x @ W."""
-        c, w, p = self.config, self._weights, f"{i}."
+        c, p = self.config, f"{i}."
         b: dict = {}
         if c.norm:
             b["norm1"] = self._norm_params(p + "norm1")
@@ -139,8 +144,36 @@ class DecoderModel:
 
     def to(self, backend, dtype=None) -> "DecoderModel":
         """The same model on another backend (and dtype)."""
-        return DecoderModel(self.config, self._weights, self.tokenizer, backend=backend,
+        return DecoderModel(self.config, self.canonical_weights(), self.tokenizer, backend=backend,
                             dtype=self.dtype if dtype is None else dtype, name=self.name)
+
+    def canonical_weights(self) -> dict:
+        """Every weight by its canonical name (mha.models._layouts): numpy float32, (out, in) layout,
+        Gemma's norms as 1 + w; read back from the layers and blocks in use."""
+        c = self.config
+        f32 = lambda a: np.ascontiguousarray(to_numpy(a), dtype=np.float32)  # noqa: E731
+        out = {k: f32(v) for k, v in self._weights.items()}
+        if not c.tie_embeddings:
+            out["lm_head"] = f32(to_numpy(self._head_t).T)
+        for i, (layer, blk) in enumerate(zip(self.layers, self._blocks)):
+            aw, p = layer.weights, f"{i}."
+            for n in "qkvo":
+                out[p + f"attn.{n}.w"] = f32(getattr(aw, f"{n}_weight"))
+                if c.attention_bias if n != "o" else c.o_bias:
+                    out[p + f"attn.{n}.b"] = f32(getattr(aw, f"{n}_bias"))
+            for n in ("q_norm", "k_norm", "sinks"):
+                if getattr(aw, n, None) is not None:
+                    out[p + f"attn.{n}"] = f32(getattr(aw, n))
+            if c.activation:
+                up = f32(to_numpy(blk["in_t"]).T)
+                F = c.intermediate_size
+                out.update({p + "mlp.gate.w": up[:F], p + "mlp.up.w": up[F:]} if c.gated else {p + "mlp.up.w": up})
+                out[p + "mlp.down.w"] = f32(to_numpy(blk["down_t"]).T)
+                if c.mlp_bias:
+                    ub = f32(blk["in_b"])
+                    out.update({p + "mlp.gate.b": ub[:F], p + "mlp.up.b": ub[F:]} if c.gated else {p + "mlp.up.b": ub})
+                    out[p + "mlp.down.b"] = f32(blk["down_b"])
+        return out
 
     # -- the forward pass ----------------------------------------------------------------------------
     def _apply_norm(self, x, params):

@@ -73,6 +73,7 @@ class DecoderConfig:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     qk_norm: bool = False  # RMSNorm over D of every query and key head (eps = norm_eps)
+    sinks: bool = False  # learned per-head sink logits (gpt-oss): out.sink_mass reports their weight
     sandwich: bool = False  # Gemma 2/3: norms after attention and after the MLP too
     embed_scale: float | None = None  # Gemma: embeddings times sqrt(E)
     tie_embeddings: bool = False

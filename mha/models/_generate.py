@@ -251,6 +251,6 @@ def _until_eos(row: np.ndarray, eos: set) -> np.ndarray:
 
 def _sink_mass(model, last_rows: np.ndarray) -> np.ndarray:
     """(B, layers, H) weight not on any key (a learned sink's share) of each layer's last row."""
-    if not getattr(model.config, "sinks", False):
+    if not model.config.sinks:
         return np.zeros(last_rows.shape[:3], dtype=np.float32)
     return (1.0 - last_rows.sum(axis=-1)).astype(np.float32)

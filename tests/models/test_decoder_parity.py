@@ -41,7 +41,7 @@ def _rel(a, b) -> float:
 def _ours_with(model, off, ids) -> np.ndarray:
     """Our logits with one feature switched off (the length check bypassed: dynamic RoPE off has a shorter
     limit)."""
-    config, weights = off(model.config, model._weights)
+    config, weights = off(model.config, model.canonical_weights())
     logits, _, _ = DecoderModel(config, weights, backend="numpy").forward(ids)
     return np.asarray(logits)
 

@@ -204,3 +204,18 @@ def test_attention_only_family_is_the_seam_definition(tmp_path, positions, bias,
     np.testing.assert_allclose(enc.attentions, out.attentions[0], atol=1e-6)
     with pytest.raises(ValueError, match=r"has no tokenizer: give token ids separated by spaces"):
         model.encode("the cat")
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gpt2"])
+def test_canonical_weights_round_trip_and_to_another_backend(zoo, name, backend):
+    model = mm.load(zoo(name), backend="numpy")
+    w = model.canonical_weights()
+    again = mm.DecoderModel(model.config, w, backend="numpy").canonical_weights()
+    from mha.models._layouts import layout
+
+    assert set(w) == {t for src in layout(model.config).values() for t, _ in src.targets}
+    assert w.keys() == again.keys() and all(np.array_equal(w[k], again[k]) for k in w)
+    ids = np.arange(4, 17)
+    other = model.to(backend)
+    assert other.backend == backend
+    assert np.abs(other.logits(ids) - model.logits(ids)).max() <= 1e-5 * np.abs(model.logits(ids)).max()
