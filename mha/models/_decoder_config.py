@@ -21,7 +21,9 @@ from .._rope import RoPE
 
 REQUIRED = object()
 
-# Keys that never change a forward pass: metadata, training-only settings, generation defaults.
+# Keys that never change a forward pass: metadata, training-only settings, generation defaults; auto_map
+# names remote code, which is never run here (the families' own implementations are, as transformers does
+# without trust_remote_code).
 IGNORED = frozenset("""
 _name_or_path architectures model_type transformers_version torch_dtype dtype use_cache initializer_range
 attention_dropout resid_pdrop embd_pdrop attn_pdrop summary_type summary_use_proj summary_activation
@@ -33,7 +35,7 @@ num_beams temperature top_k top_p typical_p repetition_penalty length_penalty no
 encoder_no_repeat_ngram_size bad_words_ids num_return_sequences output_scores return_dict_in_generate
 forced_bos_token_id forced_eos_token_id remove_invalid_values exponential_decay_length_penalty suppress_tokens
 begin_suppress_tokens diversity_penalty num_beam_groups tf_legacy_loss use_bfloat16 cache_implementation
-pretraining_tp output_logits min_p
+pretraining_tp output_logits min_p auto_map is_llama_config
 """.split())
 
 
@@ -86,9 +88,9 @@ class DecoderConfig:
 class Reader:
     """Typed access to a config dict (see the module docstring)."""
 
-    def __init__(self, raw: dict, path, family: str):
+    def __init__(self, raw: dict, path, family: str, ignored=()):
         self.raw, self.path, self.family = raw, path, family
-        self.used: set = {"model_type"}
+        self.used: set = {"model_type", *ignored}
         self.defaults: list = []
 
     def _get(self, key: str, default):

@@ -51,7 +51,10 @@ def parse(raw: dict, path) -> DecoderConfig:
     if family not in FAMILIES:
         raise ValueError(f"{path}: model_type {family!r} is not supported; supported decoders: "
                          f"{', '.join(SUPPORTED)} (and BERT-family encoders)")
-    return _llama_like(Reader(raw, path, family), FAMILIES[family])
+    spec = FAMILIES[family]
+    # the activation key transformers does not read for this family (Gemma 2/3 configs carry both)
+    other = {"hidden_act": "hidden_activation", "hidden_activation": "hidden_act"}[spec.get("act_key", "hidden_act")]
+    return _llama_like(Reader(raw, path, family, ignored=(other,) if family.startswith("gemma") else ()), spec)
 
 
 def _sizes(r: Reader, spec: dict) -> dict:

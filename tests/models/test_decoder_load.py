@@ -152,3 +152,17 @@ def test_bad_generation_arguments_fail_before_any_work(zoo, monkeypatch):
             model.generate(*args, **kwargs)
     with pytest.raises(ValueError, match=r"spans 70 positions, more than the model's max_position_embeddings=64"):
         model.logits(np.zeros(70, int))
+
+
+HARMLESS = [("llama", lambda c: c.update(auto_map={"AutoConfig": "configuration_x.XConfig"}, is_llama_config=True,
+                                         torch_dtype="bfloat16", use_mrope=False, rope_scaling=None)),
+            ("gemma", lambda c: c.update(hidden_activation="gelu")),  # Gemma 1 reads hidden_act; transformers too
+            ("phi3", lambda c: c.update(resid_pdrop=0.1, embd_pdrop=0.1, _attn_implementation_autoset=True))]
+
+
+@pytest.mark.parametrize("name,edit", HARMLESS, ids=[h[0] for h in HARMLESS])
+def test_keys_of_real_configs_that_change_nothing_load(zoo, tmp_path, name, edit):
+    src = zoo(name)
+    folder = _copy(src, tmp_path / "m", edit)
+    ids = np.arange(3, 12)
+    np.testing.assert_array_equal(mm.load(folder, backend="numpy").logits(ids), mm.load(src, backend="numpy").logits(ids))
