@@ -13,6 +13,8 @@ process, the candidates interleaved round by round; each figure is the median ov
 - floor: the bytes of every weight read once per token (all but the embedding table, of which a token
   reads one row) divided by the machine's read bandwidth, measured here as the best of repeated
   matrix-vector products over a matrix larger than the last-level cache, on the same threads.
+- compute floor of the prefill: its FLOPs (:func:`prefill_flops`) at the best GFLOP/s of a float32
+  matrix product of the MLP's shape (2048 x 512 by 512 x 2816) on the same threads.
 
     python benchmarks/decoders.py --rounds 5          # prints a table and writes --json if given
 """
@@ -28,11 +30,13 @@ import sys
 import time
 from pathlib import Path
 
-SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=2, max_position_embeddings=4096)
+SHAPES = {"llama-512": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                           num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096),
+          "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512)}  # tiny: the script's own smoke test
 
 
-def build(folder: Path) -> Path:
+def build(folder: Path, shape: str) -> Path:
     """The random Llama-shaped folder (made once; transformers' default init)."""
     if (folder / "model.safetensors").is_file():
         return folder
@@ -40,7 +44,7 @@ def build(folder: Path) -> Path:
     import transformers as tr
 
     torch.manual_seed(0)
-    tr.LlamaForCausalLM(tr.LlamaConfig(**SHAPE)).save_pretrained(folder)
+    tr.LlamaForCausalLM(tr.LlamaConfig(**SHAPES[shape])).save_pretrained(folder)
     return folder
 
 
@@ -61,7 +65,7 @@ def run_ours(folder: str, prompt: int, new: int, prefill: int, threads: int) -> 
 
     with threadpool_limits(threads):
         model = mm.load(folder, backend="numpy")
-        ids = np.random.default_rng(0).integers(0, SHAPE["vocab_size"], max(prompt, prefill))
+        ids = np.random.default_rng(0).integers(0, model.vocab_size, max(prompt, prefill))
         p = ids[:prompt]
         model.generate(p, 2, stop_at_eos=False)  # warm up (BLAS threads, the pool, first allocations)
         out = {}
@@ -80,7 +84,8 @@ def run_transformers(folder: str, prompt: int, new: int, prefill: int, threads: 
 
     torch.set_num_threads(threads)
     model = tr.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = torch.randint(0, SHAPE["vocab_size"], (1, max(prompt, prefill)), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (1, max(prompt, prefill)),
+                        generator=torch.Generator().manual_seed(0))
     p = ids[:, :prompt]
 
     def gen(n):
@@ -94,15 +99,30 @@ def run_transformers(folder: str, prompt: int, new: int, prefill: int, threads: 
 
 
 def run_bandwidth(threads: int) -> dict:
-    """Read bandwidth (GB/s): the best of 30 products x (1, 512) @ W (512, 65536) float32 (128 MiB)."""
+    """Read bandwidth (GB/s): the best of 30 products x (1, 512) @ W (512, 65536) float32 (128 MiB, four
+    times the last-level cache of the machine measured)."""
     import numpy as np
     from threadpoolctl import threadpool_limits
 
     w = np.random.default_rng(0).random((512, 65536), dtype=np.float32)
     x = np.ones((1, 512), np.float32)
+    a = np.random.default_rng(1).random((2048, 512), dtype=np.float32)
+    b = np.random.default_rng(2).random((512, 2816), dtype=np.float32)
     with threadpool_limits(threads):
         best = _timed(lambda: x @ w, 30)
-    return {"gbps": w.nbytes / best / 1e9}
+        gemm = _timed(lambda: a @ b, 10)
+    return {"gbps": w.nbytes / best / 1e9, "gflops": 2 * 2048 * 512 * 2816 / gemm / 1e9}
+
+
+def prefill_flops(shape: dict, T: int) -> float:
+    """Multiply-adds x 2 of a prefill of T tokens: every projection and MLP product, and the causal
+    attention (T (T + 1) / 2 query-key pairs, twice D per head: logits and the weighted sum); the LM head
+    for the last position only."""
+    E, F, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    H, Hkv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    D = E // H
+    per_token = E * (2 * H * D + 2 * Hkv * D) + 3 * E * F
+    return 2.0 * L * (T * per_token + 2 * H * D * T * (T + 1) / 2) + 2.0 * E * shape["vocab_size"]
 
 
 def weight_bytes(folder: Path) -> int:
@@ -124,7 +144,8 @@ def _child(kind: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--folder", type=Path, default=Path("/tmp/mha-bench-llama-512"))
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-512")
+    ap.add_argument("--folder", type=Path, default=None, help="where the model is saved (default /tmp/mha-bench-SHAPE)")
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prefill", type=int, default=2048)
@@ -134,25 +155,29 @@ def main() -> None:
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
     if args.child:
+        args.folder = args.folder or Path(f"/tmp/mha-bench-{args.shape}")
         fn = {"ours": run_ours, "transformers": run_transformers}.get(args.child)
         res = run_bandwidth(args.threads) if fn is None else fn(str(args.folder), args.prompt, args.new, args.prefill,
                                                                  args.threads)
         print(json.dumps(res))
         return
-    build(args.folder)
+    args.folder = args.folder or Path(f"/tmp/mha-bench-{args.shape}")
+    build(args.folder, args.shape)
     rounds = {k: [] for k in ("ours", "transformers", "bandwidth")}
     for _ in range(args.rounds):
         for kind in rounds:
             rounds[kind].append(_child(kind, args))
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rounds.items()}
     floor = weight_bytes(args.folder) / (med["bandwidth"]["gbps"] * 1e9) * 1e3
+    compute_floor = prefill_flops(SHAPES[args.shape], args.prefill) / (med["bandwidth"]["gflops"] * 1e9) * 1e3
     ours, theirs = med["ours"], med["transformers"]
     result = {"ours_ms_per_token": ours["decode"], "ours_attentions_ms_per_token": ours["attentions"],
               "transformers_ms_per_token": theirs["decode"], "floor_ms_per_token": floor,
               "read_gbps": med["bandwidth"]["gbps"], "speedup": theirs["decode"] / ours["decode"],
               "over_floor": ours["decode"] / floor, "attentions_cost": ours["attentions"] / ours["decode"] - 1,
               "ours_prefill_ms": ours["prefill"], "transformers_prefill_ms": theirs["prefill"],
-              "prefill_ratio": ours["prefill"] / theirs["prefill"], "rounds": rounds, "args": {
+              "prefill_ratio": ours["prefill"] / theirs["prefill"], "gemm_gflops": med["bandwidth"]["gflops"],
+              "prefill_compute_floor_ms": compute_floor, "rounds": rounds, "args": {
                   k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"}}
     print(f"decode  ours {ours['decode']:.2f} ms/token ({1e3 / ours['decode']:.0f} tok/s), attentions=True "
           f"{ours['attentions']:.2f} (+{100 * result['attentions_cost']:.0f}%); transformers {theirs['decode']:.2f} "
@@ -160,7 +185,8 @@ def main() -> None:
     print(f"floor   {floor:.2f} ms/token ({weight_bytes(args.folder) / 1e6:.0f} MB at {result['read_gbps']:.1f} GB/s): "
           f"ours at {result['over_floor']:.2f}x")
     print(f"prefill {args.prefill} tokens: ours {ours['prefill']:.0f} ms, transformers {theirs['prefill']:.0f} ms: "
-          f"{result['prefill_ratio']:.2f}x")
+          f"{result['prefill_ratio']:.2f}x; compute floor {compute_floor:.0f} ms "
+          f"({prefill_flops(SHAPES[args.shape], args.prefill) / 1e9:.0f} GFLOP at {result['gemm_gflops']:.0f} GFLOP/s)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 
