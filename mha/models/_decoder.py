@@ -26,7 +26,7 @@ from .._validate import dtype_name
 from .._weights import AttentionWeights
 from ._common import Encoding, check_text
 from ._decoder_config import DecoderConfig
-from ._ops import ACTIVATIONS, layer_norm, rms_norm, softcap
+from ._ops import ACTIVATIONS, gated, layer_norm, rms_norm, softcap
 
 
 class DecoderModel:
@@ -188,8 +188,7 @@ class DecoderModel:
         if "in_b" in b:
             h = h + b["in_b"]
         if c.gated:
-            F = c.intermediate_size
-            h = self._act(xp, h[..., :F]) * h[..., F:]
+            h = gated(xp, h, c.intermediate_size, c.activation)
         else:
             h = self._act(xp, h)
         out = h @ b["down_t"]  # (B, T, E)

@@ -69,6 +69,21 @@ def relu(xp, x):
 ACTIVATIONS = {"silu": silu, "gelu": gelu, "gelu_tanh": gelu_tanh, "gelu_fast": gelu_fast, "relu": relu}
 
 
+def gated(xp, h, F: int, act: str):
+    """act(h[..., :F]) * h[..., F:] for the gated MLPs (Llama's SwiGLU, Gemma's GeGLU); numpy's in place
+    in one new array (a prefill's (T, F) temporaries are tens of MB each)."""
+    gate, up = h[..., :F], h[..., F:]
+    if xp is not np or act != "silu":
+        return ACTIVATIONS[act](xp, gate) * up
+    g = np.multiply(gate, gate.dtype.type(0.5))  # silu(x) = x (1 + tanh(x / 2)) / 2
+    np.tanh(g, out=g)
+    g *= g.dtype.type(0.5)
+    g += g.dtype.type(0.5)
+    g *= gate
+    g *= up
+    return g
+
+
 def softcap(xp, x, cap: float):
     """cap * tanh(x / cap): logits squashed into (-cap, cap) (Gemma 2's soft-capping)."""
     return xp.tanh(x / cap) * cap
