@@ -187,23 +187,23 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 0.0, to
     model._check_length(P + n, f"the prompt ({P} tokens) with max_new_tokens={n}")
     eos = set(model.config.eos_token_ids) | set(getattr(model.tokenizer, "eos_ids", ()) or ())
     rng = np.random.default_rng(seed)
-    caches = [layer.init_cache(B, P + n) if max_cache is None else
-              layer.init_cache(B, max_cache=max_cache, keep=keep) for layer in model.layers]
-    positions = None if mask is None else np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # learned positions
-    next_pos = (mask.sum(axis=1) if mask is not None else np.full(B, P)).astype(np.int64)
-    out = np.full((B, n), _pad_id(model), dtype=np.int64)
+    new_caches = lambda: [layer.init_cache(B, P + n) if max_cache is None else  # noqa: E731
+                          layer.init_cache(B, max_cache=max_cache, keep=keep) for layer in model.layers]
     switch = min((s.rope.original_max for s in model.config.layers
                   if s.rope is not None and s.rope.long_inv_freq is not None), default=-1)
+    out = np.full((B, n), _pad_id(model), dtype=np.int64)
     finished = np.zeros(B, dtype=bool)
     steps, sinks = [], []
-    logits, ws, _ = model.forward(ids, caches=caches, key_mask=mask, positions=positions, attentions=attentions,
-                                  head_mask=head_mask, last_only=True)
+    run = dict(attentions=attentions, head_mask=head_mask, last_only=True)
+    caches = new_caches()
+    logits, ws, _ = model.forward(ids, caches=caches, key_mask=mask, positions=_positions(mask), **run)
+    next_pos = (mask.sum(axis=1) if mask is not None else np.full(B, P)).astype(np.int64)  # learned positions
     for s in range(n):
         if attentions:
             steps.append(_place(ws, caches, P + s))
             sinks.append(_sink_mass(model, steps[-1][:, :, :, -1]))
-        new = pick(to_numpy(logits)[:, -1].astype(np.float32), temperature, top_k, top_p, rng)
-        new = np.where(finished, out[:, s], new)
+        new = np.where(finished, out[:, s], pick(to_numpy(logits)[:, -1].astype(np.float32), temperature, top_k,
+                                                 top_p, rng))
         out[:, s] = new
         if on_token is not None:
             on_token(s, new.copy(), steps[-1] if attentions else None)
@@ -213,28 +213,29 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 0.0, to
             out = out[:, :s + 1]
             break
         if P + s == switch:  # LongRoPE switches to its long factors: the cache is rebuilt (module docstring)
-            caches = [layer.init_cache(B, P + n) if max_cache is None else
-                      layer.init_cache(B, max_cache=max_cache, keep=keep) for layer in model.layers]
             seq = np.concatenate([ids, out[:, :s + 1]], axis=1)
             seq_mask = None if mask is None else np.concatenate([mask, np.ones((B, s + 1), bool)], axis=1)
-            seq_pos = None if mask is None else np.maximum(np.cumsum(seq_mask, axis=1) - 1, 0)
-            logits, ws, _ = model.forward(seq, caches=caches, key_mask=seq_mask, positions=seq_pos,
-                                          attentions=attentions, head_mask=head_mask, last_only=True)
+            caches = new_caches()
+            logits, ws, _ = model.forward(seq, caches=caches, key_mask=seq_mask, positions=_positions(seq_mask), **run)
             ws = [w[:, :, -1:] for w in ws]
         else:
-            logits, ws, _ = model.forward(new[:, None], caches=caches, positions=next_pos[:, None],
-                                          attentions=attentions, head_mask=head_mask, last_only=True)
+            logits, ws, _ = model.forward(new[:, None], caches=caches, positions=next_pos[:, None], **run)
         next_pos += 1
+    return _result(model, ids, out, mask, steps, sinks, finished, batched, eos if stop_at_eos else set())
+
+
+def _positions(mask):
+    """Learned positions of a left-padded batch: each row counts from its first real token (None: 0..T-1)."""
+    return None if mask is None else np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+
+
+def _result(model, ids, out, mask, steps, sinks, finished, batched: bool, eos: set) -> Generation:
     full = np.concatenate([ids, out], axis=1)
     full_mask = None if mask is None else np.concatenate([mask, np.ones_like(out, dtype=bool)], axis=1)
-    text = None
-    if model.tokenizer is not None:
-        text = [model.tokenizer.decode(_until_eos(r, eos if stop_at_eos else set())) for r in out]
-    atts = None
-    if attentions:
-        atts = [a if batched else a[0] for a in steps]
-    sink = None if not sinks else np.stack(sinks, axis=1)  # (B, steps, layers, H)
-    g = Generation(full, out, P, full_mask, text, atts, sink, finished)
+    text = None if model.tokenizer is None else [model.tokenizer.decode(_until_eos(r, eos)) for r in out]
+    atts = [a if batched else a[0] for a in steps] if steps else None
+    sink = np.stack(sinks, axis=1) if sinks else None  # (B, steps, layers, H)
+    g = Generation(full, out, ids.shape[1], full_mask, text, atts, sink, finished)
     if not batched:
         g.ids, g.new_ids, g.text = full[0], out[0], None if text is None else text[0]
         g.sink_mass = None if sink is None else sink[0]
