@@ -93,8 +93,6 @@ class DecoderModel:
             extra["softcap"] = c.attn_softcap
         if c.qk_norm:
             extra["qk_norm"] = c.norm_eps
-        if c.sinks:
-            extra["sinks"] = True
         return MultiHeadAttention.from_weights(aw, backend=self.backend, dtype=self.dtype, scale=spec.scale,
                                                rope=spec.rope, window=spec.window, **extra)
 

@@ -10,7 +10,8 @@ The choice is learnt in bursts of :data:`BURST` consecutive steps per mode, the 
 burst not counted: a mode entered after a long spell of the other pays once for waking BLAS's threads
 (or letting them sleep), which is not what a spell of it costs. Exploration: the first bursts
 alternate; then one burst of the other mode every :data:`EVERY` steps; the faster median of each
-mode's last :data:`KEEP` counted steps wins.
+mode's last :data:`KEEP` counted steps wins. One thread is set by threadpoolctl's ``limit`` for the
+step and restored after it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ from collections import deque
 BURST = 4
 EVERY = 256
 KEEP = 12
+_controller = []
+
+
+def _blas():
+    """threadpoolctl's controller of the BLAS libraries in this process (made once)."""
+    if not _controller:
+        from threadpoolctl import ThreadpoolController
+
+        _controller.append(ThreadpoolController().select(user_api="blas"))
+    return _controller[0]
 
 
 class StepThreads:
@@ -45,12 +56,10 @@ class StepThreads:
 
     @contextlib.contextmanager
     def step(self):
-        from mha_cpu._pool import one_blas_thread
-
         held, counted = self._mode()
         self.steps += 1
         t0 = time.perf_counter()
-        with one_blas_thread() if held else contextlib.nullcontext():
+        with _blas().limit(limits=1) if held else contextlib.nullcontext():
             yield
         if counted:
             self.times[held].append(time.perf_counter() - t0)
