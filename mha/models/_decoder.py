@@ -177,13 +177,18 @@ class DecoderModel:
             return layer_norm(self._xp, x, w, b, c.norm_eps)
         return rms_norm(self._xp, x, w, c.norm_eps)
 
-    def _mlp(self, x, b: dict):
+    def _mlp(self, x, b: dict, scratch: dict | None):
+        """The MLP of one block: x (B, T, E) -> (B, T, E). ``scratch``: numpy buffers for the (B, T, 2F)
+        and (B, T, F) intermediates that every layer of one forward reuses (None: fresh arrays; MLX)."""
         xp, c = self._xp, self.config
-        h = x @ b["in_t"]  # (B, T, 2F) or (B, T, F)
+        if scratch is None:
+            h = x @ b["in_t"]  # (B, T, 2F) or (B, T, F)
+        else:
+            h = np.matmul(x, b["in_t"], out=_buffer(scratch, "mlp_in", x.shape[:-1] + (b["in_t"].shape[1],), x.dtype))
         if "in_b" in b:
             h = h + b["in_b"]
         if c.gated:
-            h = gated(xp, h, c.intermediate_size, c.activation)
+            h = gated(xp, h, c.intermediate_size, c.activation, None if scratch is None else scratch)
         else:
             h = self._act(xp, h)
         out = h @ b["down_t"]  # (B, T, E)
@@ -219,7 +224,7 @@ class DecoderModel:
                 positions = np.broadcast_to(np.arange(start, start + T), (B, T))
             x = x + xp.take(self._pos, xp.array(positions) if xp is not np else positions, axis=0)
         km = None if key_mask is None else (xp.array(key_mask) if xp is not np else key_mask)
-        weights = []
+        weights, scratch = [], {} if xp is np and T > 1 else None  # a prefill's MLP buffers, reused by every layer
         for i, (attn, blk) in enumerate(zip(self.layers, self._blocks)):
             h = self._apply_norm(x, blk["norm1"]) if "norm1" in blk else x
             kwargs = {"key_mask": km} if km is not None else {}
@@ -232,7 +237,7 @@ class DecoderModel:
                 weights.append(res[1])
             x = x + (self._apply_norm(a, blk["post_attn"]) if "post_attn" in blk else a)
             if self._act is not None:
-                m = self._mlp(self._apply_norm(x, blk["norm2"]), blk)
+                m = self._mlp(self._apply_norm(x, blk["norm2"]), blk, scratch)
                 x = x + (self._apply_norm(m, blk["post_mlp"]) if "post_mlp" in blk else m)
         if last_only:
             x = x[:, -1:]
@@ -321,6 +326,14 @@ class DecoderModel:
         if self.tokenizer is None:
             return [f"t{int(i)}" for i in ids]
         return self.tokenizer.tokens(ids)
+
+
+def _buffer(scratch: dict, name: str, shape: tuple, dtype) -> np.ndarray:
+    """``scratch[name]``, made (uninitialised) on first use; one forward's layers share it."""
+    buf = scratch.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = scratch[name] = np.empty(shape, dtype)
+    return buf
 
 
 def _padding(ids: np.ndarray, key_mask):

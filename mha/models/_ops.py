@@ -77,13 +77,19 @@ def relu(xp, x):
 ACTIVATIONS = {"silu": silu, "gelu": gelu, "gelu_tanh": gelu_tanh, "gelu_fast": gelu_fast, "relu": relu}
 
 
-def gated(xp, h, F: int, act: str):
-    """act(h[..., :F]) * h[..., F:] for the gated MLPs (Llama's SwiGLU, Gemma's GeGLU); numpy's in place
-    in one new array (a prefill's (T, F) temporaries are tens of MB each)."""
+def gated(xp, h, F: int, act: str, scratch: dict | None = None):
+    """act(h[..., :F]) * h[..., F:] for the gated MLPs (Llama's SwiGLU, Gemma's GeGLU); numpy's SiLU in
+    place in one array (a prefill's (T, F) temporaries are tens of MB each), taken from ``scratch`` (a
+    dict of buffers by shape) when given."""
     gate, up = h[..., :F], h[..., F:]
     if xp is not np or act != "silu":
         return ACTIVATIONS[act](xp, gate) * up
-    g = np.multiply(gate, gate.dtype.type(0.5))  # silu(x) = x (1 + tanh(x / 2)) / 2
+    g = scratch.get("gated") if scratch is not None else None
+    if g is None or g.shape != gate.shape:
+        g = np.empty(gate.shape, gate.dtype)
+        if scratch is not None:
+            scratch["gated"] = g
+    np.multiply(gate, gate.dtype.type(0.5), out=g)  # silu(x) = x (1 + tanh(x / 2)) / 2
     np.tanh(g, out=g)
     g *= g.dtype.type(0.5)
     g += g.dtype.type(0.5)
