@@ -11,8 +11,8 @@ supplies the array namespace and these hooks; nothing else of it is called.
 - ``fast_weights``: whether :meth:`_forward` returns weights and lse too (else calls asking for them
   take the reference path); :meth:`_fast_lse` may say it returns lse (without weights) for some sizes.
 - :meth:`_dtypes`, :meth:`_init_rng`, :meth:`_is_native`, :meth:`_from_numpy`, :meth:`_set_params`,
-  :meth:`_native_params`, :meth:`_dropout_multiplier`, :meth:`_forward`; optionally :meth:`_errstate`,
-  :meth:`_settle`, :meth:`_rope` and :meth:`small_blocks`.
+  :meth:`_native_params`, :meth:`_dropout_multiplier`, :meth:`_forward`, :meth:`_attend` (the core);
+  optionally :meth:`_errstate`, :meth:`_settle`, :meth:`_rope` and :meth:`small_blocks`.
 
 Tests hold both backends to this: the same public names and signatures (tests/test_api.py), and every
 hook's result checked against the reference by the property suite.
@@ -77,15 +77,20 @@ class BackendHooks:
         follow its rules for empty rows and non-finite inputs exactly (the property suite checks)."""
         raise NotImplementedError
 
+    def _attend(self, q, k, v, masks, *, scale: float, softcap=None, sinks=None, dropout=None,
+                return_weights: bool = False):
+        """The backend's attention core (the seam, docs/architecture.md): ``(context, lse[, weights])`` of
+        q (B, H, T, D) and k, v (B, Hkv, S, D) under ``masks`` (mha._masks.MaskSet), as
+        :func:`mha.reference.attend` defines them. Default: that reference on this backend's arrays."""
+        from ._reference import attend
+
+        with self._errstate():
+            return attend(self._xp, q, k, v, masks, scale=scale, softcap=softcap, sinks=sinks, dropout=dropout,
+                          return_weights=return_weights, acc_dtype=self._dtypes()[1])
+
     def _errstate(self):
         """A context for the arithmetic (numpy: no warnings for the NaN/inf the rules propagate)."""
         return contextlib.nullcontext()
-
-    def _decode_lane(self, query, cache):
-        """The output of ``layer(query, cache=cache)`` (any ``causal``, no other argument) computed without
-        the general checks, or None to take the general path. A backend's lane must accept only calls
-        whose every check it makes itself, and change nothing when it returns None. Default: None."""
-        return None
 
     def _settle(self, cache) -> None:
         """Called on a cache when it is made and after each call that appended to it, so that any thread

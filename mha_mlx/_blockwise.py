@@ -145,8 +145,8 @@ def _logits(qb, k, masks, t0, t1, s0, s1):
     if masks.bias is not None:
         s = s + _grouped(_block(masks.bias, t0, t1, s0, s1), Hkv)
     keep = None if masks.keep is None else _grouped(_block(masks.keep, t0, t1, s0, s1), Hkv)
-    if masks.positional:
-        pos = masks.causal_keep(mx, rows=(t0, t1), cols=(s0, s1))  # (tb, sb)
+    pos = masks.cut(rows=(t0, t1), cols=(s0, s1)).rule(mx)  # (tb, sb) or None
+    if pos is not None:
         keep = pos if keep is None else mx.logical_and(keep, pos)
     return (s, None) if keep is None else (mx.where(keep, s, NEG_INF), keep)
 

@@ -265,7 +265,7 @@ def _fused(q, k, v, keep, bias, causal: bool, window, scale: float, bad, merged:
     B, H, T, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     dt = q.dtype
-    rules = MaskSet(keep, bias, causal, T, S, window)
+    rules = MaskSet.aligned(T, S, keep=keep, bias=bias, causal=causal, window=window)
     every_key_visible = rules.every_key_visible
     if bad is None:
         bad = _nonfinite.flags(k, v)  # (B, Hkv, S)
@@ -281,7 +281,7 @@ def _fused(q, k, v, keep, bias, causal: bool, window, scale: float, bad, merged:
     if keep is None and bias is None and window is None:
         arg = "causal" if causal else None
     else:
-        keep = rules.full_keep(mx)
+        keep = rules.visible(mx)
         if keep is not None:
             sees_any = mx.any(mx.broadcast_to(keep, tuple(keep.shape[:-2]) + (T, S)), axis=-1, keepdims=True)
         if bias is None:
