@@ -85,7 +85,7 @@ class DecoderModel:
         HD, KD = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         biases = [w.get(p + f"{n}.b", zeros(m)) if bias else None
                   for n, m in (("q", HD), ("k", KD), ("v", KD), ("o", c.hidden_size))]
-        norms = {n: w[p + n] for n in ("q_norm", "k_norm", "sinks") if p + n in w}
+        norms = {n: w[p + n] for n, on in (("q_norm", c.qk_norm), ("k_norm", c.qk_norm), ("sinks", c.sinks)) if on}
         aw = AttentionWeights(w[p + "q.w"], w[p + "k.w"], w[p + "v.w"], w[p + "o.w"], *biases, num_heads=c.num_heads,
                               num_kv_heads=c.num_kv_heads, **norms)
         extra = {}

@@ -165,7 +165,9 @@ def reference(folder: Path, **config_changes):
 def to_v4(folder: Path, dest: Path) -> Path:
     """A copy of ``folder`` whose config.json is in transformers v4's form: rope_theta (+
     rope_local_base_freq for Gemma 3) and rope_scaling instead of rope_parameters, torch_dtype for dtype.
-    Old-style {"type": ...} for linear and dynamic, {"rope_type": ...} for the others."""
+    Old-style {"type": ...} for Llama's linear and dynamic (Llama 2 era configs), {"rope_type": ...} for
+    the others, as real configs write them (transformers 5.18 drops a Gemma 3 {"type": "linear"}: it
+    keeps the "default" it starts from; this loader reads either)."""
     dest.mkdir(parents=True, exist_ok=True)
     for f in folder.iterdir():
         if f.name != "config.json":
@@ -186,7 +188,8 @@ def to_v4(folder: Path, dest: Path) -> Path:
         if kind == "default":
             raw["rope_scaling"] = None
         else:
-            raw["rope_scaling"] = {("type" if kind in ("linear", "dynamic") else "rope_type"): kind, **full}
+            old_style = kind in ("linear", "dynamic") and raw["model_type"] == "llama"  # as Llama 2 era configs
+            raw["rope_scaling"] = {("type" if old_style else "rope_type"): kind, **full}
     (dest / "config.json").write_text(json.dumps(raw, indent=2))
     return dest
 
