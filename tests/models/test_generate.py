@@ -219,3 +219,51 @@ def test_canonical_weights_round_trip_and_to_another_backend(zoo, name, backend)
     other = model.to(backend)
     assert other.backend == backend
     assert np.abs(other.logits(ids) - model.logits(ids)).max() <= 1e-5 * np.abs(model.logits(ids)).max()
+
+
+# -- rotating caches ----------------------------------------------------------------------------------------------
+
+def test_a_rotating_cache_of_W_is_a_sliding_window_of_W(zoo, backend):
+    """max_cache=W on a model without windows = the same weights with a window of W on every layer, in ids and
+    in every step's weights (the prompt, longer than W, included)."""
+    import dataclasses
+
+    model = mm.load(zoo("phi3", init=0.25), backend=backend)
+    W = 5
+    windowed = mm.DecoderModel(dataclasses.replace(model.config, layers=tuple(
+        dataclasses.replace(s, window=W) for s in model.config.layers)), model.canonical_weights(), backend=backend)
+    prompt = np.arange(3, 12)
+    rotating = model.generate(prompt, 6, attentions=True, stop_at_eos=False, max_cache=W)
+    sliding = windowed.generate(prompt, 6, attentions=True, stop_at_eos=False)
+    np.testing.assert_array_equal(rotating.ids, sliding.ids)
+    for a, b in zip(rotating.attentions, sliding.attentions):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert not np.array_equal(rotating.ids, model.generate(prompt, 6, stop_at_eos=False).ids)  # W matters here
+
+
+def _masked_greedy(model, prompt, n, W, k):
+    """Greedy ids by a full forward per step in which query i sees keys j <= i with j < k or j > i - (W - k)
+    (StreamingLLM: k sinks and the last W - k positions), through each layer's ``mask=``: no cache at all."""
+    seq = list(prompt)
+    for _ in range(n):
+        T = len(seq)
+        i, j = np.arange(T)[:, None], np.arange(T)[None]
+        mask = (j <= i) & ((j < k) | (j > i - (W - k)))  # (T, T)
+        x = model._embed[np.array(seq)][None]  # (1, T, E)
+        for attn, blk in zip(model.layers, model._blocks):
+            x = x + attn(model._apply_norm(x, blk["norm1"]), mask=mask)
+            x = x + model._mlp(model._apply_norm(x, blk["norm2"]), blk, None)
+        seq.append(int((model._apply_norm(x, model._norm)[0, -1] @ model._head_t).argmax()))
+    return np.array(seq)
+
+
+def test_kept_first_tokens_are_never_evicted(zoo):
+    model = mm.load(zoo("phi3", init=0.25), backend="numpy")
+    W, k, prompt = 6, 2, np.arange(3, 13)
+    out = model.generate(prompt, 7, attentions=True, stop_at_eos=False, max_cache=W, keep=k)
+    np.testing.assert_array_equal(out.ids, _masked_greedy(model, prompt, 7, W, k))
+    for s, a in enumerate(out.attentions):
+        p = len(prompt) - 1 + s  # the query's position
+        seen = np.flatnonzero(a[:, :, -1].sum((0, 1)) > 0)
+        assert seen.tolist() == [0, 1] + list(range(p - (W - k) + 1, p + 1)), s
+        np.testing.assert_allclose(a[:, :, -1].sum(-1), 1, atol=1e-5)
