@@ -23,13 +23,9 @@ INDEX = "model.safetensors.index.json"
 
 
 def read_json(path: Path, what: str) -> dict:
-    """A JSON object from ``path``; ValueError naming the file when it is missing or not one."""
-    try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file ({what})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{path}: cannot read the {what} ({str(err)[:200]})") from None
+    """A JSON object from ``path`` (mha._io.read_json: size checked first); ValueError naming the file
+    when it is missing, unreadable or not an object."""
+    raw = _io.read_json(path, f"the {what}")
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: the {what} must be a JSON object, got a {type(raw).__name__}")
     return raw
@@ -122,10 +118,6 @@ class Checkpoint:
                     raise ValueError(f"{path}: tensor {name!r} is also in {self.entries[name].path.name}")
                 self.entries[name] = entry
         self._maps: dict = {}
-
-    def shapes(self) -> dict:
-        """``{name: shape}`` of every tensor."""
-        return {k: e.shape for k, e in self.entries.items()}
 
     @property
     def dtypes(self) -> set:

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._checks import check_tensors
 from ._decoder_config import DecoderConfig
-
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
 
 
 @dataclass(frozen=True)
@@ -129,29 +128,24 @@ def layout(c: DecoderConfig) -> dict:
     return _llama_like(c)
 
 
-def match(c: DecoderConfig, shapes: dict, where: str) -> dict:
-    """``{stored name: (name in the file, Source)}``: the layout matched against the file's tensor
-    shapes (GPT-2's ``transformer.`` prefix optional); ValueError listing missing, misshapen and
-    unexpected tensors (a config that disagrees with the weights) before any tensor is read."""
+_LAYERS = {"gpt2": r"(?:transformer\.)?h\.(\d+)\.", "mha_attn_only": r"layers\.(\d+)\."}
+
+
+def match(c: DecoderConfig, tensors: dict, where: str) -> dict:
+    """``{stored name: (name in the file, Source)}``: the layout matched against the file's tensors
+    (anything with a ``shape``: the headers' entries; GPT-2's ``transformer.`` prefix optional);
+    ValueError listing a layer-count disagreement, missing, misshapen and unexpected tensors (a config
+    that disagrees with the weights) before any tensor is read (mha.models._checks.check_tensors)."""
     want = layout(c)
     names = {k: k for k in want}
-    if c.family == "gpt2" and "transformer.wte.weight" not in shapes and "wte.weight" in shapes:
-        names = {k: k.removeprefix("transformer.") if k.startswith("transformer.") else k for k in want}
-    missing = [names[k] for k in want if names[k] not in shapes]
-    wrong = [f"{names[k]}: expected {list(s.shape)} from the config, found {list(shapes[names[k]])}"
-             for k, s in want.items() if names[k] in shapes and tuple(shapes[names[k]]) != s.shape]
-    known = set(names.values()) | ({"lm_head.weight"} if c.tie_embeddings else set())
-    extra = sorted(k for k in shapes if k not in known and not k.endswith(_IGNORED_SUFFIXES))
-    problems = []
-    if missing:
-        problems.append(f"missing {missing[:3]}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
-    problems += wrong[:3]
-    if extra:
-        problems.append(f"unexpected {extra[:3]}" + (f" and {len(extra) - 3} more" if len(extra) > 3 else ""))
-    if problems:
-        raise ValueError(f"{where}: the weights do not fit config.json (model_type {c.family!r}, "
-                         f"{c.num_layers} layers, {c.num_heads} heads, {c.num_kv_heads} key/value heads, head_dim "
-                         f"{c.head_dim}): " + "; ".join(problems))
+    if c.family == "gpt2" and "transformer.wte.weight" not in tensors and "wte.weight" in tensors:
+        names = {k: k.removeprefix("transformer.") for k in want}
+    ignored = [r".*rotary_emb\.inv_freq$", r".*attn\.(masked_)?bias$"] + ([r"lm_head\.weight$"] if c.tie_embeddings
+                                                                          else [])
+    summary = (f"{where} (model_type {c.family!r}: {c.num_layers} layers, {c.num_heads} heads, {c.num_kv_heads} "
+               f"key/value heads, head_dim {c.head_dim})")
+    check_tensors(summary, tensors, {names[k]: s.shape for k, s in want.items()}, ignored=ignored,
+                  layers=(c.num_layers, "num_hidden_layers", _LAYERS.get(c.family, r"model\.layers\.(\d+)\.")))
     return {k: (names[k], s) for k, s in want.items()}
 
 

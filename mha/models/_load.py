@@ -139,7 +139,7 @@ def load(path, backend="auto", dtype="float32"):
     backend = resolve_backend(backend)
     dtype = dtype_name(dtype, backend)
     checkpoint = Checkpoint(folder)
-    matched = match(config, checkpoint.shapes(), str(folder))
+    matched = match(config, checkpoint.entries, str(folder))
     tokenizer = DecoderTokenizer(folder, config.vocab_size) if (folder / "tokenizer.json").is_file() else None
     try:
         weights = convert(matched, checkpoint.read, np.float32)

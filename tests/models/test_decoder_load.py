@@ -101,10 +101,12 @@ BAD_CONFIGS = [
     ("quantised", lambda c: c.update(quantization_config={"bits": 4}), r"option 'quantization_config'"),
     ("missing size", lambda c: c.pop("hidden_size"), r"config.json: the config lacks 'hidden_size'"),
     ("wrong type", lambda c: c.update(num_hidden_layers="2"), r"num_hidden_layers='2' in the config; expected an int"),
-    ("layer count", lambda c: c.update(num_hidden_layers=3), r"missing \['model.layers.2"),
+    ("layer count", lambda c: c.update(num_hidden_layers=3),
+     r"config.json declares num_hidden_layers=3 but the weights hold 2 layers \(0-1\); missing keys \['model.layers.2"),
     ("head count", lambda c: c.update(num_key_value_heads=3),
-     r"model.layers.0.self_attn.k_proj.weight: expected \[24, 48\] from the config, found \[16, 48\]"),
-    ("fewer layers", lambda c: c.update(num_hidden_layers=1), r"unexpected \['model.layers.1"),
+     r"3 key/value heads.*model.layers.0.self_attn.k_proj.weight: expected \(24, 48\), got \(16, 48\)"),
+    ("fewer layers", lambda c: c.update(num_hidden_layers=1),
+     r"declares num_hidden_layers=1 but the weights hold 2 layers \(0-1\); unexpected keys \['model.layers.1"),
 ]
 
 
@@ -118,7 +120,7 @@ def test_a_bad_config_is_one_error_naming_the_key(zoo, tmp_path, monkeypatch, ca
 
 def test_missing_files_are_named(zoo, tmp_path):
     src = zoo("gpt2")
-    with pytest.raises(ValueError, match=r"config.json: no such file"):
+    with pytest.raises(ValueError, match=r"config.json: cannot read the model config \(\[Errno 2\] No such file"):
         mm.load(_copy(src, tmp_path / "a", drop=["config.json"]))
     with pytest.raises(ValueError, match=r"no model weights: model.safetensors or model.safetensors.index.json"):
         mm.load(_copy(src, tmp_path / "b", drop=["model.safetensors"]))
