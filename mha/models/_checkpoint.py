@@ -9,7 +9,6 @@ are. ``pytorch_model.bin`` is never read (a pickle).
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import struct
@@ -83,24 +82,10 @@ def read_header(path: Path) -> dict:
         if n > min(size - 8, _io._MAX_HEADER):
             raise ValueError(f"{where} (header of {n} bytes announced, file has {size}; truncated?)")
         text = f.read(n)
-    try:
-        header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{where} (header is not JSON: {str(err)[:100]})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{where} (header is not a JSON object)")
-    header.pop("__metadata__", None)
-    body = size - 8 - n
-    entries = {}
-    for name, info in header.items():
-        code, shape, start, end = _io._entry(where, name, info)
+    entries = {}  # parsed and checked by mha._io's reader: ranges inside the data section, none overlapping
+    for name, (code, shape, start, end) in _io._entries(where, _io._parse_header(where, text), size - 8 - n).items():
         if code not in ("F32", "F16", "BF16", "F64"):
             raise ValueError(f"{path}: tensor {name!r} has dtype {code}; model weights must be F32, F16 or BF16")
-        itemsize = 2 if code in ("F16", "BF16") else int(code[1:]) // 8
-        expected = math.prod(shape) * itemsize
-        if not (0 <= start <= end <= body) or end - start != expected:
-            raise ValueError(f"{where} (tensor {name!r} of shape {list(shape)} and dtype {code} needs {expected} "
-                             f"bytes at [{start}, {end}), the data section has {body}; truncated or corrupt)")
         entries[name] = Entry(path, code, shape, start, end, 8 + n)
     return entries
 
