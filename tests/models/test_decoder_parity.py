@@ -39,9 +39,6 @@ def _on_mlx(names):
     """``names`` as params, each whose feature the MLX layer lacks skipped with the reason (until core-mlx has it)."""
     return [pytest.param(n, marks=pytest.mark.skipif(bool(_mlx_lacks(n)), reason=f"the MLX layer lacks "
                                                      f"{_mlx_lacks(n)} (core-mlx)")) for n in names]
-MLX_NAMES = ["llama-yarn", "qwen2", "gemma", "phi3", "gpt2"]
-GEN_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "llama-dynamic",
-             "llama-yarn"]
 needs_mlx = pytest.mark.skipif(not HAS_MLX, reason="MLX is not installed")
 
 
@@ -89,14 +86,6 @@ def test_the_v4_config_form_loads_the_same_model(zoo, name):
     assert _rel(_reference_logits(v4, ids), _reference_logits(v5, ids)) < 1e-6  # transformers reads it alike
 
 
-@needs_mlx
-@pytest.mark.parametrize("name", _on_mlx(MLX_NAMES))
-def test_logits_match_transformers_on_mlx(zoo, name):
-    folder = zoo(name)
-    ids = _ids(T=13)
-    assert _rel(mm.load(folder, backend="mlx").logits(ids), _reference_logits(folder, ids)) < TOL
-
-
 def _reference_generation(folder, ids, n):
     with torch.no_grad():
         return hf_zoo.reference(folder).generate(torch.tensor(ids)[None], max_new_tokens=n, do_sample=False,
@@ -117,8 +106,7 @@ def _check_attentions(ours: list, theirs) -> None:
             assert not mine[layer][..., :-S].any()
 
 
-@pytest.mark.parametrize("name", GEN_NAMES)
-def test_greedy_generation_and_its_attentions_match_transformers(zoo, name, backend="numpy"):
+def _check_generation(zoo, name, backend):
     folder = zoo(name, init=0.25)  # attention parity to 1e-5 needs rows that are not one-hot (TESTING.md 7)
     prompt, n = _ids(T=9, B=1, seed=2)[0], 8
     ref = _reference_generation(folder, prompt, n)
@@ -128,13 +116,13 @@ def test_greedy_generation_and_its_attentions_match_transformers(zoo, name, back
     _check_attentions(out.attentions, ref.attentions)
 
 
-def test_longrope_generation_follows_the_full_forward(zoo):
+def test_longrope_generation_follows_the_full_forward(zoo, backend):
     """Phi-3's LongRoPE switches to the long factors past original_max_position_embeddings (12 here): each
     greedy token equals the argmax of transformers' full forward over the sequence so far (transformers'
     own generate loses the context at the switch in 5.18: its Phi-3 drops the cache and feeds one token)."""
     folder = zoo("phi3-longrope", init=0.25)
     prompt = _ids(T=9, B=1, seed=2)[0]
-    out = mm.load(folder, backend="numpy").generate(prompt, 8, attentions=True, stop_at_eos=False)
+    out = mm.load(folder, backend=backend).generate(prompt, 8, attentions=True, stop_at_eos=False)
     ref = hf_zoo.reference(folder)
     seq = list(prompt)
     with torch.no_grad():
@@ -146,24 +134,21 @@ def test_longrope_generation_follows_the_full_forward(zoo):
     np.testing.assert_allclose(out.attentions[-1], last, rtol=0, atol=ATT_TOL)
 
 
-@pytest.mark.slow
 @needs_mlx
 @pytest.mark.parametrize("name", _on_mlx(NAMES))
 @pytest.mark.parametrize("v4", [False, True], ids=["v5", "v4"])
-def test_every_family_and_config_form_on_mlx(zoo, name, v4):
+def test_logits_match_transformers_on_mlx(zoo, name, v4):
     folder = zoo(name, v4=v4)
     ids = _ids(T=20)
     assert _rel(mm.load(folder, backend="mlx").logits(ids), _reference_logits(folder, ids)) < TOL
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "phi3-longrope"])
-def test_generation_of_every_family_on_numpy(zoo, name):
-    test_greedy_generation_and_its_attentions_match_transformers(zoo, name, "numpy")
+def test_greedy_generation_and_its_attentions_match_transformers(zoo, name):
+    _check_generation(zoo, name, "numpy")
 
 
-@pytest.mark.slow
 @needs_mlx
 @pytest.mark.parametrize("name", _on_mlx([n for n in NAMES if n != "phi3-longrope"]))
-def test_generation_of_every_family_on_mlx(zoo, name):
-    test_greedy_generation_and_its_attentions_match_transformers(zoo, name, "mlx")
+def test_greedy_generation_and_its_attentions_match_transformers_on_mlx(zoo, name):
+    _check_generation(zoo, name, "mlx")
