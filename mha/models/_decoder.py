@@ -314,7 +314,7 @@ class DecoderModel:
         if self.tokenizer is not None:
             return self.encode_text(text)
         words = check_text(text).split()
-        if not all(w.isdigit() for w in words):
+        if not all(w.isascii() and w.isdigit() for w in words):
             raise ValueError(f"{self.name} has no tokenizer: give token ids separated by spaces (e.g. \"5 9 2\"), "
                              f"got {text[:40]!r}")
         from ._generate import check_ids

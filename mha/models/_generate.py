@@ -61,10 +61,10 @@ def check_ids(ids, vocab_size: int, name: str):
     except ValueError as err:
         raise ValueError(f"{name} must be a (T,) or (B, T) array of token ids (equal lengths; for a ragged batch "
                          f"pass a list of lists to generate): {err}") from None
-    if a.dtype.kind not in "iu" and not (a.dtype.kind == "f" and a.size and np.all(a == np.round(a))):
-        raise TypeError(f"{name} must hold integer token ids, got dtype {a.dtype}")
     if a.ndim not in (1, 2) or a.shape[-1] == 0 or a.size == 0:
         raise ValueError(f"{name} must be a non-empty (T,) or (B, T) array of token ids, got shape {a.shape}")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer token ids, got dtype {a.dtype}")
     bad = a[(a < 0) | (a >= vocab_size)]
     if bad.size:
         raise ValueError(f"{name} holds token id {int(bad.flat[0])}, outside the vocabulary [0, {vocab_size})")

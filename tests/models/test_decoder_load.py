@@ -146,6 +146,8 @@ def test_bad_generation_arguments_fail_before_any_work(zoo, monkeypatch):
                                                   r"more than the model's max_position_embeddings=64"),
              ((np.array([5, 200]), 3), {}, ValueError, r"prompt holds token id 200, outside the vocabulary \[0, 97\)"),
              ((np.arange(5), 3), {"temperature": -1}, ValueError, r"temperature must be a finite number >= 0"),
+             ((np.array([1.0, 2.0]), 3), {}, TypeError, r"prompt must hold integer token ids, got dtype float64"),
+             (([], 3), {}, ValueError, r"prompt must be a non-empty \(T,\) or \(B, T\) array of token ids"),
              ((np.arange(5), 3), {"top_p": 1.5}, ValueError, r"top_p must be a number in \(0, 1\]"),
              ((np.arange(5), 3), {"top_k": 0}, ValueError, r"top_k must be an int >= 1"),
              ((np.arange(5), 3), {"keep": 4, "max_cache": 4}, ValueError, r"keep=4 needs a rotating cache larger")]
