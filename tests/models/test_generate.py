@@ -23,8 +23,8 @@ def _full_forward_greedy(model, prompt, n):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_a_left_padded_batch_generates_what_each_prompt_does_alone(zoo, name):
-    model = mm.load(zoo(name, init=0.25), backend="numpy")
+def test_a_left_padded_batch_generates_what_each_prompt_does_alone(zoo, name, backend):
+    model = mm.load(zoo(name, init=0.25), backend=backend)
     short, long = np.arange(10, 15), np.arange(20, 31)
     out = model.generate([short, long], 6, attentions=True, stop_at_eos=False)
     assert out.ids.shape == (2, 17) and out.mask.sum(1).tolist() == [11, 17]
