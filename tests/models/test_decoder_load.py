@@ -170,3 +170,15 @@ def test_keys_of_real_configs_that_change_nothing_load(zoo, tmp_path, name, edit
     folder = _copy(src, tmp_path / "m", edit)
     ids = np.arange(3, 12)
     np.testing.assert_array_equal(mm.load(folder, backend="numpy").logits(ids), mm.load(src, backend="numpy").logits(ids))
+
+
+def test_loading_and_generating_never_import_torch_or_transformers(zoo):
+    import subprocess
+    import sys
+
+    folder = zoo("gemma", dtype="bfloat16", text=True)
+    code = (f"import sys, mha.models as mm; m = mm.load({str(folder)!r}, backend='numpy'); "
+            "m.generate('The cat', 3, attentions=True); "
+            "bad = [n for n in ('torch', 'transformers', 'safetensors') if n in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
