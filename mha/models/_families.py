@@ -190,7 +190,7 @@ def _gpt2(r: Reader) -> DecoderConfig:
     base = 1.0 / math.sqrt(D) if r.bool("scale_attn_weights", True) else 1.0
     by_layer = r.bool("scale_attn_by_inverse_layer_idx", False)
     r.bool("reorder_and_upcast_attn", False)  # float32 throughout already: no effect on the numbers here
-    r.int("n_ctx", 1024)
+    r.used.add("n_ctx")  # old configs' copy of n_positions; transformers 5 does not read it
     layers = tuple(LayerSpec(None, None, base / (i + 1) if by_layer else base) for i in range(L))
     return DecoderConfig(
         "gpt2", vocab_size=r.int("vocab_size"), hidden_size=E, num_layers=L, num_heads=H, num_kv_heads=H,
