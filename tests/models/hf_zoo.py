@@ -117,6 +117,12 @@ ZOO = {
                                             "short_factor": [1.0, 1.5, 2.0, 3.0],
                                             "long_factor": [2.0, 3.0, 5.0, 9.0]}),
                       {"longrope": _plain_rope}),
+    "gpt2-layerscale": ("GPT2Config", "GPT2LMHeadModel",
+                        dict(vocab_size=97, n_embd=48, n_head=6, n_layer=3, n_positions=64, n_inner=56,
+                             activation_function="relu", scale_attn_by_inverse_layer_idx=True, bos_token_id=1,
+                             eos_token_id=2),
+                        {"layer_scale": lambda cfg, w: (dataclasses.replace(cfg, layers=tuple(
+                            dataclasses.replace(s, scale=cfg.layers[0].scale) for s in cfg.layers)), w)}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel",
              dict(vocab_size=97, n_embd=48, n_head=6, n_layer=2, n_positions=64, n_inner=56, initializer_range=1.0,
                   bos_token_id=1, eos_token_id=2),
