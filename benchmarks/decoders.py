@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -150,12 +152,13 @@ def prefill_flops(shape: dict, T: int) -> float:
 
 
 def weight_bytes(folder: Path) -> int:
-    """Bytes read per token: every tensor but the embedding table (one row of it is read)."""
-    from mha.models._checkpoint import read_header
-
-    header = read_header(folder / "model.safetensors")
-    return sum(4 * e.shape[0] * (e.shape[1] if len(e.shape) > 1 else 1) for k, e in header.items()
-               if k != "model.embed_tokens.weight")
+    """Bytes read per token: every tensor but the embedding table (one row of it is read), float32, from
+    the safetensors header (8 bytes of length, then JSON)."""
+    with open(folder / "model.safetensors", "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return sum(4 * math.prod(e["shape"]) for k, e in header.items()
+               if k not in ("__metadata__", "model.embed_tokens.weight"))
 
 
 def _child(kind: str, args) -> dict:

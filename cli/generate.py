@@ -105,7 +105,7 @@ def generate(text, folder, backend, dtype, max_new_tokens, temperature, top_k, t
             raise click.BadParameter(f"{value} is out of range: {model.name} has {n} {name[2:]}s, numbered 0 to "
                                      f"{n - 1}", param_hint=name)
     try:
-        prompt = model._ids_of(text)
+        prompt = model.prompt_ids(text)
     except (ValueError, TypeError) as err:
         raise click.BadParameter(str(err), param_hint="TEXT") from None
     tokens = model.tokens(prompt)

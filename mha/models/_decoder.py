@@ -292,7 +292,7 @@ class DecoderModel:
         encoder models give them (``mha demo``, ``mha heads``); hidden states after the final norm. A model
         without a tokenizer reads ``text`` as token ids separated by spaces (or takes an int array), and
         labels them "t<id>"."""
-        ids = self._ids_of(text)
+        ids = self.prompt_ids(text)
         self._check_length(len(ids), "the text")
         _, atts, hidden = self.forward(ids[None], attentions=True)
         att = np.stack([to_numpy(a)[0] for a in atts]).astype(np.float32)  # (layers, H, T, T)
@@ -303,7 +303,9 @@ class DecoderModel:
         """:meth:`encode` of each text (``mha heads --corpus``)."""
         return [self.encode(t) for t in texts]
 
-    def _ids_of(self, text) -> np.ndarray:
+    def prompt_ids(self, text) -> np.ndarray:
+        """Token ids (T,) int64 of a text (the tokenizer's), of token ids written as text ("5 9 2") for a model
+        without a tokenizer, or of a (T,) int array as it is; ValueError/TypeError otherwise."""
         if not isinstance(text, str):
             from ._generate import check_ids
 
