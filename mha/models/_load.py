@@ -130,6 +130,9 @@ def load(path, backend="auto", dtype="float32"):
         folder, name = _shipped(path), path
     else:
         folder, name = resolve(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder}: no config.json; a model folder holds config.json, the weights (model.safetensors "
+                         f"or shards) and tokenizer.json")
     raw = read_json(folder / "config.json", "model config")
     if raw.get("model_type", "bert") in ENCODERS:
         if dtype_name(dtype) != "float32":
