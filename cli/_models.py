@@ -6,7 +6,8 @@ import click
 
 from ._util import note, plural
 
-MODEL_HELP = "builtin (constructed demo, no download), minilm, auto (minilm if installed, else builtin) or a folder"
+MODEL_HELP = ("builtin (constructed demo, no download), minilm, auto (minilm if installed, else builtin), induction, or "
+              "a folder (a BERT-family encoder or a decoder: llama, mistral, qwen2/3, gemma 1-3, phi3, gpt2)")
 
 
 def model_options(f):
