@@ -102,16 +102,25 @@ def pick_role(scores: dict) -> str:
     return max(POINTED + ("content",), key=lambda r: scores[r])
 
 
-def head_roles(attentions, tokens) -> list[HeadRole]:
+def head_roles(attentions, tokens=None, **decoder_options) -> list[HeadRole]:
     """Label every head.
 
     Args:
-        attentions: (layers, heads, L, L) for one sentence, or a list of such arrays (several sentences).
+        attentions: (layers, heads, L, L) for one sentence, or a list of such arrays (several sentences);
+            or a decoder model (``mha.models.load``): then the decoder roles against chance,
+            :func:`mha.analysis.decoder_roles` (``tokens`` then are its texts, ``decoder_options`` its
+            keyword arguments), one record per query head.
         tokens: the L tokens of the sentence, or a list of token lists (one per sentence).
 
     Returns:
         one :class:`HeadRole` per (layer, head), in order; scores averaged over the sentences.
     """
+    if hasattr(attentions, "forward") and hasattr(attentions, "num_kv_heads"):
+        from ._decoder_roles import decoder_roles
+
+        return decoder_roles(attentions, tokens, **decoder_options).heads
+    if tokens is None or decoder_options:
+        raise TypeError("head_roles(attentions, tokens) needs the tokens; keyword options are for decoder models")
     many = isinstance(attentions, (list, tuple))
     atts = list(attentions) if many else [attentions]
     toks = list(tokens) if many else [tokens]

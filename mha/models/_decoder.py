@@ -42,6 +42,9 @@ class DecoderModel:
         self.config = config
         self.name = name
         self.tokenizer = tokenizer
+        self.source = None  # (folder, raw config.json) of a loaded checkpoint: what save() starts from
+        self.head_map = None  # after prune_heads: {layer: [original query head, or None for a dead head]}
+        self.dead_heads: dict = {}
         self.backend = resolve(backend)
         self.dtype = dtype_name(dtype, self.backend)
         self._build(weights)
@@ -144,8 +147,10 @@ class DecoderModel:
 
     def to(self, backend, dtype=None) -> "DecoderModel":
         """The same model on another backend (and dtype)."""
-        return DecoderModel(self.config, self.canonical_weights(), self.tokenizer, backend=backend,
-                            dtype=self.dtype if dtype is None else dtype, name=self.name)
+        new = DecoderModel(self.config, self.canonical_weights(), self.tokenizer, backend=backend,
+                           dtype=self.dtype if dtype is None else dtype, name=self.name)
+        new.source, new.head_map, new.dead_heads = self.source, self.head_map, self.dead_heads
+        return new
 
     def canonical_weights(self) -> dict:
         """Every weight by its canonical name (mha.models._layouts): numpy float32, (out, in) layout,
@@ -251,17 +256,21 @@ class DecoderModel:
         return logits, weights, x
 
     # -- public entry points ---------------------------------------------------------------------------
-    def logits(self, ids, *, key_mask=None) -> np.ndarray:
+    def logits(self, ids, *, key_mask=None, head_mask=None) -> np.ndarray:
         """Next-token logits at every position: ids (T,) or (B, T) ints -> numpy float32 (T, V) or (B, T, V).
 
         ``key_mask`` (B, T) bool marks real tokens of a left-padded batch (False at padding); a padded
-        row's logits equal those of its tokens alone (learned positions counted from its first real token)."""
+        row's logits equal those of its tokens alone (learned positions counted from its first real token).
+        ``head_mask={layer: [query heads]}`` ablates those heads: their context is zeroed before o_proj
+        (mha.models._heads)."""
         from ._generate import check_ids
+        from ._heads import multipliers
 
+        head_mask = multipliers(self, head_mask)
         ids, batched = check_ids(ids, self.config.vocab_size, "ids")
         key_mask, positions = _padding(ids, key_mask)
         self._check_length(ids.shape[1])
-        out, _, _ = self.forward(ids, key_mask=key_mask, positions=positions)
+        out, _, _ = self.forward(ids, key_mask=key_mask, positions=positions, head_mask=head_mask)
         out = to_numpy(out).astype(np.float32)
         return out if batched else out[0]
 
@@ -269,6 +278,28 @@ class DecoderModel:
         if n > self.max_length:
             raise ValueError(f"{what} spans {n} positions, more than the model's max_position_embeddings="
                              f"{self.max_length} ({self.name})")
+
+    def prune_heads(self, heads: dict) -> "DecoderModel":
+        """A new model without ``{layer: [query heads]}`` (0-based), keeping num_heads % num_kv_heads == 0
+        (whole key/value groups, or the same number of query heads from every group): see
+        :mod:`mha.models._heads`. It equals this model with those heads masked."""
+        from ._heads import prune
+
+        return prune(self, heads)
+
+    def group_heads(self, kv_head: int) -> list:
+        """The query heads of key/value group ``kv_head`` (to ablate or prune a whole group)."""
+        from ._heads import group_heads
+
+        return group_heads(self, kv_head)
+
+    def save(self, folder) -> None:
+        """Write a Hugging Face folder that transformers' AutoModelForCausalLM loads: config.json (the
+        source config with this model's head counts and head_dim stated), model.safetensors (float32)
+        and the source folder's tokenizer files (mha.models._save)."""
+        from ._save import save
+
+        save(self, folder)
 
     def generate(self, prompt, max_new_tokens: int, **kwargs):
         """Continue ``prompt`` by up to ``max_new_tokens`` tokens: see :func:`mha.models._generate.generate`."""

@@ -179,9 +179,14 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 0.0, to
     ``max_new_tokens`` tokens (see the module docstring and :class:`Generation`).
 
     ``on_token(step, ids, attentions)`` is called as each token comes (streaming) with its ids (B,) and,
-    with ``attentions=True``, the step's weights (B, layers, H, T, P + step) (else None)."""
+    with ``attentions=True``, the step's weights (B, layers, H, T, P + step) (else None).
+    ``head_mask={layer: [query heads]}`` ablates those heads at every step (mha.models._heads): their
+    context is zeroed before o_proj, in the prefill and in every decode step."""
     n, temperature, top_k, top_p, max_cache, keep = _options(model, max_new_tokens, temperature, top_k, top_p,
                                                              seed, max_cache, keep)
+    from ._heads import multipliers
+
+    head_mask = multipliers(model, head_mask)  # {layer: [heads]} -> {layer: (H,) multipliers}, checked
     ids, mask, batched = _prompt(model, prompt)
     B, P = ids.shape
     model._check_length(P + n, f"the prompt ({P} tokens) with max_new_tokens={n}")
