@@ -19,20 +19,34 @@ from ._util import note
 @click.option("--words", is_flag=True, help="Score word-level attention (WordPiece pieces merged).")
 @click.option("--json", "as_json", is_flag=True, help="Print the roles as JSON.")
 @click.option("--role", "only", multiple=True, help="Only heads with this role (repeatable).")
-def heads(texts, model_name, backend, corpus_file, words, as_json, only):
+@click.option("--sequences", type=click.IntRange(2, 10_000), default=32, show_default=True,
+              help="Decoders: repeated random token sequences for induction and duplicate (docs/heads.md).")
+@click.option("--length", type=click.IntRange(2, 10_000), default=24, show_default=True,
+              help="Decoders: tokens in each half of a repeated random sequence.")
+def heads(texts, model_name, backend, corpus_file, words, as_json, only, sequences, length):
     """Label every head of a model by what it attends to: previous, next, self, first ([CLS]), last
-    ([SEP]), punctuation, broad or content, with a score. On TEXT (one or a few sentences) as a mean;
+    ([SEP]), punctuation, broad or content, with a score (decoders: previous, induction, duplicate,
+    first, sink, self, local, broad, always against chance; docs/heads.md). On TEXT (one or a few sentences) as a mean;
     over a corpus (--corpus FILE, or the shipped one when no TEXT is given) with what uniform attention
     would score (chance) and a 95% bootstrap interval over sentences: a head is specialised only when
     the interval clears chance."""
     import mha.analysis as ma
 
-    bad = [r for r in only if r not in ma.ROLES]
+    bad = [r for r in only if r not in ma.ROLES and r not in ma.DECODER_ROLES]
     if bad:
-        raise click.BadParameter(f"unknown role {bad[0]!r}; roles: {', '.join(ma.ROLES)}", param_hint="--role")
+        raise click.BadParameter(f"unknown role {bad[0]!r}; roles: {', '.join(ma.ROLES)} (decoders: "
+                                 f"{', '.join(ma.DECODER_ROLES)})", param_hint="--role")
     if texts and corpus_file:
         raise click.UsageError("give TEXT or --corpus FILE, not both")
     model = load(model_name, backend)
+    if hasattr(model, "num_kv_heads") and hasattr(model, "generate"):
+        from ._heads_decoder import decoder_heads
+
+        return decoder_heads(ma, model, texts, corpus_file, words, as_json, only, sequences, length)
+    bad = [r for r in only if r not in ma.ROLES]
+    if bad:
+        raise click.BadParameter(f"role {bad[0]!r} is a decoder role; roles: {', '.join(ma.ROLES)}",
+                                 param_hint="--role")
     if texts:
         return _texts(ma, model, texts, words, as_json, only)
     try:

@@ -179,8 +179,11 @@ def _probe(model, sequences: int, length: int, seed: int) -> np.ndarray:
     bos = getattr(model.config, "bos_token_id", None)
     if bos is not None:
         ids = np.concatenate([np.full((sequences, 1), bos, np.int64), ids], axis=1)
-    model._check_length(ids.shape[1], f"the repeated random sequences (2 x length={length} tokens"
-                        + (" after BOS)" if bos is not None else ")"))
+    if ids.shape[1] > model.max_length:
+        most = (model.max_length - (bos is not None)) // 2
+        raise ValueError(f"length={length}: the repeated random sequences span {ids.shape[1]} positions (2 x {length}"
+                         + (" after BOS" if bos is not None else "") + f"), more than {model.name}'s "
+                         f"max_position_embeddings={model.max_length}; use length <= {most}")
     return ids
 
 

@@ -107,17 +107,24 @@ def plan(spec: dict, num_layers: int, H: int, Hkv: int) -> tuple[int, int, dict]
     return new_kv * per_group, new_kv, kept
 
 
+def pruned_config(config, heads) -> tuple:
+    """(the pruned model's DecoderConfig, {layer: [(kv head, [query heads]) kept]}) of a pruning request
+    ``{layer: [query heads]}``, every check made (module docstring) from the config alone."""
+    if not isinstance(heads, dict):
+        raise TypeError(f"heads must be a dict {{layer: [query heads]}}, got {type(heads).__name__}")
+    spec = head_spec(heads, config.num_layers, config.num_heads, "heads")
+    if not spec:
+        raise ValueError(f"heads names no head to prune (got {heads!r}); give {{layer: [query heads]}}")
+    H, Hkv, kept = plan(spec, config.num_layers, config.num_heads, config.num_kv_heads)
+    return dataclasses.replace(config, num_heads=H, num_kv_heads=Hkv), kept
+
+
 def prune(model, heads):
     """A new :class:`DecoderModel` without ``{layer: [query heads]}`` (module docstring); the original
     is left unchanged."""
     c = model.config
-    if not isinstance(heads, dict) or not heads:
-        raise (TypeError if not isinstance(heads, dict) else ValueError)(
-            f"heads must be a non-empty dict {{layer: [query heads]}}, got {heads!r}")
-    spec = head_spec(heads, c.num_layers, c.num_heads, "heads")
-    if not spec:
-        raise ValueError(f"heads names no head to prune: {heads!r}")
-    H, Hkv, kept = plan(spec, c.num_layers, c.num_heads, c.num_kv_heads)
+    config, kept = pruned_config(c, heads)
+    H, Hkv = config.num_heads, config.num_kv_heads
     w = model.canonical_weights()
     D, G = c.head_dim, H // Hkv
     head_map = {}
@@ -129,7 +136,6 @@ def prune(model, heads):
             qs[s * G:s * G + len(hs)] = hs
         _surgery(w, f"{layer}.attn.", qs, kvs, D)
         head_map[layer] = qs
-    config = dataclasses.replace(c, num_heads=H, num_kv_heads=Hkv)
     new = type(model)(config, w, model.tokenizer, backend=model.backend, dtype=model.dtype,
                       name=f"{model.name}-pruned")
     new.source = getattr(model, "source", None)

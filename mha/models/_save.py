@@ -55,17 +55,13 @@ def check_folder(folder) -> Path:
     return path
 
 
-def hf_config(model) -> dict:
-    """The source config.json with the model's head counts and head_dim; ValueError when the family
-    cannot state them (a pruned GPT-2) or the model has no source folder."""
-    if getattr(model, "source", None) is None:
-        raise ValueError(f"{model.name} was not loaded from a folder (mha.models.load): save needs the config.json "
-                         f"it came with")
-    raw = copy.deepcopy(model.source[1])
-    c = model.config
+def hf_config(c, raw: dict, name: str = "the model") -> dict:
+    """The source config.json ``raw`` with the head counts and head_dim of DecoderConfig ``c``;
+    ValueError when the family cannot state them (a pruned GPT-2)."""
+    raw = copy.deepcopy(raw)
     if c.family == "gpt2":
         if c.num_heads != raw.get("n_head") or c.num_kv_heads != c.num_heads:
-            raise ValueError(f"{model.name}: a pruned GPT-2 cannot be saved for transformers: its config has no "
+            raise ValueError(f"{name}: a pruned GPT-2 cannot be saved for transformers: its config has no "
                              f"head_dim (n_embd / n_head) and c_attn is n_embd x 3 n_embd; keep every head, or "
                              f"use the model here (logits, generate)")
     else:
@@ -96,7 +92,10 @@ def hf_tensors(model) -> dict:
 def save(model, folder) -> None:
     """Write the folder (module docstring); every check before any file is written."""
     target = check_folder(folder)
-    config = hf_config(model)
+    if getattr(model, "source", None) is None:
+        raise ValueError(f"{model.name} was not loaded from a folder (mha.models.load): save needs the config.json "
+                         f"it came with")
+    config = hf_config(model.config, model.source[1], model.name)
     tensors = hf_tensors(model)
     source = Path(model.source[0])
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.absolute().parent))
