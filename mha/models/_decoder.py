@@ -114,7 +114,11 @@ class DecoderModel:
                 b["norm2"] = self._norm_params(p + "norm2")
         if c.sandwich:
             b["post_attn"], b["post_mlp"] = self._norm_params(p + "norm_post_attn"), self._norm_params(p + "norm_post_mlp")
-        if c.activation:
+        if c.moe is not None:
+            from . import _moe
+
+            b.update(_moe.params(w, p, self._native))
+        elif c.activation:
             up = [w[p + "mlp.gate.w"], w[p + "mlp.up.w"]] if c.gated else [w[p + "mlp.up.w"]]
             b["in_t"] = self._native(np.concatenate(up).T)  # (E, 2F) gate then up, or (E, F)
             b["down_t"] = self._native(w[p + "mlp.down.w"].T)  # (F, E)
@@ -169,7 +173,11 @@ class DecoderModel:
             for n in ("q_norm", "k_norm", "sinks"):
                 if getattr(aw, n, None) is not None:
                     out[p + f"attn.{n}"] = f32(getattr(aw, n))
-            if c.activation:
+            if c.moe is not None:
+                from . import _moe
+
+                out.update(_moe.canonical(blk, p))
+            elif c.activation:
                 up = f32(to_numpy(blk["in_t"]).T)
                 F = c.intermediate_size
                 out.update({p + "mlp.gate.w": up[:F], p + "mlp.up.w": up[F:]} if c.gated else {p + "mlp.up.w": up})
@@ -189,6 +197,10 @@ class DecoderModel:
 
     def _mlp(self, x, b: dict):
         xp, c = self._xp, self.config
+        if c.moe is not None:
+            from ._moe import moe
+
+            return moe(xp, x, b, c.moe[1], c.moe[2])
         h = x @ b["in_t"]  # (B, T, 2F) or (B, T, F)
         if "in_b" in b:
             h = h + b["in_b"]
