@@ -99,8 +99,6 @@ class DecoderModel:
             extra["softcap"] = c.attn_softcap
         if c.qk_norm:
             extra["qk_norm"] = c.norm_eps
-        if c.sinks:
-            extra["sinks"] = True
         return MultiHeadAttention.from_weights(aw, backend=self.backend, dtype=self.dtype, scale=spec.scale,
                                                rope=spec.rope, window=spec.window, **extra)
 
@@ -212,14 +210,16 @@ class DecoderModel:
         return out + b["down_b"] if "down_b" in b else out
 
     def forward(self, ids, *, caches=None, key_mask=None, positions=None, attentions: bool = False,
-                head_mask=None, last_only: bool = False):
+                head_mask=None, last_only: bool = False, sink_out=None):
         """(logits (B, T or 1, V), per-layer weights (B, H, T, S) when asked (else []), hidden states
         (B, T or 1, E) after the final norm), as native arrays.
 
         ids (B, T) int numpy; caches: one KVCache per layer (new tokens appended) or None; key_mask
         (B, T) bool, False at padding (or None); positions (B, T) int positions of learned embeddings
         (default 0 .. T - 1, after a cache's offset); head_mask: {layer: (H,) multipliers};
-        last_only: logits of the last position only.
+        last_only: logits of the last position only; sink_out: a list that receives, for a model with
+        learned sinks, each layer's sink mass (B, H, T) numpy float32, exp(sink_h - lse) from the
+        layer's log-sum-exp (which counts the sink), independent of the weights.
 
         numpy decode steps (one token per sequence) run with BLAS held at one thread for the whole step or
         not, whichever has been faster for this model (mha_cpu._pool.BlasChoice): several threads share
@@ -228,10 +228,10 @@ class DecoderModel:
             from mha_cpu._pool import timed
 
             return timed(self._blas, 1.0, self._forward, ids, caches, key_mask, positions, attentions, head_mask,
-                         last_only)
-        return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only)
+                         last_only, sink_out)
+        return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out)
 
-    def _forward(self, ids, caches, key_mask, positions, attentions, head_mask, last_only):
+    def _forward(self, ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out=None):
         xp, c = self._xp, self.config
         B, T = ids.shape
         x = xp.take(self._embed, xp.array(ids) if xp is not np else ids, axis=0)  # (B, T, E)
@@ -249,11 +249,15 @@ class DecoderModel:
             kwargs = {"key_mask": km} if km is not None else {}
             if head_mask is not None and i in head_mask:
                 kwargs["head_mask"] = head_mask[i]
+            if sink_out is not None and c.sinks:
+                kwargs["return_lse"] = True
             res = attn(h, cache=None if caches is None else caches[i], causal=True, return_weights=attentions,
                        **kwargs)
-            a = res[0] if attentions else res
+            a = res[0] if isinstance(res, tuple) else res
             if attentions:
                 weights.append(res[1])
+            if "return_lse" in kwargs:
+                sink_out.append(self._sink_mass(i, res[-1]))
             x = x + (self._apply_norm(a, blk["post_attn"]) if "post_attn" in blk else a)
             if self._act is not None:
                 m = self._mlp(self._apply_norm(x, blk["norm2"]), blk)
@@ -266,6 +270,12 @@ class DecoderModel:
         if c.final_softcap is not None:
             logits = softcap(xp, logits, c.final_softcap)
         return logits, weights, x
+
+    def _sink_mass(self, i: int, lse) -> np.ndarray:
+        """(B, H, T) float32 weight of layer i's learned sinks: exp(sink_h - lse), the lse counting the sink."""
+        if getattr(self, "_sink_logits", None) is None:
+            self._sink_logits = [np.asarray(layer.weights.sinks, np.float64) for layer in self.layers]  # (H,) each
+        return np.exp(self._sink_logits[i][None, :, None] - np.asarray(to_numpy(lse), np.float64)).astype(np.float32)
 
     # -- public entry points ---------------------------------------------------------------------------
     def logits(self, ids, *, key_mask=None, head_mask=None) -> np.ndarray:
