@@ -96,15 +96,14 @@ def head_projections(weights, query, key, value):
 
 def attention(weights, query, key=None, value=None, *, mask=None, key_mask=None, causal=False,
               head_mask=None, scale=None, rope=None, window=None, causal_align="bottom_right",
-              empty_row="output_bias", sinks=None):
+              empty_row="output_bias"):
     """Float64 multi-head attention on batched numpy inputs; returns ``(output, weights)``.
 
     ``rope`` (an mha.RoPE) rotates query i at position (S - T) + i and key j at j; ``window`` W hides
     keys with |i + (S - T) - j| >= W. ``causal_align`` and ``empty_row`` follow a declared convention
     (mha.testing.conventions): a query that sees no key gets zero weights and context ("output_bias"),
     NaN weights and context ("nan"; also "unspecified", which nothing can be compared with), or
-    uniform weights over all S keys ("mean_value"). ``sinks`` (H,): learned sink logits, exp(sinks[h])
-    joins each row's denominator without a value (gpt-oss); the weights then sum to 1 - the sink's share.
+    uniform weights over all S keys ("mean_value").
 
     query (B, T, E); key (B, S, kdim); value (B, S, vdim) -> output (B, T, E), weights (B, H, T, S).
     """
@@ -146,8 +145,6 @@ def attention(weights, query, key=None, value=None, *, mask=None, key_mask=None,
                 z = np.array([scale * np.dot(qs[h][b, i], ks[g][b, j]) + add[b, h, i, j] for j in seen])
                 e = np.exp(z - z.max())
                 p = e / e.sum()
-                if sinks is not None:  # the sink's term in the denominator: p / (1 + exp(sink - lse))
-                    p = p / (1.0 + np.exp(float(sinks[h]) - z.max() - np.log(e.sum())))
                 P[b, h, i, seen] = p
                 ctx[i] = p @ vs[g][b, seen]
             if hm is not None:

@@ -28,7 +28,7 @@ def learned_sinks(impl, p):
     rw = "weights" in impl.features
     y, P = call(impl, p, weights=w, return_weights=rw)
     k, v = p.kv
-    y_ref, P_ref = oracle.attention(w, p.query, k, v, **p.masks(), **p.oracle_options(), sinks=s)
+    y_ref, P_ref = oracle.attention(w, p.query, k, v, **p.masks(), **p.oracle_options())  # w.sinks: the sink term
     close(y, y_ref, t1(magnitude(p, y_ref, weights=w, P_ref=P_ref)), "output with sinks vs float64 oracle")
     if not rw:
         return
