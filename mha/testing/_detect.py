@@ -254,7 +254,7 @@ def detect_sink_weights(impl, n: int):
     f = impl.features
     if "sinks" not in f or "weights" not in f:
         return NA, "needs the sinks and weights features"
-    from . import AttentionWeights
+    from .. import AttentionWeights
 
     verdicts = []
     for cfg, w, q, k, v, seed in _probes(n):
