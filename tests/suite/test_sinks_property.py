@@ -67,3 +67,12 @@ def test_the_convention_is_declared_and_checked():
     assert validate(None)["sink_weights"] == "dropped"
     with pytest.raises(ValueError, match="sink_weights"):
         validate({"sink_weights": "kept"})
+
+
+def test_detect_tells_the_two_forms_apart():
+    from mha.testing import detect
+
+    assert detect(_adapter("ours"), max_examples=3)["sink_weights"] == "dropped"
+    assert detect(_adapter("column", weights="column"), max_examples=3)["sink_weights"] == "column"
+    found = detect(_adapter("renormalised", weights="renormalised"), max_examples=3)
+    assert found["sink_weights"] == "inconsistent" and "Probe(" in found.examples["sink_weights"]
