@@ -13,7 +13,6 @@ import textwrap
 
 import click
 
-from ._util import note
 
 
 def decoder_heads(ma, model, texts, corpus_file, words, as_json, only, sequences, length) -> None:
@@ -42,8 +41,6 @@ def decoder_heads(ma, model, texts, corpus_file, words, as_json, only, sequences
         name = str(corpus_file) if corpus_file else "the shipped corpus"
     else:
         name = None
-    note(f"{model.name}: {sequences} repeated random sequences of 2 x {length} tokens"
-         + (f", positional roles on {name} ({len(source)})" if source else " for every role (no tokenizer, no text)"))
     try:
         table = ma.decoder_roles(model, source, sequences=sequences, length=length)
     except (ValueError, TypeError) as err:
@@ -57,9 +54,9 @@ def decoder_heads(ma, model, texts, corpus_file, words, as_json, only, sequences
             out.pop("kv_groups")
         click.echo(json.dumps(out, indent=1))
         return
-    click.echo(f"{model.name}: {model.num_layers} layers x {model.num_heads} query heads ({model.num_kv_heads} "
-               f"key/value heads); induction and duplicate on {table.sequences} repeated random sequences, the rest "
-               f"on {name or 'the same sequences'}")
+    click.echo(f"{model.name}: {model.num_layers} layers x {model.num_heads} heads ({model.num_kv_heads} "
+               f"key/value heads); induction and duplicate on {table.sequences} repeated random sequences of 2 x "
+               f"{length} tokens, the rest on {name + f' ({len(source)})' if source else 'the same sequences'}")
     _table(shown, "head")
     if grouped:
         click.echo("per key/value group (its query heads pooled):")
