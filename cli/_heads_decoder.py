@@ -84,3 +84,19 @@ def _table(records, unit: str) -> None:
         a, b = (r.head, str(r.kv_head)) if unit == "head" else (r.kv_head, f"{r.heads[0]}-{r.heads[-1]}")
         click.echo(f"{r.layer:>5} {a:>4} {b:>5}  {r.role:<10} {r.score:>5.2f}  {r.chance:>6.2f}  "
                    f"[{r.ci[0]:.2f}, {r.ci[1]:.2f}]   {'yes' if r.specialised else 'no'}")
+
+
+STEP_SEQUENCES = 16  # repeated random sequences behind the step view's role table
+
+
+def step_roles(model):
+    """The role table of the step view (``mha generate --format html``): induction and duplicate and the
+    positional roles on 16 repeated random sequences of up to 24 tokens a half; None for a model whose
+    positions cannot hold 2 x 2 tokens."""
+    import mha.analysis as ma
+
+    bos = getattr(model.config, "bos_token_id", None) is not None
+    length = min(24, (model.max_length - bos) // 2)
+    if length < 2:
+        return None
+    return ma.decoder_roles(model, sequences=STEP_SEQUENCES, length=length)
