@@ -27,6 +27,7 @@ from .._weights import AttentionWeights
 from ._common import Encoding, check_text
 from ._decoder_config import DecoderConfig
 from ._ops import ACTIVATIONS, gated, layer_norm, rms_norm, softcap
+from ._threads import StepThreads
 
 
 class DecoderModel:
@@ -74,11 +75,7 @@ class DecoderModel:
             self.layers.append(self._attention(w, i, spec))
             self._blocks.append(self._block(w, i))
         self._act = ACTIVATIONS[c.activation] if c.activation else None
-        self._blas = None
-        if self.backend == "numpy":
-            from mha_cpu._pool import BlasChoice
-
-            self._blas = BlasChoice()
+        self._threads = StepThreads() if self.backend == "numpy" else None
 
     def _norm_params(self, name: str):
         w = self._weights
@@ -222,13 +219,11 @@ class DecoderModel:
         layer's log-sum-exp (which counts the sink), independent of the weights.
 
         numpy decode steps (one token per sequence) run with BLAS held at one thread for the whole step or
-        not, whichever has been faster for this model (mha_cpu._pool.BlasChoice): several threads share
-        the matrix-vector products on idle cores, and lose badly when another process holds a core."""
-        if self._blas is not None and ids.shape[1] == 1:
-            from mha_cpu._pool import timed
-
-            return timed(self._blas, 1.0, self._forward, ids, caches, key_mask, positions, attentions, head_mask,
-                         last_only, sink_out)
+        not, whichever has been faster for this model (mha.models._threads): several threads share the
+        matrix-vector products on idle cores, and lose badly when another process holds a core."""
+        if self._threads is not None and ids.shape[1] == 1:
+            with self._threads.step():
+                return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out)
         return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out)
 
     def _forward(self, ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out=None):

@@ -129,3 +129,39 @@ def test_demo_and_heads_take_a_decoder_folder(folder):
     assert not np.tril(w, -4).any()  # layer 1 slides over 4 positions
     res = CliRunner().invoke(cli, ["heads", "--model", str(folder), "The cat sat on the mat.", "A dog ran."])
     assert res.exit_code == 0 and res.output.startswith(f"{folder.name}: 2 layers x 6 heads"), res.output
+
+
+def _induction():
+    try:
+        return mm.load("induction", backend="numpy")
+    except ValueError:
+        return None
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no chromium")
+@pytest.mark.skipif(_induction() is None, reason="the induction model is not installed (mha/models/data/induction)")
+def test_the_step_view_shows_the_induction_heads(tmp_path):
+    """The shipped induction model continues a repeated sequence, its layer-1 heads looking at the token after
+    the earlier copy of the query's token; with $MHA_SCREENSHOTS set, the page as docs/decoders_steps.png."""
+    import os
+
+    sync = pytest.importorskip("playwright.sync_api")
+    prompt = "12 40 7 33 51 9 21 60 4 28 12 40 7"
+    out = tmp_path / "steps.html"
+    res = _run(prompt, "--model", "induction", "--backend", "numpy", "-n", "8", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    with sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1000, "height": 400})
+        page.goto(out.as_uri())
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        for _ in range(3):
+            page.click("#next")
+        page.select_option("#layer", "1")
+        assert page.locator("#step-label").text_content() == 'step 3: "t9" (15) -> "t21"'
+        assert page.locator("#info").text_content().startswith('layer 1, head 0 (strongest): "t9" (15) attends to '
+                                                                '"t21" (6) 1.00')
+        if os.environ.get("MHA_SCREENSHOTS"):
+            page.screenshot(path=os.path.join(os.environ["MHA_SCREENSHOTS"], "decoders_steps.png"))
+        browser.close()

@@ -26,6 +26,9 @@ async function unpack(p, n) {  // codes/255; a code-0 weight shows as its row's 
 const layers = [...new Set(D.heads.map((h) => h.layer))];
 const state = { t: Math.max(0, Math.min(R - 1, P - 1)), layer: layers[0], head: -1 };
 
+const ROW = 12;  // pixels per head in the grid
+function cellWidth() { return Math.max(1, Math.min(20, Math.floor(960 / R))); }  // pixels per position
+
 function color(w) { return `rgba(255, 159, 28, ${Math.min(1, Math.max(0, w)).toFixed(3)})`; }
 
 function headsOf(layer) { return D.heads.filter((h) => h.layer === layer).map((h) => h.head); }
@@ -84,7 +87,7 @@ function drawRoles(head) {
 }
 
 function drawGrid(head) {
-  const cell = Math.max(1, Math.min(12, Math.floor(900 / R)));
+  const cell = cellWidth();
   $("grid").querySelectorAll("canvas").forEach((cv) => {
     const layer = +cv.dataset.layer, hs = headsOf(layer), ctx = cv.getContext("2d");
     ctx.clearRect(0, 0, cv.width, cv.height);
@@ -92,9 +95,11 @@ function drawGrid(head) {
       const w = W[`${layer},${h}`];
       for (let j = 0; j <= state.t; j++) {
         ctx.fillStyle = color(w[state.t * R + j]);
-        ctx.fillRect(j * cell, r * 8, cell, 8);
+        ctx.fillRect(j * cell, r * ROW, cell, ROW);
       }
-      if (layer === state.layer && h === head) { ctx.strokeStyle = "#222"; ctx.strokeRect(0.5, r * 8 + 0.5, (state.t + 1) * cell - 1, 7); }
+      if (layer === state.layer && h === head) {
+        ctx.strokeStyle = "#222"; ctx.strokeRect(0.5, r * ROW + 0.5, (state.t + 1) * cell - 1, ROW - 1);
+      }
     });
   });
 }
@@ -168,14 +173,14 @@ function build() {
   fillHeads();
   ls.onchange = () => { state.layer = +ls.value; state.head = -1; fillHeads(); draw(); };
   hs.onchange = () => { state.head = +hs.value; draw(); };
-  const cell = Math.max(1, Math.min(12, Math.floor(900 / R)));
+  const cell = cellWidth();
   layers.forEach((l) => {
     const row = document.createElement("div"), name = document.createElement("span"), cv = document.createElement("canvas");
     row.className = "layer";
     name.textContent = `L${l}`;
     cv.dataset.layer = l;
     cv.width = R * cell;
-    cv.height = headsOf(l).length * 8;
+    cv.height = headsOf(l).length * ROW;
     cv.addEventListener("click", (e) => {
       const r = Math.floor((e.offsetY / cv.clientHeight) * headsOf(l).length);
       state.layer = l; state.head = headsOf(l)[Math.min(r, headsOf(l).length - 1)];
