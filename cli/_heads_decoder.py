@@ -31,13 +31,9 @@ def decoder_heads(ma, model, texts, corpus_file, words, as_json, only, sequences
     if texts:
         source, name = list(texts), f"{len(texts)} texts"
     elif corpus_file is not None or model.tokenizer is not None:
-        try:
-            source = ma.corpus(corpus_file)
-        except ValueError as err:
-            raise click.BadParameter(str(err), param_hint="--corpus") from None
-        if len(source) < 2:
-            raise click.BadParameter(f"{corpus_file}: a corpus needs at least 2 sentences, one per line",
-                                     param_hint="--corpus")
+        from .heads import read_corpus
+
+        source = read_corpus(ma, corpus_file)
         name = str(corpus_file) if corpus_file else "the shipped corpus"
     else:
         name = None

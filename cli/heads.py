@@ -49,6 +49,14 @@ def heads(texts, model_name, backend, corpus_file, words, as_json, only, sequenc
                                  param_hint="--role")
     if texts:
         return _texts(ma, model, texts, words, as_json, only)
+    sentences = read_corpus(ma, corpus_file)
+    if corpus_file is None:
+        note(f"no TEXT: the shipped corpus of {len(sentences)} sentences (mha/analysis/data/corpus.txt)")
+    _corpus(ma, model, sentences, corpus_file, words, as_json, only)
+
+
+def read_corpus(ma, corpus_file) -> list:
+    """The sentences of --corpus FILE (None: the shipped corpus), at least 2; one-line usage errors."""
     try:
         sentences = ma.corpus(corpus_file)
     except ValueError as err:
@@ -56,9 +64,7 @@ def heads(texts, model_name, backend, corpus_file, words, as_json, only, sequenc
     if len(sentences) < 2:
         raise click.BadParameter(f"{corpus_file}: a corpus needs at least 2 sentences, one per line",
                                  param_hint="--corpus")
-    if corpus_file is None:
-        note(f"no TEXT: the shipped corpus of {len(sentences)} sentences (mha/analysis/data/corpus.txt)")
-    _corpus(ma, model, sentences, corpus_file, words, as_json, only)
+    return sentences
 
 
 def _encodings(model, texts, words: bool, batched: bool = False):

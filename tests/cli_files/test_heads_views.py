@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import mha.models as mm
 import mha.viz as mv
 from cli.main import cli
 from tests.analysis.planted import PLANTED, planted_decoder
+from tests.helpers import browser_page
 
 PROMPT = "1 2 3 4 5 6 1 2"
 
@@ -48,19 +48,10 @@ def test_mha_generate_html_has_roles_unless_asked_not_to(folder, tmp_path):
     assert _data((tmp_path / "b.html").read_text())["roles"] is None
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no chromium")
 def test_choosing_a_role_row_chooses_the_head(folder, tmp_path):
-    sync = pytest.importorskip("playwright.sync_api")
     out = tmp_path / "steps.html"
     assert CliRunner().invoke(cli, ["generate", PROMPT, "--model", str(folder), "-n", "3", "-o", str(out)]).exit_code == 0
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    with sync.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=["--headless", "--no-sandbox", "--disable-gpu"])
-        page = browser.new_page()
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(out.as_uri())
-        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+    with browser_page(out.as_uri()) as page:
         assert page.locator("#roles-body tr").count() == 8 and page.locator("#sinks").is_hidden()
         page.click("#roles-body tr[data-layer='1'][data-head='2']")
         assert page.locator("#head").input_value() == "2" and page.locator("#layer").input_value() == "1"
@@ -68,5 +59,4 @@ def test_choosing_a_role_row_chooses_the_head(folder, tmp_path):
         assert "role induction" in page.locator("#info").text_content()
         shown = [float(page.locator(f'#tokens .t[data-i="{j}"]').get_attribute("data-weight")) for j in range(8)]
         assert int(np.argmax(shown)) == 2  # query 7 ("2") looks where "2" came after "1" before: position 2
-        assert not errors
-        browser.close()
+        assert not page.errors
