@@ -36,6 +36,13 @@ def check_folder(folder) -> Path:
     """The destination folder, checked before any work: new (in an existing, writable folder) or an
     empty writable folder; ValueError naming it otherwise."""
     path = Path(folder).expanduser()
+    try:
+        return _check_folder(path)
+    except OSError as err:  # an ancestor folder that cannot be searched, a name too long, ...
+        raise ValueError(f"cannot write the model to {str(path)!r}: {err.strerror or err}") from None
+
+
+def _check_folder(path: Path) -> Path:
     if path.exists() or path.is_symlink():
         if not path.is_dir():
             raise ValueError(f"cannot write the model to {str(path)!r}: it is a file, not a folder")

@@ -126,16 +126,59 @@ def test_save_refuses_what_it_cannot_write(zoo, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_save_refuses_an_unwritable_folder(zoo, tmp_path):
-    model = mm.load(zoo("llama", init=0.5), backend="numpy")
-    (tmp_path / "ro").mkdir()
-    (tmp_path / "ro").chmod(0o555)
+def _as_nobody(fn) -> str:
+    """``fn()`` in a forked child that drops root's rights (user nobody) when the tests run as root, else
+    here; what it raised, as "Type: message" ("" for nothing)."""
+    if os.geteuid() != 0:
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - reported to the caller
+            return f"{type(err).__name__}: {err}"
+        return ""
+    import warnings
+
+    r, w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads alive: the child only checks a path
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(r)
+        msg = b""
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            fn()
+        except BaseException as err:  # noqa: BLE001
+            msg = f"{type(err).__name__}: {err}".encode()
+        os.write(w, msg)
+        os._exit(0)
+    os.close(w)
+    out = os.read(r, 1 << 16).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    return out
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work():
+    import shutil
+    import tempfile
+
+    from mha.models._save import check_folder
+
+    shared = tempfile.mkdtemp(prefix="mha-heads-")  # a folder user nobody may enter (tmp_path is root's own)
+    os.chmod(shared, 0o755)
+    ro, closed = os.path.join(shared, "ro"), os.path.join(shared, "closed")
+    os.mkdir(ro, 0o555)
+    os.mkdir(closed, 0o000)
     try:
-        with pytest.raises(ValueError, match="not writable"):
-            model.save(tmp_path / "ro" / "m")
+        got = _as_nobody(lambda: check_folder(os.path.join(ro, "m")))
+        assert got == f"ValueError: cannot write the model to '{ro}/m': the folder '{ro}' is not writable", got
+        assert _as_nobody(lambda: check_folder(ro)).endswith(f"'{ro}': the folder is not writable")
+        got = _as_nobody(lambda: check_folder(os.path.join(closed, "m")))  # not even searchable: no OSError
+        assert got.startswith("ValueError: cannot write the model to") and "ermission denied" in got, got
     finally:
-        (tmp_path / "ro").chmod(0o755)
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_gpt2_keeps_its_head_count_or_is_not_saved(zoo, tmp_path):
