@@ -53,6 +53,26 @@ def _config(model_name: str):
         raise click.BadParameter(str(err), param_hint="--model") from None
 
 
+def refuse_decoder(model_name: str) -> None:
+    """A usage error when ``model_name`` is a decoder folder (or shipped decoder) and no head was named:
+    the pruning-curve experiment runs on sentence-embedding models (config.json read, no weight)."""
+    import mha.models as mm
+    from mha.models._checkpoint import read_json
+    from mha.models._families import SUPPORTED
+    from mha.models._load import SHIPPED, _shipped
+
+    try:
+        folder = _shipped(model_name) if model_name in SHIPPED else mm.resolve(model_name)[0]
+        model_type = read_json(folder / "config.json", "model config").get("model_type")
+    except ValueError:
+        return  # not a folder with a config: the encoder path says what is wrong
+    if model_type in SUPPORTED:
+        raise click.BadParameter(f"{model_name} is a decoder (model_type {model_type!r}) and no head to prune was "
+                                 f"given: name them with --heads LAYER:HEAD[,HEAD...] or --kv-heads LAYER:GROUP and "
+                                 f"-o OUT (without them, mha prune runs the pruning curve of a sentence-embedding "
+                                 f"model)", param_hint="--model")
+
+
 def prune_decoder(model_name: str, heads: tuple, kv_heads: tuple, output, as_json: bool) -> None:
     """The command's decoder path (module docstring)."""
     from mha.models._heads import pruned_config

@@ -47,10 +47,11 @@ def prune(model_name, importance, n_random, fractions, seed, output, as_json, pr
     mha prune --model ./qwen2 --heads 0:1,5 --heads 3:2,6 -o ./qwen2-pruned
     mha prune --model ./llama --kv-heads 2:0 -o ./llama-pruned     (a whole key/value group of layer 2)
     """
-    if prune_heads or prune_kv:
-        from ._prune_decoder import prune_decoder
+    from ._prune_decoder import prune_decoder, refuse_decoder
 
+    if prune_heads or prune_kv:
         return prune_decoder(model_name, prune_heads, prune_kv, output, as_json)
+    refuse_decoder(model_name)
     ctx = click.get_current_context()
     output_path(ctx, next(p for p in ctx.command.params if p.name == "output"), output)
     import numpy as np

@@ -215,7 +215,8 @@ def test_mha_prune_heads_writes_a_folder(zoo, tmp_path):
                         (("--kv-heads", "0:2", "-o", str(tmp_path / "a")), "key/value head 2 is out of range"),
                         (("--heads", "0:0,3", "-o", str(tmp_path / "out")), "not empty"),
                         (("--heads", "0:0,3", "-o", str(tmp_path / "no" / "a")), "does not exist"),
-                        (("--heads", "0:0,3"), "give the output folder")):
+                        (("--heads", "0:0,3"), "give the output folder"),
+                        (("-o", str(tmp_path / "a")), "is a decoder (model_type 'qwen2') and no head to prune")):
         res = run(*args)
         assert res.exit_code == 2 and match in res.output and "Traceback" not in res.output, (args, res.output)
     assert not (tmp_path / "a").exists()
