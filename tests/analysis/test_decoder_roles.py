@@ -168,3 +168,19 @@ def test_mha_heads_on_a_decoder_folder(planted, tmp_path):
     assert res.exit_code == 2 and "for a decoder" in res.output
     res = CliRunner().invoke(cli, ["heads", "--model", str(folder), "--length", "30"])
     assert res.exit_code == 2 and "use length <= 8" in res.output and "Traceback" not in res.output
+
+
+def test_the_shipped_induction_model_names_its_induction_heads():
+    """training's model (mha.models.load("induction")): its best induction head is named "induction" and
+    leads that role; layer 0 holds none (the circuit needs two layers)."""
+    from mha.models._load import _shipped
+
+    try:
+        _shipped("induction")
+    except ValueError:
+        pytest.skip("TEMPORARY: the induction model is not installed (mha/models/data/induction, branch training)")
+    model = mm.load("induction", backend="numpy")
+    table = ma.decoder_roles(model, sequences=16)
+    best = table.ranking("induction")[0]
+    assert best.layer == 1 and best.role == "induction" and best.score - best.chance > 0.8
+    assert all(r.role != "induction" for r in table.heads if r.layer == 0)
