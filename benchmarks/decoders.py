@@ -3,13 +3,16 @@ attention), and against the memory-bandwidth floor.
 
 The model is Llama-shaped with random weights (8 layers, hidden 512, 8 heads, 2 key/value heads, MLP
 1408, vocab 32000; float32), saved once as a Hugging Face folder. Each measurement runs in a fresh
-process, the candidates interleaved round by round; each figure is the median over rounds.
+process, the candidates interleaved round by round; each figure is the median over rounds (within a round: see
+each measure).
 
-- decode: milliseconds per generated token, (time of prompt + N greedy tokens - time of prompt + 1
-  token) / (N - 1), so that the prefill cancels; tokens per second = 1000 / that.
+- decode: milliseconds per generated token: the median interval between successive tokens of N greedy
+  tokens (timestamps from ``on_token``, and from a streamer for transformers), the better of two
+  generations; tokens per second = 1000 / that. Medians and minima, because this machine is shared:
+  a step stalled by another process must not move the figure.
 - attentions: the same with ``attentions=True`` (every step's weights at absolute positions).
 - prefill: one forward over a prompt of ``--prefill`` tokens into the cache (logits of the last position),
-  as generation starts.
+  as generation starts; the best of three.
 - floor: the bytes of every weight read once per token (all but the embedding table, of which a token
   reads one row) divided by the machine's read bandwidth, measured here as the best of repeated
   matrix-vector products over a matrix larger than the last-level cache, on the same threads.
@@ -57,6 +60,11 @@ def _timed(fn, repeat: int = 1) -> float:
     return best
 
 
+def _median_interval(stamps: list) -> float:
+    """The median time between successive tokens, in ms (robust to a step stalled by another process)."""
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:])) * 1e3
+
+
 def run_ours(folder: str, prompt: int, new: int, prefill: int, threads: int) -> dict:
     import numpy as np
     from threadpoolctl import threadpool_limits
@@ -70,11 +78,15 @@ def run_ours(folder: str, prompt: int, new: int, prefill: int, threads: int) -> 
         model.generate(p, 2, stop_at_eos=False)  # warm up (BLAS threads, the pool, first allocations)
         out = {}
         for att in (False, True):
-            one = _timed(lambda: model.generate(p, 1, stop_at_eos=False, attentions=att), 2)
-            full = _timed(lambda: model.generate(p, new, stop_at_eos=False, attentions=att), 2)
-            out["attentions" if att else "decode"] = (full - one) / (new - 1) * 1e3
+            steps = []
+            for _ in range(2):
+                stamps = []
+                model.generate(p, new, stop_at_eos=False, attentions=att,
+                               on_token=lambda s, i, a: stamps.append(time.perf_counter()))
+                steps.append(_median_interval(stamps))
+            out["attentions" if att else "decode"] = min(steps)
         caches = lambda: [layer.init_cache(1, prefill) for layer in model.layers]  # noqa: E731
-        out["prefill"] = _timed(lambda: model.forward(ids[None, :prefill], caches=caches(), last_only=True), 2) * 1e3
+        out["prefill"] = _timed(lambda: model.forward(ids[None, :prefill], caches=caches(), last_only=True), 3) * 1e3
     return out
 
 
@@ -88,14 +100,26 @@ def run_transformers(folder: str, prompt: int, new: int, prefill: int, threads: 
                         generator=torch.Generator().manual_seed(0))
     p = ids[:, :prompt]
 
+    class Clock:  # a streamer: generate calls put() with the prompt, then with each new token
+        def __init__(self):
+            self.stamps = []
+
+        def put(self, value):
+            self.stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
     def gen(n):
-        model.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        clock = Clock()
+        model.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, streamer=clock)
+        return _median_interval(clock.stamps[1:])
 
     with torch.no_grad():
-        gen(2)
-        one, full = _timed(lambda: gen(1), 2), _timed(lambda: gen(new), 2)
-        pre = _timed(lambda: model(ids[:, :prefill], logits_to_keep=1, use_cache=True), 2)
-    return {"decode": (full - one) / (new - 1) * 1e3, "prefill": pre * 1e3}
+        gen(3)
+        decode = min(gen(new) for _ in range(2))
+        pre = _timed(lambda: model(ids[:, :prefill], logits_to_keep=1, use_cache=True), 3)
+    return {"decode": decode, "prefill": pre * 1e3}
 
 
 def run_bandwidth(threads: int) -> dict:
