@@ -8,7 +8,8 @@ Tensors get the family's stored names and layouts (:mod:`mha.models._layouts` in
 tensors concatenated, GPT-2's Conv1D transposed back, Gemma's 1 + w norms stored as w).
 
 GPT-2's config cannot state fewer heads than its width allows (``c_attn`` is E x 3E, head_dim =
-n_embd / n_head): a pruned GPT-2 is refused. The destination must be a new or empty folder; the files
+n_embd / n_head): a pruned GPT-2 is refused; so is a Phi-3 with LongRoPE whose hidden_size / heads no
+longer equals head_dim (transformers checks the RoPE factors' length against that quotient). The destination must be a new or empty folder; the files
 are written into a temporary folder beside it and renamed into place, so an interruption leaves
 nothing half-written, and nothing existing is overwritten.
 """
@@ -72,6 +73,12 @@ def hf_config(c, raw: dict, name: str = "the model") -> dict:
                              f"head_dim (n_embd / n_head) and c_attn is n_embd x 3 n_embd; keep every head, or "
                              f"use the model here (logits, generate)")
     else:
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+        if c.family == "phi3" and kind in ("longrope", "su", "yarn") and c.hidden_size // c.num_heads != c.head_dim:
+            raise ValueError(f"{name}: a Phi-3 with LongRoPE and {c.num_heads} heads cannot be saved for transformers: "
+                             f"it checks the long/short factors against hidden_size / num_attention_heads = "
+                             f"{c.hidden_size // c.num_heads}, not head_dim = {c.head_dim}")
         raw.update(num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim)
     for key in ("dtype", "torch_dtype"):
         if key in raw:
