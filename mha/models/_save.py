@@ -9,9 +9,11 @@ tensors concatenated, GPT-2's Conv1D transposed back, Gemma's 1 + w norms stored
 
 GPT-2's config cannot state fewer heads than its width allows (``c_attn`` is E x 3E, head_dim =
 n_embd / n_head): a pruned GPT-2 is refused; so is a Phi-3 with LongRoPE whose hidden_size / heads no
-longer equals head_dim (transformers checks the RoPE factors' length against that quotient). The destination must be a new or empty folder; the files
-are written into a temporary folder beside it and renamed into place, so an interruption leaves
-nothing half-written, and nothing existing is overwritten.
+longer equals head_dim (transformers checks the RoPE factors' length against that quotient).
+
+The destination must be a new or empty folder; the files are written into a temporary folder beside
+it and renamed into place, so an interruption leaves nothing half-written, and nothing existing is
+overwritten.
 """
 
 from __future__ import annotations

@@ -272,7 +272,8 @@ def detect_sink_weights(impl, n: int):
             verdict = "column"
         else:
             verdict = INCONSISTENT
-        verdicts.append((verdict, _describe(cfg, seed, "return_weights=True", f"weights {P.shape[-1]} wide, S={cfg.S}")))
+        shape = f"weights {P.shape[-1]} wide, S={cfg.S}"
+        verdicts.append((verdict, _describe(cfg, seed, "return_weights=True", shape)))
     return _settle(verdicts, "sink_weights")
 
 
