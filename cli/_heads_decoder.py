@@ -42,10 +42,12 @@ def decoder_heads(ma, model, texts, corpus_file, words, as_json, only, sequences
     except (ValueError, TypeError) as err:
         raise click.UsageError(str(err)) from None
     shown = [r for r in table.heads if not only or r.role in only]
+    groups = [r for r in table.groups if not only or r.role in only]
     grouped = model.num_kv_heads < model.num_heads
     if as_json:
         out = {"model": model.name, "family": model.family, "texts": name, **table.as_dict()}
         out["heads"] = [r.as_dict() for r in shown]
+        out["kv_groups"] = [r.as_dict() for r in groups]
         if not grouped:
             out.pop("kv_groups")
         click.echo(json.dumps(out, indent=1))
@@ -56,7 +58,7 @@ def decoder_heads(ma, model, texts, corpus_file, words, as_json, only, sequences
     _table(shown, "head")
     if grouped:
         click.echo("per key/value group (its query heads pooled):")
-        _table([r for r in table.groups if not only or r.role in only], "kv")
+        _table(groups, "kv")
     firsts = "; ".join(f"{role} L{top.layer}H{top.head} {top.scores[role] - top.chances[role]:+.2f}"
                        for role in table.roles if role != "broad" for top in table.ranking(role)[:1])
     for line in textwrap.wrap("first in each role (largest score - chance): " + firsts, 100, subsequent_indent="  "):
