@@ -86,8 +86,10 @@ def _term_line(step: int, token: str, att, tokens: list, layer, head) -> str:
               help="Default: from -o's extension (.html, .json), else term.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None, callback=output_path,
               help="Output file (html and json; default stdout).")
+@click.option("--roles/--no-roles", default=True, show_default=True,
+              help="--format html: add the head-role table (mha heads on 16 repeated random sequences; docs/heads.md).")
 def generate(text, folder, backend, dtype, max_new_tokens, temperature, top_k, top_p, seed, max_cache, keep, layer,
-             head, fmt, output):
+             head, fmt, output, roles):
     """Continue TEXT with a decoder model and show, for each new token, what its heads attended to.
 
     \b
@@ -130,7 +132,9 @@ def generate(text, folder, backend, dtype, max_new_tokens, temperature, top_k, t
     if fmt == "html":
         import mha.viz as mv
 
-        page = mv.step_report(out, model=model.name, backend=model.backend)
+        from ._heads_decoder import step_roles
+
+        page = mv.step_report(out, model=model.name, backend=model.backend, roles=step_roles(model) if roles else None)
         _write(page.html, output)
         if page.note:
             note(f"note: {page.note}")

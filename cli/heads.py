@@ -25,23 +25,48 @@ QUICK = 40  # sentences of the corpus with --quick
               help="List only heads with this role (repeatable); counts and means stay those of every head.")
 @click.option("--quick", is_flag=True, help=f"Corpus: the first {QUICK} sentences and 500 bootstrap resamples, "
                                              "for a first look (wider intervals).")
-def heads(texts, model_name, backend, corpus_file, words, as_json, only, quick):
+@click.option("--sequences", type=click.IntRange(2, 10_000), default=32, show_default=True,
+              help="Decoders: repeated random token sequences for induction and duplicate (docs/heads.md).")
+@click.option("--length", type=click.IntRange(2, 10_000), default=24, show_default=True,
+              help="Decoders: tokens in each half of a repeated random sequence.")
+def heads(texts, model_name, backend, corpus_file, words, as_json, only, quick, sequences, length):
     """Label every head of a model by what it attends to: previous, next, self, first ([CLS]), last
-    ([SEP]), punctuation, same_word, local, broad or content, with a score (docs/roles.md: the method).
-    On TEXT (one or a few sentences) as a mean;
+    ([SEP]), punctuation, same_word, local, broad or content, with a score (docs/roles.md: the method;
+    decoders: previous, induction, duplicate, first, sink, self, local, broad, always against chance;
+    docs/heads.md). On TEXT (one or a few sentences) as a mean;
     over a corpus (--corpus FILE, or the shipped one when no TEXT is given) with what uniform attention
     would score (chance) and a 95% bootstrap interval over sentences: a head is specialised only when
     the interval clears chance."""
     import mha.analysis as ma
 
-    bad = [r for r in only if r not in ma.ROLES]
+    bad = [r for r in only if r not in ma.ROLES and r not in ma.DECODER_ROLES]
     if bad:
-        raise click.BadParameter(f"unknown role {bad[0]!r}; roles: {', '.join(ma.ROLES)}", param_hint="--role")
+        raise click.BadParameter(f"unknown role {bad[0]!r}; roles: {', '.join(ma.ROLES)} (decoders: "
+                                 f"{', '.join(ma.DECODER_ROLES)})", param_hint="--role")
     if texts and corpus_file:
         raise click.UsageError("give TEXT or --corpus FILE, not both")
     model = load(model_name, backend)
+    if hasattr(model, "num_kv_heads") and hasattr(model, "generate"):
+        from ._heads_decoder import decoder_heads
+
+        return decoder_heads(ma, model, texts, corpus_file, words, as_json, only, sequences, length)
+    bad = [r for r in only if r not in ma.ROLES]
+    if bad:
+        raise click.BadParameter(f"role {bad[0]!r} is a decoder role; roles: {', '.join(ma.ROLES)}",
+                                 param_hint="--role")
     if texts:
         return _texts(ma, model, texts, words, as_json, only)
+    sentences = read_corpus(ma, corpus_file)
+    if corpus_file is None:
+        note(f"no TEXT: the shipped corpus of {len(sentences)} sentences (mha/analysis/data/corpus.txt)")
+    if quick and len(sentences) > QUICK:
+        note(f"--quick: the first {QUICK} of {len(sentences)} sentences, 500 bootstrap resamples")
+        sentences = sentences[:QUICK]
+    _corpus(ma, model, sentences, corpus_file, words, as_json, only, 500 if quick else 2000)
+
+
+def read_corpus(ma, corpus_file) -> list:
+    """The sentences of --corpus FILE (None: the shipped corpus), at least 2; one-line usage errors."""
     try:
         sentences = ma.corpus(corpus_file)
     except ValueError as err:
@@ -49,12 +74,7 @@ def heads(texts, model_name, backend, corpus_file, words, as_json, only, quick):
     if len(sentences) < 2:
         raise click.BadParameter(f"{corpus_file}: a corpus needs at least 2 sentences, one per line",
                                  param_hint="--corpus")
-    if corpus_file is None:
-        note(f"no TEXT: the shipped corpus of {len(sentences)} sentences (mha/analysis/data/corpus.txt)")
-    if quick and len(sentences) > QUICK:
-        note(f"--quick: the first {QUICK} of {len(sentences)} sentences, 500 bootstrap resamples")
-        sentences = sentences[:QUICK]
-    _corpus(ma, model, sentences, corpus_file, words, as_json, only, 500 if quick else 2000)
+    return sentences
 
 
 def _encodings(model, texts, words: bool, batched: bool = False):

@@ -6,10 +6,12 @@
     stats = mha.analysis.corpus_roles(atts, toks)                  # role, score, chance, 95% interval
     imp = mha.analysis.ablation_importance(model)                  # (layers, heads)
     ind = mha.analysis.induction_scores(atts, ids)                 # (layers, heads), Olsson et al.
+    table = mha.analysis.decoder_roles(model)                      # decoders: roles vs chance, per head and KV group
     steps = mha.analysis.pruning_curve(model, mha.analysis.order_by(imp))
 """
 
 from ._corpus import CorpusRole, corpus, corpus_roles
+from ._decoder_roles import DECODER_ROLES, DecoderRole, RoleTable, decoder_roles
 from ._induction import induction_scores, repeated_tokens
 from ._importance import (PruneStep, ablation_importance, gradient_importance, order_by, paraphrase_pairs,
                           pruning_curve, sentences, spearman)
@@ -21,4 +23,4 @@ __all__ = ["PruneStep", "ablation_importance", "gradient_importance", "order_by"
            "pruning_curve", "sentences", "spearman",
            "GLOSSARY", "ROLES", "RULE", "HeadRole", "head_roles", "is_punctuation", "pick_role", "role_score_array",
            "role_scores", "CorpusRole", "corpus", "corpus_roles", "rollout", "to_words", "word_spans",
-           "induction_scores", "repeated_tokens"]
+           "induction_scores", "repeated_tokens", "DECODER_ROLES", "DecoderRole", "RoleTable", "decoder_roles"]

@@ -43,6 +43,9 @@ class DecoderModel:
         self.config = config
         self.name = name
         self.tokenizer = tokenizer
+        self.source = None  # (folder, raw config.json) of a loaded checkpoint: what save() starts from
+        self.head_map = None  # after prune_heads: {layer: [original query head, or None for a dead head]}
+        self.dead_heads: dict = {}
         self.backend = resolve(backend)
         self.dtype = dtype_name(dtype, self.backend)
         self._build(weights)
@@ -106,7 +109,11 @@ class DecoderModel:
                 b["norm2"] = self._norm_params(p + "norm2")
         if c.sandwich:
             b["post_attn"], b["post_mlp"] = self._norm_params(p + "norm_post_attn"), self._norm_params(p + "norm_post_mlp")
-        if c.activation:
+        if c.moe is not None:
+            from . import _moe
+
+            b.update(_moe.params(w, p, self._native))
+        elif c.activation:
             up = [w[p + "mlp.gate.w"], w[p + "mlp.up.w"]] if c.gated else [w[p + "mlp.up.w"]]
             b["in_t"] = self._native(np.concatenate(up).T)  # (E, 2F) gate then up, or (E, F)
             b["down_t"] = self._native(w[p + "mlp.down.w"].T)  # (F, E)
@@ -139,8 +146,10 @@ class DecoderModel:
 
     def to(self, backend, dtype=None) -> "DecoderModel":
         """The same model on another backend (and dtype)."""
-        return DecoderModel(self.config, self.canonical_weights(), self.tokenizer, backend=backend,
-                            dtype=self.dtype if dtype is None else dtype, name=self.name)
+        new = DecoderModel(self.config, self.canonical_weights(), self.tokenizer, backend=backend,
+                           dtype=self.dtype if dtype is None else dtype, name=self.name)
+        new.source, new.head_map, new.dead_heads = self.source, self.head_map, self.dead_heads
+        return new
 
     def canonical_weights(self) -> dict:
         """Every weight by its canonical name (mha.models._layouts): numpy float32, (out, in) layout,
@@ -159,7 +168,11 @@ class DecoderModel:
             for n in ("q_norm", "k_norm", "sinks"):
                 if getattr(aw, n, None) is not None:
                     out[p + f"attn.{n}"] = f32(getattr(aw, n))
-            if c.activation:
+            if c.moe is not None:
+                from . import _moe
+
+                out.update(_moe.canonical(blk, p))
+            elif c.activation:
                 up = f32(to_numpy(blk["in_t"]).T)
                 F = c.intermediate_size
                 out.update({p + "mlp.gate.w": up[:F], p + "mlp.up.w": up[F:]} if c.gated else {p + "mlp.up.w": up})
@@ -181,6 +194,10 @@ class DecoderModel:
         """The MLP of one block: x (B, T, E) -> (B, T, E). ``scratch``: numpy buffers for the (B, T, 2F)
         and (B, T, F) intermediates that every layer of one forward reuses (None: fresh arrays; MLX)."""
         xp, c = self._xp, self.config
+        if c.moe is not None:
+            from ._moe import moe
+
+            return moe(xp, x, b, c.moe[1], c.moe[2])
         if scratch is None:
             h = x @ b["in_t"]  # (B, T, 2F) or (B, T, F)
         else:
@@ -195,24 +212,26 @@ class DecoderModel:
         return out + b["down_b"] if "down_b" in b else out
 
     def forward(self, ids, *, caches=None, key_mask=None, positions=None, attentions: bool = False,
-                head_mask=None, last_only: bool = False):
+                head_mask=None, last_only: bool = False, sink_out=None):
         """(logits (B, T or 1, V), per-layer weights (B, H, T, S) when asked (else []), hidden states
         (B, T or 1, E) after the final norm), as native arrays.
 
         ids (B, T) int numpy; caches: one KVCache per layer (new tokens appended) or None; key_mask
         (B, T) bool, False at padding (or None); positions (B, T) int positions of learned embeddings
         (default 0 .. T - 1, after a cache's offset); head_mask: {layer: (H,) multipliers};
-        last_only: logits of the last position only.
+        last_only: logits of the last position only; sink_out: a list that receives, for a model with
+        learned sinks, each layer's sink mass (B, H, T) numpy float32, exp(sink_h - lse) from the
+        layer's log-sum-exp (which counts the sink), independent of the weights.
 
         numpy decode steps (one token per sequence) run with BLAS held at one thread for the whole step or
         not, whichever has been faster for this model (mha.models._threads): several threads share the
         matrix-vector products on idle cores, and lose badly when another process holds a core."""
         if self._threads is not None and ids.shape[1] == 1:
             with self._threads.step():
-                return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only)
-        return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only)
+                return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out)
+        return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out)
 
-    def _forward(self, ids, caches, key_mask, positions, attentions, head_mask, last_only):
+    def _forward(self, ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out=None):
         xp, c = self._xp, self.config
         B, T = ids.shape
         x = xp.take(self._embed, xp.array(ids) if xp is not np else ids, axis=0)  # (B, T, E)
@@ -230,11 +249,15 @@ class DecoderModel:
             kwargs = {"key_mask": km} if km is not None else {}
             if head_mask is not None and i in head_mask:
                 kwargs["head_mask"] = head_mask[i]
+            if sink_out is not None and c.sinks:
+                kwargs["return_lse"] = True
             res = attn(h, cache=None if caches is None else caches[i], causal=True, return_weights=attentions,
                        **kwargs)
-            a = res[0] if attentions else res
+            a = res[0] if isinstance(res, tuple) else res
             if attentions:
                 weights.append(res[1])
+            if "return_lse" in kwargs:
+                sink_out.append(self._sink_mass(i, res[-1]))
             x = x + (self._apply_norm(a, blk["post_attn"]) if "post_attn" in blk else a)
             if self._act is not None:
                 m = self._mlp(self._apply_norm(x, blk["norm2"]), blk, scratch)
@@ -248,18 +271,28 @@ class DecoderModel:
             logits = softcap(xp, logits, c.final_softcap)
         return logits, weights, x
 
+    def _sink_mass(self, i: int, lse) -> np.ndarray:
+        """(B, H, T) float32 weight of layer i's learned sinks: exp(sink_h - lse), the lse counting the sink."""
+        if getattr(self, "_sink_logits", None) is None:
+            self._sink_logits = [np.asarray(layer.weights.sinks, np.float64) for layer in self.layers]  # (H,) each
+        return np.exp(self._sink_logits[i][None, :, None] - np.asarray(to_numpy(lse), np.float64)).astype(np.float32)
+
     # -- public entry points ---------------------------------------------------------------------------
-    def logits(self, ids, *, key_mask=None) -> np.ndarray:
+    def logits(self, ids, *, key_mask=None, head_mask=None) -> np.ndarray:
         """Next-token logits at every position: ids (T,) or (B, T) ints -> numpy float32 (T, V) or (B, T, V).
 
         ``key_mask`` (B, T) bool marks real tokens of a left-padded batch (False at padding); a padded
-        row's logits equal those of its tokens alone (learned positions counted from its first real token)."""
+        row's logits equal those of its tokens alone (learned positions counted from its first real token).
+        ``head_mask={layer: [query heads]}`` ablates those heads: their context is zeroed before o_proj
+        (mha.models._heads)."""
         from ._generate import check_ids
+        from ._heads import multipliers
 
+        head_mask = multipliers(self, head_mask)
         ids, batched = check_ids(ids, self.config.vocab_size, "ids")
         key_mask, positions = _padding(ids, key_mask)
         self._check_length(ids.shape[1])
-        out, _, _ = self.forward(ids, key_mask=key_mask, positions=positions)
+        out, _, _ = self.forward(ids, key_mask=key_mask, positions=positions, head_mask=head_mask)
         out = to_numpy(out).astype(np.float32)
         return out if batched else out[0]
 
@@ -267,6 +300,28 @@ class DecoderModel:
         if n > self.max_length:
             raise ValueError(f"{what} spans {n} positions, more than the model's max_position_embeddings="
                              f"{self.max_length} ({self.name})")
+
+    def prune_heads(self, heads: dict) -> "DecoderModel":
+        """A new model without ``{layer: [query heads]}`` (0-based), keeping num_heads % num_kv_heads == 0
+        (whole key/value groups, or the same number of query heads from every group): see
+        :mod:`mha.models._heads`. It equals this model with those heads masked."""
+        from ._heads import prune
+
+        return prune(self, heads)
+
+    def group_heads(self, kv_head: int) -> list:
+        """The query heads of key/value group ``kv_head`` (to ablate or prune a whole group)."""
+        from ._heads import group_heads
+
+        return group_heads(self, kv_head)
+
+    def save(self, folder) -> None:
+        """Write a Hugging Face folder that transformers' AutoModelForCausalLM loads: config.json (the
+        source config with this model's head counts and head_dim stated), model.safetensors (float32)
+        and the source folder's tokenizer files (mha.models._save)."""
+        from ._save import save
+
+        save(self, folder)
 
     def generate(self, prompt, max_new_tokens: int, **kwargs):
         """Continue ``prompt`` by up to ``max_new_tokens`` tokens: see :func:`mha.models._generate.generate`."""

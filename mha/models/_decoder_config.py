@@ -35,7 +35,7 @@ num_beams temperature top_k top_p typical_p repetition_penalty length_penalty no
 encoder_no_repeat_ngram_size bad_words_ids num_return_sequences output_scores return_dict_in_generate
 forced_bos_token_id forced_eos_token_id remove_invalid_values exponential_decay_length_penalty suppress_tokens
 begin_suppress_tokens diversity_penalty num_beam_groups tf_legacy_loss use_bfloat16 cache_implementation
-pretraining_tp output_logits min_p auto_map is_llama_config
+pretraining_tp output_logits min_p auto_map is_llama_config router_aux_loss_coef output_router_logits
 """.split())
 
 
@@ -76,6 +76,7 @@ class DecoderConfig:
     final_softcap: float | None = None
     qk_norm: bool = False  # RMSNorm over D of every query and key head (eps = norm_eps)
     sinks: bool = False  # learned per-head sink logits (gpt-oss): out.sink_mass reports their weight
+    moe: tuple | None = None  # gpt-oss: (experts, experts per token, swiglu limit) of its MLP (mha.models._moe)
     sandwich: bool = False  # Gemma 2/3: norms after attention and after the MLP too
     embed_scale: float | None = None  # Gemma: embeddings times sqrt(E)
     tie_embeddings: bool = False

@@ -36,6 +36,8 @@ FAMILIES = {
                         tie=True, bias_key=True, gemma=True, sandwich=True, softcaps=(None, None),
                         window=("pattern", 4096, 6), qk_norm=True, theta=(1e6, 1e4)),
     "phi3": dict(head_dim=None, max_pos=4096, eps=1e-5, act="silu", tie=False, window=("all", None), phi3=True),
+    "gpt_oss": dict(head_dim=64, max_pos=131072, eps=1e-5, act="silu", tie=False, bias_key=True, bias_default=True,
+                    window=("pattern", 128, 2), sinks=True, moe=True, rope_required=True),
 }
 SUPPORTED = tuple(FAMILIES) + ("gpt2", "mha_attn_only")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -52,6 +54,10 @@ def parse(raw: dict, path) -> DecoderConfig:
         raise ValueError(f"{path}: model_type {family!r} is not supported; supported decoders: "
                          f"{', '.join(SUPPORTED)} (and BERT-family encoders)")
     spec = FAMILIES[family]
+    if family == "gpt_oss" and raw.get("quantization_config"):
+        raise ValueError(f"{path}: quantized experts (quantization_config {raw['quantization_config'].get('quant_method')!r}"
+                         f") are not read here: dequantize first (transformers: from_pretrained(..., quantization_config="
+                         f"Mxfp4Config(dequantize=True)), then save_pretrained)")
     # the activation key transformers does not read for this family (Gemma 2/3 configs carry both)
     other = {"hidden_act": "hidden_activation", "hidden_activation": "hidden_act"}[spec.get("act_key", "hidden_act")]
     return _llama_like(Reader(raw, path, family, ignored=(other,) if family.startswith("gemma") else ()), spec)
@@ -85,14 +91,28 @@ def _llama_like(r: Reader, spec: dict) -> DecoderConfig:
     attn_cap = None if caps is None else r.float("attn_logit_softcapping", caps[0])
     final_cap = None if caps is None else r.float("final_logit_softcapping", caps[1])
     layers = tuple(LayerSpec(ropes[t], w, scale) for t, w in zip(types, windows))
-    biased = bool(spec.get("bias_key") and r.bool("attention_bias", False))
+    biased = bool(spec.get("bias_key") and r.bool("attention_bias", spec.get("bias_default", False)))
     return DecoderConfig(
         r.family, **s, layers=layers, norm="rms", norm_eps=r.float("rms_norm_eps", spec["eps"]),
         activation=_ACT.get(a, a), gated=True, attention_bias=biased or spec.get("qkv_bias", False), o_bias=biased,
         mlp_bias=r.family == "llama" and r.bool("mlp_bias", False), attn_softcap=attn_cap, final_softcap=final_cap,
-        qk_norm=spec.get("qk_norm", False), sandwich=spec.get("sandwich", False),
+        qk_norm=spec.get("qk_norm", False), sandwich=spec.get("sandwich", False), sinks=spec.get("sinks", False),
+        moe=_moe(r) if spec.get("moe") else None,
         embed_scale=math.sqrt(s["hidden_size"]) if spec.get("gemma") else None,
         tie_embeddings=r.bool("tie_word_embeddings", spec["tie"]), **_tokens(r), defaults=r.finish())
+
+
+def _moe(r: Reader) -> tuple:
+    """gpt-oss's (experts, experts per token, swiglu limit); ``experts_per_token`` (the original
+    checkpoints' name) must agree with ``num_experts_per_tok`` when both are given."""
+    n, k = r.int("num_local_experts", 128), r.int("num_experts_per_tok", 4)
+    alias = r.int("experts_per_token", None)
+    if alias is not None and alias != k:
+        raise r.bad("experts_per_token", alias, f"the same as num_experts_per_tok={k}")
+    if k > n:
+        raise r.bad("num_experts_per_tok", k, f"at most num_local_experts={n}")
+    r.int("initial_context_length", None)  # the original checkpoints' name of the yarn RoPE's original length
+    return n, k, r.float("swiglu_limit", 7.0)
 
 
 def _windows(r: Reader, spec: dict, L: int) -> tuple[list, list]:
@@ -131,6 +151,9 @@ def _ropes(r: Reader, spec: dict, s: dict, types: list) -> dict:
     top = {"full_attention": r.float("rope_theta", None),
            "sliding_attention": r.float("rope_local_base_freq", None) if "theta" in spec else None}
     part = r.float("partial_rotary_factor", None)
+    if spec.get("rope_required") and v5 is None and v4 is None:
+        raise ValueError(f"{r.path}: the config has neither rope_parameters nor rope_scaling, which model_type "
+                         f"{r.family!r} needs (transformers would take its yarn default)")
     nested = v5 is not None and any(k in LAYER_TYPES for k in v5)
     where = "rope_parameters" if v5 is not None else "rope_scaling" if v4 is not None else "rope_theta"
     out = {}

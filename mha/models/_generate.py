@@ -179,9 +179,14 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 0.0, to
     ``max_new_tokens`` tokens (see the module docstring and :class:`Generation`).
 
     ``on_token(step, ids, attentions)`` is called as each token comes (streaming) with its ids (B,) and,
-    with ``attentions=True``, the step's weights (B, layers, H, T, P + step) (else None)."""
+    with ``attentions=True``, the step's weights (B, layers, H, T, P + step) (else None).
+    ``head_mask={layer: [query heads]}`` ablates those heads at every step (mha.models._heads): their
+    context is zeroed before o_proj, in the prefill and in every decode step."""
     n, temperature, top_k, top_p, max_cache, keep = _options(model, max_new_tokens, temperature, top_k, top_p,
                                                              seed, max_cache, keep)
+    from ._heads import multipliers
+
+    head_mask = multipliers(model, head_mask)  # {layer: [heads]} -> {layer: (H,) multipliers}, checked
     ids, mask, batched = _prompt(model, prompt)
     B, P = ids.shape
     model._check_length(P + n, f"the prompt ({P} tokens) with max_new_tokens={n}")
@@ -196,12 +201,13 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 0.0, to
     steps, sinks = [], []
     run = dict(attentions=attentions, head_mask=head_mask, last_only=True)
     caches = new_caches()
+    run["sink_out"] = sink_step = [] if attentions and model.config.sinks else None
     logits, ws, _ = model.forward(ids, caches=caches, key_mask=mask, positions=_positions(mask), **run)
     next_pos = (mask.sum(axis=1) if mask is not None else np.full(B, P)).astype(np.int64)  # learned positions
     for s in range(n):
         if attentions:
             steps.append(_place(ws, caches, P + s))
-            sinks.append(_sink_mass(model, steps[-1][:, :, :, -1]))
+            sinks.append(_sink_mass(steps[-1], sink_step))
         new = np.where(finished, out[:, s], pick(to_numpy(logits)[:, -1].astype(np.float32), temperature, top_k,
                                                  top_p, rng))
         out[:, s] = new
@@ -216,9 +222,11 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 0.0, to
             seq = np.concatenate([ids, out[:, :s + 1]], axis=1)
             seq_mask = None if mask is None else np.concatenate([mask, np.ones((B, s + 1), bool)], axis=1)
             caches = new_caches()
+            run["sink_out"] = sink_step = [] if run["sink_out"] is not None else None
             logits, ws, _ = model.forward(seq, caches=caches, key_mask=seq_mask, positions=_positions(seq_mask), **run)
             ws = [w[:, :, -1:] for w in ws]
         else:
+            run["sink_out"] = sink_step = [] if run["sink_out"] is not None else None
             logits, ws, _ = model.forward(new[:, None], caches=caches, positions=next_pos[:, None], **run)
         next_pos += 1
     return _result(model, ids, out, mask, steps, sinks, finished, batched, eos if stop_at_eos else set())
@@ -250,8 +258,9 @@ def _until_eos(row: np.ndarray, eos: set) -> np.ndarray:
     return row
 
 
-def _sink_mass(model, last_rows: np.ndarray) -> np.ndarray:
-    """(B, layers, H) weight not on any key (a learned sink's share) of each layer's last row."""
-    if not model.config.sinks:
-        return np.zeros(last_rows.shape[:3], dtype=np.float32)
-    return (1.0 - last_rows.sum(axis=-1)).astype(np.float32)
+def _sink_mass(step: np.ndarray, per_layer) -> np.ndarray:
+    """(B, layers, H) weight of each learned sink in the step's last row, from the layers' log-sum-exp
+    (``per_layer``: (B, H, T) each, mha.models._decoder._sink_mass); zeros without sinks (None)."""
+    if per_layer is None:
+        return np.zeros(step.shape[:3], dtype=np.float32)
+    return np.stack([m[:, :, -1] for m in per_layer], axis=1)

@@ -58,14 +58,19 @@ def _llama_like(c: DecoderConfig) -> dict:
                 out[p + f"self_attn.{n}_proj.weight"] = _one((rows, E), q + f"attn.{n}.w")
                 if c.attention_bias:
                     out[p + f"self_attn.{n}_proj.bias"] = _one((rows,), q + f"attn.{n}.b")
-            for n in ("gate", "up"):
+            for n in ("gate", "up") if c.moe is None else ():
                 out[p + f"mlp.{n}_proj.weight"] = _one((F, E), q + f"mlp.{n}.w")
                 if c.mlp_bias:
                     out[p + f"mlp.{n}_proj.bias"] = _one((F,), q + f"mlp.{n}.b")
         out[p + "self_attn.o_proj.weight"] = _one((E, H * D), q + "attn.o.w")
         if c.o_bias:
             out[p + "self_attn.o_proj.bias"] = _one((E,), q + "attn.o.b")
-        out[p + "mlp.down_proj.weight"] = _one((E, F), q + "mlp.down.w")
+        if c.sinks:
+            out[p + "self_attn.sinks"] = _one((H,), q + "attn.sinks")
+        if c.moe is not None:
+            out.update(_experts(p, q, c.moe[0], E, F))
+        else:
+            out[p + "mlp.down_proj.weight"] = _one((E, F), q + "mlp.down.w")
         if c.mlp_bias:
             out[p + "mlp.down_proj.bias"] = _one((E,), q + "mlp.down.b")
         if c.qk_norm:
@@ -78,6 +83,17 @@ def _llama_like(c: DecoderConfig) -> dict:
         else:
             out[p + "post_attention_layernorm.weight"] = _one((E,), q + "norm2.w", **norm)
     return out
+
+
+def _experts(p: str, q: str, n: int, E: int, F: int) -> dict:
+    """gpt-oss's router and experts (mha.models._moe), stored as transformers saves them: the experts'
+    projections (in, out), gate and up interleaved in gate_up_proj's columns."""
+    return {p + "mlp.router.weight": _one((n, E), q + "mlp.router.w"),
+            p + "mlp.router.bias": _one((n,), q + "mlp.router.b"),
+            p + "mlp.experts.gate_up_proj": _one((n, E, 2 * F), q + "mlp.experts.gate_up"),
+            p + "mlp.experts.gate_up_proj_bias": _one((n, 2 * F), q + "mlp.experts.gate_up.b"),
+            p + "mlp.experts.down_proj": _one((n, F, E), q + "mlp.experts.down"),
+            p + "mlp.experts.down_proj_bias": _one((n, E), q + "mlp.experts.down.b")}
 
 
 def _gpt2(c: DecoderConfig) -> dict:

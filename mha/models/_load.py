@@ -148,4 +148,6 @@ def load(path, backend="auto", dtype="float32"):
         weights = convert(matched, checkpoint.read, np.float32)
     finally:
         checkpoint.close()
-    return DecoderModel(config, weights, tokenizer, backend=backend, dtype=dtype, name=name)
+    model = DecoderModel(config, weights, tokenizer, backend=backend, dtype=dtype, name=name)
+    model.source = (folder, raw)  # for save(): the config it came with and its tokenizer files
+    return model

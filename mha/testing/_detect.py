@@ -249,6 +249,36 @@ def _nonfinite_self(impl, fn, cfg, w, x, seed):
     return "isolated", ""
 
 
+def detect_sink_weights(impl, n: int):
+    """"dropped" (weights over the S real keys, rows summing to 1 - the sink's share), "column" (S + 1
+    columns, the last the sink's share), "inconsistent" or "n/a", against the oracle with sink logits
+    ~ N(0, 3^2) per head."""
+    f = impl.features
+    if "sinks" not in f or "weights" not in f:
+        return NA, "needs the sinks and weights features"
+    from .. import AttentionWeights
+
+    verdicts = []
+    for cfg, w, q, k, v, seed in _probes(n):
+        d = w.to_dict()
+        d["sinks"] = np.random.default_rng([2026, seed, 41]).normal(0.0, 3.0, cfg.H).astype(np.float32)
+        w = AttentionWeights(**d, num_heads=w.num_heads, num_kv_heads=w.num_kv_heads)
+        _, P = _run(impl.build(w), q, k, v, weights=True)
+        _, ref = oracle.attention(w, q, k, v)
+        tol = 2 * (cfg.S + 1) * 2.0**-24 + 4 * 2.0**-24 * tolerance.magnitude(w, q, k, v)
+        share = 1.0 - ref.sum(-1)
+        if P.shape[-1] == cfg.S and np.abs(P - ref).max() <= tol:
+            verdict = "dropped"
+        elif (P.shape[-1] == cfg.S + 1 and np.abs(P[..., :-1] - ref).max() <= tol
+              and np.abs(P[..., -1] - share).max() <= tol):
+            verdict = "column"
+        else:
+            verdict = INCONSISTENT
+        shape = f"weights {P.shape[-1]} wide, S={cfg.S}"
+        verdicts.append((verdict, _describe(cfg, seed, "return_weights=True", shape)))
+    return _settle(verdicts, "sink_weights")
+
+
 def _hide_key(impl, cfg, j):
     """Masks hiding key j of batch element 0 from every query (and nothing else)."""
     if "key_mask" in impl.features:
@@ -277,7 +307,8 @@ def detect(impl, max_examples: int | None = None, *, timeout: float | None = DEF
     impl = guard(impl, timeout, finite="any")
     n = max_examples or len(_SIZES)
     values, examples = {}, {}
-    for key, probe in (("causal", detect_causal), ("empty_row", detect_empty_row), ("nonfinite", detect_nonfinite)):
+    for key, probe in (("causal", detect_causal), ("empty_row", detect_empty_row), ("nonfinite", detect_nonfinite),
+                       ("sink_weights", detect_sink_weights)):
         try:
             value, example = probe(impl, n)
         except (Exception, NoAnswer) as err:  # a crash is no convention: say what happened

@@ -10,7 +10,8 @@ then holds it to those instead of this project's. An adapter that computes in ot
 them in ``dtypes`` (e.g. ``("float32", "float16", "bfloat16")``) and takes ``build(weights, dtype=d)``
 (inputs still come as float32 numpy arrays, already rounded to ``d``): mha.testing.numerics uses it. With "scale" the suite also calls
 ``build(weights, scale=s)``; with "head_mask", ``fn(..., head_mask=c)``; with "rope",
-``build(weights, rope=mha.RoPE(...))`` (query i at position S - T + i, key j at j); with "window",
+``build(weights, rope=mha.RoPE(...))`` (query i at position S - T + i, key j at j); with "sinks",
+``build(weights)`` where ``weights.sinks`` (H,) holds the learned sink logits; with "window",
 ``build(weights, window=W)`` (query i sees keys j with |i + S - T - j| < W). With "cache" the function
 also has ``fn.init_cache(batch_size, max_length)`` and takes ``fn(x_new, None, None, cache=c,
 causal=True, key_mask=m_new)``: self-attention over everything appended so far (key_mask marks which new
@@ -35,6 +36,7 @@ from .zoo._common import keep_mask
 
 FEATURES = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "gqa", "weights",
                       "head_mask", "scale", "rope", "window", "cache", "grad"})
+FEATURES |= {"sinks"}  # learned per-head sink logits (gpt-oss): weights.sinks (H,) joins each row's denominator
 
 
 @dataclass
@@ -72,6 +74,8 @@ class BackendAdapter:
 
     def __init__(self, backend: str, blocks: tuple[int, int] | None = None):
         self.backend = backend
+        if not _has_sinks(backend):
+            self.features = FEATURES - {"sinks"}
         self.blocks = blocks
         self.name = backend if blocks is None else f"{backend}-blocks"
         self.dtypes = ("float32", "float64") if backend == "numpy" else ("float32", "float16", "bfloat16")
@@ -105,6 +109,18 @@ class BackendAdapter:
         fn.init_cache = layer.init_cache
         fn.vjp = vjp
         return fn
+
+
+def _has_sinks(backend: str) -> bool:
+    """Whether the backend's layer takes learned sinks (AttentionWeights.sinks) yet."""
+    import mha
+
+    try:
+        w = mha.AttentionWeights.init(4, 2, sinks=True, seed=0)
+        mha.MultiHeadAttention.from_weights(w, backend=backend)
+    except (TypeError, ValueError, ImportError):
+        return False
+    return True
 
 
 def _mx_float32():

@@ -39,11 +39,14 @@ def causal_rows(attentions: list, prompt_length: int) -> np.ndarray:
 
 
 def step_report(generation, *, model: str = "", backend: str = "", batch_index: int = 0,
-                max_bytes: int = HTML_BYTES) -> Report:
+                max_bytes: int = HTML_BYTES, roles=None) -> Report:
     """The step view of ``generation`` (a :class:`mha.models.Generation` made with ``attentions=True``).
 
     ``batch_index``: which row of a batched generation. Heads that do not fit ``max_bytes`` (or the
-    browser's budget of weights) are left out whole layers first, and the page says so (``Report.note``)."""
+    browser's budget of weights) are left out whole layers first, and the page says so (``Report.note``).
+    ``roles``: a :class:`mha.analysis.RoleTable` of the model (:func:`mha.analysis.decoder_roles`): the
+    page lists every head's role with its score, chance and 95% interval, and names the chosen head's.
+    A model with learned sinks shows each step's sink mass per head of the chosen layer."""
     if not generation.attentions:
         raise ValueError("the generation holds no attentions: generate(..., attentions=True)")
     batched = generation.ids.ndim == 2
@@ -62,7 +65,8 @@ def step_report(generation, *, model: str = "", backend: str = "", batch_index: 
             "num_heads": H, "rows": R, "heads": [], "note": None, "precision": _pack.PRECISION,
             "new_text": text or "", "valid": None if generation.mask is None else
             [bool(v) for v in (generation.mask[batch_index] if batched else generation.mask)],
-            "sink_mass": None if sink is None or not np.any(sink) else np.round(sink, 4).tolist()}
+            "sink_mass": None if sink is None or not np.any(sink) else np.round(sink, 4).tolist(),
+            "roles": None if roles is None else _roles(roles)}
     pairs = [(la, h) for la in range(L) for h in range(H)]
     heads, used = [], [len(_page(meta, tokens, P, model).encode("utf-8")) + 200]  # used[k]: with k heads
     for la, h in pairs:
@@ -77,6 +81,15 @@ def step_report(generation, *, model: str = "", backend: str = "", batch_index: 
     meta["note"] = note = None if len(kept) == len(pairs) else cut_note(kept, pairs, limit) + "; choose with --layer"
     page = _page(meta, tokens, P, model)
     return Report(page, note)
+
+
+def _roles(table) -> dict:
+    """The role table as the page shows it: one record per query head, rounded."""
+    r3 = lambda v: round(float(v), 3)  # noqa: E731
+    return {"rule": table.rule, "sequences": table.sequences, "texts": table.texts,
+            "heads": [{"layer": r.layer, "head": r.head, "kv_head": r.kv_head, "role": r.role, "score": r3(r.score),
+                       "chance": r3(r.chance), "ci": [r3(r.ci[0]), r3(r.ci[1])], "specialised": bool(r.specialised)}
+                      for r in table.heads]}
 
 
 def _page(meta: dict, tokens: list, P: int, model: str) -> str:

@@ -61,8 +61,29 @@ function drawTokens(head) {
   const step = state.t - P + 1;
   let sink = "";
   if (D.sink_mass && step >= 0 && step < D.sink_mass.length) sink = `; sink ${D.sink_mass[step][state.layer][head].toFixed(3)}`;
+  const r = roleOf(state.layer, head);
+  const role = r ? `; role ${r.role} ${r.score.toFixed(2)} (chance ${r.chance.toFixed(2)})` : "";
   $("info").textContent = `layer ${state.layer}, head ${head}${state.head < 0 ? " (strongest)" : ""}: ` +
-    `${label(state.t)} (${state.t}) attends to ${top}${sink}`;
+    `${label(state.t)} (${state.t}) attends to ${top}${sink}${role}`;
+  drawSinks(step);
+}
+
+function roleOf(layer, head) { return D.roles ? D.roles.heads.find((r) => r.layer === layer && r.head === head) : null; }
+
+function drawSinks(step) {  // the learned sinks' share of this step's row, every head of the chosen layer
+  const el = $("sinks");
+  el.hidden = !D.sink_mass;
+  if (!D.sink_mass) return;
+  const s = Math.max(0, step), m = D.sink_mass[Math.min(s, D.sink_mass.length - 1)][state.layer];
+  el.textContent = `sink mass at ${step >= 0 ? "step " + step : "the prompt's last row"}, layer ${state.layer}: ` +
+    m.map((v, h) => `head ${h} ${v.toFixed(3)}`).join(", ");
+}
+
+function drawRoles(head) {
+  if (!D.roles) return;
+  $("roles-body").querySelectorAll("tr").forEach((tr) => {
+    tr.classList.toggle("chosen", +tr.dataset.layer === state.layer && +tr.dataset.head === head);
+  });
 }
 
 function drawGrid(head) {
@@ -91,6 +112,32 @@ function draw() {
   const head = chosen();
   drawTokens(head);
   drawGrid(head);
+  drawRoles(head);
+}
+
+function buildRoles(ls, fillHeads) {
+  if (!D.roles) return;
+  $("roles").hidden = false;
+  $("roles-how").textContent = `${D.roles.rule} Induction and duplicate on ${D.roles.sequences} repeated random ` +
+    `sequences; the other roles on ${D.roles.texts ? D.roles.texts + " texts" : "the same sequences"}. Click a row to ` +
+    "choose that head.";
+  for (const r of D.roles.heads) {
+    const tr = document.createElement("tr");
+    tr.dataset.layer = r.layer;
+    tr.dataset.head = r.head;
+    if (r.specialised) tr.className = "special";
+    for (const v of [r.layer, r.head, r.kv_head, r.role, r.score.toFixed(2), r.chance.toFixed(2),
+      `[${r.ci[0].toFixed(2)}, ${r.ci[1].toFixed(2)}]`, r.specialised ? "yes" : "no"]) {
+      const td = document.createElement("td");
+      td.textContent = String(v);
+      tr.appendChild(td);
+    }
+    tr.onclick = () => {
+      if (!W[`${r.layer},${r.head}`]) return;  // a head left out of the page (size bound)
+      state.layer = r.layer; state.head = r.head; ls.value = r.layer; fillHeads(); draw();
+    };
+    $("roles-body").appendChild(tr);
+  }
 }
 
 function build() {
@@ -150,6 +197,7 @@ function build() {
     $("legend").appendChild(s);
   }
   $("legend").append(" 1");
+  buildRoles(ls, fillHeads);
 }
 
 (async () => {
