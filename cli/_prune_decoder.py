@@ -1,5 +1,5 @@
 """``mha prune --model FOLDER --heads L:H[,H...] -o OUT``: a decoder checkpoint without some attention
-heads, written as a folder transformers loads (mha.models._heads, mha.models._save).
+heads, written as a folder transformers loads (mha.models.pruning_plan, DecoderModel.prune_heads and save).
 
 Every check comes before the weights are read: the --heads syntax, the layers and heads against the
 folder's config.json, the grouped-query rule (whole key/value groups, or the same number of query heads
@@ -38,17 +38,13 @@ def parse_heads(values, option: str = "--heads") -> dict:
 def _config(model_name: str):
     """(folder, raw config, DecoderConfig) of a decoder folder, read without any weight."""
     import mha.models as mm
-    from mha.models._checkpoint import read_json
-    from mha.models._families import parse
-    from mha.models._load import ENCODERS, SHIPPED, _shipped
 
     try:
-        folder = _shipped(model_name) if model_name in SHIPPED else mm.resolve(model_name)[0]
-        raw = read_json(folder / "config.json", "model config")
-        if raw.get("model_type", "bert") in ENCODERS:
+        folder, raw = mm.read_config(model_name)
+        if raw.get("model_type", "bert") in mm.ENCODER_TYPES:
             raise ValueError(f"{model_name} is an encoder (model_type {raw.get('model_type', 'bert')!r}): --heads "
                              f"prunes decoder checkpoints; without --heads, mha prune runs the encoder experiment")
-        return folder, raw, parse(raw, folder / "config.json")
+        return folder, raw, mm.decoder_config(raw, folder)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--model") from None
 
@@ -57,16 +53,12 @@ def refuse_decoder(model_name: str) -> None:
     """A usage error when ``model_name`` is a decoder folder (or shipped decoder) and no head was named:
     the pruning-curve experiment runs on sentence-embedding models (config.json read, no weight)."""
     import mha.models as mm
-    from mha.models._checkpoint import read_json
-    from mha.models._families import SUPPORTED
-    from mha.models._load import SHIPPED, _shipped
 
     try:
-        folder = _shipped(model_name) if model_name in SHIPPED else mm.resolve(model_name)[0]
-        model_type = read_json(folder / "config.json", "model config").get("model_type")
+        model_type = mm.read_config(model_name)[1].get("model_type")
     except ValueError:
         return  # not a folder with a config: the encoder path says what is wrong
-    if model_type in SUPPORTED:
+    if model_type in mm.DECODER_TYPES:
         raise click.BadParameter(f"{model_name} is a decoder (model_type {model_type!r}) and no head to prune was "
                                  f"given: name them with --heads LAYER:HEAD[,HEAD...] or --kv-heads LAYER:GROUP and "
                                  f"-o OUT (without them, mha prune runs the pruning curve of a sentence-embedding "
@@ -75,8 +67,7 @@ def refuse_decoder(model_name: str) -> None:
 
 def prune_decoder(model_name: str, heads: tuple, kv_heads: tuple, output, as_json: bool) -> None:
     """The command's decoder path (module docstring)."""
-    from mha.models._heads import pruned_config
-    from mha.models._save import check_folder, hf_config
+    import mha.models as mm
 
     spec = parse_heads(heads)
     groups = parse_heads(kv_heads, "--kv-heads")
@@ -92,16 +83,13 @@ def prune_decoder(model_name: str, heads: tuple, kv_heads: tuple, output, as_jso
                                      param_hint="--kv-heads")
         spec.setdefault(layer, []).extend(h for g in gs for h in range(g * G, (g + 1) * G))
     try:
-        new_config, kept = pruned_config(config, spec)
-        hf_config(new_config, raw, folder.name)
+        new_config, kept = mm.pruning_plan(config, raw, spec, folder.name)
     except (ValueError, TypeError) as err:
         raise click.BadParameter(str(err), param_hint="--heads") from None
     try:
-        check_folder(output)
+        mm.check_output_folder(output)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="-o") from None
-    import mha.models as mm
-
     model = mm.load(folder, backend="numpy")
     pruned = model.prune_heads(spec)
     try:

@@ -11,11 +11,11 @@
 """
 
 from ._corpus import CorpusRole, corpus, corpus_roles
-from ._decoder_roles import DECODER_ROLES, DecoderRole, RoleTable, decoder_roles
+from ._decoder_roles import DECODER_ROLES, DecoderRole, RoleTable, decoder_roles, head_roles
 from ._induction import induction_scores, repeated_tokens
 from ._importance import (PruneStep, ablation_importance, gradient_importance, order_by, paraphrase_pairs,
                           pruning_curve, sentences, spearman)
-from ._roles import GLOSSARY, ROLES, RULE, HeadRole, head_roles, is_punctuation, pick_role, role_score_array, role_scores
+from ._roles import GLOSSARY, ROLES, RULE, HeadRole, is_punctuation, pick_role, role_score_array, role_scores
 from ._rollout import rollout
 from ._words import to_words, word_spans
 

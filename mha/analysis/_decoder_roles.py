@@ -44,6 +44,7 @@ import numpy as np
 from ._corpus import BOOTSTRAP, CorpusRole, _bootstrap
 from ._induction import induction_scores, repeated_tokens
 from ._roles import BROAD, nan_mean
+from ._roles import head_roles as _encoder_roles
 
 DECODER_ROLES = ("previous", "induction", "duplicate", "first", "sink", "self", "local", "broad")
 REPEAT_ROLES = ("induction", "duplicate")  # measured on repeated random tokens only
@@ -285,3 +286,15 @@ def pick_decoder_role(scores: dict, chance: dict) -> str:
     if scores.get("broad", 0.0) >= BROAD:
         return "broad"
     return best
+
+
+def head_roles(attentions, tokens=None, **decoder_options) -> list:
+    """``mha.analysis.head_roles``: the encoder table (:func:`mha.analysis._roles.head_roles`) for attention
+    arrays and their tokens; for a decoder model (``mha.models.load``) the decoder roles against chance,
+    :func:`decoder_roles` (``tokens`` then are its texts, ``decoder_options`` its keyword arguments), one
+    record per query head."""
+    if hasattr(attentions, "forward") and hasattr(attentions, "num_kv_heads"):
+        return decoder_roles(attentions, tokens, **decoder_options).heads
+    if tokens is None or decoder_options:
+        raise TypeError("head_roles(attentions, tokens) needs the tokens; keyword options are for decoder models")
+    return _encoder_roles(attentions, tokens)

@@ -148,26 +148,19 @@ def pick_role(scores: dict) -> str:
     return max(POINTED + ("local", "content"), key=get)
 
 
-def head_roles(attentions, tokens=None, **decoder_options) -> list[HeadRole]:
+def head_roles(attentions, tokens) -> list[HeadRole]:
     """Label every head.
 
     Args:
         attentions: (layers, heads, L, L) for one sentence, or a list (tuple, generator) of such arrays
-            (several sentences); or a decoder model (``mha.models.load``): then the decoder roles against
-            chance, :func:`mha.analysis.decoder_roles` (``tokens`` then are its texts, ``decoder_options``
-            its keyword arguments), one record per query head.
+            (several sentences). (``mha.analysis.head_roles`` also takes a decoder model: see
+            :func:`mha.analysis._decoder_roles.head_roles`.)
         tokens: the L tokens of the sentence (any iterable of str), or one token list per sentence.
 
     Returns:
         one :class:`HeadRole` per (layer, head), in order; scores averaged over the sentences (an empty
         list for 0 layers or 0 heads). A sentence of 0 tokens, or no sentence at all, is a ValueError.
     """
-    if hasattr(attentions, "forward") and hasattr(attentions, "num_kv_heads"):
-        from ._decoder_roles import decoder_roles
-
-        return decoder_roles(attentions, tokens, **decoder_options).heads
-    if tokens is None or decoder_options:
-        raise TypeError("head_roles(attentions, tokens) needs the tokens; keyword options are for decoder models")
     many = not hasattr(attentions, "shape") and not isinstance(attentions, (str, bytes)) and (
         isinstance(attentions, (list, tuple)) or hasattr(attentions, "__next__"))
     atts = list(attentions) if many else [attentions]

@@ -17,9 +17,12 @@ from ._builtin import BuiltinModel
 from ._common import Encoding
 from ._decoder import DecoderModel
 from ._decoder_config import DecoderConfig
+from ._folders import (DECODER_TYPES, ENCODER_TYPES, check_output_folder, decoder_config, pruning_plan,
+                       read_config)
 from ._generate import Generation
 from ._load import load, load_bert, load_model, resolve
 from ._tokenizer import require_tokenizers
 
-__all__ = ["BertConfig", "BertModel", "BuiltinModel", "DecoderConfig", "DecoderModel", "Encoding", "Generation", "load",
-           "load_bert", "load_model", "require_tokenizers", "resolve"]
+__all__ = ["BertConfig", "BertModel", "BuiltinModel", "DECODER_TYPES", "DecoderConfig", "DecoderModel", "ENCODER_TYPES",
+           "Encoding", "Generation", "check_output_folder", "decoder_config", "load", "load_bert", "load_model",
+           "pruning_plan", "read_config", "require_tokenizers", "resolve"]

@@ -136,15 +136,15 @@ def test_other_declarations_are_checked():
 
 def test_detect_says_error_for_a_crash_or_a_broken_answer():
     found = detect(broken("crash"), max_examples=2)
-    assert dict(found) == {"causal": "error", "empty_row": "error", "nonfinite": "error"}
+    assert dict(found) == {"causal": "error", "empty_row": "error", "nonfinite": "error", "sink_weights": "n/a"}
     assert found.examples["causal"] == "IndexError: tuple index out of range (a bug inside the implementation)"
     found = detect(broken("complex"), max_examples=2)
-    assert set(found.values()) == {"error"}
+    assert set(found.values()) == {"error", "n/a"} and found["sink_weights"] == "n/a"  # no sinks feature: not probed
     assert "returned complex64 array" in found.examples["empty_row"]
     found = detect(broken("hang"), max_examples=2, timeout=0.5)
-    assert set(found.values()) == {"error"} and "gave no answer in 0.5 s" in found.examples["causal"]
+    assert set(found.values()) == {"error", "n/a"} and "gave no answer in 0.5 s" in found.examples["causal"]
     assert dict(detect(synthetic(), max_examples=2)) == {"causal": "bottom_right", "empty_row": "output_bias",
-                                                         "nonfinite": "isolated"}
+                                                         "nonfinite": "isolated", "sink_weights": "n/a"}
 
 
 def test_answers_in_other_array_types_and_layouts_are_read(backend):

@@ -30,7 +30,7 @@ def test_detect_command_json_and_table():
     assert res.exit_code == 0, res.output
     data = {d["impl"]: d for d in json.loads(res.stdout)}
     assert data["numpy"]["conventions"] == {"causal": "bottom_right", "empty_row": "output_bias",
-                                            "nonfinite": "isolated"}
+                                            "nonfinite": "isolated", "sink_weights": "dropped"}
     assert data["torch-sdpa"]["conventions"]["causal"] == "top_left"
     assert data["torch-sdpa"]["examples"]["causal"].startswith("Probe(")
     res = CliRunner().invoke(cli, ["check", "--detect", "--impl", "torch-sdpa", "--examples", "2"])
