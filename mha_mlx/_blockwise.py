@@ -31,8 +31,8 @@ import mlx.core as mx
 from mha._reference import group_queries
 
 from . import _nonfinite
-
 from ._options import options
+from ._range import scaled_queries, times_pow2
 
 NEG_INF = float("-inf")
 BLOCK_BYTES = 4 << 20  # target size of one block of float32 logits, all (batch, head) pairs together
@@ -69,21 +69,25 @@ def attention(q, k, v, *, scale: float, masks, return_lse: bool = False):
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     f32 = mx.float32
-    bad = _nonfinite.flags(k, v)  # (B, Hkv, S): NaN/inf in the key or the value
+    bad, top = _nonfinite.scan(k, v)  # (B, Hkv, S): NaN/inf in the key or the value; max |k| of the others
     # as in the reference: its value is zeroed (a zero weight times it stays 0) and the rows that see it
     # are set to NaN at the end; k and v as contiguous float32 once, O(S x D)
     k = mx.contiguous(k.astype(f32))  # (B, Hkv, S, D)
+    q, e = scaled_queries(q.astype(f32), top, scale)  # q * scale, divided by 2^e where logits would leave float32
     v_dtype, v = v.dtype, mx.contiguous(mx.where(bad[..., None], 0, v).astype(f32))
-    qg = group_queries(q, Hkv).astype(f32) * scale  # (B, Hkv, G, T, D), scaled as in MLX's kernel
+    qg = group_queries(q, Hkv)  # (B, Hkv, G, T, D)
     bq, bk = _block_sizes(B, H, T, S)
     ctx, lse = [], []
     for t0 in range(0, T, bq):
         t1 = min(T, t0 + bq)
-        c, l_ = _query_block(mx.contiguous(qg[:, :, :, t0:t1]), k, v, bad[:, :, None, None, :], masks, t0, t1, bk)
-        ctx.append(c.reshape(B, H, t1 - t0, D))
+        c_, l_ = _query_block(mx.contiguous(qg[:, :, :, t0:t1]), k, v, bad[:, :, None, None, :], masks, t0, t1, bk)
+        ctx.append(c_.reshape(B, H, t1 - t0, D))
         lse.append(l_.reshape(B, H, t1 - t0))
     ctx = mx.concatenate(ctx, axis=2) if len(ctx) > 1 else ctx[0]  # (B, H, T, D)
-    out_lse = (mx.concatenate(lse, axis=2) if len(lse) > 1 else lse[0]) if return_lse else None
+    out_lse = None
+    if return_lse:  # of the logits as computed, times 2^e (e = 0: every call short of float32's edge)
+        out_lse = mx.concatenate(lse, axis=2) if len(lse) > 1 else lse[0]
+        out_lse = mx.where(out_lse == 0, 0.0, times_pow2(out_lse, e))
     return ctx.astype(v_dtype).swapaxes(1, 2), out_lse
 
 
