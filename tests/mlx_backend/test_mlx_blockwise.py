@@ -253,7 +253,7 @@ def test_a_long_sequence_runs_in_bounded_memory():
     """T = S = 10,000, H = 1: the fused kernel's 400 MB score matrix does not fit 256 MiB more address
     space (that run dies), the default settings run blockwise within it, MLX's peak under 64 MiB;
     rows checked against the numpy backend."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     T = 10_000
 
     def run(path):
@@ -315,8 +315,7 @@ def test_property_on_the_blockwise_path(name):
 def test_long_sequence_benchmark_script_runs(tmp_path):
     """benchmarks/mlx_long.py at tiny sizes: every path in its own process (and a run that dies under its
     cap reported as such), the paired mode, the JSON written."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks",
-                          "mlx_long.py")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks", "mlx_long.py")
     out = tmp_path / "r.json"
     res = subprocess.run([sys.executable, script, "--T", "40", "--json", str(out)], capture_output=True, text=True,
                          timeout=300)

@@ -124,7 +124,7 @@ print("OK")
 
 
 def _run_threads(scenario: str):
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return subprocess.run([sys.executable, "-c", _THREADS, scenario], cwd=root, capture_output=True, text=True,
                           timeout=120)
 

@@ -86,14 +86,14 @@ def _pytest(*args, cwd):
 
 
 def test_pytest_plugin_runs_the_suite_as_items(tmp_path):
-    res = _pytest("--mha-impl", "tests.synthetic_attention:planted_scale", "--mha-examples", "5", "-rfs",
+    res = _pytest("--mha-impl", "tests.suite.synthetic_attention:planted_scale", "--mha-examples", "5", "-rfs",
                   cwd=tmp_path)
     out = res.stdout
     assert res.returncode == 1, out
     assert "FAILED ::mha[synthetic-scale]::reference" in out
     n_na = sum(1 for p in PROPERTIES.values() if p.missing(synthetic().features))
     assert f"{n_na} skipped" in out and "n/a: needs" in out
-    res = _pytest("--mha-impl", "tests.synthetic_attention:correct", "--mha-examples", "3", "-k", "reference or causal",
+    res = _pytest("--mha-impl", "tests.suite.synthetic_attention:correct", "--mha-examples", "3", "-k", "reference or causal",
                   cwd=tmp_path)
     assert res.returncode == 0 and "5 passed" in res.stdout, res.stdout
 
@@ -103,12 +103,12 @@ def test_pytest_plugin_refuses_a_bad_spec(tmp_path):
 
     for spec, msg in (("nope", "must be of the form package.module:factory"),
                       ("a:b:c", "must be of the form"),
-                      ("tests.synthetic_attention:missing", "has no 'missing'"),
+                      ("tests.suite.synthetic_attention:missing", "has no 'missing'"),
                       ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
-                      ("tests.synthetic_attention:FEATURES", "not an adapter")):
+                      ("tests.suite.synthetic_attention:FEATURES", "not an adapter")):
         with pytest.raises(ValueError, match=msg):
             load_factory(spec)
-    assert load_factory("tests.synthetic_attention:correct").name == "synthetic-ok"
+    assert load_factory("tests.suite.synthetic_attention:correct").name == "synthetic-ok"
     res = _pytest("--mha-impl", "nope", cwd=tmp_path)  # a usage error: one line, no traceback
     assert res.returncode == 4 and "--mha-impl must be of the form" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
