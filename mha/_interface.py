@@ -77,6 +77,17 @@ class BackendHooks:
         follow its rules for empty rows and non-finite inputs exactly (the property suite checks)."""
         raise NotImplementedError
 
+    def _attend(self, q, k, v, masks, *, scale: float, softcap=None, sinks=None, dropout=None,
+                return_weights: bool = False):
+        """The backend's attention core (the seam, docs/architecture.md): ``(context, lse[, weights])`` of
+        q (B, H, T, D) and k, v (B, Hkv, S, D) under ``masks`` (mha._masks.MaskSet), as
+        :func:`mha.reference.attend` defines them. Default: that reference on this backend's arrays."""
+        from ._reference import attend
+
+        with self._errstate():
+            return attend(self._xp, q, k, v, masks, scale=scale, softcap=softcap, sinks=sinks, dropout=dropout,
+                          return_weights=return_weights, acc_dtype=self._dtypes()[1])
+
     def _errstate(self):
         """A context for the arithmetic (numpy: no warnings for the NaN/inf the rules propagate)."""
         return contextlib.nullcontext()

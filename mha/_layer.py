@@ -279,7 +279,7 @@ class MultiHeadAttention(BackendHooks):
             self._xp, call.query, call.key, call.value, self._native_params(), num_heads=c.num_heads,
             num_kv_heads=c.num_kv_heads, scale=c.effective_scale, masks=call.masks, head_mask=call.head_mask,
             dropout=call.dropout, acc_dtype=self._dtypes()[1], rope=c.rope, q_offset=pos.q_offset,
-            k_offset=pos.k_offset, kv_step=pos.step)
+            k_offset=pos.k_offset, kv_step=pos.step, return_weights=call.return_weights)
         return out.astype(call.query.dtype), weights, lse
 
     def _empty(self, call):

@@ -3,14 +3,26 @@
 Conventions (one for the whole project): a boolean mask means True = may attend; integer masks must
 hold only 0 and 1 and are read as booleans; a float mask is added to the logits, and its -inf entries
 are read as False (so an additive {0, -inf} mask and the boolean mask are the same mask); ``key_mask``
-is (B, S) with False at padding; ``causal`` lets query i see keys j <= i + (S - T) (aligned at the
-end); a sliding ``window`` W lets query i see keys j with |i + (S - T) - j| < W (with causal: the last W
-keys, itself included). All of them combine by AND into one ``keep`` array broadcastable to (B, H, T, S).
+is (B, S) with False at padding. ``mask`` AND ``key_mask`` make one ``keep`` array broadcastable to
+(B, H, T, S); the finite part of a float mask is the ``bias``.
+
+Positions: every query and key has an absolute position, ``q_pos`` (T,) and ``k_pos`` (S,), a
+``range`` (the layer, ordinary caches: a plain call puts query i at S - T + i and key j at j, aligned at
+the end) or a numpy int array (a ring step, a rotating cache that keeps its first tokens). The
+positional rules are written here once, from positions:
+
+    key j is visible from query i  iff  keep[.., i, j]
+        and (not causal or k_pos[j] <= q_pos[i]) and (window is None or |q_pos[i] - k_pos[j]| < window).
+
+:meth:`MaskSet.cut` cuts the whole set to a block of batch elements, heads, rows and columns (broadcast
+axes stay broadcast); mask slicing exists nowhere else.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from ._validate import array_kind
 
@@ -39,31 +51,87 @@ def check_values(xp, name: str, x) -> None:
             )
 
 
-@dataclass
-class MaskSet:
-    """All masks of one call, normalised.
+def _to4d(x):
+    return None if x is None else x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
 
-    keep:   bool, broadcastable to (B, H, T, S), or None (every key visible); causal not included.
-    bias:   float, finite, broadcastable to (B, H, T, S), added to the logits; or None.
-    causal: whether the causal rule applies on top of ``keep``.
-    T, S:   query and key lengths (the causal offset is S - T).
-    window: the sliding window W (None: no window, also when W >= max(T, S) hides nothing).
+
+def _as_positions(p):
+    """A ``range`` as it is; anything else as a 1-D numpy int64 array."""
+    if isinstance(p, range):
+        return p
+    return np.asarray(p, dtype=np.int64).reshape(-1)
+
+
+def _bounds(p) -> tuple[int, int]:
+    """(min, max) of non-empty positions."""
+    if isinstance(p, range):
+        return (p.start, p[-1]) if p.step > 0 else (p[-1], p.start)
+    return int(p.min()), int(p.max())
+
+
+def _cut_axis(x, axis: int, span):
+    """``x`` (4-D) at ``span`` = (start, stop) of one axis, unless that axis is broadcast (size 1)."""
+    if x is None or span is None or x.shape[axis] == 1:
+        return x
+    index = [slice(None)] * 4
+    index[axis] = slice(*span)
+    return x[tuple(index)]
+
+
+@dataclass(frozen=True)
+class MaskSet:
+    """All masks of one call (see the module docstring).
+
+    keep:   bool, broadcastable to (B, H, T, S) (stored 4-D), or None (every key kept); the positional
+            rules are not folded in.
+    bias:   float, finite, broadcastable to (B, H, T, S) (stored 4-D), added to the logits; or None.
+    causal: the causal rule k_pos[j] <= q_pos[i].
+    window: the sliding window W: |q_pos[i] - k_pos[j]| < W; None: no window.
+    q_pos, k_pos: the positions of the T queries and S keys (``range`` or int array).
+
+    A rule that hides nothing at these positions is dropped when the set is made (``causal`` False when
+    no key lies after any query, ``window`` None when every distance is below it), so a block cut with
+    :meth:`cut` says by ``positional`` alone whether it needs a positional mask.
     """
 
-    keep: object
-    bias: object
-    causal: bool
-    T: int
-    S: int
+    keep: object = None
+    bias: object = None
+    causal: bool = False
     window: int | None = None
+    q_pos: object = field(default=range(0))
+    k_pos: object = field(default=range(0))
 
     def __post_init__(self):
-        if self.window is not None and self.window >= max(self.T, self.S):
-            self.window = None  # |i + (S - T) - j| <= max(T, S) - 1 < W for every pair
+        set_ = object.__setattr__
+        set_(self, "keep", _to4d(self.keep))
+        set_(self, "bias", _to4d(self.bias))
+        q, k = _as_positions(self.q_pos), _as_positions(self.k_pos)
+        set_(self, "q_pos", q)
+        set_(self, "k_pos", k)
+        set_(self, "causal", bool(self.causal))
+        if (self.causal or self.window is not None) and len(q) and len(k):
+            (q0, q1), (k0, k1) = _bounds(q), _bounds(k)
+            if self.causal and k1 <= q0:  # every key at or before every query
+                set_(self, "causal", False)
+            if self.window is not None and max(q1 - k0, k1 - q0) < self.window:  # every distance below W
+                set_(self, "window", None)
+
+    @classmethod
+    def aligned(cls, T: int, S: int, *, keep=None, bias=None, causal: bool = False, window=None) -> "MaskSet":
+        """The plain call's set: queries at S - T .. S - 1, keys at 0 .. S - 1 (aligned at the end)."""
+        return cls(keep, bias, causal, window, range(S - T, S), range(S))
+
+    @property
+    def T(self) -> int:
+        return len(self.q_pos)
+
+    @property
+    def S(self) -> int:
+        return len(self.k_pos)
 
     @property
     def positional(self) -> bool:
-        """Whether a rule computed from positions (causal, window) applies."""
+        """Whether a rule computed from positions (causal, window) hides some key here."""
         return self.causal or self.window is not None
 
     @property
@@ -71,47 +139,63 @@ class MaskSet:
         """Whether no rule hides any key (a ``bias`` is finite: it weights keys but hides none)."""
         return self.keep is None and not self.positional
 
-    def causal_keep(self, xp, rows=None, cols=None):
-        """(T, S) bool: the positional rules; key j visible from query i iff j <= i + (S - T) (causal)
-        and |i + (S - T) - j| < W (window). ``rows``/``cols``: (start, stop) of one block of it."""
-        (t0, t1), (s0, s1) = rows or (0, self.T), cols or (0, self.S)
-        dist = xp.arange(t0, t1)[:, None] + (self.S - self.T) - xp.arange(s0, s1)[None, :]  # (T, S) i' - j
+    def cut(self, batch=None, heads=None, rows=None, cols=None) -> "MaskSet":
+        """The set of one block: each argument a (start, stop) of batch elements, heads, queries (rows) or
+        keys (cols), None for all; broadcast axes of keep and bias stay broadcast."""
+        keep, bias = self.keep, self.bias
+        for axis, span in enumerate((batch, heads, rows, cols)):
+            keep, bias = _cut_axis(keep, axis, span), _cut_axis(bias, axis, span)
+        q = self.q_pos if rows is None else self.q_pos[rows[0]:rows[1]]
+        k = self.k_pos if cols is None else self.k_pos[cols[0]:cols[1]]
+        return MaskSet(keep, bias, self.causal, self.window, q, k)
+
+    def with_bias(self, bias) -> "MaskSet":
+        """The same set with another bias (e.g. the bias in a kernel's scaled units)."""
+        return replace(self, bias=bias)
+
+    def rule(self, xp):
+        """(T, S) bool of the positional rules (module docstring), or None when they hide nothing."""
+        if not self.positional:
+            return None
+        q = np.asarray(self.q_pos, dtype=np.int64) if isinstance(self.q_pos, range) else self.q_pos
+        k = np.asarray(self.k_pos, dtype=np.int64) if isinstance(self.k_pos, range) else self.k_pos
+        dist = q[:, None] - k[None, :]  # (T, S) q_pos[i] - k_pos[j]
         keep = dist >= 0 if self.causal else None
         if self.window is not None:
-            w = xp.abs(dist) < self.window
-            keep = w if keep is None else xp.logical_and(keep, w)
-        return keep
+            w = np.abs(dist) < self.window
+            keep = w if keep is None else keep & w
+        return keep if xp is np else xp.array(keep)
 
-    def key_span(self, t0: int, t1: int) -> tuple[int, int]:
-        """[lo, hi): the keys that any of the queries t0..t1-1 may see under the positional rules (the
-        rest are hidden from all of them: blockwise paths skip them); lo <= hi (equal: none)."""
-        off, lo, hi = self.S - self.T, 0, self.S
-        if self.causal:
-            hi = min(hi, t1 + off)  # j <= i + off
-        if self.window is not None:
-            lo = max(lo, t0 + off - self.window + 1)  # j > i + off - W
-            hi = min(hi, t1 - 1 + off + self.window)  # j < i + off + W
-        return lo, max(lo, hi)
-
-    def crosses(self, t0: int, t1: int, s0: int, s1: int) -> bool:
-        """Whether the positional rules hide some but not all of keys s0..s1-1 from queries t0..t1-1 within
-        :meth:`key_span` (False: that block needs no positional mask)."""
-        off = self.S - self.T
-        if self.causal and s1 - 1 > t0 + off:  # the block reaches past the first query's diagonal
-            return True
-        W = self.window
-        return W is not None and (s0 <= t1 - 1 + off - W or s1 - 1 >= t0 + off + W)
-
-    def full_keep(self, xp):
-        """keep AND the positional rules, broadcastable to (B, H, T, S); None when every key is visible."""
-        if not self.positional:
+    def visible(self, xp):
+        """keep AND the positional rules, broadcastable to (B, H, T, S) (4-D); None: every key visible."""
+        rule = self.rule(xp)
+        if rule is None:
             return self.keep
-        c = self.causal_keep(xp)
-        return c if self.keep is None else xp.logical_and(self.keep, c)
+        return rule[None, None] if self.keep is None else xp.logical_and(self.keep, rule)
 
-
-def _to4d(xp, x):
-    return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
+    def key_span(self, t0: int = 0, t1: int | None = None) -> tuple[int, int]:
+        """[lo, hi): the keys that some query t0..t1-1 may see under the positional rules (the rest are
+        hidden from all of them: blockwise paths skip them); lo <= hi (equal: none)."""
+        t1 = self.T if t1 is None else t1
+        S = self.S
+        if t1 <= t0 or S == 0:
+            return 0, 0
+        block = self.cut(rows=(t0, t1))
+        if not block.positional:
+            return 0, S
+        k = self.k_pos
+        if isinstance(k, range) and k.step == 1:
+            q0, q1 = _bounds(block.q_pos)
+            lo, hi = 0, S
+            if block.causal:
+                hi = min(hi, q1 - k.start + 1)  # k_pos <= q_pos
+            if block.window is not None:
+                lo = max(lo, q0 - block.window + 1 - k.start)  # k_pos > q_pos - W
+                hi = min(hi, q1 + block.window - k.start)  # k_pos < q_pos + W
+            lo, hi = min(max(lo, 0), S), min(max(hi, 0), S)
+            return lo, max(lo, hi)
+        seen = np.flatnonzero(block.rule(np).any(axis=0))
+        return (0, 0) if seen.size == 0 else (int(seen[0]), int(seen[-1]) + 1)
 
 
 def key_mask_bool(xp, key_mask, B: int, L: int):
@@ -122,17 +206,19 @@ def key_mask_bool(xp, key_mask, B: int, L: int):
     return km.reshape(B, L)
 
 
-def prepare(xp, *, mask, key_mask, causal: bool, T: int, S: int, bias_dtype, window=None) -> MaskSet:
+def prepare(xp, *, mask, key_mask, causal: bool, bias_dtype, T: int | None = None, S: int | None = None,
+            window=None, q_pos=None, k_pos=None) -> MaskSet:
     """Combine the user's masks (native arrays of checked shape) into a :class:`MaskSet`.
 
     ``mask`` broadcasts to (B, H, T, S) (or (H, T, S) unbatched); ``key_mask`` is a (B, S) bool from
-    :func:`key_mask_bool` (or a cache step).
+    :func:`key_mask_bool` (or a cache step). Positions: ``q_pos``/``k_pos`` when given, else aligned at
+    the end from T and S.
     """
     keep = None
     bias = None
     if mask is not None:
         check_values(xp, "mask", mask)
-        mask = _to4d(xp, mask)
+        mask = _to4d(mask)
         kind = array_kind(mask)
         if kind == "f":
             bias = mask.astype(bias_dtype)
@@ -143,7 +229,11 @@ def prepare(xp, *, mask, key_mask, causal: bool, T: int, S: int, bias_dtype, win
                 keep = None
         else:
             keep = mask != 0 if kind in "iu" else mask
+    if k_pos is None:
+        k_pos = range(S)
+    if q_pos is None:
+        q_pos = range(len(k_pos) - T, len(k_pos))
     if key_mask is not None:
-        km = key_mask.reshape(key_mask.shape[0], 1, 1, S)  # (B, 1, 1, S); B may be 0
+        km = key_mask.reshape(key_mask.shape[0], 1, 1, len(k_pos))  # (B, 1, 1, S); B may be 0
         keep = km if keep is None else xp.logical_and(keep, km)
-    return MaskSet(keep=keep, bias=bias, causal=bool(causal), T=T, S=S, window=window)
+    return MaskSet(keep, bias, causal, window, q_pos, k_pos)

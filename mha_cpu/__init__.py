@@ -6,8 +6,9 @@ temporaries); every other choice is made per call. The fast path keeps its tempo
 ``mha_cpu.small_blocks()`` runs every branch of the fast path on tiny problems (for tests).
 """
 
+from ._attend import attend
 from ._layer import MultiHeadAttention
 from ._options import Options, options, small_blocks
 from ._pool import free_scratch
 
-__all__ = ["MultiHeadAttention", "Options", "free_scratch", "options", "small_blocks"]
+__all__ = ["MultiHeadAttention", "attend", "Options", "free_scratch", "options", "small_blocks"]

@@ -105,7 +105,7 @@ def attention(call: Call, workers: Workers | None = None) -> None:
     workers = workers or Workers(0, threads=1)
     if call.logit_scale != 1.0 and call.masks.bias is not None:  # the bias in the logits' scaled units
         bias = call.masks.bias * call.masks.bias.dtype.type(1.0 / call.logit_scale)  # exact: a power of two
-        call = dataclasses.replace(call, masks=dataclasses.replace(call.masks, bias=bias))
+        call = dataclasses.replace(call, masks=call.masks.with_bias(bias))
     single = call.weights is not None or S <= tuning.single_pass_max or T * H * S <= tuning.single_pass_floats
     step = S if single else options.block_k
     tasks, groups = plan(B, T, H, Hkv, S, step, workers.n)
@@ -227,9 +227,8 @@ def logits(task: _Task, j0: int, j1: int, buf) -> np.ndarray:
 def _positional_hidden(masks, i0: int, i1: int, j0: int, j1: int):
     """(n, keys) bool: keys j0:j1 that the causal and window rules hide from queries i0:i1; None when
     they hide none of them (the block lies wholly on the visible side)."""
-    if not masks.crosses(i0, i1, j0, j1):
-        return None
-    return ~masks.causal_keep(np, rows=(i0, i1), cols=(j0, j1))
+    rule = masks.cut(rows=(i0, i1), cols=(j0, j1)).rule(np)
+    return None if rule is None else ~rule
 
 
 def exp_times_v(task: _Task, s, j0: int, j1: int, out) -> np.ndarray:

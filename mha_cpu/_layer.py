@@ -8,7 +8,7 @@ import numpy as np
 
 import mha
 
-from . import _decode, _kernel, _nonfinite, _options
+from . import _attend, _decode, _kernel, _nonfinite, _options
 from ._pool import TASKS_PER_WORKER, BlasChoice, Slot, Workers, on_worker, timed
 from ._proj import Projections
 
@@ -85,6 +85,9 @@ class MultiHeadAttention(mha.MultiHeadAttention):
         if out is not None:
             self._settle(cache)
         return out
+
+    def _attend(self, q, k, v, masks, **kwargs):
+        return _attend.attend(q, k, v, masks, **kwargs)
 
     # -- the fast path ---------------------------------------------------------------------------------
     def _forward(self, call):
@@ -223,8 +226,7 @@ def _pick(a, b: int, h0: int, h1: int):
 
 def _task_masks(masks, b: int, h0: int, h1: int):
     """The call's MaskSet as seen by one task of the split by head groups (batch element b, heads h0:h1)."""
-    return mha._masks.MaskSet(keep=_pick(masks.keep, b, h0, h1), bias=_pick(masks.bias, b, h0, h1),
-                              causal=masks.causal, T=masks.T, S=masks.S, window=masks.window)
+    return masks.cut(batch=(b, b + 1), heads=(h0, h1))
 
 
 def _rescaled(q, k, D: int, rescale: bool, own: bool):

@@ -50,13 +50,9 @@ def poisoned_rows(bad_k, bad_v, masks, G: int, b0: int = 0, h0: int = 0):
     """
     B, S, Hkv = bad_k.shape
     T = masks.T
-    full = masks.full_keep(np)
+    full = masks.cut(batch=(b0, b0 + B), heads=(h0, h0 + Hkv * G)).visible(np)  # (B?, H?, T?, S?)
     if full is None:
         full = np.ones((1, 1, 1, S), bool)
-    else:
-        full = full.reshape((1,) * (4 - full.ndim) + full.shape)
-        full = full[b0:b0 + B] if full.shape[0] > 1 else full
-        full = full[:, h0:h0 + Hkv * G] if full.shape[1] > 1 else full
 
     def sees(bad):
         rep = np.repeat(bad.transpose(0, 2, 1), G, axis=1)[:, :, None, :]  # (B, H, 1, S)

@@ -12,7 +12,8 @@ except ImportError as err:  # pragma: no cover - exercised where MLX is absent
 
     raise ImportError(f"mha_mlx needs MLX, which is not installed: {MLX_INSTALL}") from err
 
+from ._core import attend
 from ._layer import MultiHeadAttention, fused_attention
 from ._options import Options, options, small_blocks
 
-__all__ = ["MultiHeadAttention", "Options", "fused_attention", "options", "small_blocks"]
+__all__ = ["MultiHeadAttention", "Options", "attend", "fused_attention", "options", "small_blocks"]

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mha._reference import attention as reference_attention
+from mha import _reference
+from mha._masks import MaskSet
 
 from . import _blockwise, _nonfinite
-from ._range import scaled_queries
+from ._range import scaled_queries, times_pow2
 from ._compile import compiled
 
 # Additive masks in half precision on a GPU: float16 holds no finite number below -65504, and the
@@ -43,58 +44,70 @@ _HALF_BIAS = 2.0**14
 
 def attend(q, k, v, masks, *, scale, softcap=None, sinks=None, dropout=None, return_weights=False,
            return_lse=True):
-    """Attention of q (B, H, T, D) to k, v (B, Hkv, S, D) under ``masks`` (see the module docstring).
+    """Attention of q (B, H, T, D) to k, v (B, Hkv, S, D) under ``masks``, as :func:`mha.reference.attend`
+    defines it (see the module docstring for the paths).
 
     Args:
         masks: the call's :class:`mha._masks.MaskSet` over (B, H, T, S).
         scale: multiplies q . k.
-        dropout: a (B, H, T, S) multiplier of the weights, or None.
+        softcap: c: logits l become c * tanh(l / c) before the additive mask (Gemma 2); None: off. The
+            fused kernel cannot cap: such calls run blockwise (or unfused, with weights).
+        sinks: (H,) sink logits (gpt-oss): exp(sink_h) joins each row's denominator, with no value.
+        dropout: a (B, H, T, S) multiplier of the weights, or None (the unfused path).
         return_weights: also return the weights (B, H, T, S) float32 (the unfused path).
-        return_lse: return lse (B, H, T) float32 (the blockwise path unless weights are asked); False: None
-            in its place, and the fused kernel runs.
+        return_lse: return lse (B, H, T) float32; False (MLX only): None in its place, so that the fused
+            kernel, which gives none, may run.
 
     Returns:
         (context (B, H, T, D) in v's dtype, lse or None), with the weights appended when asked.
     """
-    if softcap is not None or sinks is not None:
-        raise NotImplementedError("softcap and sinks arrive with the layer features of this wave")
     B, H, T, _ = q.shape
-    if return_weights or dropout is not None:
-        ctx, weights, lse = reference_attention(mx, q, k, v, scale=scale, keep=masks.full_keep(mx), bias=masks.bias,
-                                                dropout=dropout, acc_dtype=mx.float32)
-        return (ctx, lse, weights) if return_weights else (ctx, lse)
-    if return_lse or _blockwise.over_budget(B, H, T, k.shape[2]):
-        ctx, lse = _blockwise.attention(q, k, v, scale=scale, masks=masks, return_lse=return_lse)
+    if return_weights or dropout is not None or 0 in (B, T, k.shape[2]):
+        return _reference.attend(mx, q, k, v, masks, scale=scale, softcap=softcap, sinks=sinks, dropout=dropout,
+                                 return_weights=return_weights, acc_dtype=mx.float32)
+    if return_lse or softcap is not None or _blockwise.over_budget(B, H, T, k.shape[2]):
+        ctx, lse = _blockwise.attention(q, k, v, scale=scale, masks=masks, softcap=softcap, sinks=sinks,
+                                        return_lse=return_lse)
         return ctx.swapaxes(1, 2), lse  # (B, H, T, D), in the (B, T, H, D) memory of the output projection
-    return fused(q, k, v, masks, scale=scale), None
+    return fused(q, k, v, masks, scale=scale, sinks=sinks), None
 
 
-def fused(q, k, v, masks, *, scale, found=None, compile: bool = True):
+def fused(q, k, v, masks, *, scale, sinks=None, found=None, compile: bool = True):
     """The fused path: (B, H, T, D) contexts in q's dtype, whose memory is laid out (B, T, H, D).
 
-    ``found``: what the caller's :mod:`mha_mlx._nonfinite` scan of the projections found, ``(bad, top)``:
-    bad (B, Hkv, S), or None when the caller applies the non-finite rule itself (the layer does when every
-    key is visible), and top, a bound on |k| (None: both found here from k and v). ``compile``:
-    ``mx.compile`` the steps (one graph per kind of call; ``mha_mlx.options.compile``); decoding with a
-    cache passes False, since S grows at every step and each new shape would be traced anew.
+    ``sinks``: (H,) sink logits, or None. ``found``: what the caller's :mod:`mha_mlx._nonfinite` scan of the
+    projections found, ``(bad, top)``: bad (B, Hkv, S), or None when the caller applies the non-finite
+    rule itself (the layer does when every key is visible), and top, a bound on |k| (None: both found
+    here from k and v). ``compile``: ``mx.compile`` the steps (one graph per kind of call and positions;
+    ``mha_mlx.options.compile``); decoding with a cache passes False, since S grows at every step and each
+    new shape would be traced anew; positions given as arrays are not compiled either.
     """
     bad, top = found if found is not None else (None, None)
     scan = found is None or bad is not None  # whether the rule is applied here
-    arrays = {"keep": masks.keep, "bias": masks.bias, "bad": bad, "top": top}
+    arrays = {"keep": masks.keep, "bias": masks.bias, "bad": bad, "top": top, "sinks": sinks}
     given = tuple(n for n, a in arrays.items() if a is not None)
-    causal, window = masks.causal, masks.window
+    causal, window, q_pos, k_pos = masks.causal, masks.window, masks.q_pos, masks.k_pos
 
     def fn(q, k, v, *rest):  # traced once per key below and shapes: nothing else may come from outside
         got = dict(zip(given, rest))
-        rules = type(masks)(got.get("keep"), got.get("bias"), causal, q.shape[2], k.shape[2], window)
-        return _fused(q, k, v, rules, float(scale), got.get("bad"), got.get("top"), scan)
+        rules = MaskSet(got.get("keep"), got.get("bias"), causal, window, q_pos, k_pos)
+        return _fused(q, k, v, rules, float(scale), got.get("bad"), got.get("top"), got.get("sinks"), scan)
 
-    if compile:
-        fn = compiled(("attend", given, causal, window, float(scale), scan), fn)
-    return fn(q, k, v, *(arrays[n] for n in given))
+    where = _ranges(masks)
+    if compile and where is not None:
+        fn = compiled(("attend", given, causal, window, where, float(scale), scan), fn)
+    return fn(q, k, v, *(arrays[n] if n != "sinks" else mx.array(sinks) for n in given))
 
 
-def _fused(q, k, v, masks, scale: float, bad, top, scan: bool):
+def _ranges(masks):
+    """The positions as a hashable key when both are ranges (the layer, ordinary caches), else None."""
+    q, k = masks.q_pos, masks.k_pos
+    if isinstance(q, range) and isinstance(k, range):
+        return (q.start, q.stop, q.step, k.start, k.stop, k.step)
+    return None
+
+
+def _fused(q, k, v, masks, scale: float, bad, top, sinks, scan: bool):
     """The fused path's steps; ``bad`` (B, Hkv, S) and ``top`` found here when None (``bad`` only when
     ``scan``)."""
     if top is None or (scan and bad is None):
@@ -102,10 +115,12 @@ def _fused(q, k, v, masks, scale: float, bad, top, scan: bool):
     if scan and not masks.every_key_visible:
         k, v = _clean(k, v, bad)
     kq, kk, kv = _kernel_inputs(q, k, v)
-    kq, _ = scaled_queries(kq, top, scale)  # q * scale, divided by 2^e where the logits would leave float32
+    kq, e = scaled_queries(kq, top, scale)  # q * scale, divided by 2^e where the logits would leave float32
+    if sinks is not None:  # in the logits' units, in the kernel's dtype
+        sinks = times_pow2(sinks.astype(mx.float32), -e).astype(kq.dtype)
     arg, sees_any = _encode(masks, kq.dtype)
-    out = mx.fast.scaled_dot_product_attention(kq, kk, kv, scale=1.0, mask=arg).astype(q.dtype)  # (B, H, T, D)
-    return _row_rules(out, masks, bad if scan else None, sees_any, k.shape[1])
+    out = mx.fast.scaled_dot_product_attention(kq, kk, kv, scale=1.0, mask=arg, sinks=sinks)  # (B, H, T, D)
+    return _row_rules(out.astype(q.dtype), masks, bad if scan else None, sees_any, k.shape[1])
 
 
 def _clean(k, v, bad):
@@ -137,9 +152,9 @@ def _encode(masks, dtype):
     so the kernel stays finite there (no NaN in its gradients); :func:`_row_rules` sets it to 0.
     """
     T, S, bias = masks.T, masks.S, masks.bias
-    if masks.keep is None and bias is None and masks.window is None:
+    if masks.keep is None and bias is None and masks.window is None and (not masks.causal or _aligned(masks)):
         return ("causal" if masks.causal else None), None
-    keep = masks.full_keep(mx)
+    keep = masks.visible(mx)
     sees_any = None
     if keep is not None:
         sees_any = mx.any(mx.broadcast_to(keep, tuple(keep.shape[:-2]) + (T, S)), axis=-1, keepdims=True)
@@ -149,6 +164,13 @@ def _encode(masks, dtype):
         return _finite_bias(bias, dtype), None
     arg = mx.where(keep, _finite_bias(bias, dtype), float("-inf"))
     return mx.where(sees_any, arg, 0).astype(dtype), sees_any
+
+
+def _aligned(masks) -> bool:
+    """Whether query i sees key j under causal exactly when j <= i + (S - T): the kernel's own "causal"."""
+    q, k = masks.q_pos, masks.k_pos
+    return (isinstance(q, range) and isinstance(k, range) and q.step == k.step == 1
+            and q.start - k.start == masks.S - masks.T)
 
 
 def _finite_bias(bias, dtype):
@@ -174,17 +196,17 @@ def _row_rules(out, masks, bad, sees_any, Hkv: int):
         bad_h = mx.repeat(bad, H // Hkv, axis=1)[:, :, None, :]  # (B, H, 1, S), head h reads kv head h // G
         if masks.every_key_visible:  # a (batch, head) that has a bad key is NaN throughout
             touched = mx.any(bad_h, axis=-1, keepdims=True)  # (B, H, 1, 1)
-        elif masks.keep is None and masks.causal and masks.window is None:  # per row from indices, O(T + S)
+        elif masks.keep is None and masks.window is None and _aligned(masks):  # causal: per row, O(T + S)
             last = mx.arange(T) + (S - T)  # (T,) last visible key of each query
             visible = (last >= 0)[:, None]  # (T, 1)
             seen = mx.cummax(bad_h.astype(mx.int8), axis=-1)  # (B, H, 1, S): a bad key at or before j
             touched = mx.take(seen, mx.clip(last, 0, S - 1), axis=-1).swapaxes(-1, -2) > 0  # (B, H, T, 1)
             touched = mx.logical_and(touched, visible)
         else:
-            keep = masks.full_keep(mx)
+            keep = masks.visible(mx)
             keep = mx.broadcast_to(keep, tuple(keep.shape[:-2]) + (T, S))  # (b, h, T, S)
             touched = mx.matmul(keep.astype(dt), bad_h.astype(dt).swapaxes(-1, -2)) > 0  # (B, H, T, 1)
-    elif masks.keep is None and masks.causal and masks.window is None:
+    elif masks.keep is None and masks.causal and masks.window is None and _aligned(masks):
         visible = (mx.arange(T) + (S - T) >= 0)[:, None]  # (T, 1)
     out = out.swapaxes(1, 2)  # (B, T, H, D)
     if touched is not None:

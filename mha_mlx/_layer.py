@@ -118,6 +118,10 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
             if "transformation" not in str(err):
                 raise
 
+    def _attend(self, q, k, v, masks, **kwargs):
+        """The MLX core (mha_mlx._core.attend): fused, blockwise or unfused, as the call needs."""
+        return _core.attend(q, k, v, masks, **kwargs)
+
     def _dropout_multiplier(self, shape, p, dtype):
         keep = mx.random.bernoulli(1.0 - p, shape, key=self._rng.next())
         return keep.astype(dtype) / (1.0 - p)

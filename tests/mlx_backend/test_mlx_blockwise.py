@@ -159,7 +159,7 @@ def test_half_precision_accumulates_in_float32(dtype, regime):
     q, k, v = (mx.array(rng.normal(size=(B, H, n, D)) * s).astype(dt) for n, s in ((T, sigma), (S, sigma), (S, 1.0)))
     scale = D**-0.5
     with _options(block_q=2, block_k=128):
-        ctx, lse = _blockwise.attention(q, k, v, scale=scale, masks=MaskSet(None, None, False, T, S),
+        ctx, lse = _blockwise.attention(q, k, v, scale=scale, masks=MaskSet.aligned(T, S),
                                         return_lse=True)
     assert ctx.dtype == dt and lse.dtype == mx.float32 and ctx.shape == (B, T, H, D)
     q64, k64, v64 = (np.array(a.astype(mx.float32), np.float64) for a in (q, k, v))
