@@ -102,10 +102,10 @@ class MultiHeadAttention(mha.MultiHeadAttention):
         flops = 2.0 * B * (T * E * 2 * H * D + L * (c.kdim + c.vdim) * Hkv * D + 2 * T * S * H * D)
         with Workers(flops) as workers:
             if workers.n == 1 and not on_worker():  # this thread alone: BLAS's threads or not, as learnt
-                return timed(self._small_blas, flops, self._attend, call, workers, flops)
-            return self._attend(call, workers, flops)
+                return timed(self._small_blas, flops, self._run, call, workers, flops)
+            return self._run(call, workers, flops)
 
-    def _attend(self, call, workers, flops: float):
+    def _run(self, call, workers, flops: float):
         g = self._groups(call, workers, flops)
         if g is None:
             return self._forward_rows(call, workers)

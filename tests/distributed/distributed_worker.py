@@ -49,11 +49,17 @@ def make_problem(case):
         mask[0, 0, 1] = False  # a query that sees nothing: output = output bias
     elif case.get("mask") == "float":
         mask = np.where(rng.random((1, 1, T, S)) < 0.2, -np.inf, rng.normal(size=(1, 1, T, S))).astype(np.float32)
+    elif case.get("mask") in ("finfo", "-1e9"):  # Hugging Face's left padding: the first keys of element 1
+        fill = np.finfo(np.float32).min if case["mask"] == "finfo" else -1e9
+        mask = np.zeros((B, 1, 1, S), np.float32)
+        mask[-1, ..., :case.get("pad", S // 3)] = fill  # with causal, element 1's first rows see only these
     key_mask = None
     if case.get("key_mask"):
         key_mask = np.ones((B, S), bool)
         key_mask[-1, S - S // 3:] = False  # padding at the end of the last batch element
         key_mask[0, min(2, S - 1)] = False
+        if case.get("key_mask") == "left":  # left padding: with causal, rows that see no key (rank 0's)
+            key_mask[-1, :S // 2] = False
     head_mask = None
     if case.get("head_mask"):
         head_mask = rng.uniform(0.0, 2.0, size=(B, H) if case["head_mask"] == "BH" else (H,)).astype(np.float32)
@@ -110,17 +116,26 @@ def run_case(case, group, dist):
         out["lse_all"] = mha.to_numpy(hp.gather_heads(lse))
         out["heads"] = np.array([hp.heads.start, hp.heads.stop])
         return out
-    n, r = group.size(), group.rank()
-    sl = slice(*dist.chunk_bounds(x.shape[1], n)[r])
-    ks = slice(*dist.chunk_bounds((k if k is not None else x).shape[1], n)[r])
-    sp = dist.SequenceParallel(layer, group, timeout=30)
-    y, lse = sp(x[:, sl], None if k is None else k[:, ks], None if v is None else v[:, ks],
-                mask=None if mask is None else mask[:, :, sl] if mask.shape[2] > 1 else mask,
-                key_mask=None if key_mask is None else key_mask[:, ks], causal=causal, head_mask=head_mask,
-                return_lse=True)
+    order = case.get("order", "contiguous")
+
+    def rows(a, axis=-2):  # this rank's rows (or key columns) in the case's order
+        return None if a is None else a if a.shape[axis] == 1 else dist.chunk(a, group, axis=axis, order=order)
+
+    sp = dist.SequenceParallel(layer, group, order=order, timeout=30)
+    with blocks(layer, case):
+        y, lse = sp(rows(x), rows(k), rows(v), mask=rows(mask), key_mask=rows(key_mask, -1), causal=causal,
+                    head_mask=head_mask, return_lse=True)
     out["sharded"], out["lse"] = mha.to_numpy(y), mha.to_numpy(lse)
-    out["rows"] = np.array([sl.start, sl.stop])
+    spans = dist.rank_spans(x.shape[1], group.size(), order)[group.rank()]
+    out["rows"] = np.concatenate([np.arange(a, b) for a, b in spans])
     return out
+
+
+def blocks(layer, case):
+    """The backend's tiny blocks when the case asks (every ring step then runs the core's blockwise loop)."""
+    import contextlib
+
+    return type(layer).small_blocks(*case["blocks"]) if case.get("blocks") else contextlib.nullcontext()
 
 
 def decode_case(case, layer, x, key_mask, group, dist):
@@ -152,16 +167,14 @@ def decode_case(case, layer, x, key_mask, group, dist):
         ys.append(mha.to_numpy(sp(xt, cache=c, causal=True)))
     out["sharded_prefill"] = ys[0]
     out["sharded_decode"] = np.concatenate(ys[1:], axis=1)
-    out["rows"] = np.array([sl.start, sl.stop])
+    out["rows"] = np.arange(sl.start, sl.stop)
+    out["cache_kept"] = np.array(c.kept)  # with a window: bounded by it, however long the decoding
     return out
 
 
 def compare(cfg, group, dist, outdir):
-    from mha.distributed import _blocks
-
     results = {}
     for i, case in enumerate(cfg["cases"]):
-        _blocks.TILE_ELEMENTS = case.get("tile") or (1 << 20)  # small tiles: many per block, spans cut per tile
         for name, a in run_case(case, group, dist).items():
             results[f"{i}/{name}"] = a
     np.savez(os.path.join(outdir, f"rank{group.rank()}.npz"), **results)
