@@ -2,7 +2,7 @@
 
     worker.py CONFIG.json OUTDIR
 
-CONFIG.json holds {"cases": [...], "mode": "compare" | "die" | "hang" | "disagree" | "minilm"}. In
+CONFIG.json holds {"cases": [...], "mode": "compare" | "die" | "hang" | "disagree" | "bad" | "minilm"}. In
 "compare" mode every case builds the same layer and inputs on every rank (from its seed), runs the
 unsharded layer and the sharded one (HeadParallel or SequenceParallel), and rank r writes
 OUTDIR/rank{r}.npz with, per case, the unsharded output and its own sharded result; the test compares
@@ -180,6 +180,36 @@ def compare(cfg, group, dist, outdir):
     np.savez(os.path.join(outdir, f"rank{group.rank()}.npz"), **results)
 
 
+def bad_input(cfg, group, dist, outdir):
+    """"bad": on 3 ranks, one rank at a time passes a bad argument (a NaN in a float mask, a query of the
+    wrong width, a mask over the wrong number of keys); every rank records what it raised and when, then
+    a good call; last, rank 1's NaN mask again, uncaught: every process must end on its own."""
+    r = group.rank()
+    layer = mha.MultiHeadAttention(12, 4, backend=cfg.get("backend", "numpy"), seed=0)
+    sp = dist.SequenceParallel(layer, group, timeout=cfg.get("timeout", 20))
+    x = np.random.default_rng(r).normal(size=(2, 5, 12)).astype(np.float32)
+    good = np.zeros((2, 1, 5, 15), np.float32)  # 5 rows per rank over the 15 keys of 3 ranks
+    nan = good.copy()
+    nan[1, 0, 2, 7] = np.nan
+    calls = {"nan-mask": dict(mask=nan if r == 1 else good),
+             "wrong-width": dict(query=np.ones((2, 5, 13), np.float32) if r == 0 else x, mask=good),
+             "wrong-keys": dict(mask=good[..., :14] if r == 2 else good)}
+    report = {"rank": r}
+    for name, kw in calls.items():
+        t0 = time.time()
+        try:
+            sp(kw.pop("query", x), **kw)
+            report[name] = "no error"
+        except Exception as err:
+            report[name] = f"{type(err).__name__}: {err}"
+        report[name + "_seconds"] = time.time() - t0
+    report["after"] = float(np.abs(mha.to_numpy(sp(x, mask=good))).max())
+    with open(os.path.join(outdir, f"rank{r}.json"), "w") as f:
+        json.dump(report, f)
+    sys.stdout.flush()
+    sp(x, mask=nan if r == 1 else good)  # uncaught, on every rank
+
+
 def failures(cfg, group, dist, outdir):
     """"die": rank 1 leaves before the first exchange; "hang": rank 1 sleeps instead; "disagree": the ranks
     give different batch sizes (every rank must raise the same ValueError and stay usable)."""
@@ -225,6 +255,8 @@ def main():
     group = mx.distributed.init()
     if cfg["mode"] == "compare":
         compare(cfg, group, dist, outdir)
+    elif cfg["mode"] == "bad":
+        bad_input(cfg, group, dist, outdir)
     else:
         failures(cfg, group, dist, outdir)
 

@@ -1,0 +1,192 @@
+"""Ring attention (mha.distributed.SequenceParallel) against the one-process layer, on this machine.
+
+    python benchmarks/ring.py                                  # T=4096, E=512, H=8, 2 ranks, 3 rounds
+    python benchmarks/ring.py --T 16384 --rounds 1 --memory    # peak memory per process too
+    python benchmarks/ring.py --ranks 3 --no-causal --json out.json
+
+Each round runs, each in fresh processes and taking turns: the numpy layer in one process with
+``--threads`` threads (default 2) on the whole sequence, then the ring under ``mlx.launch --backend ring``
+on ``--ranks`` ranks of one thread each (``mha_cpu.options.threads = 1``, BLAS at one thread by
+threadpoolctl), non-causal, then causal with ``order="zigzag"`` (and with contiguous chunks for
+comparison). Every process makes one untimed call first (its first call pays for allocations), then
+times one call; a ring rank's time is from the call's start to its rows' output, and a ring run's time
+is its slowest rank's. The ratio is ring / one process, per round and for the medians. Rank 0 checks
+its rows against the one-process layer (``--no-check`` skips it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+KINDS = ("single", "ring", "single causal", "ring causal zigzag", "ring causal contiguous")
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _problem(T: int, E: int, H: int, seed: int = 0):
+    import numpy as np
+
+    import mha
+
+    layer = mha.MultiHeadAttention(E, H, backend="numpy", seed=seed)
+    x = np.random.default_rng(seed + 1).normal(size=(1, T, E)).astype(np.float32)  # (1, T, E)
+    return layer, x
+
+
+def one_process(T: int, E: int, H: int, threads: int, causal: bool) -> dict:
+    """The layer on the whole sequence with ``threads`` threads: one untimed call, one timed."""
+    import mha
+    import mha_cpu
+
+    mha_cpu.options.threads = threads
+    layer, x = _problem(T, E, H)
+    before = _peak_mib()
+    mha.to_numpy(layer(x, causal=causal))
+    t0 = time.perf_counter()
+    mha.to_numpy(layer(x, causal=causal))
+    return {"seconds": time.perf_counter() - t0, "peak_mib": _peak_mib(), "before_mib": before}
+
+
+def ring_rank(T: int, E: int, H: int, causal: bool, order: str, check: bool) -> dict:
+    """One rank of the ring (started by mlx.launch), one thread: one untimed call, one timed."""
+    import mlx.core as mx
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    import mha
+    import mha_cpu
+    from mha.distributed import SequenceParallel, chunk, rank_spans
+
+    mha_cpu.options.threads = 1
+    group = mx.distributed.init()
+    layer, x = _problem(T, E, H)
+    mine = np.ascontiguousarray(chunk(x, group, order=order))
+    sp = SequenceParallel(layer, group, order=order, timeout=3000)
+    with threadpool_limits(1):
+        before = _peak_mib()
+        mha.to_numpy(sp(mine, causal=causal))
+        t0 = time.perf_counter()
+        got = mha.to_numpy(sp(mine, causal=causal))
+        seconds = time.perf_counter() - t0
+    rec = {"rank": group.rank(), "seconds": seconds, "peak_mib": _peak_mib(), "before_mib": before}
+    if check and group.rank() == 0:
+        rows = np.concatenate([np.arange(a, b) for a, b in rank_spans(T, group.size(), order)[0]])
+        with threadpool_limits(1):
+            want = mha.to_numpy(layer(x, causal=causal))[:, rows]
+        rec["max_abs_diff"] = float(np.abs(got - want).max())
+    return rec
+
+
+def _launcher() -> str:
+    path = Path(sys.executable).with_name("mlx.launch")
+    return str(path) if path.exists() else "mlx.launch"
+
+
+def _free_port(n: int) -> int:
+    import random
+    import socket
+
+    for _ in range(200):
+        p = random.randrange(20000, 60000 - n)
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p + i))
+            return p
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def _run(kind: str, args) -> dict:
+    """One measurement of ``kind`` in fresh processes: its seconds and peak memory per process."""
+    causal = "causal" in kind
+    common = ["--T", str(args.T), "--E", str(args.E), "--H", str(args.H)] + (["--causal"] if causal else [])
+    if kind.startswith("single"):
+        cmd = [sys.executable, str(HERE), "--as", "single", "--threads", str(args.threads)] + common
+    else:
+        order = "zigzag" if "zigzag" in kind else "contiguous"
+        cmd = [_launcher(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", str(args.ranks), "--starting-port",
+               str(_free_port(args.ranks)), "--python", sys.executable, str(HERE), "--as", "rank", "--order", order]
+        cmd += common + ([] if args.check else ["--no-check"])
+    env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    recs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not recs:
+        raise RuntimeError(f"{kind} failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    res = {"seconds": max(r["seconds"] for r in recs), "peak_mib": [r["peak_mib"] for r in recs],
+           "before_mib": [r["before_mib"] for r in recs]}
+    res.update({k: r[k] for r in recs for k in ("max_abs_diff",) if k in r})
+    return res
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--T", type=int, default=4096)
+    ap.add_argument("--E", type=int, default=512)
+    ap.add_argument("--H", type=int, default=8)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="threads of the one-process layer")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-causal", dest="causal", action="store_false", help="only the non-causal pair")
+    ap.add_argument("--no-check", dest="check", action="store_false")
+    ap.add_argument("--memory", action="store_true", help="print peak memory per process")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--as", dest="role", choices=["single", "rank"], help=argparse.SUPPRESS)
+    ap.add_argument("--order", default="contiguous", help=argparse.SUPPRESS)
+    ap.add_argument("--causal", dest="is_causal", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.role == "single":
+        print(json.dumps(one_process(args.T, args.E, args.H, args.threads, args.is_causal)))
+        return {}
+    if args.role == "rank":
+        print(json.dumps(ring_rank(args.T, args.E, args.H, args.is_causal, args.order, args.check)), flush=True)
+        return {}
+    kinds = KINDS if args.causal else KINDS[:2]
+    per = {k: [] for k in kinds}
+    for r in range(args.rounds):
+        for k in kinds:
+            per[k].append(_run(k, args))
+        line = ", ".join(f"{k} {per[k][-1]['seconds']:.3f} s" for k in kinds)
+        print(f"round {r}: {line}; ring / one process {per['ring'][-1]['seconds'] / per['single'][-1]['seconds']:.2f}"
+              + (f", causal zigzag {per['ring causal zigzag'][-1]['seconds'] / per['single causal'][-1]['seconds']:.2f}"
+                 if args.causal else ""), flush=True)
+    med = {k: sorted(m["seconds"] for m in per[k])[len(per[k]) // 2] for k in kinds}
+    ratios = {"ring": med["ring"] / med["single"]}
+    if args.causal:
+        ratios["ring causal zigzag"] = med["ring causal zigzag"] / med["single causal"]
+        ratios["ring causal contiguous"] = med["ring causal contiguous"] / med["single causal"]
+    print("medians: " + ", ".join(f"{k} {v:.3f} s" for k, v in med.items()))
+    print("ratios (ring / one process): " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    if args.memory:
+        for k in kinds:
+            m = per[k][-1]
+            print(f"{k}: peak RSS {', '.join(f'{p:.0f}' for p in m['peak_mib'])} MiB per process "
+                  f"(before the first call {', '.join(f'{p:.0f}' for p in m['before_mib'])})")
+    diffs = [m["max_abs_diff"] for k in kinds for m in per[k] if "max_abs_diff" in m]
+    if diffs:
+        print(f"largest |ring - one process| on rank 0's rows: {max(diffs):.2e}")
+    result = {"T": args.T, "E": args.E, "H": args.H, "ranks": args.ranks, "threads": args.threads,
+              "per_round": per, "medians_s": med, "ratios": ratios}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
