@@ -11,8 +11,8 @@ supplies the array namespace and these hooks; nothing else of it is called.
 - ``fast_weights``: whether :meth:`_forward` returns weights and lse too (else calls asking for them
   take the reference path); :meth:`_fast_lse` may say it returns lse (without weights) for some sizes.
 - :meth:`_dtypes`, :meth:`_init_rng`, :meth:`_is_native`, :meth:`_from_numpy`, :meth:`_set_params`,
-  :meth:`_native_params`, :meth:`_dropout_multiplier`, :meth:`_forward`; optionally :meth:`_errstate`,
-  :meth:`_settle`, :meth:`_rope` and :meth:`small_blocks`.
+  :meth:`_native_params`, :meth:`_dropout_multiplier`, :meth:`_forward`, :meth:`_attend` (the core);
+  optionally :meth:`_errstate`, :meth:`_settle`, :meth:`_rope` and :meth:`small_blocks`.
 
 Tests hold both backends to this: the same public names and signatures (tests/test_api.py), and every
 hook's result checked against the reference by the property suite.
@@ -91,12 +91,6 @@ class BackendHooks:
     def _errstate(self):
         """A context for the arithmetic (numpy: no warnings for the NaN/inf the rules propagate)."""
         return contextlib.nullcontext()
-
-    def _decode_lane(self, query, cache):
-        """The output of ``layer(query, cache=cache)`` (any ``causal``, no other argument) computed without
-        the general checks, or None to take the general path. A backend's lane must accept only calls
-        whose every check it makes itself, and change nothing when it returns None. Default: None."""
-        return None
 
     def _settle(self, cache) -> None:
         """Called on a cache when it is made and after each call that appended to it, so that any thread

@@ -52,6 +52,11 @@ class MultiHeadAttention(BackendHooks):
             layout, position scale) or a dict of its settings.
         window: sliding-window attention: query i sees only keys j with |i + (S - T) - j| < window
             (with ``causal=True``: the last ``window`` keys, itself included). None: no window.
+        softcap: c > 0 caps the logits as c * tanh(logit / c) before the additive mask (Gemma 2). None: off.
+        qk_norm: eps > 0 RMS-normalises every query and key head over D with learned weights
+            (``weights.q_norm``, ``weights.k_norm``), after the projection and before RoPE (Qwen3, Gemma 3).
+        sinks: learned per-head sink logits (``weights.sinks``, (H,)): exp(sink_h) joins each row's
+            softmax denominator with no value (gpt-oss), so the weights sum to less than 1.
 
     Decoding: ``cache = layer.init_cache(batch_size, max_length)`` and then ``layer(x_new, cache=cache,
     causal=True)`` for each new chunk of tokens (see :class:`mha.KVCache`).
@@ -65,27 +70,28 @@ class MultiHeadAttention(BackendHooks):
 
     def __new__(cls, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True, scale=None,
                 dropout=0.0, backend="auto", dtype="float32", weights=None, seed=None, head_dim=None, rope=None,
-                window=None):
+                window=None, softcap=None, qk_norm=None, sinks=False):
         if cls is MultiHeadAttention:  # the facade: build the chosen backend's layer (then its __init__)
             cls = layer_class(backend)
         return super().__new__(cls)
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
                  scale=None, dropout=0.0, backend="auto", dtype="float32", weights=None, seed=None, head_dim=None,
-                 rope=None, window=None):
+                 rope=None, window=None, softcap=None, qk_norm=None, sinks=False):
         super().__init__()
         if check_name(backend) not in ("auto", self.backend):
             raise ValueError(f"{type(self).__module__.split('.')[0]}.MultiHeadAttention is the {self.backend} "
                              f"backend, got backend={backend!r}; use mha.MultiHeadAttention(..., backend={backend!r})")
         cfg = _validate.layer_config(embed_dim, num_heads, num_kv_heads=num_kv_heads, kdim=kdim,
                                      vdim=vdim, head_dim=head_dim, bias=bias, scale=scale, dropout=dropout,
-                                     dtype=dtype, backend=self.backend, rope=rope, window=window)
+                                     dtype=dtype, backend=self.backend, rope=rope, window=window, softcap=softcap,
+                                     qk_norm=qk_norm, sinks=sinks)
         self._config = cfg
         self._seed = _validate.seed_value(seed)
         if weights is None:
             weights = AttentionWeights.init(cfg.embed_dim, cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                                             kdim=cfg.kdim, vdim=cfg.vdim, head_dim=cfg.head_dim, bias=cfg.bias,
-                                            seed=self._seed)
+                                            seed=self._seed, qk_norm=cfg.qk_norm is not None, sinks=cfg.sinks)
         elif isinstance(weights, (str, os.PathLike)):
             weights = AttentionWeights.load(weights)
         self._check_weights(weights)
@@ -94,14 +100,16 @@ class MultiHeadAttention(BackendHooks):
 
     @classmethod
     def from_weights(cls, weights, *, scale=None, dropout=0.0, backend="auto", dtype="float32", seed=None,
-                     rope=None, window=None) -> "MultiHeadAttention":
-        """A layer whose sizes (E, H, Hkv, D, kdim, vdim, bias) are taken from ``weights`` (an
-        :class:`AttentionWeights` or a path); on a backend's class, that backend."""
+                     rope=None, window=None, softcap=None, qk_norm=None) -> "MultiHeadAttention":
+        """A layer whose sizes (E, H, Hkv, D, kdim, vdim, bias, sinks) are taken from ``weights`` (an
+        :class:`AttentionWeights` or a path); on a backend's class, that backend. Weights with q/k norms
+        need ``qk_norm`` (their epsilon)."""
         if not isinstance(weights, AttentionWeights):
             weights = AttentionWeights.load(weights)
         return cls(weights.embed_dim, weights.num_heads, num_kv_heads=weights.num_kv_heads, kdim=weights.kdim,
                    vdim=weights.vdim, bias=weights.bias, scale=scale, dropout=dropout, backend=backend, dtype=dtype,
-                   weights=weights, seed=seed, head_dim=weights.head_dim, rope=rope, window=window)
+                   weights=weights, seed=seed, head_dim=weights.head_dim, rope=rope, window=window, softcap=softcap,
+                   qk_norm=qk_norm, sinks=weights.sinks is not None)
 
     # -- configuration ---------------------------------------------------------------------------
     @property
@@ -127,7 +135,9 @@ class MultiHeadAttention(BackendHooks):
         extra = "".join(f", {k}={v!r}" for k, v in (("num_kv_heads", c.num_kv_heads), ("kdim", c.kdim),
                                                     ("vdim", c.vdim), ("head_dim", c.head_dim))
                         if v != defaults.get(k, c.embed_dim))
-        extra += "".join(f", {k}={v!r}" for k, v in (("rope", c.rope), ("window", c.window)) if v is not None)
+        extra += "".join(f", {k}={v!r}" for k, v in (("rope", c.rope), ("window", c.window), ("softcap", c.softcap),
+                                                    ("qk_norm", c.qk_norm)) if v is not None)
+        extra += ", sinks=True" if c.sinks else ""
         return (f"{type(self).__module__.split('.')[0]}.MultiHeadAttention(embed_dim={c.embed_dim}, "
                 f"num_heads={c.num_heads}{extra}, bias={c.bias}, backend={self.backend!r}, dtype={c.dtype!r})")
 
@@ -139,7 +149,9 @@ class MultiHeadAttention(BackendHooks):
                  for name, a, b in (("embed_dim", c.embed_dim, w.embed_dim), ("num_heads", c.num_heads, w.num_heads),
                                     ("num_kv_heads", c.num_kv_heads, w.num_kv_heads),
                                     ("head_dim", c.head_dim, w.head_dim), ("kdim", c.kdim, w.kdim),
-                                    ("vdim", c.vdim, w.vdim), ("bias", c.bias, w.bias))
+                                    ("vdim", c.vdim, w.vdim), ("bias", c.bias, w.bias),
+                                    ("qk_norm weights", c.qk_norm is not None, w.q_norm is not None),
+                                    ("sinks", c.sinks, w.sinks is not None))
                  if a != b]
         if wrong:
             raise ValueError("weights do not match the layer (" + "; ".join(wrong) + "); build the layer with "
@@ -150,7 +162,7 @@ class MultiHeadAttention(BackendHooks):
     def weights(self) -> AttentionWeights:
         """The current parameters as :class:`mha.AttentionWeights` (numpy copies)."""
         p = {k: None if v is None else to_numpy(v) for k, v in self._native_params().items()}
-        return AttentionWeights(**p, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
+        return AttentionWeights(**p, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)  # norms, sinks too
 
     def set_weights(self, weights) -> None:
         """Replace the parameters (an :class:`mha.AttentionWeights` or a file path) in place."""
@@ -167,39 +179,50 @@ class MultiHeadAttention(BackendHooks):
         return layer_class(backend)(self.embed_dim, self.num_heads, **kwargs, weights=self.weights, seed=self._seed)
 
     # -- decoding ----------------------------------------------------------------------------------
-    def init_cache(self, batch_size, max_length=None) -> KVCache:
+    def init_cache(self, batch_size, max_length=None, *, max_cache=None, keep=0) -> KVCache:
         """An empty key/value cache for decoding with this layer: ``layer(x_new, cache=cache, causal=True)``.
 
         Args:
             batch_size: B of the calls that will use it (unbatched calls: 1).
-            max_length: the most positions it will hold in total, allocated at once; None grows it as
-                needed. A layer with a sliding ``window`` keeps only the last window - 1 positions
-                (memory O(window) however long the generation).
+            max_length: the most positions it accepts in total (an unbounded cache is allocated at once
+                to it); None: no limit, the buffers grow geometrically.
+            max_cache: a rotating cache: each query sees at most ``max_cache`` keys, the first ``keep``
+                positions and the latest others (older ones are evicted; keep=0 is a sliding window of
+                max_cache); memory O(max_cache) however long the generation. A layer with a sliding
+                ``window`` keeps at most its last window - 1 positions anyway.
+            keep: positions at the start never evicted (StreamingLLM's attention sinks); needs max_cache.
 
         Returns:
-            an :class:`mha.KVCache` holding (B, num_kv_heads, positions, head_dim) keys and values
-            (after RoPE) in the layer's dtype, and which positions were padding.
+            an :class:`mha.KVCache` holding (B, num_kv_heads, positions, head_dim) keys (after k norm and
+            RoPE) and values in the layer's dtype, which positions were padding, and their absolute
+            positions (``cache.positions``).
         """
         c = self._config
         batch_size = _validate.positive_int("batch_size", batch_size)
         max_length = None if max_length is None else _validate.positive_int("max_length", max_length)
+        max_cache = None if max_cache is None else _validate.positive_int("max_cache", max_cache)
+        keep = 0 if keep == 0 and not isinstance(keep, bool) else _validate.positive_int("keep", keep)
+        if keep and (max_cache is None or keep >= max_cache):
+            raise ValueError(f"keep={keep} needs a rotating cache larger than it: max_cache > keep, got "
+                             f"max_cache={max_cache}")
         if c.kdim != c.embed_dim or c.vdim != c.embed_dim:
             raise ValueError(f"init_cache needs a self-attention layer (kdim = vdim = embed_dim), this one has "
                              f"embed_dim={c.embed_dim}, kdim={c.kdim}, vdim={c.vdim}")
         cache = KVCache(self._xp, batch_size=batch_size, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                        dtype=self._dtypes()[0], max_length=max_length, window=c.window, owner=self._cache_owner())
+                        dtype=self._dtypes()[0], max_length=max_length, window=c.window, owner=self._cache_owner(),
+                        max_cache=max_cache, keep=keep)
         self._settle(cache)
         return cache
 
     def _cache_owner(self) -> tuple:
         c = self._config
-        return (self.backend, c.num_kv_heads, c.head_dim, c.dtype, c.rope, c.window)
+        return (self.backend, c.num_kv_heads, c.head_dim, c.dtype, c.rope, c.window, c.qk_norm)
 
     def _check_cache(self, cache, B: int) -> None:
         if not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a KVCache from layer.init_cache(), got {type(cache).__name__}")
         if cache._owner != self._cache_owner():
-            names = ("backend", "num_kv_heads", "head_dim", "dtype", "rope", "window")
+            names = ("backend", "num_kv_heads", "head_dim", "dtype", "rope", "window", "qk_norm")
             diff = "; ".join(f"{n}: cache {a!r}, layer {b!r}" for n, a, b in zip(names, cache._owner,
                                                                                 self._cache_owner()) if a != b)
             raise ValueError(f"cache was made for another kind of layer ({diff}); make it with this layer's "
@@ -244,12 +267,6 @@ class MultiHeadAttention(BackendHooks):
             ``(output, weights, lse)`` when asked. A query with no visible key has zero weights and
             output equal to the output bias.
         """
-        if (cache is not None and key is None and value is None and mask is None and key_mask is None
-                and head_mask is None and return_weights is False and training is False and check_finite is False
-                and return_lse is False and (causal is True or causal is False)):  # a decode step
-            out = self._decode_lane(query, cache)
-            if out is not None:
-                return out
         call = _prepare.prepare(self, query, key, value, mask=mask, key_mask=key_mask, causal=causal,
                                 head_mask=head_mask, return_weights=return_weights, training=training,
                                 check_finite=check_finite, return_lse=return_lse, cache=cache)
@@ -279,7 +296,8 @@ class MultiHeadAttention(BackendHooks):
             self._xp, call.query, call.key, call.value, self._native_params(), num_heads=c.num_heads,
             num_kv_heads=c.num_kv_heads, scale=c.effective_scale, masks=call.masks, head_mask=call.head_mask,
             dropout=call.dropout, acc_dtype=self._dtypes()[1], rope=c.rope, q_offset=pos.q_offset,
-            k_offset=pos.k_offset, kv_step=pos.step, return_weights=call.return_weights)
+            k_offset=pos.k_offset, kv_step=pos.step, softcap=c.softcap, qk_norm=c.qk_norm,
+            return_weights=call.return_weights)
         return out.astype(call.query.dtype), weights, lse
 
     def _empty(self, call):

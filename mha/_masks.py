@@ -180,6 +180,8 @@ class MaskSet:
         S = self.S
         if t1 <= t0 or S == 0:
             return 0, 0
+        if not self.positional:
+            return 0, S
         block = self.cut(rows=(t0, t1))
         if not block.positional:
             return 0, S
@@ -207,12 +209,13 @@ def key_mask_bool(xp, key_mask, B: int, L: int):
 
 
 def prepare(xp, *, mask, key_mask, causal: bool, bias_dtype, T: int | None = None, S: int | None = None,
-            window=None, q_pos=None, k_pos=None) -> MaskSet:
+            window=None, q_pos=None, k_pos=None, rule_keep=None) -> MaskSet:
     """Combine the user's masks (native arrays of checked shape) into a :class:`MaskSet`.
 
     ``mask`` broadcasts to (B, H, T, S) (or (H, T, S) unbatched); ``key_mask`` is a (B, S) bool from
     :func:`key_mask_bool` (or a cache step). Positions: ``q_pos``/``k_pos`` when given, else aligned at
-    the end from T and S.
+    the end from T and S. ``rule_keep``: a (T, S) numpy bool ANDed into keep (a rotating cache's eviction
+    rule for a chunk of new tokens), or None.
     """
     keep = None
     bias = None
@@ -236,4 +239,7 @@ def prepare(xp, *, mask, key_mask, causal: bool, bias_dtype, T: int | None = Non
     if key_mask is not None:
         km = key_mask.reshape(key_mask.shape[0], 1, 1, len(k_pos))  # (B, 1, 1, S); B may be 0
         keep = km if keep is None else xp.logical_and(keep, km)
+    if rule_keep is not None:
+        rule = rule_keep[None, None] if xp is np else xp.array(rule_keep)[None, None]
+        keep = rule if keep is None else xp.logical_and(keep, rule)
     return MaskSet(keep, bias, causal, window, q_pos, k_pos)

@@ -1,11 +1,14 @@
-"""The call front end: every argument of a layer call checked once, into one record both backends use.
+"""The call front end: every argument of a layer call checked once, then planned, into one record.
 
-:func:`prepare` converts and checks the inputs, masks and flags (raising ValueError/TypeError that name
-the argument before any arithmetic), plans a cache step, casts to the compute dtype, builds the
-:class:`mha._masks.MaskSet`, and decides the route once: ``"empty"`` (no query or no key),
+:func:`check` converts and checks the inputs, masks and flags (raising ValueError/TypeError that name
+the argument before any arithmetic); :func:`plan` works out what needs the key length (a cache's step,
+the mask's last axis), casts to the compute dtype, builds the :class:`mha._masks.MaskSet` with the
+queries' and keys' positions, and decides the route once: ``"empty"`` (no query or no key),
 ``"reference"`` (dropout, or weights/lse asked of a backend whose fast path gives neither) or
-``"fast"``. The backend receives the :class:`Prepared` record as is. Shape letters: B batch, T query
-length, S key length, H heads, E embed_dim.
+``"fast"``. :func:`prepare` is the two in turn, with one branch for the decode step (the new tokens
+and a cache, nothing else): the same record from fewer checks, since the cache vouches for the rest.
+The backend receives the :class:`Prepared` record as is. Shape letters: B batch, T query length,
+S key length, H heads, E embed_dim.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import numpy as np
 from . import _masks, _validate
 from ._backends import to_numpy
 from ._cache import KVCache
+
+_FLAGS = ("causal", "return_weights", "training", "return_lse", "check_finite")
 
 
 @dataclass(frozen=True)
@@ -30,13 +35,30 @@ class Positions:
 
 
 @dataclass(frozen=True)
+class Checked:
+    """One call's arguments, checked: query (B, T, E), key (B, L, kdim), value (B, L, vdim) native and
+    batched (self-attention: ``key is query``); key_mask (B, L) bool; mask (native, its last axis checked
+    only when L is the key length, i.e. without a cache); head_mask native; flags by name."""
+
+    query: object
+    key: object
+    value: object
+    mask: object
+    key_mask: object
+    head_mask: object
+    flags: dict
+    cache: object
+    batched: bool
+
+
+@dataclass(frozen=True)
 class Prepared:
-    """One checked layer call.
+    """One checked and planned layer call.
 
     query (B, T, E), key (B, L, kdim), value (B, L, vdim): native arrays in the compute dtype, batched;
         for self-attention ``key is query`` and ``value is key`` (a backend may fuse the projections).
         With a cache, L = T new tokens, and S = the keys attended (kept + new).
-    masks: the MaskSet of mask, key_mask, causal and the layer's window, over (B, H, T, S).
+    masks: the MaskSet of mask, key_mask, causal, the layer's window and the positions, over (B, H, T, S).
     pos: RoPE offsets and the cache step.
     head_mask: (B or 1, H, 1, 1) in the compute dtype, or None.
     dropout: the weights' multiplier (B, H, T, S), or None.
@@ -108,7 +130,44 @@ def _in_range(layer, x):
 
 def prepare(layer, query, key, value, *, mask, key_mask, causal, head_mask, return_weights, training,
             check_finite, return_lse, cache) -> Prepared:
-    """Check and convert one call's arguments (see :meth:`mha.MultiHeadAttention.__call__`)."""
+    """Check and plan one call's arguments (see :meth:`mha.MultiHeadAttention.__call__`)."""
+    if (cache is not None and key is None and value is None and mask is None and key_mask is None
+            and head_mask is None and training is False and check_finite is False):
+        call = _decode_step(layer, query, cache, causal, return_weights, return_lse)
+        if call is not None:
+            return call
+    return plan(layer, check(layer, query, key, value, mask=mask, key_mask=key_mask, causal=causal,
+                             head_mask=head_mask, return_weights=return_weights, training=training,
+                             check_finite=check_finite, return_lse=return_lse, cache=cache))
+
+
+def _decode_step(layer, query, cache, causal, return_weights, return_lse) -> Prepared | None:
+    """The record of a decode step, ``layer(x_new, cache=cache, causal=..., return_weights=...,
+    return_lse=...)``, or None (then the general checks run and raise what they must): query a native
+    (B, 1, E) array of the compute dtype (in the backend's layout, or copied so), the flags bools, the cache this layer's,
+    for B sequences, with room left, the layer one of self-attention. What :func:`check` would test beyond
+    that holds by construction: B, E and the dtype are the layer's and the cache's."""
+    c = layer.config
+    flags = (causal, return_weights, return_lse)
+    if (not all(f is True or f is False for f in flags) or c.kdim != c.embed_dim or c.vdim != c.embed_dim
+            or not layer._is_native(query) or query.ndim != 3
+            or query.shape[1] != 1 or query.shape[2] != c.embed_dim or query.dtype != layer._dtypes()[0]
+            or type(cache) is not KVCache
+            or cache._owner != layer._cache_owner() or cache.batch_size != query.shape[0]
+            or (cache.max_length is not None and cache.offset >= cache.max_length)):
+        return None
+    query = layer._as_input(query)
+    step = cache._plan(1, None)
+    masks = _masks.prepare(layer._xp, mask=None, key_mask=step.key_mask, causal=causal, bias_dtype=None,
+                           window=c.window, q_pos=step.q_pos, k_pos=step.k_pos)
+    pos = Positions(step.offset, step.offset, step)
+    return Prepared(query, query, query, masks, pos, None, None, return_weights, return_lse, True,
+                    _route(layer, None, return_weights, return_lse, query.shape[0], 1, step.S))
+
+
+def check(layer, query, key, value, *, mask, key_mask, causal, head_mask, return_weights, training,
+          check_finite, return_lse, cache) -> Checked:
+    """Every argument converted and checked (module docstring); nothing computed yet."""
     c, xp = layer.config, layer._xp
     # one array passed as query and key (or key and value) stays one array, which is how self-attention
     # is told (Prepared.self_attention): a conversion or copy of each must not hide it
@@ -131,21 +190,18 @@ def prepare(layer, query, key, value, *, mask, key_mask, causal, head_mask, retu
         value = key
     else:
         value = convert(layer, value, "value", c.vdim, "vdim")
-    B, T, S, batched = _validate.qkv_shapes(query, key, value)
-    flags = {n: _validate.boolean(n, v) for n, v in (("causal", causal), ("return_weights", return_weights),
-                                                     ("training", training), ("return_lse", return_lse),
-                                                     ("check_finite", check_finite))}
+    B, T, L, batched = _validate.qkv_shapes(query, key, value)
+    flags = {n: _validate.boolean(n, v) for n, v in zip(_FLAGS, (causal, return_weights, training, return_lse,
+                                                                  check_finite))}
+    if cache is not None:
+        layer._check_cache(cache, B)
     if key_mask is not None:
-        L, what = (T, "key_mask (of the new tokens, with cache=)") if cache is not None else (S, "key_mask")
+        what = "key_mask (of the new tokens, with cache=)" if cache is not None else "key_mask"
         key_mask = _native_mask(layer, key_mask, "key_mask",
                                 lambda m: _validate.key_mask_shape(m, B, L, batched, name=what))
         key_mask = _masks.key_mask_bool(xp, key_mask, B, L)  # (B, L)
-    step = None
-    if cache is not None:
-        layer._check_cache(cache, B)
-        step = cache._plan(T, key_mask)  # raises if full; changes nothing yet
-        S, key_mask = step.S, step.key_mask
     if mask is not None:
+        S = None if cache is not None else L  # with a cache the last axis is checked by plan()
         mask = _native_mask(layer, mask, "mask", lambda m: _validate.mask_shape(m, B, c.num_heads, T, S, batched))
     if head_mask is not None:
         head_mask = _native_mask(layer, head_mask, "head_mask",
@@ -154,31 +210,45 @@ def prepare(layer, query, key, value, *, mask, key_mask, causal, head_mask, retu
         for name, x in (("query", query), ("key", key), ("value", value)):
             if not bool(xp.all(xp.isfinite(x))):
                 raise ValueError(f"{name} holds NaN or inf (check_finite=True)")
-    return _record(layer, query, key, value, mask, key_mask, head_mask, step, flags, B, T, S, batched)
+    return Checked(query, key, value, mask, key_mask, head_mask, flags, cache, batched)
 
 
-def _record(layer, query, key, value, mask, key_mask, head_mask, step, flags, B, T, S, batched) -> Prepared:
-    """Cast to the compute dtype (without copying what has it; self-attention keeps key is query), build
-    the masks, positions and dropout, and choose the route."""
-    c = layer.config
+def plan(layer, call: Checked) -> Prepared:
+    """The checked call planned: a cache's step (raises if full; changes nothing yet), the mask's last
+    axis against S, the compute dtype (without copying what has it; self-attention keeps key is query),
+    the MaskSet with positions, dropout, and the route."""
+    c, xp = layer.config, layer._xp
+    query, key, value, flags = call.query, call.key, call.value, call.flags
+    B, T, L = query.shape[-3] if call.batched else 1, query.shape[-2], key.shape[-2]
+    key_mask, step, q_pos, k_pos, evicted = call.key_mask, None, None, range(L), None
+    if call.cache is not None:
+        step = call.cache._plan(T, key_mask)
+        key_mask, q_pos, k_pos, evicted = step.key_mask, step.q_pos, step.k_pos, step.evicted
+    S = len(k_pos)
+    if call.mask is not None and step is not None:
+        _validate.mask_shape(call.mask, B, c.num_heads, T, S, call.batched)
     dt, acc = layer._dtypes()
     same_k, same_v = key is query, value is key
-    if not batched:
+    if not call.batched:
         query, key, value = query[None], key[None], value[None]
     query = query if query.dtype == dt else query.astype(dt)
     key = query if same_k else key if key.dtype == dt else key.astype(dt)
     value = key if same_v else value if value.dtype == dt else value.astype(dt)
-    masks = _masks.prepare(layer._xp, mask=mask, key_mask=key_mask, causal=flags["causal"], T=T, S=S,
-                           bias_dtype=acc, window=c.window)
+    masks = _masks.prepare(xp, mask=call.mask, key_mask=key_mask, causal=flags["causal"], T=T, bias_dtype=acc,
+                           window=c.window, q_pos=q_pos, k_pos=k_pos, rule_keep=evicted)
     pos = Positions(step.offset, step.offset, step) if step is not None else Positions(S - T, 0)
+    head_mask = call.head_mask
     if head_mask is not None:
         head_mask = head_mask.astype(dt).reshape(-1, c.num_heads, 1, 1)  # (B or 1, H, 1, 1)
     dropout = None
     if flags["training"] and c.dropout > 0:
         dropout = layer._dropout_multiplier((B, c.num_heads, T, S), c.dropout, acc)
-    wants = flags["return_weights"] or flags["return_lse"]
-    gives = not wants or layer.fast_weights or (not flags["return_weights"] and layer._fast_lse(B, T, S))
-    route = ("empty" if T == 0 or S == 0 else
-             "reference" if dropout is not None or not gives else "fast")
     return Prepared(query, key, value, masks, pos, head_mask, dropout, flags["return_weights"],
-                    flags["return_lse"], batched, route)
+                    flags["return_lse"], call.batched,
+                    _route(layer, dropout, flags["return_weights"], flags["return_lse"], B, T, S))
+
+
+def _route(layer, dropout, return_weights: bool, return_lse: bool, B: int, T: int, S: int) -> str:
+    wants = return_weights or return_lse
+    gives = not wants or layer.fast_weights or (not return_weights and layer._fast_lse(B, T, S))
+    return "empty" if T == 0 or S == 0 else "reference" if dropout is not None or not gives else "fast"

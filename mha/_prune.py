@@ -65,7 +65,8 @@ def prune_weights(weights: AttentionWeights, heads) -> AttentionWeights:
         rows(w.q_weight, keep), rows(w.k_weight, kv_heads), rows(w.v_weight, kv_heads),
         np.concatenate([w.o_weight[:, h * D:(h + 1) * D] for h in keep], axis=1),
         rows(w.q_bias, keep), rows(w.k_bias, kv_heads), rows(w.v_bias, kv_heads), w.o_bias,
-        num_heads=len(keep), num_kv_heads=len(kv_heads))
+        num_heads=len(keep), num_kv_heads=len(kv_heads), q_norm=w.q_norm, k_norm=w.k_norm,
+        sinks=None if w.sinks is None else w.sinks[keep])
 
 
 def prune_heads(layer_or_model, heads):
@@ -87,5 +88,7 @@ def prune_heads(layer_or_model, heads):
         raise TypeError(f"prune_heads expects an mha attention layer or model, got {type(layer_or_model).__name__}")
     layer = layer_or_model
     pruned = prune_weights(layer.weights, heads)
+    c = layer.config
     return MultiHeadAttention.from_weights(pruned, scale=layer.scale, dropout=layer.dropout, backend=layer.backend,
-                                           dtype=layer.dtype, rope=layer.rope, window=layer.window)
+                                           dtype=layer.dtype, rope=layer.rope, window=layer.window, softcap=c.softcap,
+                                           qk_norm=c.qk_norm)

@@ -63,6 +63,8 @@ def group_queries(x, num_kv_heads: int):
 def _excess(xp, x, budget: int):
     """max(0, ceil(log2 max|x|) - budget) over x's finite entries: the power of two x must be divided by
     to stay within 2^budget. A host int; a 0-d array inside MLX transformations that forbid evaluation."""
+    if x.size == 0:
+        return 0
     top = xp.max(xp.abs(xp.where(xp.isfinite(x), x, 0)))
     e = xp.maximum(xp.ceil(xp.log2(xp.where(top > 0, top, 1.0))) - budget, 0)
     try:

@@ -83,6 +83,9 @@ class LayerConfig:
     head_dim: int
     rope: object = None  # mha.RoPE or None
     window: int | None = None
+    softcap: float | None = None  # logits l -> c tanh(l / c) before the additive mask
+    qk_norm: float | None = None  # RMSNorm epsilon of the per-head query and key norms, or None (off)
+    sinks: bool = False  # learned per-head sink logits
 
     @property
     def effective_scale(self) -> float:
@@ -93,7 +96,7 @@ class LayerConfig:
         return dict(
             num_kv_heads=self.num_kv_heads, kdim=self.kdim, vdim=self.vdim, head_dim=self.head_dim,
             bias=self.bias, scale=self.scale, dropout=self.dropout, dtype=self.dtype, rope=self.rope,
-            window=self.window,
+            window=self.window, softcap=self.softcap, qk_norm=self.qk_norm, sinks=self.sinks,
         )
 
 
@@ -119,8 +122,16 @@ def head_counts(embed_dim, num_heads, num_kv_heads, head_dim=None) -> tuple[int,
 F32_MAX = 3.4028234663852886e38  # np.finfo(np.float32).max
 
 
+def positive_float(name: str, value) -> float | None:
+    """None, or a finite float > 0 (bool rejected)."""
+    value = real_number(name, value, allow_none=True)
+    if value is not None and value <= 0:
+        raise ValueError(f"{name} must be a positive float or None, got {value}")
+    return value
+
+
 def layer_config(embed_dim, num_heads, *, num_kv_heads, kdim, vdim, head_dim=None, bias, scale, dropout, dtype,
-                 backend: str, rope=None, window=None) -> LayerConfig:
+                 backend: str, rope=None, window=None, softcap=None, qk_norm=None, sinks=False) -> LayerConfig:
     embed_dim, num_heads, num_kv_heads, head_dim = head_counts(embed_dim, num_heads, num_kv_heads, head_dim)
     kdim = optional_positive_int("kdim", kdim, embed_dim)
     vdim = optional_positive_int("vdim", vdim, embed_dim)
@@ -140,8 +151,13 @@ def layer_config(embed_dim, num_heads, *, num_kv_heads, kdim, vdim, head_dim=Non
     if rope is not None:
         rope.rotated_dims(head_dim)  # raises if the head is too narrow for it
     window = None if window is None else positive_int("window", window)
+    softcap, qk_norm = positive_float("softcap", softcap), positive_float("qk_norm", qk_norm)
+    sinks = boolean("sinks", sinks)
+    if backend == "mlx" and (softcap is not None or qk_norm is not None or sinks):
+        named = [n for n, v in (("softcap", softcap), ("qk_norm", qk_norm), ("sinks", sinks)) if v]
+        raise ValueError(f"{', '.join(named)}: not supported by the mlx backend yet; use backend='numpy'")
     return LayerConfig(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, scale, dropout, dtype, head_dim,
-                       rope, window)
+                       rope, window, softcap, qk_norm, sinks)
 
 
 def seed_value(seed) -> int | None:
@@ -223,7 +239,7 @@ def qkv_shapes(query, key, value) -> tuple[int, int, int, bool]:
     return B, query.shape[-2], key.shape[-2], batched
 
 
-def mask_shape(x, B: int, H: int, T: int, S: int, batched: bool):
+def mask_shape(x, B: int, H: int, T: int, S: int | None, batched: bool):
     """``mask`` must broadcast to (B, H, T, S); rejects torch's (B*H, T, S) layout with a hint.
 
     With batched input a 3-D mask is rejected unless its first axis is 1: numpy's broadcasting reads it
@@ -235,8 +251,10 @@ def mask_shape(x, B: int, H: int, T: int, S: int, batched: bool):
             f"mask must be bool (True = may attend), int 0/1 or float (added to the logits), "
             f"got dtype {_dt(x)}"
         )
-    target = (B, H, T, S) if batched else (H, T, S)
     shape = tuple(x.shape)
+    if S is None:  # the key length is not known yet (a cache's step): the last axis is checked later
+        S = shape[-1] if shape else 1
+    target = (B, H, T, S) if batched else (H, T, S)
     if batched and len(shape) == 3 and shape[0] != 1:
         hint = (f"; this looks like torch's (B*num_heads, T, S) layout: reshape it to ({B}, {H}, {T}, {S})"
                 if B > 1 and shape == (B * H, T, S) else "")

@@ -16,6 +16,7 @@ from . import _io
 from ._validate import dtype_name, head_counts, positive_int, seed_value
 
 NAMES = ("q_weight", "k_weight", "v_weight", "o_weight", "q_bias", "k_bias", "v_bias", "o_bias")
+EXTRAS = ("q_norm", "k_norm", "sinks")  # optional: q/k RMSNorm weights (D,), learned sink logits (H,)
 FORMAT = "mha-twin/1"
 
 
@@ -43,13 +44,16 @@ class AttentionWeights:
         q_weight: (H*D, E); k_weight: (Hkv*D, kdim); v_weight: (Hkv*D, vdim); o_weight: (E, H*D).
         D is usually E / H, but need not be (a layer with pruned heads has H*D < E).
         q_bias: (H*D,); k_bias, v_bias: (Hkv*D,); o_bias: (E,). All four or none.
+        q_norm, k_norm: (D,) weights of the per-head RMSNorm of queries and keys (a layer's ``qk_norm``);
+            both or none. sinks: (H,) learned sink logits (a layer's ``sinks=True``), or None.
         num_heads: H; num_kv_heads: Hkv (H for plain MHA, 1 for MQA).
     """
 
     def __init__(self, q_weight, k_weight, v_weight, o_weight, q_bias=None, k_bias=None,
-                 v_bias=None, o_bias=None, *, num_heads, num_kv_heads=None):
+                 v_bias=None, o_bias=None, *, num_heads, num_kv_heads=None, q_norm=None, k_norm=None, sinks=None):
         arrays = dict(q_weight=q_weight, k_weight=k_weight, v_weight=v_weight, o_weight=o_weight,
-                      q_bias=q_bias, k_bias=k_bias, v_bias=v_bias, o_bias=o_bias)
+                      q_bias=q_bias, k_bias=k_bias, v_bias=v_bias, o_bias=o_bias, q_norm=q_norm, k_norm=k_norm,
+                      sinks=sinks)
         arrays = {k: None if v is None else _host(v, k) for k, v in arrays.items()}
         for name in NAMES[:4]:
             if arrays[name] is None:
@@ -67,22 +71,25 @@ class AttentionWeights:
         expected = {
             "q_weight": (H * D, E), "k_weight": (Hkv * D, kdim), "v_weight": (Hkv * D, vdim),
             "o_weight": (E, H * D), "q_bias": (H * D,), "k_bias": (Hkv * D,), "v_bias": (Hkv * D,),
-            "o_bias": (E,),
+            "o_bias": (E,), "q_norm": (D,), "k_norm": (D,), "sinks": (H,),
         }
         present = [arrays[n] is not None for n in NAMES[4:]]
         if any(present) and not all(present):
             missing = [n for n, p in zip(NAMES[4:], present) if not p]
             raise ValueError(f"biases must be given for all of q/k/v/o or none; missing {', '.join(missing)}")
+        if (arrays["q_norm"] is None) != (arrays["k_norm"] is None):
+            raise ValueError("q_norm and k_norm must be given together or not at all, got only "
+                             + ("q_norm" if arrays["k_norm"] is None else "k_norm"))
         wrong = [
             f"{n}: expected {expected[n]}, got {arrays[n].shape}"
-            for n in NAMES if arrays[n] is not None and arrays[n].shape != expected[n]
+            for n in NAMES + EXTRAS if arrays[n] is not None and arrays[n].shape != expected[n]
         ]
         if wrong:
             raise ValueError(
                 f"weight shapes do not fit embed_dim={E}, num_heads={H}, num_kv_heads={Hkv}, "
                 f"head_dim={D}: " + "; ".join(wrong)
             )
-        dtype = np.result_type(*[a for a in arrays.values() if a is not None])
+        dtype = np.result_type(*[arrays[n] for n in NAMES if arrays[n] is not None])  # the extras follow
         if dtype.kind != "f":
             dtype = np.dtype(np.float32)
         for n, a in arrays.items():
@@ -115,9 +122,14 @@ class AttentionWeights:
     def dtype(self) -> np.dtype:
         return self.q_weight.dtype
 
+    @property
+    def qk_norm(self) -> bool:
+        """Whether it holds the q/k RMSNorm weights."""
+        return self.q_norm is not None
+
     def to_dict(self) -> dict:
-        """``{name: array or None}`` for the eight names of :data:`NAMES`."""
-        return {n: getattr(self, n) for n in NAMES}
+        """``{name: array or None}`` for the eight names of :data:`NAMES`, and those of :data:`EXTRAS` it holds."""
+        return {n: getattr(self, n) for n in NAMES + EXTRAS if n in NAMES or getattr(self, n) is not None}
 
     def astype(self, dtype) -> AttentionWeights:
         dt = np.dtype(dtype_name(dtype, "numpy"))
@@ -138,13 +150,15 @@ class AttentionWeights:
     def __repr__(self) -> str:
         return (f"AttentionWeights(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, kdim={self.kdim}, vdim={self.vdim}, "
-                f"bias={self.bias}, dtype={self.dtype})")
+                f"bias={self.bias}" + (", qk_norm=True" if self.qk_norm else "")
+                + (", sinks=True" if self.sinks is not None else "") + f", dtype={self.dtype})")
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def init(cls, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, head_dim=None, bias=True,
-             seed=None, dtype="float32") -> AttentionWeights:
-        """Xavier-uniform projections and zero biases (torch's initialisation), seeded.
+             seed=None, dtype="float32", qk_norm=False, sinks=False) -> AttentionWeights:
+        """Xavier-uniform projections and zero biases (torch's initialisation), seeded; with ``qk_norm``
+        q/k norm weights of ones, with ``sinks`` sink logits of zeros.
 
         Each projection ``W`` of shape (out, in) is drawn from U(-a, a), a = sqrt(6 / (in + out)).
         """
@@ -163,6 +177,10 @@ class AttentionWeights:
         if bias:
             w.update(q_bias=np.zeros(H * D, dt), k_bias=np.zeros(Hkv * D, dt),
                      v_bias=np.zeros(Hkv * D, dt), o_bias=np.zeros(E, dt))
+        if qk_norm:
+            w.update(q_norm=np.ones(D, dt), k_norm=np.ones(D, dt))
+        if sinks:
+            w.update(sinks=np.zeros(H, dt))
         return cls(**w, num_heads=H, num_kv_heads=Hkv)
 
     @classmethod
@@ -245,12 +263,12 @@ class AttentionWeights:
         """Read a file written by :meth:`save` (safetensors or ``.npz``). ``num_heads`` and
         ``num_kv_heads`` are needed only for foreign files that do not record them."""
         tensors, meta = _io.load_arrays(path)
-        unexpected = sorted(set(tensors) - set(NAMES))
+        unexpected = sorted(set(tensors) - set(NAMES + EXTRAS))
         missing = sorted(set(NAMES[:4]) - set(tensors))
         if unexpected or missing:
             raise ValueError(
                 f"{path}: not an attention weights file: missing keys {missing}, unexpected keys {unexpected}; "
-                f"expected {list(NAMES[:4])} and optionally {list(NAMES[4:])}"
+                f"expected {list(NAMES[:4])} and optionally {list(NAMES[4:] + EXTRAS)}"
             )
         try:
             H = int(meta["num_heads"]) if num_heads is None else num_heads

@@ -94,10 +94,24 @@ def head_projections(weights, query, key, value):
     return qs, ks, vs
 
 
+def rms_normalised(x, weight, eps: float):
+    """x / sqrt(mean over the last axis of x^2 + eps) * weight, float64, one row at a time."""
+    out = np.empty_like(x)
+    for idx in np.ndindex(x.shape[:-1]):
+        row = x[idx]
+        out[idx] = row / math.sqrt(float(np.mean(row * row)) + eps) * weight
+    return out
+
+
 def attention(weights, query, key=None, value=None, *, mask=None, key_mask=None, causal=False,
               head_mask=None, scale=None, rope=None, window=None, causal_align="bottom_right",
-              empty_row="output_bias"):
+              empty_row="output_bias", softcap=None, qk_norm=None):
     """Float64 multi-head attention on batched numpy inputs; returns ``(output, weights)``.
+
+    Layer features: ``qk_norm`` (the epsilon) RMS-normalises each query and key head with the weights'
+    ``q_norm``/``k_norm`` before RoPE (weights holding them need it); ``softcap`` c makes each logit
+    c * tanh(logit / c) before the additive mask; the weights' ``sinks`` (H,) add exp(sink_h) to each
+    row's denominator (the weights then sum to less than 1; a row with no visible key stays all zero).
 
     ``rope`` (an mha.RoPE) rotates query i at position (S - T) + i and key j at j; ``window`` W hides
     keys with |i + (S - T) - j| >= W. ``causal_align`` and ``empty_row`` follow a declared convention
@@ -117,6 +131,12 @@ def attention(weights, query, key=None, value=None, *, mask=None, key_mask=None,
     S = np.shape(key)[1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     qs, ks, vs = head_projections(weights, query, key, value)
+    if (weights.q_norm is not None) != (qk_norm is not None):
+        raise ValueError("qk_norm (the epsilon) must be given exactly when the weights hold q_norm/k_norm")
+    if qk_norm is not None:
+        qs = [rms_normalised(q, _f64(weights.q_norm), qk_norm) for q in qs]
+        ks = [rms_normalised(k, _f64(weights.k_norm), qk_norm) for k in ks]
+    sinks = _f64(weights.sinks)
     if rope is not None:
         qs = [rotate(q, rope, S - T) for q in qs]
         ks = [rotate(k, rope, 0) for k in ks]
@@ -142,9 +162,13 @@ def attention(weights, query, key=None, value=None, *, mask=None, key_mask=None,
                         P[b, h, i] = np.nan
                         ctx[i] = np.nan
                     continue
-                z = np.array([scale * np.dot(qs[h][b, i], ks[g][b, j]) + add[b, h, i, j] for j in seen])
-                e = np.exp(z - z.max())
-                p = e / e.sum()
+                z = np.array([scale * np.dot(qs[h][b, i], ks[g][b, j]) for j in seen])
+                if softcap is not None:
+                    z = softcap * np.tanh(z / softcap)
+                z = z + add[b, h, i, seen]
+                top = z.max() if sinks is None else max(z.max(), sinks[h])
+                e = np.exp(z - top)
+                p = e / (e.sum() + (0.0 if sinks is None else math.exp(sinks[h] - top)))
                 P[b, h, i, seen] = p
                 ctx[i] = p @ vs[g][b, seen]
             if hm is not None:

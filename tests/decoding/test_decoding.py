@@ -265,7 +265,7 @@ def test_window_on_long_sequences_uses_blocks_and_skips_keys():
 
     layer = _layer("numpy", window=50)
     x = normal((1, 700, 24), 12)
-    with mha_cpu.small_blocks(64, 64, threads=2, split="auto"):
+    with mha_cpu.small_blocks(64, 64, threads=2):
         y = mha.to_numpy(layer(x, causal=False)).astype(np.float64)
     i, j = np.indices((700, 700))
     plain = _layer("numpy")

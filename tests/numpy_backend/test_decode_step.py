@@ -1,6 +1,7 @@
-"""The numpy backend's decode step (mha_cpu._decode): one new token against a cache with nothing masked
-takes a path of its own; each of its options against the float64 oracle over the whole sequence, the
-cases it must leave to the general kernel, and the BLAS thread setting it restores."""
+"""Decode steps on the numpy backend: a call with nothing but the new token and the cache takes the front
+end's decode branch (mha._prepare._decode_step: the same record from fewer checks) and the one core;
+each layer option against the float64 oracle over the whole sequence, the calls the branch must leave to
+the checked route, and the BLAS thread setting a step restores."""
 
 from __future__ import annotations
 
@@ -8,30 +9,31 @@ import numpy as np
 import pytest
 
 import mha
+import mha_cpu
+from mha import _prepare
 from mha.testing import oracle, tolerance
-from mha_cpu import _decode, _pool
 
 from tests.helpers import in_threads, normal, random_weights
 
 
-@pytest.fixture(params=[True, False], ids=["blas-held", "blas-threads"])
+@pytest.fixture(params=[1, None], ids=["blas-held", "blas-threads"])
 def taken(monkeypatch, request):
-    """Counts the decode steps the special path computed (returned a result); run once with BLAS held at
-    one thread for every step and once with BLAS as configured (the two choices of mha_cpu._pool.BlasChoice)."""
-    monkeypatch.setattr(_pool.BlasChoice, "pick", lambda self: request.param)
-    return _count(monkeypatch, "_core")
+    """Counts the decode steps that took the front end's decode branch; run once with BLAS held at one
+    thread and once with BLAS as configured (mha_cpu.options.blas_threads)."""
+    with mha_cpu.options.override(blas_threads=request.param):
+        yield _count(monkeypatch)
 
 
-def _count(monkeypatch, name: str) -> list:
-    """[n]: how many calls of _decode.<name> from now on returned a result (not None)."""
-    n, real = [0], getattr(_decode, name)
+def _count(monkeypatch) -> list:
+    """[n]: how many calls from now on took the decode branch (it returned a record, not None)."""
+    n, real = [0], _prepare._decode_step
 
     def spy(*args):
         found = real(*args)
         n[0] += found is not None
         return found
 
-    monkeypatch.setattr(_decode, name, spy)
+    monkeypatch.setattr(_prepare, "_decode_step", spy)
     return n
 
 
@@ -60,7 +62,9 @@ CASES = {  # name: (E, H, Hkv, layer options, call options)
     "rope-traditional": (24, 3, 3, {"rope": mha.RoPE(dims=8, traditional=True, base=50.0)}, {}),
     "window": (18, 3, 3, {"window": 5}, {}),
     "scale": (24, 6, 3, {"scale": 0.7}, {}),
-    "head-mask": (24, 6, 2, {}, {"head_mask": np.array([1.0, 0.0, 0.5, 2.0, 1.0, -1.0], np.float32)}),
+    "softcap": (24, 6, 2, {"softcap": 0.5}, {}),
+    "qk-norm-rope": (24, 4, 2, {"qk_norm": 1e-6, "rope": mha.RoPE(dims=4)}, {}),
+    "sinks-window": (18, 3, 3, {"sinks": True, "window": 4}, {}),
 }
 
 
@@ -71,16 +75,34 @@ def test_decode_steps_equal_the_oracle(name, dtype, taken):
     oracle (causal, with the layer's window and RoPE), and every decoded token took the special path."""
     E, H, Hkv, opts, kw = CASES[name]
     tiny = name == "folded-scale"
-    w = random_weights(E, H, Hkv=Hkv, seed=5, bias=not tiny)
-    layer = mha.MultiHeadAttention.from_weights(w, backend="numpy", dtype=dtype, **opts)
+    w = with_features(random_weights(E, H, Hkv=Hkv, seed=5, bias=not tiny), opts)
+    layer = mha.MultiHeadAttention.from_weights(w, backend="numpy", dtype=dtype, **{
+        k: v for k, v in opts.items() if k != "sinks"})
     x = (normal((3, 13, E), 1) * (1e-10 if tiny else 1.0)).astype(dtype)
     got, _ = _run(layer, x, 7, **kw)
     want, _ = oracle.attention(w, x, causal=True, rope=opts.get("rope"), window=opts.get("window"),
-                               scale=opts.get("scale"), head_mask=kw.get("head_mask"))
+                               scale=opts.get("scale"), head_mask=kw.get("head_mask"), softcap=opts.get("softcap"),
+                               qk_norm=opts.get("qk_norm"))
     M = tolerance.magnitude(w, x, y_ref=want, scale=opts.get("scale"), head_mask=kw.get("head_mask"),
                             max_angle=13.0 if "rope" in opts else 0.0)
     tolerance.assert_close(got, want, tolerance.t1(dtype, M), name)
-    assert taken[0] == 6
+    assert taken[0] == (6 if "head_mask" not in kw else 0)
+    if set(opts) & {"softcap", "qk_norm", "sinks"}:  # the guard: the oracle without the feature differs
+        plain = mha.AttentionWeights(**{k: v for k, v in w.to_dict().items() if k not in ("q_norm", "k_norm", "sinks")},
+                                     num_heads=H, num_kv_heads=Hkv)
+        off, _ = oracle.attention(plain, x, causal=True, rope=opts.get("rope"), window=opts.get("window"))
+        assert np.abs(off - want).max() > 100 * tolerance.t1(dtype, M)
+
+
+def with_features(w, opts):
+    """Weights with q/k norm weights and sinks (seeded, far from the identity) when ``opts`` asks."""
+    rng = np.random.default_rng(11)
+    extra = {}
+    if "qk_norm" in opts:
+        extra.update(q_norm=rng.uniform(0.3, 3, w.head_dim), k_norm=rng.uniform(0.3, 3, w.head_dim))
+    if opts.get("sinks"):
+        extra["sinks"] = rng.normal(1.0, 1.5, w.num_heads)
+    return mha.AttentionWeights(**w.to_dict(), **extra, num_heads=w.num_heads, num_kv_heads=w.num_kv_heads)
 
 
 @pytest.mark.parametrize("what", ["return_weights", "return_lse"])
@@ -124,9 +146,10 @@ def test_decode_step_overflowing_logits_are_rescaled(taken):
     assert taken[0] == 3
 
 
-def test_cases_left_to_the_general_kernel(taken):
-    """Padding stored in the cache, a mask, two tokens at once, or NaN in the new token: the special path
-    is not taken (or hands back with the cache untouched), and the results still equal the oracle."""
+def test_padding_two_tokens_and_nan_tokens(taken):
+    """Padding stored in the cache (the branch carries it as the key mask), two tokens at once (the checked
+    route: causal within them), NaN in the new token (appended once; only its own row is NaN): all equal
+    the oracle."""
     E, H = 12, 3
     w = random_weights(E, H, seed=1)
     layer = mha.MultiHeadAttention.from_weights(w, backend="numpy")
@@ -135,29 +158,30 @@ def test_cases_left_to_the_general_kernel(taken):
     km[0, 1] = False
     cache = layer.init_cache(2, None)
     layer(x[:, :5], cache=cache, causal=True, key_mask=km[:, :5])
-    got = mha.to_numpy(layer(x[:, 5:6], cache=cache, causal=True))  # padding stored: general kernel
+    got = mha.to_numpy(layer(x[:, 5:6], cache=cache, causal=True))  # padding stored
     want, _ = oracle.attention(w, x[:, :6], causal=True, key_mask=km[:, :6])
     np.testing.assert_allclose(got, want[:, 5:6], rtol=0, atol=1e-5)
+    assert taken[0] == 1
     cache = layer.init_cache(2, None)
     layer(x[:, :5], cache=cache, causal=True)
     got = mha.to_numpy(layer(x[:, 5:7], cache=cache, causal=True))  # two tokens: causal within them
     want, _ = oracle.attention(w, x[:, :7], causal=True)
     np.testing.assert_allclose(got, want[:, 5:7], rtol=0, atol=1e-5)
-    assert taken[0] == 0
+    assert taken[0] == 1
     bad = x[:, 7:8].copy()
     bad[1, 0, 3] = np.nan
     out = mha.to_numpy(layer(bad, cache=cache, causal=True))
-    assert cache.offset == 8 and cache.holds_nonfinite  # appended once, by the general kernel
+    assert cache.offset == 8 and cache.holds_nonfinite  # appended once
     assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
     want, _ = oracle.attention(w, x[:1, :8], causal=True)
     np.testing.assert_allclose(out[:1], want[:, 7:8], rtol=0, atol=1e-5)
-    assert taken[0] == 0
+    assert taken[0] == 2
 
 
-def test_decode_step_restores_blas_threads(monkeypatch):
-    """A step that holds BLAS at one thread gives the setting back."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    monkeypatch.setattr(_pool.BlasChoice, "pick", lambda self: True)
+def test_decode_step_restores_blas_threads():
+    """A step that holds BLAS at one thread (options.blas_threads=1, the default) gives the setting back."""
+    import threadpoolctl
+
     layer = mha.MultiHeadAttention(16, 2, backend="numpy", seed=0)
     cache = layer.init_cache(1, None)
     layer(normal((1, 3, 16), 0), cache=cache, causal=True)
@@ -171,7 +195,8 @@ def test_decode_step_restores_blas_threads(monkeypatch):
 def test_decode_steps_from_several_threads():
     """Three threads decode their own caches through one layer at once: each gets bitwise what it gets
     alone (the step keeps no state outside the call and its cache), and BLAS's setting comes back."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import threadpoolctl
+
     before = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
     layer = mha.MultiHeadAttention.from_weights(random_weights(32, 4, Hkv=2, seed=9), backend="numpy")
     xs = [normal((2, 40, 32), s) for s in range(3)]
@@ -188,7 +213,8 @@ def test_decode_steps_from_several_threads():
 
 
 def test_decode_step_strided_and_big_endian_tokens(taken):
-    """A token given as a strided view or in big-endian byte order decodes as its plain copy does."""
+    """A token given as a strided view or in big-endian byte order decodes as its plain copy does (the
+    big-endian one by the checked route, which converts it)."""
     w = random_weights(24, 4, seed=4)
     layer = mha.MultiHeadAttention.from_weights(w, backend="numpy")
     x = normal((2, 9, 24), 8)
@@ -201,18 +227,15 @@ def test_decode_step_strided_and_big_endian_tokens(taken):
         plain = np.ascontiguousarray(token, dtype=np.float32)
         np.testing.assert_array_equal(mha.to_numpy(layer(token, cache=c1, causal=True)),
                                       mha.to_numpy(layer(plain, cache=c2, causal=True)))
-    assert taken[0] == 4
+    assert taken[0] == 3
 
 
-@pytest.mark.parametrize("held", [True, False], ids=["blas-held", "blas-threads"])
-def test_plain_steps_take_the_lane_and_equal_the_checked_route(monkeypatch, held):
+def test_plain_steps_take_the_branch_and_equal_the_checked_route(monkeypatch, taken):
     """A step called with nothing but the token and the cache skips the front end's checks; its output and
     the cache it leaves are bitwise those of the checked route (forced here by a head_mask of ones)."""
-    monkeypatch.setattr(_pool.BlasChoice, "pick", lambda self: held)
     w = random_weights(24, 6, Hkv=2, seed=2)
     layer = mha.MultiHeadAttention.from_weights(w, backend="numpy", rope=mha.RoPE(dims=4))
     x = normal((2, 9, 24), 3)
-    lanes = _count(monkeypatch, "lane")
     c1, c2 = layer.init_cache(2, 20), layer.init_cache(2, None)
     for c in (c1, c2):
         layer(x[:, :5], cache=c, causal=True)
@@ -220,14 +243,14 @@ def test_plain_steps_take_the_lane_and_equal_the_checked_route(monkeypatch, held
         a = layer(x[:, i:i + 1], cache=c1, causal=i % 2 == 0)  # causal or not: one query sees every key
         b = layer(x[:, i:i + 1], cache=c2, causal=True, head_mask=np.ones(6, np.float32))
         np.testing.assert_array_equal(a, b)
-    assert lanes[0] == 4 and c1.offset == c2.offset == 9 and (c1._start, c1._end) == (c2._start, c2._end)
+    assert taken[0] == 4 and c1.offset == c2.offset == 9 and (c1._start, c1._end) == (c2._start, c2._end)
     for a, b in ((c1.keys, c2.keys), (c1.values, c2.values)):
         np.testing.assert_array_equal(a[:, :, :9], b[:, :, :9])
     np.testing.assert_array_equal(c1.valid[:, :9], c2.valid[:, :9])
 
 
-def test_the_lane_leaves_every_error_to_the_checked_route():
-    """Calls of the lane's form that are wrong still raise the front end's errors, and change nothing."""
+def test_the_branch_leaves_every_error_to_the_checked_route():
+    """Calls of the branch's form that are wrong still raise the front end's errors, and change nothing."""
     layer = mha.MultiHeadAttention(16, 2, backend="numpy", seed=0)
     other = mha.MultiHeadAttention(16, 4, backend="numpy", seed=0)
     cross = mha.MultiHeadAttention(16, 2, kdim=8, vdim=8, backend="numpy", seed=0)
@@ -250,28 +273,10 @@ def test_the_lane_leaves_every_error_to_the_checked_route():
     with pytest.raises(ValueError, match="cache is full"):
         layer(token, cache=cache)
     assert cache.offset == 4
-    # what the lane does not take, the checked route converts: float64, unbatched, a list
+    # what the branch does not take, the checked route converts: float64, unbatched, a list
     c64, c1 = layer.init_cache(1, None), layer.init_cache(1, None)
     layer(normal((1, 3, 16), 0), cache=c64, causal=True)
     layer(normal((1, 3, 16), 0), cache=c1, causal=True)
     t = normal((1, 1, 16), 2)
     np.testing.assert_array_equal(layer(t.astype(np.float64), cache=c64), layer(t, cache=c1))
     np.testing.assert_array_equal(layer(t[0].tolist(), cache=c64), layer(t[0], cache=c1))
-
-
-def test_blas_choice_learns_the_faster_setting():
-    """BlasChoice takes the setting whose steps are faster, tries the other now and then, and switches
-    back when the times turn."""
-    choice = _pool.BlasChoice()
-    cost = {True: 2.0, False: 1.0}  # threads faster
-    picks = []
-    for _ in range(64):
-        held = choice.pick()
-        picks.append(held)
-        choice.record(held, cost[held])
-    assert choice.held is False and picks[-20:].count(False) >= 19
-    cost = {True: 1.0, False: 3.0}  # then busy cores: holding BLAS at one thread wins
-    for _ in range(96):
-        held = choice.pick()
-        choice.record(held, cost[held])
-    assert choice.held is True

@@ -18,7 +18,7 @@ def test_public_names():
     for name in ("MultiHeadAttention", "AttentionWeights", "available_backends", "default_backend",
                  "to_numpy"):
         assert name in mha.__all__ and hasattr(mha, name)
-    assert mha_cpu.__all__ == ["MultiHeadAttention", "Options", "free_scratch", "options", "small_blocks"]
+    assert mha_cpu.__all__ == ["MultiHeadAttention", "Options", "attend", "free_scratch", "options", "small_blocks"]
 
 
 def test_backends_share_constructor_call_and_public_names():
@@ -41,7 +41,8 @@ def test_facade_signature_is_the_backends():
     assert facade == inspect.signature(mha_cpu.MultiHeadAttention)
     names = list(facade.parameters)
     assert names == ["embed_dim", "num_heads", "num_kv_heads", "kdim", "vdim", "bias", "scale", "dropout",
-                     "backend", "dtype", "weights", "seed", "head_dim", "rope", "window"]
+                     "backend", "dtype", "weights", "seed", "head_dim", "rope", "window", "softcap", "qk_norm",
+                     "sinks"]
     call = inspect.signature(mha.MultiHeadAttention.__call__).parameters
     assert list(call)[:12] == ["self", "query", "key", "value", "mask", "key_mask", "causal", "head_mask",
                                "return_weights", "training", "check_finite", "return_lse"]

@@ -123,8 +123,7 @@ def test_attend_equals_the_loop(core, softcap, sinks, dtype):
         assert np.abs(off[0] - ctx).max() > 1e-2
 
 
-@pytest.mark.parametrize("core", ["reference", pytest.param("numpy", marks=pytest.mark.xfail(
-    strict=True, reason="issue 29 in the numpy kernel: fixed with its rebuild"))])
+@pytest.mark.parametrize("core", CORES)
 @pytest.mark.parametrize("dtype,mag", [(np.float32, 1e37), (np.float32, 3e38), (np.float64, 1e170),
                                        (np.float64, 1e300)])
 def test_attend_is_finite_at_every_magnitude(core, dtype, mag):

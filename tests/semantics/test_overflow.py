@@ -59,18 +59,19 @@ def test_reference_path_rescales(backend, sigma, scale, causal):
 
 
 def test_common_path_takes_no_rescaling(monkeypatch):
-    """Ordinary inputs never reach the rescaled run (it would recompute the kernel)."""
-    from mha_cpu import _layer
+    """Ordinary inputs never reach the rescaled run (it would recompute the kernel): the first run takes
+    large queries scaled down by 2^E (E > 0), and only keys whose logits still overflow run it again."""
+    from mha_cpu import _kernel
 
     layer = mha.MultiHeadAttention(12, 3, backend="numpy", seed=1)
     calls = []
-    original = _layer._rescaled
-    monkeypatch.setattr(_layer, "_rescaled", lambda q, k, D, rescale, own: calls.append(rescale)
-                        or original(q, k, D, rescale, own))
+    original = _kernel.run
+    monkeypatch.setattr(_kernel, "run", lambda call, flops: calls.append(call.E) or original(call, flops))
     layer(_problem(3.0), _problem(3.0, seed=2)[:, :5])
-    assert calls == [False]
+    assert calls == [0]
     layer(_problem(1e20), _problem(1e20, seed=2)[:, :5])
-    assert calls == [False, False, True]
+    layer(_problem(1e20), _problem(1e30, seed=2)[:, :5])
+    assert len(calls) == 4 and 0 < calls[1] == calls[2] < calls[3]  # one run each, the last one again
 
 
 def test_overflow_with_a_cache_appends_once():
