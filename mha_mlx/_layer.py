@@ -8,11 +8,12 @@ import numpy as np
 
 import mha
 from mha import _masks
-from mha._reference import split_heads
+from mha._reference import rms_norm, split_heads
 
 from . import _blockwise, _core, _nonfinite, _options
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+_EXTRAS = ("q_norm", "k_norm", "sinks")  # mha._weights.EXTRAS: optional parameters
 
 
 class _RNG:
@@ -55,7 +56,9 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
     with ``mlx.optimizers`` and ``mx.grad``/``nn.value_and_grad``. Without weights requested (and no
     dropout) it runs MLX's fused ``mx.fast.scaled_dot_product_attention``, with the empty-row and
     non-finite rules of the reference enforced around it; on MLX's CPU device, a call whose B x H x T x S
-    score matrix would exceed ``mha_mlx.options.score_bytes`` runs blockwise instead (mha_mlx._blockwise).
+    score matrix would exceed ``mha_mlx.options.score_bytes`` runs blockwise instead (mha_mlx._blockwise),
+    as does a call asking for lse or a layer with ``softcap`` (the fused kernel cannot cap). The layer
+    features' weights (``q_norm``, ``k_norm``, ``sinks``) are parameters beside the projections.
     """
 
     backend = "mlx"
@@ -98,6 +101,9 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
             layer.weight = mx.array(w[f"{p}_weight"]).astype(dt)
             if c.bias:
                 layer.bias = mx.array(w[f"{p}_bias"]).astype(dt)
+        for name in _EXTRAS:  # q/k norm weights (D,), sink logits (H,): trainable parameters like the rest
+            if w.get(name) is not None:
+                self[name] = mx.array(w[name]).astype(dt)
         mx.eval(self.parameters())  # evaluated now, so that any thread can use them (see _RNG)
 
     def _native_params(self) -> dict:
@@ -106,6 +112,7 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
             layer = self[attr]
             out[f"{p}_weight"] = layer["weight"]
             out[f"{p}_bias"] = layer.get("bias")
+        out.update({name: self.get(name) for name in _EXTRAS})
         return out
 
     def _settle(self, cache) -> None:
@@ -132,6 +139,24 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
         return mx.fast.rope(x, r.rotated_dims(x.shape[-1]), traditional=r.traditional, base=r.base, scale=r.scale,
                             offset=offset)
 
+    def _heads(self, q, k, v, pos, p):
+        """(B, T, H*D) and (B, L, Hkv*D) projections -> heads (B, H, T, D), (B, Hkv, S, D): split, the q/k
+        RMSNorm over D, RoPE, the cache."""
+        c = self._config
+        q, k, v = split_heads(q, c.num_heads), split_heads(k, c.num_kv_heads), split_heads(v, c.num_kv_heads)
+        if c.qk_norm is not None:
+            q = rms_norm(mx, q, p["q_norm"], c.qk_norm, mx.float32)
+            k = rms_norm(mx, k, p["k_norm"], c.qk_norm, mx.float32)
+        return self._positions(q, k, v, pos)
+
+    def _key_bound(self, top, p):
+        """A bound on the entries of the keys the core sees, from ``top``, the largest of the projections':
+        an RMS-normalised head holds at most sqrt(D) max|k_norm|, a rotated pair at most twice the pair's."""
+        c = self._config
+        if c.qk_norm is not None:
+            top = c.head_dim**0.5 * mx.max(mx.abs(p["k_norm"])).astype(mx.float32)
+        return 2 * top if c.rope is not None else top
+
     def _positions(self, q, k, v, pos):
         """RoPE and the cache on (B, H, T, D) queries and (B, Hkv, L, D) keys/values."""
         if self._config.rope is not None:
@@ -149,9 +174,12 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
         k = _affine(key, p["k_weight"], p["k_bias"])  # (B, S, Hkv*D)
         v = _affine(value, p["v_weight"], p["v_bias"])
         B, T, S = call.shape
-        if call.return_lse or _blockwise.over_budget(B, H, T, S):  # the blockwise path: lse, bounded memory
-            q, k, v = self._positions(split_heads(q, H), split_heads(k, Hkv), split_heads(v, Hkv), pos)
-            ctx, lse = _core.attend(q, k, v, masks, scale=c.effective_scale, return_lse=call.return_lse)
+        sinks, softcap = p["sinks"], c.softcap
+        if call.return_lse or softcap is not None or _blockwise.over_budget(B, H, T, S):
+            # the blockwise path: lse, a softcap (the fused kernel cannot cap), memory bounded
+            q, k, v = self._heads(q, k, v, pos, p)
+            ctx, lse = _core.attend(q, k, v, masks, scale=c.effective_scale, softcap=softcap, sinks=sinks,
+                                    return_lse=call.return_lse)
             return self._out(ctx.swapaxes(1, 2), head_mask, p).astype(dt), None, lse
         # Which keys hold NaN/inf, found on the projections while they are contiguous (RoPE keeps finite
         # numbers finite except in float16 near its largest values: there, and with a cache, the fused
@@ -165,10 +193,10 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
             found = (None, top)
         elif early:
             found = _nonfinite.per_key(k, v, Hkv)  # (B, Hkv, S), max |k|
-        if found is not None and c.rope is not None:  # a rotated pair's entries are at most twice the pair's
-            found = (found[0], 2 * found[1])
-        q, k, v = self._positions(split_heads(q, H), split_heads(k, Hkv), split_heads(v, Hkv), pos)
-        ctx = _core.fused(q, k, v, masks, scale=c.effective_scale, found=found, compile=pos.step is None)
+        if found is not None:
+            found = (found[0], self._key_bound(found[1], p))
+        q, k, v = self._heads(q, k, v, pos, p)
+        ctx = _core.fused(q, k, v, masks, scale=c.effective_scale, sinks=sinks, found=found, compile=pos.step is None)
         return self._out(ctx.swapaxes(1, 2), head_mask, p, poison).astype(dt), None, None  # ctx (B, T, H, D)
 
     @staticmethod
