@@ -61,7 +61,7 @@ class Partial:
         return xp.where(self.shift == NEG_INF, NEG_INF, self.lse + xp.where(self.shift == NEG_INF, 0, self.shift))
 
 
-def attend_block(layer, xp, q, k, v, masks, scale: float, logit_bound=None) -> Partial:
+def attend_block(layer, xp, q, k, v, masks, scale: float, logit_bound=None, softcap=None) -> Partial:
     """The backend's core on one block: q (B, H, t, D), k and v (B, Hkv, n, D), ``masks`` the block's
     :class:`mha._masks.MaskSet`. With an additive mask, the mask is first shifted per query by its largest
     term among the query's visible keys of the block, and a query whose logits that term absorbs (a bound
@@ -76,7 +76,7 @@ def attend_block(layer, xp, q, k, v, masks, scale: float, logit_bound=None) -> P
             absorbed = xp.abs(finite) >= logit_bound * 2.0**bits  # (B, H, t, 1): s + bias rounds to bias
             q = xp.where(absorbed, 0, q)
         shift = shift[..., 0]
-    ctx, lse = layer._attend(q, k, v, masks, scale=scale)[:2]
+    ctx, lse = layer._attend(q, k, v, masks, scale=scale, softcap=softcap)[:2]
     acc = layer._dtypes()[1]
     return Partial(ctx.astype(acc), lse.astype(acc), shift)
 
@@ -106,6 +106,15 @@ def merge(xp, acc: Partial | None, part: Partial) -> Partial:
     w = (0.5 * (1 + xp.tanh(0.5 * d)))[..., None]  # sigma(lb - la): the share of part, overflow-free
     ctx = acc.ctx + w * (part.ctx - acc.ctx)
     return Partial(ctx, lse, shift)
+
+
+def with_sinks(xp, part: Partial, sinks) -> Partial:
+    """``part`` merged with the sinks (H,): one more term exp(sink_h) in each query's denominator, with no
+    value (a Partial of context 0 and lse sink_h), once per query whatever the number of blocks."""
+    B, H, t = part.lse.shape
+    lse = xp.broadcast_to(xp.reshape(sinks.astype(part.lse.dtype), (1, H, 1)), (B, H, t))
+    shift = None if part.shift is None else xp.zeros_like(lse)
+    return merge(xp, part, Partial(xp.zeros_like(part.ctx), lse, shift))
 
 
 def empty(xp, B: int, H: int, t: int, D: int, dtype, shifted: bool) -> Partial:

@@ -32,7 +32,7 @@ from .. import _masks, _prepare, _validate
 from .._layer import MultiHeadAttention
 from .._reference import linear, merge_heads, project_heads
 from ._comm import Comm, mx_dtype
-from ._merge import Partial, attend_block, empty, merge, with_validity
+from ._merge import Partial, attend_block, empty, merge, with_sinks, with_validity
 from ._split import check_order, rank_spans
 
 MSG = 400  # characters of a rank's error message carried to the others
@@ -336,7 +336,7 @@ class SequenceParallel:
                         continue
                     pair = with_validity(xp, pair, None if bvalid is None else bvalid[:, j0:j1])
                     part = attend_block(layer, xp, q[:, :, i0:i1], bk[:, :, j0:j1], bv[:, :, j0:j1], pair,
-                                        c.effective_scale, None if bound is None else bound[:, :, i0:i1])
+                                        c.effective_scale, None if bound is None else bound[:, :, i0:i1], c.softcap)
                     states[s] = merge(xp, states[s], part)
             if xp is not np:
                 xp.eval([a for st in states if st is not None for a in (st.ctx, st.lse, st.shift) if a is not None])
@@ -344,8 +344,13 @@ class SequenceParallel:
                 block = self._receive(ticket)
         B, H, D = q.shape[0], c.num_heads, c.head_dim
         shifted = local.mask is not None and _masks.array_kind(local.mask) == "f"
-        return [st if st is not None else empty(xp, B, H, i1 - i0, D, acc, shifted)
-                for st, (i0, i1, _) in zip(states, plan.q_spans)]
+        states = [st if st is not None else empty(xp, B, H, i1 - i0, D, acc, shifted)
+                  for st, (i0, i1, _) in zip(states, plan.q_spans)]
+        sinks = layer._native_params().get("sinks")
+        if sinks is not None:  # in the logits' units: divided by 2^e as they are
+            sinks = _times_pow2(sinks.astype(acc), -plan.exponent) if plan.exponent else sinks
+            states = [with_sinks(xp, st, sinks) for st in states]
+        return states
 
     def _masks(self, local: _Local, plan: _Plan):
         """The MaskSet of the rank's rows over every position (columns = positions 0 .. S - 1)."""

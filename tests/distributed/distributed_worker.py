@@ -35,8 +35,12 @@ def make_problem(case):
     def b(n):
         return (0.5 * rng.normal(size=n)).astype(np.float32)
 
+    extra = {}
+    if case.get("features"):  # the layer features: q/k RMSNorm weights and learned sinks (softcap below)
+        extra = dict(q_norm=rng.uniform(0.5, 2, D).astype(np.float32), k_norm=rng.uniform(0.5, 2, D).astype(np.float32),
+                     sinks=rng.normal(0.5, 1.0, H).astype(np.float32))
     weights = mha.AttentionWeights(w(H * D, E), w(Hkv * D, kdim), w(Hkv * D, vdim), w(E, H * D), b(H * D),
-                                   b(Hkv * D), b(Hkv * D), b(E), num_heads=H, num_kv_heads=Hkv)
+                                   b(Hkv * D), b(Hkv * D), b(E), num_heads=H, num_kv_heads=Hkv, **extra)
     B, T = case["B"], case["T"]
     S = case.get("S") or T
     x = rng.normal(size=(B, T, E)).astype(np.float32)
@@ -65,6 +69,8 @@ def make_problem(case):
         head_mask = rng.uniform(0.0, 2.0, size=(B, H) if case["head_mask"] == "BH" else (H,)).astype(np.float32)
         head_mask[..., 0] = 0.0
     kwargs = {"rope": case.get("rope"), "window": case.get("window"), "dtype": case.get("dtype", "float32")}
+    if case.get("features"):
+        kwargs.update(softcap=1.5, qk_norm=1e-5)
     if kwargs["dtype"] == "float64":
         x, k, v = (None if a is None else a.astype(np.float64) for a in (x, k, v))
     return weights, kwargs, x, k, v, mask, key_mask, head_mask

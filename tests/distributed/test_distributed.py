@@ -60,6 +60,9 @@ FIXED = [
     dict(name="left-padding-empty-rows", B=2, T=20, H=6, Hkv=2, D=2, E=12, causal=True, key_mask="left"),
     dict(name="zigzag-causal-gqa-rope-keymask", B=2, T=29, H=6, Hkv=3, D=4, E=24, causal=True, rope=True,
          key_mask=True, head_mask="H", order="zigzag", blocks=(3, 4)),
+    # softcap, q/k norm and sinks (the sink counted once per query, not once per block)
+    dict(name="features-rope-floatmask", B=2, T=22, H=4, Hkv=2, D=4, E=16, causal=True, rope=True,
+         mask="float", features=True),
 ]
 
 
@@ -106,7 +109,8 @@ def _problem(case):
 
     weights, kwargs, x, k, v, mask, key_mask, head_mask = make_problem(case)
     rope = mha.RoPE() if kwargs["rope"] else None
-    return weights, rope, kwargs["window"], x, k, v, mask, key_mask, head_mask
+    features = {n: kwargs[n] for n in ("softcap", "qk_norm") if n in kwargs}
+    return weights, rope, kwargs["window"], x, k, v, mask, key_mask, head_mask, features
 
 
 def _expected(case, n: int):
@@ -117,12 +121,12 @@ def _expected(case, n: int):
     ring, which attends each block with the mask shifted by each row's largest visible term (so such a
     row keeps its logits' digits): M of the shifted mask plus 2 n (1 + L) ||W_O|| max|v|, L the row's
     |lse| in the shifted problem (float64)."""
-    weights, rope, window, x, k, v, mask, key_mask, head_mask = _problem(case)
+    weights, rope, window, x, k, v, mask, key_mask, head_mask, features = _problem(case)
     causal = bool(case.get("causal")) or bool(case.get("decode"))
     if case.get("decode") and key_mask is not None:
         key_mask[:, case["prefill"]:] = True  # decoded tokens are given without a key_mask: real
     masks = dict(mask=mask, key_mask=key_mask, causal=causal)
-    y, P = oracle.attention(weights, x, k, v, **masks, head_mask=head_mask, rope=rope, window=window)
+    y, P = oracle.attention(weights, x, k, v, **masks, head_mask=head_mask, rope=rope, window=window, **features)
     S = (k if k is not None else x).shape[1]
     angle = (S - 1) if rope else 0.0
     M = tolerance.magnitude(weights, x, k, v, y_ref=y, mask=mask, head_mask=head_mask, max_angle=angle, P_ref=P)
@@ -135,7 +139,8 @@ def _expected(case, n: int):
     shifted = _shifted(mask, oracle.visible_keys(*P.shape, **masks, window=window))
     M_shift = tolerance.magnitude(weights, x, k, v, y_ref=y, mask=shifted, head_mask=head_mask, max_angle=angle,
                                   P_ref=P)
-    layer = mha.MultiHeadAttention.from_weights(weights, backend="numpy", dtype="float64", rope=rope, window=window)
+    layer = mha.MultiHeadAttention.from_weights(weights, backend="numpy", dtype="float64", rope=rope, window=window,
+                                                **features)
     f64 = (None if a is None else a.astype(np.float64) for a in (x, k, v))
     lse = np.abs(layer(*f64, **dict(masks, mask=shifted), return_lse=True)[1])  # (B, H, T)
     L = np.where(np.isfinite(lse), lse, 0.0).max(axis=1)[..., None]  # (B, T, 1): the row's worst head
