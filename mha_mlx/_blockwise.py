@@ -1,8 +1,8 @@
 r"""Blockwise attention on MLX, for calls whose score matrix would not fit a memory budget.
 
 MLX's CPU device has no fused attention kernel: ``mx.fast.scaled_dot_product_attention`` falls back
-to matmul, softmax, matmul and holds the whole (B, H, T, S) score matrix (measured here: 3.0 GiB at
-B=1, H=2, T=S=20,000; a segfault at T=50,000 under an 8 GiB cap). When that matrix would exceed
+to matmul, softmax, matmul and holds the whole (B, H, T, S) score matrix (docs/performance.md: what
+that costs, and where it fails). When that matrix would exceed
 ``mha_mlx.options.score_bytes``, :mod:`mha_mlx._layer` runs this path instead: blocks of ``block_q``
 queries against blocks of ``block_k`` keys with FlashAttention's online softmax, in float32 whatever
 the input dtype,
@@ -151,10 +151,9 @@ def _query_block(qb, k, v, bad, masks, rules, t0, t1, bk):
 
 def _evaluate(*arrays) -> None:
     """Evaluate the running state now, so that one key block's logits at a time exist. Left lazy, MLX
-    evaluates the whole graph breadth first and computes many blocks' logits before it consumes them
-    (measured at B=1, H=1, T=S=10,000, 1024 x 1024 blocks: a peak of 200 MiB, half the score matrix;
-    10 MiB evaluated block by block). Inside mx.compile nothing may be evaluated: there the blocks stay
-    lazy."""
+    evaluates the whole graph breadth first and computes many blocks' logits before it consumes them (a
+    peak near half the score matrix; docs/performance.md). Inside mx.compile nothing may be evaluated:
+    there the blocks stay lazy."""
     try:
         mx.eval(*arrays)
     except ValueError as err:

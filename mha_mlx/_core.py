@@ -126,8 +126,7 @@ def _fused(q, k, v, masks, scale: float, bad, top, sinks, scan: bool):
 def _clean(k, v, bad):
     """Keys and values with the NaN/inf ones zeroed: a NaN at a hidden key must not leak into the kernel's
     sums (0 * NaN); the rows that see one are set to NaN by :func:`_row_rules`. (Zeroed by the flags, not
-    by isfinite again: decoding runs this op by op over the whole cache, where one more pass cost 1.4x per
-    token on MLX's CPU build.)"""
+    by isfinite again: decoding runs this op by op over the whole cache, where each pass over it counts.)"""
     return mx.where(bad[..., None], 0, k), mx.where(bad[..., None], 0, v)
 
 

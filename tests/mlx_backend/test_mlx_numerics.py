@@ -76,9 +76,9 @@ def test_the_bare_kernel_overflows_on_those_inputs(monkeypatch):
     w = random_weights(12, 3, seed=2)
     x = (normal((2, 5, 12), 4).astype(np.float64) * 1e30).astype(np.float32)
     layer = mha.MultiHeadAttention.from_weights(w, backend="mlx")
-    monkeypatch.setattr(mha_mlx.options, "compile", False)  # the patched step runs op by op
     monkeypatch.setattr(_core, "scaled_queries", lambda q, top, scale: (q * scale, mx.array(0.0)))
-    assert np.isnan(mha.to_numpy(layer(x))).all()
+    with mha_mlx.options.override(compile=False):  # the patched step runs op by op
+        assert np.isnan(mha.to_numpy(layer(x))).all()
 
 
 def test_scaled_queries_leave_ordinary_queries_exactly_as_the_kernel_scales_them():
