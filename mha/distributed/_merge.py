@@ -102,7 +102,8 @@ def merge(xp, acc: Partial | None, part: Partial) -> Partial:
         base = xp.where(shift == NEG_INF, 0, shift)
         la, lb = la + (sa - base), lb + (sb - base)  # -inf where that side has seen nothing
     lse = xp.logaddexp(la, lb)  # -inf where neither has seen a key
-    d = xp.where(xp.logical_and(la == NEG_INF, lb == NEG_INF), 0, lb - la)
+    none = xp.logical_and(la == NEG_INF, lb == NEG_INF)
+    d = xp.where(none, 0, lb - xp.where(none, 0, la))  # lb - la, 0 where both are -inf (not -inf - -inf)
     w = (0.5 * (1 + xp.tanh(0.5 * d)))[..., None]  # sigma(lb - la): the share of part, overflow-free
     ctx = acc.ctx + w * (part.ctx - acc.ctx)
     return Partial(ctx, lse, shift)

@@ -180,9 +180,10 @@ class SequenceParallel:
         except (ValueError, TypeError) as e:
             local, err = None, e
         plan = self._agree(local, err, cache)
-        q, block = self._place(local, plan, cache)
-        states = self._ring(q, block, local, plan)
-        return self._output(states, local, plan)
+        with self.layer._errstate():  # numpy: no warnings for the NaN/inf the rules propagate, as the layer
+            q, block = self._place(local, plan, cache)
+            states = self._ring(q, block, local, plan)
+            return self._output(states, local, plan)
 
     # -- 1, 2: this rank alone ---------------------------------------------------------------------------
     def _check(self, query, key, value, mask, key_mask, causal, head_mask, return_weights, training,
