@@ -425,7 +425,8 @@ def _top(xp, x) -> float:
     """The largest finite |x| entry, on the host (0 for none)."""
     if x.size == 0:
         return 0.0
-    return float(xp.max(xp.abs(xp.where(xp.isfinite(x), x, 0))))
+    top = float(xp.max(xp.abs(x)))
+    return top if math.isfinite(top) else float(xp.max(xp.abs(xp.where(xp.isfinite(x), x, 0))))
 
 
 def _times_pow2(x, e: int):
