@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parents[1]))
+from tests.distributed.distributed_launch import free_ports, launcher  # noqa: E402  (the tests' launcher)
+
 KINDS = ("single", "ring", "single causal", "ring causal zigzag", "ring causal contiguous")
 
 
@@ -88,32 +91,6 @@ def ring_rank(T: int, E: int, H: int, causal: bool, order: str, check: bool) -> 
     return rec
 
 
-def _launcher() -> str:
-    path = Path(sys.executable).with_name("mlx.launch")
-    return str(path) if path.exists() else "mlx.launch"
-
-
-def _free_port(n: int) -> int:
-    import random
-    import socket
-
-    for _ in range(200):
-        p = random.randrange(20000, 60000 - n)
-        socks = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p + i))
-            return p
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
-
-
 def _run(kind: str, args) -> dict:
     """One measurement of ``kind`` in fresh processes: its seconds and peak memory per process."""
     causal = "causal" in kind
@@ -122,8 +99,8 @@ def _run(kind: str, args) -> dict:
         cmd = [sys.executable, str(HERE), "--as", "single", "--threads", str(args.threads)] + common
     else:
         order = "zigzag" if "zigzag" in kind else "contiguous"
-        cmd = [_launcher(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", str(args.ranks), "--starting-port",
-               str(_free_port(args.ranks)), "--python", sys.executable, str(HERE), "--as", "rank", "--order", order]
+        cmd = [launcher(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", str(args.ranks), "--starting-port",
+               str(free_ports(args.ranks)), "--python", sys.executable, str(HERE), "--as", "rank", "--order", order]
         cmd += common + ([] if args.check else ["--no-check"])
     env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)

@@ -23,6 +23,7 @@ for one pair (the backend's blockwise kernel: a few blocks of scores).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 
@@ -174,16 +175,17 @@ class SequenceParallel:
     def __call__(self, query, key=None, value=None, *, mask=None, key_mask=None, causal=False, head_mask=None,
                  return_weights=False, training=False, check_finite=False, return_lse=False, cache=None):
         """The rank's rows (B, T_r, E) of the layer's output (and lse (B, H, T_r) when asked)."""
-        try:
-            local, err = self._check(query, key, value, mask, key_mask, causal, head_mask, return_weights,
-                                     training, check_finite, return_lse, cache), None
-        except (ValueError, TypeError) as e:
-            local, err = None, e
-        plan = self._agree(local, err, cache)
-        with self.layer._errstate():  # numpy: no warnings for the NaN/inf the rules propagate, as the layer
-            q, block = self._place(local, plan, cache)
-            states = self._ring(q, block, local, plan)
-            return self._output(states, local, plan)
+        with _one_blas_thread(self.layer._xp):
+            try:
+                local, err = self._check(query, key, value, mask, key_mask, causal, head_mask, return_weights,
+                                         training, check_finite, return_lse, cache), None
+            except (ValueError, TypeError) as e:
+                local, err = None, e
+            plan = self._agree(local, err, cache)
+            with self.layer._errstate():  # numpy: no warnings for the NaN/inf the rules propagate, as the layer
+                q, block = self._place(local, plan, cache)
+                states = self._ring(q, block, local, plan)
+                return self._output(states, local, plan)
 
     # -- 1, 2: this rank alone ---------------------------------------------------------------------------
     def _check(self, query, key, value, mask, key_mask, causal, head_mask, return_weights, training,
@@ -415,6 +417,20 @@ class SequenceParallel:
             got = [np.array(a) for a in got]
         k, v, pos = got[0], got[1], np.array(got[2]).astype(np.int64)
         return k, v, (got[3] if has_valid else None), pos
+
+
+def _one_blas_thread(xp):
+    """For numpy arrays, BLAS held at one thread (threadpoolctl, when installed) during the ring's own
+    GEMMs (projections, W_O), as the numpy layer holds it for work on the calling thread: ranks often
+    share a machine, and BLAS threads of several processes spinning on the same cores slow every rank
+    many times over. The core's calls set their own threads (``mha_cpu.options``)."""
+    if xp is not np:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - the numpy backend's "fast" extra
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def _ints(values) -> list:
