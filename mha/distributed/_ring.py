@@ -32,68 +32,16 @@ import numpy as np
 from .. import _masks, _prepare, _validate
 from .._layer import MultiHeadAttention
 from .._reference import linear, merge_heads, project_heads
-from ._comm import Comm, mx_dtype
+from ._comm import Comm, DistributedError, mx_dtype
 from ._merge import Partial, attend_block, empty, merge, with_sinks, with_validity
-from ._split import check_order, rank_spans
+from ._ringcache import RingCache
+from ._split import check_order, positions, rank_spans, runs
 
 MSG = 400  # characters of a rank's error message carried to the others
 _FIELDS = ("error", "B", "T", "S", "kept", "causal", "key_mask", "mask", "mask_S", "head_mask", "return_lse",
            "offset", "batched", "q_top", "k_top", "msg_len")
-_ERRORS = {1: ValueError, 2: TypeError}
+_ERRORS = {1: ValueError, 2: TypeError, 3: DistributedError}  # by the failing rank's error
 LIMIT = {4: 100, 8: 1000}  # by the accumulation dtype's size: logits kept below 2^LIMIT
-
-
-class RingCache:
-    """The keys and values (after RoPE) a rank keeps for decoding with :class:`SequenceParallel`: its own
-    rows of every call, with their global positions. With the layer's sliding window W, a position that no
-    later query can see (p <= offset - W) is dropped at the next call, so memory is bounded by the window
-    (and one call's rows).
-    Made by :meth:`SequenceParallel.init_cache`."""
-
-    def __init__(self, owner, xp, batch_size: int, num_kv_heads: int, head_dim: int, dtype, max_length, window):
-        self._owner, self._xp, self.batch_size, self.max_length = owner, xp, batch_size, max_length
-        self.window = window
-        self._shape, self._dtype = (batch_size, num_kv_heads, 0, head_dim), dtype
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget every position (on every rank: they must agree)."""
-        xp = self._xp
-        self.keys = xp.zeros(self._shape, dtype=self._dtype)  # (B, Hkv, kept, D)
-        self.values = xp.zeros(self._shape, dtype=self._dtype)
-        self.valid = xp.zeros((self.batch_size, 0), dtype=xp.bool_)  # (B, kept)
-        self.positions = np.zeros(0, dtype=np.int64)  # (kept,) global positions
-        self.offset = 0  # positions appended so far by all ranks together
-        self.top = 0.0  # the largest finite |key| entry ever appended (a bound on the kept keys')
-
-    @property
-    def kept(self) -> int:
-        return int(self.positions.shape[0])
-
-    def _first_needed(self) -> int:
-        """Index of the first kept key that a query of the next call may see: with a window W, the next
-        queries sit at positions >= offset, so keys at p <= offset - W are of no use any more (a rank's
-        positions ascend: the rest is a suffix)."""
-        if self.window is None:
-            return 0
-        return int(np.searchsorted(self.positions, self.offset - self.window, side="right"))
-
-    def _kept_next(self) -> int:
-        """How many of the kept keys the next call attends over (after dropping the useless ones)."""
-        return self.kept - self._first_needed()
-
-    def _append(self, k, v, valid, positions, top: float, offset: int) -> None:
-        """Drop the keys no query can see any more, then append (B, Hkv, n, D) keys and values, their
-        validity (B, n) and positions (n,); ``offset``: the positions appended by all ranks after it."""
-        xp, a = self._xp, self._first_needed()
-        self.keys = xp.concatenate([self.keys[:, :, a:], k], axis=2)
-        self.values = xp.concatenate([self.values[:, :, a:], v], axis=2)
-        self.valid = xp.concatenate([self.valid[:, a:], valid], axis=1)
-        self.positions = np.concatenate([self.positions[a:], positions])
-        self.top, self.offset = max(self.top, top), offset
-
-    def __repr__(self) -> str:
-        return f"RingCache(batch_size={self.batch_size}, offset={self.offset}, kept_here={self.kept})"
 
 
 @dataclass
@@ -179,7 +127,7 @@ class SequenceParallel:
             try:
                 local, err = self._check(query, key, value, mask, key_mask, causal, head_mask, return_weights,
                                          training, check_finite, return_lse, cache), None
-            except (ValueError, TypeError) as e:
+            except Exception as e:  # told to the other ranks first, so that none of them waits for this one
                 local, err = None, e
             plan = self._agree(local, err, cache)
             with self.layer._errstate():  # numpy: no warnings for the NaN/inf the rules propagate, as the layer
@@ -225,8 +173,9 @@ class SequenceParallel:
         when one rank's arguments were wrong or the ranks disagree."""
         row = np.zeros(len(_FIELDS) + MSG, dtype=np.float64)
         if local is None:
-            msg = np.frombuffer(str(err)[:MSG].encode("ascii", "replace"), dtype=np.uint8)
-            row[0] = 2 if isinstance(err, TypeError) else 1
+            text = str(err) if isinstance(err, (ValueError, TypeError)) else f"{type(err).__name__}: {err}"
+            msg = np.frombuffer(text[:MSG].encode("ascii", "replace"), dtype=np.uint8)
+            row[0] = 2 if isinstance(err, TypeError) else 1 if isinstance(err, ValueError) else 3
             row[_FIELDS.index("msg_len")] = msg.size
             row[len(_FIELDS):len(_FIELDS) + msg.size] = msg
         else:
@@ -240,6 +189,8 @@ class SequenceParallel:
         got = self.comm.all_gather(row[None], "the exchange of chunk sizes")  # (n, fields + MSG)
         table = {name: got[:, i] for i, name in enumerate(_FIELDS)}
         bad = [i for i in range(got.shape[0]) if table["error"][i]]
+        if err is not None and not isinstance(err, (ValueError, TypeError)):
+            raise err  # this rank's own failure (the others raise DistributedError naming it)
         if bad:
             i = bad[0]
             text = bytes(got[i, len(_FIELDS):len(_FIELDS) + int(table["msg_len"][i])].astype(np.uint8)).decode()
@@ -305,14 +256,14 @@ class SequenceParallel:
         if c.rope is not None:
             q = _by_span(xp, q, plan.q_spans, layer._rope)
             k = _by_span(xp, k, plan.k_spans, layer._rope)
-        positions = _positions(plan.k_spans)
+        kpos = positions(plan.k_spans)
         valid = local.valid
         if valid is None and plan.with_valid:
             valid = xp.ones((k.shape[0], k.shape[2]), dtype=xp.bool_)
         if cache is None:
-            return q, (k, v, valid, positions)
+            return q, (k, v, valid, kpos)
         T = int(plan.table["T"].sum())
-        cache._append(k, v, valid, positions, local.k_top * (2.0 if c.rope is not None else 1.0),
+        cache._append(k, v, valid, kpos, local.k_top * (2.0 if c.rope is not None else 1.0),
                       cache.offset + T)
         return q, (cache.keys, cache.values, cache.valid, cache.positions)
 
@@ -332,7 +283,7 @@ class SequenceParallel:
             ticket = self._shift(block, src, (src - 1) % n, plan) if step < n - 1 else None
             bk, bv, bvalid, bpos = block
             for s, (i0, i1, p0) in enumerate(plan.q_spans):
-                for j0, j1, k0 in _runs(bpos):
+                for j0, j1, k0 in runs(bpos):
                     pair = replace(masks.cut(rows=(i0, i1), cols=(k0, k0 + j1 - j0)), q_pos=range(p0, p0 + i1 - i0))
                     lo, hi = pair.key_span()
                     if lo == hi:  # the rules hide every key of the run from these queries
@@ -358,7 +309,7 @@ class SequenceParallel:
     def _masks(self, local: _Local, plan: _Plan):
         """The MaskSet of the rank's rows over every position (columns = positions 0 .. S - 1)."""
         xp, c = self.layer._xp, self.layer.config
-        qpos = _positions(plan.q_spans)
+        qpos = positions(plan.q_spans)
         return _masks.prepare(xp, mask=local.mask, key_mask=None, causal=local.causal,
                               bias_dtype=self.layer._dtypes()[1], window=c.window, q_pos=qpos, k_pos=range(plan.S))
 
@@ -449,22 +400,6 @@ def _times_pow2(x, e: int):
     """x * 2^e, exact (two factors, each a float of x's dtype)."""
     h = e // 2
     return x * math.ldexp(1.0, h) * math.ldexp(1.0, e - h)
-
-
-def _positions(spans) -> np.ndarray:
-    """The positions of [(i0, i1, first position)] spans, in order."""
-    if not spans:
-        return np.zeros(0, np.int64)
-    return np.concatenate([np.arange(p, p + b - a, dtype=np.int64) for a, b, p in spans])
-
-
-def _runs(positions) -> list:
-    """[(j0, j1, first position)]: the maximal runs of consecutive positions."""
-    if positions.size == 0:
-        return []
-    cuts = np.flatnonzero(np.diff(positions) != 1) + 1
-    starts, stops = np.concatenate([[0], cuts]), np.concatenate([cuts, [positions.size]])
-    return [(int(a), int(b), int(positions[a])) for a, b in zip(starts, stops)]
 
 
 def _by_span(xp, x, spans, rope):

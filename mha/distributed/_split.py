@@ -1,4 +1,5 @@
-"""Cutting inputs into the ranks' chunks (contiguous or zigzag), and models whose attention runs head-parallel."""
+"""Cutting inputs into the ranks' rows (contiguous or zigzag), their positions, and models whose attention runs
+head-parallel."""
 
 from __future__ import annotations
 
@@ -40,6 +41,22 @@ def rank_spans(length: int, size: int, order: str = "contiguous") -> list[list[t
         return [[b] for b in chunk_bounds(length, size)]
     bounds = chunk_bounds(length, 2 * size)
     return [[bounds[r], bounds[2 * size - 1 - r]] for r in range(size)]
+
+
+def positions(spans) -> np.ndarray:
+    """The positions of [(i0, i1, first position)] spans, in order."""
+    if not spans:
+        return np.zeros(0, np.int64)
+    return np.concatenate([np.arange(p, p + b - a, dtype=np.int64) for a, b, p in spans])
+
+
+def runs(pos) -> list:
+    """[(j0, j1, first position)]: the maximal runs of consecutive positions in ``pos`` (ints)."""
+    if pos.size == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(pos) != 1) + 1
+    starts, stops = np.concatenate([[0], cuts]), np.concatenate([cuts, [pos.size]])
+    return [(int(a), int(b), int(pos[a])) for a, b in zip(starts, stops)]
 
 
 def chunk(x, group=None, *, axis: int = -2, order: str = "contiguous"):
