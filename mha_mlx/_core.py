@@ -80,31 +80,28 @@ def fused(q, k, v, masks, *, scale, sinks=None, found=None, compile: bool = True
     rule itself (the layer does when every key is visible), and top, a bound on |k| (None: both found
     here from k and v). ``compile``: ``mx.compile`` the steps (one graph per kind of call and positions;
     ``mha_mlx.options.compile``); decoding with a cache passes False, since S grows at every step and each
-    new shape would be traced anew; positions given as arrays are not compiled either.
+    new shape would be traced anew. Only positions aligned at the end (the layer's, a cache's prefill),
+    whose rule depends on T and S alone, are compiled: the graph derives them from the shapes.
     """
     bad, top = found if found is not None else (None, None)
     scan = found is None or bad is not None  # whether the rule is applied here
     arrays = {"keep": masks.keep, "bias": masks.bias, "bad": bad, "top": top, "sinks": sinks}
     given = tuple(n for n, a in arrays.items() if a is not None)
-    causal, window, q_pos, k_pos = masks.causal, masks.window, masks.q_pos, masks.k_pos
+    causal, window = masks.causal, masks.window
 
     def fn(q, k, v, *rest):  # traced once per key below and shapes: nothing else may come from outside
         got = dict(zip(given, rest))
-        rules = MaskSet(got.get("keep"), got.get("bias"), causal, window, q_pos, k_pos)
+        rules = MaskSet.aligned(q.shape[2], k.shape[2], keep=got.get("keep"), bias=got.get("bias"), causal=causal,
+                                window=window)
         return _fused(q, k, v, rules, float(scale), got.get("bad"), got.get("top"), got.get("sinks"), scan)
 
-    where = _ranges(masks)
-    if compile and where is not None:
-        fn = compiled(("attend", given, causal, window, where, float(scale), scan), fn)
-    return fn(q, k, v, *(arrays[n] if n != "sinks" else mx.array(sinks) for n in given))
-
-
-def _ranges(masks):
-    """The positions as a hashable key when both are ranges (the layer, ordinary caches), else None."""
-    q, k = masks.q_pos, masks.k_pos
-    if isinstance(q, range) and isinstance(k, range):
-        return (q.start, q.stop, q.step, k.start, k.stop, k.step)
-    return None
+    if sinks is not None:
+        arrays["sinks"] = mx.array(sinks)
+    if not _aligned(masks):  # other positions: op by op, with the set as it is
+        return _fused(q, k, v, masks, float(scale), bad, top, arrays["sinks"], scan)
+    if compile:
+        fn = compiled(("attend", given, causal, window, float(scale), scan), fn)
+    return fn(q, k, v, *(arrays[n] for n in given))
 
 
 def _fused(q, k, v, masks, scale: float, bad, top, sinks, scan: bool):
@@ -166,7 +163,8 @@ def _encode(masks, dtype):
 
 
 def _aligned(masks) -> bool:
-    """Whether query i sees key j under causal exactly when j <= i + (S - T): the kernel's own "causal"."""
+    """Whether the positions are a plain call's up to a shift (query i at k_pos[0] + S - T + i, key j at
+    k_pos[0] + j): the rules then depend on T and S alone, and causal is the kernel's own "causal"."""
     q, k = masks.q_pos, masks.k_pos
     return (isinstance(q, range) and isinstance(k, range) and q.step == k.step == 1
             and q.start - k.start == masks.S - masks.T)
