@@ -34,6 +34,18 @@ SHARP, BROAD = 0.5, 0.7
 SPECIAL = {"[CLS]", "[SEP]", "[PAD]", "<s>", "</s>", "[MASK]"}
 
 
+def token_list(tokens, name: str = "tokens") -> list[str]:
+    """``tokens`` (a list, tuple, generator or any iterable of str) as a list; TypeError naming ``name``
+    for a plain string (which would be read character by character) or a non-str item."""
+    if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of str (one per position), got {type(tokens).__name__}")
+    out = list(tokens)
+    bad = next((t for t in out if not isinstance(t, str)), None)
+    if bad is not None:
+        raise TypeError(f"{name} must hold str (one per position), got a {type(bad).__name__}: {bad!r}")
+    return out
+
+
 def is_punctuation(token: str) -> bool:
     t = token[2:] if token.startswith("##") else token
     return bool(t) and token not in SPECIAL and all(not c.isalnum() for c in t)
@@ -58,9 +70,12 @@ def role_score_array(P, tokens) -> np.ndarray:
     """Scores of every role, in ``ROLES`` order, for many heads at once: P (..., L, L) -> (..., 8) float64.
     Punctuation is NaN when the sentence has none."""
     P = np.asarray(P, np.float64)
-    L = P.shape[-1]
+    tokens = token_list(tokens)
+    L = P.shape[-1] if P.ndim else 0
     if P.ndim < 2 or P.shape[-2] != L or len(tokens) != L:
         raise ValueError(f"weights must be (..., L, L) with L = len(tokens) = {len(tokens)}, got {P.shape}")
+    if L == 0:
+        raise ValueError("a sentence of 0 tokens has no attention to score: give at least one token")
     idx = np.arange(L)
     diag = np.diagonal(P, axis1=-2, axis2=-1)  # (..., L)
     s = {"self": diag.mean(-1), "first": P[..., :, 0].mean(-1), "last": P[..., :, L - 1].mean(-1)}
@@ -81,8 +96,8 @@ def role_score_array(P, tokens) -> np.ndarray:
 def role_scores(P: np.ndarray, tokens) -> dict:
     """Scores of every role for one head on one sentence; P is (L, L)."""
     P = np.asarray(P, np.float64)
-    L = P.shape[-1]
-    if P.shape != (L, L) or len(tokens) != L:
+    tokens = token_list(tokens)
+    if P.ndim != 2 or P.shape != (len(tokens), len(tokens)):
         raise ValueError(f"weights must be (L, L) with L = len(tokens) = {len(tokens)}, got {P.shape}")
     return {k: float(v) for k, v in zip(ROLES, role_score_array(P, tokens))}
 
@@ -106,22 +121,30 @@ def head_roles(attentions, tokens) -> list[HeadRole]:
     """Label every head.
 
     Args:
-        attentions: (layers, heads, L, L) for one sentence, or a list of such arrays (several sentences).
-        tokens: the L tokens of the sentence, or a list of token lists (one per sentence).
+        attentions: (layers, heads, L, L) for one sentence, or a list (tuple, generator) of such arrays
+            (several sentences).
+        tokens: the L tokens of the sentence (any iterable of str), or one token list per sentence.
 
     Returns:
-        one :class:`HeadRole` per (layer, head), in order; scores averaged over the sentences.
+        one :class:`HeadRole` per (layer, head), in order; scores averaged over the sentences (an empty
+        list for 0 layers or 0 heads). A sentence of 0 tokens, or no sentence at all, is a ValueError.
     """
-    many = isinstance(attentions, (list, tuple))
+    many = not hasattr(attentions, "shape") and not isinstance(attentions, (str, bytes)) and (
+        isinstance(attentions, (list, tuple)) or hasattr(attentions, "__next__"))
     atts = list(attentions) if many else [attentions]
-    toks = list(tokens) if many else [tokens]
-    if len(atts) != len(toks) or not atts:
+    toks = [token_list(t, f"tokens[{i}]") for i, t in enumerate(tokens)] if many else [token_list(tokens)]
+    if not atts and not toks:
+        raise ValueError("no sentences: give one (layers, heads, L, L) array and its tokens, or lists of them")
+    if len(atts) != len(toks):
         raise ValueError(f"need one token list per attention array, got {len(atts)} arrays and {len(toks)} lists")
     atts = [np.asarray(a) for a in atts]
-    for a, t in zip(atts, toks):
+    for i, (a, t) in enumerate(zip(atts, toks)):
         if a.ndim != 4 or a.shape[-1] != a.shape[-2] or a.shape[-1] != len(t):
             raise ValueError(f"attentions must be (layers, heads, L, L) with L = len(tokens) = {len(t)}, "
-                             f"got {a.shape}")
+                             f"got {a.shape}" + (f" for sentence {i}" if many else ""))
+        if not t:
+            raise ValueError("a sentence of 0 tokens has no attention to label" + (f" (sentence {i})" if many else "")
+                             + ": give at least one token")
     if len({a.shape[:2] for a in atts}) != 1:
         raise ValueError(f"every sentence needs the same (layers, heads), got {sorted({a.shape[:2] for a in atts})}")
     layers, heads = atts[0].shape[:2]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ._answers import ImplementationError, Malformed
+from ._guard import DEFAULT_TIMEOUT, NoAnswer, guard
 from .conventions import conventions_of, describe
 from .properties import PROPERTIES, Property
 
@@ -51,29 +53,44 @@ def _settings(max_examples):
     return settings(**kwargs)
 
 
-def run_property(impl, prop: Property | str, *, max_examples: int | None = None) -> None:
+def run_property(impl, prop: Property | str, *, max_examples: int | None = None,
+                 timeout: float | None = DEFAULT_TIMEOUT) -> None:
     """Run one property against ``impl`` under Hypothesis; raises its (shrunk) failure.
 
     The number of examples defaults to the loaded Hypothesis profile's (see mha.testing.profiles).
-    Every example is held to the conventions ``impl`` declares (mha.testing.conventions).
+    Every example is held to the conventions ``impl`` declares (mha.testing.conventions). Every call
+    of ``impl`` must answer within ``timeout`` seconds and every answer must follow the adapter
+    protocol (mha.testing._guard: shape, real float dtype, finite where the inputs promise it), or the
+    property fails with an :class:`ImplementationError` saying what came back.
     """
     from dataclasses import replace
 
     from hypothesis import given
 
     prop = PROPERTIES[prop] if isinstance(prop, str) else prop
+    impl = guard(impl, timeout)
     conventions = conventions_of(impl)
-    reason = prop.not_applicable(impl.features, conventions)
+    reason = prop.not_applicable(impl.features, conventions, impl.dtypes)
     if reason:
-        raise ValueError(f"{getattr(impl, 'name', impl)!s} cannot express {prop.name}: {reason}")
+        raise ValueError(f"{impl.name} cannot express {prop.name}: {reason}")
+    stop = []  # the first call that hung or answered something malformed, and its example
 
     @_settings(max_examples)
-    @given(prop.strategy(frozenset(impl.features)))
+    @given(prop.strategy(impl.features))
     def run(problem):
-        prop.check(impl, replace(problem, conventions=conventions))
+        if stop:  # nothing more to learn: the remaining examples pass without calling impl
+            return
+        try:
+            prop.check(impl, replace(problem, conventions=conventions))
+        except (NoAnswer, Malformed) as err:
+            stop[:] = [err, problem]
 
     run.__name__ = run.__qualname__ = prop.name
     run()
+    if stop:
+        err, problem = stop
+        example = "" if str(err).startswith("not called") else f"; falsifying example: {problem!r}"
+        raise ImplementationError(f"{err}{example}")
 
 
 def _describe(err: BaseException) -> str:
@@ -87,30 +104,35 @@ def _describe(err: BaseException) -> str:
     return "\n".join([head.strip()] + [f"falsifying example: {m.group(0)}" for m in found if m])
 
 
-def check(impl, *, properties=None, max_examples: int | None = None) -> Report:
+def check(impl, *, properties=None, max_examples: int | None = None,
+          timeout: float | None = DEFAULT_TIMEOUT) -> Report:
     """Run every property ``impl`` can express; returns a :class:`Report`.
 
-    ``impl`` follows the adapter protocol of :mod:`mha.testing.adapters`. Properties whose features
-    ``impl`` does not declare, or that its declared conventions exempt it from, are reported "n/a" with
-    the reason; every other property holds it to its declared conventions. ``properties`` restricts the
-    run to these names. A failure's detail holds the message and the minimal falsifying example.
+    ``impl`` follows the adapter protocol of :mod:`mha.testing.adapters`; its declarations (name,
+    features, build, dtypes, notes, conventions) are checked first (TypeError/ValueError naming the
+    attribute). Properties whose features ``impl`` does not declare, or that its declared conventions
+    exempt it from, are reported "n/a" with the reason; every other property holds it to its declared
+    conventions. ``properties`` restricts the run to these names. A failure's detail holds the message
+    and the minimal falsifying example. Each call of ``impl`` must answer within ``timeout`` seconds
+    (None: no deadline); after one that does not, the remaining properties fail without calling it.
     """
     names = list(PROPERTIES) if properties is None else list(properties)
     unknown = [n for n in names if n not in PROPERTIES]
     if unknown:
         raise ValueError(f"unknown properties {unknown}; known: {', '.join(PROPERTIES)}")
+    impl = guard(impl, timeout)
     conventions = conventions_of(impl)
-    report = Report(getattr(impl, "name", type(impl).__name__), conventions=conventions)
+    report = Report(impl.name, conventions=conventions)
     notes = getattr(impl, "notes", {}) or {}
     for name in names:
         prop = PROPERTIES[name]
-        reason = prop.not_applicable(impl.features, conventions)
+        reason = prop.not_applicable(impl.features, conventions, impl.dtypes)
         if reason:
             why = [notes[f] for f in sorted(prop.requires | prop.requires_any) if f in notes]
             report.results.append((name, "n/a", reason + (f" ({'; '.join(why)})" if why else "")))
             continue
         try:
-            run_property(impl, prop, max_examples=max_examples)
+            run_property(impl, prop, max_examples=max_examples, timeout=timeout)
         except Exception as err:  # a property failure or an implementation crash: both are findings
             report.results.append((name, "fail", _describe(err)))
         else:

@@ -14,7 +14,9 @@ from dataclasses import replace
 import numpy as np
 
 from . import oracle, tolerance
-from .conventions import DEFAULTS, INCONSISTENT
+from ._answers import ImplementationError
+from ._guard import DEFAULT_TIMEOUT, NoAnswer, guard
+from .conventions import DEFAULTS, ERROR, INCONSISTENT
 
 NA = "n/a"
 
@@ -262,21 +264,26 @@ def _hide_key(impl, cfg, j):
     return {"mask": a}, "additive -inf mask"
 
 
-def detect(impl, max_examples: int | None = None) -> Detection:
+def detect(impl, max_examples: int | None = None, *, timeout: float | None = DEFAULT_TIMEOUT) -> Detection:
     """The conventions ``impl`` (an adapter, mha.testing.adapters) follows, probed on ``max_examples``
     small problems per convention (default 8): a :class:`Detection`, a dict with the keys of
     mha.testing.conventions (a value may also be "inconsistent": different answers on different
-    paths or probes; or "n/a") and ``.examples``, a minimal example for each non-default value."""
-    if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
+    paths or probes; "n/a"; or "error": a probe crashed, gave no answer within ``timeout`` seconds or
+    answered outside the adapter protocol, which says nothing about a convention) and ``.examples``,
+    a minimal example for each non-default value (for "error", what went wrong)."""
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                     or max_examples < 1):
         raise ValueError(f"max_examples must be a positive int or None, got {max_examples!r}")
+    impl = guard(impl, timeout, finite="any")
     n = max_examples or len(_SIZES)
     values, examples = {}, {}
     for key, probe in (("causal", detect_causal), ("empty_row", detect_empty_row), ("nonfinite", detect_nonfinite)):
         try:
             value, example = probe(impl, n)
-        except Exception as err:  # an implementation that crashes on a probe follows no convention
-            value, example = INCONSISTENT, f"{type(err).__name__}: {err}"
+        except (Exception, NoAnswer) as err:  # a crash is no convention: say what happened
+            value = ERROR
+            example = str(err) if isinstance(err, (ImplementationError, NoAnswer)) else f"{type(err).__name__}: {err}"
         values[key] = value
         if example and value != DEFAULTS[key]:
             examples[key] = example
-    return Detection(getattr(impl, "name", type(impl).__name__), values, examples)
+    return Detection(impl.name, values, examples)

@@ -31,6 +31,7 @@ CONVENTIONS = {
 }
 DEFAULTS = {key: values[0] for key, values in CONVENTIONS.items()}
 INCONSISTENT = "inconsistent"  # what detect() reports for an implementation that follows none
+ERROR = "error"  # what detect() reports when a probe crashed or broke the adapter protocol (no convention)
 
 
 def validate(conventions, *, argument: str = "conventions") -> dict:
@@ -70,9 +71,9 @@ class _Declared:
 def with_conventions(impl, conventions: dict):
     """``impl`` declaring ``conventions`` instead (missing keys: impl's own declaration). Values
     "inconsistent" or "n/a" (from :func:`mha.testing.detect`) keep the impl's own declaration: the
-    suite then shows where the implementation contradicts it."""
+    suite then shows where the implementation contradicts it; "error" likewise."""
     own = conventions_of(impl)
-    chosen = {k: v for k, v in dict(conventions).items() if v not in (INCONSISTENT, "n/a")}
+    chosen = {k: v for k, v in dict(conventions).items() if v not in (INCONSISTENT, ERROR, "n/a")}
     return _Declared(impl, validate({**own, **chosen}))
 
 

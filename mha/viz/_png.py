@@ -85,7 +85,11 @@ def figure(data: dict, *, columns: int = 4):
 
 def save_png(data: dict, path, *, columns: int = 4, dpi: int = DPI) -> Path:
     """Write a grid of heat maps (one per head in ``data``) to ``path``, atomically; see :func:`figure`.
-    ``dpi`` other than 110 scales the image (and its bound) accordingly."""
+    ``dpi`` other than 110 scales the image (and its bound) accordingly. The destination is checked
+    (``mha.io.check_writable``) before the figure is drawn."""
+    from .._write import check_writable
+
+    check_writable(path)
     return save_figure(figure(data, columns=columns), path, dpi)
 
 

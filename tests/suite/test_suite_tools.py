@@ -91,7 +91,7 @@ def test_pytest_plugin_runs_the_suite_as_items(tmp_path):
     out = res.stdout
     assert res.returncode == 1, out
     assert "FAILED ::mha[synthetic-scale]::reference" in out
-    n_na = sum(1 for p in PROPERTIES.values() if p.missing(synthetic().features))
+    n_na = sum(1 for p in PROPERTIES.values() if p.not_applicable(synthetic().features, {}))
     assert f"{n_na} skipped" in out and "n/a: needs" in out
     res = _pytest("--mha-impl", "tests.suite.synthetic_attention:correct", "--mha-examples", "3", "-k", "reference or causal",
                   cwd=tmp_path)

@@ -4,7 +4,8 @@ Themes, one module each: ``reference`` (the float64 oracle; pins the scale), ``e
 (token and key permutations, batch independence), ``masks`` (hidden keys, NaN isolation, empty rows,
 mask algebra), ``causal``, ``weights`` (the returned weights), ``heads`` (decomposition, permutation,
 head_mask, single head, GQA), ``invariances`` (key/value bias, linearity, the scale) and ``decoding``
-(the key/value cache, RoPE, sliding windows).
+(the key/value cache, RoPE, sliding windows) and ``numerics`` (inputs and scales to the dtype's limit,
+float64).
 
 ``PROPERTIES`` maps each name to a :class:`Property` with the features it needs and the strategy
 that draws its examples.
@@ -19,6 +20,7 @@ from . import weights  # noqa: F401
 from . import heads  # noqa: F401
 from . import invariances  # noqa: F401
 from . import decoding  # noqa: F401
+from . import numerics  # noqa: F401
 from ._common import PROPERTIES, Property
 
 __all__ = ["PROPERTIES", "Property"]
