@@ -5,7 +5,8 @@
     python benchmarks/ring.py --ranks 3 --no-causal --json out.json
 
 Each round runs, each in fresh processes and taking turns: the numpy layer in one process with
-``--threads`` threads (default 2) on the whole sequence, then the ring under ``mlx.launch --backend ring``
+``--threads`` threads (default 2) on the whole sequence, then the ring (``mlx.distributed``'s ring backend over
+loopback, the ranks started as ``mlx.launch --backend ring`` starts them, without its polling launcher)
 on ``--ranks`` ranks of one thread each (``mha_cpu.options.threads = 1``, BLAS at one thread by
 threadpoolctl), non-causal, then causal with ``order="zigzag"`` (and with contiguous chunks for
 comparison). Every process makes one untimed call first (its first call pays for allocations), then
@@ -28,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[1]))
-from tests.distributed.distributed_launch import free_ports, launcher  # noqa: E402  (the tests' launcher)
+from tests.distributed.distributed_launch import free_ports, launcher, run_ranks  # noqa: E402  (the tests')
 
 KINDS = ("single", "ring", "single causal", "ring causal zigzag", "ring causal contiguous")
 
@@ -95,18 +96,26 @@ def _run(kind: str, args) -> dict:
     """One measurement of ``kind`` in fresh processes: its seconds and peak memory per process."""
     causal = "causal" in kind
     common = ["--T", str(args.T), "--E", str(args.E), "--H", str(args.H)] + (["--causal"] if causal else [])
+    env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]))
     if kind.startswith("single"):
-        cmd = [sys.executable, str(HERE), "--as", "single", "--threads", str(args.threads)] + common
+        out = subprocess.run([sys.executable, str(HERE), "--as", "single", "--threads", str(args.threads)] + common,
+                             capture_output=True, text=True, env=env, timeout=3600)
+        code, stdout, stderr = out.returncode, out.stdout, out.stderr
     else:
         order = "zigzag" if "zigzag" in kind else "contiguous"
-        cmd = [launcher(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", str(args.ranks), "--starting-port",
-               str(free_ports(args.ranks)), "--python", sys.executable, str(HERE), "--as", "rank", "--order", order]
-        cmd += common + ([] if args.check else ["--no-check"])
-    env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    recs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not recs:
-        raise RuntimeError(f"{kind} failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        rank = [str(HERE), "--as", "rank", "--order", order] + common + ([] if args.check else ["--no-check"])
+        if args.launcher == "mlx.launch":
+            out = subprocess.run([launcher(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", str(args.ranks),
+                                  "--starting-port", str(free_ports(args.ranks)), "--python", sys.executable] + rank,
+                                 capture_output=True, text=True, env=env, timeout=3600)
+            code, stdout, stderr = out.returncode, out.stdout, out.stderr
+        else:
+            code, stdout, _ = run_ranks(args.ranks, [sys.executable] + rank, env, 3600)
+            stderr = stdout
+    recs = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    if code != 0 or not recs:
+        raise RuntimeError(f"{kind} failed (exit {code}):\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    recs.sort(key=lambda r: r.get("rank", 0))
     res = {"seconds": max(r["seconds"] for r in recs), "peak_mib": [r["peak_mib"] for r in recs],
            "before_mib": [r["before_mib"] for r in recs]}
     res.update({k: r[k] for r in recs for k in ("max_abs_diff",) if k in r})
@@ -125,6 +134,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-check", dest="check", action="store_false")
     ap.add_argument("--memory", action="store_true", help="print peak memory per process")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--launcher", choices=["direct", "mlx.launch"], default="direct",
+                    help="start the ranks directly (default) or under mlx.launch, whose own process takes a core")
     ap.add_argument("--as", dest="role", choices=["single", "rank"], help=argparse.SUPPRESS)
     ap.add_argument("--order", default="contiguous", help=argparse.SUPPRESS)
     ap.add_argument("--causal", dest="is_causal", action="store_true", help=argparse.SUPPRESS)
