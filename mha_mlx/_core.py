@@ -18,10 +18,10 @@ One of three paths computes it, chosen once per call from what is asked and the 
   keys are hidden (:func:`_clean`), scale the queries, keeping the logits inside float32
   (:func:`mha_mlx._range.scaled_queries`), encode the masks for
   the kernel (:func:`_encode`), the kernel, then the project's row rules (:func:`_row_rules`);
-- blockwise (lse asked, or a score matrix over ``mha_mlx.options.score_bytes`` on the CPU):
-  :mod:`mha_mlx._blockwise`, an online softmax over blocks of keys;
-- unfused (weights asked, or dropout): the readable reference, :func:`mha._reference.attention` over
-  ``mlx.core``.
+- unfused (weights asked, dropout; or lse asked or a softcap, when the score matrix fits): the readable
+  reference, :func:`mha._reference.attend` over ``mlx.core``, softmax in float32;
+- blockwise (a score matrix over ``mha_mlx.options.score_bytes`` on the CPU, which the fused kernel would
+  hold whole): :mod:`mha_mlx._blockwise`, an online softmax over blocks of keys, with lse and softcap.
 """
 
 from __future__ import annotations
@@ -51,21 +51,23 @@ def attend(q, k, v, masks, *, scale, softcap=None, sinks=None, dropout=None, ret
         masks: the call's :class:`mha._masks.MaskSet` over (B, H, T, S).
         scale: multiplies q . k.
         softcap: c: logits l become c * tanh(l / c) before the additive mask (Gemma 2); None: off. The
-            fused kernel cannot cap: such calls run blockwise (or unfused, with weights).
+            fused kernel cannot cap: such calls run unfused (or blockwise, when the scores would not fit).
         sinks: (H,) sink logits (gpt-oss): exp(sink_h) joins each row's denominator, with no value.
         dropout: a (B, H, T, S) multiplier of the weights, or None (the unfused path).
         return_weights: also return the weights (B, H, T, S) float32 (the unfused path).
         return_lse: return lse (B, H, T) float32; False (MLX only): None in its place, so that the fused
-            kernel, which gives none, may run.
+            kernel, which gives none, may run (the seam's other cores always return it).
 
     Returns:
         (context (B, H, T, D) in v's dtype, lse or None), with the weights appended when asked.
     """
     B, H, T, _ = q.shape
-    if return_weights or dropout is not None or 0 in (B, T, k.shape[2]):
-        return _reference.attend(mx, q, k, v, masks, scale=scale, softcap=softcap, sinks=sinks, dropout=dropout,
-                                 return_weights=return_weights, acc_dtype=mx.float32)
-    if return_lse or softcap is not None or _blockwise.over_budget(B, H, T, k.shape[2]):
+    big = _blockwise.over_budget(B, H, T, k.shape[2])
+    if return_weights or dropout is not None or 0 in (B, T, k.shape[2]) or (not big and (return_lse or softcap)):
+        out = _reference.attend(mx, q, k, v, masks, scale=scale, softcap=softcap, sinks=sinks, dropout=dropout,
+                                return_weights=return_weights, acc_dtype=mx.float32)
+        return out if return_weights or return_lse else (out[0], None)
+    if big or return_lse or softcap is not None:
         ctx, lse = _blockwise.attention(q, k, v, scale=scale, masks=masks, softcap=softcap, sinks=sinks,
                                         return_lse=return_lse)
         return ctx.swapaxes(1, 2), lse  # (B, H, T, D), in the (B, T, H, D) memory of the output projection

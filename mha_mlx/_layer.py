@@ -55,18 +55,16 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
     are ``mlx.nn.Linear`` children ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, so the layer trains
     with ``mlx.optimizers`` and ``mx.grad``/``nn.value_and_grad``. Without weights requested (and no
     dropout) it runs MLX's fused ``mx.fast.scaled_dot_product_attention``, with the empty-row and
-    non-finite rules of the reference enforced around it; on MLX's CPU device, a call whose B x H x T x S
-    score matrix would exceed ``mha_mlx.options.score_bytes`` runs blockwise instead (mha_mlx._blockwise),
-    as does a call asking for lse or a layer with ``softcap`` (the fused kernel cannot cap). The layer
-    features' weights (``q_norm``, ``k_norm``, ``sinks``) are parameters beside the projections.
+    non-finite rules of the reference enforced around it; a call asking for weights or lse, or a layer
+    with ``softcap`` (the fused kernel cannot cap) takes the core's unfused path, and on MLX's CPU
+    device a call whose B x H x T x S score matrix would exceed ``mha_mlx.options.score_bytes`` runs
+    blockwise (mha_mlx._blockwise). The layer features' weights (``q_norm``, ``k_norm``, ``sinks``) are
+    parameters beside the projections.
     """
 
     backend = "mlx"
     _xp = mx
-    fast_weights = False  # the fused kernel returns neither weights nor lse: such calls take the reference
-
-    def _fast_lse(self, B, T, S) -> bool:
-        return _blockwise.over_budget(B, self._config.num_heads, T, S)  # the blockwise path gives lse
+    fast_weights = True  # the core (mha_mlx._core.attend) gives weights and lse: its unfused or blockwise path
 
     @classmethod
     def small_blocks(cls, block_q: int = 2, block_k: int = 3):
@@ -175,12 +173,13 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
         v = _affine(value, p["v_weight"], p["v_bias"])
         B, T, S = call.shape
         sinks, softcap = p["sinks"], c.softcap
-        if call.return_lse or softcap is not None or _blockwise.over_budget(B, H, T, S):
-            # the blockwise path: lse, a softcap (the fused kernel cannot cap), memory bounded
+        if call.return_weights or call.return_lse or softcap is not None or _blockwise.over_budget(B, H, T, S):
+            # weights or lse asked, a softcap (the fused kernel cannot cap), or memory to bound: the core
+            # chooses its unfused or blockwise path
             q, k, v = self._heads(q, k, v, pos, p)
-            ctx, lse = _core.attend(q, k, v, masks, scale=c.effective_scale, softcap=softcap, sinks=sinks,
-                                    return_lse=call.return_lse)
-            return self._out(ctx.swapaxes(1, 2), head_mask, p).astype(dt), None, lse
+            ctx, lse, *w = _core.attend(q, k, v, masks, scale=c.effective_scale, softcap=softcap, sinks=sinks,
+                                        return_weights=call.return_weights, return_lse=call.return_lse)
+            return self._out(ctx.swapaxes(1, 2), head_mask, p).astype(dt), (w[0] if w else None), lse
         # Which keys hold NaN/inf, found on the projections while they are contiguous (RoPE keeps finite
         # numbers finite except in float16 near its largest values: there, and with a cache, the fused
         # path finds them itself). When every query sees every key, one bad key or value makes all rows of

@@ -1,7 +1,8 @@
 """The MLX core, ``mha_mlx.attend`` (= ``layer._attend``), on each of its paths against the float64 loop of
-tests/semantics/test_core.py: the fused kernel (no lse asked), blockwise (lse, or tiny blocks), unfused
-(weights); with softcap, sinks, GQA, a bias, key padding that empties a row, and positions given as
-offset ranges or as arrays (a ring step, a cache that keeps its first tokens)."""
+tests/semantics/test_core.py: the fused kernel (no lse asked), unfused (lse or weights asked), blockwise
+(a score matrix over the budget; also in tiny blocks); with softcap, sinks, GQA, a bias, key padding
+that empties a row, and positions given as offset ranges or as arrays (a ring step, a cache that keeps
+its first tokens)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ mx = pytest.importorskip("mlx.core")
 import mha_mlx  # noqa: E402
 from mha_mlx import _blockwise  # noqa: E402
 
-PATHS = ["fused", "blockwise", "tiny blocks", "unfused"]
+PATHS = ["fused", "lse", "blockwise", "tiny blocks", "weights"]
 POSITIONS = {"offset ranges": (range(3, 8), range(1, 8)),  # T = 5 queries, S = 7 keys
              "arrays": (np.array([2, 5, 6, 9, 11]), np.array([0, 1, 2, 6, 7, 10, 11]))}
 
@@ -35,13 +36,16 @@ def _problem(positions, seed=7):
 def _attend(path, q, k, v, masks, **kw):
     """(context, lse or None, weights or None) of mha_mlx.attend on one path, as numpy float64."""
     args = [mx.array(a.astype(np.float32)) for a in (q, k, v)]
-    if path == "unfused":
+    if path == "weights":
         out = mha_mlx.attend(*args, masks, return_weights=True, **kw)
     elif path == "tiny blocks":
         with mha_mlx.small_blocks(2, 3):
             out = mha_mlx.attend(*args, masks, **kw)
+    elif path == "blockwise":
+        with mha_mlx.options.override(score_bytes=0):
+            out = mha_mlx.attend(*args, masks, **kw)
     else:
-        out = mha_mlx.attend(*args, masks, return_lse=path != "fused", **kw)
+        out = mha_mlx.attend(*args, masks, return_lse=path == "lse", **kw)
     out = list(out) + [None] * (3 - len(out))
     return [None if a is None else np.array(a, np.float64) for a in out]
 
@@ -63,14 +67,13 @@ def test_every_path_equals_the_loop(path, softcap, sinks, positions, monkeypatch
     want = _attend_loop(q, k, v, vis, np.broadcast_to(bias, (B, H, T, S)), 0.6, softcap, sink)
     tol = 2e-5
     np.testing.assert_allclose(ctx, want[0], rtol=tol, atol=tol * 10, err_msg="context")
-    if path == "fused":  # no lse asked: None (a softcap runs blockwise, the kernel cannot cap)
+    if path == "fused":  # no lse asked: None (a softcap runs unfused, the kernel cannot cap)
         assert lse is None
     else:
         np.testing.assert_allclose(lse, want[1], rtol=tol, atol=tol * 10, err_msg="lse")
-    if path == "unfused":
+    if path == "weights":
         np.testing.assert_allclose(w, want[2], rtol=tol, atol=tol * 10, err_msg="weights")
-    assert bool(seen) == (path in ("blockwise", "tiny blocks") or (path == "fused" and softcap is not None)), \
-        "the path taken"
+    assert bool(seen) == (path in ("blockwise", "tiny blocks")), "the path taken"
     assert (ctx[1] == 0).all(), "a row that sees no key has context 0"
     off = _attend_loop(q, k, v, vis, np.broadcast_to(bias, (B, H, T, S)), 0.6, None, None)
     if softcap or sinks:  # the guard: the features change the result
