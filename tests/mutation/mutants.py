@@ -113,8 +113,11 @@ MUTANTS = [
            "hidden keys encoded as finfo.min, which a user's finfo.min bias ties with (hidden keys then share "
            "the weight of a row whose visible keys all carry it)"),
     Mutant("rope-mlx-layout-flipped", X, "MultiHeadAttention._rope", "r.traditional", "not r.traditional", "MLX's fused RoPE with the other pair layout"),
-    Mutant("mlx-window-ignored", C, "fused.fn", "MaskSet(got.get('keep'), got.get('bias'), causal, window, q_pos, k_pos)",
-           "MaskSet(got.get('keep'), got.get('bias'), causal, None, q_pos, k_pos)", "MLX fused path ignores the window"),
+    Mutant("mlx-window-ignored", C, "fused.fn",
+           "MaskSet.aligned(q.shape[2], k.shape[2], keep=got.get('keep'), bias=got.get('bias'), causal=causal, "
+           "window=window)",
+           "MaskSet.aligned(q.shape[2], k.shape[2], keep=got.get('keep'), bias=got.get('bias'), causal=causal, "
+           "window=None)", "MLX fused path ignores the window"),
     Mutant("mlx-batch-flag-ignored", X, "MultiHeadAttention._forward",
            "self._out(ctx.swapaxes(1, 2), head_mask, p, poison)", "self._out(ctx.swapaxes(1, 2), head_mask, p)",
            "MLX fused path without masks trusts the kernel with NaN/inf keys"),
