@@ -97,8 +97,8 @@ def _impls(B, T, E, H, want_mlx: bool):
     except ImportError:
         torch = None
     if torch is not None:
-        torch.set_grad_enabled(False)
-        tm = torch.nn.MultiheadAttention(E, H, batch_first=True).eval()
+        # parameters without grad: no graph is recorded, and torch's global grad mode is left as it was
+        tm = torch.nn.MultiheadAttention(E, H, batch_first=True).eval().requires_grad_(False)
         xt = torch.from_numpy(x)
         impls["torch"] = lambda: tm(xt, xt, xt, need_weights=False)
         impls["torch +weights"] = lambda: tm(xt, xt, xt, need_weights=True, average_attn_weights=False)

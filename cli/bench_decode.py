@@ -63,9 +63,8 @@ def _decode_impls(context: int, want_mlx: bool, steps: int, dims=DECODE):
     except ImportError:
         torch = None
     if torch is not None:  # what a torch user writes: preallocated K/V buffers and SDPA over the filled part
-        torch.set_grad_enabled(False)
-        D = E // H
-        qkv, out = torch.nn.Linear(E, 3 * E), torch.nn.Linear(E, E)
+        D = E // H  # parameters without grad: no graph recorded, the caller's grad mode untouched
+        qkv, out = torch.nn.Linear(E, 3 * E).requires_grad_(False), torch.nn.Linear(E, E).requires_grad_(False)
         kbuf, vbuf = torch.zeros(1, H, context + steps, D), torch.zeros(1, H, context + steps, D)
         q, k, v = qkv(torch.from_numpy(prompt)).view(1, -1, 3, H, D).permute(2, 0, 3, 1, 4)
         kbuf[:, :, :context], vbuf[:, :, :context] = k, v

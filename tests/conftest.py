@@ -105,3 +105,16 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _missing_dependency(outcome.get_result())
+
+
+@pytest.fixture(autouse=True)
+def _torch_grad_mode_is_left_on():
+    """A test that leaves torch's grad mode off (a ``no_grad`` never exited) breaks every later gradient
+    test; fail the test that did it, by name, and switch the mode back on."""
+    yield
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("this test left torch's grad mode off (torch.set_grad_enabled(False) or a no_grad not exited)")
