@@ -118,3 +118,21 @@ def _torch_grad_mode_is_left_on():
     if torch is not None and not torch.is_grad_enabled():
         torch.set_grad_enabled(True)
         pytest.fail("this test left torch's grad mode off (torch.set_grad_enabled(False) or a no_grad not exited)")
+
+
+# Cases over ~10 s each on 2 cores, run by CI's `python -m pytest -m slow` step instead of the default one
+# (the default suite must stay under 12 minutes). Node ids as pytest prints them.
+SLOW_CASES = {
+    "tests/suite/test_properties.py::test_property[mlx-scale_homogeneity]",
+    "tests/suite/test_properties.py::test_property[mlx-extreme_magnitudes]",
+    "tests/docs/test_examples.py::test_rounds_benchmark_script_runs",
+    "tests/docs/test_examples.py::test_check_my_attention_finds_the_second_bug_when_the_first_is_fixed",
+    "tests/cli_files/test_exports.py::test_png_of_512_tokens_in_a_subprocess",
+    "tests/semantics/test_fuzz.py::test_fuzz_constructor_and_call[mlx]",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in SLOW_CASES:
+            item.add_marker(pytest.mark.slow)
