@@ -138,7 +138,7 @@ def build(data: dict, *, attentions=None, view: str = "model", words: bool = Fal
     start = int(data.get("token_offset") or 0)
     maps = _layer_maps(np.asarray(attentions), residual, (start, start + len(tokens))) if attentions is not None \
         else []
-    base = (30_000 + len(_asset("report.js")) + len(_asset("report.css")) + 12 * sum(len(t) + 4 for t in tokens)
+    base = (30_000 + len(_asset("codec.js")) + len(_asset("report.js")) + len(_asset("report.css")) + 12 * sum(len(t) + 4 for t in tokens)
             + 6 * len(data.get("text", "")) + sum(len(m["mean"]["codes"]) + len(m["rollout"]["codes"]) for m in maps))
     heads, cut = _heads(data, spans, max_bytes, base)
     note = "; ".join(x for x in (data.get("note"), join_notes([cut])) if x) or None
@@ -146,7 +146,7 @@ def build(data: dict, *, attentions=None, view: str = "model", words: bool = Fal
     meta.update(note=note, precision=_pack.PRECISION, heads=heads, maps=maps, words=words_json, view=view,
                 start_words=bool(words), residual=residual, levels=list(LEVELS), rule=RULE)
     values = {"TITLE": html.escape(data.get("text", "")[:80] or data.get("model", ""), quote=True),
-              "CSS": _asset("report.css"), "JS": _asset("report.js"), "DATA": _script_json(meta)}
+              "CSS": _asset("report.css"), "JS": _asset("codec.js") + _asset("report.js"), "DATA": _script_json(meta)}
     page = re.sub(r"__(TITLE|CSS|JS|DATA)__", lambda m: values[m.group(1)], _asset("report.html"))
     return Report(page, note)
 

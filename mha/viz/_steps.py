@@ -94,5 +94,5 @@ def _roles(table) -> dict:
 
 def _page(meta: dict, tokens: list, P: int, model: str) -> str:
     values = {"TITLE": html.escape("".join(tokens[:P])[:80] or model, quote=True), "CSS": _asset("steps.css"),
-              "JS": _asset("steps.js"), "DATA": _script_json(meta)}
+              "JS": _asset("codec.js") + _asset("steps.js"), "DATA": _script_json(meta)}
     return re.sub(r"__(TITLE|CSS|JS|DATA)__", lambda m: values[m.group(1)], _asset("steps.html"))

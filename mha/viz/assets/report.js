@@ -15,25 +15,6 @@ const cache = new Map();
 function level(w) { let k = 0; while (k < D.levels.length && w >= D.levels[k]) k++; return k; }
 function fmt(w) { return w >= 0.095 ? w.toFixed(2) : w.toPrecision(2); }
 
-async function inflate(b64) {  // base64 of zlib data -> Uint8Array (the browser's own inflate)
-  const bin = atob(b64), raw = new Uint8Array(bin.length);
-  for (let i = 0; i < bin.length; i++) raw[i] = bin.charCodeAt(i);
-  const stream = new Blob([raw]).stream().pipeThrough(new DecompressionStream("deflate"));
-  return new Uint8Array(await new Response(stream).arrayBuffer());
-}
-
-async function unpack(p, n) {  // codes/255; a code-0 weight shows as its row's rest spread over its code-0 cells
-  const codes = await inflate(p.codes), r = await inflate(p.rest);
-  const rest = new Uint16Array(r.buffer, r.byteOffset, n), w = new Float32Array(n * n);
-  for (let i = 0; i < n; i++) {
-    let zeros = 0;
-    for (let j = 0; j < n; j++) if (codes[i * n + j] === 0) zeros++;
-    const fill = zeros ? rest[i] / 65535 / zeros : 0;
-    for (let j = 0; j < n; j++) { const c = codes[i * n + j]; w[i * n + j] = c ? c / 255 : fill; }
-  }
-  return w;
-}
-
 function merge(W, n, spans) {  // to a word = sum over its pieces, from a word = mean over its pieces
   const m = spans.length, cols = new Float32Array(n * m), out = new Float32Array(m * m);
   for (let i = 0; i < n; i++) for (let b = 0; b < m; b++) {

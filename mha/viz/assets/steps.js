@@ -4,25 +4,6 @@ const D = JSON.parse(document.getElementById("data").textContent);
 const $ = (id) => document.getElementById(id);
 const R = D.rows, P = D.prompt_length, W = {};  // W["layer,head"]: Float32Array(R * R), row t = query t
 
-async function inflate(b64) {  // base64 of zlib data -> Uint8Array (the browser's own inflate)
-  const bin = atob(b64), raw = new Uint8Array(bin.length);
-  for (let i = 0; i < bin.length; i++) raw[i] = bin.charCodeAt(i);
-  const stream = new Blob([raw]).stream().pipeThrough(new DecompressionStream("deflate"));
-  return new Uint8Array(await new Response(stream).arrayBuffer());
-}
-
-async function unpack(p, n) {  // codes/255; a code-0 weight shows as its row's rest spread over its code-0 cells
-  const codes = await inflate(p.codes), r = await inflate(p.rest);
-  const rest = new Uint16Array(r.buffer, r.byteOffset, n), w = new Float32Array(n * n);
-  for (let i = 0; i < n; i++) {
-    let zeros = 0;
-    for (let j = 0; j <= i; j++) if (codes[i * n + j] === 0) zeros++;
-    const fill = zeros ? rest[i] / 65535 / zeros : 0;  // causal rows: only keys 0..i can hold weight
-    for (let j = 0; j < n; j++) { const c = codes[i * n + j]; w[i * n + j] = c ? c / 255 : (j <= i ? fill : 0); }
-  }
-  return w;
-}
-
 const layers = [...new Set(D.heads.map((h) => h.layer))];
 const state = { t: Math.max(0, Math.min(R - 1, P - 1)), layer: layers[0], head: -1 };
 
@@ -201,7 +182,7 @@ function build() {
 }
 
 (async () => {
-  for (const h of D.heads) W[`${h.layer},${h.head}`] = await unpack(h.packed, R);
+  for (const h of D.heads) W[`${h.layer},${h.head}`] = await unpack(h.packed, R, true);
   build();
   draw();
   document.body.dataset.ready = "1";
