@@ -31,7 +31,7 @@ QUICK = 40  # sentences of the corpus with --quick
               help="Decoders: tokens in each half of a repeated random sequence.")
 def heads(texts, model_name, backend, corpus_file, words, as_json, only, quick, sequences, length):
     """Label every head of a model by what it attends to: previous, next, self, first ([CLS]), last
-    ([SEP]), punctuation, same_word, local, broad or content, with a score (docs/roles.md: the method;
+    ([SEP]), punctuation, same_word, local, broad or content, with a score (docs/heads.md: the method;
     decoders: previous, induction, duplicate, first, sink, self, local, broad, always against chance;
     docs/heads.md). On TEXT (one or a few sentences) as a mean;
     over a corpus (--corpus FILE, or the shipped one when no TEXT is given) with what uniform attention

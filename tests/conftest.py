@@ -60,7 +60,7 @@ def minilm_512_report(minilm_512):
 # Which extra brings each optional dependency (pyproject.toml): a skip for a missing one says how to get it.
 EXTRAS = {"torch": "references", "transformers": "references", "safetensors": "references", "keras": "references",
           "flax": "references", "jax": "references", "playwright": "browser", "mlx": "mlx", "tokenizers": "text",
-          "matplotlib": "plot", "PIL": "plot", "threadpoolctl": "fast", "hypothesis": "test"}
+          "matplotlib": "plot", "PIL": "plot", "hypothesis": "test"}
 # A skip for want of something installable: outside CI a reason to read; in CI (CI=true) a failure, since CI
 # installs everything (pip install -e '.[dev]', MiniLM, chromium) and a skip there would hide a lost test.
 MISSING = re.compile(r"could not import|not installed|pip install|apt-get install|needs (torch|mlx|keras|flax|jax|"
