@@ -20,6 +20,7 @@ from . import _reference as reference
 from ._cache import KVCache
 from ._backends import available_backends, backend_info, default_backend, to_numpy
 from ._layer import MultiHeadAttention
+from ._masks import MaskSet
 from ._prune import prune_heads, prune_weights
 from ._rope import RoPE
 from ._vjp import Gradients, vjp
@@ -31,6 +32,7 @@ __all__ = [
     "AttentionWeights",
     "Gradients",
     "KVCache",
+    "MaskSet",
     "MultiHeadAttention",
     "RoPE",
     "available_backends",

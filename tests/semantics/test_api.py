@@ -16,7 +16,7 @@ from tests.helpers import normal
 
 def test_public_names():
     for name in ("MultiHeadAttention", "AttentionWeights", "available_backends", "default_backend",
-                 "to_numpy"):
+                 "to_numpy", "MaskSet", "vjp", "KVCache"):
         assert name in mha.__all__ and hasattr(mha, name)
     assert mha_cpu.__all__ == ["MultiHeadAttention", "Options", "attend", "free_scratch", "options", "small_blocks"]
 
