@@ -38,7 +38,10 @@ def _load(folder: str, backend: str, dtype: str):
 
 
 def _label(token: str) -> str:
-    return json.dumps(token, ensure_ascii=False)
+    """The token quoted for a terminal: JSON's escapes, and \\uXXXX for what JSON leaves raw but a terminal
+    would act on or hide (DEL, C1 controls, line separators, format characters)."""
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+                   for c in json.dumps(token, ensure_ascii=False))
 
 
 def _top(row, k: int):

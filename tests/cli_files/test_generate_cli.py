@@ -165,3 +165,10 @@ def test_the_step_view_shows_the_induction_heads(tmp_path):
         if os.environ.get("MHA_SCREENSHOTS"):
             page.screenshot(path=os.path.join(os.environ["MHA_SCREENSHOTS"], "decoders_steps.png"))
         browser.close()
+
+
+def test_token_labels_escape_what_a_terminal_would_act_on():
+    from mha_cli.generate import _label
+
+    assert _label("a\x7fb\x18c\u2028d\u0085 é") == '"a\\u007fb\\u0018c\\u2028d\\u0085 é"'
+    assert all(c.isprintable() for c in _label("".join(map(chr, range(0x110)))))
