@@ -68,13 +68,12 @@ class DecoderModel:
         self._embed = native(w["embed"])  # (V, E)
         self._pos = native(w["pos_embed"]) if "pos_embed" in w else None  # (P, E)
         head = w["embed"] if c.tie_embeddings else w["lm_head"]
-        arena = _Arena(w, c, dt) if self.backend == "numpy" else None
+        self._head_t = native(head.T)  # (E, V)
         self._norm = self._norm_params("norm") if c.norm else None
         self.layers, self._blocks = [], []
         for i, spec in enumerate(c.layers):
             self.layers.append(self._attention(w, i, spec))
-            self._blocks.append(self._block(w, i, arena))
-        self._head_t = native(head.T) if arena is None else arena.take(head.T)  # (E, V)
+            self._blocks.append(self._block(w, i))
         self._act = ACTIVATIONS[c.activation] if c.activation else None
         self._threads = StepThreads() if self.backend == "numpy" else None
 
@@ -100,9 +99,8 @@ class DecoderModel:
         return MultiHeadAttention.from_weights(aw, backend=self.backend, dtype=self.dtype, scale=spec.scale,
                                                rope=spec.rope, window=spec.window, **extra)
 
-    def _block(self, w: dict, i: int, arena=None) -> dict:
-        """Layer i's norms and MLP in the backend's arrays; MLP weights stored (in, out) for x @ W, on numpy
-        as views of one :class:`_Arena` (with the LM head), in the order a decode step reads them."""
+    def _block(self, w: dict, i: int) -> dict:
+        """Layer i's norms and MLP in the backend's arrays; MLP weights stored (in, out) for x @ W."""
         c, p = self.config, f"{i}."
         b: dict = {}
         if c.norm:
@@ -117,12 +115,8 @@ class DecoderModel:
             b.update(_moe.params(w, p, self._native))
         elif c.activation:
             up = [w[p + "mlp.gate.w"], w[p + "mlp.up.w"]] if c.gated else [w[p + "mlp.up.w"]]
-            if arena is None:
-                b["in_t"] = self._native(np.concatenate(up).T)  # (E, 2F) gate then up, or (E, F)
-                b["down_t"] = self._native(w[p + "mlp.down.w"].T)  # (F, E)
-            else:
-                b["in_t"] = arena.take(np.concatenate(up).T)
-                b["down_t"] = arena.take(w[p + "mlp.down.w"].T)
+            b["in_t"] = self._native(np.concatenate(up).T)  # (E, 2F) gate then up, or (E, F)
+            b["down_t"] = self._native(w[p + "mlp.down.w"].T)  # (F, E)
             if c.mlp_bias:
                 ups = [w[p + "mlp.gate.b"], w[p + "mlp.up.b"]] if c.gated else [w[p + "mlp.up.b"]]
                 b["in_b"], b["down_b"] = self._native(np.concatenate(ups)), self._native(w[p + "mlp.down.b"])
@@ -392,29 +386,6 @@ class DecoderModel:
         if self.tokenizer is None:
             return [f"t{int(i)}" for i in ids]
         return self.tokenizer.tokens(ids)
-
-
-class _Arena:
-    """One allocation for a numpy model's MLP weights and LM head (the bulk of what a decode step reads),
-    handed out in order by :meth:`take`: numpy asks the kernel for huge pages for an allocation this
-    large (a decode step reads each matrix once, so 4 KiB pages cost a TLB miss every 4 KiB), and the
-    matrices lie in the order a step reads them."""
-
-    def __init__(self, w: dict, c, dtype):
-        sizes = [w["embed"].shape[0] * w["embed"].shape[1] if c.tie_embeddings else w["lm_head"].size]
-        if c.moe is None and c.activation:
-            for i in range(c.num_layers):
-                p = f"{i}.mlp."
-                sizes += [w[p + n + ".w"].size for n in (("gate", "up", "down") if c.gated else ("up", "down"))]
-        self._flat = np.empty(sum(sizes), dtype)
-        self._used = 0
-
-    def take(self, a: np.ndarray) -> np.ndarray:
-        """A C-contiguous copy of ``a`` in the next free part of the arena."""
-        out = self._flat[self._used:self._used + a.size].reshape(a.shape)
-        out[...] = a
-        self._used += a.size
-        return out
 
 
 def _buffer(scratch: dict, name: str, shape: tuple, dtype) -> np.ndarray:
