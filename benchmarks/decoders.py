@@ -16,8 +16,9 @@ each measure).
 - floor: the bytes of every weight read once per token (all but the embedding table, of which a token
   reads one row) divided by the machine's read bandwidth, measured here as the best of repeated
   matrix-vector products over a matrix larger than the last-level cache, on the same threads.
-- compute floor of the prefill: its FLOPs (:func:`prefill_flops`) at the best GFLOP/s of a float32
-  matrix product of the MLP's shape (2048 x 512 by 512 x 2816) on the same threads.
+- compute floor of the prefill: its FLOPs (:func:`prefill_flops`; also the least that the last position's
+  logits need) at the best GFLOP/s of a float32 matrix product of the MLP's shape (2048 x 512 by
+  512 x 2816) on the same threads.
 
     python benchmarks/decoders.py --rounds 5          # prints a table and writes --json if given
     python benchmarks/decoders.py --stages --baseline /tmp/main-src   # + each stage of a step; + another tree
@@ -195,15 +196,20 @@ def run_bandwidth(threads: int) -> dict:
     return {"gbps": w.nbytes / best / 1e9, "gflops": 2 * 2048 * 512 * 2816 / gemm / 1e9}
 
 
-def prefill_flops(shape: dict, T: int) -> float:
+def prefill_flops(shape: dict, T: int, least: bool = False) -> float:
     """Multiply-adds x 2 of a prefill of T tokens: every projection and MLP product, and the causal
     attention (T (T + 1) / 2 query-key pairs, twice D per head: logits and the weighted sum); the LM head
-    for the last position only."""
+    for the last position only. ``least``: only what the last position's logits need (the last layer's
+    query and output projections, attention and MLP for that row alone, its keys and values for all)."""
     E, F, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     H, Hkv = shape["num_attention_heads"], shape["num_key_value_heads"]
     D = E // H
     per_token = E * (2 * H * D + 2 * Hkv * D) + 3 * E * F
-    return 2.0 * L * (T * per_token + 2 * H * D * T * (T + 1) / 2) + 2.0 * E * shape["vocab_size"]
+    full = 2.0 * L * (T * per_token + 2 * H * D * T * (T + 1) / 2) + 2.0 * E * shape["vocab_size"]
+    if not least:
+        return full
+    skipped = (T - 1) * (E * 2 * H * D + 3 * E * F) + 2 * H * D * (T * (T + 1) / 2 - T)  # the last layer's other rows
+    return full - 2.0 * skipped
 
 
 def weight_bytes(folder: Path) -> int:
@@ -273,6 +279,7 @@ def _report(med: dict, rounds: dict, args) -> None:
     """Print the table's figures (and write --json)."""
     floor = weight_bytes(args.folder) / (med["bandwidth"]["gbps"] * 1e9) * 1e3
     compute_floor = prefill_flops(SHAPES[args.shape], args.prefill) / (med["bandwidth"]["gflops"] * 1e9) * 1e3
+    least_floor = prefill_flops(SHAPES[args.shape], args.prefill, True) / (med["bandwidth"]["gflops"] * 1e9) * 1e3
     ours, theirs = med["ours"], med["transformers"]
     result = {"ours_ms_per_token": ours["decode"], "ours_attentions_ms_per_token": ours["attentions"],
               "transformers_ms_per_token": theirs["decode"], "floor_ms_per_token": floor,
@@ -280,7 +287,7 @@ def _report(med: dict, rounds: dict, args) -> None:
               "over_floor": ours["decode"] / floor, "attentions_cost": ours["attentions"] / ours["decode"] - 1,
               "ours_prefill_ms": ours["prefill"], "transformers_prefill_ms": theirs["prefill"],
               "prefill_ratio": ours["prefill"] / theirs["prefill"], "gemm_gflops": med["bandwidth"]["gflops"],
-              "prefill_compute_floor_ms": compute_floor, "medians": med, "rounds": rounds, "args": {
+              "prefill_compute_floor_ms": compute_floor, "prefill_least_floor_ms": least_floor, "medians": med, "rounds": rounds, "args": {
                   k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"}}
     for name in ("ours", "baseline"):
         if name in med:
@@ -295,7 +302,9 @@ def _report(med: dict, rounds: dict, args) -> None:
           f"ours at {result['over_floor']:.2f}x")
     print(f"prefill {args.prefill} tokens: ours {ours['prefill']:.0f} ms, transformers {theirs['prefill']:.0f} ms: "
           f"{result['prefill_ratio']:.2f}x; compute floor {compute_floor:.0f} ms "
-          f"({prefill_flops(SHAPES[args.shape], args.prefill) / 1e9:.0f} GFLOP at {result['gemm_gflops']:.0f} GFLOP/s)")
+          f"({prefill_flops(SHAPES[args.shape], args.prefill) / 1e9:.0f} GFLOP at {result['gemm_gflops']:.0f} GFLOP/s), "
+          f"{least_floor:.0f} ms for the least work the last position needs "
+          f"({prefill_flops(SHAPES[args.shape], args.prefill, True) / 1e9:.0f} GFLOP)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 
