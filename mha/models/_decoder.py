@@ -219,9 +219,10 @@ class DecoderModel:
         ids (B, T) int numpy; caches: one KVCache per layer (new tokens appended) or None; key_mask
         (B, T) bool, False at padding (or None); positions (B, T) int positions of learned embeddings
         (default 0 .. T - 1, after a cache's offset); head_mask: {layer: (H,) multipliers};
-        last_only: logits of the last position only; sink_out: a list that receives, for a model with
-        learned sinks, each layer's sink mass (B, H, T) numpy float32, exp(sink_h - lse) from the
-        layer's log-sum-exp (which counts the sink), independent of the weights.
+        last_only: logits of the last position only (the last layer's MLP then runs on that row alone);
+        sink_out: a list that receives, for a model with learned sinks, each layer's sink mass (B, H, T)
+        numpy float32, exp(sink_h - lse) from the layer's log-sum-exp (which counts the sink), independent
+        of the weights.
 
         numpy decode steps (one token per sequence) run with BLAS held at one thread for the whole step or
         not, whichever has been faster for this model (mha.models._threads): several threads share the
@@ -259,6 +260,8 @@ class DecoderModel:
             if "return_lse" in kwargs:
                 sink_out.append(self._sink_mass(i, res[-1]))
             x = x + (self._apply_norm(a, blk["post_attn"]) if "post_attn" in blk else a)
+            if last_only and i == len(self.layers) - 1:  # the rest is row by row: only the last row is needed
+                x = x[:, -1:]
             if self._act is not None:
                 m = self._mlp(self._apply_norm(x, blk["norm2"]), blk, scratch)
                 x = x + (self._apply_norm(m, blk["post_mlp"]) if "post_mlp" in blk else m)

@@ -73,6 +73,20 @@ def test_the_cache_is_allocated_once_for_prompt_and_new_tokens(zoo, monkeypatch)
     np.testing.assert_array_equal(out.ids, _full_forward_greedy(model, np.arange(3, 12), 7))
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_last_only_runs_the_last_layers_mlp_on_the_last_row_and_keeps_the_logits(zoo, name, monkeypatch):
+    model = mm.load(zoo(name, init=0.25), backend="numpy")
+    ids = np.arange(3, 20)[None]
+    full, _, _ = model.forward(ids)
+    rows = []
+    orig = model._mlp
+    monkeypatch.setattr(model, "_mlp", lambda x, *a: rows.append(x.shape[1]) or orig(x, *a))
+    last, _, hidden = model.forward(ids, caches=[layer.init_cache(1, 17) for layer in model.layers], last_only=True)
+    assert rows == [17] * (model.num_layers - 1) + [1]  # the prefill of generate: the last MLP on one row
+    assert last.shape == (1, 1, model.vocab_size) and hidden.shape == (1, 1, model.config.hidden_size)
+    np.testing.assert_allclose(last[0, 0], full[0, -1], rtol=0, atol=1e-5 * np.abs(full[0, -1]).max())
+
+
 def test_streaming_calls_back_with_each_new_token(zoo):
     model = mm.load(zoo("gemma"), backend="numpy")
     seen = []
