@@ -158,8 +158,8 @@ def _decode_step(layer, query, cache, causal, return_weights, return_lse) -> Pre
         return None
     query = layer._as_input(query)
     step = cache._plan(1, None)
-    masks = _masks.prepare(layer._xp, mask=None, key_mask=step.key_mask, causal=causal, bias_dtype=None,
-                           window=c.window, q_pos=step.q_pos, k_pos=step.k_pos)
+    keep = None if step.key_mask is None else step.key_mask[:, None, None, :]  # (B, 1, 1, S)
+    masks = _masks.MaskSet(keep, None, causal, c.window, step.q_pos, step.k_pos)
     pos = Positions(step.offset, step.offset, step)
     return Prepared(query, query, query, masks, pos, None, None, return_weights, return_lse, True,
                     _route(layer, None, return_weights, return_lse, query.shape[0], 1, step.S))

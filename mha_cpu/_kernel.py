@@ -48,6 +48,11 @@ LOGITS, REDO_LOGITS, PV = Slot("logits"), Slot("redone logits"), Slot("PV produc
 _ERR = dict(invalid="ignore", over="ignore", divide="ignore")
 
 
+def all_finite(a) -> bool:
+    """Whether ``a`` holds no NaN/inf: one sum (its overflow alone sends it to the exact check)."""
+    return math.isfinite(_sum(a)) or bool(np.isfinite(a).all())
+
+
 def _min(a):
     return float(np.minimum.reduce(a, axis=None))
 
@@ -115,7 +120,7 @@ def attend(q, k, v, masks, *, scale: float, softcap=None, sinks=None, dropout=No
     dt = q.dtype
     with np.errstate(**_ERR):
         bad = None
-        if not (finite or (np.isfinite(k).all() and np.isfinite(v).all())):
+        if not (finite or (all_finite(k) and all_finite(v))):
             bad = ~np.isfinite(k).all(-1), ~np.isfinite(v).all(-1)  # (B, Hkv, S)
             k, v = np.where(bad[0][..., None], 0, k).astype(dt), np.where(bad[1][..., None], 0, v).astype(dt)
         E = excess(q, 45 - math.frexp(abs(scale))[1]) if scale != 0 else 0  # |q * scale / 2^E| <= 2^45
@@ -145,6 +150,8 @@ def run(call: Call, flops: float) -> None:
     step = S if single else options.block_k
     with Workers(flops) as workers:
         tasks = plan(B, T, H, Hkv, S, step, workers.n)
+        if len(tasks) == 1:
+            return task(call, *tasks[0], step)
         if call.masks.causal:  # the costliest first (later rows see more keys): the last task taken is short
             tasks.sort(key=lambda t: -t[3])
         workers.map(lambda t: task(call, *t, step), tasks)
@@ -157,6 +164,8 @@ def plan(B: int, T: int, H: int, Hkv: int, S: int, step: int, workers: int) -> l
     tokens against a long cache), the key/value heads are split over the idle workers."""
     bq = options.block_q
     budget = (16 << 20) // (4 * H * max(step, 1))  # query rows of one task
+    if workers == 1 and B * T <= budget and (bq is None or bq >= T):  # one task (a decode step)
+        return [(0, B, 0, T, 0, Hkv)]
     if bq is None:
         bq = min(max(budget, 32), max(256, 1024 // H))
         bq = max(16, min(bq, -(-T // max(1, -(-workers // max(B, 1))))))
@@ -182,9 +191,8 @@ class _Task:
         self.plain = m.keep is None and m.bias is None and not m.positional  # no mask at all
         self.masks = m if self.plain else m.cut(batch=(b0, b1), heads=(self.h0, self.h1), rows=(i0, i1))
         self.qb = call.q[b0:b1, self.h0:self.h1, i0:i1].reshape(self.B_, self.Hkv_, self.G, self.n, -1)
-        dt = call.q.dtype
-        self.m = np.zeros((self.B_, self.H_, self.n, 1), dt)
-        self.l = np.zeros((self.B_, self.H_, self.n, 1), dt)
+        self.m = np.zeros((self.B_, self.H_, self.n, 1), call.q.dtype)
+        self.l = None  # no terms yet
         self.acc = None
         self.centred = False  # whether an offset ever moved from 0
         self.seen_bad = None  # (seen a bad key, seen a bad value), (B_, H_, n, 1) bools
@@ -206,15 +214,18 @@ def task(call: Call, b0: int, b1: int, i0: int, i1: int, g0: int, g1: int, step:
     if wrows is not None:  # keys wholly in the causal future or outside the window
         wrows[..., hi:] = 0
         wrows[..., :lo] = 0
-    for j0 in range(lo, hi, step):
+    for j0 in range(lo, hi, step):  # one block when the keys fit it (decoding, weights asked)
         j1 = min(j0 + step, hi)
         with LOGITS.lease((t.B_, t.H_, t.n, j1 - j0), call.q.dtype) as buf:
             e = buf if wrows is None else wrows[..., j0:j1]
             block = t.masks if t.plain else t.masks.cut(cols=(j0, j1))
             vis = block.visible(np)  # (B_ or 1, H_ or 1, n or 1, keys or 1), or None
-            terms(t, logits(t, block, vis, j0, j1, e))
+            s = logits(t, block, vis, j0, j1, e)
+            if hi - lo <= step:  # all keys in one block: the offset is the row maximum, no band to leave
+                centre(t, s.max(axis=-1, keepdims=True))
+            terms(t, s)
             sums = e.sum(axis=-1, keepdims=True)
-            bad = out_of_band(t, sums, vis)
+            bad = None if hi - lo <= step else out_of_band(t, sums, vis)
             if bad is not None:
                 recentre(t, block, vis, j0, j1, bad, e, sums)
             if call.bad is not None:
@@ -250,13 +261,23 @@ def terms(t: _Task, s) -> None:
     np.exp(s, out=s)  # hidden -> exactly 0
 
 
+def centre(t: _Task, top) -> None:
+    """Offsets at the rows' largest logits ``top`` (B_, H_, n, 1); rows without a finite one keep 0 (no
+    visible key; a NaN query), unless their logits overflowed (:class:`Overflow`)."""
+    if not (math.isfinite(_max(top)) and math.isfinite(_min(top))):
+        bad = ~np.isfinite(top)
+        _check_overflow(t, bad & (top != NEG_INF))
+        top = np.where(bad, 0, top)
+    t.m, t.centred = top, True
+
+
 def out_of_band(t: _Task, sums, vis):
     """(B_, H_, n, 1) bool of the rows whose terms left the band (None if none did): a sum above LIMIT, inf
     or NaN, or, for a row without terms yet, below FLOOR, unless the row sees no key in this block."""
     if FLOOR <= _min(sums) and _max(sums) <= LIMIT:  # the common case, in two reductions (NaN fails)
         return None
     bad = ~(sums <= LIMIT)  # NaN and inf fail too
-    bad |= ~(sums >= FLOOR) & (t.l == 0)
+    bad |= ~(sums >= FLOOR) & (True if t.l is None else t.l == 0)
     if not bad.any():
         return None
     empty = bad & (sums == 0)
@@ -276,7 +297,7 @@ def recentre(t: _Task, block, vis, j0: int, j1: int, bad, e, sums) -> None:
         if not np.isfinite(top[bad]).all():
             _check_overflow(t, bad & ~np.isfinite(top))
         m = np.where(bad & np.isfinite(top), top, t.m)
-        if t.acc is not None:  # rows without terms keep theirs (0: e^+big * 0 would be NaN)
+        if t.l is not None:  # rows without terms keep theirs (0: e^+big * 0 would be NaN)
             alpha = np.where(t.l > 0, t.m - m, 0)
             if c.E and c.softcap is None:
                 times_pow2(alpha, c.E)
@@ -315,11 +336,12 @@ def accumulate(t: _Task, e, j0: int, j1: int, sums) -> None:
     """a += e v, l += sums."""
     if t.acc is None:
         t.acc = np.matmul(t.split(e), t.kv(t.call.v, j0, j1)).reshape(t.B_, t.H_, t.n, -1)
+        t.l = sums
     else:
         with PV.lease((t.B_, t.H_, t.n, t.call.v.shape[-1]), e.dtype) as pv:
             np.matmul(t.split(e), t.kv(t.call.v, j0, j1), out=t.split(pv))
             t.acc += pv
-    t.l += sums
+        t.l += sums
 
 
 def finish(t: _Task, lo: int, hi: int) -> None:
@@ -327,8 +349,9 @@ def finish(t: _Task, lo: int, hi: int) -> None:
     c, dt = t.call, t.call.q.dtype
     ctx = c.ctx[t.b0:t.b1, t.i0:t.i1, t.h0:t.h1].transpose(0, 2, 1, 3)  # (B_, H_, n, D) view
     lse = c.lse[t.b0:t.b1, t.h0:t.h1, t.i0:t.i1]  # (B_, H_, n) view
-    empty = t.l == 0 if _min(t.l) == 0 else None
-    denom = t.l if empty is None else np.where(empty, 1.0, t.l)
+    l = np.zeros_like(t.m) if t.l is None else t.l
+    empty = l == 0 if _min(l) == 0 else None
+    denom = l if empty is None else np.where(empty, 1.0, l)
     rows = np.log(denom)  # lse of the visible keys: log l + F m (-inf for no key)
     if t.centred:
         rows = rows + times_pow2(t.m.astype(np.float64), 0 if c.softcap is not None else c.E)
@@ -359,7 +382,7 @@ def finish(t: _Task, lo: int, hi: int) -> None:
 def _check_context(t: _Task, ctx) -> None:
     """A context that left the range from finite numbers (values near the dtype's limit): Overflow."""
     rows = ~np.isfinite(ctx).all(axis=-1)  # (B_, H_, n)
-    rows &= np.isfinite(t.qb).all(axis=-1).reshape(rows.shape) & np.isfinite(t.l[..., 0])
+    rows &= np.isfinite(t.qb).all(axis=-1).reshape(rows.shape) & np.isfinite(t.l[..., 0])  # (acc: l is set)
     if t.seen_bad is not None:
         rows &= ~(t.seen_bad[0] | t.seen_bad[1])[..., 0]
     if rows.any():

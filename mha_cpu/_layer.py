@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 import mha
@@ -81,7 +83,8 @@ class MultiHeadAttention(mha.MultiHeadAttention):
         H, Hkv, D, E = c.num_heads, c.num_kv_heads, c.head_dim, c.embed_dim
         flops = 2.0 * B * (T * E * 2 * H * D + call.key.shape[1] * (c.kdim + c.vdim) * Hkv * D + 2 * T * S * H * D)
         out = np.empty((B, T, E), call.query.dtype)
-        with Workers(flops) as workers, self._proj.heads(call, workers) as (q, k, v):  # (B, L, heads, D)
+        with Workers(flops) as workers, contextlib.ExitStack() as stack:
+            q, k, v = self._proj.heads(call, workers, stack)  # (B, L, heads, D)
             if c.qk_norm is not None:
                 q = rms_norm(np, q, self._params["q_norm"], c.qk_norm)
                 k = rms_norm(np, k, self._params["k_norm"], c.qk_norm)
@@ -90,7 +93,7 @@ class MultiHeadAttention(mha.MultiHeadAttention):
                 q, k = self._rope(q, pos.q_offset), self._rope(k, pos.k_offset)
             finite = None
             if pos.step is not None:  # only the new keys and values are checked: the cache remembers
-                k, v = pos.step.append(k, v, bool(np.isfinite(k).all() and np.isfinite(v).all()))
+                k, v = pos.step.append(k, v, _kernel.all_finite(k) and _kernel.all_finite(v))
                 finite = pos.step.cache.holds_nonfinite is False
             ctx, lse, *weights = _kernel.attend(q, k, v, call.masks, scale=self._proj.logit_scale, softcap=c.softcap,
                                                 sinks=self._params.get("sinks"), return_weights=call.return_weights,

@@ -44,31 +44,30 @@ class Projections:
             form["kv"] = tuple(np.concatenate([form[n][i] for n in "kv"]) for i in (0, 1))
         self.form = {name: (np.ascontiguousarray(w_.T), b_) for name, (w_, b_) in form.items()}  # (in, out)
 
-    @contextlib.contextmanager
-    def heads(self, call, workers):
-        """(q, k, v) as (B, L, heads, D) views of one or two GEMM outputs in this thread's scratch (held
-        for the ``with`` block); q scaled when the scale is folded."""
+    def heads(self, call, workers, stack: contextlib.ExitStack):
+        """(q, k, v) as (B, L, heads, D) views of one or two GEMM outputs in this thread's scratch, held
+        until ``stack`` closes; q scaled when the scale is folded."""
         c, form = self.config, self.form
         query, key, value = call.query, call.key, call.value
         B, T, _ = query.shape
         L = key.shape[1]
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
-        with contextlib.ExitStack() as stack:
-            def linear(slot, x, wb):
-                out = stack.enter_context(slot.lease(x.shape[:-1] + (wb[0].shape[1],), query.dtype))
-                return workers.linear(x, *wb, out)
 
-            if call.self_attention and "qkv" in form:  # one GEMM
-                y = linear(QKV, query, form["qkv"])
-                q, k, v = y[..., :H * D], y[..., H * D:(H + Hkv) * D], y[..., (H + Hkv) * D:]
+        def linear(slot, x, wb):
+            out = stack.enter_context(slot.lease(x.shape[:-1] + (wb[0].shape[1],), query.dtype))
+            return workers.linear(x, *wb, out)
+
+        if call.self_attention and "qkv" in form:  # one GEMM
+            y = linear(QKV, query, form["qkv"])
+            q, k, v = y[..., :H * D], y[..., H * D:(H + Hkv) * D], y[..., (H + Hkv) * D:]
+        else:
+            q = linear(Q, query, form["q"])
+            if value is key and "kv" in form:
+                kv = linear(KV, key, form["kv"])
+                k, v = kv[..., :Hkv * D], kv[..., Hkv * D:]
             else:
-                q = linear(Q, query, form["q"])
-                if value is key and "kv" in form:
-                    kv = linear(KV, key, form["kv"])
-                    k, v = kv[..., :Hkv * D], kv[..., Hkv * D:]
-                else:
-                    k, v = linear(K, key, form["k"]), linear(V, value, form["v"])
-            yield q.reshape(B, T, H, D), k.reshape(B, L, Hkv, D), v.reshape(B, L, Hkv, D)
+                k, v = linear(K, key, form["k"]), linear(V, value, form["v"])
+        return q.reshape(B, T, H, D), k.reshape(B, L, Hkv, D), v.reshape(B, L, Hkv, D)
 
 
 def _fold(scale: float, wmax: float) -> tuple[float, float]:
