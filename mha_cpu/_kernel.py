@@ -214,18 +214,15 @@ def task(call: Call, b0: int, b1: int, i0: int, i1: int, g0: int, g1: int, step:
     if wrows is not None:  # keys wholly in the causal future or outside the window
         wrows[..., hi:] = 0
         wrows[..., :lo] = 0
-    for j0 in range(lo, hi, step):  # one block when the keys fit it (decoding, weights asked)
+    for j0 in range(lo, hi, step):
         j1 = min(j0 + step, hi)
         with LOGITS.lease((t.B_, t.H_, t.n, j1 - j0), call.q.dtype) as buf:
             e = buf if wrows is None else wrows[..., j0:j1]
             block = t.masks if t.plain else t.masks.cut(cols=(j0, j1))
             vis = block.visible(np)  # (B_ or 1, H_ or 1, n or 1, keys or 1), or None
-            s = logits(t, block, vis, j0, j1, e)
-            if hi - lo <= step:  # all keys in one block: the offset is the row maximum, no band to leave
-                centre(t, s.max(axis=-1, keepdims=True))
-            terms(t, s)
+            terms(t, logits(t, block, vis, j0, j1, e))
             sums = e.sum(axis=-1, keepdims=True)
-            bad = None if hi - lo <= step else out_of_band(t, sums, vis)
+            bad = out_of_band(t, sums, vis)
             if bad is not None:
                 recentre(t, block, vis, j0, j1, bad, e, sums)
             if call.bad is not None:
@@ -259,16 +256,6 @@ def terms(t: _Task, s) -> None:
     if t.call.E and t.call.softcap is None:
         times_pow2(s, t.call.E)
     np.exp(s, out=s)  # hidden -> exactly 0
-
-
-def centre(t: _Task, top) -> None:
-    """Offsets at the rows' largest logits ``top`` (B_, H_, n, 1); rows without a finite one keep 0 (no
-    visible key; a NaN query), unless their logits overflowed (:class:`Overflow`)."""
-    if not (math.isfinite(_max(top)) and math.isfinite(_min(top))):
-        bad = ~np.isfinite(top)
-        _check_overflow(t, bad & (top != NEG_INF))
-        top = np.where(bad, 0, top)
-    t.m, t.centred = top, True
 
 
 def out_of_band(t: _Task, sums, vis):
