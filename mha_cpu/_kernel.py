@@ -106,11 +106,12 @@ class Call(NamedTuple):
 
 
 def attend(q, k, v, masks, *, scale: float, softcap=None, sinks=None, dropout=None, return_weights: bool = False,
-           finite: bool | None = None):
+           finite: bool | None = None, out=None):
     """(context (B, H, T, D), lse (B, H, T)[, weights (B, H, T, S)]) as :func:`mha.reference.attend` defines
     them, for numpy float32/float64 q (B, H, T, D), k and v (B, Hkv, S, D) and a MaskSet over (B, H, T, S).
     ``finite``: True when the caller knows k and v hold no NaN/inf (a cache remembers), None: checked.
-    Dropout takes the reference's arithmetic."""
+    ``out``: (context (B, T, H, D), lse, weights or None) arrays (views) to write into. Dropout takes the
+    reference's arithmetic."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if dropout is not None or 0 in (B, T, S):
@@ -126,8 +127,8 @@ def attend(q, k, v, masks, *, scale: float, softcap=None, sinks=None, dropout=No
         E = excess(q, 45 - math.frexp(abs(scale))[1]) if scale != 0 else 0  # |q * scale / 2^E| <= 2^45
         q = q * dt.type(math.ldexp(scale, -E)) if (scale != 1 or E) else q
         sink = None if sinks is None else np.asarray(sinks, np.float64)
-        ctx, lse = np.empty((B, T, H, D), dt), np.empty((B, H, T), dt)
-        weights = np.empty((B, H, T, S), dt) if return_weights else None
+        ctx, lse, weights = out or (np.empty((B, T, H, D), dt), np.empty((B, H, T), dt),
+                                    np.empty((B, H, T, S), dt) if return_weights else None)
         flops = 4.0 * B * T * S * H * D
         try:
             run(Call(q, k, v, masks, ctx, lse, weights, E, bad, softcap, sink), flops)

@@ -55,6 +55,8 @@ class Thresholds(Settings):
         scratch_min: temporaries smaller than this many bytes come from malloc, not the scratch buffers.
         tile_rows, tile_cols, tile_align: the least rows and columns of a tile of a projection shared
             out over the workers (below them the GEMMs lose speed), columns a multiple of tile_align.
+        task_flops: the split by head groups (mha_cpu._layer) makes no more tasks than leave each this much
+            work (FLOPs).
     """
 
     _name = "mha_cpu thresholds"
@@ -66,6 +68,7 @@ class Thresholds(Settings):
         "tile_rows": (256, "int", 1, "least rows of a projection tile"),
         "tile_cols": (64, "int", 1, "least columns of a projection tile"),
         "tile_align": (16, "int", 1, "projection tile columns a multiple of this"),
+        "task_flops": (8e8, "float", 0, "least work of a task of the split by head groups"),
     }
     __slots__ = tuple(_spec)
 
@@ -84,5 +87,5 @@ def small_blocks(block_q: int = 2, block_k: int = 3, *, threads: int = 3):
     of the kernel then runs on problems of a few tokens. Process-wide, as every setting."""
     with options.override(block_q=block_q, block_k=block_k, threads=threads, parallel_flops=0.0), \
             thresholds.override(single_pass_max=block_k, single_pass_floats=0, min_split_work=0, scratch_min=0,
-                                tile_rows=4, tile_cols=2, tile_align=1):
+                                tile_rows=4, tile_cols=2, tile_align=1, task_flops=0.0):
         yield

@@ -43,6 +43,22 @@ class Projections:
         if c.kdim == c.vdim:
             form["kv"] = tuple(np.concatenate([form[n][i] for n in "kv"]) for i in (0, 1))
         self.form = {name: (np.ascontiguousarray(w_.T), b_) for name, (w_, b_) in form.items()}  # (in, out)
+        self._groups = {}
+
+    def groups(self, g: int) -> list:
+        """Per group of key/value heads (g groups): (first, end) kv head and its columns of the fused Q/K/V
+        projection (weight (in, out), bias), contiguous; made once per g."""
+        if g not in self._groups:
+            c = self.config
+            G, D, (w, b) = c.num_heads // c.num_kv_heads, c.head_dim, self.form["qkv"]
+            H, found = c.num_heads, []
+            for i in range(g):
+                g0, g1 = i * c.num_kv_heads // g, (i + 1) * c.num_kv_heads // g
+                cols = np.r_[g0 * G * D:g1 * G * D, H * D + g0 * D:H * D + g1 * D,
+                             (H + c.num_kv_heads) * D + g0 * D:(H + c.num_kv_heads) * D + g1 * D]
+                found.append((g0, g1, np.ascontiguousarray(w[:, cols]), b[cols]))
+            self._groups[g] = found
+        return self._groups[g]
 
     def heads(self, call, workers, stack: contextlib.ExitStack):
         """(q, k, v) as (B, L, heads, D) views of one or two GEMM outputs in this thread's scratch, held

@@ -52,11 +52,11 @@ def cpus() -> int:
 
 
 def on_worker() -> bool:
-    """Whether this thread is one of the pool's workers."""
+    """Whether this thread runs a task of the pool: one of its workers, or a caller taking part in a map."""
     found = getattr(_local, "on_worker", None)
     if found is None:
         found = _local.on_worker = threading.current_thread().name.startswith(_PREFIX)
-    return found
+    return found or getattr(_local, "mapping", False)
 
 
 def _executor(n: int) -> ThreadPoolExecutor:
@@ -74,7 +74,7 @@ class Workers:
 
     def __init__(self, flops: float):
         outer = getattr(_local, "workers", None)
-        self.n = outer.n if outer is not None else 1 if on_worker() or flops < options.parallel_flops else cpus()
+        self.n = 1 if on_worker() else outer.n if outer is not None else 1 if flops < options.parallel_flops else cpus()
         self._limit = None
 
     def __enter__(self):
@@ -116,9 +116,11 @@ class Workers:
                         raise
 
         pending = [_executor(self.n - 1).submit(work) for _ in range(min(self.n, len(items)) - 1)]
+        _local.mapping = True  # a Workers made inside a task stays on this thread, as on a worker
         try:
             work()
         finally:  # never return while workers still write into the caller's buffers
+            _local.mapping = False
             wait(pending)
         for f in pending:
             f.result()
