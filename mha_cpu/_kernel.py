@@ -78,6 +78,19 @@ def times_pow2(x, e: int):
     return x
 
 
+def zeroed(a, bad):
+    """A copy of ``a`` (B, Hkv, S, D) with the vectors flagged in ``bad`` (B, Hkv, S) zeroed, laid out with
+    a's own strides: BLAS may round another layout differently, and rows that see no zeroed vector must
+    keep the bits of a clean call."""
+    if min(a.strides) < 0:
+        return np.where(bad[..., None], 0, a)
+    span = sum((n - 1) * st for n, st in zip(a.shape, a.strides)) + a.itemsize
+    out = np.lib.stride_tricks.as_strided(np.empty(span // a.itemsize, a.dtype), a.shape, a.strides)
+    np.copyto(out, a)
+    out[bad] = 0
+    return out
+
+
 def excess(a, budget: int) -> int:
     """p >= 0 such that a * 2^-p stays within 2^budget (NaN/inf entries ignored)."""
     top = float(np.abs(a).max(initial=0.0))
@@ -123,8 +136,8 @@ def attend(q, k, v, masks, *, scale: float, softcap=None, sinks=None, dropout=No
         bad = None
         if not (finite or (all_finite(k) and all_finite(v))):
             bad = ~np.isfinite(k).all(-1), ~np.isfinite(v).all(-1)  # (B, Hkv, S)
-            k, v = np.where(bad[0][..., None], 0, k).astype(dt), np.where(bad[1][..., None], 0, v).astype(dt)
-        E = excess(q, 45 - math.frexp(abs(scale))[1]) if scale != 0 else 0  # |q * scale / 2^E| <= 2^45
+            k, v = zeroed(k, bad[0]), zeroed(v, bad[1])
+        E = excess(q, 45 - math.frexp(abs(scale))[1]) if scale not in (0, 1) else 0  # |q scale / 2^E| <= 2^45
         q = q * dt.type(math.ldexp(scale, -E)) if (scale != 1 or E) else q
         sink = None if sinks is None else np.asarray(sinks, np.float64)
         ctx, lse, weights = out or (np.empty((B, T, H, D), dt), np.empty((B, H, T), dt),
@@ -133,9 +146,9 @@ def attend(q, k, v, masks, *, scale: float, softcap=None, sinks=None, dropout=No
         try:
             run(Call(q, k, v, masks, ctx, lse, weights, E, bad, softcap, sink), flops)
         except Overflow:  # every row again on q, k, v scaled down by powers of two
-            pk, pv = excess(k, 45), excess(v, 60)
-            k, v = times_pow2(k.astype(dt), -pk), times_pow2(v.astype(dt), -pv)
-            run(Call(q, k, v, masks, ctx, lse, weights, E + pk, bad, softcap, sink), flops)
+            pq, pk, pv = excess(q, 45), excess(k, 45), excess(v, 60)
+            q, k, v = (times_pow2(a.astype(dt), -p) for a, p in ((q, pq), (k, pk), (v, pv)))
+            run(Call(q, k, v, masks, ctx, lse, weights, E + pq + pk, bad, softcap, sink), flops)
             times_pow2(ctx, pv)
     context = ctx.transpose(0, 2, 1, 3)  # (B, H, T, D) view
     return (context, lse, weights) if return_weights else (context, lse)
@@ -192,15 +205,13 @@ class _Task:
         self.plain = m.keep is None and m.bias is None and not m.positional  # no mask at all
         self.masks = m if self.plain else m.cut(batch=(b0, b1), heads=(self.h0, self.h1), rows=(i0, i1))
         self.qb = call.q[b0:b1, self.h0:self.h1, i0:i1].reshape(self.B_, self.Hkv_, self.G, self.n, -1)
+        self.kt = call.k[b0:b1, g0:g1, None].swapaxes(-1, -2)  # (B_, Hkv_, 1, D, S)
+        self.vb = call.v[b0:b1, g0:g1, None]  # (B_, Hkv_, 1, S, D)
         self.m = np.zeros((self.B_, self.H_, self.n, 1), call.q.dtype)
         self.l = None  # no terms yet
         self.acc = None
         self.centred = False  # whether an offset ever moved from 0
         self.seen_bad = None  # (seen a bad key, seen a bad value), (B_, H_, n, 1) bools
-
-    def kv(self, a, j0: int, j1: int):
-        """(B_, Hkv_, 1, keys, D): keys or values j0:j1 of this task's batch elements and heads."""
-        return a[self.b0:self.b1, self.g0:self.g1, j0:j1][:, :, None]
 
     def split(self, a):
         """(B_, H_, n, x) -> (B_, Hkv_, G, n, x), a view."""
@@ -222,7 +233,7 @@ def task(call: Call, b0: int, b1: int, i0: int, i1: int, g0: int, g1: int, step:
             block = t.masks if t.plain else t.masks.cut(cols=(j0, j1))
             vis = block.visible(np)  # (B_ or 1, H_ or 1, n or 1, keys or 1), or None
             terms(t, logits(t, block, vis, j0, j1, e))
-            sums = e.sum(axis=-1, keepdims=True)
+            sums = np.add.reduce(e, axis=-1, keepdims=True)
             bad = out_of_band(t, sums, vis)
             if bad is not None:
                 recentre(t, block, vis, j0, j1, bad, e, sums)
@@ -236,7 +247,7 @@ def logits(t: _Task, block, vis, j0: int, j1: int, out):
     """(B_, H_, n, keys) logits of keys j0:j1 into ``out``: q k^T, soft-capped, plus the bias, -inf where
     hidden (in units of 2^E, or true units with a soft-cap)."""
     c = t.call
-    s = np.matmul(t.qb, t.kv(c.k, j0, j1).swapaxes(-1, -2), out=t.split(out)).reshape(out.shape)
+    s = np.matmul(t.qb, t.kt[..., j0:j1], out=t.split(out)).reshape(out.shape)
     if c.softcap is not None:
         if c.E:
             times_pow2(s, c.E)  # true logits (+-inf past the range: capped to +-c)
@@ -296,7 +307,7 @@ def recentre(t: _Task, block, vis, j0: int, j1: int, bad, e, sums) -> None:
         t.centred = True
         terms(t, s)
         np.copyto(e, s, where=bad)
-        np.copyto(sums, s.sum(axis=-1, keepdims=True), where=bad)
+        np.copyto(sums, np.add.reduce(s, axis=-1, keepdims=True), where=bad)
 
 
 def _check_overflow(t: _Task, rows) -> None:
@@ -323,11 +334,11 @@ def note_bad(t: _Task, vis, j0: int, j1: int) -> None:
 def accumulate(t: _Task, e, j0: int, j1: int, sums) -> None:
     """a += e v, l += sums."""
     if t.acc is None:
-        t.acc = np.matmul(t.split(e), t.kv(t.call.v, j0, j1)).reshape(t.B_, t.H_, t.n, -1)
+        t.acc = np.matmul(t.split(e), t.vb[..., j0:j1, :]).reshape(t.B_, t.H_, t.n, -1)
         t.l = sums
     else:
         with PV.lease((t.B_, t.H_, t.n, t.call.v.shape[-1]), e.dtype) as pv:
-            np.matmul(t.split(e), t.kv(t.call.v, j0, j1), out=t.split(pv))
+            np.matmul(t.split(e), t.vb[..., j0:j1, :], out=t.split(pv))
             t.acc += pv
         t.l += sums
 
@@ -338,13 +349,10 @@ def finish(t: _Task, lo: int, hi: int) -> None:
     ctx = c.ctx[t.b0:t.b1, t.i0:t.i1, t.h0:t.h1].transpose(0, 2, 1, 3)  # (B_, H_, n, D) view
     lse = c.lse[t.b0:t.b1, t.h0:t.h1, t.i0:t.i1]  # (B_, H_, n) view
     l = np.zeros_like(t.m) if t.l is None else t.l
-    empty = l == 0 if _min(l) == 0 else None
-    denom = l if empty is None else np.where(empty, 1.0, l)
-    rows = np.log(denom)  # lse of the visible keys: log l + F m (-inf for no key)
+    rows = np.log(l)  # lse of the visible keys: log l + F m (-inf for no key: l = 0)
     if t.centred:
         rows = rows + times_pow2(t.m.astype(np.float64), 0 if c.softcap is not None else c.E)
-    if empty is not None:
-        rows[empty] = NEG_INF
+    denom = np.maximum(l, np.finfo(dt).tiny)  # a row with no key divides 0 (a first block sums >= FLOOR)
     if c.sinks is not None:  # the visible keys' share e^(lse - lse') of a denominator with the sink in it
         total = np.logaddexp(rows, c.sinks[t.h0:t.h1, None, None])
         share = np.where(np.isfinite(rows), np.exp(rows - total), rows == np.inf)

@@ -37,10 +37,10 @@ class MultiHeadAttention(mha.MultiHeadAttention):
         return np.errstate(invalid="ignore", over="ignore", divide="ignore")
 
     def _dtypes(self):
-        dt = np.dtype(self.config.dtype)
-        return dt, dt  # float32 accumulates in float32 (as BLAS does), float64 in float64
+        return self._dtype, self._dtype  # float32 accumulates in float32 (as BLAS does), float64 in float64
 
     def _init_rng(self, seed) -> None:
+        self._dtype = np.dtype(self.config.dtype)
         # A stream of its own for dropout, so that dropout draws never shift the initialisation.
         self._rng = np.random.default_rng(None if seed is None else [seed, 1])
 

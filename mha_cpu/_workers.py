@@ -1,11 +1,11 @@
 """The numpy backend's threads and its reusable per-thread temporaries.
 
 Threads, by library: a call's tasks run on a ``concurrent.futures`` thread pool (numpy's elementwise
-ops are single-threaded but release the GIL), with BLAS held at one thread meanwhile by threadpoolctl's
-``limit`` context manager, so that the two levels of threading do not fight; a call on the calling
-thread alone holds BLAS at ``options.blas_threads``. The limit is set and restored by the thread that
-makes the call (OpenBLAS takes limits from one controlling thread at a time: calls overlapping from
-several threads may run with BLAS's own setting, never leave it changed).
+ops are single-threaded but release the GIL), with BLAS held at one thread meanwhile through
+threadpoolctl (:class:`blas_threads`), so that the two levels of threading do not fight; a call on the
+calling thread alone holds BLAS at ``options.blas_threads``. The limit is set and restored by the
+thread that makes the call (OpenBLAS takes limits from one controlling thread at a time: calls
+overlapping from several threads may run with BLAS's own setting, never leave it changed).
 
 Temporaries: a fresh array of a few MiB costs a page fault per 4 KiB touched once the allocator has
 handed it back to the kernel, so temporaries that never leave a call live in buffers each thread keeps
@@ -24,7 +24,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
+from threadpoolctl import CONTROLLING_THREAD_OWNERSHIP, ThreadpoolController
 
 from ._options import options, thresholds
 
@@ -35,10 +35,30 @@ _lock = threading.Lock()
 _local = threading.local()  # per thread: the Workers block it is in, whether it is a worker, its buffers
 
 
-def _blas():
-    if _state["blas"] is None:
-        _state["blas"] = ThreadpoolController().select(user_api="blas")
-    return _state["blas"]
+class blas_threads:
+    """``with blas_threads(n):`` BLAS at n threads for the block, then as before: threadpoolctl's limit
+    (its library controllers, and its count of the thread that controls OpenBLAS) without the snapshot
+    of every library's info that ``ThreadpoolController.limit`` takes, which cost more than a decode
+    step's arithmetic; only libraries not already at n are set and restored."""
+
+    __slots__ = ("n", "saved")
+
+    def __init__(self, n: int):
+        self.n, self.saved = n, ()
+
+    def __enter__(self):
+        if _state["blas"] is None:
+            _state["blas"] = ThreadpoolController().select(user_api="blas").lib_controllers
+        self.saved = [(lib, m) for lib in _state["blas"] if (m := lib.get_num_threads()) != self.n]
+        CONTROLLING_THREAD_OWNERSHIP.increment()
+        for lib, _ in self.saved:
+            lib.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        for lib, m in self.saved:
+            lib.set_num_threads(m)
+        CONTROLLING_THREAD_OWNERSHIP.decrement()
 
 
 def cpus() -> int:
@@ -80,9 +100,7 @@ class Workers:
     def __enter__(self):
         if getattr(_local, "workers", None) is None and not on_worker():
             blas = 1 if self.n > 1 else options.blas_threads
-            self._limit = None if blas is None else _blas().limit(limits=blas)
-            if self._limit is not None:
-                self._limit.__enter__()
+            self._limit = None if blas is None else blas_threads(blas).__enter__()
             _local.workers = self
         return self
 

@@ -59,8 +59,8 @@ def test_reference_path_rescales(backend, sigma, scale, causal):
 
 
 def test_common_path_takes_no_rescaling(monkeypatch):
-    """Ordinary inputs never reach the rescaled run (it would recompute the kernel): the first run takes
-    large queries scaled down by 2^E (E > 0), and only keys whose logits still overflow run it again."""
+    """Ordinary inputs never reach the rescaled run (it would recompute the kernel); inputs whose logits
+    overflow run once more, on q and k scaled down by 2^E (E > 0)."""
     from mha_cpu import _kernel
 
     layer = mha.MultiHeadAttention(12, 3, backend="numpy", seed=1)
@@ -71,7 +71,7 @@ def test_common_path_takes_no_rescaling(monkeypatch):
     assert calls == [0]
     layer(_problem(1e20), _problem(1e20, seed=2)[:, :5])
     layer(_problem(1e20), _problem(1e30, seed=2)[:, :5])
-    assert len(calls) == 4 and 0 < calls[1] == calls[2] < calls[3]  # one run each, the last one again
+    assert len(calls) == 5 and calls[0] == calls[1] == calls[3] == 0 < calls[2] < calls[4]
 
 
 def test_overflow_with_a_cache_appends_once():
