@@ -1,23 +1,15 @@
-"""The numpy backend's projection weights, in the forms the fast path uses.
-
-- Q/K/V fused into one GEMM for self-attention, and K/V for cross-attention with kdim == vdim.
-- The scale folded into W_q and b_q (no pass over the logits multiplies them), unless the layer
-  normalises q (qk_norm: the norm would undo it) or the folded weights would pass 2^64 (a scale like
-  3e38): then :attr:`Projections.logit_scale` is the scale, which the core applies.
-- Every weight stored transposed, (in, out) and contiguous, for ``x @ wt``: OpenBLAS packs the (out,
-  in) layout's transpose at every call, which costs as much as the product at a few rows.
-"""
+"""The numpy backend's projection weights, in the forms the fast path uses: Q/K/V fused into one GEMM for
+self-attention (K/V for cross-attention with kdim == vdim); the scale folded into W_q and b_q, unless
+the layer normalises q (the norm would undo it) or the folded weights would pass 2^64 (then
+:attr:`Projections.logit_scale` is the scale, for the core); every weight transposed, (in, out) and
+contiguous, for ``x @ wt`` (OpenBLAS packs an (out, in) operand's transpose at every call)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 
-from ._workers import Slot
-
-QKV, Q, KV, K, V = Slot("QKV projection"), Slot("Q projection"), Slot("KV projection"), Slot("K"), Slot("V")
 _FOLD_LIMIT = 2.0**64  # the folded query weights stay below this
 
 
@@ -60,29 +52,27 @@ class Projections:
             self._groups[g] = found
         return self._groups[g]
 
-    def heads(self, call, workers, stack: contextlib.ExitStack):
-        """(q, k, v) as (B, L, heads, D) views of one or two GEMM outputs in this thread's scratch, held
-        until ``stack`` closes; q scaled when the scale is folded."""
+    def heads(self, call, workers):
+        """(q, k, v) as (B, L, heads, D) views of one or two GEMM outputs; q scaled when the scale is folded."""
         c, form = self.config, self.form
         query, key, value = call.query, call.key, call.value
         B, T, _ = query.shape
         L = key.shape[1]
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
 
-        def linear(slot, x, wb):
-            out = stack.enter_context(slot.lease(x.shape[:-1] + (wb[0].shape[1],), query.dtype))
-            return workers.linear(x, *wb, out)
+        def linear(x, wb):
+            return workers.linear(x, *wb, np.empty(x.shape[:-1] + (wb[0].shape[1],), query.dtype))
 
         if call.self_attention and "qkv" in form:  # one GEMM
-            y = linear(QKV, query, form["qkv"])
+            y = linear(query, form["qkv"])
             q, k, v = y[..., :H * D], y[..., H * D:(H + Hkv) * D], y[..., (H + Hkv) * D:]
         else:
-            q = linear(Q, query, form["q"])
+            q = linear(query, form["q"])
             if value is key and "kv" in form:
-                kv = linear(KV, key, form["kv"])
+                kv = linear(key, form["kv"])
                 k, v = kv[..., :Hkv * D], kv[..., Hkv * D:]
             else:
-                k, v = linear(K, key, form["k"]), linear(V, value, form["v"])
+                k, v = linear(key, form["k"]), linear(value, form["v"])
         return q.reshape(B, T, H, D), k.reshape(B, L, Hkv, D), v.reshape(B, L, Hkv, D)
 
 

@@ -1,26 +1,15 @@
-"""The numpy backend's threads and its reusable per-thread temporaries.
-
-Threads, by library: a call's tasks run on a ``concurrent.futures`` thread pool (numpy's elementwise
-ops are single-threaded but release the GIL), with BLAS held at one thread meanwhile through
-threadpoolctl (:class:`blas_threads`), so that the two levels of threading do not fight; a call on the
-calling thread alone holds BLAS at ``options.blas_threads``. The limit is set and restored by the
-thread that makes the call (OpenBLAS takes limits from one controlling thread at a time: calls
-overlapping from several threads may run with BLAS's own setting, never leave it changed).
-
-Temporaries: a fresh array of a few MiB costs a page fault per 4 KiB touched once the allocator has
-handed it back to the kernel, so temporaries that never leave a call live in buffers each thread keeps
-from call to call. Each buffer is a :class:`Slot`, a module-level constant of the one module that uses
-it; leasing a slot the same thread already holds raises RuntimeError. What a call returns is always a
-fresh array.
+"""The numpy backend's threads, by library: a call's tasks run on a ``concurrent.futures`` thread pool
+(numpy releases the GIL in its loops and BLAS), with BLAS held at one thread meanwhile through
+threadpoolctl, so that the two levels of threading do not fight; a call on the calling thread alone holds
+BLAS at ``options.blas_threads``. The thread that makes a call sets and restores the limit (OpenBLAS takes
+limits from one controlling thread at a time: calls overlapping from several threads may run with BLAS's
+own setting, never leave it changed).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 import threading
-import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
@@ -32,14 +21,14 @@ _PREFIX = "mha_cpu"
 TASKS_PER_WORKER = 4  # what a call is cut into, per worker, so that a slower core holds it up little
 _state = {"pool": None, "size": 0, "blas": None}
 _lock = threading.Lock()
-_local = threading.local()  # per thread: the Workers block it is in, whether it is a worker, its buffers
+_local = threading.local()  # per thread: the Workers block it is in, whether it runs a task
 
 
 class blas_threads:
-    """``with blas_threads(n):`` BLAS at n threads for the block, then as before: threadpoolctl's limit
-    (its library controllers, and its count of the thread that controls OpenBLAS) without the snapshot
-    of every library's info that ``ThreadpoolController.limit`` takes, which cost more than a decode
-    step's arithmetic; only libraries not already at n are set and restored."""
+    """``with blas_threads(n):`` BLAS at n threads for the block: threadpoolctl's limit (its library
+    controllers and its count of the thread controlling OpenBLAS) without the snapshot of every library's
+    info ``ThreadpoolController.limit`` takes (more than a decode step's arithmetic); only libraries not
+    at n already are set and restored."""
 
     __slots__ = ("n", "saved")
 
@@ -79,18 +68,11 @@ def on_worker() -> bool:
     return found or getattr(_local, "mapping", False)
 
 
-def _executor(n: int) -> ThreadPoolExecutor:
-    with _lock:
-        if _state["pool"] is None or _state["size"] != n:
-            _state["pool"], _state["size"] = ThreadPoolExecutor(max_workers=n, thread_name_prefix=_PREFIX), n
-        return _state["pool"]
-
-
 class Workers:
     """The workers of one call: ``with Workers(flops) as workers: workers.map(fn, items)``: the pool for
-    ``options.parallel_flops`` of work or more (BLAS at one thread), else the calling thread alone
-    (BLAS at ``options.blas_threads``); always the calling thread alone on a worker. Inside another
-    Workers block of the same thread (the core within a layer call), the outer one's choice holds."""
+    ``options.parallel_flops`` of work or more (BLAS at one thread), else the calling thread alone (BLAS at
+    ``options.blas_threads``); one thread inside a task. Inside another Workers block of the same thread
+    (the core within a layer call), the outer one's choice holds."""
 
     def __init__(self, flops: float):
         outer = getattr(_local, "workers", None)
@@ -112,7 +94,8 @@ class Workers:
 
     def map(self, fn, items) -> None:
         """Run ``fn`` on every item, the workers taking the next item whenever they are free (in the order
-        given: put the costliest first), the calling thread among them."""
+        given: put the costliest first), the calling thread among them; a task's error is raised once every
+        running task has ended, and no task starts after it."""
         items = list(items)
         if self.n <= 1 or len(items) <= 1:
             for it in items:
@@ -133,7 +116,11 @@ class Workers:
                         failed.append(True)  # the others stop taking items
                         raise
 
-        pending = [_executor(self.n - 1).submit(work) for _ in range(min(self.n, len(items)) - 1)]
+        with _lock:
+            if _state["pool"] is None or _state["size"] != self.n - 1:
+                _state["pool"] = ThreadPoolExecutor(max_workers=self.n - 1, thread_name_prefix=_PREFIX)
+                _state["size"] = self.n - 1
+        pending = [_state["pool"].submit(work) for _ in range(min(self.n, len(items)) - 1)]
         _local.mapping = True  # a Workers made inside a task stays on this thread, as on a worker
         try:
             work()
@@ -149,14 +136,14 @@ class Workers:
         ``thresholds.tile_rows`` rows and ``tile_cols`` columns); returns out (..., out_features)."""
         x2 = x.reshape(-1, x.shape[-1])
         o2 = out.reshape(x2.shape[0], weight_t.shape[1])  # out is C-contiguous: a view
-        (M, N), parts, t = o2.shape, TASKS_PER_WORKER * self.n if self.n > 1 else 1, thresholds
+        (M, N), t = o2.shape, thresholds
         if self.n == 1 or M == 0 or N == 0:
             np.matmul(x2, weight_t, out=o2)
             if bias is not None:
                 o2 += bias
             return out
-        pr = max(1, min(parts, M // t.tile_rows))
-        pc = max(1, min(-(-parts // pr), N // t.tile_cols))
+        pr = max(1, min(TASKS_PER_WORKER * self.n, M // t.tile_rows))
+        pc = max(1, min(-(-TASKS_PER_WORKER * self.n // pr), N // t.tile_cols))
         rs, cs = -(-M // pr), -(-(-(-N // pc)) // t.tile_align) * t.tile_align
 
         def part(tile):
@@ -168,65 +155,3 @@ class Workers:
 
         self.map(part, [(r0, c0) for r0 in range(0, M, rs) for c0 in range(0, N, cs)])
         return out
-
-
-# -- per-thread temporaries --------------------------------------------------------------------------
-_registry: weakref.WeakSet = weakref.WeakSet()
-
-
-class _Buffers(dict):
-    """One thread's buffers (Slot -> bytes) and the slots it holds now; hashable by identity."""
-
-    __hash__ = object.__hash__
-    __eq__ = object.__eq__
-
-    def __init__(self):
-        super().__init__()
-        self.held = set()
-
-
-class Slot:
-    """One reusable temporary per thread: ``with SLOT.lease(shape, dtype) as a:`` lends this thread's buffer
-    (uninitialised) for the block when its size is within [thresholds.scratch_min, options.scratch_bytes],
-    else a fresh array."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"Slot({self.name!r})"
-
-    def lease(self, shape, dtype):
-        dtype = np.dtype(dtype)
-        n = dtype.itemsize * math.prod(shape)
-        if n > options.scratch_bytes or n < thresholds.scratch_min:
-            return contextlib.nullcontext(np.empty(shape, dtype))
-        return self._lease(shape, dtype, n)
-
-    @contextlib.contextmanager
-    def _lease(self, shape, dtype, n: int):
-        bufs = getattr(_local, "bufs", None)
-        if bufs is None:
-            bufs = _local.bufs = _Buffers()
-            with _lock:
-                _registry.add(bufs)
-        if self in bufs.held:
-            raise RuntimeError(f"scratch {self} is already leased on this thread: two uses of one buffer "
-                               f"(each use needs a Slot of its own)")
-        buf = bufs.get(self)
-        if buf is None or buf.nbytes < n:
-            buf = bufs[self] = np.empty(max(n, 1), np.uint8)
-        bufs.held.add(self)
-        try:
-            yield buf[:n].view(dtype).reshape(shape)
-        finally:
-            bufs.held.discard(self)
-
-
-def free_scratch() -> None:
-    """Drop every thread's reusable temporaries (call it while no layer call is running)."""
-    with _lock:
-        for bufs in list(_registry):
-            bufs.clear()

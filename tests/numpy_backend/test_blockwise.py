@@ -1,9 +1,9 @@
 """The numpy fast path against the reference: the sweep over every setting it has, and its machinery
-(scratch buffers, threads, tiles).
+(threads, tiles).
 
 The sweep draws a problem (masks of every kind, causal, window, RoPE, GQA, cross-attention, soft-cap,
 q/k norm, sinks) and every value of what can change the fast path's arithmetic: tiny or automatic
-blocks, 1-3 workers or the default, BLAS threads, scratch on or off, weights and lse asked or not; the
+blocks, 1-3 workers or the default, BLAS threads, weights and lse asked or not; the
 result must equal the float64 reference path within the derived bound T1.
 """
 
@@ -29,14 +29,12 @@ ALL = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "
 
 
 @contextlib.contextmanager
-def setting(*, blocks=None, threads=None, scratch=None, blas=1, pool_always=True):
+def setting(*, blocks=None, threads=None, blas=1, pool_always=True):
     """Options and the test-only thresholds for a block of code (blocks None: automatic)."""
     opts, thr = dict(threads=threads, blas_threads=blas), {}
     if blocks is not None:
         opts.update(block_q=blocks[0], block_k=blocks[1])
         thr.update(single_pass_max=blocks[1], single_pass_floats=0)
-    if scratch is not None:
-        opts["scratch_bytes"], thr["scratch_min"] = scratch, 0
     if pool_always:
         opts["parallel_flops"], thr["min_split_work"] = 0.0, 0
     with mha_cpu.options.override(**opts), _options.thresholds.override(**thr):
@@ -92,14 +90,14 @@ def check_against_reference(p, res, rw, rl, what, layer=None):
 @given(p=mst.problems(ALL, positional=True),
        blocks=st.sampled_from([None, (1, 1), (2, 3), (3, 2), (4, 5), (7, 4)]),
        threads=st.sampled_from([None, 1, 2, 3]), blas=st.sampled_from([1, None]),
-       scratch=st.sampled_from([None, 0]), rw=st.booleans(), rl=st.booleans(), features=FEATURES)
-def test_sweep_every_setting_equals_the_reference(p, blocks, threads, blas, scratch, rw, rl, features):
+       rw=st.booleans(), rl=st.booleans(), features=FEATURES)
+def test_sweep_every_setting_equals_the_reference(p, blocks, threads, blas, rw, rl, features):
     layer = mha.MultiHeadAttention.from_weights(with_features(p, features), backend="numpy", **p.layer_options(),
                                                 softcap=features["softcap"], qk_norm=features["qk_norm"])
     k, v = p.kv
-    with setting(blocks=blocks, threads=threads, scratch=scratch, blas=blas):
+    with setting(blocks=blocks, threads=threads, blas=blas):
         res = layer(p.query, k, v, return_weights=rw, return_lse=rl, **p.masks())
-    check_against_reference(p, res, rw, rl, f"blocks {blocks}, threads {threads}, blas {blas}, scratch {scratch}, "
+    check_against_reference(p, res, rw, rl, f"blocks {blocks}, threads {threads}, blas {blas}, "
                                             f"{features}", layer)
 
 
@@ -154,49 +152,6 @@ def test_an_empty_batch(threads):
     with setting(threads=threads):
         y, w = layer(np.zeros((0, 3, 8), np.float32), return_weights=True)
     assert y.shape == (0, 3, 8) and w.shape == (0, 2, 3, 3)
-
-
-def test_results_never_share_memory_with_the_reused_temporaries():
-    """Outputs, weights and lse are fresh arrays: a later call (which reuses the scratch buffers) leaves
-    them alone, for self- and cross-attention and a cached call; and scratch on or off, the same bits."""
-    from mha_cpu import _workers
-
-    rng = np.random.default_rng(0)
-    layer = mha.MultiHeadAttention(64, 4, num_kv_heads=2, backend="numpy", seed=0)
-    x1, x2 = (rng.normal(size=(2, 300, 64)).astype(np.float32) for _ in range(2))  # temporaries > 64 KiB
-    with setting(threads=2):
-        for call in (lambda x: layer(x, return_weights=True, return_lse=True),
-                     lambda x: layer(x, x[:, :200], return_weights=True, return_lse=True)):
-            first = call(x1)
-            kept = [a.copy() for a in first]
-            call(x2)
-            for a, b in zip(first, kept):
-                assert np.array_equal(a, b)
-            with setting(threads=2, scratch=0):
-                fresh = call(x1)
-            for a, b in zip(fresh, kept):
-                assert np.array_equal(a, b)
-        cache = layer.init_cache(2, 310)
-        y = layer(x1, cache=cache, causal=True)
-        kept = y.copy()
-        layer(x2[:, :5], cache=cache, causal=True)
-        assert np.array_equal(y, kept)
-    before = layer(x1)
-    mha_cpu.free_scratch()
-    assert not any(_workers._registry) and np.array_equal(layer(x1), before)
-
-
-def test_a_scratch_slot_cannot_be_leased_twice_on_one_thread():
-    from mha_cpu import _workers
-
-    slot = _workers.Slot("test")
-    with setting(scratch=1 << 20), slot.lease((4, 4), np.float32) as a:
-        a[...] = 1
-        with pytest.raises(RuntimeError, match=r"scratch Slot\('test'\) is already leased on this thread"):
-            with slot.lease((2,), np.float32):
-                pass
-    with slot.lease((4, 4), np.float32):  # released: fine again
-        pass
 
 
 def test_concurrent_calls_from_two_threads():
