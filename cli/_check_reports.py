@@ -37,9 +37,12 @@ def detect_table(adapters, examples, as_json) -> None:
                          click.style(text, fg="yellow") if v not in (DEFAULTS[k], "n/a") else text)
         click.echo(f"{d.impl:<{w}}  " + "  ".join(cells))
     click.echo(f"\ndefaults (this project's): {', '.join(f'{k}={v}' for k, v in DEFAULTS.items())}")
+    import textwrap
+
     for d in found:
         for k, e in d.examples.items():
-            click.echo(f"{d.impl} {k}={d[k]}: {e}")
+            for line in textwrap.wrap(f"{d.impl} {k}={d[k]}: {e}", 100, subsequent_indent="    "):
+                click.echo(line)
 
 
 def numerics_table(adapters, examples, as_json) -> None:

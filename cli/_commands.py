@@ -18,6 +18,7 @@ def _lazy(module: str, attr: str):
 COMMANDS = {
     "demo": _lazy("demo", "demo"),
     "heads": _lazy("heads", "heads"),
+    "generate": _lazy("generate", "generate"),
     "prune": _lazy("prune", "prune"),
     "bench": _lazy("bench", "bench"),
     "check": _lazy("check", "check"),

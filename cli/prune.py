@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
 from ._models import load
-from ._util import note, output_path, require
+from ._util import Progress, note, output_format, output_path, require
 
 
 @click.command()
@@ -23,20 +22,47 @@ from ._util import note, output_path, require
               help="Comma-separated fractions of heads to prune.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
               help="Seed of the random orders.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None, callback=output_path,
-              help="Write the curves as a PNG (needs the plot extra).")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Write the curves as a PNG (needs the plot extra); with --heads: the output folder (new or empty).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def prune(model_name, importance, n_random, fractions, seed, output, as_json):
+@click.option("--quick", is_flag=True, help="A smaller sample for a first look, about 5x faster: importance on 8 "
+                                             "pairs, the curve on 8 others, fractions 0.1, 0.3, 0.5, 0.7, 0.9, "
+                                             "one random order.")
+@click.option("--heads", "prune_heads", multiple=True, metavar="L:H[,H...]",
+              help="Decoders: remove these query heads of layer L (repeatable) and write the smaller model to -o "
+                   "OUT, a folder transformers loads. Grouped-query attention: remove whole key/value groups or the "
+                   "same number of query heads from every group (docs/heads.md).")
+@click.option("--kv-heads", "prune_kv", multiple=True, metavar="L:G[,G...]",
+              help="Decoders: remove these key/value groups of layer L, with all their query heads (repeatable).")
+def prune(model_name, importance, n_random, fractions, seed, output, as_json, quick, prune_heads, prune_kv):
     """Prune a growing fraction of attention heads (weight surgery) and measure how the sentence
     embeddings change: mean cosine to the full model's embedding of the same sentence, and the rank
     agreement (Spearman) of all pairwise similarities. Heads go in order of importance (least important
     first) and, as the control, in random orders; every layer keeps at least one head. Importance is
     measured on the first 16 of the 32 shipped paraphrase pairs and the curve on the other 16 (held out),
-    so the ordering cannot simply fit the sentences it is judged on."""
+    so the ordering cannot simply fit the sentences it is judged on.
+
+    With --heads or --kv-heads (decoder folders): remove those heads by weight surgery and write the
+    smaller model to -o OUT, loadable by transformers, equal to the original with those heads masked.
+
+    \b
+    mha prune --model ./qwen2 --heads 0:1,5 --heads 3:2,6 -o ./qwen2-pruned
+    mha prune --model ./llama --kv-heads 2:0 -o ./llama-pruned     (a whole key/value group of layer 2)
+    """
+    from ._prune_decoder import prune_decoder, refuse_decoder
+
+    if prune_heads or prune_kv:
+        return prune_decoder(model_name, prune_heads, prune_kv, output, as_json)
+    refuse_decoder(model_name)
+    ctx = click.get_current_context()
+    output = output_path(ctx, next(p for p in ctx.command.params if p.name == "output"), output)
     import numpy as np
 
     import mha.analysis as ma
 
+    output_format(output, None, {".png": "png"})
+    if quick:
+        fractions, n_random = "0.1,0.3,0.5,0.7,0.9", min(n_random, 1)
     try:
         fracs = [float(f) for f in fractions.split(",") if f.strip()]
     except ValueError:
@@ -49,10 +75,15 @@ def prune(model_name, importance, n_random, fractions, seed, output, as_json):
     heads = sum(len(ids) for ids in model.head_ids)
     pairs = ma.paraphrase_pairs()
     half = len(pairs) // 2  # importance from the first half of the pairs, the curve on the other half
+    if quick:
+        pairs = pairs[:8] + pairs[half:half + 8]
+        half = 8
     fit = [s for p in pairs[:half] for s in p]
     sents = [s for p in pairs[half:] for s in p]
     steps = heads if importance == "ablation" else 1
-    with click.progressbar(length=steps + len(fracs) * (1 + n_random), label="mha prune", file=sys.stderr) as bar:
+    note(f"mha prune: the importance of {heads} heads on {len(fit)} sentences, then {len(fracs)} fractions x "
+         f"{1 + n_random} orders on {len(sents)} others" + ("" if quick else "; --quick for a smaller sample"))
+    with Progress(steps + len(fracs) * (1 + n_random), "mha prune") as bar:
         if importance == "ablation":
             imp = ma.ablation_importance(model, fit, progress=bar.update)
         else:

@@ -1,6 +1,7 @@
 """Put your own attention function through mha's property suite.
 
 Run: python examples/check_my_attention.py     (needs: pip install 'mha-twin[testing]')
+ or: mha check --impl examples/check_my_attention.py:adapter
 
 `my_attention` below is a plain numpy multi-head attention someone might write. The suite calls it
 through a small adapter that declares what it supports; properties needing other features are "n/a".
@@ -15,6 +16,7 @@ It has two classic bugs, and the suite finds both:
 """
 
 import os
+import textwrap
 
 import numpy as np
 
@@ -58,13 +60,19 @@ def build(weights):
     return fn
 
 
-# Features: a bool mask, cross-attention (key != query). No biases, no GQA, no returned weights.
-report = check(Adapter("my_attention", {"mask", "cross"}, build), max_examples=60)
-print(report)
-if FIXED:
-    assert report.failed == ["nonfinite_hidden_isolation", "nonfinite_visible_confined", "nonfinite_self_attention"], \
-        report.failed
-else:
-    assert "empty_rows_output_bias" in report.failed, "the suite should catch the mean-of-values bug"
-    assert "permutation_equivariance" in report.passed
-print("\nthe suite found:", ", ".join(report.failed))
+def adapter():
+    """What `mha check --impl examples/check_my_attention.py:adapter` calls. Features: a bool mask and
+    cross-attention (key != query); no biases, no GQA, no returned weights."""
+    return Adapter("my_attention", {"mask", "cross"}, build)
+
+
+if __name__ == "__main__":
+    report = check(adapter(), max_examples=60)
+    print(report)
+    if FIXED:
+        assert report.failed == ["nonfinite_hidden_isolation", "nonfinite_visible_confined",
+                                 "nonfinite_self_attention"], report.failed
+    else:
+        assert "empty_rows_output_bias" in report.failed, "the suite should catch the mean-of-values bug"
+        assert "permutation_equivariance" in report.passed
+    print(textwrap.fill("\nthe suite found: " + ", ".join(report.failed), 100, replace_whitespace=False))

@@ -18,6 +18,7 @@ the array namespace (numpy or mlx.core), like mha's own reference. MHA_EXAMPLE_Q
 """
 
 import os
+import textwrap
 import time
 
 import mlx.core as mx
@@ -142,10 +143,11 @@ def main():
         texts[name] = decode(with_cache)
         print(f"{name:>5}: {NEW_TOKENS / t_cache:7.0f} tokens/s with a cache, {NEW_TOKENS / t_full:6.0f} tokens/s "
               f"recomputing every step ({t_full / t_cache:.1f}x)")
-    print(f"\nprompt {prompt!r} -> {texts['numpy'][:120]!r}")
+    print(f"\nprompt {prompt!r} -> {texts['numpy'][:70]!r}")
     same = texts["numpy"] == texts["mlx"]
     print(f"numpy and MLX wrote the same text: {same}")
-    print(f"the first layer's cache after it: {caches[0]} (buffer of {caches[0].capacity} positions)")
+    print(textwrap.fill(f"the first layer's cache after it: {caches[0]} (buffer of {caches[0].capacity} positions)",
+                        100, subsequent_indent="  "))
     assert TEXT[:20] in (prompt + texts["numpy"]) * 2 or QUICK, "the model should have learned the text"
 
 

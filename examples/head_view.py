@@ -17,5 +17,5 @@ enc = model.encode(text)
 report = mv.report(enc, backend=model.backend)  # roles, thumbnails, packed weights, rollout
 assert report.note is None and report.size <= 8 * 2**20  # every head fits within the page's 8 MiB bound
 out = report.save(Path("attention_report.html"))
-print(f"{model.name}: {len(enc.tokens)} tokens, {enc.num_layers} layers x {enc.num_heads} heads -> {out.resolve()} "
-      f"({report.size / 1e6:.2f} MB)")
+print(f"{model.name}: {len(enc.tokens)} tokens, {enc.num_layers} layers x {enc.num_heads} heads -> {out} "
+      f"({report.size / 1e6:.2f} MB; open it in a browser)")

@@ -12,6 +12,8 @@ Public names::
     mha.RoPE                     rotary position embedding settings (the layer's ``rope=``)
     mha.KVCache                  the decoding cache ``layer.init_cache(batch_size, max_length)`` returns
     mha.reference                the reference algorithm, generic over the array namespace
+    mha.vjp(layer, query, ...)   (output, vjp): vjp(d_out) gives the gradients of inputs and weights
+    mha.Gradients                what vjp(d_out) returns: .query, .key, .value, .weights
 """
 
 from . import _reference as reference
@@ -20,12 +22,14 @@ from ._backends import available_backends, backend_info, default_backend, to_num
 from ._layer import MultiHeadAttention
 from ._prune import prune_heads, prune_weights
 from ._rope import RoPE
+from ._vjp import Gradients, vjp
 from ._weights import AttentionWeights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionWeights",
+    "Gradients",
     "KVCache",
     "MultiHeadAttention",
     "RoPE",
@@ -36,4 +40,5 @@ __all__ = [
     "prune_weights",
     "reference",
     "to_numpy",
+    "vjp",
 ]

@@ -7,12 +7,10 @@ interrupted save leaves the previous file intact.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
-import secrets
-import stat
+import re
 import struct
 import tokenize
 import zipfile
@@ -20,6 +18,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
+from ._write import atomic_write, check_writable  # noqa: F401  (the writer of every format here)
 
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -29,81 +29,6 @@ _DTYPES = {
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-def _target(path: Path) -> Path:
-    """The file a write to ``path`` lands in: ``path`` itself, or the file its symlink (chain) names."""
-    if not os.path.islink(path):
-        return path
-    target = Path(os.path.realpath(path))
-    if os.path.islink(target):
-        raise OSError(errno.ELOOP, "symlink loop", str(path))
-    return target
-
-
-def check_writable(path) -> Path:
-    """Check that ``path`` can be written as a file: returns the file a write lands in (see
-    :func:`atomic_write`); raises ``ValueError`` naming ``path`` when it is a folder or its folder is
-    missing."""
-    path = Path(path)
-    target = _target(path)
-    if target.is_dir():
-        raise ValueError(f"cannot write {str(path)!r}: it is a folder; give a file name")
-    folder = target.parent
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise ValueError(f"cannot write {str(path)!r}: the folder {str(folder)!r} {what}")
-    return target
-
-
-def _temp_beside(target: Path, path: Path) -> tuple[int, Path]:
-    """Create a new hidden file beside ``target`` with the mode ``open()`` gives (0o666 less the umask)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-        except OSError as err:  # name the file asked for, not the hidden temporary one
-            raise type(err)(err.errno, f"cannot write here ({err.strerror})", str(path)) from None
-    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
-
-
-def atomic_write(path, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside the target and rename it over the target.
-
-    The target is ``path``, or the file a symlink at ``path`` names (the link stays, even a dangling
-    one or one into another folder). A new file gets the permissions ``open(path, "w")`` would give
-    (0o666 less the umask); a replaced file keeps its permissions. A device or pipe (``/dev/stdout``)
-    cannot be renamed over and is written in place. Raises ``ValueError`` (see :func:`check_writable`)
-    before writing anything.
-    """
-    path = Path(path)
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        st = None
-    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
-        with open(path, "wb") as f:
-            write(f)
-        return
-    target = check_writable(path)
-    fd, tmp = _temp_beside(target, path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if st is not None:
-                os.chmod(f.fileno() if os.chmod in os.supports_fd else tmp, stat.S_IMODE(st.st_mode))
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
@@ -140,38 +65,79 @@ def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
 
 
 def load_safetensors(path) -> tuple[dict, dict]:
-    """Read a safetensors file; returns ``(tensors, metadata)`` with numpy arrays (bf16 -> float32)."""
+    """Read a safetensors file; returns ``(tensors, metadata)`` with numpy arrays (bf16 -> float32).
+
+    The header is checked against the file before anything is expanded: its announced length, the
+    number of JSON containers it may hold (:func:`_check_header_text`), and every tensor's shape,
+    dtype and byte range, which must lie in the data section without overlapping another's. Memory
+    stays within a small multiple of the file's size whatever the file declares."""
     path = Path(path)
-    data = path.read_bytes()
     where = f"{path}: not a valid safetensors file"
-    if len(data) < 8:
-        raise ValueError(f"{where} (only {len(data)} bytes; truncated?)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > min(len(data) - 8, _MAX_HEADER):
-        raise ValueError(f"{where} (header of {n} bytes announced, file has {len(data)}; truncated?)")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise ValueError(f"{where} (only {size} bytes; truncated?)")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > min(size - 8, _MAX_HEADER):
+            raise ValueError(f"{where} (header of {n} bytes announced, file has {size}; truncated?)")
+        text = f.read(n)
+        header = _parse_header(where, text)
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError(f"{where} (__metadata__ must map names to strings, got {_short(metadata)})")
+        entries = _entries(where, header, size - 8 - n)
+        body = f.read()
+    tensors = {}
+    for name, (code, shape, start, end) in entries.items():
+        dtype = np.dtype("<u2") if code == "BF16" else _DTYPES[code]
+        count = (end - start) // dtype.itemsize
+        array = (np.frombuffer(body, dtype=dtype, count=count, offset=start) if count
+                 else np.empty(0, dtype)).reshape(shape)
+        tensors[name] = _bf16_to_f32(array) if code == "BF16" else array.astype(dtype.newbyteorder("="))
+    return tensors, metadata
+
+
+def _check_header_text(where: str, text: bytes) -> None:
+    """Refuse a header with more JSON containers than any real one has (one dict and two lists per
+    tensor of at least 50 bytes): Python builds ~90 bytes per container, so a header of empty lists
+    (``[[],[],...]``) would take 25-30x its size in memory."""
+    containers = text.count(b"[") + text.count(b"{")
+    if containers * 16 > len(text) + 64:
+        raise ValueError(f"{where} (header of {len(text)} bytes holds {containers} JSON lists or objects, more "
+                         f"than tensors' entries can have; crafted?)")
+
+
+def _parse_header(where: str, text: bytes) -> dict:
+    _check_header_text(where, text)
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
+        header = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{where} (header is not JSON: {str(err)[:100]})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{where} (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError(f"{where} (__metadata__ must map names to strings, got {_short(metadata)})")
-    body = memoryview(data)[8 + n:]
-    tensors = {}
+    return header
+
+
+def _entries(where: str, header: dict, data_size: int) -> dict:
+    """{name: (code, shape, start, end)}, each range inside the data section and none overlapping."""
+    entries = {}
     for name, info in header.items():
+        if name == "__metadata__":
+            continue
         code, shape, start, end = _entry(where, name, info)
-        dtype = np.dtype("<u2") if code == "BF16" else _DTYPES[code]
-        expected = math.prod(shape) * dtype.itemsize
-        if not (0 <= start <= end <= len(body)) or end - start != expected:
+        itemsize = 2 if code == "BF16" else _DTYPES[code].itemsize
+        expected = math.prod(shape) * itemsize
+        if not (0 <= start <= end <= data_size) or end - start != expected:
             raise ValueError(
                 f"{where} (tensor {name!r} of shape {shape} and dtype {code} needs {expected} bytes at "
-                f"[{start}, {end}), the data section has {len(body)} bytes; truncated or corrupt)"
+                f"[{start}, {end}), the data section has {data_size} bytes; truncated or corrupt)"
             )
-        array = np.frombuffer(body[start:end], dtype=dtype).reshape(shape)
-        tensors[name] = _bf16_to_f32(array) if code == "BF16" else array.astype(dtype.newbyteorder("="))
-    return tensors, metadata
+        entries[name] = (code, shape, start, end)
+    spans = sorted((s, e, n) for n, (_, _, s, e) in entries.items() if e > s)
+    for (_, e1, n1), (s2, _, n2) in zip(spans, spans[1:]):
+        if s2 < e1:
+            raise ValueError(f"{where} (tensors {n1!r} and {n2!r} overlap in the data section; crafted?)")
+    return entries
 
 
 def _short(value) -> str:
@@ -214,25 +180,56 @@ _NPZ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplemented
                KeyError, struct.error, zlib.error, tokenize.TokenError)
 
 
+# A member may expand to at most this many times the file's size (plus _NPZ_SLACK in all): np.savez_compressed
+# shrinks real weights by ~1.1x and zero biases by ~1000x, a zip bomb of zeros by ~1000x.
+_NPZ_RATIO, _NPZ_SLACK = 8, 1 << 20
+
+
 def load_npz(path) -> tuple[dict, dict]:
-    """Read an ``.npz`` member by member, checking each ``.npy`` header against the member's size before
-    reading its data (a crafted header cannot make it allocate more than the file holds)."""
+    """Read an ``.npz`` member by member. Before anything is expanded, the members' declared sizes are
+    checked against the file (:func:`_check_members`: in all at most 8x the file's size plus 1 MiB,
+    stored members as large as their data); each ``.npy`` header is checked against its member's size
+    before its data is read. Memory stays within a small multiple of the file's size."""
     path = Path(path)
     where = f"{path}: not a valid .npz file"
+    items, member = {}, ""
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":
             raise ValueError(f"{where} (no zip signature)")
-    items, member = {}, ""
-    try:
-        with zipfile.ZipFile(path) as z:
-            for info in z.infolist():
-                member = f"member {info.filename!r}: "
-                items[info.filename.removesuffix(".npy")] = _npy_member(z, info)
-    except _NPZ_ERRORS as err:
-        raise ValueError(f"{where} ({member}{_why(err)})") from None
+        size = os.fstat(f.fileno()).st_size
+        try:
+            with zipfile.ZipFile(f) as z:
+                infos = z.infolist()
+                _check_members(infos, size)
+                for info in infos:
+                    member = f"member {info.filename!r}: "
+                    items[info.filename.removesuffix(".npy")] = _npy_member(z, info)
+        except _NPZ_ERRORS as err:
+            raise ValueError(f"{where} ({member}{_why(err)})") from None
     metadata = {k.split(".", 1)[1]: str(v) for k, v in items.items() if k.startswith("__metadata__.")}
     tensors = {k: v for k, v in items.items() if not k.startswith("__metadata__.")}
     return tensors, metadata
+
+
+def _check_members(infos, size: int) -> None:
+    """ValueError for a zip whose members could not come from a file of ``size`` bytes: names that
+    repeat, stored data larger than the file, or declared sizes that expand past the bound above."""
+    seen = set()
+    for info in infos:
+        if info.filename in seen:
+            raise ValueError(f"member {info.filename!r} appears twice")
+        seen.add(info.filename)
+        if info.compress_size > size or (info.compress_type == zipfile.ZIP_STORED
+                                         and info.file_size != info.compress_size):
+            raise ValueError(f"member {info.filename!r} declares {info.file_size} bytes stored in "
+                             f"{info.compress_size}, in a file of {size}; truncated or corrupt")
+    declared = sum(info.file_size for info in infos)
+    if declared > _NPZ_RATIO * size + _NPZ_SLACK:
+        worst = max(infos, key=lambda i: i.file_size)
+        raise ValueError(f"its members declare {declared} bytes in a file of {size} (member {worst.filename!r}: "
+                         f"{worst.compress_size} bytes expanding to {worst.file_size}); more than "
+                         f"{_NPZ_RATIO}x the file is refused before expanding anything (a zip bomb?); "
+                         f"save such arrays uncompressed (numpy.savez)")
 
 
 def _why(err: Exception) -> str:
@@ -259,10 +256,21 @@ def _npy_member(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
         if info.file_size - f.tell() != size:
             raise ValueError(f"shape {shape} and dtype {dtype} need {size} bytes, the member holds "
                              f"{info.file_size - f.tell()}; truncated or corrupt")
-        data = f.read(size)
-    if len(data) != size:
-        raise ValueError("truncated")
-    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
+        array = np.empty(shape, dtype, order="F" if fortran else "C")
+        _read_into(f, array.reshape(-1, order="A").view(np.uint8) if size else None)
+    return array
+
+
+def _read_into(f, out) -> None:
+    """Fill the bytes ``out`` (a 1-D uint8 view, or None for nothing) from ``f`` a MiB at a time, so that
+    reading needs no second copy of the data; ValueError when ``f`` ends first."""
+    done, n = 0, 0 if out is None else out.size
+    while done < n:
+        chunk = f.read(min(n - done, 1 << 20))
+        if not chunk:
+            raise ValueError("truncated")
+        out[done:done + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        done += len(chunk)
 
 
 def load_arrays(path) -> tuple[dict, dict]:
@@ -275,6 +283,40 @@ def load_arrays(path) -> tuple[dict, dict]:
     if magic == b"PK\x03\x04" or path.suffix == ".npz":
         return load_npz(path)
     return load_safetensors(path)
+
+
+CONFIG_BYTES = 1 << 20  # the largest config.json read: real ones are a few kB (id2label tables: ~100 kB)
+
+
+def read_json(path, what: str = "the model config", max_bytes: int = CONFIG_BYTES):
+    """Parse a small JSON file (a model's config.json), checking its size before reading it: ValueError
+    naming ``path`` and ``what`` when it is larger than ``max_bytes`` (Python's objects take up to ~30x
+    the text), unreadable, not UTF-8 or not JSON."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise ValueError(f"{path}: {what} is {size} bytes, more than the {max_bytes} such a file can need; "
+                                 f"not a config?")
+            return json.loads(f.read(max_bytes + 1).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: cannot read {what} ({str(err)[:200]})") from None
+
+
+def metadata_int(metadata: dict, key: str, where, default=None) -> int | None:
+    """The positive integer stored as text under ``key`` in a file's metadata (``default`` when absent).
+    Only ASCII digits count ("2", "12"): "nan", " 2", "2_0", "+2", "02" or "\u0662" (an Arabic-Indic 2),
+    which Python's ``int()`` reads or misreads, raise ValueError naming ``where``, the field and its text."""
+    if key not in metadata:
+        return default
+    text = metadata[key]
+    if not isinstance(text, str) or not _POSITIVE.fullmatch(text):
+        raise ValueError(f"{where}: corrupt metadata {key}={text!r} (expected a positive integer in ASCII digits)")
+    return int(text)
+
+
+_POSITIVE = re.compile(r"[1-9][0-9]{0,8}")
 
 
 def save_arrays(path, tensors: dict, metadata: dict | None = None) -> None:

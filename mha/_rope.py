@@ -8,7 +8,10 @@ RoPE rotates pairs of a head's coordinates by angles proportional to the token's
     \theta_i = p\,\sigma\,\beta^{-2i/d},\quad i = 0 \ldots d/2 - 1
 
 with base :math:`\beta`, position scale :math:`\sigma` and d rotated coordinates (the first d of the
-head; the rest pass unchanged). The pairs are :math:`(x_i, x_{i + d/2})` (split-half, the default, as
+head; the rest pass unchanged). The scaled variants of long-context checkpoints replace the frequencies
+:math:`\beta^{-2i/d}` by explicit ones (linear, Llama 3, YaRN: computed once by the loader), or by ones
+that depend on how far the call reaches (dynamic NTK, LongRoPE), and may multiply the cosines and sines
+by an attention factor (YaRN's and LongRoPE's mscale: logits scaled by its square). The pairs are :math:`(x_i, x_{i + d/2})` (split-half, the default, as
 GPT-NeoX, Llama in Hugging Face and ``mlx.nn.RoPE(traditional=False)``) or :math:`(x_{2i}, x_{2i+1})`
 (``traditional=True``, the RoFormer paper's layout). Because the rotations of a query at p and a key
 at p' compose to one by p - p', the logits depend only on relative position.
@@ -19,8 +22,9 @@ Positions in this project: without a cache a query i of T sits at position (S - 
 
 from __future__ import annotations
 
+import functools
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +40,18 @@ class RoPE:
         traditional: rotate consecutive pairs (x0, x1), (x2, x3), ... instead of (x_i, x_{i+d/2}).
         scale: multiplies the positions (position interpolation; 1 = none).
         dims: the number of rotated coordinates, instead of ``fraction``.
+        inv_freq: explicit inverse frequencies, d/2 positive floats, instead of base^(-2i/d) (``dims``
+            defaults to twice their number).
+        attention_factor: cosines and sines are multiplied by it (YaRN's mscale; 1 = none).
+        dynamic_factor: dynamic NTK scaling (Hugging Face's "dynamic"): when a call reaches position
+            ``original_max`` or beyond (its last position + 1 = n > original_max), the base becomes
+            base * (factor * n / original_max - factor + 1)^(d / (d - 2)) for that call's tokens.
+        long_inv_freq: LongRoPE: the inverse frequencies used instead of ``inv_freq`` by a call that
+            reaches past ``original_max``.
+        original_max: the threshold of ``dynamic_factor`` and ``long_inv_freq`` (a positive int).
+
+    A call's new tokens are rotated with the frequencies of that call (its last position), and keys kept
+    in a cache keep the rotation they got: as Hugging Face's dynamic and LongRoPE embeddings do.
 
     ``mha.RoPE(dims=d, base=b, traditional=t, scale=s)`` rotates as ``mlx.nn.RoPE(d, t, b, s)`` does.
     """
@@ -45,8 +61,14 @@ class RoPE:
     traditional: bool = False
     scale: float = 1.0
     dims: int | None = None
+    inv_freq: tuple | None = field(default=None, repr=False)
+    attention_factor: float = 1.0
+    dynamic_factor: float | None = None
+    long_inv_freq: tuple | None = field(default=None, repr=False)
+    original_max: int | None = None
 
     def __post_init__(self):
+        self._check_scaling()
         for name in ("fraction", "base", "scale"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v):
@@ -65,6 +87,67 @@ class RoPE:
             if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 2 or d % 2:
                 raise ValueError(f"rope dims must be an even int >= 2, got {d!r}")
 
+    def _check_scaling(self) -> None:
+        """The fields of the scaled variants: frequencies as tuples of positive floats, one threshold."""
+        for name in ("inv_freq", "long_inv_freq"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            try:
+                arr = np.asarray(v, dtype=np.float64)
+            except (TypeError, ValueError):
+                arr = None
+            if arr is None or arr.ndim != 1 or arr.size == 0 or not (np.isfinite(arr) & (arr > 0)).all():
+                raise ValueError(f"rope {name} must be a non-empty sequence of positive finite floats, got {v!r}")
+            object.__setattr__(self, name, tuple(float(f) for f in arr))
+        if self.long_inv_freq is not None and self.inv_freq is None:
+            raise ValueError("rope long_inv_freq needs inv_freq (the frequencies of calls up to original_max)")
+        sizes = {len(f) for f in (self.inv_freq, self.long_inv_freq) if f is not None}
+        if len(sizes) > 1:
+            raise ValueError(f"rope inv_freq and long_inv_freq differ in length ({sorted(sizes)})")
+        if sizes:
+            n = 2 * sizes.pop()
+            if self.dims is None:
+                object.__setattr__(self, "dims", n)
+            elif self.dims != n:
+                raise ValueError(f"rope dims={self.dims!r} but {n // 2} inverse frequencies rotate {n} coordinates")
+        f = self.attention_factor
+        if isinstance(f, bool) or not isinstance(f, numbers.Real) or not np.isfinite(f) or f <= 0:
+            raise ValueError(f"rope attention_factor must be a positive finite float, got {f!r}")
+        object.__setattr__(self, "attention_factor", float(f))
+        d = self.dynamic_factor
+        if d is not None:
+            if isinstance(d, bool) or not isinstance(d, numbers.Real) or not np.isfinite(d) or d < 1:
+                raise ValueError(f"rope dynamic_factor must be a finite float >= 1, got {d!r}")
+            if self.inv_freq is not None:
+                raise ValueError("rope dynamic_factor recomputes the frequencies from base; it excludes inv_freq")
+            object.__setattr__(self, "dynamic_factor", float(d))
+        m, needs = self.original_max, d is not None or self.long_inv_freq is not None
+        if needs != (m is not None):
+            raise ValueError("rope original_max goes with dynamic_factor or long_inv_freq (both or neither), got "
+                             f"original_max={m!r}")
+        if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1):
+            raise ValueError(f"rope original_max must be a positive int, got {m!r}")
+
+    @property
+    def plain(self) -> bool:
+        """Whether the frequencies are base^(-2i/d) at every length and the attention factor 1."""
+        return self.inv_freq is None and self.dynamic_factor is None and self.attention_factor == 1.0
+
+    def frequencies(self, dims: int, end: int) -> np.ndarray:
+        """(dims/2,) float64 inverse frequencies of a call whose last position is ``end`` - 1."""
+        reach = self.original_max is not None and end > self.original_max
+        if self.dynamic_factor is not None and reach:
+            if dims <= 2:
+                raise ValueError(f"dynamic RoPE needs more than 2 rotated coordinates, got {dims}")
+            f = self.dynamic_factor
+            base = self.base * (f * end / self.original_max - (f - 1.0)) ** (dims / (dims - 2))
+        elif self.inv_freq is not None:
+            return np.array(self.long_inv_freq if reach and self.long_inv_freq is not None else self.inv_freq)
+        else:
+            base = self.base
+        return base ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)
+
     def rotated_dims(self, head_dim: int) -> int:
         """d, the number of coordinates of a head of width ``head_dim`` that are rotated."""
         if self.dims is not None:
@@ -79,7 +162,7 @@ class RoPE:
 
     def angles(self, offset: int, length: int, dims: int) -> np.ndarray:
         """(length, dims/2) float64 angles of positions offset .. offset + length - 1."""
-        inv_freq = self.base ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)  # (d/2,)
+        inv_freq = self.frequencies(dims, offset + length)  # (d/2,)
         pos = (offset + np.arange(length, dtype=np.float64)) * self.scale  # (L,)
         return pos[:, None] * inv_freq[None, :]
 
@@ -93,27 +176,41 @@ def as_rope(value) -> RoPE | None:
     if isinstance(value, RoPE):
         return value
     if isinstance(value, dict):
-        unknown = sorted(set(value) - {"fraction", "base", "traditional", "scale", "dims"})
+        known = ("fraction", "base", "traditional", "scale", "dims", "inv_freq", "attention_factor", "dynamic_factor",
+                 "long_inv_freq", "original_max")
+        unknown = sorted(set(value) - set(known))
         if unknown:
-            raise ValueError(f"rope got unknown settings {unknown}; known: fraction, base, traditional, scale, dims")
+            raise ValueError(f"rope got unknown settings {unknown}; known: {', '.join(known)}")
         return RoPE(**value)
     raise TypeError(f"rope must be None, True, an mha.RoPE or a dict of its settings, got {type(value).__name__}")
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(rope: RoPE, offset: int, length: int, dims: int, dtype: str):
+    """(cos, sin) (length, dims/2) times the attention factor, from float64 angles rounded once to
+    ``dtype``; read-only, and kept for the next few calls: every layer of a model decoding a token
+    rotates the same positions with the same settings."""
+    theta = rope.angles(offset, length, dims)  # (L, d/2)
+    f = rope.attention_factor
+    out = tuple((g(theta) * f).astype(dtype) for g in (np.cos, np.sin))
+    for t in out:
+        t.flags.writeable = False
+    return out
 
 
 def apply_rope(xp, x, rope: RoPE, offset: int, acc_dtype=None):
     """Rotate (B, H, L, D) heads at positions offset .. offset + L - 1; same dtype out.
 
-    The angles are computed in float64 and their cosines and sines rounded once to ``acc_dtype``
-    (default: x's dtype), in which the rotation runs.
+    The angles are computed in float64 and their cosines and sines (times the attention factor) rounded
+    once to ``acc_dtype`` (default: x's dtype), in which the rotation runs.
     """
     L, D = x.shape[-2], x.shape[-1]
     d = rope.rotated_dims(D)
     acc = x.dtype if acc_dtype is None else acc_dtype
-    theta = rope.angles(offset, L, d)  # (L, d/2)
     if xp is np:
-        cos, sin = np.cos(theta).astype(acc), np.sin(theta).astype(acc)
+        cos, sin = _tables(rope, offset, L, d, np.dtype(acc).str)
     else:  # MLX: float32 tables (no float64 on its GPUs), cast to the accumulation dtype
-        cos, sin = (xp.array(f(theta).astype(np.float32)).astype(acc) for f in (np.cos, np.sin))
+        cos, sin = (xp.array(t).astype(acc) for t in _tables(rope, offset, L, d, "<f4"))
     xa = x.astype(acc)
     if rope.traditional:
         a, b = xa[..., 0:d:2], xa[..., 1:d:2]

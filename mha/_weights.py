@@ -270,13 +270,10 @@ class AttentionWeights:
                 f"{path}: not an attention weights file: missing keys {missing}, unexpected keys {unexpected}; "
                 f"expected {list(NAMES[:4])} and optionally {list(NAMES[4:] + EXTRAS)}"
             )
-        try:
-            H = int(meta["num_heads"]) if num_heads is None else num_heads
-            Hkv = int(meta.get("num_kv_heads", H)) if num_kv_heads is None else num_kv_heads
-        except KeyError:
-            raise ValueError(f"{path}: the file does not record num_heads; pass num_heads=") from None
-        except ValueError:
-            raise ValueError(f"{path}: corrupt metadata num_heads={meta.get('num_heads')!r}") from None
+        H = _io.metadata_int(meta, "num_heads", path) if num_heads is None else num_heads
+        if H is None:
+            raise ValueError(f"{path}: the file does not record num_heads; pass num_heads=")
+        Hkv = _io.metadata_int(meta, "num_kv_heads", path, H) if num_kv_heads is None else num_kv_heads
         try:
             return cls(**tensors, num_heads=H, num_kv_heads=Hkv)
         except (ValueError, TypeError) as err:

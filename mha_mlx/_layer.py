@@ -125,8 +125,11 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
         return keep.astype(dtype) / (1.0 - p)
 
     def _rope(self, x, offset: int):
-        """RoPE by MLX's fused kernel ``mx.fast.rope`` (half precision stays half)."""
+        """RoPE by MLX's fused kernel ``mx.fast.rope`` (half precision stays half); the scaled variants
+        (``not rope.plain``) by the shared rotation (mha._rope.apply_rope)."""
         r = self._config.rope
+        if not r.plain:  # explicit or length-dependent frequencies, an attention factor: the shared rotation
+            return super()._rope(x, offset)
         return mx.fast.rope(x, r.rotated_dims(x.shape[-1]), traditional=r.traditional, base=r.base, scale=r.scale,
                             offset=offset)
 

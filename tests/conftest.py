@@ -1,4 +1,5 @@
 import os
+import re
 
 import pytest
 
@@ -54,3 +55,53 @@ def minilm_512_report(minilm_512):
     import mha.viz as mv
 
     return mv.report(minilm_512[1])
+
+
+# Which extra brings each optional dependency (pyproject.toml): a skip for a missing one says how to get it.
+EXTRAS = {"torch": "references", "transformers": "references", "safetensors": "references", "keras": "references",
+          "flax": "references", "jax": "references", "playwright": "browser", "mlx": "mlx", "tokenizers": "text",
+          "matplotlib": "plot", "PIL": "plot", "threadpoolctl": "fast", "hypothesis": "test"}
+# A skip for want of something installable: outside CI a reason to read; in CI (CI=true) a failure, since CI
+# installs everything (pip install -e '.[dev]', MiniLM, chromium) and a skip there would hide a lost test.
+MISSING = re.compile(r"could not import|not installed|pip install|apt-get install|needs (torch|mlx|keras|flax|jax|"
+                     r"transformers)\b")
+
+
+def _missing(reason: str) -> str | None:
+    """``reason`` with the extra to install added, if it is a skip for want of a dependency, else None."""
+    if not MISSING.search(reason):
+        return None
+    found = re.search(r"could not import '([\w.]+)'", reason)
+    top = found.group(1).split(".")[0] if found else next(
+        (k for k in EXTRAS if re.search(rf"\b{k}\b", reason, re.I) and f"[{EXTRAS[k]}]" not in reason), None)
+    return reason + (f" (pip install -e '.[{EXTRAS[top]}]')" if top in EXTRAS and "pip install" not in reason else "")
+
+
+def _why(report) -> str | None:
+    longrepr = report.longrepr
+    return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else None
+
+
+def _missing_dependency(report) -> None:
+    """Name the extra in a skip for a missing dependency; under CI turn that skip into a failure."""
+    reason = _why(report) if report.skipped else None
+    better = _missing(reason) if reason else None
+    if better is None:
+        return
+    if os.environ.get("CI"):
+        report.outcome = "failed"
+        report.longrepr = f"CI installs every test dependency, but: {better}"
+    else:
+        report.longrepr = (*report.longrepr[:2], better)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _missing_dependency(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _missing_dependency(outcome.get_result())

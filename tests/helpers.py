@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +116,28 @@ def layouts(a: np.ndarray):
         big = a.astype(a.dtype.newbyteorder(">"))
         out += [("big-endian", big), ("big-endian reversed", np.flip(np.flip(big, -1).copy(), -1))]
     return out
+
+
+@contextlib.contextmanager
+def browser_page(url: str):
+    """A headless Chromium page open at ``url`` (the test is skipped without chromium or playwright);
+    JavaScript errors collect in ``page.errors``."""
+    import shutil
+
+    import pytest
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("no chromium")
+    sync = pytest.importorskip("playwright.sync_api")
+    with sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.errors = []
+        page.on("pageerror", lambda e: page.errors.append(str(e)))
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        try:
+            yield page
+        finally:
+            browser.close()

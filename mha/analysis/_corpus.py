@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._roles import ROLES, nan_mean, pick_role, role_score_array
+from ._roles import ROLES, nan_mean, pick_role, role_score_array, token_list
 
 BOOTSTRAP = 2000
 
@@ -87,14 +87,17 @@ def corpus_roles(attentions, tokens, *, resamples: int = BOOTSTRAP, seed: int = 
     Returns:
         one :class:`CorpusRole` per (layer, head), in order.
     """
-    atts, toks = [np.asarray(a) for a in attentions], list(tokens)
+    atts = [np.asarray(a) for a in attentions]
+    toks = [token_list(t, f"tokens[{i}]") for i, t in enumerate(tokens)]
     if len(atts) != len(toks) or len(atts) < 2:
         raise ValueError(f"need at least 2 sentences and one token list per attention array, got {len(atts)} "
                          f"arrays and {len(toks)} lists")
-    for a, t in zip(atts, toks):
+    for i, (a, t) in enumerate(zip(atts, toks)):
         if a.ndim != 4 or a.shape[-1] != a.shape[-2] or a.shape[-1] != len(t) or a.shape[:2] != atts[0].shape[:2]:
             raise ValueError(f"attentions must each be (layers, heads, L, L) with L = len(tokens) and the same "
-                             f"(layers, heads), got {a.shape} for {len(t)} tokens")
+                             f"(layers, heads), got {a.shape} for {len(t)} tokens (sentence {i})")
+        if not t:
+            raise ValueError(f"sentence {i} has 0 tokens: no attention to score; give at least one token")
     layers, heads = atts[0].shape[:2]
     per = np.stack([role_score_array(a, t) for a, t in zip(atts, toks)])  # (n, layers, heads, 8)
     uniform = np.stack([role_score_array(np.full((len(t), len(t)), 1.0 / len(t)), t) for t in toks])  # (n, 8)

@@ -27,15 +27,19 @@ def rollout(attentions, residual: float = 0.5) -> np.ndarray:
     Returns:
         (layers, L, L) float64: entry l is the rollout through layers 0..l. Rows sum to 1 when every
         row of the weights does; a row of zeros (a query that sees no key, with r = 0) stays zeros,
-        no NaN, and passes nothing on to later layers.
+        no NaN, and passes nothing on to later layers. 0 layers or 0 tokens give an empty result of that
+        shape; 0 heads is a ValueError (a layer's mean over its heads needs one).
     """
     if isinstance(residual, bool) or not isinstance(residual, numbers.Real) or not 0.0 <= float(residual) <= 1.0:
         raise ValueError(f"residual must be a number in [0, 1] (the residual path's share), got {residual!r}")
     A = np.asarray(attentions)
-    if A.ndim != 4 or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0 or A.shape[0] == 0:
-        raise ValueError(f"attentions must be (layers, heads, L, L) with layers, L >= 1, got shape {A.shape}")
-    if not np.issubdtype(A.dtype, np.floating):
+    if A.ndim != 4 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"attentions must be (layers, heads, L, L), got shape {A.shape}")
+    if A.size and not np.issubdtype(A.dtype, np.floating):
         raise TypeError(f"attentions must be floating point, got dtype {A.dtype}")
+    if A.shape[1] == 0 and A.shape[0] and A.shape[-1]:
+        raise ValueError(f"attentions has 0 heads (shape {A.shape}): rollout averages each layer's heads, so it "
+                         f"needs at least one")
     r = float(residual)
     L = A.shape[-1]
     out = np.empty((A.shape[0], L, L))

@@ -16,18 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._roles import SPECIAL
-
-
-def _check_tokens(tokens, name: str = "tokens") -> list:
-    if isinstance(tokens, str) or not all(isinstance(t, str) for t in tokens):
-        raise TypeError(f"{name} must be a list of str (one per position), got {type(tokens).__name__}")
-    return list(tokens)
+from ._roles import SPECIAL, token_list
 
 
 def word_spans(tokens) -> list[tuple[int, int]]:
     """[(start, stop)] of each word's pieces, in order; they tile ``range(len(tokens))``."""
-    tokens = _check_tokens(tokens)
+    tokens = token_list(tokens)
     spans: list[list[int]] = []
     for i, tok in enumerate(tokens):
         joins = (tok.startswith("##") and len(tok) > 2 and spans and tokens[i - 1] not in SPECIAL
@@ -50,13 +44,13 @@ def to_words(attentions, tokens) -> tuple[np.ndarray, list[str]]:
 
     Args:
         attentions: (..., L, L) weights, rows = queries (e.g. an encoding's (layers, heads, L, L)).
-        tokens: the L tokens.
+        tokens: the L tokens (a list, tuple or any iterable of str).
 
     Returns:
         (word_attentions (..., W, W) float64, words: list of W str). Attention *to* a word is the sum
         over its pieces, *from* a word the mean over its pieces; special tokens stay words.
     """
-    tokens = _check_tokens(tokens)
+    tokens = token_list(tokens)
     A = np.asarray(attentions)
     if A.ndim < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] != len(tokens):
         raise ValueError(f"attentions must be (..., L, L) with L = len(tokens) = {len(tokens)}, got shape {A.shape}")

@@ -7,7 +7,6 @@ are read from ``model.safetensors`` by this project's own reader (no pickle), to
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from .._backends import resolve, to_numpy
 from .._layer import MultiHeadAttention
 from .._reference import linear
 from .._weights import AttentionWeights
+from ._checks import check_tensors
 from ._common import Encoding, PrunableHeads, check_text
 from ._ops import gelu, layer_norm
 
@@ -39,10 +39,7 @@ class BertConfig:
     @classmethod
     def from_file(cls, path: Path) -> BertConfig:
         """The config from a Hugging Face ``config.json``; ValueError naming the file when it is not one."""
-        try:
-            raw = json.loads(path.read_bytes().decode("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-            raise ValueError(f"{path}: cannot read the model config ({str(err)[:200]})") from None
+        raw = _io.read_json(path)
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the model config must be a JSON object, got a {type(raw).__name__}")
         if raw.get("model_type", "bert") not in ("bert",):
@@ -91,20 +88,20 @@ def _expected_shapes(c: BertConfig) -> dict:
     return shapes
 
 
+# Parts of BERT checkpoints that the encoder does not use: the pooler, pre-training heads, the position-id buffer.
+UNUSED = (r"pooler\.", r"cls\.", r"embeddings\.position_ids$")
+
+
 def read_weights(path: Path, config: BertConfig) -> dict:
-    """The encoder's tensors from a safetensors file, prefix-stripped and checked key by key."""
+    """The encoder's tensors from a safetensors file, prefix-stripped and checked against the config key
+    by key (:func:`mha.models._checks.check_tensors`: layer count, missing, unexpected, shapes)."""
     tensors, _ = _io.load_arrays(path)
     for prefix in OPTIONAL_PREFIXES:
         if any(k.startswith(prefix + "embeddings.") for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     expected = _expected_shapes(config)
-    missing = sorted(set(expected) - set(tensors))
-    wrong = [f"{k}: expected {expected[k]}, got {tuple(tensors[k].shape)}"
-             for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
-    if missing or wrong:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ValueError(f"{path}: weights do not fit the config: "
-                         + "; ".join(([f"missing keys {missing[:5]}{more}"] if missing else []) + wrong))
+    check_tensors(path, tensors, expected, ignored=UNUSED,
+                  layers=(config.num_hidden_layers, "num_hidden_layers", r"encoder\.layer\.(\d+)\."))
     return {k: np.asarray(tensors[k], np.float32) for k in expected}
 
 

@@ -6,6 +6,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
+
 from ._bert import BertConfig, BertModel, read_weights
 from ._tokenizer import WordPiece
 
@@ -78,7 +80,7 @@ def load_bert(path_or_name, backend="auto", *, group=None) -> BertModel:
 
 def load_model(name_or_path="auto", backend="auto"):
     """"builtin" -> the constructed demo model; "auto" -> MiniLM when installed, else builtin; anything
-    else -> :func:`load_bert`."""
+    else -> :func:`load` (a BERT-family encoder or a decoder)."""
     from ._builtin import BuiltinModel
 
     if name_or_path == "builtin":
@@ -92,4 +94,60 @@ def load_model(name_or_path="auto", backend="auto"):
             return load_bert("minilm", backend)
         except ImportError:  # tokenizers missing: fall back to the model that needs nothing
             return BuiltinModel(backend)
-    return load_bert(name_or_path, backend)
+    return load(name_or_path, backend)
+
+
+ENCODERS = ("bert",)
+SHIPPED = {"induction": "the two-layer attention-only induction model trained by examples/train_induction.py"}
+
+
+def _shipped(name: str) -> Path:
+    folder = Path(__file__).parent / "data" / name
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"model {name!r} ({SHIPPED[name]}) is not in this installation ({folder} is missing)")
+    return folder
+
+
+def load(path, backend="auto", dtype="float32"):
+    """A model from a Hugging Face folder (or a shipped name: "induction", "minilm").
+
+    Decoders (model_type llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, gpt2,
+    mha_attn_only) give a :class:`mha.models.DecoderModel`, BERT-family encoders the
+    :class:`mha.models.BertModel` of :func:`load_bert`. Every attention layer is an
+    ``mha.MultiHeadAttention`` on ``backend`` in ``dtype`` (float32; float64 on numpy; float16 and
+    bfloat16 on MLX). The config, the shard list, every tensor's name and shape and the tokenizer are
+    checked before any weight is read; each problem is a ValueError naming the file or key.
+    """
+    from .._backends import resolve as resolve_backend
+    from .._validate import dtype_name
+    from ._checkpoint import Checkpoint, read_json
+    from ._decoder import DecoderModel
+    from ._decoder_tokenizer import DecoderTokenizer
+    from ._families import parse
+    from ._layouts import convert, match
+
+    if isinstance(path, str) and path in SHIPPED:
+        folder, name = _shipped(path), path
+    else:
+        folder, name = resolve(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder}: no config.json; a model folder holds config.json, the weights (model.safetensors "
+                         f"or shards) and tokenizer.json")
+    raw = read_json(folder / "config.json", "model config")
+    if raw.get("model_type", "bert") in ENCODERS:
+        if dtype_name(dtype) != "float32":
+            raise ValueError(f"dtype={dtype!r}: encoder models run in float32 only")
+        return load_bert(path, backend)
+    config = parse(raw, folder / "config.json")
+    backend = resolve_backend(backend)
+    dtype = dtype_name(dtype, backend)
+    checkpoint = Checkpoint(folder)
+    matched = match(config, checkpoint.entries, str(folder))
+    tokenizer = DecoderTokenizer(folder, config.vocab_size) if (folder / "tokenizer.json").is_file() else None
+    try:
+        weights = convert(matched, checkpoint.read, np.float32)
+    finally:
+        checkpoint.close()
+    model = DecoderModel(config, weights, tokenizer, backend=backend, dtype=dtype, name=name)
+    model.source = (folder, raw)  # for save(): the config it came with and its tokenizer files
+    return model

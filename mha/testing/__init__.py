@@ -17,11 +17,16 @@ that sees no key gets, whether NaN inputs stay isolated); :func:`check` holds it
     from mha.testing import detect
     found = detect(my_adapter)          # {"causal": "top_left", "empty_row": "nan", ...}
     found.examples                      # a minimal example for each non-default value
+
+Every call of an implementation runs under a deadline (``timeout=``, 60 s by default) and every answer is
+checked against the protocol (a real float array of the right shape, finite where the inputs promise
+it): a broken answer fails with :class:`ImplementationError`, "<impl> returned X, expected (B, T, E)
+real float"; see :mod:`mha.testing._guard` for what happens to a call that never returns.
 """
 
 from . import conventions, oracle, tolerance
 
-__all__ = ["Detection", "Report", "adapters", "check", "conventions", "detect", "oracle", "profiles", "properties",
+__all__ = ["Detection", "ImplementationError", "Report", "adapters", "check", "conventions", "detect", "oracle", "profiles", "properties",
            "run_property", "strategies", "tolerance", "zoo"]
 
 
@@ -40,6 +45,10 @@ def __getattr__(name):  # Hypothesis is imported only when the suite is used
         except ImportError as err:
             raise ImportError(f"mha.testing.{name} needs Hypothesis: pip install 'mha-twin[testing]' ({err})") from err
         return getattr(mod, name)
+    if name == "ImplementationError":
+        from ._answers import ImplementationError
+
+        return ImplementationError
     if name in ("adapters", "properties", "profiles", "strategies", "zoo"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'mha.testing' has no attribute {name!r}")

@@ -14,7 +14,9 @@ from dataclasses import replace
 import numpy as np
 
 from . import oracle, tolerance
-from .conventions import DEFAULTS, INCONSISTENT
+from ._answers import ImplementationError
+from ._guard import DEFAULT_TIMEOUT, NoAnswer, guard
+from .conventions import DEFAULTS, ERROR, INCONSISTENT
 
 NA = "n/a"
 
@@ -247,6 +249,36 @@ def _nonfinite_self(impl, fn, cfg, w, x, seed):
     return "isolated", ""
 
 
+def detect_sink_weights(impl, n: int):
+    """"dropped" (weights over the S real keys, rows summing to 1 - the sink's share), "column" (S + 1
+    columns, the last the sink's share), "inconsistent" or "n/a", against the oracle with sink logits
+    ~ N(0, 3^2) per head."""
+    f = impl.features
+    if "sinks" not in f or "weights" not in f:
+        return NA, "needs the sinks and weights features"
+    from .. import AttentionWeights
+
+    verdicts = []
+    for cfg, w, q, k, v, seed in _probes(n):
+        d = w.to_dict()
+        d["sinks"] = np.random.default_rng([2026, seed, 41]).normal(0.0, 3.0, cfg.H).astype(np.float32)
+        w = AttentionWeights(**d, num_heads=w.num_heads, num_kv_heads=w.num_kv_heads)
+        _, P = _run(impl.build(w), q, k, v, weights=True)
+        _, ref = oracle.attention(w, q, k, v)
+        tol = 2 * (cfg.S + 1) * 2.0**-24 + 4 * 2.0**-24 * tolerance.magnitude(w, q, k, v)
+        share = 1.0 - ref.sum(-1)
+        if P.shape[-1] == cfg.S and np.abs(P - ref).max() <= tol:
+            verdict = "dropped"
+        elif (P.shape[-1] == cfg.S + 1 and np.abs(P[..., :-1] - ref).max() <= tol
+              and np.abs(P[..., -1] - share).max() <= tol):
+            verdict = "column"
+        else:
+            verdict = INCONSISTENT
+        shape = f"weights {P.shape[-1]} wide, S={cfg.S}"
+        verdicts.append((verdict, _describe(cfg, seed, "return_weights=True", shape)))
+    return _settle(verdicts, "sink_weights")
+
+
 def _hide_key(impl, cfg, j):
     """Masks hiding key j of batch element 0 from every query (and nothing else)."""
     if "key_mask" in impl.features:
@@ -262,21 +294,27 @@ def _hide_key(impl, cfg, j):
     return {"mask": a}, "additive -inf mask"
 
 
-def detect(impl, max_examples: int | None = None) -> Detection:
+def detect(impl, max_examples: int | None = None, *, timeout: float | None = DEFAULT_TIMEOUT) -> Detection:
     """The conventions ``impl`` (an adapter, mha.testing.adapters) follows, probed on ``max_examples``
     small problems per convention (default 8): a :class:`Detection`, a dict with the keys of
     mha.testing.conventions (a value may also be "inconsistent": different answers on different
-    paths or probes; or "n/a") and ``.examples``, a minimal example for each non-default value."""
-    if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
+    paths or probes; "n/a"; or "error": a probe crashed, gave no answer within ``timeout`` seconds or
+    answered outside the adapter protocol, which says nothing about a convention) and ``.examples``,
+    a minimal example for each non-default value (for "error", what went wrong)."""
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                     or max_examples < 1):
         raise ValueError(f"max_examples must be a positive int or None, got {max_examples!r}")
+    impl = guard(impl, timeout, finite="any")
     n = max_examples or len(_SIZES)
     values, examples = {}, {}
-    for key, probe in (("causal", detect_causal), ("empty_row", detect_empty_row), ("nonfinite", detect_nonfinite)):
+    for key, probe in (("causal", detect_causal), ("empty_row", detect_empty_row), ("nonfinite", detect_nonfinite),
+                       ("sink_weights", detect_sink_weights)):
         try:
             value, example = probe(impl, n)
-        except Exception as err:  # an implementation that crashes on a probe follows no convention
-            value, example = INCONSISTENT, f"{type(err).__name__}: {err}"
+        except (Exception, NoAnswer) as err:  # a crash is no convention: say what happened
+            value = ERROR
+            example = str(err) if isinstance(err, (ImplementationError, NoAnswer)) else f"{type(err).__name__}: {err}"
         values[key] = value
         if example and value != DEFAULTS[key]:
             examples[key] = example
-    return Detection(getattr(impl, "name", type(impl).__name__), values, examples)
+    return Detection(impl.name, values, examples)

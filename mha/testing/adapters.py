@@ -10,11 +10,14 @@ then holds it to those instead of this project's. An adapter that computes in ot
 them in ``dtypes`` (e.g. ``("float32", "float16", "bfloat16")``) and takes ``build(weights, dtype=d)``
 (inputs still come as float32 numpy arrays, already rounded to ``d``): mha.testing.numerics uses it. With "scale" the suite also calls
 ``build(weights, scale=s)``; with "head_mask", ``fn(..., head_mask=c)``; with "rope",
-``build(weights, rope=mha.RoPE(...))`` (query i at position S - T + i, key j at j); with "window",
+``build(weights, rope=mha.RoPE(...))`` (query i at position S - T + i, key j at j); with "sinks",
+``build(weights)`` where ``weights.sinks`` (H,) holds the learned sink logits; with "window",
 ``build(weights, window=W)`` (query i sees keys j with |i + S - T - j| < W). With "cache" the function
 also has ``fn.init_cache(batch_size, max_length)`` and takes ``fn(x_new, None, None, cache=c,
 causal=True, key_mask=m_new)``: self-attention over everything appended so far (key_mask marks which new
-tokens are padding).
+tokens are padding). With "grad" the function also has ``fn.vjp(query, key, value, d_out, **call_kwargs)
+-> (output, grads)``, grads mapping "query", "key", "value" and the weight names of mha.AttentionWeights
+(None for absent biases) to the gradients of <d_out, output> (mha.testing.properties.gradients).
 
 Shipped: :class:`BackendAdapter` (this project's numpy and MLX layers), :class:`TorchAdapter`
 (``torch.nn.MultiheadAttention``) and :class:`MlxNNAdapter` (``mlx.nn.MultiHeadAttention``), both held
@@ -32,7 +35,8 @@ import numpy as np
 from .zoo._common import keep_mask
 
 FEATURES = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "gqa", "weights",
-                      "head_mask", "scale", "rope", "window", "cache"})
+                      "head_mask", "scale", "rope", "window", "cache", "grad"})
+FEATURES |= {"sinks"}  # learned per-head sink logits (gpt-oss): weights.sinks (H,) joins each row's denominator
 
 
 @dataclass
@@ -70,6 +74,8 @@ class BackendAdapter:
 
     def __init__(self, backend: str, blocks: tuple[int, int] | None = None):
         self.backend = backend
+        if not _has_sinks(backend):
+            self.features = FEATURES - {"sinks"}
         self.blocks = blocks
         self.name = backend if blocks is None else f"{backend}-blocks"
         self.dtypes = ("float32", "float64") if backend == "numpy" else ("float32", "float16", "bfloat16")
@@ -92,8 +98,29 @@ class BackendAdapter:
                 return out(res[0]), out(res[1])
             return out(res)
 
+        def vjp(query, key, value, d_out, **kwargs):
+            with layer.small_blocks(*self.blocks) if self.blocks else contextlib.nullcontext():
+                res, pull = mha.vjp(layer, query, key, value, **kwargs)
+                g = pull(d_out)
+            grads = dict(query=g.query, key=g.key, value=g.value, **g.weights.to_dict())
+            return out(res), {n: None if a is None else np.asarray(mha.to_numpy(a), np.float64)
+                              for n, a in grads.items()}
+
         fn.init_cache = layer.init_cache
+        fn.vjp = vjp
         return fn
+
+
+def _has_sinks(backend: str) -> bool:
+    """Whether the backend's layer takes learned sinks (AttentionWeights.sinks) yet."""
+    import mha
+
+    try:
+        w = mha.AttentionWeights.init(4, 2, sinks=True, seed=0)
+        mha.MultiHeadAttention.from_weights(w, backend=backend)
+    except (TypeError, ValueError, ImportError):
+        return False
+    return True
 
 
 def _mx_float32():

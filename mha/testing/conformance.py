@@ -1,7 +1,7 @@
 """The conformance table: implementation x property -> pass / FAIL / n/a, with detected conventions.
 
     python -m mha.testing.conformance                       # print the Markdown to stdout
-    python -m mha.testing.conformance --write README.md     # replace the block between the markers
+    python -m mha.testing.conformance --write docs/conformance.md   # replace the block between the markers
     python -m mha.testing.conformance --impl numpy --impl torch-sdpa --examples 10
 
 Implementations: this project's numpy and mlx backends, and every peer of mha.testing.zoo installed
@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 
-BEGIN = "<!-- conformance:begin (python -m mha.testing.conformance --write README.md) -->"
+BEGIN = "<!-- conformance:begin (python -m mha.testing.conformance --write docs/conformance.md) -->"
 END = "<!-- conformance:end -->"
 CELL = {"pass": "pass", "fail": "**FAIL**", "n/a": "n/a"}
 

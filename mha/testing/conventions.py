@@ -16,6 +16,10 @@ The property suite separates *bugs* from *conventions that differ by design*. An
     ``"isolated"``: NaN/inf at a hidden key or value never reaches the output; at a visible one it
     makes exactly the rows that see it NaN. ``"propagates"``: no promise; the NaN properties check only
     rows that see no non-finite input at all (rows of other batch elements).
+``"sink_weights"`` (implementations with learned sinks, feature "sinks")
+    ``"dropped"``: the weights cover the S real keys and each row sums to 1 - its sink's share (this
+    project; transformers' eager gpt-oss drops the sink's column alike). ``"column"``: S + 1 columns,
+    the last one the sink's share, rows summing to 1.
 
 :func:`conventions_of` reads and checks an adapter's declaration; :func:`with_conventions` wraps an
 adapter with other conventions (``mha check --conventions detected`` uses it with
@@ -29,8 +33,10 @@ CONVENTIONS = {
     "empty_row": ("output_bias", "nan", "mean_value", "unspecified"),
     "nonfinite": ("isolated", "propagates"),
 }
+CONVENTIONS["sink_weights"] = ("dropped", "column")  # what weights an implementation with learned sinks returns
 DEFAULTS = {key: values[0] for key, values in CONVENTIONS.items()}
 INCONSISTENT = "inconsistent"  # what detect() reports for an implementation that follows none
+ERROR = "error"  # what detect() reports when a probe crashed or broke the adapter protocol (no convention)
 
 
 def validate(conventions, *, argument: str = "conventions") -> dict:
@@ -70,9 +76,9 @@ class _Declared:
 def with_conventions(impl, conventions: dict):
     """``impl`` declaring ``conventions`` instead (missing keys: impl's own declaration). Values
     "inconsistent" or "n/a" (from :func:`mha.testing.detect`) keep the impl's own declaration: the
-    suite then shows where the implementation contradicts it."""
+    suite then shows where the implementation contradicts it; "error" likewise."""
     own = conventions_of(impl)
-    chosen = {k: v for k, v in dict(conventions).items() if v not in (INCONSISTENT, "n/a")}
+    chosen = {k: v for k, v in dict(conventions).items() if v not in (INCONSISTENT, ERROR, "n/a")}
     return _Declared(impl, validate({**own, **chosen}))
 
 

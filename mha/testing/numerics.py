@@ -84,11 +84,15 @@ def _to64(a) -> np.ndarray:
         return np.asarray(a.astype(mx.float32), np.float64)
 
 
-def measure(impl, *, dtypes=None, examples: int = 20) -> list[NumericsRow]:
+def measure(impl, *, dtypes=None, examples: int = 20, timeout: float | None = 60.0) -> list[NumericsRow]:
     """Error / derived bound per dtype for ``impl``: one :class:`NumericsRow` per dtype it supports
-    (``impl.dtypes``, default ("float32",)), over ``examples`` problems."""
+    (``impl.dtypes``, default ("float32",)), over ``examples`` problems. Each call must answer within
+    ``timeout`` seconds with an array of the right shape and a real float dtype (mha.testing._guard;
+    ImplementationError otherwise); a non-finite answer counts as an infinite ratio."""
+    from ._guard import guard
     from .conventions import conventions_of
 
+    impl = guard(impl, timeout, finite=None)
     align = conventions_of(impl)["causal"]
     supported = tuple(getattr(impl, "dtypes", ("float32",)))
     wanted = supported if dtypes is None else tuple(d for d in dtypes if d in supported)

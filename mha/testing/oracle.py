@@ -103,6 +103,39 @@ def rms_normalised(x, weight, eps: float):
     return out
 
 
+def _logits(scale, q, k, add):
+    """scale * q . k_j + add_j for the keys k (n, D) of one query q (D,), without overflow: q and k are
+    divided by powers of 2 (exact) before the products, and where scale * |q| |k| passes float64's
+    range the logits that are not the largest differ from it by more than float64 can hold, so only
+    the keys of the largest product keep a finite logit (their mask terms decide among them)."""
+    qa = _pow2(np.abs(q).max(initial=0.0))
+    ka = _pow2(np.abs(k).max(initial=0.0))
+    r = (k / ka) @ (q / qa)  # (n,): |r| <= D
+    c = scale * qa * ka
+    if np.isfinite(c * (q.size + 1)):
+        return c * r + add
+    return np.where(r == r.max(), add, -np.inf) if c > 0 else np.where(r == r.min(), add, -np.inf)
+
+
+def _pow2(x: float) -> float:
+    """The power of 2 at or above ``x`` (1 for 0): dividing by it is exact."""
+    return float(np.ldexp(1.0, int(np.frexp(x)[1]))) if x > 0 else 1.0
+
+
+def _capped(scale, q, k, add, softcap):
+    """The logits of one query with Gemma 2's soft cap, c * tanh(scale * q . k_j / c) + add_j, formed in
+    the same overflow-free units as :func:`_logits` (tanh of a product past float64's range is +-1)."""
+    if softcap is None:
+        return _logits(scale, q, k, add)
+    qa = _pow2(np.abs(q).max(initial=0.0))
+    ka = _pow2(np.abs(k).max(initial=0.0))
+    r = (k / ka) @ (q / qa)  # (n,): |r| <= D
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = np.tanh((scale / softcap) * qa * ka * r)
+    t = np.where(np.isnan(t), 0.0, t)  # inf * 0: a zero product
+    return softcap * t + add
+
+
 def attention(weights, query, key=None, value=None, *, mask=None, key_mask=None, causal=False,
               head_mask=None, scale=None, rope=None, window=None, causal_align="bottom_right",
               empty_row="output_bias", softcap=None, qk_norm=None):
@@ -162,10 +195,7 @@ def attention(weights, query, key=None, value=None, *, mask=None, key_mask=None,
                         P[b, h, i] = np.nan
                         ctx[i] = np.nan
                     continue
-                z = np.array([scale * np.dot(qs[h][b, i], ks[g][b, j]) for j in seen])
-                if softcap is not None:
-                    z = softcap * np.tanh(z / softcap)
-                z = z + add[b, h, i, seen]
+                z = _capped(scale, qs[h][b, i], ks[g][b][seen], add[b, h, i, seen], softcap)
                 top = z.max() if sinks is None else max(z.max(), sinks[h])
                 e = np.exp(z - top)
                 p = e / (e.sum() + (0.0 if sinks is None else math.exp(sinks[h] - top)))

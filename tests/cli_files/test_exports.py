@@ -125,7 +125,8 @@ def test_png_refuses_what_the_plan_would_not_allow(minilm_512):
 
 @pytest.mark.parametrize("spec,message", [
     ("5", "tokens must be START:STOP"), ("a:b", "tokens must be START:STOP"),
-    ("40:20", "is not a range within the text's 512 tokens"), ("0:513", "0 <= START < STOP <= 512"),
+    ("40:20", "keeps no token: STOP must come after START"), ("600:", "keeps no token of the text's 512"),
+    ("-600:-550", "keeps no token of the text's 512"), ("1:2:3", "tokens must be START:STOP"),
 ])
 def test_bad_token_window_is_one_line(demo, spec, message):
     res = demo("--tokens", spec)

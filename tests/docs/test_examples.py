@@ -9,6 +9,7 @@ import pytest
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.py"))
 NEEDS = {"from_torch.py": "torch", "train_specialisation.py": "mlx.core", "generate.py": "mlx.core"}
+SCREENFUL = 50  # lines
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
@@ -20,6 +21,10 @@ def test_example_runs(script, tmp_path):
                          timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "Traceback" not in res.stderr
+    # a screenful, quietly: check_my_attention.py printed 2,396 lines, nearly all RuntimeWarnings
+    lines = res.stdout.splitlines()
+    assert len(lines) <= SCREENFUL and max(map(len, lines), default=0) <= 100, (len(lines), res.stdout[-3000:])
+    assert "Warning" not in res.stderr, res.stderr[-3000:]
 
 
 def test_check_my_attention_finds_the_second_bug_when_the_first_is_fixed(tmp_path):
@@ -29,6 +34,8 @@ def test_check_my_attention_finds_the_second_bug_when_the_first_is_fixed(tmp_pat
                          timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "the suite found: nonfinite_hidden_isolation, nonfinite_visible_confined, nonfinite_self_attention" in res.stdout
+    assert "rerun: run_property(impl, 'nonfinite_hidden_isolation', reproduce='" in res.stdout
+    assert len(res.stdout.splitlines()) <= SCREENFUL and "Warning" not in res.stderr
 
 
 def test_rounds_benchmark_script_runs(tmp_path):

@@ -32,6 +32,34 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_property_count_in_readme():
+    """A number of properties the README states (it need not state one) is the suite's."""
     from mha.testing.properties import PROPERTIES
 
-    assert f"{len(PROPERTIES)} properties" in README
+    for n in re.findall(r"(?<!fails )\b(\d+) properties\b", README):  # not "it fails 7 properties"
+        assert int(n) == len(PROPERTIES), n
+
+
+def test_the_readmes_adapter_runs_under_mha_check(tmp_path):
+    """The README's "Check your own attention": its mymod.py, run as `mha check --impl mymod:factory`, gives
+    the table and the failure it shows (the -1e9 fill), and passes what a correct function passes."""
+    import subprocess
+    import sys
+
+    (code,) = [b for b in BLOCKS if "def factory" in b]
+    (tmp_path / "mymod.py").write_text(code)
+    assert "mha check --impl mymod:factory" in README
+    res = subprocess.run([sys.executable, "-m", "mha_cli", "check", "--impl", "mymod:factory", "--property",
+                          "empty_rows_output_bias", "--property", "permutation_equivariance", "--examples", "20"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stdout + res.stderr
+    assert "mymod FAILS empty_rows_output_bias: outputs of queries that see no key" in res.stdout
+    assert "rerun: mha check --impl mymod:factory --property empty_rows_output_bias" in res.stdout
+    assert re.search(r"^permutation_equivariance +pass$", res.stdout, re.M)
+
+
+def test_readme_is_short_with_a_picture_near_the_top():
+    lines = README.splitlines()
+    assert len(lines) <= 300, len(lines)
+    assert any(re.match(r"!\[.*\]\(docs/\S+\.png\)", ln) for ln in lines[:60])
+    for target in re.findall(r"\]\(((?:docs/)?[\w./-]+\.(?:md|png))\)", README):
+        assert (ROOT / target).exists(), target

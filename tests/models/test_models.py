@@ -124,7 +124,7 @@ def test_builtin_heads_show_their_patterns(backend):
     assert np.all(P[6].argmax(-1) == L - 1)  # last token
     np.testing.assert_allclose(P[7], 1.0 / L, atol=1e-6)  # broad
     roles = [r.role for r in ma.head_roles(enc.attentions, enc.tokens)]
-    assert roles == ["previous", "next", "self", "first", "punctuation", "first", "last", "broad"]
+    assert roles == ["previous", "next", "self", "first", "punctuation", "same_word", "last", "broad"]  # head 5: same word
 
 
 def test_builtin_truncates_and_rejects_empty_text():

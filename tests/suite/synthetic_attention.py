@@ -20,7 +20,10 @@ def attention_fn(weights, *, causal_align="bottom_right", empty_row="output_bias
     """fn(query, key, value, *, mask, key_mask, causal, return_weights) following the given conventions.
 
     ``bug``: None, "scale" (twice the default scale), "top_left" (top-left causal whatever
-    ``causal_align`` says), "leak" (NaN at hidden values reaches the output through 0 * NaN)."""
+    ``causal_align`` says), "leak" (NaN at hidden values reaches the output through 0 * NaN),
+    "finfo_fill" (what fused kernels do: a key hidden by a bool mask, key_mask or the causal rule gets
+    finfo(float32).min added to its logit instead of being removed, so it ties with visible keys that
+    carry that value in an additive mask: Hugging Face's left padding)."""
     H, Hkv, D = weights.num_heads, weights.num_kv_heads, weights.head_dim
     s = (1.0 / math.sqrt(D) if scale is None else scale) * (2.0 if bug == "scale" else 1.0)
     w = {n: None if a is None else np.asarray(a, np.float64) for n, a in weights.to_dict().items()}
@@ -52,10 +55,12 @@ def attention_fn(weights, *, causal_align="bottom_right", empty_row="output_bias
             logits = np.where(~np.isfinite(key).all(-1)[:, None, None, :], np.nan, logits)
             bad_v = ~np.isfinite(value).all(-1)[:, None, None, :, None]  # (B, 1, 1, S, 1)
         vis = np.ones((B, H, T, S), bool)
+        minus_inf = np.zeros((B, H, T, S), bool)  # keys an additive -inf hides
         if mask is not None:
             m = np.asarray(mask)
             m = m.reshape((1,) * (4 - m.ndim) + m.shape)
             if m.dtype.kind == "f":
+                minus_inf |= m == -np.inf
                 vis &= m != -np.inf
                 logits = logits + np.where(np.isneginf(m), 0, m).astype(np.float64)
             else:
@@ -67,6 +72,8 @@ def attention_fn(weights, *, causal_align="bottom_right", empty_row="output_bias
             vis &= np.arange(S)[None, :] <= np.arange(T)[:, None] + offset
         empty = ~vis.any(-1, keepdims=True)  # (B, H, T, 1)
         z = np.where(vis, logits, -np.inf)
+        if bug == "finfo_fill":
+            z = np.where(vis | minus_inf, z, logits + np.float64(np.finfo(np.float32).min))
         reach = vis | empty if empty_row == "mean_value" else vis
         top = z.max(-1, keepdims=True)
         if empty_row != "nan":
@@ -77,6 +84,8 @@ def attention_fn(weights, *, causal_align="bottom_right", empty_row="output_bias
             P = np.where(empty, 0, P)
         elif empty_row == "mean_value":  # uniform over every key
             P = np.where(empty, 1.0 / S, P)
+        if bug == "finfo_fill":
+            reach = reach | (P > 0)  # a hidden key tied with the visible ones takes weight like them
         if isolated:
             terms = np.where(bad_v, np.nan, P[..., None] * v[:, :, None])  # (B, H, T, S, D)
             ctx = np.where(reach[..., None], terms, 0).sum(-2)  # (B, H, T, D)
@@ -114,3 +123,38 @@ def correct():
 def planted_scale():
     """A factory for the pytest plugin's tests: twice the default scale."""
     return synthetic("synthetic-scale", bug="scale")
+
+
+def broken(kind: str, name=None, *, features=FEATURES) -> Adapter:
+    """The correct synthetic attention with its answers broken as an adapter may break them: "complex"
+    (a garbage imaginary part), "nan" (every entry NaN), "none", "scalar", "shape" (one query row only),
+    "pair" (the output alone when weights are asked for), "hang" (never answers), "crash" (raises)."""
+    import time
+
+    def build(weights, scale=None):
+        fn = attention_fn(weights, scale=scale)
+
+        def call(query, key, value, **kwargs):
+            if kind == "hang":
+                time.sleep(3600)
+            if kind == "crash":
+                raise IndexError("tuple index out of range (a bug inside the implementation)")
+            res = fn(query, key, value, **kwargs)
+            pair = isinstance(res, tuple)
+            y = res[0] if pair else res
+            if kind in ("none", "scalar"):
+                return None if kind == "none" else 1.5
+            if kind == "pair":
+                return y
+            y = {"complex": lambda: y + 1j * np.random.default_rng(0).normal(size=y.shape).astype(np.float32),
+                 "nan": lambda: np.full_like(y, np.nan), "shape": lambda: y[:, :1]}[kind]()
+            return (y, res[1]) if pair else y
+
+        return call
+
+    return Adapter(name or f"broken-{kind}", set(features), build)
+
+
+def hanging():
+    """A factory for the pytest plugin's tests: an implementation that never answers."""
+    return broken("hang")

@@ -1,5 +1,5 @@
 """The suite's tools around check(): `mha check --detect / --numerics / --conventions`, the numerics
-report, the pytest plugin and the README's conformance table."""
+report, the pytest plugin and the conformance table of docs/conformance.md."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_detect_command_json_and_table():
     assert res.exit_code == 0, res.output
     data = {d["impl"]: d for d in json.loads(res.stdout)}
     assert data["numpy"]["conventions"] == {"causal": "bottom_right", "empty_row": "output_bias",
-                                            "nonfinite": "isolated"}
+                                            "nonfinite": "isolated", "sink_weights": "dropped"}
     assert data["torch-sdpa"]["conventions"]["causal"] == "top_left"
     assert data["torch-sdpa"]["examples"]["causal"].startswith("Probe(")
     res = CliRunner().invoke(cli, ["check", "--detect", "--impl", "torch-sdpa", "--examples", "2"])
@@ -52,7 +52,7 @@ def test_bad_implementation_and_flags_are_one_line_usage_errors():
 
     assert ZOO_NAMES == tuple(zoo.ZOO)
     res = CliRunner().invoke(cli, ["check", "--impl", "nope"])
-    assert res.exit_code == 2 and "'nope' is not one of" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "'nope' is not an implementation" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(cli, ["check", "--detect", "--numerics", "--impl", "numpy"])
     assert res.exit_code == 2 and "separate reports" in res.output
 
@@ -91,7 +91,7 @@ def test_pytest_plugin_runs_the_suite_as_items(tmp_path):
     out = res.stdout
     assert res.returncode == 1, out
     assert "FAILED ::mha[synthetic-scale]::reference" in out
-    n_na = sum(1 for p in PROPERTIES.values() if p.missing(synthetic().features))
+    n_na = sum(1 for p in PROPERTIES.values() if p.not_applicable(synthetic().features, {}))
     assert f"{n_na} skipped" in out and "n/a: needs" in out
     res = _pytest("--mha-impl", "tests.suite.synthetic_attention:correct", "--mha-examples", "3", "-k", "reference or causal",
                   cwd=tmp_path)
@@ -115,13 +115,13 @@ def test_pytest_plugin_refuses_a_bad_spec(tmp_path):
 
 
 def test_readme_conformance_table_is_the_commands_format():
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "conformance.md").read_text()
     table = conformance.parse(text)
     assert {"numpy", "torch-sdpa", "torch-mha-weights"} <= set(table)
     for impl, cells in table.items():
         assert list(cells) == list(PROPERTIES), impl
         assert set(cells.values()) <= {"pass", "**FAIL**", "n/a"}
-    # one row regenerated, quickly: our numpy backend passes everything, as the README says
+    # one row regenerated, quickly: our numpy backend passes everything, as docs/conformance.md says
     block = conformance.markdown(conformance.run(["numpy"], 2), 2)
     assert conformance.parse(block)["numpy"] == table["numpy"]
 

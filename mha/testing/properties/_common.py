@@ -25,6 +25,7 @@ class Property:
     check: Callable  # (impl, example) -> None, raises AssertionError
     theme: str
     excluded: tuple = ()  # ((convention, value, reason), ...): n/a under these declared conventions
+    dtypes: tuple = ()  # precisions the implementation must list in its ``dtypes`` (float32 is always there)
 
     def missing(self, features) -> str | None:
         """Why an implementation with ``features`` cannot express this property (None if it can)."""
@@ -35,12 +36,15 @@ class Property:
             return "needs one of " + ", ".join(sorted(self.requires_any))
         return None
 
-    def not_applicable(self, features, conventions: dict) -> str | None:
-        """Why an implementation with ``features`` and declared ``conventions`` cannot be held to this
-        property (None if it can)."""
+    def not_applicable(self, features, conventions: dict, dtypes=("float32",)) -> str | None:
+        """Why an implementation with ``features``, declared ``conventions`` and ``dtypes`` cannot be held
+        to this property (None if it can)."""
         reason = self.missing(features)
         if reason:
             return reason
+        lacking = [d for d in self.dtypes if d not in dtypes]
+        if lacking:
+            return "needs dtypes " + ", ".join(lacking)
         for key, value, why in self.excluded:
             if conventions.get(key) == value:
                 return f"{key}={value}: {why}"
@@ -63,12 +67,14 @@ def prop(name: str, *, requires=(), theme: str, **strategy_kwargs):
     """
     any_of = frozenset(strategy_kwargs.pop("requires_any", ()))
     excluded = tuple(strategy_kwargs.pop("excluded", ()))
+    dtypes = tuple(strategy_kwargs.pop("dtypes", ()))
+    maker = strategy_kwargs.pop("problems", problems)  # the strategy of problems (strategies.problems)
 
     def strategy(features):
-        return problems(features, **strategy_kwargs)
+        return maker(features, **strategy_kwargs)
 
     def deco(fn):
-        PROPERTIES[name] = Property(name, frozenset(requires), any_of, strategy, fn, theme, excluded)
+        PROPERTIES[name] = Property(name, frozenset(requires), any_of, strategy, fn, theme, excluded, dtypes)
         return fn
 
     return deco

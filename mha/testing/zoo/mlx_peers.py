@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..adapters import MlxNNAdapter
-from ._common import additive, f32, keep_mask
+from ._autodiff import mlx_sdpa_vjp, mx_mask
+from ._common import f32
 
 
 class MlxNN(MlxNNAdapter):
@@ -25,7 +26,8 @@ class MxFastSDPA:
     documents), a bool or additive (B, H, T, S) mask array otherwise; GQA natively."""
 
     name = "mlx-fast-sdpa"
-    features = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "gqa", "scale"})
+    features = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "gqa", "scale",
+                          "grad"})
     notes = {"weights": "the fused kernel returns no weights", "head_mask": "no head_mask argument",
              "rope": "RoPE is a separate mx.fast.rope", "window": "no sliding window", "cache": "no key/value cache"}
     conventions = {"empty_row": "mean_value", "nonfinite": "propagates"}
@@ -50,15 +52,11 @@ class MxFastSDPA:
 
         def fn(query, key, value, *, mask=None, key_mask=None, causal=False):
             B, T, _ = query.shape
-            S = key.shape[1]
-            if mask is None and key_mask is None:
-                m = "causal" if causal else None
-            else:
-                keep, add = keep_mask(B, H, T, S, mask, key_mask, causal, align="bottom_right")
-                m = mx.array(keep) if add is None else mx.array(additive(keep, add)).astype(dt)
+            m = mx_mask(H, query, key, mask, key_mask, causal, dt)
             o = mx.fast.scaled_dot_product_attention(heads(query, "q", H), heads(key, "k", Hkv),
                                                      heads(value, "v", Hkv), scale=s, mask=m)  # (B, H, T, D)
             y = linear(o.transpose(0, 2, 1, 3).reshape(B, T, H * D), "o")
             return np.array(y.astype(mx.float32))
 
+        fn.vjp = mlx_sdpa_vjp(weights, scale, dtype)  # gradients by mx.vjp
         return fn

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..adapters import TorchAdapter
+from ._autodiff import torch_sdpa_vjp
 from ._common import additive, f32, keep_mask
 
 _MHA_NOTES = {"gqa": "nn.MultiheadAttention has no grouped-query heads", "head_mask": "no head_mask argument",
@@ -50,7 +51,8 @@ class TorchSDPA:
     aligned, as torch documents), a bool or float attn_mask (B, H, T, S) otherwise, enable_gqa."""
 
     name = "torch-sdpa"
-    features = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "gqa", "scale"})
+    features = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mask", "causal", "gqa", "scale",
+                          "grad"})
     notes = {"weights": "SDPA returns no weights", "head_mask": "no head_mask argument",
              "rope": "no rotary embeddings", "window": "no sliding window", "cache": "no key/value cache"}
     conventions = {"causal": "top_left", "nonfinite": "propagates"}
@@ -86,4 +88,5 @@ class TorchSDPA:
                 y = F.linear(o.transpose(1, 2).reshape(B, T, H * D), t["o_weight"], t["o_bias"])
             return y.float().numpy()
 
+        fn.vjp = torch_sdpa_vjp(weights, scale, dtype)  # gradients by torch autograd
         return fn

@@ -8,8 +8,8 @@ const NS = "http://www.w3.org/2000/svg";
 const COLORS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1e9d89", "#35b779", "#6ccd5a", "#b2dd2d", "#fde725"];
 const RGB = COLORS.map(c => [1, 3, 5].map(k => parseInt(c.slice(k, k + 2), 16)));
 const ROLE_COLORS = {previous: "#1f77b4", next: "#ff7f0e", self: "#2ca02c", first: "#d62728", last: "#9467bd",
-  punctuation: "#8c564b", broad: "#999999", content: "#e377c2"};
-const S = {view: D.view, words: D.start_words, start: 0, size: 48, head: 0, rollLayer: D.num_layers - 1};
+  punctuation: "#8c564b", broad: "#999999", content: "#e377c2", same_word: "#bcbd22", local: "#17becf"};
+const S = {view: D.view, words: D.start_words, start: 0, size: 48, head: 0, rollLayer: D.num_layers - 1, role: ""};
 const cache = new Map();
 
 function level(w) { let k = 0; while (k < D.levels.length && w >= D.levels[k]) k++; return k; }
@@ -65,14 +65,39 @@ async function matrix(key, packed) {  // a packed (n, n) matrix in the current u
 function paint(canvas, W, n, r0, r1, px) {  // rows and columns r0..r1-1 of W (n x n), px pixels a cell
   const m = r1 - r0;
   canvas.width = m * px; canvas.height = m * px;
-  const ctx = canvas.getContext("2d"), img = ctx.createImageData(m, m);
+  cells(canvas.getContext("2d"), W, n, r0, r1, px, 0, 0);
+  canvas.geom = {ml: 0, mt: 0, px, a: r0, b: r1};
+}
+
+function cells(ctx, W, n, r0, r1, px, x0, y0) {  // the cells of rows/columns r0..r1-1 at (x0, y0)
+  const m = r1 - r0, img = ctx.createImageData(m, m);
   for (let i = 0; i < m; i++) for (let j = 0; j < m; j++) {
     const c = RGB[level(W[(r0 + i) * n + r0 + j])], o = 4 * (i * m + j);
     img.data[o] = c[0]; img.data[o + 1] = c[1]; img.data[o + 2] = c[2]; img.data[o + 3] = 255;
   }
-  if (px === 1) { ctx.putImageData(img, 0, 0); return; }
   const tmp = document.createElement("canvas"); tmp.width = m; tmp.height = m; tmp.getContext("2d").putImageData(img, 0, 0);
-  ctx.imageSmoothingEnabled = false; ctx.drawImage(tmp, 0, 0, m * px, m * px);
+  ctx.imageSmoothingEnabled = false; ctx.drawImage(tmp, x0, y0, m * px, m * px);
+}
+
+function short(label, k) { const t = label.length > 12 ? label.slice(0, 11) + "\u2026" : label; return `${k} ${t}`; }
+
+function heat(canvas, W, n, a, b, px, u) {  // the window's cells with token labels on both axes (every k-th when many)
+  const m = b - a, font = "11px system-ui, sans-serif", step = Math.ceil(13 / px);
+  const probe = canvas.getContext("2d"); probe.font = font;
+  const shown = []; for (let i = a; i < b; i += step) shown.push(i);
+  const lw = Math.ceil(Math.max(...shown.map(i => probe.measureText(short(u.labels[i], u.offset + i)).width))) + 8;
+  canvas.width = lw + m * px + 4; canvas.height = lw + m * px + 4;
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, canvas.width, canvas.height);
+  cells(ctx, W, n, a, b, px, lw, lw);
+  ctx.font = font; ctx.fillStyle = "#333"; ctx.textBaseline = "middle";
+  for (const i of shown) {  // rows (queries) at the left, right-aligned; columns (keys) on top, written upwards
+    const c = (i - a) * px + px / 2, text = short(u.labels[i], u.offset + i);
+    ctx.textAlign = "right"; ctx.fillText(text, lw - 4, lw + c);
+    ctx.save(); ctx.translate(lw + c, lw - 4); ctx.rotate(-Math.PI / 2); ctx.textAlign = "left"; ctx.fillText(text, 0, 0); ctx.restore();
+  }
+  canvas.geom = {ml: lw, mt: lw, px, a, b};
+  canvas.dataset.labels = shown.length;
 }
 
 function overview(canvas, W, n) {  // the whole matrix, at most 512 px, with the window drawn on it
@@ -92,12 +117,18 @@ function win() {  // [start, stop) of the token (or word) window
   return [a, a + size];
 }
 
+function cellAt(canvas, e) {  // [row, column] (in the unit's numbering) under the pointer, or null
+  const g = canvas.geom, r = canvas.getBoundingClientRect(), k = canvas.width / r.width;
+  const i = g.a + Math.floor(((e.clientY - r.top) * k - g.mt) / g.px), j = g.a + Math.floor(((e.clientX - r.left) * k - g.ml) / g.px);
+  return i < g.a || j < g.a || i >= g.b || j >= g.b ? null : [i, j];
+}
+
 function hoverMap(canvas, mats, names, onRow) {  // tooltip: the weight(s) of the cell under the pointer
   const tip = $("tip");
   canvas.onmousemove = e => {
-    const [a, b] = win(), r = canvas.getBoundingClientRect(), m = b - a, u = unit();
-    const i = a + Math.floor((e.clientY - r.top) / r.height * m), j = a + Math.floor((e.clientX - r.left) / r.width * m);
-    if (i < a || j < a || i >= b || j >= b) { tip.hidden = true; return; }
+    const at = cellAt(canvas, e), u = unit();
+    if (!at) { tip.hidden = true; return; }
+    const [i, j] = at;
     tip.textContent = `${u.labels[i]} (${u.offset + i}) \u2192 ${u.labels[j]} (${u.offset + j})\n` +
       mats.map((W, k) => `${names[k]}: ${fmt(W[i * u.n + j])}`).join("\n");
     tip.style.left = (e.clientX + 12) + "px"; tip.style.top = (e.clientY + 12) + "px"; tip.hidden = false;
@@ -106,7 +137,7 @@ function hoverMap(canvas, mats, names, onRow) {  // tooltip: the weight(s) of th
   canvas.onmouseleave = () => { tip.hidden = true; };
 }
 
-function cellPx(m) { return Math.max(4, Math.min(24, Math.floor(480 / m))); }
+function cellPx(m) { return Math.max(4, Math.min(24, Math.floor(420 / m))); }
 
 function legend() {
   const box = $("legend"); box.replaceChildren(document.createTextNode("weight from: "));
@@ -138,6 +169,7 @@ function drawModel() {
       cell.title = `layer ${layer}, head ${c}` + (h.label ? `: ${h.label}` : "") +
         (h.role ? `\n${h.role} ${h.score.toFixed(2)}` : "");
       cell.append(canvas, cap);
+      cell.classList.toggle("off", Boolean(S.role) && h.role !== S.role);
       cell.addEventListener("click", () => { S.head = idx; show("head"); });
       jobs.push(thumb(canvas, h));
     }
@@ -215,7 +247,12 @@ async function drawHead() {
   $("head-title").textContent = `layer ${h.layer}, head ${h.head}` + (h.label ? ` (${h.label})` : "") +
     (h.role ? `: ${h.role} ${h.score.toFixed(2)}` : "");
   const W = await matrix("h" + S.head, h.packed);
-  paint($("head-map"), W, u.n, a, b, cellPx(b - a));
+  $("top-links").hidden = !h.top;
+  if (h.top) {
+    $("top-links").textContent = `Strongest links of this head (query \u2192 key): ` + h.top.map(([i, j, w]) =>
+      `${D.tokens[i - (D.token_offset || 0)]} (${i}) \u2192 ${D.tokens[j - (D.token_offset || 0)]} (${j}) ${fmt(w)}`).join(", ");
+  }
+  heat($("head-map"), W, u.n, a, b, cellPx(b - a), u);
   hoverMap($("head-map"), [W], ["weight"], i => info(W, u.labels, u.n, u.offset, {side: "left", i}, $("info")));
   drawLines(W, u.labels, u.n, a, b, u.offset);
   overview($("head-overview"), W, u.n);
@@ -226,7 +263,7 @@ async function drawRollout() {
   const raw = await matrix("m" + l, m.mean), roll = await matrix("r" + l, m.rollout);
   $("raw-caption").textContent = `Raw attention of layer ${l}, mean over its heads`;
   $("roll-caption").textContent = `Rollout through layers 0-${l}: how much of each input token reaches each position`;
-  paint($("raw-map"), raw, u.n, a, b, cellPx(b - a)); paint($("roll-map"), roll, u.n, a, b, cellPx(b - a));
+  heat($("raw-map"), raw, u.n, a, b, cellPx(b - a), u); heat($("roll-map"), roll, u.n, a, b, cellPx(b - a), u);
   const row = i => {
     $("roll-info").textContent = `${u.labels[i]} (${u.offset + i}) after layer ${l} draws on: ` +
       strongest(roll, u.labels, u.n, u.offset, i, "left") + `; its raw attention in layer ${l}: ` +
@@ -269,7 +306,7 @@ function show(view) {
 
 function setup() {
   const meta = `model: ${D.model}` + (D.constructed ? " (constructed demo weights, not trained)" : "") +
-    ` \u00b7 backend: ${D.backend} \u00b7 ${D.num_tokens || D.tokens.length} tokens` +
+    (D.backend ? ` \u00b7 backend: ${D.backend}` : "") + ` \u00b7 ${D.num_tokens || D.tokens.length} tokens` +
     (D.truncated ? ` (${D.truncated} more cut to fit the model)` : "") + ` \u00b7 ${D.heads.length} heads shown`;
   $("meta").textContent = meta; $("text").textContent = D.text;
   $("precision").textContent = "Precision: " + D.precision + ". Colours: the 10 levels of the terminal and PNG views.";
@@ -280,7 +317,19 @@ function setup() {
   for (const s of [16, 32, 48, 64, 96, 128]) $("win-size").append(new Option(s, s));
   S.size = Math.min(48, D.tokens.length); $("win-size").value = 48;
   $("words").checked = S.words;
-  $("words").addEventListener("change", () => { S.words = $("words").checked; S.start = 0; syncRange(); redraw(); });
+  $("words").addEventListener("change", () => {  // the window stays on the same part of the text
+    const spans = D.words.spans, toWords = $("words").checked, was = S.start;
+    S.start = toWords ? Math.max(0, spans.findIndex(([s0, s1]) => s1 > S.start)) :
+      S.back && S.back[0] === S.start ? S.back[1] : (spans[S.start] || [0])[0];  // back where it was, if not moved
+    S.back = toWords ? [S.start, was] : null;
+    S.words = toWords; syncRange(); redraw();
+  });
+  const counts = {};
+  D.heads.forEach(h => { if (h.role) counts[h.role] = (counts[h.role] || 0) + 1; });
+  Object.keys(counts).forEach(r => $("role-filter").append(new Option(`${r} (${counts[r]})`, r)));
+  $("role-counts").textContent = "roles of the " + D.heads.length + " heads: " +
+    Object.entries(counts).sort((x, y) => y[1] - x[1]).map(([r, c]) => `${r} ${c}`).join(", ");
+  $("role-filter").addEventListener("change", () => { S.role = $("role-filter").value; redraw(); });
   $("win-size").addEventListener("change", () => { S.size = +$("win-size").value; syncRange(); redraw(); });
   $("win-start").addEventListener("change", () => moveWindow(+$("win-start").value));
   $("win-slider").addEventListener("input", () => moveWindow(+$("win-slider").value));
