@@ -153,9 +153,6 @@ def layer_config(embed_dim, num_heads, *, num_kv_heads, kdim, vdim, head_dim=Non
     window = None if window is None else positive_int("window", window)
     softcap, qk_norm = positive_float("softcap", softcap), positive_float("qk_norm", qk_norm)
     sinks = boolean("sinks", sinks)
-    if backend == "mlx" and (softcap is not None or qk_norm is not None or sinks):
-        named = [n for n, v in (("softcap", softcap), ("qk_norm", qk_norm), ("sinks", sinks)) if v]
-        raise ValueError(f"{', '.join(named)}: not supported by the mlx backend yet; use backend='numpy'")
     return LayerConfig(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, scale, dropout, dtype, head_dim,
                        rope, window, softcap, qk_norm, sinks)
 

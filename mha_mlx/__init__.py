@@ -12,19 +12,8 @@ except ImportError as err:  # pragma: no cover - exercised where MLX is absent
 
     raise ImportError(f"mha_mlx needs MLX, which is not installed: {MLX_INSTALL}") from err
 
+from ._core import attend
 from ._layer import MultiHeadAttention, fused_attention
 from ._options import Options, options, small_blocks
-
-
-def attend(q, k, v, masks, *, scale, softcap=None, sinks=None, dropout=None, return_weights=False):
-    """The MLX attention core (docs/architecture.md): for now :func:`mha.reference.attend` on mx arrays,
-    softmax in float32 (core-mlx replaces it with the fused/blockwise core)."""
-    import mlx.core as mx
-
-    from mha.reference import attend as reference
-
-    return reference(mx, q, k, v, masks, scale=scale, softcap=softcap, sinks=sinks, dropout=dropout,
-                     return_weights=return_weights, acc_dtype=mx.float32)
-
 
 __all__ = ["MultiHeadAttention", "Options", "attend", "fused_attention", "options", "small_blocks"]

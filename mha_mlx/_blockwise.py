@@ -1,8 +1,8 @@
 r"""Blockwise attention on MLX, for calls whose score matrix would not fit a memory budget.
 
 MLX's CPU device has no fused attention kernel: ``mx.fast.scaled_dot_product_attention`` falls back
-to matmul, softmax, matmul and holds the whole (B, H, T, S) score matrix (measured here: 3.0 GiB at
-B=1, H=2, T=S=20,000; a segfault at T=50,000 under an 8 GiB cap). When that matrix would exceed
+to matmul, softmax, matmul and holds the whole (B, H, T, S) score matrix (docs/performance.md: what
+that costs, and where it fails). When that matrix would exceed
 ``mha_mlx.options.score_bytes``, :mod:`mha_mlx._layer` runs this path instead: blocks of ``block_q``
 queries against blocks of ``block_k`` keys with FlashAttention's online softmax, in float32 whatever
 the input dtype,
@@ -31,8 +31,8 @@ import mlx.core as mx
 from mha._reference import group_queries
 
 from . import _nonfinite
-
 from ._options import options
+from ._range import scaled_queries, times_pow2
 
 NEG_INF = float("-inf")
 BLOCK_BYTES = 4 << 20  # target size of one block of float32 logits, all (batch, head) pairs together
@@ -53,41 +53,69 @@ def _block_sizes(B: int, H: int, T: int, S: int) -> tuple[int, int]:
     return bq, bk
 
 
-def attention(q, k, v, *, scale: float, masks, return_lse: bool = False):
+def attention(q, k, v, *, scale: float, masks, softcap=None, sinks=None, return_lse: bool = False):
     """Attention over key blocks with an online softmax; the same result as the fused path.
 
     Args:
         q: (B, H, T, D) queries; k, v: (B, Hkv, S, D) keys and values (after RoPE and the cache).
         scale: multiplies the logits.
-        masks: the call's :class:`mha._masks.MaskSet` (keep and bias broadcastable to (B, H, T, S)).
-        return_lse: also return the log-sum-exp of each query's visible logits.
+        masks: the call's :class:`mha._masks.MaskSet` over (B, H, T, S).
+        softcap: c: each logit l becomes c * tanh(l / c) before the additive mask (Gemma 2); None: off.
+        sinks: (H,) sink logits: exp(sink_h) joins each row's denominator, with no value; None: off.
+        return_lse: also return the log-sum-exp of each query's visible logits (and its sink).
 
     Returns:
         context (B, T, H, D) in v's dtype (the layout of the output projection's input), and lse
-        (B, H, T) float32 (-inf for a query that sees no key) or None.
+        (B, H, T) float32 (-inf for a query that sees no key and has no sink) or None.
     """
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     f32 = mx.float32
-    bad = _nonfinite.flags(k, v)  # (B, Hkv, S): NaN/inf in the key or the value
+    bad, top = _nonfinite.scan(k, v)  # (B, Hkv, S): NaN/inf in the key or the value; max |k| of the others
     # as in the reference: its value is zeroed (a zero weight times it stays 0) and the rows that see it
     # are set to NaN at the end; k and v as contiguous float32 once, O(S x D)
     k = mx.contiguous(k.astype(f32))  # (B, Hkv, S, D)
-    v_dtype, v = v.dtype, mx.contiguous(mx.where(bad[..., None], 0, v).astype(f32))
-    qg = group_queries(q, Hkv).astype(f32) * scale  # (B, Hkv, G, T, D), scaled as in MLX's kernel
+    q, e = scaled_queries(q.astype(f32), top, scale)  # q * scale / 2^e: logits in units of 2^e (e = 0 but at
+    v_dtype, v = v.dtype, mx.contiguous(mx.where(bad[..., None], 0, v).astype(f32))  # float32's edge)
+    qg = group_queries(q, Hkv)  # (B, Hkv, G, T, D)
+    rules = _Rules(softcap, e, None if sinks is None else _sink_units(sinks, e, Hkv))
     bq, bk = _block_sizes(B, H, T, S)
     ctx, lse = [], []
     for t0 in range(0, T, bq):
         t1 = min(T, t0 + bq)
-        c, l_ = _query_block(mx.contiguous(qg[:, :, :, t0:t1]), k, v, bad[:, :, None, None, :], masks, t0, t1, bk)
-        ctx.append(c.reshape(B, H, t1 - t0, D))
+        c_, l_ = _query_block(mx.contiguous(qg[:, :, :, t0:t1]), k, v, bad[:, :, None, None, :], masks, rules,
+                              t0, t1, bk)
+        ctx.append(c_.reshape(B, H, t1 - t0, D))
         lse.append(l_.reshape(B, H, t1 - t0))
     ctx = mx.concatenate(ctx, axis=2) if len(ctx) > 1 else ctx[0]  # (B, H, T, D)
-    out_lse = (mx.concatenate(lse, axis=2) if len(lse) > 1 else lse[0]) if return_lse else None
+    out_lse = None
+    if return_lse:  # in units of 1: times 2^e unless a softcap brought the logits back to them
+        out_lse = mx.concatenate(lse, axis=2) if len(lse) > 1 else lse[0]
+        if softcap is None:
+            out_lse = mx.where(out_lse == 0, 0.0, times_pow2(out_lse, e))
     return ctx.astype(v_dtype).swapaxes(1, 2), out_lse
 
 
-def _query_block(qb, k, v, bad, masks, t0, t1, bk):
+class _Rules:
+    """What turns a block's raw logits (units of 2^e) into the softmax's: the softcap and the sinks."""
+
+    def __init__(self, softcap, e, sinks):
+        self.softcap, self.e, self.sinks = softcap, e, sinks  # sinks (1, Hkv, G, 1, 1) in the logits' units
+
+    def logits(self, s):
+        """Raw logits s (units of 2^e) to the softmax's units: c tanh(l / c) (units of 1) with a softcap."""
+        if self.softcap is None:
+            return s
+        return self.softcap * mx.tanh(times_pow2(s, self.e) / self.softcap)  # +-inf past the range: +-c
+
+
+def _sink_units(sinks, e, Hkv: int):
+    """(H,) sink logits as (1, Hkv, G, 1, 1) float32, in the logits' units (2^e without a softcap)."""
+    s = mx.array(sinks).astype(mx.float32) if not isinstance(sinks, mx.array) else sinks.astype(mx.float32)
+    return times_pow2(s, -e).reshape(1, Hkv, -1, 1, 1)
+
+
+def _query_block(qb, k, v, bad, masks, rules, t0, t1, bk):
     """One block of scaled float32 queries qb (B, Hkv, G, tb, D) against its keys (k, v float32
     (B, Hkv, S, D), ``bad`` (B, Hkv, 1, 1, S) their NaN/inf flags): context (B, Hkv, G, tb, D), NaN
     where a visible key is bad, and lse (B, Hkv, G, tb), float32.
@@ -96,29 +124,26 @@ def _query_block(qb, k, v, bad, masks, t0, t1, bk):
     """
     B, Hkv, G, tb, D = qb.shape
     lo, hi = masks.key_span(t0, t1)
-    if lo == hi:  # every key is hidden from the whole block: zero context
-        return mx.zeros(qb.shape, mx.float32), mx.full((B, Hkv, G, tb), NEG_INF, mx.float32)
-    m = l_ = acc = touched = None
+    m = mx.full((B, Hkv, G, tb, 1), NEG_INF, mx.float32)  # running max, sum, context, sees a bad key
+    l_, acc, touched = mx.zeros_like(m), mx.zeros(qb.shape, mx.float32), mx.zeros(m.shape, mx.bool_)
     for s0 in range(lo, hi, bk):
         s1 = min(hi, s0 + bk)
-        s, keep = _logits(qb, k, masks, t0, t1, s0, s1)  # (B, Hkv, G, tb, sb); bool broadcastable or None
+        s, keep = _logits(qb, k, masks.cut(rows=(t0, t1), cols=(s0, s1)), rules, s0, s1)  # (B, Hkv, G, tb, sb)
         hit = bad[..., s0:s1] if keep is None else mx.logical_and(keep, bad[..., s0:s1])
-        hit = mx.any(hit, axis=-1, keepdims=True)  # (B, Hkv, G or 1, tb or 1, 1): sees a bad key here
-        touched = hit if touched is None else mx.logical_or(touched, hit)
-        m_blk = mx.max(s, axis=-1, keepdims=True)
-        m_new = m_blk if m is None else mx.maximum(m, m_blk)
+        touched = mx.logical_or(touched, mx.any(hit, axis=-1, keepdims=True))  # sees a bad key here
+        m_new = mx.maximum(m, mx.max(s, axis=-1, keepdims=True))
         m_use = mx.where(m_new == NEG_INF, 0.0, m_new)  # a row with nothing visible yet: exp(-inf) = 0
         p = mx.exp(s - m_use)
-        pv = mx.matmul(p, v[:, :, None, s0:s1])  # (B, Hkv, G, tb, D)
-        if m is None:
-            l_, acc = p.sum(axis=-1, keepdims=True), pv
-        else:
-            alpha = mx.exp(m - m_use)
-            l_ = l_ * alpha + p.sum(axis=-1, keepdims=True)
-            acc = acc * alpha + pv
+        alpha = mx.exp(m - m_use)
+        l_ = l_ * alpha + p.sum(axis=-1, keepdims=True)
+        acc = acc * alpha + mx.matmul(p, v[:, :, None, s0:s1])  # (B, Hkv, G, tb, D)
         m = m_new
         _evaluate(m, l_, acc, touched)
-    empty = l_ == 0  # (B, Hkv, G, tb, 1): no visible key
+    if rules.sinks is not None:  # one more term exp(sink) in the denominator, with no value
+        m_new = mx.maximum(m, rules.sinks)
+        alpha = mx.exp(m - m_new)
+        l_, acc, m = l_ * alpha + mx.exp(rules.sinks - m_new), acc * alpha, m_new
+    empty = l_ == 0  # (B, Hkv, G, tb, 1): no visible key (and no sink)
     ctx = mx.where(touched, float("nan"), acc / mx.where(empty, 1.0, l_))
     lse = mx.log(l_) + m  # an empty row: log 0 + (-inf) = -inf
     return ctx, lse[..., 0]
@@ -126,10 +151,9 @@ def _query_block(qb, k, v, bad, masks, t0, t1, bk):
 
 def _evaluate(*arrays) -> None:
     """Evaluate the running state now, so that one key block's logits at a time exist. Left lazy, MLX
-    evaluates the whole graph breadth first and computes many blocks' logits before it consumes them
-    (measured at B=1, H=1, T=S=10,000, 1024 x 1024 blocks: a peak of 200 MiB, half the score matrix;
-    10 MiB evaluated block by block). Inside mx.compile nothing may be evaluated: there the blocks stay
-    lazy."""
+    evaluates the whole graph breadth first and computes many blocks' logits before it consumes them (a
+    peak near half the score matrix; docs/performance.md). Inside mx.compile nothing may be evaluated:
+    there the blocks stay lazy."""
     try:
         mx.eval(*arrays)
     except ValueError as err:
@@ -137,25 +161,19 @@ def _evaluate(*arrays) -> None:
             raise
 
 
-def _logits(qb, k, masks, t0, t1, s0, s1):
-    """(B, Hkv, G, tb, sb) float32 logits of queries t0..t1 and keys s0..s1, -inf where hidden, and
-    which keys they see (bool, broadcastable to the logits; None: all)."""
+def _logits(qb, k, block, rules, s0, s1):
+    """(B, Hkv, G, tb, sb) float32 logits of a block of queries and keys s0..s1 (``block``: the MaskSet cut
+    to them), -inf where hidden, and which keys they see (bool, broadcastable to the logits; None: all)."""
     s = mx.matmul(qb, k[:, :, None, s0:s1].swapaxes(-1, -2))  # (B, Hkv, G, tb, D) @ (B, Hkv, 1, D, sb)
+    s = rules.logits(s)
     Hkv = k.shape[1]
-    if masks.bias is not None:
-        s = s + _grouped(_block(masks.bias, t0, t1, s0, s1), Hkv)
-    keep = None if masks.keep is None else _grouped(_block(masks.keep, t0, t1, s0, s1), Hkv)
-    pos = masks.cut(rows=(t0, t1), cols=(s0, s1)).rule(mx)  # (tb, sb) or None
-    if pos is not None:
-        keep = pos if keep is None else mx.logical_and(keep, pos)
-    return (s, None) if keep is None else (mx.where(keep, s, NEG_INF), keep)
-
-
-def _block(a, t0, t1, s0, s1):
-    """Rows t0..t1 and columns s0..s1 of a (b, h, T or 1, S or 1) mask (broadcast axes kept)."""
-    if a.shape[-2] > 1:
-        a = a[..., t0:t1, :]
-    return a[..., s0:s1] if a.shape[-1] > 1 else a
+    if block.bias is not None:
+        s = s + _grouped(block.bias, Hkv)
+    keep = block.visible(mx)  # (b, h, tb, sb) or None
+    if keep is None:
+        return s, None
+    keep = _grouped(keep, Hkv)
+    return mx.where(keep, s, NEG_INF), keep
 
 
 def _grouped(a, Hkv: int):

@@ -17,12 +17,12 @@ from ._options import options
 _graphs = threading.local()  # .by_key: this thread's compiled functions
 
 
-def compiled(key, fn):
-    """``mx.compile(fn)``, made once per ``key`` (kind of call, scale, layout) and thread; ``fn`` itself
-    when ``mha_mlx.options.compile`` is off."""
+def compiled(key, fn, shapeless: bool = False):
+    """``mx.compile(fn, shapeless=shapeless)``, made once per ``key`` (kind of call, scale, layout) and
+    thread; ``fn`` itself when ``mha_mlx.options.compile`` is off."""
     if not options.compile:
         return fn
     graphs = _graphs.__dict__.setdefault("by_key", {})
     if key not in graphs:
-        graphs[key] = mx.compile(fn)
+        graphs[key] = mx.compile(fn, shapeless=shapeless)
     return graphs[key]

@@ -8,13 +8,12 @@ import numpy as np
 
 import mha
 from mha import _masks
-from mha._masks import MaskSet
-from mha._reference import split_heads
+from mha._reference import rms_norm, split_heads
 
-from . import _blockwise, _nonfinite, _options
-from ._compile import compiled
+from . import _blockwise, _core, _nonfinite, _options
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+_EXTRAS = ("q_norm", "k_norm", "sinks")  # mha._weights.EXTRAS: optional parameters
 
 
 class _RNG:
@@ -56,16 +55,16 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
     are ``mlx.nn.Linear`` children ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, so the layer trains
     with ``mlx.optimizers`` and ``mx.grad``/``nn.value_and_grad``. Without weights requested (and no
     dropout) it runs MLX's fused ``mx.fast.scaled_dot_product_attention``, with the empty-row and
-    non-finite rules of the reference enforced around it; on MLX's CPU device, a call whose B x H x T x S
-    score matrix would exceed ``mha_mlx.options.score_bytes`` runs blockwise instead (mha_mlx._blockwise).
+    non-finite rules of the reference enforced around it; a call asking for weights or lse, or a layer
+    with ``softcap`` (the fused kernel cannot cap) takes the core's unfused path, and on MLX's CPU
+    device a call whose B x H x T x S score matrix would exceed ``mha_mlx.options.score_bytes`` runs
+    blockwise (mha_mlx._blockwise). The layer features' weights (``q_norm``, ``k_norm``, ``sinks``) are
+    parameters beside the projections.
     """
 
     backend = "mlx"
     _xp = mx
-    fast_weights = False  # the fused kernel returns neither weights nor lse: such calls take the reference
-
-    def _fast_lse(self, B, T, S) -> bool:
-        return _blockwise.over_budget(B, self._config.num_heads, T, S)  # the blockwise path gives lse
+    fast_weights = True  # the core (mha_mlx._core.attend) gives weights and lse: its unfused or blockwise path
 
     @classmethod
     def small_blocks(cls, block_q: int = 2, block_k: int = 3):
@@ -100,6 +99,9 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
             layer.weight = mx.array(w[f"{p}_weight"]).astype(dt)
             if c.bias:
                 layer.bias = mx.array(w[f"{p}_bias"]).astype(dt)
+        for name in _EXTRAS:  # q/k norm weights (D,), sink logits (H,): trainable parameters like the rest
+            if w.get(name) is not None:
+                self[name] = mx.array(w[name]).astype(dt)
         mx.eval(self.parameters())  # evaluated now, so that any thread can use them (see _RNG)
 
     def _native_params(self) -> dict:
@@ -108,6 +110,7 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
             layer = self[attr]
             out[f"{p}_weight"] = layer["weight"]
             out[f"{p}_bias"] = layer.get("bias")
+        out.update({name: self.get(name) for name in _EXTRAS})
         return out
 
     def _settle(self, cache) -> None:
@@ -119,6 +122,10 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
         except ValueError as err:  # inside mx.grad or mx.compile nothing may be evaluated: nor is it needed
             if "transformation" not in str(err):
                 raise
+
+    def _attend(self, q, k, v, masks, **kwargs):
+        """The MLX core (mha_mlx._core.attend): fused, blockwise or unfused, as the call needs."""
+        return _core.attend(q, k, v, masks, **kwargs)
 
     def _dropout_multiplier(self, shape, p, dtype):
         keep = mx.random.bernoulli(1.0 - p, shape, key=self._rng.next())
@@ -132,6 +139,24 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
             return super()._rope(x, offset)
         return mx.fast.rope(x, r.rotated_dims(x.shape[-1]), traditional=r.traditional, base=r.base, scale=r.scale,
                             offset=offset)
+
+    def _heads(self, q, k, v, pos, p):
+        """(B, T, H*D) and (B, L, Hkv*D) projections -> heads (B, H, T, D), (B, Hkv, S, D): split, the q/k
+        RMSNorm over D, RoPE, the cache."""
+        c = self._config
+        q, k, v = split_heads(q, c.num_heads), split_heads(k, c.num_kv_heads), split_heads(v, c.num_kv_heads)
+        if c.qk_norm is not None:
+            q = rms_norm(mx, q, p["q_norm"], c.qk_norm, mx.float32)
+            k = rms_norm(mx, k, p["k_norm"], c.qk_norm, mx.float32)
+        return self._positions(q, k, v, pos)
+
+    def _key_bound(self, top, p):
+        """A bound on the entries of the keys the core sees, from ``top``, the largest of the projections':
+        an RMS-normalised head holds at most sqrt(D) max|k_norm|, a rotated pair at most twice the pair's."""
+        c = self._config
+        if c.qk_norm is not None:
+            top = c.head_dim**0.5 * mx.max(mx.abs(p["k_norm"])).astype(mx.float32)
+        return 2 * top if c.rope is not None else top
 
     def _positions(self, q, k, v, pos):
         """RoPE and the cache on (B, H, T, D) queries and (B, Hkv, L, D) keys/values."""
@@ -149,28 +174,32 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
         q = _affine(query, p["q_weight"], p["q_bias"])  # (B, T, H*D)
         k = _affine(key, p["k_weight"], p["k_bias"])  # (B, S, Hkv*D)
         v = _affine(value, p["v_weight"], p["v_bias"])
-        if _blockwise.over_budget(query.shape[0], H, masks.T, masks.S):  # the scores would not fit
-            q, k, v = self._positions(split_heads(q, H), split_heads(k, Hkv), split_heads(v, Hkv), pos)
-            ctx, lse = _blockwise.attention(q, k, v, scale=c.effective_scale, masks=masks, return_lse=call.return_lse)
-            return self._out(ctx, head_mask, p).astype(dt), None, lse  # ctx (B, T, H, D), lse (B, H, T)
-        # Which keys hold NaN/inf, found on the projections while they are contiguous. RoPE keeps finite
-        # numbers finite except in float16 near its largest values: there the check waits for RoPE.
+        B, T, S = call.shape
+        sinks, softcap = p["sinks"], c.softcap
+        if call.return_weights or call.return_lse or softcap is not None or _blockwise.over_budget(B, H, T, S):
+            # weights or lse asked, a softcap (the fused kernel cannot cap), or memory to bound: the core
+            # chooses its unfused or blockwise path
+            q, k, v = self._heads(q, k, v, pos, p)
+            ctx, lse, *w = _core.attend(q, k, v, masks, scale=c.effective_scale, softcap=softcap, sinks=sinks,
+                                        return_weights=call.return_weights, return_lse=call.return_lse)
+            return self._out(ctx.swapaxes(1, 2), head_mask, p).astype(dt), (w[0] if w else None), lse
+        # Which keys hold NaN/inf, found on the projections while they are contiguous (RoPE keeps finite
+        # numbers finite except in float16 near its largest values: there, and with a cache, the fused
+        # path finds them itself). When every query sees every key, one bad key or value makes all rows of
+        # its head NaN, and through the output projection all of the batch element's outputs: one flag per
+        # batch element, added to the output bias, is the whole rule (the fewest extra GPU kernels).
         early = pos.step is None and (c.rope is None or dt != mx.float16)
+        poison = found = None
         if early and masks.every_key_visible:
-            # every query sees every key, so one bad key or value makes all rows of its head NaN, and through
-            # the output projection all of the batch element's outputs: one flag per batch element is the
-            # whole rule, added to the output bias (the fewest extra GPU kernels: MLX-CUDA pays tens of us each)
-            poison = _nonfinite.per_batch(k, v)  # (B, 1, 1): 0, or NaN, added to the output bias
-            q, k, v = self._positions(split_heads(q, H), split_heads(k, Hkv), split_heads(v, Hkv), pos)
-            kq, kk, kv = _kernel_inputs(q, k, v)
-            bias = None if masks.bias is None else _finite_bias(masks.bias, kq.dtype)  # finite: it hides no key
-            ctx = mx.fast.scaled_dot_product_attention(kq, kk, kv, scale=c.effective_scale, mask=bias)
-            return self._out(ctx.swapaxes(1, 2).astype(dt), head_mask, p, poison).astype(dt), None, None
-        bad = _nonfinite.per_key(k, v, Hkv) if early else None  # (B, Hkv, S)
-        q, k, v = self._positions(split_heads(q, H), split_heads(k, Hkv), split_heads(v, Hkv), pos)
-        # decoding with a cache changes S at every step: a compiled graph would be traced anew each time
-        ctx = _attend(q, k, v, c.effective_scale, masks, pos.step is None, bad, merged=True)  # (B, T, H, D)
-        return self._out(ctx, head_mask, p).astype(dt), None, None
+            poison, top = _nonfinite.per_batch(k, v)  # (B, 1, 1): 0, or NaN
+            found = (None, top)
+        elif early:
+            found = _nonfinite.per_key(k, v, Hkv)  # (B, Hkv, S), max |k|
+        if found is not None:
+            found = (found[0], self._key_bound(found[1], p))
+        q, k, v = self._heads(q, k, v, pos, p)
+        ctx = _core.fused(q, k, v, masks, scale=c.effective_scale, sinks=sinks, found=found, compile=pos.step is None)
+        return self._out(ctx.swapaxes(1, 2), head_mask, p, poison).astype(dt), None, None  # ctx (B, T, H, D)
 
     @staticmethod
     def _out(ctx, head_mask, p, poison=None):
@@ -190,33 +219,6 @@ def _affine(x, weight, bias):
     return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
 
 
-def _kernel_inputs(q, k, v):
-    """q, k, v in the dtype MLX's kernel should compute in: half precision is widened to float32 on the
-    CPU, where MLX's kernel forms the logits in the inputs' dtype (float16 overflows beyond 65504, while
-    the contract is a float32 softmax) and half precision is no faster (B=1, H=8, T=S=256, D=64 on this
-    project's 2-core CPU: float16 103 ms, widened 83 ms; bfloat16 87 / 82 ms). On a GPU the fused kernels
-    accumulate the logits in float32 already, and half precision stays half."""
-    if q.dtype == mx.float32 or mx.default_device() != mx.cpu:
-        return q, k, v
-    return q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
-
-
-# Additive masks in half precision on a GPU: float16 holds no finite number below -65504, and the
-# kernel's fallback (training; head sizes without a fused kernel) adds mask and logits in float16, so a
-# float16 bias is clipped to +-2^14: its weight stays exp(-16384) = 0 next to any key of a normal bias,
-# and a row whose visible keys all carry it still shares its weight among them (finite, never -inf).
-_HALF_BIAS = 2.0**14
-
-
-def _finite_bias(bias, dtype):
-    """A finite float32 bias as the kernel's ``dtype``, clipped to what that dtype holds finitely (so no
-    large finite negative turns into a -inf that would hide its key)."""
-    if dtype == mx.float32:
-        return bias
-    lim = _HALF_BIAS if dtype == mx.float16 else float(mx.finfo(dtype).max)
-    return mx.clip(bias, -lim, lim).astype(dtype)
-
-
 def fused_attention(q, k, v, *, scale, mask=None, key_mask=None, causal=False, window=None):
     """``mx.fast.scaled_dot_product_attention`` with the project's rules on top, on heads.
 
@@ -226,8 +228,7 @@ def fused_attention(q, k, v, *, scale, mask=None, key_mask=None, causal=False, w
     hidden key leak (0 * NaN); here, when some keys are hidden, non-finite numbers in k and v are zeroed before the
     kernel, and afterwards rows with no visible key are set to 0 and rows that can see a key holding
     NaN/inf to NaN. The whole of it is ``mx.compile``d (one graph per kind of mask, scale and shape;
-    ``mha_mlx.options.compile``), which fuses these few elementwise steps around the kernel (measured on
-    the CPU at B=1, H=4, T=16, D=16: 81 us op by op, 49 us compiled, against 34 us for the bare kernel).
+    ``mha_mlx.options.compile``), which fuses these few elementwise steps around the kernel.
     """
     B, T, S = q.shape[0], q.shape[2], k.shape[2]
     mask, key_mask = (a if a is None or isinstance(a, mx.array) else mx.array(np.asarray(a))
@@ -236,91 +237,4 @@ def fused_attention(q, k, v, *, scale, mask=None, key_mask=None, causal=False, w
         key_mask = _masks.key_mask_bool(mx, key_mask, B, S)
     masks = _masks.prepare(mx, mask=mask, key_mask=key_mask, causal=causal, T=T, S=S, bias_dtype=mx.float32,
                            window=window)
-    return _attend(q, k, v, scale, masks, True, None, merged=False)
-
-
-def _attend(q, k, v, scale, masks, compile: bool, bad, merged: bool):
-    """:func:`fused_attention` on a MaskSet, with ``bad`` from :func:`_nonfinite.per_key` when known (None:
-    found from k, v here); ``compile=False`` runs it op by op (decoding with a cache, where S grows at
-    every step and each new shape would be traced anew: measured on the CPU, E=512, H=8, one token against
-    1024 cached, 5.4 ms per step compiled, 4.0 ms op by op); ``merged`` returns (B, T, H, D), the kernel's
-    own output layout, so no copy is made before the output projection."""
-    has_keep, has_bias, has_bad = masks.keep is not None, masks.bias is not None, bad is not None
-    args = [q, k, v] + [a for a in (masks.keep, masks.bias, bad) if a is not None]
-    causal, window = masks.causal, masks.window
-
-    def fn(q, k, v, *rest):
-        it = iter(rest)
-        keep = next(it) if has_keep else None
-        bias = next(it) if has_bias else None
-        bad = next(it) if has_bad else None
-        return _fused(q, k, v, keep, bias, causal, window, float(scale), bad, merged)
-
-    if compile:
-        fn = compiled(("attend", has_keep, has_bias, has_bad, causal, window, float(scale), merged), fn)
-    return fn(*args)
-
-
-def _fused(q, k, v, keep, bias, causal: bool, window, scale: float, bad, merged: bool):
-    B, H, T, _ = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    dt = q.dtype
-    rules = MaskSet.aligned(T, S, keep=keep, bias=bias, causal=causal, window=window)
-    every_key_visible = rules.every_key_visible
-    if bad is None:
-        bad = _nonfinite.flags(k, v)  # (B, Hkv, S)
-    if not every_key_visible:
-        # a NaN/inf at a hidden key must not leak into the kernel's sums (0 * NaN); the rows that see one
-        # are set to NaN below (zeroing by the flags, not by isfinite again: decoding runs this op by op
-        # over the whole cache, where one more pass cost 1.4x per token on MLX's CPU build)
-        k = mx.where(bad[..., None], 0, k)
-        v = mx.where(bad[..., None], 0, v)
-
-    kq, kk, kv = _kernel_inputs(q, k, v)
-    sees_any = None  # (b, h, T, 1): whether a query sees any key (None: all do)
-    if keep is None and bias is None and window is None:
-        arg = "causal" if causal else None
-    else:
-        keep = rules.visible(mx)
-        if keep is not None:
-            sees_any = mx.any(mx.broadcast_to(keep, tuple(keep.shape[:-2]) + (T, S)), axis=-1, keepdims=True)
-        if bias is None:
-            arg = keep  # False is filled with the lowest finite logit: rows that see nothing stay finite
-        elif keep is None:
-            arg = _finite_bias(bias, kq.dtype)
-        else:
-            # Hidden keys at -inf: strictly below every finite bias (a user's finfo(float32).min, Hugging
-            # Face's fill, ties with the lowest finite number, which let a row whose visible keys all
-            # carry it share its weight with hidden ones). A row that sees no key gets 0 instead, so the
-            # kernel stays finite there (no NaN in its gradients); it is set to 0 below.
-            arg = mx.where(keep, _finite_bias(bias, kq.dtype), float("-inf"))
-            arg = mx.where(sees_any, arg, 0).astype(kq.dtype)
-    out = mx.fast.scaled_dot_product_attention(kq, kk, kv, scale=scale, mask=arg).astype(dt)  # (B, H, T, D)
-
-    bad_h = mx.repeat(bad, H // Hkv, axis=1)[:, :, None, :]  # (B, H, 1, S) or (B, H, 1, 1)
-    if every_key_visible:  # a (batch, head) that has a bad key is NaN throughout
-        visible = None
-        touched = mx.any(bad_h, axis=-1, keepdims=True)  # (B, H, 1, 1)
-    elif keep is None and causal:  # only the causal rule: work per row from indices, O(T + S)
-        last = mx.arange(T) + (S - T)  # (T,) last visible key of each query
-        visible = (last >= 0)[:, None]  # (T, 1)
-        seen = mx.cummax(bad_h.astype(mx.int8), axis=-1)  # (B, H, 1, S): a bad key at or before j
-        touched = mx.take(seen, mx.clip(last, 0, S - 1), axis=-1).swapaxes(-1, -2) > 0  # (B, H, T, 1)
-        touched = mx.logical_and(touched, visible)
-    else:
-        keep = mx.broadcast_to(keep, tuple(keep.shape[:-2]) + (T, S))  # (b, h, T, S)
-        visible = sees_any  # (b, h, T, 1)
-        counts = mx.matmul(keep.astype(dt), bad_h.astype(dt).swapaxes(-1, -2))  # (B, H, T, 1)
-        touched = counts > 0
-    if merged:  # the kernel writes (B, H, T, D) in q's layout, which is (B, T, H, D) in memory
-        out, touched = out.swapaxes(1, 2), _to_btH(touched)
-        visible = None if visible is None else _to_btH(visible)
-    out = mx.where(touched, mx.array(float("nan"), dt), out)
-    if visible is not None:
-        out = mx.where(visible, out, mx.array(0, dt))
-    return out
-
-
-def _to_btH(flags):
-    """(b, h, t, 1) flags, any of them broadcast (1), to (b, t, h, 1)."""
-    return flags.reshape((1,) * (4 - flags.ndim) + tuple(flags.shape)).swapaxes(1, 2)
+    return _core.fused(q, k, v, masks, scale=scale)

@@ -1,12 +1,12 @@
 """What a user may tune in the MLX backend (``mha_mlx.options``), and :func:`small_blocks` for tests.
 
 ``options`` says when a call leaves MLX's fused kernel for the blockwise path (mha_mlx._blockwise) and
-how big the blocks are. Every assignment is checked, with the project's error standard.
+how big the blocks are. It is a checked :class:`mha._settings.Settings`: every assignment is checked,
+and ``with mha_mlx.options.override(score_bytes=0): ...`` sets and restores. The defaults that needed a
+measurement name the benchmark that gave them (figures in docs/performance.md).
 """
 
 from __future__ import annotations
-
-import threading
 
 from mha._settings import Settings
 
@@ -17,12 +17,11 @@ class Options(Settings):
     Attributes:
         score_bytes: a call runs blockwise when its score matrix, B x H x T x S float32 values, would
             take more than this many bytes (default 256 MiB; 0: every call; None: never). On MLX's CPU
-            device the fused kernel holds that whole matrix; the blockwise path needs a few blocks of it.
-            It took 1.03-1.26x the fused kernel's time from 31 MiB to 3 GiB of scores
-            (``benchmarks/mlx_long.py``; up to 1.35 on a busier machine), so the default keeps the
-            faster kernel while the matrix is modest and bounds memory beyond.
+            device the fused kernel holds that whole matrix; the blockwise path needs a few blocks of it
+            and takes a little longer (``benchmarks/mlx_long.py``), so the default keeps the faster
+            kernel while the matrix is modest and bounds memory beyond.
         gpu: apply ``score_bytes`` on a GPU too (default False: Metal and cuDNN run MLX's kernel without
-            the score matrix for many shapes; not measured here).
+            the score matrix for many shapes).
         block_q, block_k: queries and keys per block (None: up to 1024 keys, and as many queries as
             keep one block of logits, all batch elements and heads together, near 4 MiB).
         compile: ``mx.compile`` the few elementwise steps around the fused kernel, one graph per kind of
@@ -42,29 +41,14 @@ class Options(Settings):
 
 
 options = Options()
-_lock = threading.Lock()
 
 
-class small_blocks:
+def small_blocks(block_q: int = 2, block_k: int = 3):
     """Run every call blockwise with tiny blocks, for testing: ``with mha_mlx.small_blocks(2, 3): ...``.
 
     Queries in blocks of ``block_q``, keys in blocks of ``block_k``, whatever the call's size, so that
-    every branch of the blockwise path runs on problems of a few tokens. It changes process-wide
-    settings: not for use while other threads call the layer.
-    """
-
-    def __init__(self, block_q: int = 2, block_k: int = 3):
-        probe = Options()
-        probe.block_q, probe.block_k = block_q, block_k  # checks them
-        self._set = dict(score_bytes=0, block_q=block_q, block_k=block_k)
-
-    def __enter__(self):
-        _lock.acquire()
-        self._saved = options.copy()
-        for n, v in self._set.items():
-            setattr(options, n, v)
-        return self
-
-    def __exit__(self, *exc):
-        options.restore(self._saved)
-        _lock.release()
+    every branch of the blockwise path runs on problems of a few tokens. The sizes are checked here; the
+    settings are process-wide (``options.override``), restored on exit."""
+    for name, value in (("block_q", block_q), ("block_k", block_k)):
+        options._checked(name, value)
+    return options.override(score_bytes=0, block_q=block_q, block_k=block_k)

@@ -8,6 +8,8 @@
     y = hp(x)
     sp = SequenceParallel(layer, group)           # ring attention: rank r passes its chunk of the sequence
     y_r = sp(chunk(x, group), causal=True)        # and gets its rows of the output
+    zz = SequenceParallel(layer, group, order="zigzag")   # causal work balanced: two chunks per rank
+    y_r = zz(chunk(x, group, order="zigzag"), causal=True)
 
 Every rank makes the same calls in the same order (SPMD). Each exchange waits at most ``timeout``
 seconds (default 600) for the other ranks, then raises :class:`PeerTimeout`; a peer whose process ended
@@ -28,7 +30,7 @@ except ImportError as _err:  # pragma: no cover - exercised by tests/test_distri
 from ._comm import DistributedError, PeerTimeout
 from ._heads import HeadParallel, UnevenSplitWarning, head_split
 from ._ring import RingCache, SequenceParallel
-from ._split import chunk, chunk_bounds, head_parallel_model
+from ._split import chunk, chunk_bounds, head_parallel_model, rank_spans
 
 __all__ = ["DistributedError", "HeadParallel", "PeerTimeout", "RingCache", "SequenceParallel", "UnevenSplitWarning",
-           "chunk", "chunk_bounds", "head_parallel_model", "head_split"]
+           "chunk", "chunk_bounds", "head_parallel_model", "head_split", "rank_spans"]

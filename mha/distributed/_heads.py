@@ -168,5 +168,6 @@ def _rank_layer(layer, heads: range, keep_bias: bool):
         d = part.to_dict()
         d["o_bias"] = np.zeros_like(d["o_bias"])
         part = AttentionWeights(**d, num_heads=part.num_heads, num_kv_heads=part.num_kv_heads)
+    c = layer.config
     return type(layer).from_weights(part, scale=layer.scale, dropout=layer.dropout, dtype=layer.dtype,
-                                    rope=layer.rope, window=layer.window)
+                                    rope=layer.rope, window=layer.window, softcap=c.softcap, qk_norm=c.qk_norm)

@@ -1,91 +1,113 @@
 """Sequence parallelism: ring attention (Liu et al., 2023) over the ranks of an ``mx.distributed`` group.
 
-Rank r holds a contiguous chunk of the sequence, in rank order: its queries, keys and values (and its
-columns of ``key_mask``). It projects them once (RoPE at their global positions), then passes its
-key/value block to rank r + 1 and receives rank r - 1's, n - 1 times, so that every block visits every
-rank; meanwhile it attends from its queries to the block it holds and merges the results by log-sum-exp
-(:mod:`mha.distributed._blocks`). Blocks that the causal rule (or the window) hides entirely are passed
-on without being computed. The exchange of the next block runs on the exchange thread while this one
-is computed. Memory per rank: its chunk's projections and one block in flight, O(T/n * E), plus one
-tile of scores (at most 2**20 floats, whatever T).
+Each rank holds some rows of the sequence: its queries, keys and values (and its columns of ``key_mask``),
+in contiguous chunks in rank order or, with ``order="zigzag"``, two chunks each (rank r: chunks r and
+2n - 1 - r of 2n), which gives every rank the same work under causal attention. One call:
 
-Uneven chunks: any lengths are accepted, including 0; the ranks tell each other theirs first (one small
-all_gather per call), which also checks that they agree on B, the flags and the cache. ``mha.distributed
-.chunk(x, group)`` cuts a sequence as numpy.array_split does (the first T mod n ranks get one more).
+1. check: the rank's arguments through the layer's front end (mha._prepare), no communication;
+2. project: q, k, v (and q/k norm) of the rank's rows;
+3. agree: one all_gather of every rank's sizes, flags, largest |q| and |k| and verdict, so that a bad
+   argument on one rank raises the same error on every rank before any attention work, and all ranks
+   know every rank's rows and positions;
+4. place: RoPE at the global positions; with a :class:`RingCache`, the new keys appended to it;
+5. ring: the rank's key/value block goes to rank r + 1 and rank r - 1's comes in, n - 1 times, while
+   the rank's queries attend to the block it holds: the backend's core (``layer._attend``) on each pair
+   of a span of queries and a run of keys, merged by log-sum-exp (mha.distributed._merge);
+6. output: head_mask and W_O on the rank's rows.
+
+The causal and window rules come from positions alone, through the call's mha._masks.MaskSet: the ring
+has no rule of its own. Pairs whose keys the rules hide from every query are not computed. Memory per
+rank: its rows' projections, its block and one block in flight, O(T/n x E), plus the core's working set
+for one pair (the backend's blockwise kernel: a few blocks of scores).
 """
 
 from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .. import _masks, _prepare, _validate
 from .._layer import MultiHeadAttention
-from .._reference import linear, merge_heads, split_heads
-from .._rope import apply_rope
-from ._blocks import block_attention, block_hidden, merge
-from ._comm import Comm, mx_dtype
+from .._reference import linear, merge_heads, project_heads
+from ._comm import Comm, DistributedError, mx_dtype
+from ._merge import Partial, attend_block, empty, merge, with_sinks, with_validity
+from ._ringcache import RingCache
+from ._split import check_order, positions, rank_spans, runs
 
-_META = ("error", "B", "T", "S", "kv_len", "causal", "key_mask", "mask", "mask_S", "head_mask", "return_lse",
-         "offset", "batched")
+MSG = 400  # characters of a rank's error message carried to the others
+_FIELDS = ("error", "B", "T", "S", "kept", "causal", "key_mask", "mask", "mask_S", "head_mask", "return_lse",
+           "offset", "batched", "q_top", "k_top", "msg_len")
+_ERRORS = {1: ValueError, 2: TypeError, 3: DistributedError}  # by the failing rank's error
+LIMIT = {4: 100, 8: 1000}  # by the accumulation dtype's size: logits kept below 2^LIMIT
 
 
-class RingCache:
-    """The keys and values (after RoPE) a rank keeps for decoding with :class:`SequenceParallel`: its own
-    chunks of every call, with their global positions. Made by :meth:`SequenceParallel.init_cache`."""
+@dataclass
+class _Local:
+    """One rank's call after the front end: its rows projected, not yet placed."""
 
-    def __init__(self, owner, xp, batch_size: int, num_kv_heads: int, head_dim: int, dtype, max_length):
-        self._owner, self._xp, self.batch_size, self.max_length = owner, xp, batch_size, max_length
-        self._shape, self._dtype = (batch_size, num_kv_heads, 0, head_dim), dtype
-        self.reset()
+    call: _prepare.Prepared
+    mask: object  # native, checked but for its last axis, or None
+    valid: object  # (B, S_r) bool or None
+    q: object  # (B, H, T_r, D), before RoPE
+    k: object  # (B, Hkv, S_r, D)
+    v: object
+    q_top: float  # largest finite |q|, |k| entries
+    k_top: float
+    causal: bool  # as given (the rank's own MaskSet may have dropped a rule its local positions do not need)
 
-    def reset(self) -> None:
-        """Forget every position (on every rank: they must agree)."""
-        xp = self._xp
-        self.keys = xp.zeros(self._shape, dtype=self._dtype)  # (B, Hkv, kept, D)
-        self.values = xp.zeros(self._shape, dtype=self._dtype)
-        self.valid = xp.zeros((self.batch_size, 0), dtype=xp.bool_)  # (B, kept)
-        self.positions = np.zeros(0, dtype=np.int32)  # (kept,) global positions
-        self.offset = 0  # positions appended so far by all ranks together
 
-    @property
-    def kept(self) -> int:
-        return int(self.positions.shape[0])
+@dataclass
+class _Plan:
+    """What every rank agreed on for one call."""
 
-    def __repr__(self) -> str:
-        return f"RingCache(batch_size={self.batch_size}, offset={self.offset}, kept_here={self.kept})"
+    table: dict  # field -> (n,) values in rank order
+    q_spans: list  # the rank's queries: [(i0, i1, first position)]
+    k_spans: list  # the rank's new keys: [(j0, j1, first position)]
+    S: int  # every position a query may attend (the mask's last axis): S_total, or offset + T_total
+    exponent: int  # the rank's queries are divided by 2^exponent (logits inside the accumulation dtype)
+    with_valid: bool  # blocks carry their key validity
+    key_norm: float  # a bound on every key's norm (all ranks, RoPE included)
 
 
 class SequenceParallel:
-    """Ring attention: each rank passes its contiguous chunk of the sequence and gets that chunk's rows of
-    the layer's output (see the module docstring).
+    """Ring attention: each rank passes its rows of the sequence and gets those rows of the layer's output
+    (see the module docstring).
 
-    Called like the layer, by every rank with its own chunk: ``query`` (B, T_r, E) and, for cross-attention,
-    ``key``/``value`` (B, S_r, kdim/vdim); ``key_mask`` (B, S_r), the rank's columns; ``mask`` the rank's
-    rows over all keys, broadcastable to (B, H, T_r, S) (a full mask costs T/n * S per rank); ``causal``,
-    ``head_mask``, ``return_lse``, ``check_finite`` and the layer's RoPE and window as the layer has them.
-    Global positions follow the layer's rule: query i of T at (S - T) + i, key j at j.
+    Called like the layer, by every rank with its own rows: ``query`` (B, T_r, E) and, for cross-attention,
+    ``key``/``value`` (B, S_r, kdim/vdim), cut by the same ``order``; ``key_mask`` (B, S_r), the rank's
+    columns; ``mask`` the rank's rows over all keys in sequence order, broadcastable to (B, H, T_r, S) (a
+    full mask costs T/n x S per rank); ``causal``, ``head_mask``, ``return_lse``, ``check_finite`` and the
+    layer's RoPE and window as the layer has them. Global positions follow the layer's rule: query i of T
+    at (S - T) + i, key j at j. ``mha.distributed.chunk(x, group, order=...)`` cuts an array so.
 
-    Decoding: ``cache = sp.init_cache(B)``; each call appends the rank's new tokens to its own cache (a
-    decoding step may give the new token to one rank and (B, 0, E) to the others). Not supported (they
-    raise ValueError): ``return_weights`` (use HeadParallel), dropout in training.
+    Decoding: ``cache = sp.init_cache(B)``; each call appends the rank's new rows to its own cache (with
+    ``order="contiguous"`` the ranks may pass any number of rows, 0 included: a decoding step may give
+    the new token to one rank and (B, 0, E) to the others); a ``mask`` is then over every position so far
+    (S = offset + T). Not supported (they raise ValueError): ``return_weights`` (use HeadParallel), dropout
+    in training.
 
     Args:
         layer: an ``mha.MultiHeadAttention`` (numpy or MLX backend); every rank holds all its weights.
         group: an ``mx.distributed.Group``; None: the global group.
+        order: "contiguous" (rank r holds chunk r, any lengths) or "zigzag" (rank r holds chunks r and
+            2n - 1 - r of 2n, as :func:`mha.distributed.rank_spans` cuts them: balanced causal attention).
         timeout: seconds any exchange may wait before :class:`mha.distributed.PeerTimeout` (None: for ever);
-            it must exceed the longest time a rank computes between two exchanges (one block's attention,
-            which with causal=True can be the whole of rank n - 1's work while rank 0 waits for its block).
+            it must exceed the longest time a rank computes between two exchanges (one block's attention).
     """
 
-    def __init__(self, layer, group=None, *, timeout: float | None = 600.0):
+    def __init__(self, layer, group=None, *, order: str = "contiguous", timeout: float | None = 600.0):
         if not isinstance(layer, MultiHeadAttention):
             raise TypeError(f"layer must be an mha.MultiHeadAttention (numpy or MLX backend), got "
                             f"{type(layer).__name__}")
         self.layer = layer
+        self.order = check_order(order)
         self.comm = Comm(group, timeout)
 
     def __repr__(self) -> str:
-        return f"SequenceParallel(rank={self.comm.rank} of {self.comm.size}, {self.layer!r})"
+        return f"SequenceParallel(rank={self.comm.rank} of {self.comm.size}, order={self.order!r}, {self.layer!r})"
 
     def init_cache(self, batch_size, max_length=None) -> RingCache:
         """An empty :class:`RingCache` for decoding (``max_length``: the most positions in total, all ranks)."""
@@ -96,34 +118,27 @@ class SequenceParallel:
             raise ValueError(f"init_cache needs a self-attention layer (kdim = vdim = embed_dim), this one has "
                              f"embed_dim={c.embed_dim}, kdim={c.kdim}, vdim={c.vdim}")
         return RingCache(self, self.layer._xp, batch_size, c.num_kv_heads, c.head_dim, self.layer._dtypes()[0],
-                         max_length)
+                         max_length, c.window)
 
     def __call__(self, query, key=None, value=None, *, mask=None, key_mask=None, causal=False, head_mask=None,
                  return_weights=False, training=False, check_finite=False, return_lse=False, cache=None):
         """The rank's rows (B, T_r, E) of the layer's output (and lse (B, H, T_r) when asked)."""
-        try:
-            local, err = self._local(query, key, value, mask, key_mask, causal, head_mask, return_weights,
-                                     training, check_finite, return_lse, cache), None
-        except (ValueError, TypeError) as e:
-            local, err = None, e
-        meta = self._agree(local, err)
-        q, k, v, valid, pos = self._project(local, meta, cache)
-        ctx, lse = self._ring(q, k, v, valid, pos, local, meta)
-        xp = self.layer._xp
-        ctx = ctx.astype(self.layer._dtypes()[0])
-        if local["head_mask"] is not None:
-            ctx = ctx * local["head_mask"]
-        p = self.layer._native_params()
-        out = linear(xp, merge_heads(ctx), p["o_weight"], p["o_bias"]).astype(ctx.dtype)  # (B, T_r, E)
-        res = [out, lse] if return_lse else [out]
-        if not local["batched"]:
-            res = [r[0] for r in res]
-        return res[0] if len(res) == 1 else tuple(res)
+        with _one_blas_thread(self.layer._xp):
+            try:
+                local, err = self._check(query, key, value, mask, key_mask, causal, head_mask, return_weights,
+                                         training, check_finite, return_lse, cache), None
+            except Exception as e:  # told to the other ranks first, so that none of them waits for this one
+                local, err = None, e
+            plan = self._agree(local, err, cache)
+            with self.layer._errstate():  # numpy: no warnings for the NaN/inf the rules propagate, as the layer
+                q, block = self._place(local, plan, cache)
+                states = self._ring(q, block, local, plan)
+                return self._output(states, local, plan)
 
-    # -- the steps -----------------------------------------------------------------------------------
-    def _local(self, query, key, value, mask, key_mask, causal, head_mask, return_weights, training,
-               check_finite, return_lse, cache):
-        """This rank's arguments checked and converted (no communication): a dict."""
+    # -- 1, 2: this rank alone ---------------------------------------------------------------------------
+    def _check(self, query, key, value, mask, key_mask, causal, head_mask, return_weights, training,
+               check_finite, return_lse, cache) -> _Local:
+        """The rank's arguments through the front end, and its rows projected (no communication)."""
         layer, c, xp = self.layer, self.layer.config, self.layer._xp
         if _validate.boolean("return_weights", return_weights):
             raise ValueError("return_weights=True is not supported by SequenceParallel (a rank's weights span "
@@ -136,148 +151,202 @@ class SequenceParallel:
                                 f"{type(cache).__name__}")
             if key is not None or value is not None:
                 raise TypeError("cache= is for self-attention: pass only the new tokens as query")
-        query = _prepare.convert(layer, query, "query", c.embed_dim, "E")
-        if key is None and value is not None:
-            raise TypeError("value was given without key; pass key too (value defaults to key)")
-        if key is None and c.kdim != c.embed_dim:
-            raise TypeError(f"key is required: kdim={c.kdim} differs from embed_dim={c.embed_dim}")
-        key = query if key is None else _prepare.convert(layer, key, "key", c.kdim, "kdim")
-        if value is None and c.vdim != c.kdim:
-            raise TypeError(f"value is required: vdim={c.vdim} differs from kdim={c.kdim}")
-        value = key if value is None else _prepare.convert(layer, value, "value", c.vdim, "vdim")
-        B, T, S, batched = _validate.qkv_shapes(query, key, value)
+        call = _prepare.prepare(layer, query, key, value, mask=None, key_mask=key_mask, causal=causal,
+                                head_mask=head_mask, return_weights=False, training=False,
+                                check_finite=check_finite, return_lse=return_lse, cache=None)
+        B, T, S = call.shape
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"cache holds batch_size={cache.batch_size} but the query has batch size {B}")
-        if key_mask is not None:
-            key_mask = _prepare._native_mask(layer, key_mask, "key_mask",
-                                             lambda m: _validate.key_mask_shape(m, B, S, batched))
-            key_mask = _masks.key_mask_bool(xp, key_mask, B, S)  # (B, S_r)
-        if mask is not None:
-            mask = _prepare._native_mask(layer, mask, "mask", lambda m: _check_mask_kind(m, B, c.num_heads, T,
-                                                                                        batched))
-        if head_mask is not None:
-            head_mask = _prepare._native_mask(layer, head_mask, "head_mask",
-                                              lambda m: _validate.head_mask_shape(m, B, c.num_heads, batched))
-            head_mask = head_mask.astype(layer._dtypes()[0]).reshape(-1, c.num_heads, 1, 1)
-        if _validate.boolean("check_finite", check_finite):
-            for name, x in (("query", query), ("key", key), ("value", value)):
-                if not bool(xp.all(xp.isfinite(x))):
-                    raise ValueError(f"{name} holds NaN or inf (check_finite=True)")
-        if not batched:
-            query, key, value = query[None], key[None], value[None]
-        dt = layer._dtypes()[0]
-        query, key, value = (x if x.dtype == dt else x.astype(dt) for x in (query, key, value))
-        return {"query": query, "key": key, "value": value, "B": B, "T": T,
-                "S": S, "key_mask": key_mask, "mask": mask, "head_mask": head_mask, "batched": batched,
-                "causal": _validate.boolean("causal", causal), "return_lse": _validate.boolean("return_lse",
-                                                                                              return_lse),
-                "kv_len": S + (cache.kept if cache is not None else 0),
-                "offset": -1 if cache is None else cache.offset, "mask_checked": None,
-                "max_length": None if cache is None else cache.max_length}
+        if mask is not None:  # every axis but the last: S is known once the ranks have told their sizes
+            mask = _prepare._native_mask(layer, mask, "mask", lambda m: _validate.mask_shape(
+                m, B, c.num_heads, T, m.shape[-1] if m.ndim else 1, call.batched))
+            _masks.check_values(xp, "mask", mask)
+        valid = None if call.masks.keep is None else call.masks.keep.reshape(B, S)  # the key_mask, (B, S_r)
+        q, k, v = project_heads(xp, call.query, call.key, call.value, layer._native_params(), num_heads=c.num_heads,
+                                num_kv_heads=c.num_kv_heads, qk_norm=getattr(c, "qk_norm", None),
+                                acc_dtype=layer._dtypes()[1])
+        return _Local(call, mask, valid, q, k, v, _top(xp, q), _top(xp, k), _validate.boolean("causal", causal))
 
-    def _agree(self, local, err):
-        """Every rank's sizes and flags (one all_gather), checked to agree; raises the same error on every
-        rank when one rank's arguments were wrong or the ranks disagree."""
-        row = np.zeros(len(_META), dtype=np.int32)
+    # -- 3: every rank ----------------------------------------------------------------------------------
+    def _agree(self, local: _Local | None, err, cache) -> _Plan:
+        """One all_gather of every rank's row (sizes, flags, bounds, verdict); the same error on every rank
+        when one rank's arguments were wrong or the ranks disagree."""
+        row = np.zeros(len(_FIELDS) + MSG, dtype=np.float64)
         if local is None:
-            row[0] = 1
+            text = str(err) if isinstance(err, (ValueError, TypeError)) else f"{type(err).__name__}: {err}"
+            msg = np.frombuffer(text[:MSG].encode("ascii", "replace"), dtype=np.uint8)
+            row[0] = 2 if isinstance(err, TypeError) else 1 if isinstance(err, ValueError) else 3
+            row[_FIELDS.index("msg_len")] = msg.size
+            row[len(_FIELDS):len(_FIELDS) + msg.size] = msg
         else:
-            m = local["mask"]
-            row[1:] = [local["B"], local["T"], local["S"], local["kv_len"], local["causal"],
-                       local["key_mask"] is not None, m is not None, 0 if m is None else (m.shape[-1] if m.ndim else 1),
-                       local["head_mask"] is not None, local["return_lse"], local["offset"], local["batched"]]
-        table = self.comm.all_gather(row[None], "the exchange of chunk sizes")  # (n, fields)
-        if err is not None:
-            raise err
-        bad = [i for i in range(table.shape[0]) if table[i, 0]]
+            call, m = local.call, local.mask
+            B, T, S = call.shape
+            row[1:len(_FIELDS) - 1] = [
+                B, T, S, (cache._kept_next() if cache is not None else 0) + S, local.causal, local.valid is not None,
+                m is not None, 0 if m is None else (m.shape[-1] if m.ndim else 1), call.head_mask is not None,
+                call.return_lse, -1 if cache is None else cache.offset, call.batched, local.q_top,
+                max(local.k_top, cache.top if cache is not None else 0.0)]
+        got = self.comm.all_gather(row[None], "the exchange of chunk sizes")  # (n, fields + MSG)
+        table = {name: got[:, i] for i, name in enumerate(_FIELDS)}
+        bad = [i for i in range(got.shape[0]) if table["error"][i]]
+        if err is not None and not isinstance(err, (ValueError, TypeError)):
+            raise err  # this rank's own failure (the others raise DistributedError naming it)
         if bad:
-            raise ValueError(f"rank {bad[0]} rejected its arguments (its own error says why); every rank stops")
-        meta = {name: table[:, i] for i, name in enumerate(_META)}
+            i = bad[0]
+            text = bytes(got[i, len(_FIELDS):len(_FIELDS) + int(table["msg_len"][i])].astype(np.uint8)).decode()
+            raise _ERRORS[int(table["error"][i])](
+                f"SequenceParallel: rank {i} of {got.shape[0]} rejected its arguments, so every rank stops: {text}"
+            ) from err
+        return self._plan(table, local, cache)
+
+    def _plan(self, table, local: _Local, cache) -> _Plan:
+        """The agreed sizes checked and turned into this rank's spans and positions."""
+        n, r = self.comm.size, self.comm.rank
         for name in ("B", "causal", "key_mask", "mask", "head_mask", "return_lse", "offset", "batched"):
-            if len(set(meta[name].tolist())) > 1:
-                raise ValueError(f"the ranks disagree on {name}: {meta[name].tolist()} in rank order; every rank "
-                                 f"must make the same call with its own chunk of the sequence")
-        T, S, offset = int(meta["T"].sum()), int(meta["S"].sum()), int(meta["offset"][0])
-        if offset >= 0:
-            S = offset + T  # with a cache: every position so far, the new ones last
-            limit = local["max_length"]
-            if limit is not None and S > limit:
-                raise ValueError(f"cache is full: it holds {offset} of max_length={limit} positions and {T} more "
-                                 f"were given (all ranks together); make it with a larger max_length (or None)")
-        if meta["mask"][0] and any(s not in (1, S) for s in meta["mask_S"].tolist()):
-            raise ValueError(f"mask: its last axis must be 1 or S = {S} (all keys, over all ranks), got "
-                             f"{meta['mask_S'].tolist()} in rank order")
-        meta["T_total"], meta["S_total"] = T, S
-        return meta
-
-    def _project(self, local, meta, cache):
-        """q (B, H, T_r, D), and the rank's key/value block (B, Hkv, S_b, D) with its key validity
-        (B, S_b) and global positions (S_b,): RoPE applied at those positions; with a cache, the new
-        keys appended to it and the block is all it keeps."""
-        layer, c, xp, r = self.layer, self.layer.config, self.layer._xp, self.comm.rank
-        acc = layer._dtypes()[1]
-        p = layer._native_params()
-        q = split_heads(linear(xp, local["query"], p["q_weight"], p["q_bias"]), c.num_heads)  # (B, H, T_r, D)
-        k = split_heads(linear(xp, local["key"], p["k_weight"], p["k_bias"]), c.num_kv_heads)  # (B, Hkv, S_r, D)
-        v = split_heads(linear(xp, local["value"], p["v_weight"], p["v_bias"]), c.num_kv_heads)
-        q0, k0 = int(meta["T"][:r].sum()), int(meta["S"][:r].sum())
-        if cache is None:
-            q0 += meta["S_total"] - meta["T_total"]  # the layer's rule: queries aligned at the end
+            if len(set(table[name].tolist())) > 1:
+                raise ValueError(f"the ranks disagree on {name}: {_ints(table[name])} in rank order; every rank "
+                                 f"must make the same call with its own rows of the sequence")
+        T, S_new, offset = int(table["T"].sum()), int(table["S"].sum()), int(table["offset"][0])
+        q_spans, k_spans = self._spans(table["T"], T, "query"), self._spans(table["S"], S_new, "key")
+        if offset >= 0:  # with a cache: every position so far, the new ones last
+            S = offset + T
+            if cache.max_length is not None and S > cache.max_length:
+                raise ValueError(f"cache is full: it holds {offset} of max_length={cache.max_length} positions and "
+                                 f"{T} more were given (all ranks together); make it with a larger max_length")
+            q0 = k0 = offset
         else:
-            q0 += cache.offset
-            k0 = q0
-        qpos = np.arange(q0, q0 + local["T"], dtype=np.int32)
-        kpos = np.arange(k0, k0 + local["S"], dtype=np.int32)
-        if c.rope is not None:
-            q = apply_rope(xp, q, c.rope, q0, acc)
-            k = apply_rope(xp, k, c.rope, k0, acc)
-        valid = local["key_mask"]
-        if valid is None and (meta["key_mask"][0] or cache is not None):
-            valid = xp.ones((local["B"], local["S"]), dtype=xp.bool_)
-        local["qpos"] = qpos
-        if cache is None:
-            return q, k, v, valid, kpos
-        cache.keys = xp.concatenate([cache.keys, k], axis=2)  # (B, Hkv, kept, D)
-        cache.values = xp.concatenate([cache.values, v], axis=2)
-        cache.valid = xp.concatenate([cache.valid, valid], axis=1)
-        cache.positions = np.concatenate([cache.positions, kpos])
-        cache.offset += meta["T_total"]
-        return q, cache.keys, cache.values, cache.valid, cache.positions
+            S, q0, k0 = S_new, S_new - T, 0  # the layer's rule: queries aligned at the end
+        if table["mask"][0] and any(s not in (1, S) for s in table["mask_S"].tolist()):
+            raise ValueError(f"mask: its last axis must be 1 or S = {S} (all keys, over all ranks), got "
+                             f"{_ints(table['mask_S'])} in rank order")
+        c = self.layer.config
+        limit = LIMIT[np.dtype(str(self.layer._dtypes()[1]).split(".")[-1]).itemsize]
+        rope = 2.0 if c.rope is not None else 1.0  # a rotated pair's entries are at most twice the pair's
+        bound = rope * table["q_top"][r] * rope * table["k_top"].max() * abs(c.effective_scale) * c.head_dim
+        e = max(0, math.ceil(math.log2(bound)) - limit) if bound > 0 and getattr(c, "softcap", None) is None else 0
+        return _Plan(table, [(a, b, q0 + p) for a, b, p in q_spans[r]], [(a, b, k0 + p) for a, b, p in k_spans[r]],
+                     S, e, bool(table["key_mask"][0]) or offset >= 0, rope * table["k_top"].max() * c.head_dim**0.5)
 
-    def _ring(self, q, k, v, valid, kpos, local, meta):
-        """(context (B, H, T_r, D), lse (B, H, T_r)) over every rank's block, passed around the ring."""
+    def _spans(self, sizes, total: int, what: str) -> list:
+        """Every rank's rows as [(i0, i1, position - start)] from the agreed sizes and the order."""
+        if self.order == "contiguous":
+            starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+            return [[(0, int(sizes[i]), int(starts[i]))] if sizes[i] else [] for i in range(len(sizes))]
+        spans = rank_spans(total, self.comm.size, "zigzag")
+        want = [sum(b - a for a, b in s) for s in spans]
+        if _ints(sizes) != want:
+            raise ValueError(f"order='zigzag': the ranks must hold {want} {what} rows (chunks r and 2n - 1 - r of "
+                             f"{total} cut in {2 * self.comm.size}; mha.distributed.chunk(x, group, order='zigzag') "
+                             f"cuts them), got {_ints(sizes)} in rank order")
+        out = []
+        for s in spans:
+            i, rows = 0, []
+            for a, b in s:
+                if b > a:
+                    rows.append((i, i + b - a, a))
+                i += b - a
+            out.append(rows)
+        return out
+
+    # -- 4, 5, 6 -----------------------------------------------------------------------------------------
+    def _place(self, local: _Local, plan: _Plan, cache):
+        """RoPE at the global positions; the rank's block (k, v, valid, positions), after the cache."""
+        layer, c, xp = self.layer, self.layer.config, self.layer._xp
+        q, k, v = local.q, local.k, local.v
+        if c.rope is not None:
+            q = _by_span(xp, q, plan.q_spans, layer._rope)
+            k = _by_span(xp, k, plan.k_spans, layer._rope)
+        kpos = positions(plan.k_spans)
+        valid = local.valid
+        if valid is None and plan.with_valid:
+            valid = xp.ones((k.shape[0], k.shape[2]), dtype=xp.bool_)
+        if cache is None:
+            return q, (k, v, valid, kpos)
+        T = int(plan.table["T"].sum())
+        cache._append(k, v, valid, kpos, local.k_top * (2.0 if c.rope is not None else 1.0),
+                      cache.offset + T)
+        return q, (cache.keys, cache.values, cache.valid, cache.positions)
+
+    def _ring(self, q, block, local: _Local, plan: _Plan) -> list:
+        """One :class:`Partial` per span of the rank's queries, over every rank's block."""
         layer, c, xp = self.layer, self.layer.config, self.layer._xp
         n, r, acc = self.comm.size, self.comm.rank, layer._dtypes()[1]
-        qpos, B, T = local["qpos"], local["B"], local["T"]
-        block, total = (k, v, valid, kpos), None
+        if plan.exponent:  # logits in units of 2^e, so that every block's lse stays inside the dtype
+            q = _times_pow2(q, -plan.exponent)
+        masks = self._masks(local, plan)
+        bound = None  # (B, H, T_r, 1): each query's logits are at most |scale| |q_i| max |k_j|
+        if masks.bias is not None:
+            bound = abs(c.effective_scale) * plan.key_norm * xp.sqrt(xp.sum(q.astype(acc) ** 2, axis=-1, keepdims=True))
+        states = [None] * len(plan.q_spans)
         for step in range(n):
             src = (r - step) % n
-            ticket = self._shift(block, src, (src - 1) % n, meta) if step < n - 1 else None
+            ticket = self._shift(block, src, (src - 1) % n, plan) if step < n - 1 else None
             bk, bv, bvalid, bpos = block
-            if not block_hidden(qpos, bpos, local["causal"], c.window):
-                keep, bias = self._block_masks(local, meta, bvalid, bpos, acc)
-                part = block_attention(xp, q, bk, bv, qpos, bpos, causal=local["causal"], window=c.window,
-                                       scale=c.effective_scale, keep=keep, bias=bias,
-                                       acc_dtype=acc)  # (B, H, T_r, D), (B, H, T_r)
-                total = merge(xp, total, part)
-                if xp is not np:
-                    xp.eval(*total)  # one block's graph at a time
+            for s, (i0, i1, p0) in enumerate(plan.q_spans):
+                for j0, j1, k0 in runs(bpos):
+                    pair = replace(masks.cut(rows=(i0, i1), cols=(k0, k0 + j1 - j0)), q_pos=range(p0, p0 + i1 - i0))
+                    lo, hi = pair.key_span()
+                    if lo == hi:  # the rules hide every key of the run from these queries
+                        continue
+                    pair = with_validity(xp, pair, None if bvalid is None else bvalid[:, j0:j1])
+                    part = attend_block(layer, xp, q[:, :, i0:i1], bk[:, :, j0:j1], bv[:, :, j0:j1], pair,
+                                        c.effective_scale, None if bound is None else bound[:, :, i0:i1], c.softcap)
+                    states[s] = merge(xp, states[s], part)
+            if xp is not np:
+                xp.eval([a for st in states if st is not None for a in (st.ctx, st.lse, st.shift) if a is not None])
             if ticket is not None:
                 block = self._receive(ticket)
-        if total is None:  # nothing visible anywhere (or no queries): zero context, lse -inf
-            total = (xp.zeros((B, c.num_heads, T, c.head_dim), dtype=acc),
-                     xp.full((B, c.num_heads, T), float("-inf"), dtype=acc))
-        return total
+        B, H, D = q.shape[0], c.num_heads, c.head_dim
+        shifted = local.mask is not None and _masks.array_kind(local.mask) == "f"
+        states = [st if st is not None else empty(xp, B, H, i1 - i0, D, acc, shifted)
+                  for st, (i0, i1, _) in zip(states, plan.q_spans)]
+        sinks = layer._native_params().get("sinks")
+        if sinks is not None:  # in the logits' units: divided by 2^e as they are
+            sinks = _times_pow2(sinks.astype(acc), -plan.exponent) if plan.exponent else sinks
+            states = [with_sinks(xp, st, sinks) for st in states]
+        return states
 
-    def _shift(self, block, src: int, incoming: int, meta):
+    def _masks(self, local: _Local, plan: _Plan):
+        """The MaskSet of the rank's rows over every position (columns = positions 0 .. S - 1)."""
+        xp, c = self.layer._xp, self.layer.config
+        qpos = positions(plan.q_spans)
+        return _masks.prepare(xp, mask=local.mask, key_mask=None, causal=local.causal,
+                              bias_dtype=self.layer._dtypes()[1], window=c.window, q_pos=qpos, k_pos=range(plan.S))
+
+    def _output(self, states: list, local: _Local, plan: _Plan):
+        layer, xp = self.layer, self.layer._xp
+        dt = layer._dtypes()[0]
+        B, H, D = local.q.shape[0], layer.config.num_heads, layer.config.head_dim
+        acc = layer._dtypes()[1]
+        if not states:
+            states = [empty(xp, B, H, 0, D, acc, False)]
+        ctx = xp.concatenate([st.ctx for st in states], axis=2) if len(states) > 1 else states[0].ctx
+        ctx = ctx.astype(dt)  # (B, H, T_r, D)
+        if local.call.head_mask is not None:
+            ctx = ctx * local.call.head_mask
+        p = layer._native_params()
+        out = linear(xp, merge_heads(ctx), p["o_weight"], p["o_bias"]).astype(dt)  # (B, T_r, E)
+        res = [out]
+        if local.call.return_lse:
+            lse = [st.total_lse(xp) for st in states]
+            lse = xp.concatenate(lse, axis=2) if len(lse) > 1 else lse[0]
+            if plan.exponent:
+                lse = xp.where(lse == 0, 0, _times_pow2(lse, plan.exponent))
+            res.append(lse.astype(acc))
+        if not local.call.batched:
+            res = [a[0] for a in res]
+        return res[0] if len(res) == 1 else tuple(res)
+
+    # -- the exchanges ----------------------------------------------------------------------------------
+    def _shift(self, block, src: int, incoming: int, plan: _Plan):
         """Send the block (that came from rank ``src``) on and start receiving the one from rank
         ``incoming``: a ticket for :meth:`_receive`. Empty arrays are not sent (both sides know every
-        block's length from ``meta``)."""
+        block's length from the plan)."""
         k, v, valid, pos = block
         B, Hkv, _, D = k.shape
-        n_out, n_in = int(meta["kv_len"][src]), int(meta["kv_len"][incoming])
+        n_out, n_in = int(plan.table["kept"][src]), int(plan.table["kept"][incoming])
         dt = mx_dtype(k.dtype)
-        shapes = [((B, Hkv, n_in, D), dt), ((B, Hkv, n_in, D), dt), ((n_in,), mx_dtype(np.int32))]
+        shapes = [((B, Hkv, n_in, D), dt), ((B, Hkv, n_in, D), dt), ((n_in,), mx_dtype(np.int64))]
         arrays = [k, v, pos]
         if valid is not None:
             arrays.append(valid)
@@ -293,29 +362,49 @@ class SequenceParallel:
         got = self.comm.wait(job)
         xp = self.layer._xp
         if not got:  # an empty block
-            got = [xp.zeros(shapes[0], dtype=dtype), xp.zeros(shapes[1], dtype=dtype), np.zeros(0, np.int32)]
+            got = [xp.zeros(shapes[0], dtype=dtype), xp.zeros(shapes[1], dtype=dtype), np.zeros(0, np.int64)]
             got += [xp.zeros(shapes[3], dtype=xp.bool_)] if has_valid else []
         elif xp is np:
             got = [np.array(a) for a in got]
-        k, v, pos = got[0], got[1], np.array(got[2]).astype(np.int32)
+        k, v, pos = got[0], got[1], np.array(got[2]).astype(np.int64)
         return k, v, (got[3] if has_valid else None), pos
 
-    def _block_masks(self, local, meta, valid, kpos, acc):
-        """(keep, bias) of one block, broadcastable to (B, H, T_r, S_b): the user's mask at the block's
-        columns and its key validity (the causal/window rules come from positions, per tile)."""
-        xp, c = self.layer._xp, self.layer.config
-        mask = local["mask"]
-        if mask is not None:
-            if local["mask_checked"] is None:
-                _validate.mask_shape(mask, local["B"], c.num_heads, local["T"], meta["S_total"], local["batched"])
-                local["mask_checked"] = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # 4-D
-            mask = local["mask_checked"]
-            if mask.shape[-1] != 1:
-                mask = xp.take(mask, kpos if xp is np else xp.array(kpos), axis=-1)  # key j sits at position j
-        ms = _masks.prepare(xp, mask=mask, key_mask=valid, causal=False, T=local["T"], S=len(kpos), bias_dtype=acc)
-        return ms.keep, ms.bias
+
+def _one_blas_thread(xp):
+    """For numpy arrays, BLAS held at one thread (threadpoolctl, when installed) during the ring's own
+    GEMMs (projections, W_O), as the numpy layer holds it for work on the calling thread: ranks often
+    share a machine, and BLAS threads of several processes spinning on the same cores slow every rank
+    many times over. The core's calls set their own threads (``mha_cpu.options``)."""
+    if xp is not np:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - the numpy backend's "fast" extra
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
-def _check_mask_kind(m, B: int, H: int, T: int, batched: bool) -> None:
-    """The mask's dtype and every axis but the last (S is known once the ranks have told their sizes)."""
-    _validate.mask_shape(m, B, H, T, m.shape[-1] if m.ndim else 1, batched)
+def _ints(values) -> list:
+    return [int(x) for x in np.asarray(values).tolist()]
+
+
+def _top(xp, x) -> float:
+    """The largest finite |x| entry, on the host (0 for none)."""
+    if x.size == 0:
+        return 0.0
+    top = float(xp.max(xp.abs(x)))
+    return top if math.isfinite(top) else float(xp.max(xp.abs(xp.where(xp.isfinite(x), x, 0))))
+
+
+def _times_pow2(x, e: int):
+    """x * 2^e, exact (two factors, each a float of x's dtype)."""
+    h = e // 2
+    return x * math.ldexp(1.0, h) * math.ldexp(1.0, e - h)
+
+
+def _by_span(xp, x, spans, rope):
+    """``rope(x_span, first position)`` on each span of the sequence axis (2), concatenated."""
+    if not spans:
+        return x
+    parts = [rope(x[:, :, a:b], p) for a, b, p in spans]
+    return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=2)

@@ -1,12 +1,24 @@
-"""Cutting inputs into the ranks' chunks, and models whose attention runs head-parallel."""
+"""Cutting inputs into the ranks' rows (contiguous or zigzag), their positions, and models whose attention runs
+head-parallel."""
 
 from __future__ import annotations
 
 import copy
 
+import mlx.core as mx
+import numpy as np
+
 from .._validate import positive_int
 from ._comm import resolve_group
 from ._heads import HeadParallel
+
+ORDERS = ("contiguous", "zigzag")
+
+
+def check_order(order) -> str:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(map(repr, ORDERS))}, got {order!r}")
+    return order
 
 
 def chunk_bounds(length: int, size: int) -> list[tuple[int, int]]:
@@ -19,15 +31,48 @@ def chunk_bounds(length: int, size: int) -> list[tuple[int, int]]:
     return list(zip(starts[:-1], starts[1:]))
 
 
-def chunk(x, group=None, *, axis: int = -2):
-    """This rank's contiguous chunk of ``x`` along ``axis`` (default -2: the sequence axis of (B, T, E) or
-    (T, E); use axis=-1 for a (B, S) key_mask), cut by :func:`chunk_bounds`."""
+def rank_spans(length: int, size: int, order: str = "contiguous") -> list[list[tuple[int, int]]]:
+    """Each rank's positions of a sequence of ``length``, as a list of [start, stop) spans in the order the
+    rank holds them. "contiguous": rank r holds chunk r of :func:`chunk_bounds`. "zigzag": the sequence in
+    2 x size chunks, rank r holds chunks r and 2 size - 1 - r (one early, one late), so that with causal
+    attention every rank has the same work (with contiguous chunks the last rank does the most)."""
+    check_order(order)
+    if order == "contiguous":
+        return [[b] for b in chunk_bounds(length, size)]
+    bounds = chunk_bounds(length, 2 * size)
+    return [[bounds[r], bounds[2 * size - 1 - r]] for r in range(size)]
+
+
+def positions(spans) -> np.ndarray:
+    """The positions of [(i0, i1, first position)] spans, in order."""
+    if not spans:
+        return np.zeros(0, np.int64)
+    return np.concatenate([np.arange(p, p + b - a, dtype=np.int64) for a, b, p in spans])
+
+
+def runs(pos) -> list:
+    """[(j0, j1, first position)]: the maximal runs of consecutive positions in ``pos`` (ints)."""
+    if pos.size == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(pos) != 1) + 1
+    starts, stops = np.concatenate([[0], cuts]), np.concatenate([cuts, [pos.size]])
+    return [(int(a), int(b), int(pos[a])) for a, b in zip(starts, stops)]
+
+
+def chunk(x, group=None, *, axis: int = -2, order: str = "contiguous"):
+    """This rank's rows of ``x`` along ``axis`` (default -2: the sequence axis of (B, T, E) or (T, E); use
+    axis=-1 for a (B, S) key_mask, axis=-2 for a mask's rows), as :func:`rank_spans` cuts them (zigzag: the
+    rank's two chunks, concatenated)."""
     g = resolve_group(group)
-    n = x.shape[axis]
-    start, stop = chunk_bounds(n, g.size())[g.rank()]
-    index = [slice(None)] * x.ndim
-    index[axis] = slice(start, stop)
-    return x[tuple(index)]
+    spans = rank_spans(x.shape[axis], g.size(), order)[g.rank()]
+    parts = []
+    for start, stop in spans:
+        index = [slice(None)] * x.ndim
+        index[axis] = slice(start, stop)
+        parts.append(x[tuple(index)])
+    if len(parts) == 1:
+        return parts[0]
+    return (np if isinstance(x, np.ndarray) else mx).concatenate(parts, axis=axis)
 
 
 def head_parallel_model(model, group=None, *, timeout: float | None = 600.0):

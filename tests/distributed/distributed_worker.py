@@ -2,7 +2,7 @@
 
     worker.py CONFIG.json OUTDIR
 
-CONFIG.json holds {"cases": [...], "mode": "compare" | "die" | "hang" | "disagree" | "minilm"}. In
+CONFIG.json holds {"cases": [...], "mode": "compare" | "die" | "hang" | "disagree" | "bad" | "minilm"}. In
 "compare" mode every case builds the same layer and inputs on every rank (from its seed), runs the
 unsharded layer and the sharded one (HeadParallel or SequenceParallel), and rank r writes
 OUTDIR/rank{r}.npz with, per case, the unsharded output and its own sharded result; the test compares
@@ -35,8 +35,12 @@ def make_problem(case):
     def b(n):
         return (0.5 * rng.normal(size=n)).astype(np.float32)
 
+    extra = {}
+    if case.get("features"):  # the layer features: q/k RMSNorm weights and learned sinks (softcap below)
+        extra = dict(q_norm=rng.uniform(0.5, 2, D).astype(np.float32), k_norm=rng.uniform(0.5, 2, D).astype(np.float32),
+                     sinks=rng.normal(0.5, 1.0, H).astype(np.float32))
     weights = mha.AttentionWeights(w(H * D, E), w(Hkv * D, kdim), w(Hkv * D, vdim), w(E, H * D), b(H * D),
-                                   b(Hkv * D), b(Hkv * D), b(E), num_heads=H, num_kv_heads=Hkv)
+                                   b(Hkv * D), b(Hkv * D), b(E), num_heads=H, num_kv_heads=Hkv, **extra)
     B, T = case["B"], case["T"]
     S = case.get("S") or T
     x = rng.normal(size=(B, T, E)).astype(np.float32)
@@ -49,16 +53,24 @@ def make_problem(case):
         mask[0, 0, 1] = False  # a query that sees nothing: output = output bias
     elif case.get("mask") == "float":
         mask = np.where(rng.random((1, 1, T, S)) < 0.2, -np.inf, rng.normal(size=(1, 1, T, S))).astype(np.float32)
+    elif case.get("mask") in ("finfo", "-1e9"):  # Hugging Face's left padding: the first keys of element 1
+        fill = np.finfo(np.float32).min if case["mask"] == "finfo" else -1e9
+        mask = np.zeros((B, 1, 1, S), np.float32)
+        mask[-1, ..., :case.get("pad", S // 3)] = fill  # with causal, element 1's first rows see only these
     key_mask = None
     if case.get("key_mask"):
         key_mask = np.ones((B, S), bool)
         key_mask[-1, S - S // 3:] = False  # padding at the end of the last batch element
         key_mask[0, min(2, S - 1)] = False
+        if case.get("key_mask") == "left":  # left padding: with causal, rows that see no key (rank 0's)
+            key_mask[-1, :S // 2] = False
     head_mask = None
     if case.get("head_mask"):
         head_mask = rng.uniform(0.0, 2.0, size=(B, H) if case["head_mask"] == "BH" else (H,)).astype(np.float32)
         head_mask[..., 0] = 0.0
     kwargs = {"rope": case.get("rope"), "window": case.get("window"), "dtype": case.get("dtype", "float32")}
+    if case.get("features"):
+        kwargs.update(softcap=1.5, qk_norm=1e-5)
     if kwargs["dtype"] == "float64":
         x, k, v = (None if a is None else a.astype(np.float64) for a in (x, k, v))
     return weights, kwargs, x, k, v, mask, key_mask, head_mask
@@ -110,17 +122,26 @@ def run_case(case, group, dist):
         out["lse_all"] = mha.to_numpy(hp.gather_heads(lse))
         out["heads"] = np.array([hp.heads.start, hp.heads.stop])
         return out
-    n, r = group.size(), group.rank()
-    sl = slice(*dist.chunk_bounds(x.shape[1], n)[r])
-    ks = slice(*dist.chunk_bounds((k if k is not None else x).shape[1], n)[r])
-    sp = dist.SequenceParallel(layer, group, timeout=30)
-    y, lse = sp(x[:, sl], None if k is None else k[:, ks], None if v is None else v[:, ks],
-                mask=None if mask is None else mask[:, :, sl] if mask.shape[2] > 1 else mask,
-                key_mask=None if key_mask is None else key_mask[:, ks], causal=causal, head_mask=head_mask,
-                return_lse=True)
+    order = case.get("order", "contiguous")
+
+    def rows(a, axis=-2):  # this rank's rows (or key columns) in the case's order
+        return None if a is None else a if a.shape[axis] == 1 else dist.chunk(a, group, axis=axis, order=order)
+
+    sp = dist.SequenceParallel(layer, group, order=order, timeout=30)
+    with blocks(layer, case):
+        y, lse = sp(rows(x), rows(k), rows(v), mask=rows(mask), key_mask=rows(key_mask, -1), causal=causal,
+                    head_mask=head_mask, return_lse=True)
     out["sharded"], out["lse"] = mha.to_numpy(y), mha.to_numpy(lse)
-    out["rows"] = np.array([sl.start, sl.stop])
+    spans = dist.rank_spans(x.shape[1], group.size(), order)[group.rank()]
+    out["rows"] = np.concatenate([np.arange(a, b) for a, b in spans])
     return out
+
+
+def blocks(layer, case):
+    """The backend's tiny blocks when the case asks (every ring step then runs the core's blockwise loop)."""
+    import contextlib
+
+    return type(layer).small_blocks(*case["blocks"]) if case.get("blocks") else contextlib.nullcontext()
 
 
 def decode_case(case, layer, x, key_mask, group, dist):
@@ -152,19 +173,47 @@ def decode_case(case, layer, x, key_mask, group, dist):
         ys.append(mha.to_numpy(sp(xt, cache=c, causal=True)))
     out["sharded_prefill"] = ys[0]
     out["sharded_decode"] = np.concatenate(ys[1:], axis=1)
-    out["rows"] = np.array([sl.start, sl.stop])
+    out["rows"] = np.arange(sl.start, sl.stop)
+    out["cache_kept"] = np.array(c.kept)  # with a window: bounded by it, however long the decoding
     return out
 
 
 def compare(cfg, group, dist, outdir):
-    from mha.distributed import _blocks
-
     results = {}
     for i, case in enumerate(cfg["cases"]):
-        _blocks.TILE_ELEMENTS = case.get("tile") or (1 << 20)  # small tiles: many per block, spans cut per tile
         for name, a in run_case(case, group, dist).items():
             results[f"{i}/{name}"] = a
     np.savez(os.path.join(outdir, f"rank{group.rank()}.npz"), **results)
+
+
+def bad_input(cfg, group, dist, outdir):
+    """"bad": on 3 ranks, one rank at a time passes a bad argument (a NaN in a float mask, a query of the
+    wrong width, a mask over the wrong number of keys); every rank records what it raised and when, then
+    a good call; last, rank 1's NaN mask again, uncaught: every process must end on its own."""
+    r = group.rank()
+    layer = mha.MultiHeadAttention(12, 4, backend=cfg.get("backend", "numpy"), seed=0)
+    sp = dist.SequenceParallel(layer, group, timeout=cfg.get("timeout", 20))
+    x = np.random.default_rng(r).normal(size=(2, 5, 12)).astype(np.float32)
+    good = np.zeros((2, 1, 5, 15), np.float32)  # 5 rows per rank over the 15 keys of 3 ranks
+    nan = good.copy()
+    nan[1, 0, 2, 7] = np.nan
+    calls = {"nan-mask": dict(mask=nan if r == 1 else good),
+             "wrong-width": dict(query=np.ones((2, 5, 13), np.float32) if r == 0 else x, mask=good),
+             "wrong-keys": dict(mask=good[..., :14] if r == 2 else good)}
+    report = {"rank": r}
+    for name, kw in calls.items():
+        t0 = time.time()
+        try:
+            sp(kw.pop("query", x), **kw)
+            report[name] = "no error"
+        except Exception as err:
+            report[name] = f"{type(err).__name__}: {err}"
+        report[name + "_seconds"] = time.time() - t0
+    report["after"] = float(np.abs(mha.to_numpy(sp(x, mask=good))).max())
+    with open(os.path.join(outdir, f"rank{r}.json"), "w") as f:
+        json.dump(report, f)
+    sys.stdout.flush()
+    sp(x, mask=nan if r == 1 else good)  # uncaught, on every rank
 
 
 def failures(cfg, group, dist, outdir):
@@ -212,6 +261,8 @@ def main():
     group = mx.distributed.init()
     if cfg["mode"] == "compare":
         compare(cfg, group, dist, outdir)
+    elif cfg["mode"] == "bad":
+        bad_input(cfg, group, dist, outdir)
     else:
         failures(cfg, group, dist, outdir)
 

@@ -66,6 +66,29 @@ def test_ranks_that_disagree_all_raise_the_same_error_and_go_on(tmp_path):
         assert "error" not in rep and rep["after"] > 0, rep
 
 
+@pytest.mark.parametrize("backend", ["numpy", "mlx"])
+def test_bad_input_on_one_rank_raises_the_same_error_everywhere(backend, tmp_path):
+    """SequenceParallel on 3 ranks, one rank at a time with a bad argument (a NaN in its float mask, a
+    query of the wrong width, a mask over the wrong number of keys): every rank raises the same
+    ValueError naming the rank and the argument, at once (the ranks check before any attention and
+    agree in one exchange), and the group stays usable; the same error left uncaught ends every process."""
+    out, seconds = launch(3, {"mode": "bad", "backend": backend, "timeout": 20}, tmp_path, timeout=60)
+    reports = _reports(tmp_path, 3)
+    assert sorted(reports) == [0, 1, 2], out[-3000:]
+    want = {"nan-mask": ("rank 1 of 3", "mask is an additive float mask and must not hold NaN"),
+            "wrong-width": ("rank 0 of 3", "query"),
+            "wrong-keys": ("the ranks", "mask: its last axis must be 1 or S = 15")}
+    for name, (who, what) in want.items():
+        errors = {rep[name] for rep in reports.values()}
+        assert len(errors) == 1, f"{name}: the ranks raised different errors: {errors}"
+        err = errors.pop()
+        assert err.startswith("ValueError") and what in err, (name, err)
+        assert who in err or name == "wrong-keys", (name, err)
+        assert all(rep[name + "_seconds"] < 5 for rep in reports.values()), (name, reports)
+    assert all(rep["after"] > 0 for rep in reports.values())
+    assert seconds < 30 and out.count("rejected its arguments") >= 3, out[-3000:]
+
+
 # -- one process: the checks that need no second rank ------------------------------------------------------
 def test_one_rank_equals_the_layer_and_bad_arguments_are_named():
     import mlx.core as mx

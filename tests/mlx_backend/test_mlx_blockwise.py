@@ -4,7 +4,6 @@ problems so that every branch runs), and long sequences in bounded memory (a sub
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -31,18 +30,6 @@ FEATURES = frozenset({"cross", "kdim", "bias", "mask", "additive_mask", "key_mas
                       "window"})
 
 
-@contextlib.contextmanager
-def _options(**kw):
-    """Set mha_mlx.options for a block of code, restoring them after."""
-    saved = mha_mlx.options.copy()
-    try:
-        for k, v in kw.items():
-            setattr(mha_mlx.options, k, v)
-        yield
-    finally:
-        mha_mlx.options.restore(saved)
-
-
 def blocks(bq, bk):
     """Every call blockwise, with bq queries and bk keys per block."""
     return mha_mlx.small_blocks(bq, bk)
@@ -50,7 +37,7 @@ def blocks(bq, bk):
 
 def fused():
     """Never blockwise (with return_lse: the reference path)."""
-    return _options(score_bytes=None)
+    return mha_mlx.options.override(score_bytes=None)
 
 
 @given(p=mst.problems(FEATURES, positional=True), bq=st.integers(1, 5), bk=st.integers(1, 5), hm=st.booleans())
@@ -158,7 +145,7 @@ def test_half_precision_accumulates_in_float32(dtype, regime):
     dt = getattr(mx, dtype)
     q, k, v = (mx.array(rng.normal(size=(B, H, n, D)) * s).astype(dt) for n, s in ((T, sigma), (S, sigma), (S, 1.0)))
     scale = D**-0.5
-    with _options(block_q=2, block_k=128):
+    with mha_mlx.options.override(block_q=2, block_k=128):
         ctx, lse = _blockwise.attention(q, k, v, scale=scale, masks=MaskSet.aligned(T, S),
                                         return_lse=True)
     assert ctx.dtype == dt and lse.dtype == mx.float32 and ctx.shape == (B, T, H, D)
@@ -199,7 +186,7 @@ def test_the_switch_is_at_the_budget(monkeypatch):
     n = 4 * 2 * 3 * 5 * 7
     for budget, runs in ((n - 1, 2), (n, 0), (None, 0), (0, 2)):
         seen.clear()
-        with _options(score_bytes=budget):
+        with mha_mlx.options.override(score_bytes=budget):
             layer(x, kv)
             layer(x, kv, return_weights=True)
             layer(x, kv, return_lse=True, return_weights=True)

@@ -23,7 +23,7 @@ class Mutant:
 
 R, M, V, X = "mha/_reference.py", "mha/_masks.py", "mha/_validate.py", "mha_mlx/_layer.py"
 L, F, J = "mha_cpu/_layer.py", "mha_cpu/_kernel.py", "mha_cpu/_proj.py"
-W, S = "mha_mlx/_blockwise.py", "mha_cpu/_decode.py"
+W, S, C = "mha_mlx/_blockwise.py", "mha_cpu/_decode.py", "mha_mlx/_core.py"
 P, K, A = "mha/_rope.py", "mha/_cache.py", "mha/_prepare.py"
 BLOCK, REDO, OOB, FIN = ("block", "redo", "out_of_band", "finish")
 TASK = "MultiHeadAttention._forward_groups.task"
@@ -90,41 +90,52 @@ MUTANTS = [
            "self.valid[:, a:end] = True", "left padding forgotten once cached"),
     Mutant("cache-compaction-keys-only", K, "KVCache._relocate", "self.values[:, :, :n] = src[1][:, :, start:start + n]",
            "pass", "compacting a rotating cache moves the keys but not the values"),
-    # the MLX fused path
-    Mutant("gqa-interleaved", X, "MultiHeadAttention._forward", "kq, kk, kv = _kernel_inputs(q, k, v)",
-           "k, v = mx.tile(k, (1, H // Hkv, 1, 1)), mx.tile(v, (1, H // Hkv, 1, 1))\nkq, kk, kv = _kernel_inputs(q, k, v)",
-           "GQA heads repeated by tiling (head h reads kv head h % Hkv) in the MLX fused path"),
-    Mutant("gqa-interleaved-masked", X, "MultiHeadAttention._forward",
-           "ctx = _attend(q, k, v, c.effective_scale, masks, pos.step is None, bad, merged=True)",
-           "k, v = mx.tile(k, (1, H // Hkv, 1, 1)), mx.tile(v, (1, H // Hkv, 1, 1))\n"
-           "ctx = _attend(q, k, v, c.effective_scale, masks, pos.step is None, bad, merged=True)",
-           "the same in the MLX fused path with masks"),
-    Mutant("fused-double-scale", X, "MultiHeadAttention._forward",
-           "_attend(q, k, v, c.effective_scale, masks, pos.step is None, bad, merged=True)",
-           "_attend(q * c.effective_scale, k, v, c.effective_scale, masks, pos.step is None, bad, merged=True)",
+    # the MLX core: the fused path (mha_mlx/_core.py) and the layer around it
+    Mutant("gqa-interleaved", C, "_fused", "kq, kk, kv = _kernel_inputs(q, k, v)",
+           "kq, kk, kv = _kernel_inputs(q, mx.tile(k, (1, q.shape[1] // k.shape[1], 1, 1)), "
+           "mx.tile(v, (1, q.shape[1] // k.shape[1], 1, 1)))",
+           "GQA heads repeated by tiling (head h reads kv head h % Hkv) in the MLX fused kernel's inputs"),
+    Mutant("gqa-interleaved-masked", W, "_grouped", "a.reshape(b, Hkv, h // Hkv, t, s)",
+           "a.reshape(b, h // Hkv, Hkv, t, s).swapaxes(1, 2)",
+           "the MLX blockwise path groups a per-head mask's heads interleaved (head h with kv head h % Hkv)"),
+    Mutant("fused-double-scale", C, "_fused",
+           "mx.fast.scaled_dot_product_attention(kq, kk, kv, scale=1.0, mask=arg, sinks=sinks)",
+           "mx.fast.scaled_dot_product_attention(kq, kk, kv, scale=scale, mask=arg, sinks=sinks)",
            "MLX fused path scales twice (queries pre-scaled and scale passed)"),
-    Mutant("fused-no-empty-fix", X, "_fused", "out = mx.where(visible, out, mx.array(0, dt))", "out = out",
-           "MLX fused kernel's mean(V) for empty rows left in place"),
-    Mutant("fused-no-nan-clean", X, "_fused", "v = mx.where(bad[..., None], 0, v)", "v = v",
-           "MLX fused path lets NaN at hidden values leak (0 * NaN)"),
-    Mutant("fused-bias-without-keep", X, "_fused", 'mx.where(keep, _finite_bias(bias, kq.dtype), float("-inf"))',
-           "_finite_bias(bias, kq.dtype)", "MLX fused path drops the bool part when an additive mask is given"),
-    Mutant("fused-hidden-ties-finfo-min", X, "_fused", 'mx.where(keep, _finite_bias(bias, kq.dtype), float("-inf"))',
-           "mx.where(keep, _finite_bias(bias, kq.dtype), mx.finfo(kq.dtype).min)",
+    Mutant("fused-no-empty-fix", C, "_row_rules", "out = mx.where(_to_btH(visible), out, mx.array(0, dt))",
+           "out = out", "MLX fused kernel's mean(V) for empty rows left in place"),
+    Mutant("fused-no-nan-clean", C, "_clean", "return (mx.where(bad[..., None], 0, k), mx.where(bad[..., None], 0, v))",
+           "return (mx.where(bad[..., None], 0, k), v)", "MLX fused path lets NaN at hidden values leak (0 * NaN)"),
+    Mutant("fused-bias-without-keep", C, "_encode", 'arg = mx.where(keep, _finite_bias(bias, dtype), float("-inf"))',
+           "arg = _finite_bias(bias, dtype)", "MLX fused path drops the bool part when an additive mask is given"),
+    Mutant("fused-hidden-ties-finfo-min", C, "_encode", 'arg = mx.where(keep, _finite_bias(bias, dtype), float("-inf"))',
+           "arg = mx.where(keep, _finite_bias(bias, dtype), mx.finfo(dtype).min)",
            "hidden keys encoded as finfo.min, which a user's finfo.min bias ties with (hidden keys then share "
            "the weight of a row whose visible keys all carry it)"),
     Mutant("rope-mlx-layout-flipped", X, "MultiHeadAttention._rope", "r.traditional", "not r.traditional", "MLX's fused RoPE with the other pair layout"),
-    Mutant("mlx-window-ignored", X, "_attend.fn", "_fused(q, k, v, keep, bias, causal, window, float(scale), bad, merged)",
-           "_fused(q, k, v, keep, bias, causal, None, float(scale), bad, merged)", "MLX fused path ignores the window"),
+    Mutant("mlx-window-ignored", C, "fused.fn",
+           "MaskSet.aligned(q.shape[2], k.shape[2], keep=got.get('keep'), bias=got.get('bias'), causal=causal, "
+           "window=window)",
+           "MaskSet.aligned(q.shape[2], k.shape[2], keep=got.get('keep'), bias=got.get('bias'), causal=causal, "
+           "window=None)", "MLX fused path ignores the window"),
     Mutant("mlx-batch-flag-ignored", X, "MultiHeadAttention._forward",
-           "self._out(ctx.swapaxes(1, 2).astype(dt), head_mask, p, poison)",
-           "self._out(ctx.swapaxes(1, 2).astype(dt), head_mask, p)",
+           "self._out(ctx.swapaxes(1, 2), head_mask, p, poison)", "self._out(ctx.swapaxes(1, 2), head_mask, p)",
            "MLX fused path without masks trusts the kernel with NaN/inf keys"),
+    Mutant("mlx-nan-rule-top-left", C, "_row_rules", "last = mx.arange(T) + (S - T)", "last = mx.arange(T)",
+           "the causal NaN rule of the MLX fused path aligned top-left when T != S"),
+    Mutant("mlx-empty-rows-from-bool-mask", C, "_encode", "return (keep, sees_any)", "return (keep, None)",
+           "rows that a bool mask leaves empty keep the kernel's mean of values"),
+    Mutant("mlx-queries-unscaled", "mha_mlx/_range.py", "_scaled", "qs = (times_pow2(q, -e1) * scale).astype(q.dtype)",
+           "qs = times_pow2(q, -e1).astype(q.dtype)", "the MLX core forgets the scale when it rescales the queries"),
     # the MLX blockwise path (long sequences; the property suite reaches it through small_blocks)
-    Mutant("mlx-blocks-no-acc-rescale", W, "_query_block", "acc = acc * alpha + pv", "acc = acc + pv",
+    Mutant("mlx-blocks-no-acc-rescale", W, "_query_block", "acc = acc * alpha + mx.matmul(p, v[:, :, None, s0:s1])",
+           "acc = acc + mx.matmul(p, v[:, :, None, s0:s1])",
            "MLX blockwise: the accumulated context not rescaled when the running max grows"),
-    Mutant("mlx-blocks-nan-forgotten", W, "_query_block", "touched = hit if touched is None else mx.logical_or(touched, hit)",
-           "touched = hit", "MLX blockwise: a NaN/inf key seen in an earlier key block forgotten"),
+    Mutant("mlx-blocks-nan-forgotten", W, "_query_block",
+           "touched = mx.logical_or(touched, mx.any(hit, axis=-1, keepdims=True))",
+           "touched = mx.any(hit, axis=-1, keepdims=True)", "MLX blockwise: a NaN/inf key seen in an earlier key block forgotten"),
+    Mutant("mlx-blocks-mask-rows", W, "_query_block", "masks.cut(rows=(t0, t1), cols=(s0, s1))",
+           "masks.cut(rows=(0, t1 - t0), cols=(s0, s1))", "MLX blockwise: every query block gets the first rows' masks"),
     # the numpy kernel
     Mutant("online-no-acc-rescale", F, REDO, "task.acc *= alpha", "pass",
            "online softmax forgets to rescale the accumulated context when a row is re-centred"),

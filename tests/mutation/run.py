@@ -3,6 +3,7 @@
     python tests/mutation/run.py              # every mutant; prints a kill table and the kill rate
     python tests/mutation/run.py scale-1/D    # chosen mutants
     python tests/mutation/run.py --matrix     # every property on every mutant: which ones kill it
+    python tests/mutation/run.py --backends mlx fused-no-empty-fix   # the properties on one backend only
 
 A mutant is killed when any property fails on either backend (numpy and mlx, each with automatic and
 with tiny blocks) under the derandomized
@@ -34,15 +35,22 @@ from mha.testing import run_property
 from mha.testing.adapters import BackendAdapter
 from mha.testing.profiles import load_profile
 from mha.testing.properties import PROPERTIES
+from mha.testing.conventions import conventions_of
 load_profile("mutation")
 matrix = sys.argv[2] == "matrix"
+backends = sys.argv[3].split(",")
 killers = []
 for backend, blocks in (("numpy", None), ("numpy", (2, 3)), ("mlx", None), ("mlx", (2, 3))):
+    if backend not in backends:
+        continue
+    adapter = BackendAdapter(backend, blocks)
     for name in PROPERTIES:
         if matrix and name in killers:
             continue
+        if PROPERTIES[name].not_applicable(adapter.features, conventions_of(adapter), adapter.dtypes):
+            continue  # n/a on this backend (e.g. float64 on MLX): not a kill
         try:
-            run_property(BackendAdapter(backend, blocks), name)
+            run_property(adapter, name)
         except Exception as err:
             if not matrix:
                 print(json.dumps({"killed": True, "by": f"{backend}{'-blocks' if blocks else ''}:{name}", "why": str(err).splitlines()[0][:160]}))
@@ -65,15 +73,15 @@ def apply(dest: Path, m) -> None:
     path.write_text(ast_edit.apply(path.read_text(), m.function, m.old, m.new))
 
 
-def run_one(m, mode: str = "first") -> dict:
+def run_one(m, mode: str = "first", backends=("numpy", "mlx")) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         dest = Path(tmp)
         copy_project(dest)
         apply(dest, m)
         env = {**os.environ, "PYTHONPATH": str(dest), "PYTHONDONTWRITEBYTECODE": "1"}
         t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-c", DRIVER, str(dest), mode], cwd=dest, env=env, capture_output=True,
-                             text=True, timeout=900)
+        res = subprocess.run([sys.executable, "-c", DRIVER, str(dest), mode, ",".join(backends)], cwd=dest, env=env,
+                             capture_output=True, text=True, timeout=900)
         out = res.stdout.strip().splitlines()
         if res.returncode != 0 or not out:
             return {"killed": True, "by": "crash", "why": (res.stderr.strip().splitlines() or ["?"])[-1][:160],
@@ -86,12 +94,17 @@ def run_one(m, mode: str = "first") -> dict:
 def main(argv) -> int:
     matrix = "--matrix" in argv
     argv = [a for a in argv if a != "--matrix"]
+    backends = ("numpy", "mlx")
+    if "--backends" in argv:  # the properties on these backends only (e.g. a backend's own mutants)
+        i = argv.index("--backends")
+        backends = tuple(argv[i + 1].split(","))
+        argv = argv[:i] + argv[i + 2:]
     chosen = [m for m in MUTANTS if not argv or m.name in argv]
     if argv and len(chosen) != len(argv):
         raise SystemExit(f"unknown mutants: {set(argv) - {m.name for m in MUTANTS}}")
     killed, unique = 0, {}
     for m in chosen:
-        r = run_one(m, "matrix" if matrix else "first")
+        r = run_one(m, "matrix" if matrix else "first", backends)
         killed += r["killed"]
         status = "killed" if r["killed"] else "SURVIVED"
         by = r.get("by", "")

@@ -201,24 +201,34 @@ def test_mlx_nonfinite_flags_per_kv_head_and_batch(dtype):
     """The MLX fast path finds NaN/inf keys on the projections before the heads are split: each flag must
     land on its own (batch, kv head, key), and the largest finite numbers must not count as bad."""
     mx = pytest.importorskip("mlx.core")
-    from mha_mlx._nonfinite import flags, per_batch, per_key
+    from mha_mlx._nonfinite import per_batch, per_key, scan
 
     B, S, Hkv, D = 4, 7, 3, 5
     rng = np.random.default_rng(0)
     k, v = (rng.standard_normal((B, S, Hkv * D)).astype(np.float32) for _ in range(2))
     k[3] = v[3] = float(np.finfo(np.float16).max)  # finite, and sums of them overflow: still not bad
+    k[1, 4, 7] = -300.0  # the largest |k| of the keys without NaN/inf (in float16 too)
     want = np.zeros((B, Hkv, S), bool)
     for arr, b, s, h, d, bad in ((k, 0, 2, 1, 3, np.nan), (v, 2, 6, 0, 0, np.inf), (k, 2, 0, 2, D - 1, -np.inf)):
         arr[b, s, h * D + d] = bad
         want[b, h, s] = True
+    k[3] = -np.float32(np.finfo(np.float16).max) * np.ones_like(k[3])  # keys of batch element 3: the top
+    k[0, 2, 1 * D] = 1e30 if dtype == "float32" else 1e4  # beside the NaN of (0, 2, head 1): not counted
     dt = getattr(mx, dtype)
     km, vm = mx.array(k).astype(dt), mx.array(v).astype(dt)
-    np.testing.assert_array_equal(np.array(per_key(km, vm, Hkv)), want)
-    poison = np.array(per_batch(km, vm).astype(mx.float32)).reshape(B)  # 0 where clean, NaN where not
+    top = float(mx.array(np.finfo(np.float16).max).astype(dt))  # bfloat16 rounds it
+    bad, got_top = per_key(km, vm, Hkv)
+    np.testing.assert_array_equal(np.array(bad), want)
+    assert float(got_top) == top
+    poison, got_top = per_batch(km, vm)
+    poison = np.array(poison.astype(mx.float32)).reshape(B)  # 0 where clean, NaN where not
     np.testing.assert_array_equal(np.isnan(poison), want.any(axis=(1, 2)))
     assert (poison[~want.any(axis=(1, 2))] == 0).all()
+    assert float(got_top) == top  # batch element 0 holds a NaN: its 1e30 is not counted either
     heads = (a.reshape(B, S, Hkv, D).swapaxes(1, 2) for a in (km, vm))  # (B, Hkv, S, D), a cache's layout
-    np.testing.assert_array_equal(np.array(flags(*heads)), want)
+    bad, got_top = scan(*heads)
+    np.testing.assert_array_equal(np.array(bad), want)
+    assert float(got_top) == top
     empty = mx.zeros((0, S, Hkv * D), dtype=dt)
-    assert per_key(empty, empty, Hkv).shape == (0, Hkv, S)
-    assert per_batch(empty, empty).shape == (0, 1, 1)
+    assert per_key(empty, empty, Hkv)[0].shape == (0, Hkv, S)
+    assert per_batch(empty, empty)[0].shape == (0, 1, 1)

@@ -55,7 +55,7 @@ def test_features_equal_the_oracle_and_matter(name, dtype):
 @pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
 def test_feature_weights_save_load_prune_and_move(tmp_path, suffix):
     """q_norm, k_norm and sinks survive a file; pruning takes each surviving head's sink (the pruned layer
-    equals the original with those heads masked); .to() carries them, and MLX refuses them clearly."""
+    equals the original with those heads masked); .to() carries them, to the MLX backend too."""
     kw = FEATURES["all"]
     w = _weights(kw)
     path = tmp_path / f"w{suffix}"
@@ -72,8 +72,9 @@ def test_feature_weights_save_load_prune_and_move(tmp_path, suffix):
     again = layer.to("numpy", dtype="float64")
     assert again.config.softcap == 2.0 and again.weights.q_norm is not None
     pytest.importorskip("mlx.core")
-    with pytest.raises(ValueError, match="softcap, qk_norm, sinks: not supported by the mlx backend"):
-        layer.to("mlx")
+    on_mlx = layer.to("mlx")
+    assert on_mlx.weights == w and on_mlx.config.softcap == 2.0
+    np.testing.assert_allclose(mha.to_numpy(on_mlx(x, causal=True)), layer(x, causal=True), rtol=0, atol=1e-5)
 
 
 def test_feature_checks():
