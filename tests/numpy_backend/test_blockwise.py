@@ -189,6 +189,32 @@ def test_nan_token_leaves_other_rows_bitwise_equal_under_tiny_blocks():
     PROPERTIES["nonfinite_self_attention"].check(builtin("numpy-blocks"), problem)
 
 
+@pytest.mark.parametrize("impl", ["numpy", "numpy-blocks"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_nan_query_of_a_row_that_sees_nothing_is_isolated(impl, bias):
+    """Hypothesis's minimal case from main (M2): self-attention, B=2, T=S=1, an additive mask [[0]], [[-inf]]
+    hiding batch element 1's only key, and NaN/inf in that token. Its row sees no key: its output is the
+    output bias, and batch element 0 keeps its bits. M2's kernel raised Overflow ("a context beyond the
+    dtype's range") on the non-finite query of the empty row."""
+    from mha.testing.adapters import builtin
+    from mha.testing.properties import PROPERTIES
+
+    cfg = mst.Config(B=2, T=1, S=1, H=2, Hkv=2, D=4, kdim=8, vdim=8, bias=bias, self_attention=True)
+    mask = np.array([0, -np.inf], np.float32).reshape(2, 1, 1, 1)
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        w = mst.random_weights(cfg, rng)
+        q, _, _ = mst.random_inputs(cfg, rng, "normal")
+        problem = mst.Problem(cfg, w, q, None, None, seed=seed, mode="normal", mask=mask)
+        PROPERTIES["nonfinite_self_attention"].check(builtin(impl), problem)
+        x = q.copy()
+        x[1, 0, 0] = np.nan
+        layer = mha.MultiHeadAttention.from_weights(w)
+        y = layer(x, x, x, mask=mask)
+        np.testing.assert_array_equal(y[1, 0], np.zeros(cfg.E, np.float32) if w.o_bias is None else w.o_bias)
+        np.testing.assert_array_equal(y[0], layer(q, q, q, mask=mask)[0])
+
+
 @pytest.mark.parametrize("threads", [2, 3, 5])
 def test_the_pool_runs_every_task_once_and_passes_errors_on(threads):
     """Workers take tasks as they come free: every item exactly once, in any order, from the calling
