@@ -23,6 +23,11 @@ class Options(Settings):
         blas_threads: BLAS's threads while a call runs on the calling thread alone (decode steps, small
             calls); None: as BLAS is configured. The pool always holds BLAS at one thread per worker
             (``benchmarks/threads.py --decode``).
+        step_blas_threads: BLAS's threads for the whole of a decoder model's decode step (``mha.models``, numpy
+            backend, one new token per sequence: a chain of matrix-vector products, every weight read once);
+            None: as BLAS is configured. Default 1: on idle cores two threads read the weights somewhat
+            faster, but a thread that another process has descheduled stalls every product of the step
+            many times over (``benchmarks/threads.py --step``; figures in docs/performance.md).
     """
 
     _name = "mha_cpu.options"
@@ -32,6 +37,7 @@ class Options(Settings):
         "block_k": (512, "int", 1, "keys per step of the online softmax"),
         "parallel_flops": (2.5e8, "float", 0, "calls with less work run on the calling thread"),
         "blas_threads": (1, "int?", 1, "BLAS threads for calls on the calling thread; None: as configured"),
+        "step_blas_threads": (1, "int?", 1, "BLAS threads for a decoder model's decode step; None: as configured"),
     }
     __slots__ = tuple(_spec)
 

@@ -8,6 +8,7 @@ own setting, never leave it changed).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -48,6 +49,16 @@ class blas_threads:
         for lib, m in self.saved:
             lib.set_num_threads(m)
         CONTROLLING_THREAD_OWNERSHIP.decrement()
+
+
+def step_threads(tokens: int):
+    """The BLAS threads of a decoder model's forward pass over ``tokens`` new positions per sequence: a
+    decode step (``tokens == 1``) holds BLAS at ``options.step_blas_threads`` for the whole step (None: as
+    BLAS is configured); any longer pass keeps BLAS's own setting (its GEMMs are compute-bound: every
+    thread helps). A rule on the call's shape and the settings alone: the same call always runs the same
+    way."""
+    n = options.step_blas_threads
+    return blas_threads(n) if tokens == 1 and n is not None else contextlib.nullcontext()
 
 
 def cpus() -> int:
