@@ -213,7 +213,9 @@ def logits(t: _Task, block, vis, j0: int, j1: int, out):
     hidden (in units of 2^E, or true units with a soft-cap)."""
     c = t.call
     s = np.matmul(t.qb, t.kt[..., j0:j1], out=t.split(out)).reshape(out.shape)
-    if c.softcap is not None:
+    if c.softcap is not None:  # the cap hides an overflow from the band: q.k must be in range first
+        if not math.isfinite(_red(np.add, s)) and (~np.isfinite(s).all(axis=-1) & _finite_rows(t)).any():
+            raise Overflow("logits beyond the dtype's range")
         if c.E:
             times_pow2(s, c.E)  # true logits (+-inf past the range: capped to +-c)
         s /= c.softcap
@@ -224,6 +226,10 @@ def logits(t: _Task, block, vis, j0: int, j1: int, out):
     if vis is not None:
         np.copyto(s, NEG_INF, where=~vis)
     return s
+
+
+def _finite_rows(t: _Task):  # (B_, H_, n): the rows whose query is finite
+    return np.isfinite(t.qb).all(axis=-1).reshape(t.B_, t.H_, t.n)
 
 
 def terms(t: _Task, s) -> None:  # e = exp(F (s - m)), in place of s
@@ -257,7 +263,7 @@ def recentre(t: _Task, block, vis, j0: int, j1: int, bad, e, sums) -> None:
     s = logits(t, block, vis, j0, j1, np.empty(e.shape, e.dtype))
     top = s.max(axis=-1, keepdims=True)
     if not np.isfinite(top[bad]).all():  # past the range from a finite query: rescale (a NaN query: NaN)
-        if (bad & ~np.isfinite(top) & np.isfinite(t.qb).all(axis=-1).reshape(top.shape)).any():
+        if (bad & ~np.isfinite(top) & _finite_rows(t)[..., None]).any():
             raise Overflow("logits beyond the dtype's range")
     m = np.where(bad & np.isfinite(top), top, t.m)
     if t.l is not None:  # rows without terms keep theirs (0: e^+big * 0 would be NaN)
@@ -319,7 +325,7 @@ def finish(t: _Task, lo: int, hi: int) -> None:
 def _check_context(t: _Task, ctx) -> None:
     """A context that left the range from finite numbers (values near the dtype's limit): Overflow."""
     rows = ~np.isfinite(ctx).all(axis=-1)  # (B_, H_, n)
-    rows &= np.isfinite(t.qb).all(axis=-1).reshape(rows.shape) & np.isfinite(t.l[..., 0])  # (acc: l is set)
+    rows &= _finite_rows(t) & np.isfinite(t.l[..., 0])  # (acc: l is set)
     if t.seen_bad is not None:
         rows &= ~(t.seen_bad[0] | t.seen_bad[1])[..., 0]
     if rows.any():

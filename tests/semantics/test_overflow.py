@@ -155,3 +155,19 @@ def test_bias_in_the_units_of_rescaled_logits():
     y, weights = layer(q, k, v, mask=bias, return_weights=True)
     np.testing.assert_array_equal(weights[0, 0, 0], [1.0, 0.0])
     np.testing.assert_array_equal(layer(q, k, v, mask=bias)[0, 0], [1.0, 0.0])
+
+
+@pytest.mark.parametrize("sigma,scale", [(1e20, None), (1.0, 1e30)])
+def test_softcap_caps_the_true_logits_when_rescaled(sigma, scale):
+    """With a soft-cap, c tanh(l / c) is taken on the true logits even when the kernel holds them in units of
+    2^E (q scaled down: logits past float32's range, or a huge scale): the capped logits then lie within
+    +-c and the output equals the float64 oracle's; tanh of the scaled-down logits would soften a softmax
+    the cap leaves sharp."""
+    x = _problem(sigma, seed=3)
+    layer = mha.MultiHeadAttention(12, 3, backend="numpy", seed=2, softcap=5.0, scale=scale)
+    y, w = layer(x, return_weights=True)
+    ref, P = oracle.attention(layer.weights, x, x, x, scale=scale, softcap=5.0)
+    assert np.isfinite(y).all()
+    tolerance.assert_close(w, P, 1e-4, "weights with a soft-cap, rescaled logits")
+    tolerance.assert_close(y, ref, tolerance.t1("float32", tolerance.magnitude(layer.weights, x, y_ref=ref, scale=0.0)),
+                           "output with a soft-cap, rescaled logits")
