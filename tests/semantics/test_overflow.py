@@ -157,14 +157,20 @@ def test_bias_in_the_units_of_rescaled_logits():
     np.testing.assert_array_equal(layer(q, k, v, mask=bias)[0, 0], [1.0, 0.0])
 
 
-@pytest.mark.parametrize("sigma,scale", [(1e20, None), (1.0, 1e30)])
-def test_softcap_caps_the_true_logits_when_rescaled(sigma, scale):
+@pytest.mark.parametrize("sigma,scale,tiny_keys", [(1e20, None, False), (1.0, 1e30, False), (1.0, 1e30, True)])
+def test_softcap_caps_the_true_logits_when_rescaled(sigma, scale, tiny_keys):
     """With a soft-cap, c tanh(l / c) is taken on the true logits even when the kernel holds them in units of
-    2^E (q scaled down: logits past float32's range, or a huge scale): the capped logits then lie within
-    +-c and the output equals the float64 oracle's; tanh of the scaled-down logits would soften a softmax
-    the cap leaves sharp."""
+    2^E: q.k overflowing float32 (|x| ~ 1e20: products of +-inf lose the sign) or a huge scale. With keys
+    of ~1e-13 under scale 1e30 the logits in units of 2^E are of the cap's size while the true ones
+    (~1e17) saturate it: tanh of the scaled logits would soften a softmax the cap leaves flat."""
+    from mha.testing.properties._common import edit_weights
+
     x = _problem(sigma, seed=3)
     layer = mha.MultiHeadAttention(12, 3, backend="numpy", seed=2, softcap=5.0, scale=scale)
+    if tiny_keys:
+        w = layer.weights
+        layer = mha.MultiHeadAttention.from_weights(edit_weights(w, k_weight=w.k_weight * 1e-13, k_bias=w.k_bias * 1e-13),
+                                                    backend="numpy", softcap=5.0, scale=scale)
     y, w = layer(x, return_weights=True)
     ref, P = oracle.attention(layer.weights, x, x, x, scale=scale, softcap=5.0)
     assert np.isfinite(y).all()
