@@ -16,17 +16,16 @@ running context a::
     context = a / l;  lse = log l + F m             (rows with l = 0: context 0, lse -inf)
     sinks: lse' = log(e^lse + e^sink_h); context and weights times e^(lse - lse')
 
-So the max pass of the textbook online softmax is skipped: terms are taken at the current offset and
-only rows whose sums leave the band are done again, centred (a row's arithmetic depends on its own
-numbers only, which the bitwise properties of hidden keys and NaN isolation rely on). With weights
-requested, a task takes all its keys in one block and e is written straight into the weights.
+So the max pass of the textbook online softmax is skipped: terms are taken at the current offset and only rows whose
+sums leave the band are done again, centred (a row's arithmetic depends on its own numbers only, which the bitwise
+properties of hidden keys and NaN isolation rely on). With weights requested, a task takes all its keys in one block
+and e is written straight into the weights.
 
-Non-finite keys and values: zeroed (in copies) before the tasks run, and the rows that see one get a
-NaN context (a NaN key: NaN weights and lse too). Overflow: a row whose logits leave the dtype's range
-although its query is finite (|q.k| past 3.4e38 in float32), or whose context does, raises
-:class:`Overflow`; the call then runs again on q, k and v scaled down by powers of two, with E (an int,
-applied in steps that stay within the dtype) the factor the logits lost, so finite inputs give finite
-results at every magnitude.
+Non-finite keys and values: zeroed (in copies) before the tasks run, and the rows that see one get a NaN context (a
+NaN key: NaN weights and lse too). Overflow: a row whose logits leave the dtype's range although its query is finite
+(|q.k| past 3.4e38 in float32), or whose context does, raises :class:`Overflow`; the call then runs again on q, k
+and v scaled down by powers of two, with E (an int, applied in steps that stay within the dtype) the factor the
+logits lost, so finite inputs give finite results at every magnitude.
 """
 
 from __future__ import annotations
@@ -181,6 +180,9 @@ class _Task:
         self.l = self.acc = self.seen_bad = None  # no terms yet; seen_bad: (key, value) (B_, H_, n, 1) bools
         self.centred = False  # whether an offset ever moved from 0
 
+    def finite_rows(self):  # (B_, H_, n): the rows whose query is finite
+        return np.isfinite(self.qb).all(axis=-1).reshape(self.B_, self.H_, self.n)
+
     def split(self, a):  # (B_, H_, n, x) -> (B_, Hkv_, G, n, x), a view
         return a.reshape(self.B_, self.Hkv_, self.G, self.n, -1)
 
@@ -214,22 +216,16 @@ def logits(t: _Task, block, vis, j0: int, j1: int, out):
     c = t.call
     s = np.matmul(t.qb, t.kt[..., j0:j1], out=t.split(out)).reshape(out.shape)
     if c.softcap is not None:  # the cap hides an overflow from the band: q.k must be in range first
-        if not math.isfinite(_red(np.add, s)) and (~np.isfinite(s).all(axis=-1) & _finite_rows(t)).any():
+        if not math.isfinite(_red(np.add, s)) and (~np.isfinite(s).all(axis=-1) & t.finite_rows()).any():
             raise Overflow("logits beyond the dtype's range")
-        if c.E:
-            times_pow2(s, c.E)  # true logits (+-inf past the range: capped to +-c)
-        s /= c.softcap
-        np.tanh(s, out=s)
+        times_pow2(s, c.E)  # true logits (+-inf past the range: capped to +-c)
+        np.tanh(s / c.softcap, out=s)
         s *= c.softcap
     if block.bias is not None:
         s += block.bias
     if vis is not None:
         np.copyto(s, NEG_INF, where=~vis)
     return s
-
-
-def _finite_rows(t: _Task):  # (B_, H_, n): the rows whose query is finite
-    return np.isfinite(t.qb).all(axis=-1).reshape(t.B_, t.H_, t.n)
 
 
 def terms(t: _Task, s) -> None:  # e = exp(F (s - m)), in place of s
@@ -263,7 +259,7 @@ def recentre(t: _Task, block, vis, j0: int, j1: int, bad, e, sums) -> None:
     s = logits(t, block, vis, j0, j1, np.empty(e.shape, e.dtype))
     top = s.max(axis=-1, keepdims=True)
     if not np.isfinite(top[bad]).all():  # past the range from a finite query: rescale (a NaN query: NaN)
-        if (bad & ~np.isfinite(top) & _finite_rows(t)[..., None]).any():
+        if (bad & ~np.isfinite(top) & t.finite_rows()[..., None]).any():
             raise Overflow("logits beyond the dtype's range")
     m = np.where(bad & np.isfinite(top), top, t.m)
     if t.l is not None:  # rows without terms keep theirs (0: e^+big * 0 would be NaN)
@@ -325,7 +321,7 @@ def finish(t: _Task, lo: int, hi: int) -> None:
 def _check_context(t: _Task, ctx) -> None:
     """A context that left the range from finite numbers (values near the dtype's limit): Overflow."""
     rows = ~np.isfinite(ctx).all(axis=-1)  # (B_, H_, n)
-    rows &= _finite_rows(t) & np.isfinite(t.l[..., 0])  # (acc: l is set)
+    rows &= t.finite_rows() & np.isfinite(t.l[..., 0])  # (acc: l is set)
     if t.seen_bad is not None:
         rows &= ~(t.seen_bad[0] | t.seen_bad[1])[..., 0]
     if rows.any():

@@ -22,12 +22,8 @@ class Options(Settings):
             calling thread alone, larger ones on the pool (``benchmarks/threads.py --small``).
         blas_threads: BLAS's threads while a call runs on the calling thread alone (decode steps, small
             calls); None: as BLAS is configured. The pool always holds BLAS at one thread per worker
-            (``benchmarks/threads.py --decode``).
-        step_blas_threads: BLAS's threads for the whole of a decoder model's decode step (``mha.models``, numpy
-            backend, one new token per sequence: a chain of matrix-vector products, every weight read once);
-            None: as BLAS is configured. Default 1: on idle cores two threads read the weights somewhat
-            faster, but a thread that another process has descheduled stalls every product of the step
-            many times over (``benchmarks/threads.py --step``; figures in docs/performance.md).
+            (``benchmarks/threads.py --decode``). step_blas_threads: the same for a whole decode step of an
+            ``mha.models`` decoder, one new token per sequence (``benchmarks/threads.py --step``).
     """
 
     _name = "mha_cpu.options"

@@ -1,14 +1,12 @@
-"""The numpy backend's threads, by library: a call's tasks run on a ``concurrent.futures`` thread pool
-(numpy releases the GIL in its loops and BLAS), with BLAS held at one thread meanwhile through
-threadpoolctl, so that the two levels of threading do not fight; a call on the calling thread alone holds
-BLAS at ``options.blas_threads``. The thread that makes a call sets and restores the limit (OpenBLAS takes
-limits from one controlling thread at a time: calls overlapping from several threads may run with BLAS's
-own setting, never leave it changed).
+"""The numpy backend's threads, by library: a call's tasks run on a ``concurrent.futures`` thread pool (numpy releases
+the GIL in its loops and BLAS), with BLAS held at one thread meanwhile through threadpoolctl, so that the two levels
+of threading do not fight; a call on the calling thread alone holds BLAS at ``options.blas_threads``. The thread
+that makes a call sets and restores the limit (OpenBLAS takes limits from one controlling thread at a time: calls
+overlapping from several threads may run with BLAS's own setting, never leave it changed).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -26,10 +24,10 @@ _local = threading.local()  # per thread: the Workers block it is in, whether it
 
 
 class blas_threads:
-    """``with blas_threads(n):`` BLAS at n threads for the block: threadpoolctl's limit (its library
-    controllers and its count of the thread controlling OpenBLAS) without the snapshot of every library's
-    info ``ThreadpoolController.limit`` takes (more than a decode step's arithmetic); only libraries not
-    at n already are set and restored."""
+    """``with blas_threads(n):`` BLAS at n threads for the block: threadpoolctl's limit (its library controllers and its
+count of the thread controlling OpenBLAS) without the snapshot of every library's info
+``ThreadpoolController.limit`` takes (more than a decode step's arithmetic); only libraries not at n already are set
+and restored."""
 
     __slots__ = ("n", "saved")
 
@@ -49,16 +47,6 @@ class blas_threads:
         for lib, m in self.saved:
             lib.set_num_threads(m)
         CONTROLLING_THREAD_OWNERSHIP.decrement()
-
-
-def step_threads(tokens: int):
-    """The BLAS threads of a decoder model's forward pass over ``tokens`` new positions per sequence: a
-    decode step (``tokens == 1``) holds BLAS at ``options.step_blas_threads`` for the whole step (None: as
-    BLAS is configured); any longer pass keeps BLAS's own setting (its GEMMs are compute-bound: every
-    thread helps). A rule on the call's shape and the settings alone: the same call always runs the same
-    way."""
-    n = options.step_blas_threads
-    return blas_threads(n) if tokens == 1 and n is not None else contextlib.nullcontext()
 
 
 def cpus() -> int:

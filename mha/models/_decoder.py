@@ -222,13 +222,17 @@ class DecoderModel:
         layer's log-sum-exp (which counts the sink), independent of the weights.
 
         On numpy, a decode step (one token per sequence) runs with BLAS at ``mha_cpu.options.step_blas_threads``
-        threads (default 1) for the whole step; longer passes keep BLAS's own setting
-        (:func:`mha_cpu.step_threads`: a rule on the call's shape and that setting)."""
-        if self.backend == "numpy":
+        threads (default 1; None: as configured) for the whole step, a rule on the call's shape and that
+        setting; longer passes keep BLAS's own setting (their GEMMs are compute-bound)."""
+        if self.backend == "numpy" and ids.shape[1] == 1:
             import mha_cpu
 
-            with mha_cpu.step_threads(ids.shape[1]):
-                return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out)
+            n = mha_cpu.options.step_blas_threads
+            if n is not None:
+                from threadpoolctl import threadpool_limits
+
+                with threadpool_limits(n, user_api="blas"):
+                    return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out)
         return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out)
 
     def _forward(self, ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out=None):

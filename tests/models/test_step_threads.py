@@ -1,6 +1,6 @@
-"""The BLAS threads of a numpy decoder's forward pass (mha_cpu.step_threads): a decode step (one token per
-sequence) runs with BLAS at mha_cpu.options.step_blas_threads, any longer pass with BLAS's own setting; a
-rule on the call's shape and the settings, and either way the same numbers."""
+"""The BLAS threads of a numpy decoder's forward pass (mha.models): a decode step (one token per sequence)
+runs with BLAS at mha_cpu.options.step_blas_threads, any longer pass with BLAS's own setting; a rule on
+the call's shape and the settings, and either way the same numbers."""
 
 from __future__ import annotations
 

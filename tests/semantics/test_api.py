@@ -18,7 +18,7 @@ def test_public_names():
     for name in ("MultiHeadAttention", "AttentionWeights", "available_backends", "default_backend",
                  "to_numpy"):
         assert name in mha.__all__ and hasattr(mha, name)
-    assert mha_cpu.__all__ == ["MultiHeadAttention", "Options", "attend", "options", "small_blocks", "step_threads"]
+    assert mha_cpu.__all__ == ["MultiHeadAttention", "Options", "attend", "options", "small_blocks"]
 
 
 def test_backends_share_constructor_call_and_public_names():
