@@ -3,10 +3,12 @@
 Each mutant names the file, the function (qualified name) and the code it replaces there, matched as
 an AST (tests/mutation/ast_edit.py): formatting, comments and moves within the function do not break it.
 They cover the xp-generic reference (both backends run it), the masks, the front end, the cache, RoPE,
-the MLX fused path and the numpy kernel, projections and splits. (Two bugs of the numpy core's rescaled
-logits have no mutant here, since no property mixes extreme magnitudes with an additive mask or a
-soft-cap: an additive mask, or the cap, applied in the units of 2^E (mha_cpu._kernel.run and .logits);
-tests/semantics/test_overflow.py guards both: test_bias_in_the_units_of_*, test_softcap_caps_*.)
+the MLX fused path and the numpy kernel, projections and splits. (Three bugs of the numpy core's overflow
+handling have no mutant here, since no property reaches them: an additive mask or the soft-cap applied
+to logits in units of 2^E (no property mixes extreme magnitudes with either), and a context that passes
+the range from values near the dtype's limit left unchecked (extreme_magnitudes keeps the values'
+projections in range). Unit tests guard all three: tests/semantics/test_overflow.py
+test_bias_in_the_units_of_*, test_softcap_caps_*, tests/semantics/test_core.py test_values_near_*.)
 """
 
 from __future__ import annotations
@@ -202,9 +204,6 @@ MUTANTS = [
            "a task of heads h0:h1 takes the first heads' sinks"),
     Mutant("fast-nan-not-poisoned", F, FIN, "ctx[by_key | by_value] = np.nan", "pass",
            "a non-finite key or value visible to a query silently zeroed, not propagated"),
-    Mutant("context-overflow-unchecked", F, FIN, "_check_context(t, ctx)", "pass",
-           "a context past the dtype's range from finite values returned as inf, not rerun scaled down"),
-    # the numpy layer: projections, splits, head_mask, W_O, the cache
     Mutant("fast-scale-not-folded", J, "Projections.__init__", "_fold(c.effective_scale, float(wmax))", "_fold(1.0, float(wmax))",
            "numpy fast path forgets the scale when folding it into W_q"),
     Mutant("fused-qkv-swapped", J, "Projections.heads",
