@@ -215,6 +215,31 @@ def test_nan_query_of_a_row_that_sees_nothing_is_isolated(impl, bias):
         np.testing.assert_array_equal(y[0], layer(q, q, q, mask=mask)[0])
 
 
+@pytest.mark.parametrize("sinks", [False, True])
+def test_split_by_head_groups_gives_each_group_its_own_heads(sinks):
+    """Self-attention on 3 workers split by groups of key/value heads (B=2, Hkv=4, G=2: groups of one kv
+    head): each task takes its own heads' rows of a per-head mask and its own heads' sinks (the float64
+    oracle; a group given the first heads' mask or sinks differs)."""
+    from mha.testing import oracle
+    from mha.testing.properties._common import edit_weights
+
+    B, T, E, H, Hkv = 2, 6, 32, 8, 4
+    w = random_weights(E, H, Hkv=Hkv, seed=4)
+    if sinks:
+        w = edit_weights(w, sinks=np.linspace(-1.0, 2.0, H).astype(np.float32))
+    layer = mha.MultiHeadAttention.from_weights(w, backend="numpy")
+    x = normal((B, T, E), 5)
+    mask = np.random.default_rng(6).random((B, H, T, T)) < 0.6
+    mask[..., 0] = True
+    with mha_cpu.options.override(threads=3, parallel_flops=0.0), _options.thresholds.override(task_flops=0.0):
+        assert layer._head_groups(_prepare.prepare(layer, x, None, None, mask=mask, key_mask=None, causal=False,
+                                                   head_mask=None, return_weights=False, training=False,
+                                                   check_finite=False, return_lse=False, cache=None), 3, 1e9) > 1
+        y = layer(x, mask=mask)
+    ref = oracle.attention(w, x, x, x, mask=mask)[0]
+    np.testing.assert_allclose(y, ref, rtol=2e-4, atol=2e-5)
+
+
 @pytest.mark.parametrize("threads", [2, 3, 5])
 def test_the_pool_runs_every_task_once_and_passes_errors_on(threads):
     """Workers take tasks as they come free: every item exactly once, in any order, from the calling
