@@ -52,23 +52,17 @@ def main(argv=None) -> dict:
     B, T, E, H = shape
     x = np.random.default_rng(0).standard_normal((B, T, E), dtype=np.float32)
     layer = mha.MultiHeadAttention(E, H, backend="numpy", seed=0)
-    base = mha_cpu.options.copy()
     times = ([], [])
 
     def run(i):
-        mha_cpu.options.restore(base)
-        for k, v in settings[i].items():
-            setattr(mha_cpu.options, k, v)
-        t = time.perf_counter()
-        layer(x, return_weights=args.weights)
-        times[i].append(time.perf_counter() - t)
+        with mha_cpu.options.override(**settings[i]):
+            t = time.perf_counter()
+            layer(x, return_weights=args.weights)
+            times[i].append(time.perf_counter() - t)
 
-    try:
-        for p in range(args.pairs + 1):  # the first pair warms up
-            for i in ((0, 1) if p % 2 == 0 else (1, 0)):
-                run(i)
-    finally:
-        mha_cpu.options.restore(base)
+    for p in range(args.pairs + 1):  # the first pair warms up
+        for i in ((0, 1) if p % 2 == 0 else (1, 0)):
+            run(i)
     a, b = (np.array(t[1:]) * 1e3 for t in times)
     d = b - a
     print(f"A {np.median(a):.3f} ms, B {np.median(b):.3f} ms; B - A paired median {np.median(d):+.3f} ms "

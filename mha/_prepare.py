@@ -144,9 +144,9 @@ def prepare(layer, query, key, value, *, mask, key_mask, causal, head_mask, retu
 def _decode_step(layer, query, cache, causal, return_weights, return_lse) -> Prepared | None:
     """The record of a decode step, ``layer(x_new, cache=cache, causal=..., return_weights=...,
     return_lse=...)``, or None (then the general checks run and raise what they must): query a native
-    (B, 1, E) array of the compute dtype (in the backend's layout, or copied so), the flags bools, the cache this layer's,
-    for B sequences, with room left, the layer one of self-attention. What :func:`check` would test beyond
-    that holds by construction: B, E and the dtype are the layer's and the cache's."""
+    (B, 1, E) array of the compute dtype (copied into the backend's layout if need be), the flags bools,
+    the cache this layer's, for B sequences, with room left, the layer one of self-attention. What
+    :func:`check` would test beyond that holds by construction: B, E and the dtype are the layer's."""
     c = layer.config
     flags = (causal, return_weights, return_lse)
     if (not all(f is True or f is False for f in flags) or c.kdim != c.embed_dim or c.vdim != c.embed_dim
@@ -158,8 +158,8 @@ def _decode_step(layer, query, cache, causal, return_weights, return_lse) -> Pre
         return None
     query = layer._as_input(query)
     step = cache._plan(1, None)
-    masks = _masks.prepare(layer._xp, mask=None, key_mask=step.key_mask, causal=causal, bias_dtype=None,
-                           window=c.window, q_pos=step.q_pos, k_pos=step.k_pos)
+    keep = None if step.key_mask is None else step.key_mask[:, None, None, :]  # (B, 1, 1, S)
+    masks = _masks.MaskSet(keep, None, causal, c.window, step.q_pos, step.k_pos)
     pos = Positions(step.offset, step.offset, step)
     return Prepared(query, query, query, masks, pos, None, None, return_weights, return_lse, True,
                     _route(layer, None, return_weights, return_lse, query.shape[0], 1, step.S))

@@ -60,7 +60,7 @@ def group_queries(x, num_kv_heads: int):
     return x.reshape((B, num_kv_heads, H // num_kv_heads) + tuple(x.shape[2:]))
 
 
-def _excess(xp, x, budget: int):
+def exponent_excess(xp, x, budget: int):
     """max(0, ceil(log2 max|x|) - budget) over x's finite entries: the power of two x must be divided by
     to stay within 2^budget. A host int; a 0-d array inside MLX transformations that forbid evaluation."""
     if x.size == 0:
@@ -91,7 +91,7 @@ def _shrink(xp, q, k, scale: float, acc):
     time, the factors never leave the dtype's range where the result stays in it: finite inputs give
     finite weights at every magnitude."""
     e_s = max(0, math.frexp(abs(scale))[1] - 20) if scale != 0 and math.isfinite(scale) else 0
-    e_q, e_k = _excess(xp, q, 45), _excess(xp, k, 45)
+    e_q, e_k = exponent_excess(xp, q, 45), exponent_excess(xp, k, 45)
     for f in _pow2_factors(xp, e_q, acc):
         q = q / f
     for f in _pow2_factors(xp, e_k, acc):

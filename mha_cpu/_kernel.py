@@ -16,56 +16,51 @@ running context a::
     context = a / l;  lse = log l + F m             (rows with l = 0: context 0, lse -inf)
     sinks: lse' = log(e^lse + e^sink_h); context and weights times e^(lse - lse')
 
-So the max pass of the textbook online softmax is skipped: terms are taken at the current offset and
-only rows whose sums leave the band are done again, centred (a row's arithmetic depends on its own
-numbers only, which the bitwise properties of hidden keys and NaN isolation rely on). With weights
-requested, a task takes all its keys in one block and e is written straight into the weights.
+So the max pass of the textbook online softmax is skipped: terms are taken at the current offset and only rows whose
+sums leave the band are done again, centred (a row's arithmetic depends on its own numbers only, which the bitwise
+properties of hidden keys and NaN isolation rely on). With weights requested, a task takes all its keys in one block
+and e is written straight into the weights.
 
-Non-finite keys and values: zeroed (in copies) before the tasks run, and the rows that see one get a
-NaN context (a NaN key: NaN weights and lse too). Overflow: a row whose logits leave the dtype's range
-although its query is finite (|q.k| past 3.4e38 in float32), or whose context does, raises
-:class:`Overflow`; the call then runs again on q, k and v scaled down by powers of two, with E (an int,
-applied in steps that stay within the dtype) the factor the logits lost, so finite inputs give finite
-results at every magnitude.
+Non-finite keys and values: zeroed (in copies) before the tasks run, and the rows that see one get a NaN context (a
+NaN key: NaN weights and lse too). Overflow: a row whose logits leave the dtype's range although its query is finite
+(|q.k| past 3.4e38 in float32), or whose context does, raises :class:`Overflow`; the call then runs again on q, k
+and v scaled down by powers of two, with E (an int, applied in steps that stay within the dtype) the factor the
+logits lost, so finite inputs give finite results at every magnitude.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections import namedtuple
 
 import numpy as np
 
 from mha import _reference
+from mha._reference import exponent_excess
 
 from ._options import options, thresholds
-from ._workers import Slot, Workers
+from ._workers import Workers
 
 NEG_INF = -np.inf
 LIMIT = float(np.exp(30.0))  # a row sum above this (terms up to e^30) is done again, centred
 FLOOR = float(np.exp(-60.0))  # a row's first terms summing below this are done again, centred
-LOGITS, REDO_LOGITS, PV = Slot("logits"), Slot("redone logits"), Slot("PV product")
 _ERR = dict(invalid="ignore", over="ignore", divide="ignore")
 
 
-def _min(a):
-    return float(np.minimum.reduce(a, axis=None))
+def _red(ufunc, a) -> float:  # a whole-array reduction (np.minimum, np.maximum, np.add) as a float
+    return float(ufunc.reduce(a, axis=None))
 
 
-def _max(a):
-    return float(np.maximum.reduce(a, axis=None))
-
-
-def _sum(a):
-    return float(np.add.reduce(a, axis=None))
+def all_finite(a) -> bool:
+    """Whether ``a`` holds no NaN/inf: one sum (its overflow alone sends it to the exact check)."""
+    return math.isfinite(_red(np.add, a)) or bool(np.isfinite(a).all())
 
 
 class Overflow(ArithmeticError):
     """Logits or a context of finite inputs left the dtype's range: :func:`attend` runs again, rescaled."""
 
 
-def times_pow2(x, e: int):
-    """x * 2^e in place (e an int of any size), in steps within float32's range; returns x."""
+def times_pow2(x, e: int):  # x * 2^e in place (e an int of any size), in steps within float32's range
     while e:
         step = max(-100, min(100, e))
         x *= math.ldexp(1.0, step)
@@ -73,39 +68,31 @@ def times_pow2(x, e: int):
     return x
 
 
-def excess(a, budget: int) -> int:
-    """p >= 0 such that a * 2^-p stays within 2^budget (NaN/inf entries ignored)."""
-    top = float(np.abs(a).max(initial=0.0))
-    if not math.isfinite(top):
-        top = float(np.abs(a).max(initial=0.0, where=np.isfinite(a)))
-    return max(0, math.frexp(top)[1] - budget) if top > 0 else 0
+def zeroed(a, bad):
+    """``a`` (B, Hkv, S, D) with the vectors flagged in ``bad`` (B, Hkv, S) zeroed, copied with a's own
+    strides (BLAS may round another layout differently: rows that see none keep a clean call's bits)."""
+    if min(a.strides) < 0:
+        return np.where(bad[..., None], 0, a)
+    span = sum((n - 1) * st for n, st in zip(a.shape, a.strides)) + a.itemsize
+    out = np.lib.stride_tricks.as_strided(np.empty(span // a.itemsize, a.dtype), a.shape, a.strides)
+    np.copyto(out, a)
+    out[bad] = 0
+    return out
 
 
-class Call(NamedTuple):
-    """One kernel run. q (B, H, T, D) times the scale; k, v (B, Hkv, S, D), their non-finite vectors
-    zeroed; masks the MaskSet (its bias in the logits' units); ctx (B, T, H, D), lse (B, H, T) and
-    weights (B, H, T, S) or None receive the results; E: the logits are s * 2^E; bad: (bad_k, bad_v)
-    (B, Hkv, S) flags of the zeroed vectors, or None; softcap, sinks (H,) float64 or None."""
-
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
-    masks: object
-    ctx: np.ndarray
-    lse: np.ndarray
-    weights: np.ndarray | None
-    E: int
-    bad: tuple | None
-    softcap: float | None
-    sinks: np.ndarray | None
+# One run: q (B, H, T, D) times the scale; k, v (B, Hkv, S, D), non-finite vectors zeroed and flagged in
+# bad = (keys, values) (B, Hkv, S) bools, or None; masks (its bias in the logits' units); ctx (B, T, H, D),
+# lse (B, H, T), weights (B, H, T, S) or None to fill; the logits are s * 2^E; softcap; sinks (H,) or None.
+Call = namedtuple("Call", "q k v masks ctx lse weights E bad softcap sinks")
 
 
 def attend(q, k, v, masks, *, scale: float, softcap=None, sinks=None, dropout=None, return_weights: bool = False,
-           finite: bool | None = None):
+           finite: bool | None = None, out=None):
     """(context (B, H, T, D), lse (B, H, T)[, weights (B, H, T, S)]) as :func:`mha.reference.attend` defines
     them, for numpy float32/float64 q (B, H, T, D), k and v (B, Hkv, S, D) and a MaskSet over (B, H, T, S).
     ``finite``: True when the caller knows k and v hold no NaN/inf (a cache remembers), None: checked.
-    Dropout takes the reference's arithmetic."""
+    ``out``: (context (B, T, H, D), lse, weights or None) arrays (views) to write into. Dropout takes the
+    reference's arithmetic."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if dropout is not None or 0 in (B, T, S):
@@ -115,21 +102,22 @@ def attend(q, k, v, masks, *, scale: float, softcap=None, sinks=None, dropout=No
     dt = q.dtype
     with np.errstate(**_ERR):
         bad = None
-        if not (finite or (np.isfinite(k).all() and np.isfinite(v).all())):
+        if not (finite or (all_finite(k) and all_finite(v))):
             bad = ~np.isfinite(k).all(-1), ~np.isfinite(v).all(-1)  # (B, Hkv, S)
-            k, v = np.where(bad[0][..., None], 0, k).astype(dt), np.where(bad[1][..., None], 0, v).astype(dt)
-        E = excess(q, 45 - math.frexp(abs(scale))[1]) if scale != 0 else 0  # |q * scale / 2^E| <= 2^45
+            k, v = zeroed(k, bad[0]), zeroed(v, bad[1])
+        # |q scale| / 2^E <= 2^45; the layer's q comes scaled (scale 1): its overflow takes the rerun
+        E = exponent_excess(np, q, 45 - math.frexp(abs(scale))[1]) if scale not in (0, 1) else 0
         q = q * dt.type(math.ldexp(scale, -E)) if (scale != 1 or E) else q
         sink = None if sinks is None else np.asarray(sinks, np.float64)
-        ctx, lse = np.empty((B, T, H, D), dt), np.empty((B, H, T), dt)
-        weights = np.empty((B, H, T, S), dt) if return_weights else None
+        ctx, lse, weights = out or (np.empty((B, T, H, D), dt), np.empty((B, H, T), dt),
+                                    np.empty((B, H, T, S), dt) if return_weights else None)
         flops = 4.0 * B * T * S * H * D
         try:
             run(Call(q, k, v, masks, ctx, lse, weights, E, bad, softcap, sink), flops)
         except Overflow:  # every row again on q, k, v scaled down by powers of two
-            pk, pv = excess(k, 45), excess(v, 60)
-            k, v = times_pow2(k.astype(dt), -pk), times_pow2(v.astype(dt), -pv)
-            run(Call(q, k, v, masks, ctx, lse, weights, E + pk, bad, softcap, sink), flops)
+            pq, pk, pv = (exponent_excess(np, a, b) for a, b in ((q, 45), (k, 45), (v, 60)))
+            q, k, v = (times_pow2(a.astype(dt), -p) for a, p in ((q, pq), (k, pk), (v, pv)))
+            run(Call(q, k, v, masks, ctx, lse, weights, E + pq + pk, bad, softcap, sink), flops)
             times_pow2(ctx, pv)
     context = ctx.transpose(0, 2, 1, 3)  # (B, H, T, D) view
     return (context, lse, weights) if return_weights else (context, lse)
@@ -142,9 +130,11 @@ def run(call: Call, flops: float) -> None:
     if call.E and call.masks.bias is not None and call.softcap is None:  # the bias in the logits' units
         call = call._replace(masks=call.masks.with_bias(times_pow2(call.masks.bias.copy(), -call.E)))
     single = call.weights is not None or S <= thresholds.single_pass_max or T * H * S <= thresholds.single_pass_floats
-    step = S if single else options.block_k
+    step = S if single else options.block_k  # weights asked: all keys in one block, e written into them
     with Workers(flops) as workers:
         tasks = plan(B, T, H, Hkv, S, step, workers.n)
+        if len(tasks) == 1:
+            return task(call, *tasks[0], step)
         if call.masks.causal:  # the costliest first (later rows see more keys): the last task taken is short
             tasks.sort(key=lambda t: -t[3])
         workers.map(lambda t: task(call, *t, step), tasks)
@@ -157,6 +147,8 @@ def plan(B: int, T: int, H: int, Hkv: int, S: int, step: int, workers: int) -> l
     tokens against a long cache), the key/value heads are split over the idle workers."""
     bq = options.block_q
     budget = (16 << 20) // (4 * H * max(step, 1))  # query rows of one task
+    if workers == 1 and B * T <= budget and (bq is None or bq >= T):  # one task (a decode step)
+        return [(0, B, 0, T, 0, Hkv)]
     if bq is None:
         bq = min(max(budget, 32), max(256, 1024 // H))
         bq = max(16, min(bq, -(-T // max(1, -(-workers // max(B, 1))))))
@@ -182,19 +174,16 @@ class _Task:
         self.plain = m.keep is None and m.bias is None and not m.positional  # no mask at all
         self.masks = m if self.plain else m.cut(batch=(b0, b1), heads=(self.h0, self.h1), rows=(i0, i1))
         self.qb = call.q[b0:b1, self.h0:self.h1, i0:i1].reshape(self.B_, self.Hkv_, self.G, self.n, -1)
-        dt = call.q.dtype
-        self.m = np.zeros((self.B_, self.H_, self.n, 1), dt)
-        self.l = np.zeros((self.B_, self.H_, self.n, 1), dt)
-        self.acc = None
+        self.kt = call.k[b0:b1, g0:g1, None].swapaxes(-1, -2)  # (B_, Hkv_, 1, D, S)
+        self.vb = call.v[b0:b1, g0:g1, None]  # (B_, Hkv_, 1, S, D)
+        self.m = np.zeros((self.B_, self.H_, self.n, 1), call.q.dtype)
+        self.l = self.acc = self.seen_bad = None  # no terms yet; seen_bad: (key, value) (B_, H_, n, 1) bools
         self.centred = False  # whether an offset ever moved from 0
-        self.seen_bad = None  # (seen a bad key, seen a bad value), (B_, H_, n, 1) bools
 
-    def kv(self, a, j0: int, j1: int):
-        """(B_, Hkv_, 1, keys, D): keys or values j0:j1 of this task's batch elements and heads."""
-        return a[self.b0:self.b1, self.g0:self.g1, j0:j1][:, :, None]
+    def finite_rows(self):  # (B_, H_, n): the rows whose query is finite
+        return np.isfinite(self.qb).all(axis=-1).reshape(self.B_, self.H_, self.n)
 
-    def split(self, a):
-        """(B_, H_, n, x) -> (B_, Hkv_, G, n, x), a view."""
+    def split(self, a):  # (B_, H_, n, x) -> (B_, Hkv_, G, n, x), a view
         return a.reshape(self.B_, self.Hkv_, self.G, self.n, -1)
 
 
@@ -204,22 +193,20 @@ def task(call: Call, b0: int, b1: int, i0: int, i1: int, g0: int, g1: int, step:
     lo, hi = t.masks.key_span()
     wrows = None if call.weights is None else call.weights[b0:b1, t.h0:t.h1, i0:i1]  # (B_, H_, n, S)
     if wrows is not None:  # keys wholly in the causal future or outside the window
-        wrows[..., hi:] = 0
-        wrows[..., :lo] = 0
+        wrows[..., hi:], wrows[..., :lo] = 0, 0
     for j0 in range(lo, hi, step):
         j1 = min(j0 + step, hi)
-        with LOGITS.lease((t.B_, t.H_, t.n, j1 - j0), call.q.dtype) as buf:
-            e = buf if wrows is None else wrows[..., j0:j1]
-            block = t.masks if t.plain else t.masks.cut(cols=(j0, j1))
-            vis = block.visible(np)  # (B_ or 1, H_ or 1, n or 1, keys or 1), or None
-            terms(t, logits(t, block, vis, j0, j1, e))
-            sums = e.sum(axis=-1, keepdims=True)
-            bad = out_of_band(t, sums, vis)
-            if bad is not None:
-                recentre(t, block, vis, j0, j1, bad, e, sums)
-            if call.bad is not None:
-                note_bad(t, vis, j0, j1)
-            accumulate(t, e, j0, j1, sums)
+        e = np.empty((t.B_, t.H_, t.n, j1 - j0), call.q.dtype) if wrows is None else wrows[..., j0:j1]
+        block = t.masks if t.plain else t.masks.cut(cols=(j0, j1))
+        vis = block.visible(np)  # (B_ or 1, H_ or 1, n or 1, keys or 1), or None
+        terms(t, logits(t, block, vis, j0, j1, e))
+        sums = np.add.reduce(e, axis=-1, keepdims=True)
+        bad = out_of_band(t, sums, vis)
+        if bad is not None:
+            recentre(t, block, vis, j0, j1, bad, e, sums)
+        if call.bad is not None:
+            note_bad(t, vis, j0, j1)
+        accumulate(t, e, j0, j1, sums)
     finish(t, lo, hi)
 
 
@@ -227,12 +214,12 @@ def logits(t: _Task, block, vis, j0: int, j1: int, out):
     """(B_, H_, n, keys) logits of keys j0:j1 into ``out``: q k^T, soft-capped, plus the bias, -inf where
     hidden (in units of 2^E, or true units with a soft-cap)."""
     c = t.call
-    s = np.matmul(t.qb, t.kv(c.k, j0, j1).swapaxes(-1, -2), out=t.split(out)).reshape(out.shape)
-    if c.softcap is not None:
-        if c.E:
-            times_pow2(s, c.E)  # true logits (+-inf past the range: capped to +-c)
-        s /= c.softcap
-        np.tanh(s, out=s)
+    s = np.matmul(t.qb, t.kt[..., j0:j1], out=t.split(out)).reshape(out.shape)
+    if c.softcap is not None:  # the cap hides an overflow from the band: q.k must be in range first
+        if not math.isfinite(_red(np.add, s)) and (~np.isfinite(s).all(axis=-1) & t.finite_rows()).any():
+            raise Overflow("logits beyond the dtype's range")
+        times_pow2(s, c.E)  # true logits (+-inf past the range: capped to +-c)
+        np.tanh(s / c.softcap, out=s)
         s *= c.softcap
     if block.bias is not None:
         s += block.bias
@@ -241,8 +228,7 @@ def logits(t: _Task, block, vis, j0: int, j1: int, out):
     return s
 
 
-def terms(t: _Task, s) -> None:
-    """e = exp(F (s - m)) in place of s."""
+def terms(t: _Task, s) -> None:  # e = exp(F (s - m)), in place of s
     if t.centred:
         s -= t.m
     if t.call.E and t.call.softcap is None:
@@ -253,10 +239,10 @@ def terms(t: _Task, s) -> None:
 def out_of_band(t: _Task, sums, vis):
     """(B_, H_, n, 1) bool of the rows whose terms left the band (None if none did): a sum above LIMIT, inf
     or NaN, or, for a row without terms yet, below FLOOR, unless the row sees no key in this block."""
-    if FLOOR <= _min(sums) and _max(sums) <= LIMIT:  # the common case, in two reductions (NaN fails)
+    if FLOOR <= _red(np.minimum, sums) and _red(np.maximum, sums) <= LIMIT:  # the common case (NaN fails)
         return None
     bad = ~(sums <= LIMIT)  # NaN and inf fail too
-    bad |= ~(sums >= FLOOR) & (t.l == 0)
+    bad |= ~(sums >= FLOOR) & (True if t.l is None else t.l == 0)
     if not bad.any():
         return None
     empty = bad & (sums == 0)
@@ -270,56 +256,34 @@ def recentre(t: _Task, block, vis, j0: int, j1: int, bad, e, sums) -> None:
     not relative to the old offset, whose rounding would miss it), their accumulated context and sum are
     rescaled, and their new terms replace theirs in ``e`` and ``sums``."""
     c = t.call
-    with REDO_LOGITS.lease(e.shape, e.dtype) as buf:
-        s = logits(t, block, vis, j0, j1, buf)
-        top = s.max(axis=-1, keepdims=True)
-        if not np.isfinite(top[bad]).all():
-            _check_overflow(t, bad & ~np.isfinite(top))
-        m = np.where(bad & np.isfinite(top), top, t.m)
-        if t.acc is not None:  # rows without terms keep theirs (0: e^+big * 0 would be NaN)
-            alpha = np.where(t.l > 0, t.m - m, 0)
-            if c.E and c.softcap is None:
-                times_pow2(alpha, c.E)
-            alpha = np.exp(alpha)
-            t.acc *= alpha
-            t.l *= alpha
-        t.m[...] = m
-        t.centred = True
-        terms(t, s)
-        np.copyto(e, s, where=bad)
-        np.copyto(sums, s.sum(axis=-1, keepdims=True), where=bad)
-
-
-def _check_overflow(t: _Task, rows) -> None:
-    """Raise :class:`Overflow` if a row without a finite maximum (``rows``, (B_, H_, n, 1)) has a finite
-    query: its logits left the dtype's range (a NaN or inf query makes its row NaN, as the reference's)."""
-    finite_q = np.isfinite(t.qb).all(axis=-1).reshape(rows.shape)
-    if (rows & finite_q).any():
-        raise Overflow("logits beyond the dtype's range")
+    s = logits(t, block, vis, j0, j1, np.empty(e.shape, e.dtype))
+    top = s.max(axis=-1, keepdims=True)
+    if not np.isfinite(top[bad]).all():  # past the range from a finite query: rescale (a NaN query: NaN)
+        if (bad & ~np.isfinite(top) & t.finite_rows()[..., None]).any():
+            raise Overflow("logits beyond the dtype's range")
+    m = np.where(bad & np.isfinite(top), top, t.m)
+    if t.l is not None:  # rows without terms keep theirs (0: e^+big * 0 would be NaN)
+        alpha = np.exp(times_pow2(np.where(t.l > 0, t.m - m, 0), c.E if c.softcap is None else 0))
+        t.acc *= alpha
+        t.l *= alpha
+    t.m[...], t.centred = m, True
+    terms(t, s)
+    np.copyto(e, s, where=bad)
+    np.copyto(sums, np.add.reduce(s, axis=-1, keepdims=True), where=bad)
 
 
 def note_bad(t: _Task, vis, j0: int, j1: int) -> None:
     """Remember which rows see a zeroed non-finite key or value among keys j0:j1."""
-    seen = []
-    for flags in t.call.bad:
-        f = flags[t.b0:t.b1, t.g0:t.g1, j0:j1][:, :, None, None]  # (B_, Hkv_, 1, 1, keys)
-        if vis is not None:
-            b_, h_ = vis.shape[:2]
-            f = f & vis.reshape((b_,) + ((t.Hkv_, t.G) if h_ > 1 else (1, 1)) + vis.shape[2:])
-        hit = np.broadcast_to(f.any(axis=-1), (t.B_, t.Hkv_, t.G, t.n))
-        seen.append(hit.reshape(t.B_, t.H_, t.n, 1))
+    vis = None if vis is None else vis.reshape(vis.shape[:1] + ((t.Hkv_, t.G) if vis.shape[1] > 1 else (1, 1))
+                                               + vis.shape[2:])  # (B_?, Hkv_?, G?, n?, keys?)
+    seen = [np.broadcast_to((f if vis is None else f & vis).any(axis=-1), (t.B_, t.Hkv_, t.G, t.n)).reshape(
+        t.B_, t.H_, t.n, 1) for f in (a[t.b0:t.b1, t.g0:t.g1, None, None, j0:j1] for a in t.call.bad)]
     t.seen_bad = seen if t.seen_bad is None else [a | b for a, b in zip(t.seen_bad, seen)]
 
 
-def accumulate(t: _Task, e, j0: int, j1: int, sums) -> None:
-    """a += e v, l += sums."""
-    if t.acc is None:
-        t.acc = np.matmul(t.split(e), t.kv(t.call.v, j0, j1)).reshape(t.B_, t.H_, t.n, -1)
-    else:
-        with PV.lease((t.B_, t.H_, t.n, t.call.v.shape[-1]), e.dtype) as pv:
-            np.matmul(t.split(e), t.kv(t.call.v, j0, j1), out=t.split(pv))
-            t.acc += pv
-    t.l += sums
+def accumulate(t: _Task, e, j0: int, j1: int, sums) -> None:  # a += e v, l += sums
+    pv = np.matmul(t.split(e), t.vb[..., j0:j1, :]).reshape(t.B_, t.H_, t.n, -1)
+    t.acc, t.l = (pv, sums) if t.acc is None else (t.acc + pv, t.l + sums)
 
 
 def finish(t: _Task, lo: int, hi: int) -> None:
@@ -327,13 +291,11 @@ def finish(t: _Task, lo: int, hi: int) -> None:
     c, dt = t.call, t.call.q.dtype
     ctx = c.ctx[t.b0:t.b1, t.i0:t.i1, t.h0:t.h1].transpose(0, 2, 1, 3)  # (B_, H_, n, D) view
     lse = c.lse[t.b0:t.b1, t.h0:t.h1, t.i0:t.i1]  # (B_, H_, n) view
-    empty = t.l == 0 if _min(t.l) == 0 else None
-    denom = t.l if empty is None else np.where(empty, 1.0, t.l)
-    rows = np.log(denom)  # lse of the visible keys: log l + F m (-inf for no key)
+    l = np.zeros_like(t.m) if t.l is None else t.l
+    rows = np.log(l)  # lse of the visible keys: log l + F m (-inf for no key: l = 0)
     if t.centred:
         rows = rows + times_pow2(t.m.astype(np.float64), 0 if c.softcap is not None else c.E)
-    if empty is not None:
-        rows[empty] = NEG_INF
+    denom = np.maximum(l, np.finfo(dt).tiny)  # a row with no key divides 0 (a first block sums >= FLOOR)
     if c.sinks is not None:  # the visible keys' share e^(lse - lse') of a denominator with the sink in it
         total = np.logaddexp(rows, c.sinks[t.h0:t.h1, None, None])
         share = np.where(np.isfinite(rows), np.exp(rows - total), rows == np.inf)
@@ -344,7 +306,7 @@ def finish(t: _Task, lo: int, hi: int) -> None:
         ctx[...] = 0
     else:
         np.divide(t.acc, denom, out=ctx)
-        if not math.isfinite(_sum(ctx)):  # (a sum past the range too: then checked row by row)
+        if not math.isfinite(_red(np.add, ctx)):  # (a sum past the range too: then checked row by row)
             _check_context(t, ctx)
     if c.weights is not None:
         c.weights[t.b0:t.b1, t.h0:t.h1, t.i0:t.i1, lo:hi] /= denom
@@ -359,7 +321,7 @@ def finish(t: _Task, lo: int, hi: int) -> None:
 def _check_context(t: _Task, ctx) -> None:
     """A context that left the range from finite numbers (values near the dtype's limit): Overflow."""
     rows = ~np.isfinite(ctx).all(axis=-1)  # (B_, H_, n)
-    rows &= np.isfinite(t.qb).all(axis=-1).reshape(rows.shape) & np.isfinite(t.l[..., 0])
+    rows &= t.finite_rows() & np.isfinite(t.l[..., 0])  # (acc: l is set)
     if t.seen_bad is not None:
         rows &= ~(t.seen_bad[0] | t.seen_bad[1])[..., 0]
     if rows.any():

@@ -1,23 +1,15 @@
-"""The numpy backend's projection weights, in the forms the fast path uses.
-
-- Q/K/V fused into one GEMM for self-attention, and K/V for cross-attention with kdim == vdim.
-- The scale folded into W_q and b_q (no pass over the logits multiplies them), unless the layer
-  normalises q (qk_norm: the norm would undo it) or the folded weights would pass 2^64 (a scale like
-  3e38): then :attr:`Projections.logit_scale` is the scale, which the core applies.
-- Every weight stored transposed, (in, out) and contiguous, for ``x @ wt``: OpenBLAS packs the (out,
-  in) layout's transpose at every call, which costs as much as the product at a few rows.
-"""
+"""The numpy backend's projection weights, in the forms the fast path uses: Q/K/V fused into one GEMM for
+self-attention (K/V for cross-attention with kdim == vdim); the scale folded into W_q and b_q, unless
+the layer normalises q (the norm would undo it) or the folded weights would pass 2^64 (then
+:attr:`Projections.logit_scale` is the scale, for the core); every weight transposed, (in, out) and
+contiguous, for ``x @ wt`` (OpenBLAS packs an (out, in) operand's transpose at every call)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 
-from ._workers import Slot
-
-QKV, Q, KV, K, V = Slot("QKV projection"), Slot("Q projection"), Slot("KV projection"), Slot("K"), Slot("V")
 _FOLD_LIMIT = 2.0**64  # the folded query weights stay below this
 
 
@@ -43,32 +35,45 @@ class Projections:
         if c.kdim == c.vdim:
             form["kv"] = tuple(np.concatenate([form[n][i] for n in "kv"]) for i in (0, 1))
         self.form = {name: (np.ascontiguousarray(w_.T), b_) for name, (w_, b_) in form.items()}  # (in, out)
+        self._groups = {}
 
-    @contextlib.contextmanager
+    def groups(self, g: int) -> list:
+        """Per group of key/value heads (g groups): (first, end) kv head and its columns of the fused Q/K/V
+        projection (weight (in, out), bias), contiguous; made once per g."""
+        if g not in self._groups:
+            c = self.config
+            G, D, (w, b) = c.num_heads // c.num_kv_heads, c.head_dim, self.form["qkv"]
+            H, found = c.num_heads, []
+            for i in range(g):
+                g0, g1 = i * c.num_kv_heads // g, (i + 1) * c.num_kv_heads // g
+                cols = np.r_[g0 * G * D:g1 * G * D, H * D + g0 * D:H * D + g1 * D,
+                             (H + c.num_kv_heads) * D + g0 * D:(H + c.num_kv_heads) * D + g1 * D]
+                found.append((g0, g1, np.ascontiguousarray(w[:, cols]), b[cols]))
+            self._groups[g] = found
+        return self._groups[g]
+
     def heads(self, call, workers):
-        """(q, k, v) as (B, L, heads, D) views of one or two GEMM outputs in this thread's scratch (held
-        for the ``with`` block); q scaled when the scale is folded."""
+        """(q, k, v) as (B, L, heads, D) views of one or two GEMM outputs; q scaled when the scale is folded."""
         c, form = self.config, self.form
         query, key, value = call.query, call.key, call.value
         B, T, _ = query.shape
         L = key.shape[1]
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
-        with contextlib.ExitStack() as stack:
-            def linear(slot, x, wb):
-                out = stack.enter_context(slot.lease(x.shape[:-1] + (wb[0].shape[1],), query.dtype))
-                return workers.linear(x, *wb, out)
 
-            if call.self_attention and "qkv" in form:  # one GEMM
-                y = linear(QKV, query, form["qkv"])
-                q, k, v = y[..., :H * D], y[..., H * D:(H + Hkv) * D], y[..., (H + Hkv) * D:]
+        def linear(x, wb):
+            return workers.linear(x, *wb, np.empty(x.shape[:-1] + (wb[0].shape[1],), query.dtype))
+
+        if call.self_attention and "qkv" in form:  # one GEMM
+            y = linear(query, form["qkv"])
+            q, k, v = y[..., :H * D], y[..., H * D:(H + Hkv) * D], y[..., (H + Hkv) * D:]
+        else:
+            q = linear(query, form["q"])
+            if value is key and "kv" in form:
+                kv = linear(key, form["kv"])
+                k, v = kv[..., :Hkv * D], kv[..., Hkv * D:]
             else:
-                q = linear(Q, query, form["q"])
-                if value is key and "kv" in form:
-                    kv = linear(KV, key, form["kv"])
-                    k, v = kv[..., :Hkv * D], kv[..., Hkv * D:]
-                else:
-                    k, v = linear(K, key, form["k"]), linear(V, value, form["v"])
-            yield q.reshape(B, T, H, D), k.reshape(B, L, Hkv, D), v.reshape(B, L, Hkv, D)
+                k, v = linear(key, form["k"]), linear(value, form["v"])
+        return q.reshape(B, T, H, D), k.reshape(B, L, Hkv, D), v.reshape(B, L, Hkv, D)
 
 
 def _fold(scale: float, wmax: float) -> tuple[float, float]:

@@ -1,30 +1,18 @@
-"""The numpy backend's threads and its reusable per-thread temporaries.
-
-Threads, by library: a call's tasks run on a ``concurrent.futures`` thread pool (numpy's elementwise
-ops are single-threaded but release the GIL), with BLAS held at one thread meanwhile by threadpoolctl's
-``limit`` context manager, so that the two levels of threading do not fight; a call on the calling
-thread alone holds BLAS at ``options.blas_threads``. The limit is set and restored by the thread that
-makes the call (OpenBLAS takes limits from one controlling thread at a time: calls overlapping from
-several threads may run with BLAS's own setting, never leave it changed).
-
-Temporaries: a fresh array of a few MiB costs a page fault per 4 KiB touched once the allocator has
-handed it back to the kernel, so temporaries that never leave a call live in buffers each thread keeps
-from call to call. Each buffer is a :class:`Slot`, a module-level constant of the one module that uses
-it; leasing a slot the same thread already holds raises RuntimeError. What a call returns is always a
-fresh array.
+"""The numpy backend's threads, by library: a call's tasks run on a ``concurrent.futures`` thread pool (numpy releases
+the GIL in its loops and BLAS), with BLAS held at one thread meanwhile through threadpoolctl, so that the two levels
+of threading do not fight; a call on the calling thread alone holds BLAS at ``options.blas_threads``. The thread
+that makes a call sets and restores the limit (OpenBLAS takes limits from one controlling thread at a time: calls
+overlapping from several threads may run with BLAS's own setting, never leave it changed).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 import threading
-import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
+from threadpoolctl import CONTROLLING_THREAD_OWNERSHIP, ThreadpoolController
 
 from ._options import options, thresholds
 
@@ -32,13 +20,33 @@ _PREFIX = "mha_cpu"
 TASKS_PER_WORKER = 4  # what a call is cut into, per worker, so that a slower core holds it up little
 _state = {"pool": None, "size": 0, "blas": None}
 _lock = threading.Lock()
-_local = threading.local()  # per thread: the Workers block it is in, whether it is a worker, its buffers
+_local = threading.local()  # per thread: the Workers block it is in, whether it runs a task
 
 
-def _blas():
-    if _state["blas"] is None:
-        _state["blas"] = ThreadpoolController().select(user_api="blas")
-    return _state["blas"]
+class blas_threads:
+    """``with blas_threads(n):`` BLAS at n threads for the block: threadpoolctl's limit (its library controllers and its
+count of the thread controlling OpenBLAS) without the snapshot of every library's info
+``ThreadpoolController.limit`` takes (more than a decode step's arithmetic); only libraries not at n already are set
+and restored."""
+
+    __slots__ = ("n", "saved")
+
+    def __init__(self, n: int):
+        self.n, self.saved = n, ()
+
+    def __enter__(self):
+        if _state["blas"] is None:
+            _state["blas"] = ThreadpoolController().select(user_api="blas").lib_controllers
+        self.saved = [(lib, m) for lib in _state["blas"] if (m := lib.get_num_threads()) != self.n]
+        CONTROLLING_THREAD_OWNERSHIP.increment()
+        for lib, _ in self.saved:
+            lib.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        for lib, m in self.saved:
+            lib.set_num_threads(m)
+        CONTROLLING_THREAD_OWNERSHIP.decrement()
 
 
 def cpus() -> int:
@@ -52,37 +60,28 @@ def cpus() -> int:
 
 
 def on_worker() -> bool:
-    """Whether this thread is one of the pool's workers."""
+    """Whether this thread runs a task of the pool: one of its workers, or a caller taking part in a map."""
     found = getattr(_local, "on_worker", None)
     if found is None:
         found = _local.on_worker = threading.current_thread().name.startswith(_PREFIX)
-    return found
-
-
-def _executor(n: int) -> ThreadPoolExecutor:
-    with _lock:
-        if _state["pool"] is None or _state["size"] != n:
-            _state["pool"], _state["size"] = ThreadPoolExecutor(max_workers=n, thread_name_prefix=_PREFIX), n
-        return _state["pool"]
+    return found or getattr(_local, "mapping", False)
 
 
 class Workers:
     """The workers of one call: ``with Workers(flops) as workers: workers.map(fn, items)``: the pool for
-    ``options.parallel_flops`` of work or more (BLAS at one thread), else the calling thread alone
-    (BLAS at ``options.blas_threads``); always the calling thread alone on a worker. Inside another
-    Workers block of the same thread (the core within a layer call), the outer one's choice holds."""
+    ``options.parallel_flops`` of work or more (BLAS at one thread), else the calling thread alone (BLAS at
+    ``options.blas_threads``); one thread inside a task. Inside another Workers block of the same thread
+    (the core within a layer call), the outer one's choice holds."""
 
     def __init__(self, flops: float):
         outer = getattr(_local, "workers", None)
-        self.n = outer.n if outer is not None else 1 if on_worker() or flops < options.parallel_flops else cpus()
+        self.n = 1 if on_worker() else outer.n if outer is not None else 1 if flops < options.parallel_flops else cpus()
         self._limit = None
 
     def __enter__(self):
         if getattr(_local, "workers", None) is None and not on_worker():
             blas = 1 if self.n > 1 else options.blas_threads
-            self._limit = None if blas is None else _blas().limit(limits=blas)
-            if self._limit is not None:
-                self._limit.__enter__()
+            self._limit = None if blas is None else blas_threads(blas).__enter__()
             _local.workers = self
         return self
 
@@ -94,7 +93,8 @@ class Workers:
 
     def map(self, fn, items) -> None:
         """Run ``fn`` on every item, the workers taking the next item whenever they are free (in the order
-        given: put the costliest first), the calling thread among them."""
+        given: put the costliest first), the calling thread among them; a task's error is raised once every
+        running task has ended, and no task starts after it."""
         items = list(items)
         if self.n <= 1 or len(items) <= 1:
             for it in items:
@@ -115,10 +115,16 @@ class Workers:
                         failed.append(True)  # the others stop taking items
                         raise
 
-        pending = [_executor(self.n - 1).submit(work) for _ in range(min(self.n, len(items)) - 1)]
+        with _lock:
+            if _state["pool"] is None or _state["size"] != self.n - 1:
+                _state["pool"] = ThreadPoolExecutor(max_workers=self.n - 1, thread_name_prefix=_PREFIX)
+                _state["size"] = self.n - 1
+        pending = [_state["pool"].submit(work) for _ in range(min(self.n, len(items)) - 1)]
+        _local.mapping = True  # a Workers made inside a task stays on this thread, as on a worker
         try:
             work()
         finally:  # never return while workers still write into the caller's buffers
+            _local.mapping = False
             wait(pending)
         for f in pending:
             f.result()
@@ -129,14 +135,14 @@ class Workers:
         ``thresholds.tile_rows`` rows and ``tile_cols`` columns); returns out (..., out_features)."""
         x2 = x.reshape(-1, x.shape[-1])
         o2 = out.reshape(x2.shape[0], weight_t.shape[1])  # out is C-contiguous: a view
-        (M, N), parts, t = o2.shape, TASKS_PER_WORKER * self.n if self.n > 1 else 1, thresholds
+        (M, N), t = o2.shape, thresholds
         if self.n == 1 or M == 0 or N == 0:
             np.matmul(x2, weight_t, out=o2)
             if bias is not None:
                 o2 += bias
             return out
-        pr = max(1, min(parts, M // t.tile_rows))
-        pc = max(1, min(-(-parts // pr), N // t.tile_cols))
+        pr = max(1, min(TASKS_PER_WORKER * self.n, M // t.tile_rows))
+        pc = max(1, min(-(-TASKS_PER_WORKER * self.n // pr), N // t.tile_cols))
         rs, cs = -(-M // pr), -(-(-(-N // pc)) // t.tile_align) * t.tile_align
 
         def part(tile):
@@ -148,65 +154,3 @@ class Workers:
 
         self.map(part, [(r0, c0) for r0 in range(0, M, rs) for c0 in range(0, N, cs)])
         return out
-
-
-# -- per-thread temporaries --------------------------------------------------------------------------
-_registry: weakref.WeakSet = weakref.WeakSet()
-
-
-class _Buffers(dict):
-    """One thread's buffers (Slot -> bytes) and the slots it holds now; hashable by identity."""
-
-    __hash__ = object.__hash__
-    __eq__ = object.__eq__
-
-    def __init__(self):
-        super().__init__()
-        self.held = set()
-
-
-class Slot:
-    """One reusable temporary per thread: ``with SLOT.lease(shape, dtype) as a:`` lends this thread's buffer
-    (uninitialised) for the block when its size is within [thresholds.scratch_min, options.scratch_bytes],
-    else a fresh array."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"Slot({self.name!r})"
-
-    def lease(self, shape, dtype):
-        dtype = np.dtype(dtype)
-        n = dtype.itemsize * math.prod(shape)
-        if n > options.scratch_bytes or n < thresholds.scratch_min:
-            return contextlib.nullcontext(np.empty(shape, dtype))
-        return self._lease(shape, dtype, n)
-
-    @contextlib.contextmanager
-    def _lease(self, shape, dtype, n: int):
-        bufs = getattr(_local, "bufs", None)
-        if bufs is None:
-            bufs = _local.bufs = _Buffers()
-            with _lock:
-                _registry.add(bufs)
-        if self in bufs.held:
-            raise RuntimeError(f"scratch {self} is already leased on this thread: two uses of one buffer "
-                               f"(each use needs a Slot of its own)")
-        buf = bufs.get(self)
-        if buf is None or buf.nbytes < n:
-            buf = bufs[self] = np.empty(max(n, 1), np.uint8)
-        bufs.held.add(self)
-        try:
-            yield buf[:n].view(dtype).reshape(shape)
-        finally:
-            bufs.held.discard(self)
-
-
-def free_scratch() -> None:
-    """Drop every thread's reusable temporaries (call it while no layer call is running)."""
-    with _lock:
-        for bufs in list(_registry):
-            bufs.clear()

@@ -27,7 +27,6 @@ from .._weights import AttentionWeights
 from ._common import Encoding, check_text
 from ._decoder_config import DecoderConfig
 from ._ops import ACTIVATIONS, gated, layer_norm, rms_norm, softcap
-from ._threads import StepThreads
 
 
 class DecoderModel:
@@ -75,7 +74,6 @@ class DecoderModel:
             self.layers.append(self._attention(w, i, spec))
             self._blocks.append(self._block(w, i))
         self._act = ACTIVATIONS[c.activation] if c.activation else None
-        self._threads = StepThreads() if self.backend == "numpy" else None
 
     def _norm_params(self, name: str):
         w = self._weights
@@ -224,12 +222,18 @@ class DecoderModel:
         numpy float32, exp(sink_h - lse) from the layer's log-sum-exp (which counts the sink), independent
         of the weights.
 
-        numpy decode steps (one token per sequence) run with BLAS held at one thread for the whole step or
-        not, whichever has been faster for this model (mha.models._threads): several threads share the
-        matrix-vector products on idle cores, and lose badly when another process holds a core."""
-        if self._threads is not None and ids.shape[1] == 1:
-            with self._threads.step():
-                return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out)
+        On numpy, a decode step (one token per sequence) runs with BLAS at ``mha_cpu.options.step_blas_threads``
+        threads (default 1; None: as configured) for the whole step, a rule on the call's shape and that
+        setting; longer passes keep BLAS's own setting (their GEMMs are compute-bound)."""
+        if self.backend == "numpy" and ids.shape[1] == 1:
+            import mha_cpu
+
+            n = mha_cpu.options.step_blas_threads
+            if n is not None:
+                from threadpoolctl import threadpool_limits
+
+                with threadpool_limits(n, user_api="blas"):
+                    return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out)
         return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out)
 
     def _forward(self, ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out=None):

@@ -53,7 +53,7 @@ def test_rounds_benchmark_script_runs(tmp_path):
 def test_paired_benchmark_script_runs(tmp_path):
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "paired.py"
     res = subprocess.run([sys.executable, str(script), "--shape", "2,16,16,4", "--pairs", "3", "--a",
-                          '{"block_q": 4}', "--b", '{"threads": 2, "scratch_bytes": 0}', "--weights"],
+                          '{"block_q": 4}', "--b", '{"threads": 2, "blas_threads": null}', "--weights"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "B - A paired median" in res.stdout

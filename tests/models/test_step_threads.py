@@ -1,51 +1,68 @@
-"""The decode steps' BLAS-thread choice (mha.models._threads): learnt from the steps' times in bursts,
-either way giving the same numbers."""
+"""The BLAS threads of a numpy decoder's forward pass (mha.models): a decode step (one token per sequence)
+runs with BLAS at mha_cpu.options.step_blas_threads, any longer pass with BLAS's own setting; a rule on
+the call's shape and the settings, and either way the same numbers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mha.models import _threads
+import mha_cpu
 
 
-@pytest.mark.parametrize("held_cost,free_cost,want_held", [(10.0, 5.0, False), (5.0, 80.0, True)])
-def test_the_faster_mode_wins_and_the_first_step_of_a_burst_is_not_counted(monkeypatch, held_cost, free_cost,
-                                                                           want_held):
-    from threadpoolctl import threadpool_limits
-
-    clock = [0.0]
-    choice = _threads.StepThreads()
-    monkeypatch.setattr(_threads.time, "perf_counter", lambda: clock[0])
-    seen = []
-    with threadpool_limits(2, user_api="blas"):  # "free" must differ from held, even on a 1-CPU machine
-        _steps(choice, clock, seen, held_cost, free_cost)
-    assert choice.held is want_held
-    assert seen[:16] == [True] * 4 + [False] * 4 + [True] * 4 + [False] * 4
-    assert seen[_threads.EVERY:_threads.EVERY + _threads.BURST] == [not want_held] * _threads.BURST  # exploration
-    assert seen[_threads.EVERY + _threads.BURST:_threads.EVERY + 40] == [want_held] * (40 - _threads.BURST)
-
-
-def _steps(choice, clock, seen, held_cost, free_cost):
+def _blas_threads() -> list:
     from threadpoolctl import threadpool_info
 
-    for n in range(3 * _threads.EVERY):
-        with choice.step():
-            held = all(lib["num_threads"] == 1 for lib in threadpool_info() if lib["user_api"] == "blas")
-            seen.append(held)
-            first = n % _threads.BURST == 0 if n < 4 * _threads.BURST else n % _threads.EVERY in (0, _threads.BURST)
-            clock[0] += 1000.0 if first else (held_cost if held else free_cost)  # a burst's first step: an outlier
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
 
 
-def test_both_modes_generate_the_same_numbers(zoo):
+def _record_threads(model, monkeypatch) -> list:
+    """Each forward pass's (tokens, BLAS threads seen inside it)."""
+    seen, inner = [], model._forward
+
+    def spy(ids, *args, **kwargs):
+        seen.append((ids.shape[1], _blas_threads()))
+        return inner(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "_forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("setting", [1, None])
+def test_decode_steps_take_the_setting_and_prefills_blas_own(zoo, monkeypatch, setting):
+    from threadpoolctl import threadpool_limits
+
+    import mha.models as mm
+
+    model = mm.load(zoo("llama"), backend="numpy")
+    seen = _record_threads(model, monkeypatch)
+    with threadpool_limits(2, user_api="blas"):  # BLAS's own setting differs from the default
+        if not _blas_threads():
+            pytest.skip("no BLAS library that threadpoolctl controls")
+        with mha_cpu.options.override(step_blas_threads=setting):
+            model.generate(np.arange(3, 12), 4, stop_at_eos=False)
+        assert _blas_threads() == [2] * len(_blas_threads())  # given back after every step
+    prefill, steps = seen[0], seen[1:]
+    assert prefill[0] > 1 and set(prefill[1]) == {2}
+    assert len(steps) >= 3 and all(t == 1 for t, _ in steps)
+    want = 2 if setting is None else setting
+    assert all(set(threads) == {want} for _, threads in steps), steps
+
+
+def test_both_settings_generate_the_same_numbers(zoo):
     import mha.models as mm
 
     model = mm.load(zoo("llama"), backend="numpy")
     runs = []
-    for held in (True, False):
-        model._threads.steps, model._threads.held = 10 * _threads.EVERY + _threads.BURST + 1, held
-        out = model.generate(np.arange(3, 30), 6, attentions=True, stop_at_eos=False)
+    for setting in (1, None):
+        with mha_cpu.options.override(step_blas_threads=setting):
+            out = model.generate(np.arange(3, 30), 6, attentions=True, stop_at_eos=False)
         runs.append((out.ids, out.attentions))
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
     for a, b in zip(runs[0][1], runs[1][1]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_the_setting_is_checked():
+    with pytest.raises((TypeError, ValueError), match="step_blas_threads"):
+        mha_cpu.options.override(step_blas_threads=0).__enter__()

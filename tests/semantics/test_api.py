@@ -18,7 +18,7 @@ def test_public_names():
     for name in ("MultiHeadAttention", "AttentionWeights", "available_backends", "default_backend",
                  "to_numpy", "MaskSet", "vjp", "KVCache"):
         assert name in mha.__all__ and hasattr(mha, name)
-    assert mha_cpu.__all__ == ["MultiHeadAttention", "Options", "attend", "free_scratch", "options", "small_blocks"]
+    assert mha_cpu.__all__ == ["MultiHeadAttention", "Options", "attend", "options", "small_blocks"]
 
 
 def test_backends_share_constructor_call_and_public_names():

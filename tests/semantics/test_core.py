@@ -142,3 +142,21 @@ def test_attend_is_finite_at_every_magnitude(core, dtype, mag):
     top = np.argmax(np.where(vis, q @ k.swapaxes(-1, -2), -np.inf), axis=-1)
     np.testing.assert_array_equal(np.argmax(w, axis=-1), top)
     np.testing.assert_allclose(w.sum(-1), 1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_values_near_the_dtype_limit_give_a_finite_context(core, dtype):
+    """Values near the dtype's largest number: the weighted sum a kernel accumulates before dividing by the
+    row sum passes the range (sum_j e_j v_j with e_j up to the band's top), the true context does not. It is
+    finite and equals the float64 context of the values scaled down, times the scale."""
+    rng = np.random.default_rng(5)
+    B, H, T, S, D = 1, 2, 3, 6, 4
+    big = float(np.finfo(dtype).max) / 2
+    q, k = rng.standard_normal((B, H, T, D)), rng.standard_normal((B, H, S, D))
+    v = rng.uniform(0.5, 1.0, (B, H, S, D))
+    m = MaskSet.aligned(T, S)
+    ctx = CORES[core](q.astype(dtype), k.astype(dtype), (v * big).astype(dtype), m, scale=0.5)[0]
+    want = _attend_loop(q, k, v, np.ones((B, H, T, S), bool), np.zeros((B, H, T, S)), 0.5, None, None)[0]
+    assert np.isfinite(ctx).all()
+    np.testing.assert_allclose(np.asarray(ctx, np.float64) / big, want, rtol=1e-4)

@@ -155,9 +155,10 @@ def test_check_finite(backend):
     ("block_k", None, TypeError, r"mha_cpu.options.block_k must be an int >= 1, got None \(NoneType\)"),
     ("threads", 2.0, TypeError, r"mha_cpu.options.threads must be an int >= 1 or None, got 2.0 \(float\)"),
     ("threads", True, TypeError, r"mha_cpu.options.threads must be an int >= 1 or None, got True \(bool\)"),
-    ("scratch_bytes", -1, ValueError, r"mha_cpu.options.scratch_bytes must be an int >= 0, got -1"),
+    ("parallel_flops", -1, ValueError, r"mha_cpu.options.parallel_flops must be a finite float >= 0, got -1"),
+    ("blas_threads", 0, ValueError, r"mha_cpu.options.blas_threads must be an int >= 1 or None, got 0"),
     ("augment", False, AttributeError, r"mha_cpu.options has no setting 'augment'; the settings are threads, "
-                                       r"block_q, block_k, scratch_bytes"),
+                                       r"block_q, block_k, parallel_flops, blas_threads"),
 ])
 def test_numpy_options_are_checked_on_assignment(name, value, exc, msg):
     """A bad setting fails where it is set, naming it, not later inside a call (block_q = 0 used to fail

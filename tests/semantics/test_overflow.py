@@ -59,8 +59,8 @@ def test_reference_path_rescales(backend, sigma, scale, causal):
 
 
 def test_common_path_takes_no_rescaling(monkeypatch):
-    """Ordinary inputs never reach the rescaled run (it would recompute the kernel): the first run takes
-    large queries scaled down by 2^E (E > 0), and only keys whose logits still overflow run it again."""
+    """Ordinary inputs never reach the rescaled run (it would recompute the kernel); inputs whose logits
+    overflow run once more, on q and k scaled down by 2^E (E > 0)."""
     from mha_cpu import _kernel
 
     layer = mha.MultiHeadAttention(12, 3, backend="numpy", seed=1)
@@ -71,7 +71,7 @@ def test_common_path_takes_no_rescaling(monkeypatch):
     assert calls == [0]
     layer(_problem(1e20), _problem(1e20, seed=2)[:, :5])
     layer(_problem(1e20), _problem(1e30, seed=2)[:, :5])
-    assert len(calls) == 4 and 0 < calls[1] == calls[2] < calls[3]  # one run each, the last one again
+    assert len(calls) == 5 and calls[0] == calls[1] == calls[3] == 0 < calls[2] < calls[4]
 
 
 def test_overflow_with_a_cache_appends_once():
@@ -155,3 +155,25 @@ def test_bias_in_the_units_of_rescaled_logits():
     y, weights = layer(q, k, v, mask=bias, return_weights=True)
     np.testing.assert_array_equal(weights[0, 0, 0], [1.0, 0.0])
     np.testing.assert_array_equal(layer(q, k, v, mask=bias)[0, 0], [1.0, 0.0])
+
+
+@pytest.mark.parametrize("sigma,scale,tiny_keys", [(1e20, None, False), (1.0, 1e30, False), (1.0, 1e30, True)])
+def test_softcap_caps_the_true_logits_when_rescaled(sigma, scale, tiny_keys):
+    """With a soft-cap, c tanh(l / c) is taken on the true logits even when the kernel holds them in units of
+    2^E: q.k overflowing float32 (|x| ~ 1e20: products of +-inf lose the sign) or a huge scale. With keys
+    of ~1e-13 under scale 1e30 the logits in units of 2^E are of the cap's size while the true ones
+    (~1e17) saturate it: tanh of the scaled logits would soften a softmax the cap leaves flat."""
+    from mha.testing.properties._common import edit_weights
+
+    x = _problem(sigma, seed=3)
+    layer = mha.MultiHeadAttention(12, 3, backend="numpy", seed=2, softcap=5.0, scale=scale)
+    if tiny_keys:
+        w = layer.weights
+        layer = mha.MultiHeadAttention.from_weights(edit_weights(w, k_weight=w.k_weight * 1e-13, k_bias=w.k_bias * 1e-13),
+                                                    backend="numpy", softcap=5.0, scale=scale)
+    y, w = layer(x, return_weights=True)
+    ref, P = oracle.attention(layer.weights, x, x, x, scale=scale, softcap=5.0)
+    assert np.isfinite(y).all()
+    tolerance.assert_close(w, P, 1e-4, "weights with a soft-cap, rescaled logits")
+    tolerance.assert_close(y, ref, tolerance.t1("float32", tolerance.magnitude(layer.weights, x, y_ref=ref, scale=0.0)),
+                           "output with a soft-cap, rescaled logits")
