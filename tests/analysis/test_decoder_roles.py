@@ -173,12 +173,6 @@ def test_mha_heads_on_a_decoder_folder(planted, tmp_path):
 def test_the_shipped_induction_model_names_its_induction_heads():
     """training's model (mha.models.load("induction")): its best induction head is named "induction" and
     leads that role; layer 0 holds none (the circuit needs two layers)."""
-    from mha.models._load import _shipped
-
-    try:
-        _shipped("induction")
-    except ValueError:
-        pytest.skip("TEMPORARY: the induction model is not installed (mha/models/data/induction, branch training)")
     model = mm.load("induction", backend="numpy")
     table = ma.decoder_roles(model, sequences=16)
     best = table.ranking("induction")[0]

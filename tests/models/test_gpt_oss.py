@@ -22,16 +22,7 @@ from tests.models import hf_zoo
 torch = pytest.importorskip("torch")
 
 TOL, ATT_TOL = 1e-4, 1e-5
-_SINKS = "sinks" in __import__("inspect").signature(mha.AttentionWeights.__init__).parameters
-pytestmark = pytest.mark.skipif(not _SINKS, reason="TEMPORARY: waits for core-cpu M2 (sinks on the layer)")
-_MLX_SINKS = False
-if _SINKS and HAS_MLX:
-    try:
-        mha.MultiHeadAttention(8, 2, backend="mlx", weights=mha.AttentionWeights.init(8, 2, sinks=True, seed=0))
-        _MLX_SINKS = True
-    except (TypeError, ValueError):
-        pass
-needs_mlx_sinks = pytest.mark.skipif(not _MLX_SINKS, reason="TEMPORARY: waits for core-mlx M2 (sinks on the MLX layer)")
+needs_mlx_sinks = pytest.mark.skipif(not HAS_MLX, reason="MLX is not installed")
 CONFIG = dict(vocab_size=97, hidden_size=48, intermediate_size=28, num_hidden_layers=3, num_attention_heads=6,
               num_key_value_heads=2, head_dim=8, num_local_experts=5, num_experts_per_tok=2, sliding_window=4,
               max_position_embeddings=64, layer_types=["sliding_attention", "full_attention", "sliding_attention"],

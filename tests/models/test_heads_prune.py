@@ -236,13 +236,8 @@ def test_ablation_and_pruning_on_mlx(zoo):
     np.testing.assert_array_equal(ablated, ref.generate(IDS, 4, head_mask=spec, stop_at_eos=False).ids)
 
 
-_M2 = "qk_norm" in __import__("inspect").signature(__import__("mha").MultiHeadAttention.__init__).parameters
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.skipif(
-    not _M2 and n in ("qwen3", "gemma2", "gemma3_text"), reason="TEMPORARY: waits for core-cpu M2 (softcap, qk_norm)"))
-    for n in hf_zoo.ZOO if hf_zoo.FAMILY[n] != "gpt2" and n != "phi3-longrope"])
+@pytest.mark.parametrize("name", [n for n in hf_zoo.ZOO if hf_zoo.FAMILY[n] != "gpt2" and n != "phi3-longrope"])
 def test_every_family_saves_a_pruned_folder_transformers_loads(zoo, tmp_path, name):
     """Every llama-like family (fused Phi-3 tensors, Gemma's 1 + w norms, q/k norms, sliding layers, RoPE
     scalings): one query head from each group of both layers, saved; transformers' logits equal the masked

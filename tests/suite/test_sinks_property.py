@@ -11,8 +11,6 @@ from mha.testing import check
 from mha.testing.adapters import Adapter, BackendAdapter
 from mha.testing.conventions import validate
 
-_SINKS = "sinks" in BackendAdapter("numpy").features
-pytestmark = pytest.mark.skipif(not _SINKS, reason="TEMPORARY: waits for core-cpu M2 (sinks on the layer)")
 FEATURES = {"cross", "bias", "mask", "key_mask", "causal", "gqa", "weights", "sinks"}
 
 
