@@ -74,8 +74,11 @@ def run_ours(folder: str, prompt: int, new: int, prefill: int, threads: int, sta
     from threadpoolctl import threadpool_limits
 
     import mha.models as mm
+    import mha_cpu
 
-    with threadpool_limits(threads):
+    # decode steps on the same BLAS threads as the rest (issue 27 measures at 2 threads); the library's default
+    # for a decode step is mha_cpu.options.step_blas_threads = 1 (docs/performance.md, "Threads")
+    with threadpool_limits(threads), mha_cpu.options.override(step_blas_threads=threads):
         model = mm.load(folder, backend="numpy")
         ids = np.random.default_rng(0).integers(0, model.vocab_size, max(prompt, prefill))
         p = ids[:prompt]
