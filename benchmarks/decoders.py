@@ -131,7 +131,7 @@ def stage_times(model, prompt, new: int) -> dict:
             t5 = clock()
             g = g[..., :F] * (0.5 + 0.5 * np.tanh(0.5 * g[..., :F])) * g[..., F:]  # SiLU(gate) * up
             t6 = clock()
-            m = g @ blk["down_t"]
+            m = g @ blk["down"].T
             t7 = clock()
             x = x + m
             t8 = clock()

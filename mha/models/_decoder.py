@@ -114,7 +114,7 @@ class DecoderModel:
         elif c.activation:
             up = [w[p + "mlp.gate.w"], w[p + "mlp.up.w"]] if c.gated else [w[p + "mlp.up.w"]]
             b["in_t"] = self._native(np.concatenate(up).T)  # (E, 2F) gate then up, or (E, F)
-            b["down_t"] = self._native(w[p + "mlp.down.w"].T)  # (F, E)
+            b["down"] = self._native(w[p + "mlp.down.w"])  # (E, F) as stored: a decode step's product reads rows
             if c.mlp_bias:
                 ups = [w[p + "mlp.gate.b"], w[p + "mlp.up.b"]] if c.gated else [w[p + "mlp.up.b"]]
                 b["in_b"], b["down_b"] = self._native(np.concatenate(ups)), self._native(w[p + "mlp.down.b"])
@@ -174,7 +174,7 @@ class DecoderModel:
                 up = f32(to_numpy(blk["in_t"]).T)
                 F = c.intermediate_size
                 out.update({p + "mlp.gate.w": up[:F], p + "mlp.up.w": up[F:]} if c.gated else {p + "mlp.up.w": up})
-                out[p + "mlp.down.w"] = f32(to_numpy(blk["down_t"]).T)
+                out[p + "mlp.down.w"] = f32(to_numpy(blk["down"]))
                 if c.mlp_bias:
                     ub = f32(blk["in_b"])
                     out.update({p + "mlp.gate.b": ub[:F], p + "mlp.up.b": ub[F:]} if c.gated else {p + "mlp.up.b": ub})
@@ -206,7 +206,7 @@ class DecoderModel:
             h = gated(xp, h, c.intermediate_size, c.activation, None if scratch is None else scratch)
         else:
             h = self._act(xp, h)
-        out = h @ b["down_t"]  # (B, T, E)
+        out = h @ b["down"].T  # (B, T, E)
         return out + b["down_b"] if "down_b" in b else out
 
     def forward(self, ids, *, caches=None, key_mask=None, positions=None, attentions: bool = False,
