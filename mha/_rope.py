@@ -198,6 +198,26 @@ def _tables(rope: RoPE, offset: int, length: int, dims: int, dtype: str):
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _signed_tables(rope: RoPE, offset: int, length: int, dims: int, dtype: str):
+    """numpy's form of the rotation, rot = x * C + x[..., perm] * S over the d rotated coordinates: C
+    (length, d) the cosines, S the sines with the sign of each pair's first coordinate flipped, perm each
+    coordinate's partner in its pair. The same products and sums as the pairwise formula (a - b s equals
+    a + b (-s) exactly), in three numpy calls instead of seven."""
+    cos, sin = _tables(rope, offset, length, dims, dtype)
+    h = dims // 2
+    if rope.traditional:  # pairs (2i, 2i + 1)
+        C, S = np.stack([cos, cos], axis=-1), np.stack([-sin, sin], axis=-1)
+        perm = np.arange(dims).reshape(h, 2)[:, ::-1]
+    else:  # pairs (i, i + d/2)
+        C, S = np.concatenate([cos, cos], axis=-1), np.concatenate([-sin, sin], axis=-1)
+        perm = np.r_[h:dims, 0:h]
+    out = (C.reshape(length, dims), S.reshape(length, dims), perm.reshape(dims))
+    for t in out:
+        t.flags.writeable = False
+    return out
+
+
 def apply_rope(xp, x, rope: RoPE, offset: int, acc_dtype=None):
     """Rotate (B, H, L, D) heads at positions offset .. offset + L - 1; same dtype out.
 
@@ -207,17 +227,19 @@ def apply_rope(xp, x, rope: RoPE, offset: int, acc_dtype=None):
     L, D = x.shape[-2], x.shape[-1]
     d = rope.rotated_dims(D)
     acc = x.dtype if acc_dtype is None else acc_dtype
+    xa = x if x.dtype == acc else x.astype(acc)  # (no copy when x has it: the rotation makes new arrays)
     if xp is np:
-        cos, sin = _tables(rope, offset, L, d, np.dtype(acc).str)
+        C, S, perm = _signed_tables(rope, offset, L, d, np.dtype(acc).str)
+        rot = (xa if d == D else xa[..., :d]) * C
+        rot += xa[..., perm] * S
     else:  # MLX: float32 tables (no float64 on its GPUs), cast to the accumulation dtype
         cos, sin = (xp.array(t).astype(acc) for t in _tables(rope, offset, L, d, "<f4"))
-    xa = x.astype(acc)
-    if rope.traditional:
-        a, b = xa[..., 0:d:2], xa[..., 1:d:2]
-        rot = xp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(tuple(x.shape[:-1]) + (d,))
-    else:
-        a, b = xa[..., : d // 2], xa[..., d // 2: d]
-        rot = xp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+        if rope.traditional:
+            a, b = xa[..., 0:d:2], xa[..., 1:d:2]
+            rot = xp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(tuple(x.shape[:-1]) + (d,))
+        else:
+            a, b = xa[..., : d // 2], xa[..., d // 2: d]
+            rot = xp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
     if d < D:
         rot = xp.concatenate([rot, xa[..., d:]], axis=-1)
-    return rot.astype(x.dtype)
+    return rot if rot.dtype == x.dtype else rot.astype(x.dtype)

@@ -93,7 +93,10 @@ class MultiHeadAttention(mha.MultiHeadAttention):
         if c.qk_norm is not None:
             q, k = (rms_norm(np, a, self._params[n], c.qk_norm) for a, n in ((q, "q_norm"), (k, "k_norm")))
         q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        if c.rope is not None:
+        if c.rope is not None and q.shape[2] == k.shape[2] == 1 and pos.q_offset == pos.k_offset:  # one token:
+            qk, H = self._rope(np.concatenate((q, k), axis=1), pos.q_offset), q.shape[1]  # q and k in one rotation
+            q, k = qk[:, :H], qk[:, H:]
+        elif c.rope is not None:
             q, k = self._rope(q, pos.q_offset), self._rope(k, pos.k_offset)
         return q, k, v
 
