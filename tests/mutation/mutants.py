@@ -171,6 +171,8 @@ MUTANTS = [
            "numpy core groups query heads by h % Hkv instead of h // G"),
     Mutant("task-first-kv-heads", F, "_Task.__init__", "call.k[b0:b1, g0:g1, None]", "call.k[b0:b1, :g1 - g0, None]",
            "a task of key/value heads g0:g1 reads the first heads' keys"),
+    Mutant("one-query-first-v-heads", F, "_Task.__init__", "call.v[b0:b1, g0:g1]", "call.v[b0:b1, :g1 - g0]",
+           "a one-query task of key/value heads g0:g1 (its e v one GEMM per head) reads the first heads' values"),
     Mutant("plain-ignores-causal", F, "_Task.__init__", "m.keep is None and m.bias is None and not m.positional",
            "m.keep is None and m.bias is None", "a call without mask arrays taken as unmasked although causal or windowed"),
     Mutant("weights-outside-span-not-zeroed", F, TASK, "wrows[..., hi:], wrows[..., :lo] = (0, 0)", "pass",
