@@ -1,12 +1,14 @@
-"""Where one decode step of the numpy layer goes: the whole call and its parts, timed in one process.
+"""Where one decode step of the numpy layer goes: the whole call and its numpy parts, timed in one process.
 
-    python benchmarks/decode_parts.py                     # E=512, H=8, context 200
+    python benchmarks/decode_parts.py                           # E=512, H=8, context 200
     python benchmarks/decode_parts.py --llama 2 --context 300   # the decoder models' layer (GQA, RoPE, no biases)
 
-Each part is called on its own, 3000 times, with the cache moved back one position after each step so
-that the context stays fixed; the figure is the tenth percentile in microseconds (the quiet runs of a
-shared machine). The parts overlap the call as a sum only roughly (their own setup is timed with them).
-BLAS is held at one thread for the parts, as a step on the calling thread holds it.
+The step runs against a rotating cache of ``context`` + 1 positions, so that every step sees the same
+number of keys. Each part is called on its own with public names, on the step's own shapes: the two
+GEMVs alone, RoPE on the token's query and key heads (``mha.reference.apply_rope``, one call as the
+layer makes), and the core (``mha_cpu.attend``) on the cache's keys; "the rest" is the call less those
+(the front end, the projections' and the cache's bookkeeping, the worker context). Figures: the tenth
+percentile of ``--steps`` calls in microseconds (the quiet runs of a shared machine), BLAS at one thread.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ import argparse
 import time
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 import mha
-from mha import _prepare
-from mha_cpu import _kernel
-from mha_cpu._workers import Workers, blas_threads
+import mha_cpu
 
 
 def tenth(fn, n: int) -> float:
@@ -40,42 +41,29 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     extra = dict(num_kv_heads=args.llama, bias=False, rope=True) if args.llama else {}
     layer = mha.MultiHeadAttention(512, 8, backend="numpy", seed=0, **extra)
+    H, Hkv, D, S = layer.num_heads, layer.num_kv_heads, layer.head_dim, args.context + 1
     rng = np.random.default_rng(0)
-    cache = layer.init_cache(1, args.context + 10)
-    layer(rng.standard_normal((1, args.context, 512), dtype=np.float32), cache=cache, causal=True)
+    cache = layer.init_cache(1, max_cache=S)
+    layer(rng.standard_normal((1, S + 2, 512), dtype=np.float32), cache=cache, causal=True)
     x = rng.standard_normal((1, 1, 512), dtype=np.float32)
-
-    def back():  # the step's token forgotten: the next step sees the same context
-        cache.offset -= 1
-        cache._end -= 1
-
-    def prepare():
-        return _prepare.prepare(layer, x, None, None, mask=None, key_mask=None, causal=True, head_mask=None,
-                                return_weights=False, training=False, check_finite=False, return_lse=False,
-                                cache=cache)
-
+    w = layer.weights
+    wqkv = np.ascontiguousarray(np.concatenate([w.q_weight, w.k_weight, w.v_weight]).T)
+    wo = np.ascontiguousarray(w.o_weight.T)
     n, res = args.steps, {}
-    res["layer call"] = tenth(lambda: (layer(x, cache=cache, causal=True), back()), n)
-    res["front end (prepare)"] = tenth(prepare, n)
-    call = prepare()
-    res["_forward"] = tenth(lambda: (layer._forward(call), back()), n)
-    with blas_threads(1), Workers(1.0) as w:
-        res["Q/K/V projection"] = tenth(lambda: layer._proj.heads(call, w), n)
-        res["  Q/K/V GEMV alone"] = tenth(lambda: x[0] @ layer._proj.form["qkv"][0], n)
-        q, k, v = layer._heads(*layer._proj.heads(call, w), call.pos)
-        res["heads (q/k norm, RoPE)"] = tenth(lambda: layer._heads(*layer._proj.heads(call, w), call.pos), n) \
-            - res["Q/K/V projection"]
-        res["cache append + finite check"] = tenth(lambda: (call.pos.step.append(
-            k, v, _kernel.all_finite(k) and _kernel.all_finite(v)), back()), n)
-        keys, values = call.pos.step.append(k, v, True)
-        back()
-        res["core (mha_cpu.attend)"] = tenth(lambda: _kernel.attend(q, keys, values, call.masks, scale=1.0,
-                                                                    finite=True), n)
-        ctx, out = np.ones((1, 1, 512), np.float32), np.empty((1, 1, 512), np.float32)
-        res["W_O projection"] = tenth(lambda: w.linear(ctx, layer._proj.o_weight_t, layer._params["o_bias"], out), n)
-        res["  W_O GEMV alone"] = tenth(lambda: ctx[0] @ layer._proj.o_weight_t, n)
+    with threadpool_limits(1):
+        res["layer call"] = tenth(lambda: layer(x, cache=cache, causal=True), n)
+        res["Q/K/V GEMV"] = tenth(lambda: x[0] @ wqkv, n)
+        qk = rng.standard_normal((1, H + Hkv, 1, D), dtype=np.float32)
+        if layer.rope is not None:
+            res["RoPE (q and k heads)"] = tenth(lambda: mha.reference.apply_rope(np, qk, layer.rope, S, np.float32), n)
+        q = qk[:, :H] * np.float32(0.05)  # logits of a trained layer's size: the core's band holds (no recentring)
+        keys, values = cache.keys[:, :, :S], cache.values[:, :, :S]  # (S keys of the buffer: the same sizes)
+        masks = mha.reference.MaskSet(None, None, False, None, range(S - 1, S), range(S))
+        res["core (mha_cpu.attend)"] = tenth(lambda: mha_cpu.attend(q, keys, values, masks, scale=1.0, finite=True), n)
+        res["W_O GEMV"] = tenth(lambda: x[0] @ wo, n)
+    res["the rest"] = res["layer call"] - sum(v for k, v in res.items() if k != "layer call")
     for name, us in res.items():
-        print(f"{name:32s} {us:7.1f} us")
+        print(f"{name:24s} {us:7.1f} us")
     return res
 
 

@@ -198,22 +198,32 @@ def _tables(rope: RoPE, offset: int, length: int, dims: int, dtype: str):
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _partners(dims: int, traditional: bool):
+    """(perm, sign) (d,): each rotated coordinate's partner in its pair, and -1 on a pair's first one."""
+    h = dims // 2
+    if traditional:  # pairs (2i, 2i + 1)
+        perm, sign = np.arange(dims).reshape(h, 2)[:, ::-1].reshape(dims), np.tile([-1.0, 1.0], h)
+    else:  # pairs (i, i + d/2)
+        perm, sign = np.concatenate([np.arange(h, dims), np.arange(h)]), np.repeat([-1.0, 1.0], h)
+    for t in (perm, sign):
+        t.flags.writeable = False
+    return perm, sign
+
+
 @functools.lru_cache(maxsize=8)
 def _signed_tables(rope: RoPE, offset: int, length: int, dims: int, dtype: str):
     """numpy's form of the rotation, rot = x * C + x[..., perm] * S over the d rotated coordinates: C
-    (length, d) the cosines, S the sines with the sign of each pair's first coordinate flipped, perm each
-    coordinate's partner in its pair. The same products and sums as the pairwise formula (a - b s equals
-    a + b (-s) exactly), in three numpy calls instead of seven."""
-    cos, sin = _tables(rope, offset, length, dims, dtype)
-    h = dims // 2
-    if rope.traditional:  # pairs (2i, 2i + 1)
-        C, S = np.stack([cos, cos], axis=-1), np.stack([-sin, sin], axis=-1)
-        perm = np.arange(dims).reshape(h, 2)[:, ::-1]
-    else:  # pairs (i, i + d/2)
-        C, S = np.concatenate([cos, cos], axis=-1), np.concatenate([-sin, sin], axis=-1)
-        perm = np.r_[h:dims, 0:h]
-    out = (C.reshape(length, dims), S.reshape(length, dims), perm.reshape(dims))
-    for t in out:
+    (length, d) the cosines, S the sines with the sign of each pair's first coordinate flipped (both
+    times the attention factor, rounded once to ``dtype`` as :func:`_tables` rounds them), perm each
+    coordinate's partner (:func:`_partners`). The same products and sums as the pairwise formula
+    (a - b s equals a + b (-s) exactly), in three numpy calls instead of seven."""
+    perm, sign = _partners(dims, rope.traditional)
+    theta = rope.angles(offset, length, dims)  # (L, d/2)
+    both = np.repeat(theta, 2, axis=-1) if rope.traditional else np.concatenate([theta, theta], axis=-1)
+    f = rope.attention_factor
+    out = (np.cos(both) * f).astype(dtype), (np.sin(both) * f * sign).astype(dtype), perm
+    for t in out[:2]:
         t.flags.writeable = False
     return out
 

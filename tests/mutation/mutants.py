@@ -8,9 +8,9 @@ since the suite's problems reach them too rarely to kill them at the "mutation" 
 mask or the soft-cap applied to logits in units of 2^E (no property mixes extreme magnitudes with
 either), a context that passes the range from values near the dtype's limit left unchecked, and the
 split by head groups giving every group the first heads' per-head mask or sinks (it needs B * Hkv >= 6
-with per-head masks); nor the pairwise RoPE formula of apply_rope's MLX branch, which the layers reach only
-for scaled RoPE variants (numpy rotates through _signed_tables, whose sign bug rope-sin-sign is). Unit tests
-guard them: tests/decoding/test_decoding.py test_rope_matches_mlx_nn_rope,
+with per-head masks); nor the pairwise RoPE formula of apply_rope's MLX branch, which the layers reach
+only for scaled RoPE variants (numpy rotates through _signed_tables: its sign bug is rope-sin-sign, in
+_partners). Unit tests guard them: tests/decoding/test_decoding.py test_rope_matches_mlx_nn_rope,
 tests/semantics/test_overflow.py test_bias_in_the_units_of_* and test_softcap_caps_*,
 tests/semantics/test_core.py test_values_near_*, tests/numpy_backend/test_blockwise.py test_split_by_head_groups_*.)
 """
@@ -84,8 +84,8 @@ MUTANTS = [
            "RoPE restarts at position 0 in every cached call"),
     Mutant("rope-query-top-left", A, "plan", "Positions(S - T, 0)", "Positions(0, 0)",
            "queries rotated from position 0 when T != S"),
-    Mutant("rope-sin-sign", P, "_signed_tables", "np.concatenate([-sin, sin], axis=-1)",
-           "np.concatenate([sin, sin], axis=-1)", "split-half rotation with a wrong sign (numpy's signed sine table)"),
+    Mutant("rope-sin-sign", P, "_partners", "np.repeat([-1.0, 1.0], h)", "np.repeat([1.0, 1.0], h)",
+           "split-half rotation with a wrong sign (numpy's signed sine table)"),
     Mutant("rope-freq-index", P, "RoPE.frequencies", "base ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)",
            "base ** (-np.arange(1, dims + 1, 2, dtype=np.float64) / dims)", "frequencies off by one index"),
     Mutant("cache-window-keeps-too-few", K, "KVCache.__init__", "window and window - 1", "window and max(window - 2, 0)", "a rotating cache that drops one key too early"),
