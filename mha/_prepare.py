@@ -148,8 +148,8 @@ def _decode_step(layer, query, cache, causal, return_weights, return_lse) -> Pre
     the cache this layer's, for B sequences, with room left, the layer one of self-attention. What
     :func:`check` would test beyond that holds by construction: B, E and the dtype are the layer's."""
     c = layer.config
-    flags = (causal, return_weights, return_lse)
-    if (not all(f is True or f is False for f in flags) or c.kdim != c.embed_dim or c.vdim != c.embed_dim
+    if (not (type(causal) is type(return_weights) is type(return_lse) is bool)
+            or c.kdim != c.embed_dim or c.vdim != c.embed_dim
             or not layer._is_native(query) or query.ndim != 3
             or query.shape[1] != 1 or query.shape[2] != c.embed_dim or query.dtype != layer._dtypes()[0]
             or type(cache) is not KVCache

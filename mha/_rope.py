@@ -198,6 +198,36 @@ def _tables(rope: RoPE, offset: int, length: int, dims: int, dtype: str):
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _partners(dims: int, traditional: bool):
+    """(perm, sign) (d,): each rotated coordinate's partner in its pair, and -1 on a pair's first one."""
+    h = dims // 2
+    if traditional:  # pairs (2i, 2i + 1)
+        perm, sign = np.arange(dims).reshape(h, 2)[:, ::-1].reshape(dims), np.tile([-1.0, 1.0], h)
+    else:  # pairs (i, i + d/2)
+        perm, sign = np.concatenate([np.arange(h, dims), np.arange(h)]), np.repeat([-1.0, 1.0], h)
+    for t in (perm, sign):
+        t.flags.writeable = False
+    return perm, sign
+
+
+@functools.lru_cache(maxsize=8)
+def _signed_tables(rope: RoPE, offset: int, length: int, dims: int, dtype: str):
+    """numpy's form of the rotation, rot = x * C + x[..., perm] * S over the d rotated coordinates: C
+    (length, d) the cosines, S the sines with the sign of each pair's first coordinate flipped (both
+    times the attention factor, rounded once to ``dtype`` as :func:`_tables` rounds them), perm each
+    coordinate's partner (:func:`_partners`). The same products and sums as the pairwise formula
+    (a - b s equals a + b (-s) exactly), in three numpy calls instead of seven."""
+    perm, sign = _partners(dims, rope.traditional)
+    theta = rope.angles(offset, length, dims)  # (L, d/2)
+    both = np.repeat(theta, 2, axis=-1) if rope.traditional else np.concatenate([theta, theta], axis=-1)
+    f = rope.attention_factor
+    out = (np.cos(both) * f).astype(dtype), (np.sin(both) * f * sign).astype(dtype), perm
+    for t in out[:2]:
+        t.flags.writeable = False
+    return out
+
+
 def apply_rope(xp, x, rope: RoPE, offset: int, acc_dtype=None):
     """Rotate (B, H, L, D) heads at positions offset .. offset + L - 1; same dtype out.
 
@@ -207,17 +237,19 @@ def apply_rope(xp, x, rope: RoPE, offset: int, acc_dtype=None):
     L, D = x.shape[-2], x.shape[-1]
     d = rope.rotated_dims(D)
     acc = x.dtype if acc_dtype is None else acc_dtype
+    xa = x if x.dtype == acc else x.astype(acc)  # (no copy when x has it: the rotation makes new arrays)
     if xp is np:
-        cos, sin = _tables(rope, offset, L, d, np.dtype(acc).str)
+        C, S, perm = _signed_tables(rope, offset, L, d, np.dtype(acc).str)
+        rot = (xa if d == D else xa[..., :d]) * C
+        rot += xa[..., perm] * S
     else:  # MLX: float32 tables (no float64 on its GPUs), cast to the accumulation dtype
         cos, sin = (xp.array(t).astype(acc) for t in _tables(rope, offset, L, d, "<f4"))
-    xa = x.astype(acc)
-    if rope.traditional:
-        a, b = xa[..., 0:d:2], xa[..., 1:d:2]
-        rot = xp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(tuple(x.shape[:-1]) + (d,))
-    else:
-        a, b = xa[..., : d // 2], xa[..., d // 2: d]
-        rot = xp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+        if rope.traditional:
+            a, b = xa[..., 0:d:2], xa[..., 1:d:2]
+            rot = xp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(tuple(x.shape[:-1]) + (d,))
+        else:
+            a, b = xa[..., : d // 2], xa[..., d // 2: d]
+            rot = xp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
     if d < D:
         rot = xp.concatenate([rot, xa[..., d:]], axis=-1)
-    return rot.astype(x.dtype)
+    return rot if rot.dtype == x.dtype else rot.astype(x.dtype)

@@ -93,8 +93,7 @@ def attend(q, k, v, masks, *, scale: float, softcap=None, sinks=None, dropout=No
     ``finite``: True when the caller knows k and v hold no NaN/inf (a cache remembers), None: checked.
     ``out``: (context (B, T, H, D), lse, weights or None) arrays (views) to write into. Dropout takes the
     reference's arithmetic."""
-    B, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    (B, H, T, D), S = q.shape, k.shape[2]
     if dropout is not None or 0 in (B, T, S):
         with np.errstate(**_ERR):
             return _reference.attend(np, q, k, v, masks, scale=scale, softcap=softcap, sinks=sinks, dropout=dropout,
@@ -175,16 +174,14 @@ class _Task:
         self.masks = m if self.plain else m.cut(batch=(b0, b1), heads=(self.h0, self.h1), rows=(i0, i1))
         self.qb = call.q[b0:b1, self.h0:self.h1, i0:i1].reshape(self.B_, self.Hkv_, self.G, self.n, -1)
         self.kt = call.k[b0:b1, g0:g1, None].swapaxes(-1, -2)  # (B_, Hkv_, 1, D, S)
-        self.vb = call.v[b0:b1, g0:g1, None]  # (B_, Hkv_, 1, S, D)
+        self.rows = (self.G,) if self.n == 1 else (self.G, self.n)  # one query: e v one GEMM per kv head
+        self.vb = call.v[b0:b1, g0:g1, None] if self.n > 1 else call.v[b0:b1, g0:g1]  # (B_, Hkv_, [1,] S, D)
         self.m = np.zeros((self.B_, self.H_, self.n, 1), call.q.dtype)
         self.l = self.acc = self.seen_bad = None  # no terms yet; seen_bad: (key, value) (B_, H_, n, 1) bools
         self.centred = False  # whether an offset ever moved from 0
 
     def finite_rows(self):  # (B_, H_, n): the rows whose query is finite
         return np.isfinite(self.qb).all(axis=-1).reshape(self.B_, self.H_, self.n)
-
-    def split(self, a):  # (B_, H_, n, x) -> (B_, Hkv_, G, n, x), a view
-        return a.reshape(self.B_, self.Hkv_, self.G, self.n, -1)
 
 
 def task(call: Call, b0: int, b1: int, i0: int, i1: int, g0: int, g1: int, step: int) -> None:
@@ -214,7 +211,7 @@ def logits(t: _Task, block, vis, j0: int, j1: int, out):
     """(B_, H_, n, keys) logits of keys j0:j1 into ``out``: q k^T, soft-capped, plus the bias, -inf where
     hidden (in units of 2^E, or true units with a soft-cap)."""
     c = t.call
-    s = np.matmul(t.qb, t.kt[..., j0:j1], out=t.split(out)).reshape(out.shape)
+    s = np.matmul(t.qb, t.kt[..., j0:j1], out=out.reshape(t.qb.shape[:-1] + (-1,))).reshape(out.shape)  # (a view)
     if c.softcap is not None:  # the cap hides an overflow from the band: q.k must be in range first
         if not math.isfinite(_red(np.add, s)) and (~np.isfinite(s).all(axis=-1) & t.finite_rows()).any():
             raise Overflow("logits beyond the dtype's range")
@@ -282,7 +279,7 @@ def note_bad(t: _Task, vis, j0: int, j1: int) -> None:
 
 
 def accumulate(t: _Task, e, j0: int, j1: int, sums) -> None:  # a += e v, l += sums
-    pv = np.matmul(t.split(e), t.vb[..., j0:j1, :]).reshape(t.B_, t.H_, t.n, -1)
+    pv = np.matmul(e.reshape(t.B_, t.Hkv_, *t.rows, -1), t.vb[..., j0:j1, :]).reshape(t.B_, t.H_, t.n, -1)
     t.acc, t.l = (pv, sums) if t.acc is None else (t.acc + pv, t.l + sums)
 
 

@@ -74,7 +74,7 @@ class MultiHeadAttention(mha.MultiHeadAttention):
 
     def _forward(self, call):
         """Projections, q/k norm, RoPE, the cache, the core (mha_cpu._kernel), head_mask and W_O."""
-        c = self.config
+        c = self._config
         B, T, S = call.shape
         H, Hkv, D, E = c.num_heads, c.num_kv_heads, c.head_dim, c.embed_dim
         flops = 2.0 * B * (T * E * 2 * H * D + call.key.shape[1] * (c.kdim + c.vdim) * Hkv * D + 2 * T * S * H * D)
@@ -89,17 +89,20 @@ class MultiHeadAttention(mha.MultiHeadAttention):
 
     def _heads(self, q, k, v, pos):
         """(B, L, heads, D) projections as (B, heads, L, D) views, q and k normalised and rotated."""
-        c = self.config
+        c = self._config
         if c.qk_norm is not None:
             q, k = (rms_norm(np, a, self._params[n], c.qk_norm) for a, n in ((q, "q_norm"), (k, "k_norm")))
-        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-        if c.rope is not None:
+        q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        if c.rope is not None and q.shape[2] == k.shape[2] == 1 and pos.q_offset == pos.k_offset:  # one token:
+            qk, H = self._rope(np.concatenate((q, k), axis=1), pos.q_offset), q.shape[1]  # q and k in one rotation
+            q, k = qk[:, :H], qk[:, H:]
+        elif c.rope is not None:
             q, k = self._rope(q, pos.q_offset), self._rope(k, pos.k_offset)
         return q, k, v
 
     def _by_rows(self, call, workers):
         """Context (B, T, H, D), weights, lse: all rows projected, then the core shares out its tasks."""
-        pos, c = call.pos, self.config
+        pos, c = call.pos, self._config
         q, k, v = self._heads(*self._proj.heads(call, workers), pos)  # (B, heads, L, D)
         finite = None
         if pos.step is not None:  # only the new keys and values are checked: the cache remembers
@@ -114,7 +117,7 @@ class MultiHeadAttention(mha.MultiHeadAttention):
         """Groups of key/value heads per batch element for the split by head groups, 0 for the split by rows:
         self-attention without a cache on several workers, with two (batch element, key/value head) tasks
         per worker at least; the fewest groups giving every worker ~4 tasks of ``thresholds.task_flops``."""
-        B, Hkv = call.query.shape[0], self.config.num_kv_heads
+        B, Hkv = call.query.shape[0], self._config.num_kv_heads
         if n == 1 or not call.self_attention or call.pos.step is not None or B * Hkv < 2 * n:
             return 0
         want = max(n, min(TASKS_PER_WORKER * n, int(flops // max(thresholds.task_flops, 1.0))))

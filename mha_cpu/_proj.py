@@ -56,12 +56,12 @@ class Projections:
         """(q, k, v) as (B, L, heads, D) views of one or two GEMM outputs; q scaled when the scale is folded."""
         c, form = self.config, self.form
         query, key, value = call.query, call.key, call.value
-        B, T, _ = query.shape
-        L = key.shape[1]
+        (B, T, _), L = query.shape, key.shape[1]
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
 
         def linear(x, wb):
-            return workers.linear(x, *wb, np.empty(x.shape[:-1] + (wb[0].shape[1],), query.dtype))
+            out = np.empty(x.shape[:-1] + (wb[0].shape[1],), query.dtype)
+            return workers.linear(x, wb[0], wb[1] if c.bias else None, out)  # (no bias: no zeros added)
 
         if call.self_attention and "qkv" in form:  # one GEMM
             y = linear(query, form["qkv"])

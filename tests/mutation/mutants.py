@@ -8,9 +8,11 @@ since the suite's problems reach them too rarely to kill them at the "mutation" 
 mask or the soft-cap applied to logits in units of 2^E (no property mixes extreme magnitudes with
 either), a context that passes the range from values near the dtype's limit left unchecked, and the
 split by head groups giving every group the first heads' per-head mask or sinks (it needs B * Hkv >= 6
-with per-head masks). Unit tests guard them: tests/semantics/test_overflow.py test_bias_in_the_units_of_*
-and test_softcap_caps_*, tests/semantics/test_core.py test_values_near_*,
-tests/numpy_backend/test_blockwise.py test_split_by_head_groups_*.)
+with per-head masks); nor the pairwise RoPE formula of apply_rope's MLX branch, which the layers reach
+only for scaled RoPE variants (numpy rotates through _signed_tables: its sign bug is rope-sin-sign, in
+_partners). Unit tests guard them: tests/decoding/test_decoding.py test_rope_matches_mlx_nn_rope,
+tests/semantics/test_overflow.py test_bias_in_the_units_of_* and test_softcap_caps_*,
+tests/semantics/test_core.py test_values_near_*, tests/numpy_backend/test_blockwise.py test_split_by_head_groups_*.)
 """
 
 from __future__ import annotations
@@ -82,8 +84,8 @@ MUTANTS = [
            "RoPE restarts at position 0 in every cached call"),
     Mutant("rope-query-top-left", A, "plan", "Positions(S - T, 0)", "Positions(0, 0)",
            "queries rotated from position 0 when T != S"),
-    Mutant("rope-sin-sign", P, "apply_rope", "xp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)",
-           "xp.concatenate([a * cos + b * sin, a * sin + b * cos], axis=-1)", "split-half rotation with a wrong sign"),
+    Mutant("rope-sin-sign", P, "_partners", "np.repeat([-1.0, 1.0], h)", "np.repeat([1.0, 1.0], h)",
+           "split-half rotation with a wrong sign (numpy's signed sine table)"),
     Mutant("rope-freq-index", P, "RoPE.frequencies", "base ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)",
            "base ** (-np.arange(1, dims + 1, 2, dtype=np.float64) / dims)", "frequencies off by one index"),
     Mutant("cache-window-keeps-too-few", K, "KVCache.__init__", "window and window - 1", "window and max(window - 2, 0)", "a rotating cache that drops one key too early"),
@@ -169,6 +171,8 @@ MUTANTS = [
            "numpy core groups query heads by h % Hkv instead of h // G"),
     Mutant("task-first-kv-heads", F, "_Task.__init__", "call.k[b0:b1, g0:g1, None]", "call.k[b0:b1, :g1 - g0, None]",
            "a task of key/value heads g0:g1 reads the first heads' keys"),
+    Mutant("one-query-first-v-heads", F, "_Task.__init__", "call.v[b0:b1, g0:g1]", "call.v[b0:b1, :g1 - g0]",
+           "a one-query task of key/value heads g0:g1 (its e v one GEMM per head) reads the first heads' values"),
     Mutant("plain-ignores-causal", F, "_Task.__init__", "m.keep is None and m.bias is None and not m.positional",
            "m.keep is None and m.bias is None", "a call without mask arrays taken as unmasked although causal or windowed"),
     Mutant("weights-outside-span-not-zeroed", F, TASK, "wrows[..., hi:], wrows[..., :lo] = (0, 0)", "pass",
