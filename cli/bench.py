@@ -143,11 +143,9 @@ def measure(shape, repeat: int, want_mlx: bool, isolate: bool = True, rounds: in
 
     With ``isolate`` each implementation runs in a fresh process: libraries leave worker threads
     spinning after a call (torch's OpenMP, OpenBLAS, MLX's CPU pool), which slows whatever runs next on
-    the same cores (measured: ours took 16 ms instead of 9 at B=1, T=512 when interleaved call by call
-    with torch). ``--quick`` measures in this process. With ``rounds`` > 1 the implementations take
-    turns (a process each per round), so that a machine whose speed drifts over seconds (seen on shared
-    virtual machines: the same call 10 ms for a while, then 15) slows them alike rather than whichever
-    ran during the slow spell.
+    the same cores (docs/layer.md, "torch in the same process"). ``--quick`` measures in this process.
+    With ``rounds`` > 1 the implementations take turns (a process each per round), so that a machine
+    whose speed drifts over seconds slows them alike rather than whichever ran during the slow spell.
     """
     import numpy as np
 

@@ -280,7 +280,7 @@ def _step(s, q, k, v, do, delta, z, target=None, dcap=None):
 def _whole(q, k, v, lse, dctx, poisoned, masks, dropout, extra: _Extra, delta_out):
     """The whole call as one block of every (batch element, key/value head): batched GEMMs, for calls of
     at most WHOLE_FLOATS logits (B H T S, 2 MiB in float32), where the per-task path's overhead would
-    dominate (measured at B=32, T=47, E=64, H=4: 7.5 ms per pull-back, 26 ms by tasks).
+    dominate (figures: docs/performance.md, "Gradients").
     Same arrays and results as attention_backward; the rows' delta written into ``delta_out`` (B, T, H)
     (rows the forward made NaN keep theirs)."""
     B, T, H, D = q.shape
