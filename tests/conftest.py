@@ -63,8 +63,8 @@ EXTRAS = {"torch": "references", "transformers": "references", "safetensors": "r
           "matplotlib": "plot", "PIL": "plot", "hypothesis": "test"}
 # A skip for want of something installable: outside CI a reason to read; in CI (CI=true) a failure, since CI
 # installs everything (pip install -e '.[dev]', MiniLM, chromium) and a skip there would hide a lost test.
-MISSING = re.compile(r"could not import|not installed|pip install|apt-get install|needs (torch|mlx|keras|flax|jax|"
-                     r"transformers)\b")
+MISSING = re.compile(r"could not import|not installed|pip install|apt-get install|no chromium|needs (torch|mlx|keras|"
+                     r"flax|jax|transformers)\b", re.I)
 
 
 def _missing(reason: str) -> str | None:

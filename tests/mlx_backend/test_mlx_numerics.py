@@ -37,8 +37,10 @@ def _mask_kwargs(kind, B, T, S):
         m = rng.random((B, 1, T, S)) < 0.6
         m[..., 0] = True  # every row sees a key
         return {"mask": m}
-    if kind == "additive":
-        return {"mask": rng.normal(size=(B, 1, T, S)).astype(np.float32)}
+    if kind == "additive":  # -inf hides a key whatever the logits' size (finfo.min or -1e9 would not, at 1e60)
+        m = rng.random((B, 1, T, S)) < 0.6
+        m[..., 0] = True
+        return {"mask": np.where(m, rng.normal(size=(B, 1, T, S)), -np.inf).astype(np.float32)}
     return {}
 
 

@@ -19,26 +19,6 @@ ATT_TOL = 1e-5  # attention weights: absolute
 NAMES = list(hf_zoo.ZOO)
 
 
-def _mlx_lacks(name: str) -> str | None:
-    """The layer feature a family needs that the MLX backend does not take yet (core-mlx's work), or None."""
-    import mha
-
-    feature = {"qwen3": "qk_norm", "gemma3_text": "qk_norm", "gemma2": "softcap"}.get(name)
-    if feature is None or not HAS_MLX:
-        return None
-    try:
-        mha.MultiHeadAttention(8, 2, backend="mlx", **{feature: 1.0})
-    except ValueError as err:
-        if "not supported by the mlx backend" in str(err):
-            return feature
-        raise
-    return None
-
-
-def _on_mlx(names):
-    """``names`` as params, each whose feature the MLX layer lacks skipped with the reason (until core-mlx has it)."""
-    return [pytest.param(n, marks=pytest.mark.skipif(bool(_mlx_lacks(n)), reason=f"the MLX layer lacks "
-                                                     f"{_mlx_lacks(n)} (core-mlx)")) for n in names]
 needs_mlx = pytest.mark.skipif(not HAS_MLX, reason="MLX is not installed")
 
 
@@ -135,7 +115,7 @@ def test_longrope_generation_follows_the_full_forward(zoo, backend):
 
 
 @needs_mlx
-@pytest.mark.parametrize("name", _on_mlx(NAMES))
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("v4", [False, True], ids=["v5", "v4"])
 def test_logits_match_transformers_on_mlx(zoo, name, v4):
     folder = zoo(name, v4=v4)
@@ -149,6 +129,6 @@ def test_greedy_generation_and_its_attentions_match_transformers(zoo, name):
 
 
 @needs_mlx
-@pytest.mark.parametrize("name", _on_mlx([n for n in NAMES if n != "phi3-longrope"]))
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "phi3-longrope"])
 def test_greedy_generation_and_its_attentions_match_transformers_on_mlx(zoo, name):
     _check_generation(zoo, name, "mlx")

@@ -71,8 +71,6 @@ def test_loader_gives_the_training_forward():
     name "induction": its logits equal the training forward's, on both backends' layers."""
     import mha.models as mm
 
-    if not hasattr(mm, "load"):
-        pytest.skip("mha.models.load (issue 27, decoders) is not here yet")
     ids = ma.repeated_tokens(2, 12, 64, seed=5)
     ours = AttnOnlyDecoder.load(FOLDER).logits(ids)
     for model in (mm.load(FOLDER, backend="numpy"), mm.load("induction", backend="numpy")):
