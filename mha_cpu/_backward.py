@@ -115,12 +115,12 @@ def forward(layer, call):
         v = _linear(xv, p["v_weight"], p["v_bias"]).reshape(B, S, Hkv, D)
     offsets = (call.pos.q_offset, call.pos.k_offset)
     raw = None
-    if _feature(c, "qk_norm") is not None:  # RMSNorm of every query and key head over D, learned weights
+    if c.qk_norm is not None:  # RMSNorm of every query and key head over D, learned weights
         raw = q, k
         q, k = (rms_norm(np, a, p[f"{n}_norm"], c.qk_norm) for a, n in ((q, "q"), (k, "k")))
     if c.rope is not None:
         q, k = (_rope(a, c.rope, o) for a, o in ((q, offsets[0]), (k, offsets[1])))
-    ctx, lse = _attend(q, k, v, call.masks, c.effective_scale, call.dropout, _feature(c, "softcap"), p.get("sinks"))
+    ctx, lse = _attend(q, k, v, call.masks, c.effective_scale, call.dropout, c.softcap, p.get("sinks"))
     hm = None if call.head_mask is None else call.head_mask.reshape(-1, 1, H, 1)
     merged = (ctx if hm is None else ctx * hm).reshape(B, T, H * D)
     out = _linear(merged, p["o_weight"], p["o_bias"])
@@ -131,11 +131,6 @@ def _fused(p) -> tuple:
     """(W, b): the q, k and v projections stacked, ((H + 2 Hkv) D, E) and its bias or None."""
     w = np.concatenate([p["q_weight"], p["k_weight"], p["v_weight"]])
     return w, None if p["q_bias"] is None else np.concatenate([p["q_bias"], p["k_bias"], p["v_bias"]])
-
-
-def _feature(config, name: str):
-    """The layer's ``softcap`` / ``qk_norm`` (None when off, or when the layer has no such option)."""
-    return getattr(config, name, None)
 
 
 def _rope(x, rope, offset: int, transpose: bool = False):
@@ -178,7 +173,7 @@ def backward(layer, s: Saved, d_out, total: bool = False):
     if s.head_mask is not None:
         dctx *= s.head_mask
     dq, dk, dv, dsinks = attention_backward(s.q, s.k, s.v, s.ctx, s.lse, dctx, s.masks, s.dropout,
-                                            _feature(c, "softcap"), p.get("sinks"), c.effective_scale)
+                                            c.softcap, p.get("sinks"), c.effective_scale)
     dq *= dq.dtype.type(c.effective_scale)
     if c.rope is not None:
         dq, dk = _rope(dq, c.rope, s.offsets[0], True), _rope(dk, c.rope, s.offsets[1], True)

@@ -19,7 +19,7 @@ class Projections:
     def __init__(self, params: dict, config):
         c = self.config = config
         dt = params["q_weight"].dtype
-        self.o_weight_t, self.o_bias = np.ascontiguousarray(params["o_weight"].T), params["o_bias"]
+        self.o_weight_t = np.ascontiguousarray(params["o_weight"].T)  # W_O^T (H D, E); its bias stays in params
         w = {n: params[f"{n}_weight"] for n in "qkv"}
         b = {n: params[f"{n}_bias"] if params[f"{n}_bias"] is not None else np.zeros(w[n].shape[0], dt)
              for n in "qkv"}

@@ -163,7 +163,7 @@ class SequenceParallel:
             _masks.check_values(xp, "mask", mask)
         valid = None if call.masks.keep is None else call.masks.keep.reshape(B, S)  # the key_mask, (B, S_r)
         q, k, v = project_heads(xp, call.query, call.key, call.value, layer._native_params(), num_heads=c.num_heads,
-                                num_kv_heads=c.num_kv_heads, qk_norm=getattr(c, "qk_norm", None),
+                                num_kv_heads=c.num_kv_heads, qk_norm=c.qk_norm,
                                 acc_dtype=layer._dtypes()[1])
         return _Local(call, mask, valid, q, k, v, _top(xp, q), _top(xp, k), _validate.boolean("causal", causal))
 
@@ -223,7 +223,7 @@ class SequenceParallel:
         limit = LIMIT[np.dtype(str(self.layer._dtypes()[1]).split(".")[-1]).itemsize]
         rope = 2.0 if c.rope is not None else 1.0  # a rotated pair's entries are at most twice the pair's
         bound = rope * table["q_top"][r] * rope * table["k_top"].max() * abs(c.effective_scale) * c.head_dim
-        e = max(0, math.ceil(math.log2(bound)) - limit) if bound > 0 and getattr(c, "softcap", None) is None else 0
+        e = max(0, math.ceil(math.log2(bound)) - limit) if bound > 0 and c.softcap is None else 0
         return _Plan(table, [(a, b, q0 + p) for a, b, p in q_spans[r]], [(a, b, k0 + p) for a, b, p in k_spans[r]],
                      S, e, bool(table["key_mask"][0]) or offset >= 0, rope * table["k_top"].max() * c.head_dim**0.5)
 
