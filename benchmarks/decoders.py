@@ -183,8 +183,8 @@ def run_transformers(folder: str, prompt: int, new: int, prefill: int, threads: 
 
 
 def run_bandwidth(threads: int) -> dict:
-    """Read bandwidth (GB/s): the best of 30 products x (1, 512) @ W (512, 65536) float32 (128 MiB, four
-    times the last-level cache of the machine measured)."""
+    """Read bandwidth (GB/s): the best of 30 products x (1, 512) @ W (512, 65536) float32 (128 MiB, larger
+    than a last-level cache)."""
     import numpy as np
     from threadpoolctl import threadpool_limits
 

@@ -10,13 +10,12 @@ head's strongest keys. A model without a tokenizer reads TEXT as token ids separ
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import click
 
 from ._models import check_text
-from ._util import note, output_path, write_output
+from ._util import note, output_format, output_path, write_output
 
 JSON_TOP = 3  # keys per head and step in --format json
 
@@ -100,9 +99,9 @@ def generate(text, folder, backend, dtype, max_new_tokens, temperature, top_k, t
     mha generate "The cat" --model ./llama --layer 3 --head 5       one head's three strongest keys
     mha generate "The cat" --model ./gpt2 --format html -o steps.html   the step view
     """
-    if fmt is None:
-        ext = "" if output is None else os.path.splitext(output)[1].lower()
-        fmt = {".json": "json", ".html": "html", ".htm": "html"}.get(ext, "term")
+    # the format from -o's name, checked before any work (-o out.txt or --format term -o FILE: a usage error)
+    fmt = fmt or "term" if output is None else output_format(output, fmt, {".json": "json", ".html": "html",
+                                                                            ".htm": "html"})
     check_text(text)
     model = _load(folder, backend, dtype)
     for name, value, n in (("--layer", layer, model.num_layers), ("--head", head, model.num_heads)):

@@ -25,7 +25,7 @@ from ._util import Progress, note, output_format, output_path, require
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Write the curves as a PNG (needs the plot extra); with --heads: the output folder (new or empty).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@click.option("--quick", is_flag=True, help="A smaller sample for a first look, about 5x faster: importance on 8 "
+@click.option("--quick", is_flag=True, help="A smaller sample for a first look: importance on 8 "
                                              "pairs, the curve on 8 others, fractions 0.1, 0.3, 0.5, 0.7, 0.9, "
                                              "one random order.")
 @click.option("--heads", "prune_heads", multiple=True, metavar="L:H[,H...]",

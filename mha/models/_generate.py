@@ -208,7 +208,7 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 0.0, to
         if attentions:
             steps.append(_place(ws, caches, P + s))
             sinks.append(_sink_mass(steps[-1], sink_step))
-        new = np.where(finished, out[:, s], pick(to_numpy(logits)[:, -1].astype(np.float32), temperature, top_k,
+        new = np.where(finished, out[:, s], pick(np.asarray(to_numpy(logits)[:, -1], np.float32), temperature, top_k,
                                                  top_p, rng))
         out[:, s] = new
         if on_token is not None:

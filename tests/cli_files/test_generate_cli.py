@@ -172,3 +172,14 @@ def test_token_labels_escape_what_a_terminal_would_act_on():
 
     assert _label("a\x7fb\x18c\u2028d\u0085 é") == '"a\\u007fb\\u0018c\\u2028d\\u0085 é"'
     assert all(c.isprintable() for c in _label("".join(map(chr, range(0x110)))))
+
+
+def test_an_output_name_the_command_cannot_write_is_refused_before_any_work(folder, tmp_path):
+    from click.testing import CliRunner
+
+    from mha_cli.main import cli
+
+    for args in (["-o", str(tmp_path / "out.txt")], ["--format", "term", "-o", str(tmp_path / "s.html")]):
+        r = CliRunner().invoke(cli, ["generate", "1 2 3", "--model", folder, "-n", "2", *args])
+        assert r.exit_code != 0 and r.output.count("\n") <= 3 and "Traceback" not in r.output, r.output
+    assert not list(tmp_path.iterdir())
