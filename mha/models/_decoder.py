@@ -230,9 +230,9 @@ class DecoderModel:
 
             n = mha_cpu.options.step_blas_threads
             if n is not None:
-                from mha_cpu._workers import blas_threads  # threadpoolctl's limit without its per-call library scan
+                from threadpoolctl import threadpool_limits  # scans the loaded libraries: every BLAS, however late
 
-                with blas_threads(n):
+                with threadpool_limits(n, user_api="blas"):
                     return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out)
         return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out)
 
