@@ -8,6 +8,7 @@ overlapping from several threads may run with BLAS's own setting, never leave it
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -18,35 +19,46 @@ from ._options import options, thresholds
 
 _PREFIX = "mha_cpu"
 TASKS_PER_WORKER = 4  # what a call is cut into, per worker, so that a slower core holds it up little
-_state = {"pool": None, "size": 0, "blas": None}
+_state = {"pool": None, "size": 0, "blas": None, "modules": -1}
 _lock = threading.Lock()
 _local = threading.local()  # per thread: the Workers block it is in, whether it runs a task
 
 
 class blas_threads:
     """``with blas_threads(n):`` BLAS at n threads for the block: threadpoolctl's limit (its library controllers and its
-count of the thread controlling OpenBLAS) without the snapshot of every library's info
-``ThreadpoolController.limit`` takes (more than a decode step's arithmetic); only libraries not at n already are set
-and restored."""
+count of the thread controlling OpenBLAS) without the scan of every loaded library that ``threadpool_limits`` makes
+at each entry (more than a decode step's arithmetic): the BLAS libraries are found again only when the module
+table changed since the last scan (a library such as torch's own OpenBLAS comes with an import). Only libraries
+not at n already are set and restored. While the block runs, this thread holds BLAS: a layer call made inside it
+on this thread alone keeps n (:class:`Workers`), so a decoder's step setting governs its layers' calls."""
 
-    __slots__ = ("n", "saved")
+    __slots__ = ("n", "saved", "outer")
 
     def __init__(self, n: int):
-        self.n, self.saved = n, ()
+        self.n, self.saved, self.outer = n, (), None
 
     def __enter__(self):
-        if _state["blas"] is None:
-            _state["blas"] = ThreadpoolController().select(user_api="blas").lib_controllers
-        self.saved = [(lib, m) for lib in _state["blas"] if (m := lib.get_num_threads()) != self.n]
+        self.saved = [(lib, m) for lib in _blas_libraries() if (m := lib.get_num_threads()) != self.n]
         CONTROLLING_THREAD_OWNERSHIP.increment()
         for lib, _ in self.saved:
             lib.set_num_threads(self.n)
+        self.outer, _local.blas = getattr(_local, "blas", None), self.n
         return self
 
     def __exit__(self, *exc):
+        _local.blas = self.outer
         for lib, m in self.saved:
             lib.set_num_threads(m)
         CONTROLLING_THREAD_OWNERSHIP.decrement()
+
+
+def _blas_libraries() -> list:
+    """threadpoolctl's controllers of the loaded BLAS libraries, scanned again when ``sys.modules`` changed size."""
+    n = len(sys.modules)
+    if _state["blas"] is None or _state["modules"] != n:
+        _state["blas"] = ThreadpoolController().select(user_api="blas").lib_controllers
+        _state["modules"] = n
+    return _state["blas"]
 
 
 def cpus() -> int:
@@ -70,7 +82,8 @@ def on_worker() -> bool:
 class Workers:
     """The workers of one call: ``with Workers(flops) as workers: workers.map(fn, items)``: the pool for
     ``options.parallel_flops`` of work or more (BLAS at one thread), else the calling thread alone (BLAS at
-    ``options.blas_threads``); one thread inside a task. Inside another Workers block of the same thread
+    ``options.blas_threads``, or as an enclosing :class:`blas_threads` block of this thread holds it); one thread
+    inside a task. Inside another Workers block of the same thread
     (the core within a layer call), the outer one's choice holds."""
 
     def __init__(self, flops: float):
@@ -80,7 +93,8 @@ class Workers:
 
     def __enter__(self):
         if getattr(_local, "workers", None) is None and not on_worker():
-            blas = 1 if self.n > 1 else options.blas_threads
+            held = getattr(_local, "blas", None)  # an enclosing blas_threads block of this thread
+            blas = 1 if self.n > 1 else None if held is not None else options.blas_threads
             self._limit = None if blas is None else blas_threads(blas).__enter__()
             _local.workers = self
         return self

@@ -223,16 +223,17 @@ class DecoderModel:
         of the weights.
 
         On numpy, a decode step (one token per sequence) runs with BLAS at ``mha_cpu.options.step_blas_threads``
-        threads (default 1; None: as configured) for the whole step, a rule on the call's shape and that
-        setting; longer passes keep BLAS's own setting (their GEMMs are compute-bound)."""
+        threads (default 1; None: as configured) for the whole step, its attention layers' calls included, a
+        rule on the call's shape and that setting; longer passes keep BLAS's own setting (their GEMMs are
+        compute-bound)."""
         if self.backend == "numpy" and ids.shape[1] == 1:
             import mha_cpu
 
             n = mha_cpu.options.step_blas_threads
             if n is not None:
-                from threadpoolctl import threadpool_limits  # scans the loaded libraries: every BLAS, however late
+                from mha_cpu._workers import blas_threads  # its layers' calls keep n (they are on this thread)
 
-                with threadpool_limits(n, user_api="blas"):
+                with blas_threads(n):
                     return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out)
         return self._forward(ids, caches, key_mask, positions, attentions, head_mask, last_only, sink_out)
 

@@ -49,6 +49,56 @@ def test_decode_steps_take_the_setting_and_prefills_blas_own(zoo, monkeypatch, s
     assert all(set(threads) == {want} for _, threads in steps), steps
 
 
+def test_a_steps_setting_governs_its_attention_layers(zoo, monkeypatch):
+    """Inside a decode step the layers' projections run at step_blas_threads, not at the layer's own
+    blas_threads (the step holds BLAS for all of its work); outside a step the layer's setting holds."""
+    from threadpoolctl import threadpool_limits
+
+    import mha.models as mm
+    from mha_cpu import _workers
+
+    model = mm.load(zoo("llama"), backend="numpy")
+    seen, inner = [], _workers.Workers.linear
+
+    def spy(self, x, *args):
+        seen.append((x.shape[-2], _blas_threads()))
+        return inner(self, x, *args)
+
+    monkeypatch.setattr(_workers.Workers, "linear", spy)
+    with threadpool_limits(1, user_api="blas"):
+        if not _blas_threads():
+            pytest.skip("no BLAS library that threadpoolctl controls")
+        with mha_cpu.options.override(step_blas_threads=2, blas_threads=1):
+            model.generate(np.arange(3, 12), 3, stop_at_eos=False)
+            steps = [t for rows, t in seen if rows == 1]
+            assert len(steps) >= 2 * 2 * len(model.layers) and all(set(t) == {2} for t in steps), seen
+            seen.clear()
+            model.layers[0](np.ones((1, 1, model.config.hidden_size), np.float32))  # a layer call of its own
+            assert seen and all(set(t) == {1} for _, t in seen), seen
+        assert _blas_threads() == [1] * len(_blas_threads())
+
+
+def test_a_blas_loaded_after_the_first_step_is_limited_too(zoo, monkeypatch):
+    """The step's limit finds the BLAS libraries again after an import (torch brings its own OpenBLAS):
+    here the remembered list is made stale, as if the library had been loaded since."""
+    from threadpoolctl import threadpool_limits
+
+    import mha.models as mm
+    from mha_cpu import _workers
+
+    model = mm.load(zoo("llama"), backend="numpy")
+    seen = _record_threads(model, monkeypatch)
+    with threadpool_limits(2, user_api="blas"):
+        if not _blas_threads():
+            pytest.skip("no BLAS library that threadpoolctl controls")
+        monkeypatch.setitem(_workers._state, "blas", [])  # what a scan before the library came would hold
+        monkeypatch.setitem(_workers._state, "modules", -1)  # ... and sys.modules has changed since
+        with mha_cpu.options.override(step_blas_threads=1):
+            model.generate(np.arange(3, 12), 3, stop_at_eos=False)
+        assert _blas_threads() == [2] * len(_blas_threads())
+    assert all(set(threads) == {1} for t, threads in seen[1:]), seen
+
+
 def test_both_settings_generate_the_same_numbers(zoo):
     import mha.models as mm
 
