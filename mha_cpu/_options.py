@@ -22,9 +22,8 @@ class Options(Settings):
             calling thread alone, larger ones on the pool (``benchmarks/threads.py --small``).
         blas_threads: BLAS's threads while a call runs on the calling thread alone (decode steps, small
             calls); None: as BLAS is configured. The pool always holds BLAS at one thread per worker
-            (``benchmarks/threads.py --decode``). step_blas_threads: the same for a whole decode step of an
-            ``mha.models`` decoder, one new token per sequence, its layers' calls included
-            (``benchmarks/threads.py --step``).
+            (``benchmarks/threads.py --decode``). step_blas_threads: the same for a whole decode step of a
+            decoder (``mha.models``), its layers' calls included (``benchmarks/threads.py --step``).
     """
 
     _name = "mha_cpu.options"

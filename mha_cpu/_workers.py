@@ -1,9 +1,7 @@
 """The numpy backend's threads, by library: a call's tasks run on a ``concurrent.futures`` thread pool (numpy releases
-the GIL in its loops and BLAS), with BLAS held at one thread meanwhile through threadpoolctl, so that the two levels
-of threading do not fight; a call on the calling thread alone holds BLAS at ``options.blas_threads``. The thread
-that makes a call sets and restores the limit (OpenBLAS takes limits from one controlling thread at a time: calls
-overlapping from several threads may run with BLAS's own setting, never leave it changed).
-"""
+the GIL in its loops and BLAS) with BLAS held at one thread by threadpoolctl, so that the two levels do not fight; a
+call on the calling thread alone holds BLAS at ``options.blas_threads``. The calling thread sets and restores the
+limit (OpenBLAS obeys one controlling thread: overlapping calls from several threads may run at BLAS's own setting)."""
 
 from __future__ import annotations
 
@@ -25,12 +23,8 @@ _local = threading.local()  # per thread: the Workers block it is in, whether it
 
 
 class blas_threads:
-    """``with blas_threads(n):`` BLAS at n threads for the block: threadpoolctl's limit (its library controllers and its
-count of the thread controlling OpenBLAS) without the scan of every loaded library that ``threadpool_limits`` makes
-at each entry (more than a decode step's arithmetic): the BLAS libraries are found again only when the module
-table changed since the last scan (a library such as torch's own OpenBLAS comes with an import). Only libraries
-not at n already are set and restored. While the block runs, this thread holds BLAS: a layer call made inside it
-on this thread alone keeps n (:class:`Workers`), so a decoder's step setting governs its layers' calls."""
+    """``with blas_threads(n):`` BLAS at n threads (threadpoolctl's limit, its libraries scanned again only when
+``sys.modules`` changed size); this thread then holds BLAS for the layer's calls in it (:class:`Workers`)."""
 
     __slots__ = ("n", "saved", "outer")
 
@@ -38,7 +32,10 @@ on this thread alone keeps n (:class:`Workers`), so a decoder's step setting gov
         self.n, self.saved, self.outer = n, (), None
 
     def __enter__(self):
-        self.saved = [(lib, m) for lib in _blas_libraries() if (m := lib.get_num_threads()) != self.n]
+        if _state["blas"] is None or _state["modules"] != len(sys.modules):  # a library may have come since
+            _state["blas"] = ThreadpoolController().select(user_api="blas").lib_controllers
+            _state["modules"] = len(sys.modules)
+        self.saved = [(lib, m) for lib in _state["blas"] if (m := lib.get_num_threads()) != self.n]
         CONTROLLING_THREAD_OWNERSHIP.increment()
         for lib, _ in self.saved:
             lib.set_num_threads(self.n)
@@ -50,15 +47,6 @@ on this thread alone keeps n (:class:`Workers`), so a decoder's step setting gov
         for lib, m in self.saved:
             lib.set_num_threads(m)
         CONTROLLING_THREAD_OWNERSHIP.decrement()
-
-
-def _blas_libraries() -> list:
-    """threadpoolctl's controllers of the loaded BLAS libraries, scanned again when ``sys.modules`` changed size."""
-    n = len(sys.modules)
-    if _state["blas"] is None or _state["modules"] != n:
-        _state["blas"] = ThreadpoolController().select(user_api="blas").lib_controllers
-        _state["modules"] = n
-    return _state["blas"]
 
 
 def cpus() -> int:
@@ -82,9 +70,8 @@ def on_worker() -> bool:
 class Workers:
     """The workers of one call: ``with Workers(flops) as workers: workers.map(fn, items)``: the pool for
     ``options.parallel_flops`` of work or more (BLAS at one thread), else the calling thread alone (BLAS at
-    ``options.blas_threads``, or as an enclosing :class:`blas_threads` block of this thread holds it); one thread
-    inside a task. Inside another Workers block of the same thread
-    (the core within a layer call), the outer one's choice holds."""
+    ``options.blas_threads``, or as a :class:`blas_threads` block of this thread holds it); one thread in a
+    task. Inside another Workers block of the same thread (the core within a layer call), the outer one holds."""
 
     def __init__(self, flops: float):
         outer = getattr(_local, "workers", None)
@@ -93,8 +80,7 @@ class Workers:
 
     def __enter__(self):
         if getattr(_local, "workers", None) is None and not on_worker():
-            held = getattr(_local, "blas", None)  # an enclosing blas_threads block of this thread
-            blas = 1 if self.n > 1 else None if held is not None else options.blas_threads
+            blas = 1 if self.n > 1 else None if getattr(_local, "blas", None) else options.blas_threads
             self._limit = None if blas is None else blas_threads(blas).__enter__()
             _local.workers = self
         return self
