@@ -94,8 +94,9 @@ def run_ours(folder: str, prompt: int, new: int, prefill: int, threads: int, sta
             out["attentions" if att else "decode"] = min(steps)
         caches = lambda: [layer.init_cache(1, prefill) for layer in model.layers]  # noqa: E731
         out["prefill"] = _timed(lambda: model.forward(ids[None, :prefill], caches=caches(), last_only=True), 3) * 1e3
-        if stages:
-            out["stages"] = stage_times(model, p, new)
+        if stages:  # the layers' calls at the step's BLAS threads, as in a step of model.forward
+            with mha_cpu.options.override(blas_threads=threads):
+                out["stages"] = stage_times(model, p, new)
     return out
 
 
