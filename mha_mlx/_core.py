@@ -43,7 +43,7 @@ _HALF_BIAS = 2.0**14
 
 
 def attend(q, k, v, masks, *, scale, softcap=None, sinks=None, dropout=None, return_weights=False,
-           return_lse=True):
+           return_lse=True, found=None, compile: bool = True):
     """Attention of q (B, H, T, D) to k, v (B, Hkv, S, D) under ``masks``, as :func:`mha.reference.attend`
     defines it (see the module docstring for the paths).
 
@@ -57,6 +57,9 @@ def attend(q, k, v, masks, *, scale, softcap=None, sinks=None, dropout=None, ret
         return_weights: also return the weights (B, H, T, S) float32 (the unfused path).
         return_lse: return lse (B, H, T) float32; False (MLX only): None in its place, so that the fused
             kernel, which gives none, may run (the seam's other cores always return it).
+        found, compile: passed to :func:`fused` when the fused path runs (ignored by the others): what the
+            caller's scan of the projections for NaN/inf found, ``(bad, top)`` or None (found here), and
+            whether to ``mx.compile`` the fused steps (False for a decode step, whose S changes each call).
 
     Returns:
         (context (B, H, T, D) in v's dtype, lse or None), with the weights appended when asked.
@@ -71,7 +74,7 @@ def attend(q, k, v, masks, *, scale, softcap=None, sinks=None, dropout=None, ret
         ctx, lse = _blockwise.attention(q, k, v, scale=scale, masks=masks, softcap=softcap, sinks=sinks,
                                         return_lse=return_lse)
         return ctx.swapaxes(1, 2), lse  # (B, H, T, D), in the (B, T, H, D) memory of the output projection
-    return fused(q, k, v, masks, scale=scale, sinks=sinks), None
+    return fused(q, k, v, masks, scale=scale, sinks=sinks, found=found, compile=compile), None
 
 
 def fused(q, k, v, masks, *, scale, sinks=None, found=None, compile: bool = True):
