@@ -166,6 +166,17 @@ class MaskSet:
             keep = w if keep is None else keep & w
         return keep if xp is np else xp.array(keep)
 
+    def last_visible(self):
+        """(T,) int64: for each query i, the index of the last key the positional rules leave it, when
+        causal is the only rule here (no window) and the keys sit at consecutive positions (``k_pos`` a
+        range of step 1): query i sees keys 0 .. last[i] (k_pos[j] <= q_pos[i]), none when last[i] is -1;
+        clipped to S - 1. None otherwise (a window, no positional rule, keys at other positions)."""
+        k = self.k_pos
+        if not self.causal or self.window is not None or not isinstance(k, range) or k.step != 1:
+            return None
+        q = np.asarray(self.q_pos, dtype=np.int64)
+        return np.clip(q - k.start, -1, self.S - 1)
+
     def visible(self, xp):
         """keep AND the positional rules, broadcastable to (B, H, T, S) (4-D); None: every key visible."""
         rule = self.rule(xp)

@@ -43,7 +43,7 @@ _HALF_BIAS = 2.0**14
 
 
 def attend(q, k, v, masks, *, scale, softcap=None, sinks=None, dropout=None, return_weights=False,
-           return_lse=True):
+           return_lse=True, found=None, compile: bool = True):
     """Attention of q (B, H, T, D) to k, v (B, Hkv, S, D) under ``masks``, as :func:`mha.reference.attend`
     defines it (see the module docstring for the paths).
 
@@ -57,6 +57,9 @@ def attend(q, k, v, masks, *, scale, softcap=None, sinks=None, dropout=None, ret
         return_weights: also return the weights (B, H, T, S) float32 (the unfused path).
         return_lse: return lse (B, H, T) float32; False (MLX only): None in its place, so that the fused
             kernel, which gives none, may run (the seam's other cores always return it).
+        found, compile: passed to :func:`fused` when the fused path runs (ignored by the others): what the
+            caller's scan of the projections for NaN/inf found, ``(bad, top)`` or None (found here), and
+            whether to ``mx.compile`` the fused steps (False for a decode step, whose S changes each call).
 
     Returns:
         (context (B, H, T, D) in v's dtype, lse or None), with the weights appended when asked.
@@ -71,7 +74,7 @@ def attend(q, k, v, masks, *, scale, softcap=None, sinks=None, dropout=None, ret
         ctx, lse = _blockwise.attention(q, k, v, scale=scale, masks=masks, softcap=softcap, sinks=sinks,
                                         return_lse=return_lse)
         return ctx.swapaxes(1, 2), lse  # (B, H, T, D), in the (B, T, H, D) memory of the output projection
-    return fused(q, k, v, masks, scale=scale, sinks=sinks), None
+    return fused(q, k, v, masks, scale=scale, sinks=sinks, found=found, compile=compile), None
 
 
 def fused(q, k, v, masks, *, scale, sinks=None, found=None, compile: bool = True):
@@ -184,29 +187,31 @@ def _finite_bias(bias, dtype):
 def _row_rules(out, masks, bad, sees_any, Hkv: int):
     """The kernel's (B, H, T, D) output with the project's rules: rows that see a key holding NaN/inf
     (``bad`` (B, Hkv, S), or None when the caller handles them) are NaN, rows that see no key are 0 (the
-    kernel gives them a mean of values). Applied in (B, T, H, D) order, the memory layout of the kernel's
-    output when q is a head view of (B, T, H * D) projections (the layer's), so that the output projection
-    reads it without a copy; returned as a (B, H, T, D) view."""
+    kernel gives them a mean of values). Under causal alone with consecutive keys, query i sees keys
+    0 .. last[i] (:meth:`mha._masks.MaskSet.last_visible`), and both rules are found per row in O(T + S).
+    Applied in (B, T, H, D) order, the memory layout of the kernel's output when q is a head view of
+    (B, T, H * D) projections (the layer's), so that the output projection reads it without a copy;
+    returned as a (B, H, T, D) view."""
     B, H, T, D = out.shape
     S, dt = masks.S, out.dtype
     visible = sees_any  # (b, h, T, 1) or None
+    last = masks.last_visible() if masks.keep is None else None  # (T,): keys 0 .. last[i] visible, or None
+    if last is not None:
+        last = mx.array(last.astype("int32"))
+        visible = (last >= 0)[:, None]  # (T, 1)
     touched = None
     if bad is not None:
         bad_h = mx.repeat(bad, H // Hkv, axis=1)[:, :, None, :]  # (B, H, 1, S), head h reads kv head h // G
         if masks.every_key_visible:  # a (batch, head) that has a bad key is NaN throughout
             touched = mx.any(bad_h, axis=-1, keepdims=True)  # (B, H, 1, 1)
-        elif masks.keep is None and masks.window is None and _aligned(masks):  # causal: per row, O(T + S)
-            last = mx.arange(T) + (S - T)  # (T,) last visible key of each query
-            visible = (last >= 0)[:, None]  # (T, 1)
+        elif last is not None:  # causal alone: per row
             seen = mx.cummax(bad_h.astype(mx.int8), axis=-1)  # (B, H, 1, S): a bad key at or before j
-            touched = mx.take(seen, mx.clip(last, 0, S - 1), axis=-1).swapaxes(-1, -2) > 0  # (B, H, T, 1)
+            touched = mx.take(seen, mx.maximum(last, 0), axis=-1).swapaxes(-1, -2) > 0  # (B, H, T, 1)
             touched = mx.logical_and(touched, visible)
         else:
             keep = masks.visible(mx)
             keep = mx.broadcast_to(keep, tuple(keep.shape[:-2]) + (T, S))  # (b, h, T, S)
             touched = mx.matmul(keep.astype(dt), bad_h.astype(dt).swapaxes(-1, -2)) > 0  # (B, H, T, 1)
-    elif masks.keep is None and masks.causal and masks.window is None and _aligned(masks):
-        visible = (mx.arange(T) + (S - T) >= 0)[:, None]  # (T, 1)
     out = out.swapaxes(1, 2)  # (B, T, H, D)
     if touched is not None:
         out = mx.where(_to_btH(touched), mx.array(float("nan"), dt), out)

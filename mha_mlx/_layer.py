@@ -198,7 +198,8 @@ class MultiHeadAttention(mha.MultiHeadAttention, nn.Module):
         if found is not None:
             found = (found[0], self._key_bound(found[1], p))
         q, k, v = self._heads(q, k, v, pos, p)
-        ctx = _core.fused(q, k, v, masks, scale=c.effective_scale, sinks=sinks, found=found, compile=pos.step is None)
+        ctx, _ = _core.attend(q, k, v, masks, scale=c.effective_scale, sinks=sinks, return_lse=False, found=found,
+                              compile=pos.step is None)  # the fused path: the checks above leave it no other
         return self._out(ctx.swapaxes(1, 2), head_mask, p, poison).astype(dt), None, None  # ctx (B, T, H, D)
 
     @staticmethod
@@ -228,7 +229,9 @@ def fused_attention(q, k, v, *, scale, mask=None, key_mask=None, causal=False, w
     hidden key leak (0 * NaN); here, when some keys are hidden, non-finite numbers in k and v are zeroed before the
     kernel, and afterwards rows with no visible key are set to 0 and rows that can see a key holding
     NaN/inf to NaN. The whole of it is ``mx.compile``d (one graph per kind of mask, scale and shape;
-    ``mha_mlx.options.compile``), which fuses these few elementwise steps around the kernel.
+    ``mha_mlx.options.compile``), which fuses these few elementwise steps around the kernel. It is the
+    fused path of the core, :func:`mha_mlx.attend` (without lse), which runs it blockwise instead where the
+    layer would too (a score matrix over ``mha_mlx.options.score_bytes`` on the CPU). No key (S = 0): zeros.
     """
     B, T, S = q.shape[0], q.shape[2], k.shape[2]
     mask, key_mask = (a if a is None or isinstance(a, mx.array) else mx.array(np.asarray(a))
@@ -237,4 +240,6 @@ def fused_attention(q, k, v, *, scale, mask=None, key_mask=None, causal=False, w
         key_mask = _masks.key_mask_bool(mx, key_mask, B, S)
     masks = _masks.prepare(mx, mask=mask, key_mask=key_mask, causal=causal, T=T, S=S, bias_dtype=mx.float32,
                            window=window)
-    return _core.fused(q, k, v, masks, scale=scale)
+    if S == 0:  # every row sees no key: context 0 (the core needs a key; the layer routes such calls apart too)
+        return mx.zeros(q.shape[:3] + v.shape[3:], q.dtype)
+    return _core.attend(q, k, v, masks, scale=scale, return_lse=False)[0]

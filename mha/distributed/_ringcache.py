@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._masks import MaskSet
+
 
 class RingCache:
     """The keys and values (after RoPE) a rank keeps for decoding with :class:`SequenceParallel`: its own
@@ -33,12 +35,13 @@ class RingCache:
         return int(self.positions.shape[0])
 
     def _first_needed(self) -> int:
-        """Index of the first kept key that a query of the next call may see: with a window W, the next
-        queries sit at positions >= offset, so keys at p <= offset - W are of no use any more (a rank's
-        positions ascend: the rest is a suffix)."""
-        if self.window is None:
-            return 0
-        return int(np.searchsorted(self.positions, self.offset - self.window, side="right"))
+        """Index of the first kept key that a query of the next call may see: the next queries sit at
+        positions >= offset, so the keys the layer's rules leave the query at offset (by
+        :meth:`mha.MaskSet.key_span`) are the ones of use; a rank's positions ascend, so they are a suffix
+        (none: every kept key is dropped)."""
+        masks = MaskSet(None, None, True, self.window, range(self.offset, self.offset + 1), self.positions)
+        lo, hi = masks.key_span()
+        return lo if lo < hi else self.kept
 
     def _kept_next(self) -> int:
         """How many of the kept keys the next call attends over (after dropping the useless ones)."""

@@ -53,6 +53,31 @@ def test_rule_cut_and_key_span_follow_positions(seed):
                     assert (lo, hi) == ((seen[0], seen[-1] + 1) if seen.size else (lo, lo)), (q_pos, k_pos, t0)
 
 
+def test_last_visible_is_the_rule_of_causal_alone_over_consecutive_keys():
+    """last_visible(): with causal the only rule and keys at a range of step 1 (any offset, T != S, queries
+    as a range or an array), row i of rule(np) is keys 0 .. last[i] (last -1: none); else None (a window,
+    no rule, keys at array positions)."""
+    rng = np.random.default_rng(7)
+    used = 0
+    for _ in range(300):
+        T, S = int(rng.integers(1, 8)), int(rng.integers(1, 9))
+        k0, q0 = int(rng.integers(-6, 7)), int(rng.integers(-6, 14))
+        q_pos = range(q0, q0 + T) if rng.random() < 0.6 else _positions(rng, T)
+        k_pos = range(k0, k0 + S) if rng.random() < 0.8 else _positions(rng, S)
+        for causal, window in ((True, None), (True, int(rng.integers(1, 6))), (False, int(rng.integers(1, 6)))):
+            m = MaskSet(None, None, causal, window, q_pos, k_pos)
+            last = m.last_visible()
+            if not (m.causal and m.window is None and isinstance(k_pos, range)):
+                assert last is None, (q_pos, k_pos, causal, window)
+                continue
+            used += 1
+            assert last.dtype == np.int64 and last.shape == (T,)
+            want = np.arange(S)[None, :] <= last[:, None]  # (T, S): keys 0 .. last[i]
+            np.testing.assert_array_equal(m.rule(np), want, str((list(q_pos), k_pos)))
+            assert np.all((last >= -1) & (last <= S - 1))
+    assert used > 100  # the case itself, not only the Nones, was drawn often
+
+
 def test_cut_keeps_broadcast_axes_and_drops_rules_that_hide_nothing():
     keep = np.ones((1, 4, 1, 6), bool)
     m = MaskSet.aligned(5, 6, keep=keep, causal=True, window=3)
