@@ -123,8 +123,8 @@ def masked_softmax(xp, logits, keep, factors=()):
     """
     if keep is not None:
         logits = xp.where(keep, logits, NEG_INF)  # (B, H, T, S)
-    m = xp.max(logits, axis=-1, keepdims=True)  # (B, H, T, 1)
-    m = xp.where(m == NEG_INF, 0.0, m)  # empty rows: keep exp(-inf - m) = 0 well defined
+    m = xp.max(logits, axis=-1, keepdims=True) if logits.shape[-1] else xp.zeros(tuple(logits.shape[:-1]) + (1,))
+    m = xp.where(m == NEG_INF, 0.0, m)  # empty rows (and no key at all): keep exp(-inf - m) = 0 well defined
     e = xp.exp(_times(logits - m, factors))  # hidden -> exactly 0
     denom = xp.sum(e, axis=-1, keepdims=True)
     safe = xp.where(denom == 0, 1.0, denom)

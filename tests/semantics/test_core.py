@@ -185,3 +185,32 @@ def test_values_near_the_dtype_limit_give_a_finite_context(core, dtype):
     want = _attend_loop(q, k, v, np.ones((B, H, T, S), bool), np.zeros((B, H, T, S)), 0.5, None, None)[0]
     assert np.isfinite(ctx).all()
     np.testing.assert_allclose(np.asarray(ctx, np.float64) / big, want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sinks", [False, True])
+@pytest.mark.parametrize("core", ["reference", "numpy", "mlx"])
+def test_attend_with_no_key_at_all(core, sinks):
+    """S = 0: every row sees no key, so context 0 and lse -inf (with sinks: the sink's logit alone, as the
+    loop gives), weights (B, H, T, 0); the cores routed such calls to the reference, whose max over an
+    empty axis raised."""
+    B, H, Hkv, T, D = 2, 4, 2, 3, 5
+    q = np.random.default_rng(0).standard_normal((B, H, T, D)).astype(np.float32)
+    k = v = np.zeros((B, Hkv, 0, D), np.float32)
+    s = np.array([0.5, -1.0, 2.0, 0.0], np.float32) if sinks else None
+    masks = MaskSet(None, None, True, None, range(T), range(0))
+    want = _attend_loop(q, k, v, np.zeros((B, H, T, 0), bool), np.zeros((B, H, T, 0)), 1.0, None, s)
+    if core == "mlx":
+        mx = pytest.importorskip("mlx.core", reason="needs mlx (pip install mlx)")
+        import mha_mlx
+
+        got = mha_mlx.attend(*(mx.array(a) for a in (q, k, v)), masks, scale=1.0, return_weights=True,
+                             sinks=None if s is None else mx.array(s))
+        for causal in (False, True):  # the fused entry point too (through the core)
+            out = mha_mlx.fused_attention(*(mx.array(a) for a in (q, k, v)), scale=1.0, causal=causal)
+            np.testing.assert_array_equal(np.asarray(out), np.zeros((B, H, T, D), np.float32))
+    else:
+        got = CORES[core](q, k, v, masks, scale=1.0, return_weights=True, sinks=s)
+    got = [np.asarray(g) for g in got]
+    assert [g.shape for g in got] == [(B, H, T, D), (B, H, T), (B, H, T, 0)]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
