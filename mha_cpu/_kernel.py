@@ -107,6 +107,12 @@ def attend(q, k, v, masks, *, scale: float, softcap=None, sinks=None, dropout=No
         # |q scale| / 2^E <= 2^45; the layer's q comes scaled (scale 1): its overflow takes the rerun
         E = exponent_excess(np, q, 45 - math.frexp(abs(scale))[1]) if scale not in (0, 1) else 0
         q = q * dt.type(math.ldexp(scale, -E)) if (scale != 1 or E) else q
+        if (T == 1 and not (out or return_weights or E) and bad is None and softcap is None and sinks is None
+                and masks.bias is None and masks.every_key_visible and H * S <= thresholds.single_pass_floats
+                and Workers(4.0 * B * S * H * D).n == 1):  # one task, one block: run() would do the same
+            found = one_query(q, k, v)  # a decode step's one task, in short (None: the general path does it)
+            if found is not None:
+                return found
         sink = None if sinks is None else np.asarray(sinks, np.float64)
         ctx, lse, weights = out or (np.empty((B, T, H, D), dt), np.empty((B, H, T), dt),
                                     np.empty((B, H, T, S), dt) if return_weights else None)
@@ -281,6 +287,22 @@ def note_bad(t: _Task, vis, j0: int, j1: int) -> None:
 def accumulate(t: _Task, e, j0: int, j1: int, sums) -> None:  # a += e v, l += sums
     pv = np.matmul(e.reshape(t.B_, t.Hkv_, *t.rows, -1), t.vb[..., j0:j1, :]).reshape(t.B_, t.H_, t.n, -1)
     t.acc, t.l = (pv, sums) if t.acc is None else (t.acc + pv, t.l + sums)
+
+
+def one_query(q, k, v):
+    """:func:`task` for one query per row, one block of keys and nothing but q, k and v: its numpy calls on its
+    shapes (its bits) without its bookkeeping; (context (B, H, 1, D), lse (B, H, 1)), or None when a row sum
+    leaves the band or the context the range (then the general path does it all). Kept for its measured
+    gain: ``benchmarks/decode_parts.py`` (docs/performance.md)."""
+    (B, H, _, D), (Hkv, S) = q.shape, k.shape[1:3]
+    e = np.empty((B, H, 1, S), q.dtype)
+    np.matmul(q.reshape(B, Hkv, -1, 1, D), k[:, :, None].swapaxes(-1, -2), out=e.reshape(B, Hkv, -1, 1, S))
+    sums = np.add.reduce(np.exp(e, out=e), axis=-1, keepdims=True)  # (B, H, 1, 1)
+    if not (FLOOR <= _red(np.minimum, sums) and _red(np.maximum, sums) <= LIMIT):
+        return None
+    acc = np.matmul(e.reshape(B, Hkv, -1, S), v).reshape(B, H, 1, D)
+    np.divide(acc, np.maximum(sums, np.finfo(e.dtype).tiny), out=acc)
+    return (acc, np.log(sums)[..., 0]) if math.isfinite(_red(np.add, acc)) else None
 
 
 def finish(t: _Task, lo: int, hi: int) -> None:

@@ -12,7 +12,8 @@ with per-head masks); nor the pairwise RoPE formula of apply_rope's MLX branch, 
 only for scaled RoPE variants (numpy rotates through _signed_tables: its sign bug is rope-sin-sign, in
 _partners). Unit tests guard them: tests/decoding/test_decoding.py test_rope_matches_mlx_nn_rope,
 tests/semantics/test_overflow.py test_bias_in_the_units_of_* and test_softcap_caps_*,
-tests/semantics/test_core.py test_values_near_*, tests/numpy_backend/test_blockwise.py test_split_by_head_groups_*.)
+tests/semantics/test_core.py test_values_near_*, tests/numpy_backend/test_blockwise.py test_split_by_head_groups_*;
+the lse of the decode step's short task, which no property reads: tests/numpy_backend/test_decode_step.py.)
 """
 
 from __future__ import annotations
@@ -172,6 +173,11 @@ MUTANTS = [
            "numpy core groups query heads by h % Hkv instead of h // G"),
     Mutant("task-first-kv-heads", F, "_Task.__init__", "call.k[b0:b1, g0:g1, None]", "call.k[b0:b1, :g1 - g0, None]",
            "a task of key/value heads g0:g1 reads the first heads' keys"),
+    Mutant("short-form-ignores-band", F, "one_query",
+           "not (FLOOR <= _red(np.minimum, sums) and _red(np.maximum, sums) <= LIMIT)", "False",
+           "the decode step's short task keeps terms that left the band (underflowed rows: context 0, lse -inf)"),
+    Mutant("short-form-unnormalised", F, "one_query", "np.divide(acc, np.maximum(sums, np.finfo(e.dtype).tiny), out=acc)",
+           "acc", "the decode step's short task leaves e v undivided by the row sums"),
     Mutant("one-query-first-v-heads", F, "_Task.__init__", "call.v[b0:b1, g0:g1]", "call.v[b0:b1, :g1 - g0]",
            "a one-query task of key/value heads g0:g1 (its e v one GEMM per head) reads the first heads' values"),
     Mutant("plain-ignores-causal", F, "_Task.__init__", "m.keep is None and m.bias is None and not m.positional",

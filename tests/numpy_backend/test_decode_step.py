@@ -281,3 +281,29 @@ def test_the_branch_leaves_every_error_to_the_checked_route():
     t = normal((1, 1, 16), 2)
     np.testing.assert_array_equal(layer(t.astype(np.float64), cache=c64), layer(t, cache=c1))
     np.testing.assert_array_equal(layer(t[0].tolist(), cache=c64), layer(t[0], cache=c1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("B, H, Hkv, S, D", [(1, 8, 8, 129, 64), (3, 6, 2, 7, 5), (2, 4, 1, 1, 3), (2, 3, 3, 40, 8)])
+def test_the_short_one_query_task_is_bitwise_the_general_task(monkeypatch, dtype, B, H, Hkv, S, D):
+    """mha_cpu.attend on one query per row with nothing to mask takes the short form of its one task
+    (_kernel.one_query); a keep mask of all True sends the same call through the general task: the same
+    bits, for logits in the band and for logits that leave it (the short form then hands over)."""
+    from mha_cpu import _kernel
+
+    took, real = [], _kernel.one_query
+    monkeypatch.setattr(_kernel, "one_query", lambda *a: took.append(real(*a) is not None) or real(*a))
+    rng = np.random.default_rng(B * 100 + S)
+    q, k, v = (rng.standard_normal(s).astype(dtype) for s in ((B, H, 1, D), (B, Hkv, S, D), (B, Hkv, S, D)))
+    plain = mha.MaskSet(None, None, True, None, range(S - 1, S), range(S))
+    every = mha.MaskSet(np.ones((1, 1, 1, S), bool), None, True, None, range(S - 1, S), range(S))
+    for size in (1.0, 60.0):  # logits ~1, and ~60 * 60 * D: out of the band, then centred by the general task
+        args = (q * size, k * size, v)
+        a = mha_cpu.attend(*args, plain, scale=1.0, finite=True)
+        assert took == [size == 1.0], took  # the short form ran, and handed over when out of the band
+        took.clear()
+        b = mha_cpu.attend(*args, every, scale=1.0, finite=True)
+        assert took == [], "a keep mask takes the general task"
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+        assert np.isfinite(a[0]).all() and np.isfinite(a[1]).all()
