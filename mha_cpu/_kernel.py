@@ -137,7 +137,7 @@ def run(call: Call, flops: float) -> None:
     single = call.weights is not None or S <= thresholds.single_pass_max or T * H * S <= thresholds.single_pass_floats
     step = S if single else options.block_k  # weights asked: all keys in one block, e written into them
     with Workers(flops) as workers:
-        tasks = plan(B, T, H, Hkv, S, step, workers.n)
+        tasks = plan(B, T, H, Hkv, S, step, workers.n, call.masks.positional)
         if len(tasks) == 1:
             return task(call, *tasks[0], step)
         if call.masks.causal:  # the costliest first (later rows see more keys): the last task taken is short
@@ -145,13 +145,15 @@ def run(call: Call, flops: float) -> None:
         workers.map(lambda t: task(call, *t, step), tasks)
 
 
-def plan(B: int, T: int, H: int, Hkv: int, S: int, step: int, workers: int) -> list:
+def plan(B: int, T: int, H: int, Hkv: int, S: int, step: int, workers: int, banded: bool = False) -> list:
     """Tasks (b0, b1, i0, i1, g0, g1) covering every batch element, query and key/value head: a block of
-    queries keeps its logits within ~16 MiB and every worker gets a task; on one thread, batch elements
-    whose queries fit one task share it (one task for a decode step); with fewer tasks than workers (a few
-    tokens against a long cache), the key/value heads are split over the idle workers."""
+    queries keeps its logits within ~16 MiB (``banded``, a causal or window rule: at most 256 queries, which
+    skip the keys they cannot see) and every worker gets a task; on one thread, batch elements whose queries
+    fit one task share it (one task for a decode step); with fewer tasks than workers (a few tokens against
+    a long cache), the key/value heads are split over the idle workers."""
     bq = options.block_q
     budget = (16 << 20) // (4 * H * max(step, 1))  # query rows of one task
+    budget = min(budget, 256) if banded else budget
     if workers == 1 and B * T <= budget and (bq is None or bq >= T):  # one task (a decode step)
         return [(0, B, 0, T, 0, Hkv)]
     if bq is None:
