@@ -4,6 +4,7 @@
     python benchmarks/versions.py /tmp/old . --shape 1,512,512,8 --rounds 8
     python benchmarks/versions.py /tmp/old . --shape 1,16384,512,8 --rounds 3 --calls 3
     python benchmarks/versions.py /tmp/old . --shape 1,300,512,8 --decode 300 --calls 200 --llama 2
+    python benchmarks/versions.py /tmp/old . --shape 4,1024,512,8 --causal
 
 Each round runs A then B (B then A on odd rounds), each a fresh Python process importing ``mha`` from its
 tree (PYTHONPATH), timing ``--calls`` calls of the numpy layer after one warm-up call (median). A
@@ -28,6 +29,7 @@ import numpy as np
 import mha
 B, T, E, H = (int(a) for a in sys.argv[1].split(","))
 calls, weights, decode, kv = int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
+causal = sys.argv[6] == "1"
 extra = dict(num_kv_heads=kv, bias=False, rope=True) if kv else {}  # the Llama-shaped layer of mha.models
 layer = mha.MultiHeadAttention(E, H, backend="numpy", seed=0, **extra)
 rng = np.random.default_rng(0)
@@ -38,7 +40,7 @@ if decode:
     run = lambda: layer(x, cache=cache, causal=True)
 else:
     x = rng.standard_normal((B, T, E), dtype=np.float32)
-    run = lambda: layer(x, return_weights=weights)
+    run = lambda: layer(x, return_weights=weights, causal=causal)
 run()
 times = []
 for _ in range(calls):
@@ -47,11 +49,11 @@ print(json.dumps({"file": mha.__file__, "ms": 1e3 * sorted(times)[len(times) // 
 """
 
 
-def measure(tree: str, shape: str, calls: int, weights: bool, decode: int, kv: int = 0) -> float:
+def measure(tree: str, shape: str, calls: int, weights: bool, decode: int, kv: int = 0, causal: bool = False) -> float:
     env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
     with tempfile.TemporaryDirectory() as cwd:  # not the repository: its own mha must not shadow the tree's
         res = subprocess.run([sys.executable, "-c", CHILD, shape, str(calls), "1" if weights else "0", str(decode),
-                              str(kv)],
+                              str(kv), "1" if causal else "0"],
                              env=env, cwd=cwd, capture_output=True, text=True, timeout=3600)
     if res.returncode != 0:
         raise SystemExit(f"{tree}: {res.stderr.strip()[-2000:]}")
@@ -72,6 +74,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--decode", type=int, default=0, help="time one-token steps against a cache of this many")
     ap.add_argument("--llama", type=int, default=0, metavar="HKV",
                     help="the decoder models' layer instead: HKV key/value heads, RoPE, no biases")
+    ap.add_argument("--causal", action="store_true", help="call with causal=True (not with --decode)")
     args = ap.parse_args(argv)
     parts = args.shape.split(",")
     if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
@@ -80,7 +83,7 @@ def main(argv=None) -> dict:
     for r in range(args.rounds):
         order = [(args.a, a), (args.b, b)] if r % 2 == 0 else [(args.b, b), (args.a, a)]
         for tree, times in order:
-            times.append(measure(tree, args.shape, args.calls, args.weights, args.decode, args.llama))
+            times.append(measure(tree, args.shape, args.calls, args.weights, args.decode, args.llama, args.causal))
         ratios.append(b[-1] / a[-1])
         print(f"round {r}: A {a[-1]:.3f} ms, B {b[-1]:.3f} ms, B/A {ratios[-1]:.3f}", flush=True)
     result = {"a_ms": statistics.median(a), "b_ms": statistics.median(b), "ratio": statistics.median(ratios),
