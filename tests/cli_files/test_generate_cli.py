@@ -183,3 +183,31 @@ def test_an_output_name_the_command_cannot_write_is_refused_before_any_work(fold
         r = CliRunner().invoke(cli, ["generate", "1 2 3", "--model", folder, "-n", "2", *args])
         assert r.exit_code != 0 and r.output.count("\n") <= 3 and "Traceback" not in r.output, r.output
     assert not list(tmp_path.iterdir())
+
+
+def test_sampling_flags_are_the_python_apis(folder, tmp_path):
+    """--temperature/--top-k/--top-p/--seed give what model.generate gives with the same settings (the
+    same text), the same seed twice the same tokens; --max-cache/--keep the rotating cache's text and a
+    last step that attends the kept sinks plus the window (json: attention widths)."""
+    model = mm.load(folder, backend="numpy")
+    prompt, sample = "The cat sat on the", ["--temperature", "1.5", "--top-k", "3", "--top-p", "0.6"]
+    texts = []
+    for seed in ("3", "3", "4"):
+        res = _run(prompt, "--model", str(folder), "--backend", "numpy", "-n", "8", *sample, "--seed", seed)
+        assert res.exit_code == 0, res.output
+        texts.append(res.output.splitlines()[-1])
+    want = model.generate(prompt, 8, temperature=1.5, top_k=3, top_p=0.6, seed=3)  # each setting changes it here
+    assert texts[0] == texts[1] == f"text: {want.text!r}"
+    other = model.generate(prompt, 8, temperature=1.5, top_k=3, top_p=0.6, seed=4)
+    assert texts[2] == f"text: {other.text!r}" != texts[0]
+    out = tmp_path / "r.json"
+    res = _run(prompt, "--model", str(folder), "--backend", "numpy", "-n", "6", "--max-cache", "5", "--keep", "2",
+               "-o", str(out))
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    rot = model.generate(prompt, 6, max_cache=5, keep=2, attentions=True)
+    assert data["text"] == rot.text
+    assert [s[-1] for s in data["attention_shapes"]] == [a.shape[-1] for a in rot.attentions]
+    assert data["attention_shapes"][-1][-1] == 6 + 6 - 1  # absolute positions: prompt + 5 steps attended
+    last = rot.attentions[-1][:, :, -1]  # (layers, H, positions): evicted positions hold zeros
+    assert (last[..., 2:-4] == 0).all() and (last[0, :, :2].sum(-1) > 0).all()  # layer 0 sees its sinks
