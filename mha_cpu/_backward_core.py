@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mha._masks import _cut_axis
+
 from ._options import options, thresholds
 from ._workers import Workers
 
@@ -133,15 +135,6 @@ def _chunks(T: int, bq: int, tasks: int, workers: int) -> list[tuple[int, int]]:
     return [(i * bq, min(T, (i + per) * bq)) for i in range(0, blocks, per)]
 
 
-def _cut(a, b: int, h0: int, h1: int, i0: int, i1: int, j0: int, j1: int):
-    """The dropout multiplier (B?, H?, T?, S?) cut to batch b, heads h0:h1, rows i0:i1, columns j0:j1,
-    broadcast axes kept: (G or 1, n or 1, m or 1). (Masks are cut by their MaskSet alone.)"""
-    a = a[b if a.shape[0] > 1 else 0]
-    a = a[h0:h1] if a.shape[0] > 1 else a
-    a = a[:, i0:i1] if a.shape[1] > 1 else a
-    return a[..., j0:j1] if a.shape[2] > 1 else a
-
-
 @dataclass
 class _Job:
     q: np.ndarray
@@ -233,7 +226,10 @@ class _Job:
             reached = ~np.isneginf(s[poisoned]).all(0)  # (m,): keys a poisoned row sees
         z = None
         if self.dropout is not None:
-            z = np.broadcast_to(_cut(self.dropout, b, h0, h0 + G, i0, i1, j0, j1).transpose(1, 0, 2), (n, G, m))
+            z = self.dropout  # (B?, H?, T?, S?) cut to this block, broadcast axes kept, as a MaskSet cuts its arrays
+            for axis, span in enumerate(((b, b + 1), (h0, h0 + G), (i0, i1), (j0, j1))):
+                z = _cut_axis(z, axis, span)
+            z = np.broadcast_to(z[0].transpose(1, 0, 2), (n, G, m))
             z = z.reshape(n * G, m)
         dq_, dk_, dv_, delta = _step(s, qb, kb[j0:j1], vb[j0:j1], do, delta, z, target, dcap)
         dqb += dq_
