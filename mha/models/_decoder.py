@@ -26,7 +26,7 @@ from .._validate import dtype_name
 from .._weights import AttentionWeights
 from ._common import Encoding, check_text
 from ._decoder_config import DecoderConfig
-from ._ops import ACTIVATIONS, gated, layer_norm, rms_norm, softcap
+from ._ops import ACTIVATIONS, gated, layer_norm, padded_positions, rms_norm, softcap
 
 
 class DecoderModel:
@@ -410,4 +410,5 @@ def _padding(ids: np.ndarray, key_mask):
         raise ValueError(f"key_mask must be a bool array of the ids' shape {ids.shape}, got {km.dtype} {km.shape}")
     if km.all():
         return None, None
-    return km, np.maximum(np.cumsum(km, axis=1) - 1, 0)
+    return km, padded_positions(km)
+

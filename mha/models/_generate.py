@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._backends import to_numpy
+from ._ops import padded_positions
 
 
 @dataclass
@@ -202,7 +203,7 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 0.0, to
     run = dict(attentions=attentions, head_mask=head_mask, last_only=True)
     caches = new_caches()
     run["sink_out"] = sink_step = [] if attentions and model.config.sinks else None
-    logits, ws, _ = model.forward(ids, caches=caches, key_mask=mask, positions=_positions(mask), **run)
+    logits, ws, _ = model.forward(ids, caches=caches, key_mask=mask, positions=padded_positions(mask), **run)
     next_pos = (mask.sum(axis=1) if mask is not None else np.full(B, P)).astype(np.int64)  # learned positions
     for s in range(n):
         if attentions:
@@ -223,18 +224,13 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 0.0, to
             seq_mask = None if mask is None else np.concatenate([mask, np.ones((B, s + 1), bool)], axis=1)
             caches = new_caches()
             run["sink_out"] = sink_step = [] if run["sink_out"] is not None else None
-            logits, ws, _ = model.forward(seq, caches=caches, key_mask=seq_mask, positions=_positions(seq_mask), **run)
+            logits, ws, _ = model.forward(seq, caches=caches, key_mask=seq_mask, positions=padded_positions(seq_mask), **run)
             ws = [w[:, :, -1:] for w in ws]
         else:
             run["sink_out"] = sink_step = [] if run["sink_out"] is not None else None
             logits, ws, _ = model.forward(new[:, None], caches=caches, positions=next_pos[:, None], **run)
         next_pos += 1
     return _result(model, ids, out, mask, steps, sinks, finished, batched, eos if stop_at_eos else set())
-
-
-def _positions(mask):
-    """Learned positions of a left-padded batch: each row counts from its first real token (None: 0..T-1)."""
-    return None if mask is None else np.maximum(np.cumsum(mask, axis=1) - 1, 0)
 
 
 def _result(model, ids, out, mask, steps, sinks, finished, batched: bool, eos: set) -> Generation:

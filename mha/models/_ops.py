@@ -101,3 +101,9 @@ def gated(xp, h, F: int, act: str, scratch: dict | None = None):
 def softcap(xp, x, cap: float):
     """cap * tanh(x / cap): logits squashed into (-cap, cap) (Gemma 2's soft-capping)."""
     return xp.tanh(x / cap) * cap
+
+
+def padded_positions(key_mask):
+    """Learned positions of a left-padded batch, (B, T): each row counts from its first real token (padding
+    at 0); None for None (0 .. T - 1)."""
+    return None if key_mask is None else np.maximum(np.cumsum(key_mask, axis=1) - 1, 0)
