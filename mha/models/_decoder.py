@@ -26,7 +26,7 @@ from .._validate import dtype_name
 from .._weights import AttentionWeights
 from ._common import Encoding, check_text
 from ._decoder_config import DecoderConfig
-from ._ops import ACTIVATIONS, gated, layer_norm, padded_positions, rms_norm, softcap
+from ._ops import ACTIVATIONS, buffer, gated, layer_norm, padded_positions, rms_norm, softcap
 
 
 class DecoderModel:
@@ -199,7 +199,7 @@ class DecoderModel:
         if scratch is None:
             h = x @ b["in_t"]  # (B, T, 2F) or (B, T, F)
         else:
-            h = np.matmul(x, b["in_t"], out=_buffer(scratch, "mlp_in", x.shape[:-1] + (b["in_t"].shape[1],), x.dtype))
+            h = np.matmul(x, b["in_t"], out=buffer(scratch, "mlp_in", x.shape[:-1] + (b["in_t"].shape[1],), x.dtype))
         if "in_b" in b:
             h = h + b["in_b"]
         if c.gated:
@@ -391,14 +391,6 @@ class DecoderModel:
         if self.tokenizer is None:
             return [f"t{int(i)}" for i in ids]
         return self.tokenizer.tokens(ids)
-
-
-def _buffer(scratch: dict, name: str, shape: tuple, dtype) -> np.ndarray:
-    """``scratch[name]``, made (uninitialised) on first use; one forward's layers share it."""
-    buf = scratch.get(name)
-    if buf is None or buf.shape != shape or buf.dtype != dtype:
-        buf = scratch[name] = np.empty(shape, dtype)
-    return buf
 
 
 def _padding(ids: np.ndarray, key_mask):

@@ -84,11 +84,7 @@ def gated(xp, h, F: int, act: str, scratch: dict | None = None):
     gate, up = h[..., :F], h[..., F:]
     if xp is not np or act != "silu":
         return ACTIVATIONS[act](xp, gate) * up
-    g = scratch.get("gated") if scratch is not None else None
-    if g is None or g.shape != gate.shape:
-        g = np.empty(gate.shape, gate.dtype)
-        if scratch is not None:
-            scratch["gated"] = g
+    g = buffer(scratch, "gated", gate.shape, gate.dtype)
     np.multiply(gate, gate.dtype.type(0.5), out=g)  # silu(x) = x (1 + tanh(x / 2)) / 2
     np.tanh(g, out=g)
     g *= g.dtype.type(0.5)
@@ -107,3 +103,14 @@ def padded_positions(key_mask):
     """Learned positions of a left-padded batch, (B, T): each row counts from its first real token (padding
     at 0); None for None (0 .. T - 1)."""
     return None if key_mask is None else np.maximum(np.cumsum(key_mask, axis=1) - 1, 0)
+
+
+def buffer(scratch: dict | None, name: str, shape: tuple, dtype) -> np.ndarray:
+    """``scratch[name]`` (uninitialised), made on first use or when its shape or dtype differs, so that one
+    forward's layers share it; a fresh array without ``scratch``."""
+    buf = None if scratch is None else scratch.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = np.empty(shape, dtype)
+        if scratch is not None:
+            scratch[name] = buf
+    return buf
