@@ -27,6 +27,19 @@ def positive_int(name: str, value) -> int:
     return int(value)
 
 
+def int_at_least(name: str, value, minimum: int, *, allow_none: bool = False) -> int | None:
+    """``value`` as an int >= ``minimum`` (None passes when allowed), else TypeError (not an int; bool
+    rejected) or ValueError (below), naming ``name``."""
+    if value is None and allow_none:
+        return None
+    expected = f"an int >= {minimum}" + (" or None" if allow_none else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return int(value)
+
+
 def optional_positive_int(name: str, value, default: int) -> int:
     return default if value is None else positive_int(name, value)
 

@@ -36,11 +36,11 @@ a key/value group pools its query heads (their per-sequence scores averaged befo
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._validate import int_at_least
 from ._corpus import BOOTSTRAP, CorpusRole, _bootstrap
 from ._induction import induction_scores, repeated_tokens
 from ._roles import BROAD, nan_mean
@@ -159,14 +159,6 @@ def repeat_scores(A: np.ndarray, ids: np.ndarray) -> tuple[dict, dict]:
 
 
 # -- the table ----------------------------------------------------------------------------------------------
-def _count(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
-
-
 def _attentions(model, ids: np.ndarray) -> np.ndarray:
     """(B, layers, H, T, T) float64 causal weights of ids (B, T), one forward pass."""
     from .._backends import to_numpy
@@ -206,9 +198,9 @@ def decoder_roles(model, texts=None, *, sequences: int = 32, length: int = 24, s
     """
     if not (hasattr(model, "forward") and hasattr(model, "num_kv_heads") and hasattr(model, "config")):
         raise TypeError(f"model must be a decoder model (mha.models.load), got {type(model).__name__}")
-    sequences, length = _count("sequences", sequences, 2), _count("length", length, 2)
-    resamples, batch_size = _count("resamples", resamples, 1), _count("batch_size", batch_size, 1)
-    seed = _count("seed", seed, 0)
+    sequences, length = int_at_least("sequences", sequences, 2), int_at_least("length", length, 2)
+    resamples, batch_size = int_at_least("resamples", resamples, 1), int_at_least("batch_size", batch_size, 1)
+    seed = int_at_least("seed", seed, 0)
     texts = None if texts is None else list(texts)
     if texts is not None and len(texts) < 2:
         raise ValueError(f"texts: need at least 2 (a 95% interval over one text is meaningless), got {len(texts)}")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import _validate
 from .._backends import to_numpy
 from ._ops import padded_positions
 
@@ -106,14 +107,7 @@ def _pad_id(model) -> int:
 
 def _options(model, max_new_tokens, temperature, top_k, top_p, seed, max_cache, keep):
     """Every option checked (ValueError/TypeError naming it) before any work."""
-    def integer(name, v, lo, allow_none=False):
-        if v is None and allow_none:
-            return None
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
-            raise (TypeError if not isinstance(v, numbers.Integral) or isinstance(v, bool) else ValueError)(
-                f"{name} must be an int >= {lo}{' or None' if allow_none else ''}, got {v!r}")
-        return int(v)
-
+    integer = _validate.int_at_least
     max_new_tokens = integer("max_new_tokens", max_new_tokens, 1)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
             math.isfinite(temperature) and temperature >= 0):
