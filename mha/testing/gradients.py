@@ -155,7 +155,8 @@ def _row(q, k, v, add, zd, dctx, s, softcap, sink):
     softmax's Jacobian diag(p) - p p^T built whole over the keys (and the sink, a last entry without value).
     Its values are what the properties compare, so a NaN here fails them by value; the invalid-operation
     flag alone is ignored: finite (n, 5) @ (5,) products in float32 raised it now and then in CI (a
-    RuntimeWarning under pytest's warnings-as-errors, not reproduced on replay)."""
+    RuntimeWarning under pytest's warnings-as-errors, not reproduced on replay), the known kind of
+    OpenBLAS kernel that sets FE_INVALID on finite data (numpy#24067, OpenBLAS#1924)."""
     raw = np.array([s * (q @ kj) for kj in k], q.dtype)
     logit = raw if softcap is None else softcap * np.tanh(raw / softcap)
     z = logit + add if sink is None else np.append(logit + add, sink)
