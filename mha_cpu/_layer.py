@@ -138,7 +138,8 @@ class MultiHeadAttention(mha.MultiHeadAttention):
             b, (g0, g1, w, bias) = i // g, parts[i % g]
             h0, h1 = g0 * G, g1 * G
             y = x[b] @ w
-            y += bias
+            if c.bias:  # (no bias: no zeros added, as in the split by rows)
+                y += bias
             cuts = (0, (h1 - h0) * D, (h1 - h0 + g1 - g0) * D, None)
             q, k, v = self._heads(*(y[None, :, a:z].reshape(1, T, -1, D) for a, z in zip(cuts, cuts[1:])), call.pos)
             _kernel.attend(q, k, v, call.masks.cut(batch=(b, b + 1), heads=(h0, h1)), scale=self._proj.logit_scale,

@@ -403,4 +403,3 @@ def _padding(ids: np.ndarray, key_mask):
     if km.all():
         return None, None
     return km, padded_positions(km)
-

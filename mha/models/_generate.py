@@ -218,7 +218,8 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 0.0, to
             seq_mask = None if mask is None else np.concatenate([mask, np.ones((B, s + 1), bool)], axis=1)
             caches = new_caches()
             run["sink_out"] = sink_step = [] if run["sink_out"] is not None else None
-            logits, ws, _ = model.forward(seq, caches=caches, key_mask=seq_mask, positions=padded_positions(seq_mask), **run)
+            logits, ws, _ = model.forward(seq, caches=caches, key_mask=seq_mask, positions=padded_positions(seq_mask),
+                                          **run)
             ws = [w[:, :, -1:] for w in ws]
         else:
             run["sink_out"] = sink_step = [] if run["sink_out"] is not None else None
