@@ -294,7 +294,8 @@ def test_the_short_one_query_task_is_bitwise_the_general_task(monkeypatch, dtype
     took, real = [], _kernel.one_query
     monkeypatch.setattr(_kernel, "one_query", lambda *a: took.append(real(*a) is not None) or real(*a))
     rng = np.random.default_rng(B * 100 + S)
-    q, k, v = (rng.standard_normal(s).astype(dtype) for s in ((B, H, 1, D), (B, Hkv, S, D), (B, Hkv, S, D)))
+    q = rng.standard_normal((B, 1, H, D)).astype(dtype).transpose(0, 2, 1, 3)  # the layer's head view
+    k, v = (rng.standard_normal((B, Hkv, S + 5, D)).astype(dtype)[:, :, 2:S + 2] for _ in "kv")  # a cache's slice
     plain = mha.MaskSet(None, None, True, None, range(S - 1, S), range(S))
     every = mha.MaskSet(np.ones((1, 1, 1, S), bool), None, True, None, range(S - 1, S), range(S))
     for size in (1.0, 60.0):  # logits ~1, and ~60 * 60 * D: out of the band, then centred by the general task
