@@ -61,13 +61,9 @@ def cpu_model() -> str:
 
 def blas_info() -> str:
     """numpy's BLAS as threadpoolctl sees it: library, version, kernel set (e.g. OpenBLAS 0.3.31
-    SkylakeX), threads; or what numpy reports when threadpoolctl is not installed."""
-    import numpy as np
+    SkylakeX), threads."""
+    from threadpoolctl import threadpool_info
 
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return f"numpy {np.__version__} (install the 'fast' extra for the BLAS kernel set)"
     libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
     return "; ".join(f"{i.get('internal_api')} {i.get('version') or ''} {i.get('architecture') or ''} "
                      f"{i.get('num_threads')} threads".replace("  ", " ") for i in libs) or "none found"

