@@ -78,7 +78,8 @@ def run_ours(folder: str, prompt: int, new: int, prefill: int, threads: int, sta
 
     # decode steps on the same BLAS threads as the rest (issue 27 measures at 2 threads); the library's default
     # for a decode step is mha_cpu.options.step_blas_threads = 1 (docs/performance.md, "Threads")
-    with threadpool_limits(threads), mha_cpu.options.override(step_blas_threads=threads):
+    step = {"step_blas_threads": threads} if "step_blas_threads" in mha_cpu.options._spec else {}  # (older trees)
+    with threadpool_limits(threads), mha_cpu.options.override(**step):
         model = mm.load(folder, backend="numpy")
         ids = np.random.default_rng(0).integers(0, model.vocab_size, max(prompt, prefill))
         p = ids[:prompt]
@@ -132,7 +133,7 @@ def stage_times(model, prompt, new: int) -> dict:
             t5 = clock()
             g = g[..., :F] * (0.5 + 0.5 * np.tanh(0.5 * g[..., :F])) * g[..., F:]  # SiLU(gate) * up
             t6 = clock()
-            m = g @ blk["down"].T
+            m = g @ (blk["down"].T if "down" in blk else blk["down_t"])  # (older trees stored W_down^T)
             t7 = clock()
             x = x + m
             t8 = clock()
