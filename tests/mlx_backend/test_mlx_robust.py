@@ -223,17 +223,20 @@ def _heads_reference(q, k, v, scale, keep, bias):
     return P @ v, P
 
 
+@pytest.mark.parametrize("over_budget", [False, True], ids=["fused", "blockwise"])
 @pytest.mark.parametrize("as_numpy", [False, True], ids=["mx masks", "numpy masks"])
-def test_fused_attention_against_float64(as_numpy):
-    """q (2, 4, 5, 6), k/v (2, 2, 7, 6) (GQA): a bool mask, an additive one with finfo.min and -inf,
+def test_fused_attention_against_float64(as_numpy, over_budget):
+    """q (2, 4, 5, 6), k/v (2, 2, 7, 6) (GQA): a bool mask, an additive one with finfo.min, -1e9 and -inf,
     key_mask, causal (T < S, aligned at the end), one row that sees nothing; masks given as mx arrays or
-    as numpy arrays (which it once refused with MLX's compile error)."""
+    as numpy arrays (which it once refused with MLX's compile error); within the score budget (the fused
+    kernel) and over it (score_bytes=0: the core's blockwise path, as the layer takes on a CPU)."""
     rng = np.random.default_rng(3)
     B, H, Hkv, T, S, D = 2, 4, 2, 5, 7, 6
     q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((B, H, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
     keep = rng.random((B, 1, T, S)) < 0.7
     keep[1, 0, 2] = False  # a row that sees nothing
     bias = np.where(rng.random((1, H, T, S)) < 0.2, np.finfo(np.float32).min, rng.standard_normal((1, H, T, S)))
+    bias = np.where(rng.random((1, H, T, S)) < 0.15, -1e9, bias)
     bias = np.where(rng.random((1, H, T, S)) < 0.1, -np.inf, bias).astype(np.float32)
     km = rng.random((B, S)) < 0.8
     causal = np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
@@ -243,8 +246,10 @@ def test_fused_attention_against_float64(as_numpy):
              ({"key_mask": km, "causal": True}, km[:, None, None, :] & causal, None),
              ({"mask": keep, "key_mask": km, "causal": True}, keep & km[:, None, None, :] & causal, None)]
     for kw, visible, add in cases:
-        got = np.array(mha_mlx.fused_attention(mx.array(q), mx.array(k), mx.array(v), scale=0.4,
-                                               **{n: wrap(a) if isinstance(a, np.ndarray) else a for n, a in kw.items()}))
+        with mha_mlx.options.override(score_bytes=0 if over_budget else mha_mlx.options.score_bytes):
+            got = np.array(mha_mlx.fused_attention(mx.array(q), mx.array(k), mx.array(v), scale=0.4,
+                                                   **{n: wrap(a) if isinstance(a, np.ndarray) else a
+                                                      for n, a in kw.items()}))
         want, P = _heads_reference(q, k, v, 0.4, visible, add)
         # a logit's rounding: u (s |q| |k| + sum_j p_j |A_j|, the row's own mask term), times 2 max|v|, and
         # the sum; per row (B, H, T, 1)
