@@ -167,8 +167,8 @@ def _logits(qb, k, block, rules, s0, s1):
     s = mx.matmul(qb, k[:, :, None, s0:s1].swapaxes(-1, -2))  # (B, Hkv, G, tb, D) @ (B, Hkv, 1, D, sb)
     s = rules.logits(s)
     Hkv = k.shape[1]
-    if block.bias is not None:
-        s = s + _grouped(block.bias, Hkv)
+    if block.bias is not None:  # in the logits' units: 2^e, unless a softcap brought them back to 1
+        s = s + _grouped(block.bias if rules.softcap is not None else times_pow2(block.bias, -rules.e), Hkv)
     keep = block.visible(mx)  # (b, h, tb, sb) or None
     if keep is None:
         return s, None

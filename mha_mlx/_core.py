@@ -120,7 +120,7 @@ def _fused(q, k, v, masks, scale: float, bad, top, sinks, scan: bool):
     kq, e = scaled_queries(kq, top, scale)  # q * scale, divided by 2^e where the logits would leave float32
     if sinks is not None:  # in the logits' units, in the kernel's dtype
         sinks = times_pow2(sinks.astype(mx.float32), -e).astype(kq.dtype)
-    arg, sees_any = _encode(masks, kq.dtype)
+    arg, sees_any = _encode(masks, kq.dtype, e)
     out = mx.fast.scaled_dot_product_attention(kq, kk, kv, scale=1.0, mask=arg, sinks=sinks)  # (B, H, T, D)
     return _row_rules(out.astype(q.dtype), masks, bad if scan else None, sees_any, k.shape[1])
 
@@ -142,7 +142,7 @@ def _kernel_inputs(q, k, v):
     return q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
 
 
-def _encode(masks, dtype):
+def _encode(masks, dtype, e=0):
     """The kernel's ``mask`` argument for ``masks``, and which queries see any key ((b, h, T, 1) bool;
     None: all of them).
 
@@ -161,6 +161,7 @@ def _encode(masks, dtype):
         sees_any = mx.any(mx.broadcast_to(keep, tuple(keep.shape[:-2]) + (T, S)), axis=-1, keepdims=True)
     if bias is None:
         return keep, sees_any
+    bias = times_pow2(bias, -e)  # in the units of the logits, which scaled_queries divided by 2^e
     if keep is None:
         return _finite_bias(bias, dtype), None
     arg = mx.where(keep, _finite_bias(bias, dtype), float("-inf"))

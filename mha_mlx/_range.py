@@ -19,8 +19,8 @@ def scaled_queries(q, k_top, scale: float):
 
     e = 0 (q' = q * scale, the queries as MLX's kernel scales them) unless scale * max|q| or
     scale * max|q| * max|k| * D could pass 2^LIMIT: finite inputs around 1e15 and beyond, or a scale near
-    float32's largest. The kernels then attend to the logits divided by 2^e (the additive mask left as it
-    is): a softmax of finite numbers, a convex combination of the same visible values, where the logits
+    float32's largest. The kernels then attend to the logits divided by 2^e (the additive mask and the
+    sinks divided alike, so that the ranking of the true logits holds): a softmax of finite numbers, a convex combination of the same visible values, where the logits
     themselves would overflow to inf - inf = NaN (and float32 could not tell such logits' weights apart:
     its rounding of each is far above 1). Only q is rescaled, by exact powers of two applied in halves
     (each factor stays a float32), so k is never copied.

@@ -14,6 +14,7 @@ import mha
 import mha_cpu
 from mha.testing import oracle, tolerance
 
+from tests.conftest import BACKENDS
 from tests.helpers import random_weights
 
 CASES = [(1e20, None, False), (1.0, 3e38, False), (3e19, None, True), (1e19, 1e10, True)]
@@ -141,20 +142,30 @@ def test_bias_in_the_units_of_folded_logits():
         tolerance.assert_close(y_fast, ref, tolerance.t1("float32", M), f"output, blocks {blocks}")
 
 
-def test_bias_in_the_units_of_rescaled_logits():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_in_the_units_of_rescaled_logits(backend):
     """Logits past float32's range (6.4e38 and 3.2e38) with a finite bias of -2e38 on the first key: the
-    true logits are 4.4e38 and 3.2e38, so the first key takes all the weight. On the rerun with q and k
-    scaled down, the bias was added unscaled and took it away (weights [0, 1])."""
+    true logits are 4.4e38 and 3.2e38, so the first key takes all the weight. On numpy's rerun with q and k
+    scaled down, and in MLX's fused and blockwise paths (q divided by 2^e), the bias was added unscaled
+    and took it away (weights [0, 1]); with a bool key hidden beside it too."""
     eye = np.eye(2, dtype=np.float32)
     w = mha.AttentionWeights(eye, eye, eye, eye, num_heads=1)
-    layer = mha.MultiHeadAttention.from_weights(w, backend="numpy")
+    layer = mha.MultiHeadAttention.from_weights(w, backend=backend)
     q = np.array([[[3e19, 0.0]]], np.float32)
-    k = np.array([[[3e19, 0.0], [1.5e19, 0.0]]], np.float32)
-    v = np.array([[[1.0, 0.0], [0.0, 1.0]]], np.float32)
-    bias = np.array([-2e38, 0.0], np.float32).reshape(1, 1, 1, 2)
-    y, weights = layer(q, k, v, mask=bias, return_weights=True)
-    np.testing.assert_array_equal(weights[0, 0, 0], [1.0, 0.0])
-    np.testing.assert_array_equal(layer(q, k, v, mask=bias)[0, 0], [1.0, 0.0])
+    k = np.array([[[3e19, 0.0], [1.5e19, 0.0], [1.0, 0.0]]], np.float32)
+    v = np.array([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]], np.float32)
+    for bias in (np.array([-2e38, 0.0, -np.inf], np.float32), np.array([-2e38, 0.0, np.finfo(np.float32).min])):
+        bias = bias.reshape(1, 1, 1, 3)
+        _, weights = layer(q, k, v, mask=bias, return_weights=True)
+        np.testing.assert_array_equal(mha.to_numpy(weights)[0, 0, 0], [1.0, 0.0, 0.0])
+        blockwise = contextlib.nullcontext()
+        if backend == "mlx":
+            import mha_mlx
+
+            blockwise = mha_mlx.options.override(score_bytes=0)
+        for route in (contextlib.nullcontext(), blockwise):
+            with route:
+                np.testing.assert_array_equal(mha.to_numpy(layer(q, k, v, mask=bias))[0, 0], [1.0, 0.0])
 
 
 @pytest.mark.parametrize("sigma,scale,tiny_keys", [(1e20, None, False), (1.0, 1e30, False), (1.0, 1e30, True)])
