@@ -100,8 +100,7 @@ def generate(text, folder, backend, dtype, max_new_tokens, temperature, top_k, t
     mha generate "The cat" --model ./gpt2 --format html -o steps.html   the step view
     """
     # the format from -o's name, checked before any work (-o out.txt or --format term -o FILE: a usage error)
-    fmt = fmt or "term" if output is None else output_format(output, fmt, {".json": "json", ".html": "html",
-                                                                            ".htm": "html"})
+    fmt = output_format(output, fmt, {".json": "json", ".html": "html", ".htm": "html"}) or "term"
     check_text(text)
     model = _load(folder, backend, dtype)
     for name, value, n in (("--layer", layer, model.num_layers), ("--head", head, model.num_heads)):
