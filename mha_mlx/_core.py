@@ -197,9 +197,9 @@ def _row_rules(out, masks, bad, sees_any, Hkv: int):
     S, dt = masks.S, out.dtype
     visible = sees_any  # (b, h, T, 1) or None
     last = masks.last_visible() if masks.keep is None else None  # (T,): keys 0 .. last[i] visible, or None
-    if last is not None:
+    if last is not None:  # rows that see no key: those before the first key (none when aligned, T <= S)
+        visible = None if (last >= 0).all() else mx.array(last >= 0)[:, None]  # (T, 1)
         last = mx.array(last.astype("int32"))
-        visible = (last >= 0)[:, None]  # (T, 1)
     touched = None
     if bad is not None:
         bad_h = mx.repeat(bad, H // Hkv, axis=1)[:, :, None, :]  # (B, H, 1, S), head h reads kv head h // G
@@ -208,7 +208,7 @@ def _row_rules(out, masks, bad, sees_any, Hkv: int):
         elif last is not None:  # causal alone: per row
             seen = mx.cummax(bad_h.astype(mx.int8), axis=-1)  # (B, H, 1, S): a bad key at or before j
             touched = mx.take(seen, mx.maximum(last, 0), axis=-1).swapaxes(-1, -2) > 0  # (B, H, T, 1)
-            touched = mx.logical_and(touched, visible)
+            touched = touched if visible is None else mx.logical_and(touched, visible)
         else:
             keep = masks.visible(mx)
             keep = mx.broadcast_to(keep, tuple(keep.shape[:-2]) + (T, S))  # (b, h, T, S)
