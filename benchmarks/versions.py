@@ -79,6 +79,8 @@ def main(argv=None) -> dict:
     parts = args.shape.split(",")
     if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
         ap.error(f"--shape must be four positive integers B,T,E,H, got {args.shape!r}")
+    if args.causal and args.decode:
+        ap.error("--causal is for whole calls; a --decode step is causal already")
     a, b, ratios = [], [], []
     for r in range(args.rounds):
         order = [(args.a, a), (args.b, b)] if r % 2 == 0 else [(args.b, b), (args.a, a)]

@@ -63,6 +63,22 @@ def test_paired_benchmark_script_runs(tmp_path):
     assert bad.returncode == 2 and "mha_cpu.options.block_k must be an int >= 1, got 0" in bad.stderr
 
 
+def test_decode_benchmark_scripts_run(tmp_path):
+    """benchmarks/decode_parts.py and versions.py (two trees in turns; here this tree twice), whose figures
+    docs/performance.md quotes, on tiny shapes: they run, and refuse what they cannot measure."""
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "decode_parts.py"), "--context", "9", "--steps",
+                          "20", "--llama", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "the rest" in res.stdout and "RoPE" in res.stdout, res.stdout + res.stderr
+    versions = [sys.executable, str(root / "benchmarks" / "versions.py"), str(root), str(root), "--rounds", "2",
+                "--calls", "2"]
+    for extra in (["--shape", "2,9,16,4", "--causal"], ["--shape", "1,5,16,4", "--decode", "7", "--llama", "2"]):
+        res = subprocess.run(versions + extra, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0 and "median B/A over rounds" in res.stdout, res.stdout + res.stderr
+    bad = subprocess.run(versions + ["--decode", "7", "--causal"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--causal is for whole calls" in bad.stderr
+
+
 def test_gpu_benchmark_script_runs_on_the_cpu(tmp_path):
     """benchmarks/mlx_gpu.py is run by hand on a GPU machine; a smoke run here keeps it from rotting
     (tiny shapes, every section, the JSON written)."""
